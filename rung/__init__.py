@@ -1,0 +1,24 @@
+"""rung: one readable decoder for the GPT-2 → gpt-oss lineage, a fast engine, and a bench that picks the smallest model that passes."""
+
+from rung.config import ConfigError, ModelConfig, MoEConfig, RopeConfig, preset_names
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "ModelConfig", "MoEConfig", "RopeConfig", "preset_names", "describe", "load_model"]
+
+
+def __getattr__(name):
+    # Heavy modules (torch) load on first use, so `rung arch` starts fast.
+    if name == "describe":
+        from rung.describe import describe
+
+        return describe
+    if name == "load_model":
+        from rung.weights.loader import load_model
+
+        return load_model
+    if name in ("CheckpointError",):
+        from rung.weights import safetensors_io
+
+        return getattr(safetensors_io, name)
+    raise AttributeError(f"module 'rung' has no attribute {name!r}")

@@ -1,0 +1,99 @@
+"""Causal self-attention for every family: MHA, GQA and MQA; optional q/k/v/o biases; per-head
+QK RMSNorm; RoPE or ALiBi; sliding windows; learned attention sinks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rung.config import ModelConfig
+from rung.model.norm import make_norm
+from rung.model.rope import apply_rotary
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes [heads] (BLOOM): a geometric sequence from the nearest power of two
+    at or below ``num_heads``, plus interleaved slopes of the next power when it is not one."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = torch.pow(torch.tensor(base, dtype=torch.float32), torch.arange(1, closest + 1, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        extra = min(closest, num_heads - closest)
+        powers = torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32)
+        slopes = torch.cat((slopes, torch.pow(torch.tensor(extra_base, dtype=torch.float32), powers)))
+    return slopes
+
+
+def attention_bias(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, slopes: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive bias [1 or heads, queries, keys]: -inf where a key is in the future or, with a
+    window, at least ``window`` positions back (a query sees itself and window - 1 earlier keys,
+    as transformers' sliding mask does); ALiBi adds slope * key position."""
+    delta = q_pos[:, None] - k_pos[None, :]  # [q, k]
+    allowed = delta >= 0
+    if window is not None:
+        allowed &= delta < window
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device).masked_fill(~allowed, float("-inf"))[None]
+    if slopes is not None:
+        # slope * key position differs from slope * (key - query) by a per-row constant: same softmax
+        bias = bias + (slopes[:, None, None] * k_pos[None, None, :].float()).to(dtype)
+    return bias
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, sinks: torch.Tensor | None
+) -> torch.Tensor:
+    """q [b, hq, t, d], k/v [b, hkv, s, d], bias [1|hq, t, s] → [b, hq, t, d].
+
+    Query head h reads key/value head h // (hq / hkv). A sink is a per-head logit that joins the
+    softmax denominator and is then dropped, so a head may attend to nothing (gpt-oss).
+    """
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    # group query heads under their kv head instead of copying k and v: [b, hkv, group * t, d]
+    qg = q.reshape(b, hkv, group * t, d)
+    scores = (qg @ k.transpose(-1, -2)).view(b, hq, t, -1) * scale + bias
+    sink = sinks.to(scores.dtype).view(1, hq, 1, 1).expand(b, hq, t, 1)
+    logits = torch.cat((scores, sink), dim=-1).float()
+    probs = torch.softmax(logits - logits.amax(-1, keepdim=True), dim=-1)[..., :-1].to(v.dtype)
+    return (probs.reshape(b, hkv, group * t, -1) @ v).view(b, hq, t, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.q_width, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.kv_width, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.kv_width, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.q_width, c.hidden_size, bias=c.o_bias)
+        self.q_norm = make_norm(c, c.head_dim) if c.qk_norm else None
+        self.k_norm = make_norm(c, c.head_dim) if c.qk_norm else None
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attn_sinks else None
+        scale = c.head_dim**-0.5 if c.attn_scale is None else c.attn_scale
+        self.scale = scale / (layer + 1) if c.attn_scale_by_inverse_layer else scale
+
+    def forward(self, x, rotary, bias, cache=None) -> torch.Tensor:
+        """x [b, t, hidden]; rotary (cos, sin) [b, t, rot] or None; bias [1|heads, t, s]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [b, hq, t, d]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, hkv, t, d]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # Qwen3 / Gemma 3: RMSNorm over head_dim, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            cos, sin = (r[:, None] for r in rotary)  # broadcast over heads
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = attend(q, k, v, bias, self.scale, self.sinks)  # [b, hq, t, d]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -1,0 +1,111 @@
+"""The decoder: embeddings → pre-norm blocks → final norm → LM head, assembled from ModelConfig."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rung.config import ModelConfig
+from rung.model.attention import Attention, alibi_slopes, attention_bias
+from rung.model.cache import KVCache
+from rung.model.mlp import MLP
+from rung.model.moe import MoE
+from rung.model.norm import make_norm
+from rung.model.rope import Rotary
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x)). Gemma's sandwich norms also normalise each
+    branch's output before the add; BLOOM may take the residual from the normed input."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MoE(config) if config.moe_layers[layer] else MLP(config)
+        self.post_attn_norm = make_norm(config) if config.sandwich_norms else None
+        self.post_mlp_norm = make_norm(config) if config.sandwich_norms else None
+        self.residual_from_norm = config.residual_from_norm
+
+    def forward(self, x, rotary, bias, cache=None):
+        h = self.attn_norm(x)
+        a = self.attn(h, rotary, bias, cache)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        x = (h if self.residual_from_norm else x) + a
+        h = self.mlp_norm(x)
+        m = self.mlp(h)
+        if self.post_mlp_norm is not None:
+            m = self.post_mlp_norm(m)
+        return (h if self.residual_from_norm else x) + m
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.pos_embed = nn.Embedding(c.max_position_embeddings, c.hidden_size) if c.positions == "learned" else None
+        self.embed_norm = make_norm(c) if c.embedding_norm else None
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_layers))
+        self.final_norm = make_norm(c)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        # one rotary table per distinct RopeConfig (Gemma 3: a local and a global one)
+        self.rotaries = nn.ModuleDict()
+        if c.positions == "rope":
+            for kind in sorted(set(c.layer_types)):
+                rope = c.local_rope if kind == "sliding" and c.local_rope is not None else c.rope
+                self.rotaries[kind] = Rotary(rope, c.head_dim, c.max_position_embeddings)
+        with torch.device("cpu"):  # float32 like the rotary tables, moved to the input's device on use
+            self.alibi = alibi_slopes(c.num_heads) if c.positions == "alibi" else None
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_layers)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [batch, seq] → logits [batch, seq, vocab] (float32).
+
+        Without a cache this is a plain causal forward pass from position 0. With one, the tokens
+        continue the cached sequences at position ``cache.length`` and the cache is extended.
+        """
+        return self.logits(self.hidden_states(input_ids, cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        c = self.config
+        b, t = input_ids.shape
+        start = cache.length if cache is not None else 0
+        device = input_ids.device
+        q_pos = torch.arange(start, start + t, device=device)
+        k_pos = cache.key_positions(t, device) if cache is not None else q_pos
+        if c.max_position_embeddings and c.positions == "learned" and start + t > c.max_position_embeddings:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the {c.max_position_embeddings} learned positions")
+
+        x = self.embed(input_ids)
+        if c.embedding_scale is not None:  # Gemma: sqrt(hidden), rounded to the model dtype first
+            x = x * torch.tensor(c.embedding_scale, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(q_pos)[None]
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+
+        slopes = None if self.alibi is None else self.alibi.to(device)
+        rotary = {kind: tuple(r[None].expand(b, -1, -1) for r in rot(q_pos, x.dtype))
+                  for kind, rot in self.rotaries.items()}
+        biases: dict[int | None, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            window = c.layer_window(i)
+            if window not in biases:
+                biases[window] = attention_bias(q_pos, k_pos, window, slopes, x.dtype)
+            x = layer(x, rotary.get(c.layer_types[i]), biases[window], cache)
+        if cache is not None:
+            cache.advance(t)
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = nn.functional.linear(hidden, weight).float()
+        if self.config.final_logit_softcap:
+            cap = self.config.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,124 @@
+"""Rotary position embeddings and their long-context scalings.
+
+The frequencies follow transformers' ``modeling_rope_utils`` op for op, in float32, because angle
+errors grow with the position: default, linear, dynamic NTK, YaRN (with and without truncation of
+the correction range) and llama3. Rotation is the half-split (NeoX, ``rotate_half``) layout: dim j
+pairs with dim j + d/2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rung.config import RopeConfig
+
+
+def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
+    return int(head_dim * rope.partial_rotary_factor)
+
+
+def _base_inv_freq(base: float | torch.Tensor, dim: int) -> torch.Tensor:
+    # [dim/2]; the int64 arange then float division matches transformers bit for bit.
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
+    base, factor = rope.theta, rope.factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        # the dimension whose wavelength fits `rotations` times into the original context
+        return dim * math.log(rope.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:  # gpt-oss sets truncate=False: rounding moves the blend band (vLLM #27722)
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep the original frequency (high-frequency dims), 0: divide by factor
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention_factor)
+
+
+def _llama3(rope: RopeConfig, dim: int) -> torch.Tensor:
+    inv_freq = _base_inv_freq(rope.theta, dim)
+    old_len, factor = rope.original_max_position, rope.factor
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths are divided by the factor, short ones kept, the band between blended
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def inv_freq_for(rope: RopeConfig, head_dim: int, max_position: int | None, seq_len: int | None = None):
+    """Inverse frequencies [rotary_dim / 2] (float32) and the factor that scales cos and sin."""
+    dim = rotary_dim(rope, head_dim)
+    if rope.type == "default":
+        return _base_inv_freq(rope.theta, dim), 1.0
+    if rope.type == "linear":
+        return _base_inv_freq(rope.theta, dim) / rope.factor, 1.0
+    if rope.type == "dynamic":
+        # NTK-aware: the base grows once the sequence outgrows the trained context
+        length = torch.tensor(max(seq_len or 0, max_position))
+        base = rope.theta * ((rope.factor * length / max_position) - (rope.factor - 1)) ** (dim / (dim - 2))
+        return _base_inv_freq(base, dim), 1.0
+    if rope.type == "yarn":
+        return _yarn(rope, dim)
+    if rope.type == "llama3":
+        return _llama3(rope, dim), 1.0
+    raise ValueError(f"rope type {rope.type!r} is not supported")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for given absolute positions; one instance per distinct RopeConfig."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int | None):
+        super().__init__()
+        self.rope, self.head_dim, self.max_position = rope, head_dim, max_position
+        # A plain float32 attribute, not a buffer: model.to(bfloat16) must not round the
+        # frequencies, and a model built on the meta device still gets real values.
+        with torch.device("cpu"):
+            self.inv_freq, self.scale = inv_freq_for(rope, head_dim, max_position)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [seq] → cos, sin [seq, rotary_dim]."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self.inv_freq
+        if self.rope.type == "dynamic":
+            # transformers recomputes the frequencies from the longest position of the call
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.max_position:
+                inv_freq = inv_freq_for(self.rope, self.head_dim, self.max_position, seq_len)[0].to(inv_freq.device)
+        freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [seq, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [batch, heads, seq, head_dim]; cos/sin [seq, rotary_dim]. Rotates pairs (j, j + d/2)."""
+    rot = cos.shape[-1]
+    xr, rest = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+    half = rot // 2
+    x1, x2 = xr[..., :half], xr[..., half:]
+    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rest is None else torch.cat((out, rest), dim=-1)

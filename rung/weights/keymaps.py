@@ -1,0 +1,209 @@
+"""One readable key map per family: checkpoint tensor names → rung parameter names.
+
+A ``Rule`` fills one rung parameter from one or more checkpoint tensors, with the conversion
+spelled out where the layouts differ (GPT-2's Conv1D transposes, fused q/k/v, BLOOM's per-head
+q/k/v interleave, gpt-oss's interleaved gate/up and MXFP4 blocks, Qwen3-MoE's per-expert tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rung.config import ModelConfig
+from rung.weights.mxfp4 import dequantize_mxfp4
+
+
+@dataclass(frozen=True)
+class Rule:
+    target: str  # rung parameter
+    sources: tuple[str, ...]  # checkpoint tensors
+    convert: Callable[..., torch.Tensor] | None = None  # (*tensors) -> tensor; None: the one source as is
+
+
+def copy(source: str, target: str) -> Rule:
+    return Rule(target, (source,))
+
+
+def transposed(source: str, target: str) -> Rule:
+    """GPT-2's Conv1D stores [in, out], the transpose of nn.Linear."""
+    return Rule(target, (source,), lambda w: w.t())
+
+
+def _prefix(names: set[str], *candidates: str) -> str:
+    """The prefix a checkpoint puts before its tensor names (e.g. GPT-2's 'transformer.' or none)."""
+    for p in candidates:
+        if any(n.startswith(p) for n in names):
+            return p
+    return candidates[-1]
+
+
+# ---- GPT-2 ----------------------------------------------------------------------------------
+
+
+def gpt2_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
+    p = _prefix(names, "transformer.", "")
+    h = c.hidden_size
+
+    def part(i: int):  # c_attn packs q | k | v along the output (Conv1D: last) axis
+        return lambda t: t[..., i * h:(i + 1) * h].t() if t.dim() == 2 else t[i * h:(i + 1) * h]
+
+    rules = [copy(p + "wte.weight", "embed.weight"), copy(p + "wpe.weight", "pos_embed.weight")]
+    rules += [copy(p + f"ln_f.{w}", f"final_norm.{w}") for w in ("weight", "bias")]
+    for i in range(c.num_layers):
+        s, t = f"{p}h.{i}.", f"layers.{i}."
+        for w in ("weight", "bias"):
+            rules += [copy(s + f"ln_1.{w}", t + f"attn_norm.{w}"), copy(s + f"ln_2.{w}", t + f"mlp_norm.{w}")]
+            rules += [Rule(t + f"attn.{n}_proj.{w}", (s + f"attn.c_attn.{w}",), part(j)) for j, n in enumerate("qkv")]
+        rules += [
+            transposed(s + "attn.c_proj.weight", t + "attn.o_proj.weight"), copy(s + "attn.c_proj.bias", t + "attn.o_proj.bias"),
+            transposed(s + "mlp.c_fc.weight", t + "mlp.up_proj.weight"), copy(s + "mlp.c_fc.bias", t + "mlp.up_proj.bias"),
+            transposed(s + "mlp.c_proj.weight", t + "mlp.down_proj.weight"), copy(s + "mlp.c_proj.bias", t + "mlp.down_proj.bias"),
+        ]
+    return rules
+
+
+def gpt2_ignored(name: str) -> bool:
+    # causal-mask buffers that old checkpoints saved
+    return name.endswith((".attn.bias", ".attn.masked_bias"))
+
+
+# ---- BLOOM ----------------------------------------------------------------------------------
+
+
+def bloom_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
+    p = _prefix(names, "transformer.", "")
+    heads, d = c.num_heads, c.head_dim
+
+    def part(i: int):  # query_key_value rows are laid out (head, {q,k,v}, head_dim), not q|k|v
+        return lambda t: t.reshape(heads, 3, d, *t.shape[1:])[:, i].reshape(heads * d, *t.shape[1:])
+
+    rules = [copy(p + "word_embeddings.weight", "embed.weight")]
+    for w in ("weight", "bias"):
+        rules += [copy(p + f"word_embeddings_layernorm.{w}", f"embed_norm.{w}"), copy(p + f"ln_f.{w}", f"final_norm.{w}")]
+        for i in range(c.num_layers):
+            s, t = f"{p}h.{i}.", f"layers.{i}."
+            rules += [
+                copy(s + f"input_layernorm.{w}", t + f"attn_norm.{w}"),
+                copy(s + f"post_attention_layernorm.{w}", t + f"mlp_norm.{w}"),
+                copy(s + f"self_attention.dense.{w}", t + f"attn.o_proj.{w}"),
+                copy(s + f"mlp.dense_h_to_4h.{w}", t + f"mlp.up_proj.{w}"),
+                copy(s + f"mlp.dense_4h_to_h.{w}", t + f"mlp.down_proj.{w}"),
+            ]
+            rules += [Rule(t + f"attn.{n}_proj.{w}", (s + f"self_attention.query_key_value.{w}",), part(j))
+                      for j, n in enumerate("qkv")]
+    return rules
+
+
+# ---- Llama, Qwen3, Qwen3-MoE, gpt-oss, Gemma 3 ----------------------------------------------
+
+
+def _stack(*experts: torch.Tensor) -> torch.Tensor:
+    return torch.stack(experts)
+
+
+def _qwen3_moe_expert_rules(c: ModelConfig, s: str, t: str, names: set[str]) -> list[Rule]:
+    rules = [copy(s + "mlp.gate.weight", t + "mlp.router.weight")]
+    if s + "mlp.experts.gate_up_proj" in names:  # transformers' fused in-memory layout [E, 2I, H]
+        i = c.moe.expert_intermediate_size
+        rules += [
+            Rule(t + "mlp.gate_proj", (s + "mlp.experts.gate_up_proj",), lambda w: w[:, :i]),
+            Rule(t + "mlp.up_proj", (s + "mlp.experts.gate_up_proj",), lambda w: w[:, i:]),
+            copy(s + "mlp.experts.down_proj", t + "mlp.down_proj"),
+        ]
+        return rules
+    for proj in ("gate_proj", "up_proj", "down_proj"):  # hub layout: one tensor per expert
+        sources = tuple(f"{s}mlp.experts.{e}.{proj}.weight" for e in range(c.moe.num_experts))
+        rules.append(Rule(t + f"mlp.{proj}", sources, _stack))
+    return rules
+
+
+def _gpt_oss_expert_rules(c: ModelConfig, s: str, t: str, names: set[str]) -> list[Rule]:
+    e = s + "mlp.experts."
+    rules = [copy(s + "mlp.router.weight", t + "mlp.router.weight"), copy(s + "mlp.router.bias", t + "mlp.router.bias")]
+    # gate and up are interleaved along the output axis: gate at even rows, up at odd ones
+    rules += [
+        Rule(t + "mlp.gate_bias", (e + "gate_up_proj_bias",), lambda b: b[:, 0::2]),
+        Rule(t + "mlp.up_bias", (e + "gate_up_proj_bias",), lambda b: b[:, 1::2]),
+        copy(e + "down_proj_bias", t + "mlp.down_bias"),
+    ]
+    if e + "gate_up_proj_blocks" in names:  # MXFP4, output-major: [E, 2I, H/32, 16] → [E, 2I, H]
+        gate_up = (e + "gate_up_proj_blocks", e + "gate_up_proj_scales")
+        rules += [
+            Rule(t + "mlp.gate_proj", gate_up, lambda b, sc: dequantize_mxfp4(b, sc)[:, 0::2]),
+            Rule(t + "mlp.up_proj", gate_up, lambda b, sc: dequantize_mxfp4(b, sc)[:, 1::2]),
+            Rule(t + "mlp.down_proj", (e + "down_proj_blocks", e + "down_proj_scales"), dequantize_mxfp4),
+        ]
+    else:  # transformers' save_pretrained: input-major gate_up [E, H, 2I], down [E, I, H]
+        rules += [
+            Rule(t + "mlp.gate_proj", (e + "gate_up_proj",), lambda w: w[..., 0::2].transpose(1, 2)),
+            Rule(t + "mlp.up_proj", (e + "gate_up_proj",), lambda w: w[..., 1::2].transpose(1, 2)),
+            # square for the real models (H = I = 2880): a missing transpose would pass unseen
+            Rule(t + "mlp.down_proj", (e + "down_proj",), lambda w: w.transpose(1, 2)),
+        ]
+    return rules
+
+
+def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
+    p = _prefix(names, "model.language_model.", "model.")
+    rules = [copy(p + "embed_tokens.weight", "embed.weight"), copy(p + "norm.weight", "final_norm.weight")]
+    biases = {"q": c.qkv_bias, "k": c.qkv_bias, "v": c.qkv_bias, "o": c.o_bias}
+    for i in range(c.num_layers):
+        s, t = f"{p}layers.{i}.", f"layers.{i}."
+        rules.append(copy(s + "input_layernorm.weight", t + "attn_norm.weight"))
+        if c.sandwich_norms:  # Gemma 3 names: post_attention_layernorm is the attention-output norm
+            rules += [
+                copy(s + "post_attention_layernorm.weight", t + "post_attn_norm.weight"),
+                copy(s + "pre_feedforward_layernorm.weight", t + "mlp_norm.weight"),
+                copy(s + "post_feedforward_layernorm.weight", t + "post_mlp_norm.weight"),
+            ]
+        else:
+            rules.append(copy(s + "post_attention_layernorm.weight", t + "mlp_norm.weight"))
+        for n, bias in biases.items():
+            rules.append(copy(s + f"self_attn.{n}_proj.weight", t + f"attn.{n}_proj.weight"))
+            if bias:
+                rules.append(copy(s + f"self_attn.{n}_proj.bias", t + f"attn.{n}_proj.bias"))
+        if c.qk_norm:
+            rules += [copy(s + "self_attn.q_norm.weight", t + "attn.q_norm.weight"),
+                      copy(s + "self_attn.k_norm.weight", t + "attn.k_norm.weight")]
+        if c.attn_sinks:
+            rules.append(copy(s + "self_attn.sinks", t + "attn.sinks"))
+        if c.moe_layers[i]:
+            expert_rules = _gpt_oss_expert_rules if c.moe.router == "topk_softmax" else _qwen3_moe_expert_rules
+            rules += expert_rules(c, s, t, names)
+        else:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                rules.append(copy(s + f"mlp.{proj}.weight", t + f"mlp.{proj}.weight"))
+                if c.mlp_bias:
+                    rules.append(copy(s + f"mlp.{proj}.bias", t + f"mlp.{proj}.bias"))
+    return rules
+
+
+def llama_family_ignored(name: str) -> bool:
+    return name.endswith("rotary_emb.inv_freq")
+
+
+def nothing_ignored(name: str) -> bool:
+    return False
+
+
+KEYMAPS = {
+    "gpt2": (gpt2_rules, gpt2_ignored),
+    "bloom": (bloom_rules, nothing_ignored),
+    "llama": (llama_family_rules, llama_family_ignored),
+    "qwen3": (llama_family_rules, llama_family_ignored),
+    "qwen3_moe": (llama_family_rules, llama_family_ignored),
+    "gpt_oss": (llama_family_rules, llama_family_ignored),
+    "gemma3_text": (llama_family_rules, llama_family_ignored),
+}
+
+
+def keymap(config: ModelConfig, names: set[str]) -> tuple[list[Rule], Callable[[str], bool]]:
+    rules_for, ignored = KEYMAPS[config.model_type]
+    rules = rules_for(config, names)
+    if not config.tie_word_embeddings:
+        return rules + [copy("lm_head.weight", "lm_head.weight")], ignored
+    # a tied head that some exports still write out is the embedding table again: skip it
+    return rules, lambda n: ignored(n) or n == "lm_head.weight"

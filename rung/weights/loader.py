@@ -1,0 +1,89 @@
+"""load_model: a Hugging Face folder (config.json + safetensors) → a rung Decoder.
+
+The model is built on the meta device (no random init, no double allocation), materialised once
+on the target device, and every parameter is filled by exactly one key-map rule. Any tensor the
+checkpoint lacks, has in the wrong shape, or has in excess is an error naming file and tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rung.config import ModelConfig
+from rung.model import Decoder
+from rung.weights.keymaps import keymap
+from rung.weights.safetensors_io import CheckpointError, SafetensorsFolder
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Decoder:
+    """A Decoder with uninitialised parameters on ``device`` (its derived tables are computed)."""
+    with torch.device("meta"):
+        model = Decoder(config).to(dtype)
+    return model.to_empty(device=device)
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> Decoder:
+    """Load a Hugging Face folder. Returns a Decoder in eval mode: model(ids [b, t]) → logits [b, t, vocab]."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (expected a Hugging Face folder with config.json)")
+    config = ModelConfig.from_hf(path)
+    checkpoint = SafetensorsFolder(path)
+    model = empty_model(config, resolve_dtype(dtype), device)
+    fill_parameters(model, config, checkpoint)
+    checkpoint.close()
+    return model.requires_grad_(False).eval()
+
+
+def fill_parameters(model: Decoder, config: ModelConfig, checkpoint: SafetensorsFolder) -> None:
+    names = set(checkpoint.names())
+    rules, ignored = keymap(config, names)
+    params = dict(model.named_parameters())
+    used: set[str] = set()
+    filled: set[str] = set()
+    for rule in rules:
+        for source in rule.sources:
+            if source not in checkpoint:
+                raise CheckpointError(
+                    f"{checkpoint.folder}: tensor {source!r} is missing (needed for {config.model_type} parameter {rule.target})"
+                )
+        tensors = [checkpoint.read(s) for s in rule.sources]
+        where = f"{checkpoint.file_of[rule.sources[0]]}: tensor {rule.sources[0]!r}"
+        target = params.get(rule.target)
+        if target is None:
+            raise CheckpointError(f"{where}: maps to unknown parameter {rule.target} (key map out of date)")
+        try:
+            value = rule.convert(*tensors) if rule.convert else tensors[0]
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{where} has shape {list(tensors[0].shape)}, which does not fit "
+                                  f"{rule.target} {list(target.shape)} ({e})") from None
+        if value.shape != target.shape:
+            raise CheckpointError(
+                f"{where} has shape {list(tensors[0].shape)}; {config.model_type} parameter {rule.target} "
+                f"needs {list(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(value)
+        used.update(rule.sources)
+        filled.add(rule.target)
+    unexpected = sorted(n for n in names - used if not ignored(n))
+    if unexpected:
+        first = unexpected[0]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{checkpoint.file_of[first]}: unexpected tensor {first!r}{more} for {config.model_type}")
+    unfilled = sorted(set(params) - filled)
+    if unfilled:
+        raise CheckpointError(f"{checkpoint.folder}: no checkpoint tensor for parameter {unfilled[0]}")

@@ -1,0 +1,132 @@
+"""Reading Hugging Face safetensors folders: one file or shards with an index.
+
+Every header is checked against the file before any tensor is read (a truncated download, an
+absurd header or an offset past the end is refused with the file and tensor named); tensors are
+then read lazily through ``safetensors.safe_open`` (memory-mapped, never unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint rung cannot load; the message names the file and the tensor."""
+
+
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "E8M0": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The validated tensor table of one .safetensors file: name → {dtype, shape, data_offsets}."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CheckpointError(
+                    f"{path}: truncated or corrupt safetensors file (header of {header_len} bytes, file of {size})"
+                )
+            header = json.loads(f.read(header_len))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - header_len
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid data offsets {begin}..{end}")
+        if end > data_bytes:
+            raise CheckpointError(
+                f"{path}: truncated file: tensor {name!r} ends at byte {end} of the data but only {data_bytes} are present"
+            )
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: tensor {name!r} holds {end - begin} bytes, shape {shape} of {dtype} needs "
+                                  f"{math.prod(shape) * DTYPE_BYTES[dtype]}")
+    return header
+
+
+class SafetensorsFolder:
+    """All tensors of a Hugging Face folder, by name, with the file each lives in."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.files = self._weight_files()
+        self.entries: dict[str, dict] = {}
+        self.file_of: dict[str, Path] = {}
+        for file in self.files:
+            for name, entry in read_header(file).items():
+                if name in self.file_of:
+                    raise CheckpointError(f"{file}: tensor {name!r} also appears in {self.file_of[name]}")
+                self.entries[name], self.file_of[name] = entry, file
+        self._handles: dict[Path, object] = {}
+
+    def _weight_files(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map')") from None
+            files = [self.folder / n for n in names]
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: lists shard {f.name}, which is missing from {self.folder}")
+            return files
+        single = self.folder / "model.safetensors"
+        if single.is_file():
+            return [single]
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.folder}: no model.safetensors, index or *.safetensors files")
+        return files
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str) -> torch.Tensor:
+        file = self.file_of[name]
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # the library's own error type varies across versions
+                raise CheckpointError(f"{file}: cannot open ({e})") from None
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
