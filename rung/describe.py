@@ -1,0 +1,390 @@
+"""What a ModelConfig costs: parameters, active parameters, KV cache bytes, weight bytes per format.
+
+Everything is arithmetic on the config (no torch), so ``rung arch`` starts fast. One inventory of
+weight tensors (``weights``) feeds every figure: the total, the active count, and the bytes of each
+storage format differ only in which tensors they count and at what width.
+
+Conventions
+-----------
+Active parameters are every weight one token's forward pass reads, except the input embedding table
+and the learned position table (a token reads one row of each). A tied LM head is counted whole: the
+same matrix is read in full as the head. MoE layers count the router and ``top_k`` experts. This is
+the gpt-oss model card's convention (3.61 B for gpt-oss-20b); Qwen's published "A3B" / "A22B"
+figures also count the input table.
+
+KV cache: K and V of ``num_kv_heads * head_dim`` values per layer per token; a sliding layer keeps at
+most ``window`` tokens. Default 2 bytes per value (bf16).
+
+Weight formats (``FORMATS``), with their scope:
+  bf16   every parameter at 2 bytes.
+  int8   weight-only, per output channel: every Linear weight matrix (attention q/k/v/o, MLP, MoE
+         router and experts, an untied LM head) at 1 byte plus one bf16 scale per output row;
+         embeddings, norms, biases and sinks stay bf16.
+  int4   same scope as int8; symmetric 4-bit with one bf16 scale per group of 32 inputs
+         (4.5 bits per weight, like GGUF Q4_0); the rest bf16.
+  mxfp4  as gpt-oss ships: the feed-forward weight matrices (MoE experts; the dense MLP for dense
+         models) as 4-bit E2M1 with one 8-bit E8M0 scale per block of 32 inputs (4.25 bits per
+         weight); attention, router, embeddings, LM head, norms and biases stay bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rung.config import ConfigError, ModelConfig, preset_names
+
+ACTIVE_CONVENTION = (
+    "active = weights one token's forward pass reads: attention, norms, the router and top-k experts "
+    "of MoE layers, and the LM head (whole, even when tied to the embeddings); the input embedding "
+    "table and learned position table are left out, since a token reads one row of each "
+    "(gpt-oss model-card convention; Qwen's published A3B/A22B figures also count the input table)"
+)
+
+FORMATS = ("bf16", "int8", "int4", "mxfp4")
+FORMAT_SCOPE = {
+    "bf16": "every parameter at 2 bytes",
+    "int8": "Linear weight matrices (incl. router, experts, untied head) at 1 byte + a bf16 scale per "
+            "output row; embeddings, norms, biases, sinks bf16",
+    "int4": "same scope as int8, 4 bits + a bf16 scale per 32 inputs (4.5 bits/weight); rest bf16",
+    "mxfp4": "feed-forward matrices (MoE experts, or the dense MLP) at 4 bits + an 8-bit scale per "
+             "32 inputs (4.25 bits/weight), as gpt-oss ships; rest bf16",
+}
+GROUP = 32  # inputs per scale block of int4 and mxfp4
+BF16 = 2
+
+CONTEXT_4K = 4096
+CONTEXT_128K = 131_072
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One weight tensor kind of the model, ``count`` times over (e.g. 32 experts' down_proj)."""
+
+    name: str  # "layers.3.mlp.experts.down", for reading the inventory
+    part: str  # "embeddings" | "attention" | "feed_forward" | "norms" | "head"
+    shape: tuple[int, ...]  # (out, in) for matrices, (n,) for vectors and per-head values
+    count: int = 1
+    active: int = 1  # how many of the ``count`` copies one token reads in full
+    linear: bool = False  # a Linear weight matrix: quantised by int8 / int4
+    ffn: bool = False  # a feed-forward weight matrix: quantised by mxfp4
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def weights(config: ModelConfig) -> list[Weight]:
+    """Every weight tensor of ``config``, in checkpoint order."""
+    c = config
+    H, V = c.hidden_size, c.vocab_size
+
+    def norm(name: str, part: str = "norms") -> list[Weight]:
+        out = [Weight(f"{name}.weight", part, (H,))]
+        # LayerNorm (GPT-2, BLOOM) carries a bias beside its weight; RMSNorm does not.
+        return out + [Weight(f"{name}.bias", part, (H,))] if c.norm == "layernorm" else out
+
+    # The input table is read one row per token; tied, it is also the head and read whole.
+    out = [Weight("embed_tokens", "embeddings", (V, H), active=int(c.tie_word_embeddings))]
+    if c.positions == "learned":
+        out.append(Weight("embed_positions", "embeddings", (c.max_position_embeddings or 0, H), active=0))
+    if c.embedding_norm:  # BLOOM word_embeddings_layernorm
+        out += norm("embed_norm", "embeddings")
+
+    for i in range(c.num_layers):
+        p = f"layers.{i}"
+        out += norm(f"{p}.input_norm")
+        out += _attention(c, f"{p}.attn")
+        if c.sandwich_norms:  # Gemma: post-attention, pre- and post-feed-forward
+            out += norm(f"{p}.post_attn_norm") + norm(f"{p}.pre_ffn_norm") + norm(f"{p}.post_ffn_norm")
+        else:
+            out += norm(f"{p}.post_attn_norm")  # the pre-MLP norm (GPT-2 ln_2)
+        out += _moe(c, f"{p}.mlp") if c.moe_layers[i] else _mlp(c, f"{p}.mlp")
+
+    out += norm("final_norm")
+    if not c.tie_word_embeddings:
+        out += _linear("lm_head", "head", V, H, bias=False)
+    return out
+
+
+def _linear(name: str, part: str, out_f: int, in_f: int, bias: bool,
+            count: int = 1, active: int = 1, ffn: bool = False) -> list[Weight]:
+    w = [Weight(f"{name}.weight", part, (out_f, in_f), count, active, linear=True, ffn=ffn)]
+    return w + [Weight(f"{name}.bias", part, (out_f,), count, active)] if bias else w
+
+
+def _attention(c: ModelConfig, p: str) -> list[Weight]:
+    H = c.hidden_size
+    out = (
+        _linear(f"{p}.q", "attention", c.q_width, H, c.qkv_bias)
+        + _linear(f"{p}.k", "attention", c.kv_width, H, c.qkv_bias)
+        + _linear(f"{p}.v", "attention", c.kv_width, H, c.qkv_bias)
+        + _linear(f"{p}.o", "attention", H, c.q_width, c.o_bias)
+    )
+    if c.qk_norm:  # one RMSNorm over head_dim each for q and k, shared by all heads
+        out += [Weight(f"{p}.q_norm", "attention", (c.head_dim,)), Weight(f"{p}.k_norm", "attention", (c.head_dim,))]
+    if c.attn_sinks:  # gpt-oss: one learned logit per query head
+        out.append(Weight(f"{p}.sinks", "attention", (c.num_heads,)))
+    return out
+
+
+def _mlp(c: ModelConfig, p: str) -> list[Weight]:
+    H, I, bias = c.hidden_size, c.intermediate_size, c.mlp_bias
+    gate = _linear(f"{p}.gate", "feed_forward", I, H, bias, ffn=True) if c.mlp == "gated" else []
+    return (
+        gate
+        + _linear(f"{p}.up", "feed_forward", I, H, bias, ffn=True)
+        + _linear(f"{p}.down", "feed_forward", H, I, bias, ffn=True)
+    )
+
+
+def _moe(c: ModelConfig, p: str) -> list[Weight]:
+    """Router plus E gated experts, of which one token reads top_k."""
+    m, H = c.moe, c.hidden_size
+    I, E, k, bias = m.expert_intermediate_size, m.num_experts, m.top_k, m.expert_bias
+    return (
+        _linear(f"{p}.router", "feed_forward", E, H, m.router_bias)
+        + _linear(f"{p}.experts.gate", "feed_forward", I, H, bias, E, k, ffn=True)
+        + _linear(f"{p}.experts.up", "feed_forward", I, H, bias, E, k, ffn=True)
+        + _linear(f"{p}.experts.down", "feed_forward", H, I, bias, E, k, ffn=True)
+    )
+
+
+# ---- reductions of the inventory ---------------------------------------------------------------
+
+
+def total_params(config: ModelConfig) -> int:
+    return sum(w.size * w.count for w in weights(config))
+
+
+def active_params(config: ModelConfig) -> int:
+    """Parameters one token reads; see ``ACTIVE_CONVENTION``."""
+    return sum(w.size * w.active for w in weights(config))
+
+
+def params_by_part(config: ModelConfig) -> dict[str, int]:
+    return _by_part(weights(config))
+
+
+def _by_part(inventory: list[Weight]) -> dict[str, int]:
+    parts = {"embeddings": 0, "attention": 0, "feed_forward": 0, "norms": 0, "head": 0}
+    for w in inventory:
+        parts[w.part] += w.size * w.count
+    return parts
+
+
+def _stored_bytes(w: Weight, fmt: str) -> int:
+    """Bytes of one copy of ``w`` stored in ``fmt`` (scope per the module docstring)."""
+    if fmt == "int8" and w.linear:
+        out_f, in_f = w.shape
+        return out_f * in_f + out_f * BF16  # 1 byte per weight + a bf16 scale per output row
+    if fmt == "int4" and w.linear:
+        out_f, in_f = w.shape
+        return out_f * (math.ceil(in_f / 2) + math.ceil(in_f / GROUP) * BF16)
+    if fmt == "mxfp4" and w.ffn:
+        out_f, in_f = w.shape
+        blocks = math.ceil(in_f / GROUP)
+        return out_f * blocks * (GROUP // 2 + 1)  # 16 bytes of nibbles + 1 byte E8M0 scale
+    return w.size * BF16
+
+
+def weight_bytes(config: ModelConfig, fmt: str = "bf16") -> int:
+    if fmt not in FORMATS:
+        raise ValueError(f"weight format {fmt!r} is not one of {', '.join(FORMATS)}")
+    return sum(_stored_bytes(w, fmt) * w.count for w in weights(config))
+
+
+def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = BF16) -> int:
+    """K and V of every layer at ``context`` tokens; a sliding layer holds at most its window."""
+    per_token = 2 * config.num_kv_heads * config.head_dim * bytes_per_value
+    total = 0
+    for i in range(config.num_layers):
+        window = config.layer_window(i)
+        total += per_token * (min(context, window) if window else context)
+    return total
+
+
+# ---- the architecture in words -----------------------------------------------------------------
+
+
+def _norm_kind(c: ModelConfig) -> str:
+    kind = "LayerNorm" if c.norm == "layernorm" else "RMSNorm"
+    if c.norm_weight_offset:
+        kind += " (1+w)"
+    if c.sandwich_norms:
+        kind += ", pre+post"
+    if c.embedding_norm:
+        kind += ", + embedding norm"
+    return kind
+
+
+def _si(x: float) -> str:
+    """150000 -> "150K", 1e6 -> "1M": rope thetas are round numbers."""
+    for unit, scale in (("M", 1e6), ("K", 1e3)):
+        if x >= scale and x % scale == 0:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
+
+
+def _position_kind(c: ModelConfig) -> str:
+    if c.positions == "learned":
+        return "learned"
+    if c.positions == "alibi":
+        return "ALiBi"
+    r = c.rope
+    kind = f"RoPE θ={_si(r.theta)}"
+    if r.type != "default":
+        kind += f", {r.type} ×{r.factor:g}"
+    if c.local_rope is not None and "sliding" in c.layer_types and c.local_rope != r:
+        kind += f"; local θ={_si(c.local_rope.theta)}"
+    return kind
+
+
+def _attention_kind(c: ModelConfig) -> str:
+    if c.num_kv_heads == c.num_heads:
+        kind = "MHA"
+    elif c.num_kv_heads == 1:
+        kind = "MQA"
+    else:
+        kind = "GQA"
+    return f"{kind} {c.num_heads}/{c.num_kv_heads}×{c.head_dim}"
+
+
+def _sliding_kind(c: ModelConfig) -> str | None:
+    """E.g. "128 on 12/24 layers (1 of every 2)" for gpt-oss, "(5 of every 6)" for Gemma 3."""
+    types, n = c.layer_types, c.num_layers
+    sliding = [i for i, t in enumerate(types) if t == "sliding"]
+    if not sliding:
+        return None
+    if len(sliding) == n:
+        return f"{c.sliding_window} on all {n} layers"
+    # the shortest period that repeats the layer pattern: gpt-oss 2 (S F), Gemma 3 6 (S S S S S F)
+    period = next(p for p in range(1, n + 1) if all(types[i] == types[i % p] for i in range(n)))
+    if period < n:
+        pattern = f"{types[:period].count('sliding')} of every {period}"
+    elif sliding == list(range(sliding[0], sliding[-1] + 1)):  # Qwen3 max_window_layers
+        pattern = f"layers {sliding[0]}-{sliding[-1]}"
+    else:
+        pattern = "layers " + ",".join(map(str, sliding))
+    return f"{c.sliding_window} on {len(sliding)}/{n} layers ({pattern})"
+
+
+def _ffn_kind(c: ModelConfig) -> str:
+    if c.activation == "swiglu_clamped":
+        return "clamped SwiGLU"
+    act = {"silu": "Swi", "gelu": "Ge", "gelu_tanh": "Ge", "relu": "Re"}[c.activation]
+    if c.mlp == "gated":
+        return f"{act}GLU"
+    return {"Swi": "SiLU", "Ge": "GELU", "Re": "ReLU"}[act] + " MLP"
+
+
+# ---- the description ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Description:
+    """The figures ``rung arch`` prints for one model. Byte counts are exact integers."""
+
+    name: str
+    config: ModelConfig = field(repr=False)
+    context: int
+    # parameters
+    total_params: int
+    active_params: int
+    embedding_params: int  # input table + learned positions: not active (one row read per token)
+    params_by_part: dict[str, int]
+    # KV cache (bf16)
+    kv_bytes: int  # at ``context`` tokens
+    kv_bytes_per_token: float  # kv_bytes / context
+    kv_bytes_per_token_4k: float
+    kv_bytes_per_token_128k: float
+    # weights
+    weight_bytes: dict[str, int]  # format -> bytes, see FORMATS / FORMAT_SCOPE
+    # lineage
+    family: str
+    norm: str
+    positions: str
+    attention: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: str | None
+    sinks: bool
+    qk_norm: bool
+    ffn: str
+    num_experts: int | None
+    active_experts: int | None
+    max_context: int | None
+    tied_embeddings: bool
+    active_convention: str = ACTIVE_CONVENTION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as plain JSON types (the config itself is left out)."""
+        d = asdict(self)
+        d.pop("config")
+        return d
+
+
+def resolve(name_or_path: str | Path) -> tuple[str, ModelConfig]:
+    """A preset name or a path to a Hugging Face folder / config.json, as (label, config).
+
+    A preset name wins over a same-named folder in the working directory; write ``./gpt2`` for the folder.
+    """
+    text = str(name_or_path)
+    if text.lower() in preset_names():
+        return text.lower(), ModelConfig.from_preset(text)
+    path = Path(text)
+    if path.exists():
+        return text, ModelConfig.from_hf(path)
+    if path.suffix == ".json" or "/" in text or "\\" in text:
+        raise ConfigError(f"{text}: no such file or folder")
+    raise ConfigError(f"unknown preset {text!r} (and no such path); presets: {', '.join(preset_names())}")
+
+
+def describe(config_or_name: ModelConfig | str | Path, context: int = CONTEXT_4K) -> Description:
+    """Parameters, active parameters, KV cache and weight bytes of a config, preset or config path."""
+    if isinstance(config_or_name, ModelConfig):
+        name, c = config_or_name.model_type, config_or_name
+    else:
+        name, c = resolve(config_or_name)
+    if context < 1:
+        raise ConfigError(f"context must be at least 1 token, got {context}")
+    inventory = weights(c)
+    kv = kv_cache_bytes(c, context)
+    return Description(
+        name=name,
+        config=c,
+        context=context,
+        total_params=sum(w.size * w.count for w in inventory),
+        active_params=sum(w.size * w.active for w in inventory),
+        embedding_params=sum(w.size for w in inventory if w.name in ("embed_tokens", "embed_positions")),
+        params_by_part=_by_part(inventory),
+        kv_bytes=kv,
+        kv_bytes_per_token=kv / context,
+        kv_bytes_per_token_4k=kv_cache_bytes(c, CONTEXT_4K) / CONTEXT_4K,
+        kv_bytes_per_token_128k=kv_cache_bytes(c, CONTEXT_128K) / CONTEXT_128K,
+        weight_bytes={fmt: sum(_stored_bytes(w, fmt) * w.count for w in inventory) for fmt in FORMATS},
+        family=c.model_type,
+        norm=_norm_kind(c),
+        positions=_position_kind(c),
+        attention=_attention_kind(c),
+        num_heads=c.num_heads,
+        num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        sliding_window=_sliding_kind(c),
+        sinks=c.attn_sinks,
+        qk_norm=c.qk_norm,
+        ffn=_ffn_kind(c),
+        num_experts=c.moe.num_experts if c.moe else None,
+        active_experts=c.moe.top_k if c.moe else None,
+        max_context=c.max_position_embeddings,
+        tied_embeddings=c.tie_word_embeddings,
+    )
+
+
+__all__ = [
+    "ACTIVE_CONVENTION", "FORMATS", "FORMAT_SCOPE", "Description", "Weight", "active_params", "describe",
+    "kv_cache_bytes", "params_by_part", "resolve", "total_params", "weight_bytes", "weights",
+]
