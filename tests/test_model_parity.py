@@ -111,3 +111,23 @@ def test_gpt_oss_sliding_window_and_sinks_match_transformers(case, tmp_path):
     extra = {} if case == "real_yarn_constants" else dict(num_key_value_heads=1, num_experts_per_tok=1)
     # prompts of 19 and 30 tokens run well past the 5-token window of the even layers
     check_family(gpt_oss_config(**extra), tmp_path, shapes=((1, 1), (2, 19), (1, 30)))
+
+
+# ---- Gemma 3 (text) ---------------------------------------------------------------------------
+
+GEMMA3_CASES = {
+    # 5 local : 1 global, local layers at base 10,000 and a 6-token window, globals at 1e6
+    "local_and_global": dict(),
+    "linear_scaled_global_rope_softcap": dict(
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        final_logit_softcapping=5.0, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA3_CASES)
+def test_gemma3_matches_transformers(case, tmp_path):
+    config = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+                                 num_key_value_heads=1, head_dim=24, vocab_size=101, sliding_window=6,
+                                 query_pre_attn_scalar=20, max_position_embeddings=128, **GEMMA3_CASES[case])
+    check_family(config, tmp_path)
