@@ -29,5 +29,11 @@ class KVCache:
         """Absolute positions of the keys a step of ``new`` tokens attends to: [length + new]."""
         return torch.arange(self.length + new, device=device)
 
+    def fork(self) -> "KVCache":
+        """An independent continuation sharing the stored prefix (update never writes in place)."""
+        other = KVCache(len(self.keys))
+        other.keys, other.values, other.length = list(self.keys), list(self.values), self.length
+        return other
+
     def advance(self, new: int) -> None:
         self.length += new

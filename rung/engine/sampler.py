@@ -1,0 +1,77 @@
+"""From one row of logits to the next token: penalties, temperature, top-k, top-p, min-p, a
+seeded draw, and the logprobs a caller asked for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rung.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Sampled:
+    token: int
+    logprob: float | None = None  # of the chosen token under the model's raw distribution
+    top_logprobs: dict[int, float] | None = None
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """logits [vocab] float32 → penalised copy. Repetition penalty (CTRL/HF) on every token seen,
+    presence and frequency penalties (OpenAI) on the generated ones."""
+    if params.repetition_penalty != 1.0 and (prompt or output):
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
+        values = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[-1]).to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, as probabilities [vocab]."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    prompt: list[int] = (),
+    output: list[int] = (),
+    banned: list[int] = (),
+) -> Sampled:
+    """logits [vocab] → the next token. ``banned`` tokens (EOS before min_tokens) are masked."""
+    raw = logits.float()
+    logits = apply_penalties(raw, params, list(prompt), list(output))
+    if banned:
+        logits = logits.clone()
+        logits[list(banned)] = float("-inf")
+    if params.greedy:
+        token = int(torch.argmax(logits))
+    else:
+        probs = filtered_probs(logits, params)
+        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    if params.logprobs is None:
+        return Sampled(token)
+    logprobs = torch.log_softmax(raw, dim=-1)
+    top = None
+    if params.logprobs:
+        values, ids = torch.topk(logprobs, params.logprobs)
+        top = dict(zip(ids.tolist(), values.tolist()))
+    return Sampled(token, float(logprobs[token]), top)

@@ -1,0 +1,101 @@
+"""Sampling and stop strings: the properties servers' users rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rung.engine.sampler import apply_penalties, filtered_probs, sample
+from rung.engine.sampling_params import SamplingParams
+from rung.engine.stops import StopStrings
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, 3.0, 0.0])
+
+
+def draws(params, n=400, seed=0, logits=LOGITS):
+    g = torch.Generator().manual_seed(seed)
+    return [sample(logits, params, g).token for _ in range(n)]
+
+
+def test_greedy_is_argmax():
+    assert sample(LOGITS, SamplingParams(temperature=0)).token == 4
+
+
+def test_seed_makes_draws_reproducible_and_seeds_differ():
+    p = SamplingParams(temperature=1.0)
+    assert draws(p, seed=3) == draws(p, seed=3)
+    assert draws(p, seed=3) != draws(p, seed=4)
+
+
+def test_top_k_one_is_greedy_and_top_k_limits_support():
+    assert set(draws(SamplingParams(top_k=1))) == {4}
+    assert set(draws(SamplingParams(top_k=2))) == {0, 4}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.softmax(LOGITS, -1)  # token 4: 0.60, token 0: 0.22, token 1: 0.08 ...
+    assert probs[4] < 0.7 < probs[4] + probs[0]
+    assert set(draws(SamplingParams(top_p=0.7))) == {0, 4}
+    kept = filtered_probs(LOGITS, SamplingParams(top_p=0.5))
+    assert kept[4] == 1.0 and kept.sum() == pytest.approx(1.0)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    probs = torch.softmax(LOGITS, -1)
+    support = set(draws(SamplingParams(min_p=0.2)))
+    assert support == {i for i in range(6) if probs[i] >= 0.2 * probs.max()}
+
+
+def test_temperature_sharpens_and_flattens():
+    sharp = filtered_probs(LOGITS, SamplingParams(temperature=0.25))
+    flat = filtered_probs(LOGITS, SamplingParams(temperature=4.0))
+    assert sharp[4] > torch.softmax(LOGITS, -1)[4] > flat[4]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    out = apply_penalties(LOGITS, SamplingParams(repetition_penalty=2.0), prompt=[0], output=[3])
+    assert out[0] == 1.0 and out[3] == -2.0 and out[4] == 3.0
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(LOGITS, p, prompt=[1], output=[4, 4, 2])
+    assert out[4] == pytest.approx(3.0 - 0.5 - 0.5) and out[2] == pytest.approx(0.5 - 0.75) and out[1] == 1.0
+
+
+def test_banned_tokens_are_never_drawn():
+    assert 4 in draws(SamplingParams(), n=200)  # the favourite without the ban
+    g = torch.Generator().manual_seed(0)
+    assert all(sample(LOGITS, SamplingParams(), g, banned=[4]).token != 4 for _ in range(200))
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    s = sample(LOGITS, SamplingParams(temperature=0, logprobs=2))
+    ref = torch.log_softmax(LOGITS, -1)
+    assert s.logprob == pytest.approx(ref[4].item())
+    assert set(s.top_logprobs) == {4, 0}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(n=0), dict(max_tokens=0),
+                                 dict(presence_penalty=3), dict(logprobs=21)])
+def test_invalid_params_are_refused(bad):
+    with pytest.raises(ValueError, match="SamplingParams"):
+        SamplingParams(**bad)
+
+
+def test_stop_string_across_token_boundaries_is_never_emitted():
+    s = StopStrings(["lo W"])
+    released = [s.push("Hel"), s.push("lo"), s.push(" Wor"), s.push("ld")]
+    assert "".join(released) == "Hel" and s.stopped and s.hit == "lo W"
+
+
+def test_text_is_held_back_only_while_a_stop_could_still_start():
+    s = StopStrings(["</end>"])
+    assert s.push("abc<") == ""  # '<' and the 4 characters before could begin '</end>'
+    assert s.push("/x more text") == "abc</x more"  # the last 5 characters stay held
+    assert s.flush() == " text"
+
+
+def test_earliest_stop_wins_and_include_stop_keeps_it():
+    s = StopStrings(["B", "AB"], include_stop=True)
+    assert s.push("xxAB yy") == "xxAB" and s.hit == "AB"
