@@ -29,11 +29,21 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def attention_bias(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, slopes: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, slopes: torch.Tensor | None, dtype: torch.dtype,
+    exact: bool = False,
+):
     """Additive bias [1 or heads, queries, keys]: -inf where a key is in the future or, with a
     window, at least ``window`` positions back (a query sees itself and window - 1 earlier keys,
-    as transformers' sliding mask does); ALiBi adds slope * key position."""
+    as transformers' sliding mask does); ALiBi adds slope * key position.
+
+    Unless ``exact`` is asked for (the sink path needs a tensor), the common cases come back as
+    None (one query that may see every key: a decode step) or CAUSAL (a prompt from position 0)."""
+    if not exact and slopes is None:
+        span = int(q_pos[-1] - k_pos[0]) + 1  # keys the last query could see
+        if len(q_pos) == 1 and (window is None or span <= window):
+            return None
+        if (window is None or span <= window) and len(q_pos) == len(k_pos) and int(q_pos[0]) == int(k_pos[0]):
+            return CAUSAL
     delta = q_pos[:, None] - k_pos[None, :]  # [q, k]
     allowed = delta >= 0
     if window is not None:
@@ -45,15 +55,21 @@ def attention_bias(
     return bias
 
 
+CAUSAL = "causal"  # a mask that is exactly "keys up to the query" over equal-length q and k
+
+
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, sinks: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias, scale: float, sinks: torch.Tensor | None
 ) -> torch.Tensor:
-    """q [b, hq, t, d], k/v [b, hkv, s, d], bias [1|hq, t, s] → [b, hq, t, d].
+    """q [b, hq, t, d], k/v [b, hkv, s, d] → [b, hq, t, d]. ``bias``: an additive [1|hq, t, s]
+    tensor, None (every key visible) or CAUSAL (lets SDPA use its fused causal kernel).
 
     Query head h reads key/value head h // (hq / hkv). A sink is a per-head logit that joins the
     softmax denominator and is then dropped, so a head may attend to nothing (gpt-oss).
     """
     if sinks is None:
+        if bias is CAUSAL:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
     b, hq, t, d = q.shape
     hkv = k.shape[1]

@@ -96,7 +96,7 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             window = c.layer_window(i)
             if window not in biases:
-                biases[window] = attention_bias(q_pos, k_pos, window, slopes, x.dtype)
+                biases[window] = attention_bias(q_pos, k_pos, window, slopes, x.dtype, exact=c.attn_sinks)
             x = layer(x, rotary.get(c.layer_types[i]), biases[window], cache)
         if cache is not None:
             cache.advance(t)

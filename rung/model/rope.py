@@ -100,7 +100,10 @@ class Rotary(nn.Module):
             self.inv_freq, self.scale = inv_freq_for(rope, head_dim, max_position)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [seq] → cos, sin [seq, rotary_dim]."""
+        """positions [seq] → cos, signed sin [seq, rotary_dim] for ``apply_rotary``.
+
+        The sin table's first half is negated, so the rotation is one roll, two multiplies and an
+        add: rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         inv_freq = self.inv_freq
@@ -110,15 +113,15 @@ class Rotary(nn.Module):
             if seq_len > self.max_position:
                 inv_freq = inv_freq_for(self.rope, self.head_dim, self.max_position, seq_len)[0].to(inv_freq.device)
         freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [seq, dim/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [batch, heads, seq, head_dim]; cos/sin [seq, rotary_dim]. Rotates pairs (j, j + d/2)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [batch, heads, seq, head_dim]; tables [.., seq, rotary_dim] from ``Rotary``.
+    Rotates pairs (j, j + d/2): (a, b) → (a cos - b sin, b cos + a sin)."""
     rot = cos.shape[-1]
-    xr, rest = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
-    half = rot // 2
-    x1, x2 = xr[..., :half], xr[..., half:]
-    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return out if rest is None else torch.cat((out, rest), dim=-1)
+    if rot == x.shape[-1]:
+        return x * cos + x.roll(rot // 2, dims=-1) * signed_sin
+    xr, rest = x[..., :rot], x[..., rot:]  # partial rotary: the tail passes through
+    return torch.cat((xr * cos + xr.roll(rot // 2, dims=-1) * signed_sin, rest), dim=-1)
