@@ -79,7 +79,6 @@ class LLM:
 
     def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", tokenizer: str | Path | None = None,
                  seed: int = 0, max_model_len: int | None = None):
-        from rung.text import load_tokenizer
         from rung.weights.loader import load_model
         from rung.weights.resolve import resolve_model
 
@@ -87,7 +86,7 @@ class LLM:
         self.model = load_model(self.path, dtype=dtype, device=device)
         self.device = torch.device(device)
         self.config = self.model.config
-        self.tokenizer = load_tokenizer(resolve_model(tokenizer) if tokenizer else self.path)
+        self.tokenizer = _tokenizer_for(resolve_model(tokenizer) if tokenizer else self.path)
         self.max_model_len = max_model_len or self.config.max_position_embeddings or 2048
         self._rng = torch.Generator().manual_seed(seed)
 
@@ -95,10 +94,11 @@ class LLM:
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **template_kwargs) -> str:
-        from rung.text.chat import render_chat
+        from rung.text.chat import chat_template_for
 
-        return render_chat(self.tokenizer, self.config.model_type, messages, add_generation_prompt=add_generation_prompt,
-                           tools=tools, **template_kwargs)
+        # gpt-oss speaks harmony whatever template its folder ships; others use their own template
+        template = chat_template_for("gpt_oss" if self.config.model_type == "gpt_oss" else self.tokenizer)
+        return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -210,3 +210,15 @@ class LLM:
                 step = torch.tensor([[s.token]], device=self.device)
                 logits = self.model(step, cache)[0, -1]
 
+
+
+def _tokenizer_for(path: Path):
+    """The tokenizer of a Hugging Face folder, or the one a GGUF file carries in its metadata."""
+    from rung.text import load_tokenizer
+
+    if path.suffix == ".gguf":
+        from rung.weights.gguf import read_gguf
+
+        with read_gguf(path) as gguf:
+            return load_tokenizer(gguf.metadata)
+    return load_tokenizer(path)

@@ -1,0 +1,124 @@
+"""rung.LLM on a tiny random model with a real byte-level BPE tokenizer: the offline API's contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from tokenizers import ByteLevelBPETokenizer
+
+import rung
+from rung.engine.sampling_params import SamplingParams
+from rung.llm import LLM
+
+from oracle import hf_model
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-chat-model")
+    bpe = ByteLevelBPETokenizer()
+    corpus = ["Hello world, the quick brown fox jumps over the lazy dog.", "Bonjour à tous — 你好，世界 🙂", "def f(x):\n    return x"]
+    bpe.train_from_iterator(corpus * 20, vocab_size=300, special_tokens=SPECIAL, min_frequency=1)
+    bpe.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "add_bos_token": False}))
+    vocab = bpe.get_vocab_size()
+    config = tf.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=96,
+                            eos_token_id=bpe.token_to_id("<|im_end|>"))
+    hf_model(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    return LLM(str(folder))
+
+
+def greedy_reference(model, ids, steps):
+    ids = torch.tensor([ids])
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(ids)[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def test_greedy_generation_equals_argmax_of_full_forward_passes(llm):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    [out] = llm.generate("Hello world", params)
+    assert out.outputs[0].token_ids == greedy_reference(llm.model, out.prompt_token_ids, 12)
+    assert out.outputs[0].finish_reason == "length"
+    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_stream_deltas_concatenate_to_the_full_text(llm):
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=20, ignore_eos=True)
+    deltas = list(llm.stream("the quick", params))
+    [full] = llm.generate("the quick", params)
+    assert "".join(d.text for d in deltas) == full.outputs[0].text
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_seed_reproduces_and_n_samples_share_the_prompt(llm):
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=10, n=3, ignore_eos=True)
+    a, b = llm.generate("fox", params)[0], llm.generate("fox", params)[0]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # three draws, not one copied
+
+
+def test_stop_string_ends_the_text_before_it(llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    text = llm.generate("Hello", params)[0].outputs[0].text
+    assert len(text) > 6
+    stop = text[3:6]
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert out.text == text[: text.index(stop)] and out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_eos_token_stops_generation(llm, folder):
+    eos = llm.tokenizer.token_to_id("<|im_end|>")
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    free = llm.generate("Bonjour", params)[0].outputs[0].token_ids
+    first = free[4]
+    out = llm.generate("Bonjour", SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[first]))[0].outputs[0]
+    assert out.token_ids == free[: free.index(first) + 1] and out.finish_reason == "stop" and out.stop_reason == first
+    assert eos in llm.tokenizer.eos_token_ids
+
+
+def test_chat_renders_the_template_and_answers(llm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    text = llm.apply_chat_template(messages)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    [out] = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5))
+    assert out.prompt_token_ids == llm.tokenizer.encode(text, add_special_tokens=False)
+    assert 1 <= len(out.outputs[0].token_ids) <= 5
+
+
+def test_logprobs_are_reported_per_token(llm):
+    out = llm.generate("fox", SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))[0].outputs[0]
+    assert len(out.logprobs) == 4 and all(len(lp) == 3 for lp in out.logprobs)  # greedy pick is among the top 3
+    assert out.cumulative_logprob == pytest.approx(sum(lp[t] for lp, t in zip(out.logprobs, out.token_ids)))
+
+
+def test_prompt_longer_than_the_context_is_refused(llm):
+    with pytest.raises(ValueError, match="does not fit the model's context of 96 tokens"):
+        llm.generate([5] * 120)
+
+
+def test_max_tokens_is_capped_by_the_context(llm):
+    out = llm.generate([5] * 90, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_load_model_and_llm_share_the_model_path(folder):
+    assert isinstance(rung.load_model(str(folder)), torch.nn.Module)
