@@ -97,9 +97,14 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attn_sinks else None
         scale = c.head_dim**-0.5 if c.attn_scale is None else c.attn_scale
         self.scale = scale / (layer + 1) if c.attn_scale_by_inverse_layer else scale
+        self.window = c.layer_window(layer)
+        with torch.device("cpu"):  # float32, like the rotary tables; not a buffer, so never rounded
+            self.slopes = alibi_slopes(c.num_heads) if c.positions == "alibi" else None
 
-    def forward(self, x, rotary, bias, cache=None) -> torch.Tensor:
-        """x [b, t, hidden]; rotary (cos, sin) [b, t, rot] or None; bias [1|heads, t, s]."""
+    def forward(self, x, rotary, context) -> torch.Tensor:
+        """x [b, t, hidden]; rotary (cos, signed sin) [b, t, rot] or None; ``context`` stores this
+        step's keys and values and runs the attention over everything the queries may see (the
+        seam between the model and a KV cache, contiguous or paged: see model/cache.py)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [b, hq, t, d]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, hkv, t, d]
@@ -109,7 +114,7 @@ class Attention(nn.Module):
         if rotary is not None:
             cos, sin = (r[:, None] for r in rotary)  # broadcast over heads
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        out = attend(q, k, v, bias, self.scale, self.sinks)  # [b, hq, t, d]
+        if self.slopes is not None and self.slopes.device != x.device:
+            self.slopes = self.slopes.to(x.device)
+        out = context.attend(self.layer, q, k, v, self.window, self.scale, self.sinks, self.slopes)  # [b, hq, t, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -1,13 +1,18 @@
-"""The simplest KV cache: contiguous per-layer keys and values for a batch decoded in lockstep.
+"""The KV cache seam, and its simplest implementation.
 
-This is the seam the engine's paged cache plugs into: the model only calls ``update`` (store this
-step's keys and values, get back everything the layer may attend to, with the keys' absolute
-positions) and reads ``length`` before a step and calls ``advance`` after it.
+The model talks to a cache through three calls, so the engine's paged cache plugs in unchanged:
+``positions(t, device)`` (absolute positions of this step's t tokens), ``attend(layer, q, k, v,
+window, scale, sinks, slopes)`` (store the step's keys and values, attend over everything the
+queries may see) and ``advance(t)`` once all layers have run.
+
+``KVCache`` keeps contiguous per-layer keys and values for a batch decoded in lockstep.
 """
 
 from __future__ import annotations
 
 import torch
+
+from rung.model.attention import attend, attention_bias
 
 
 class KVCache:
@@ -15,6 +20,10 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0  # tokens stored per sequence
+        self._biases: dict = {}  # per step: one mask per (window, exact)
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + t, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [batch, kv_heads, new, head_dim] → all keys/values of the layer so far."""
@@ -25,9 +34,15 @@ class KVCache:
             self.values[layer] = torch.cat((self.values[layer], v), dim=2)
         return self.keys[layer], self.values[layer]
 
-    def key_positions(self, new: int, device: torch.device) -> torch.Tensor:
-        """Absolute positions of the keys a step of ``new`` tokens attends to: [length + new]."""
-        return torch.arange(self.length + new, device=device)
+    def attend(self, layer, q, k, v, window, scale, sinks, slopes) -> torch.Tensor:
+        k, v = self.update(layer, k, v)
+        key = (window, sinks is not None)
+        if key not in self._biases:
+            t = q.shape[2]
+            q_pos = self.positions(t, q.device)
+            k_pos = torch.arange(self.length + t, device=q.device)
+            self._biases[key] = attention_bias(q_pos, k_pos, window, slopes, q.dtype, exact=sinks is not None)
+        return attend(q, k, v, self._biases[key], scale, sinks)
 
     def fork(self) -> "KVCache":
         """An independent continuation sharing the stored prefix (update never writes in place)."""
@@ -37,3 +52,4 @@ class KVCache:
 
     def advance(self, new: int) -> None:
         self.length += new
+        self._biases.clear()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rung.config import ModelConfig
-from rung.model.attention import Attention, alibi_slopes, attention_bias
+from rung.model.attention import Attention
 from rung.model.cache import KVCache
 from rung.model.mlp import MLP
 from rung.model.moe import MoE
@@ -28,9 +28,9 @@ class Block(nn.Module):
         self.post_mlp_norm = make_norm(config) if config.sandwich_norms else None
         self.residual_from_norm = config.residual_from_norm
 
-    def forward(self, x, rotary, bias, cache=None):
+    def forward(self, x, rotary, context):
         h = self.attn_norm(x)
-        a = self.attn(h, rotary, bias, cache)
+        a = self.attn(h, rotary, context)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
         x = (h if self.residual_from_norm else x) + a
@@ -57,29 +57,26 @@ class Decoder(nn.Module):
             for kind in sorted(set(c.layer_types)):
                 rope = c.local_rope if kind == "sliding" and c.local_rope is not None else c.rope
                 self.rotaries[kind] = Rotary(rope, c.head_dim, c.max_position_embeddings)
-        with torch.device("cpu"):  # float32 like the rotary tables, moved to the input's device on use
-            self.alibi = alibi_slopes(c.num_heads) if c.positions == "alibi" else None
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
         """input_ids [batch, seq] → logits [batch, seq, vocab] (float32).
 
-        Without a cache this is a plain causal forward pass from position 0. With one, the tokens
-        continue the cached sequences at position ``cache.length`` and the cache is extended.
+        Without a cache this is a plain causal forward pass from position 0. With one (a KVCache,
+        or any object with the seam of model/cache.py) the tokens continue the cached sequences
+        and the cache is extended.
         """
         return self.logits(self.hidden_states(input_ids, cache))
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
         c = self.config
         b, t = input_ids.shape
-        start = cache.length if cache is not None else 0
-        device = input_ids.device
-        q_pos = torch.arange(start, start + t, device=device)
-        k_pos = cache.key_positions(t, device) if cache is not None else q_pos
-        if c.max_position_embeddings and c.positions == "learned" and start + t > c.max_position_embeddings:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the {c.max_position_embeddings} learned positions")
+        context = cache if cache is not None else self.new_cache()  # no cache: a throwaway one
+        q_pos = context.positions(t, input_ids.device)  # [t]
+        if c.positions == "learned" and int(q_pos.max()) >= c.max_position_embeddings:
+            raise ValueError(f"position {int(q_pos.max())} is past the {c.max_position_embeddings} learned positions")
 
         x = self.embed(input_ids)
         if c.embedding_scale is not None:  # Gemma: sqrt(hidden), rounded to the model dtype first
@@ -89,17 +86,11 @@ class Decoder(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
 
-        slopes = None if self.alibi is None else self.alibi.to(device)
         rotary = {kind: tuple(r[None].expand(b, -1, -1) for r in rot(q_pos, x.dtype))
                   for kind, rot in self.rotaries.items()}
-        biases: dict[int | None, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            window = c.layer_window(i)
-            if window not in biases:
-                biases[window] = attention_bias(q_pos, k_pos, window, slopes, x.dtype, exact=c.attn_sinks)
-            x = layer(x, rotary.get(c.layer_types[i]), biases[window], cache)
-        if cache is not None:
-            cache.advance(t)
+            x = layer(x, rotary.get(c.layer_types[i]), context)
+        context.advance(t)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
