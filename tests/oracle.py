@@ -73,3 +73,29 @@ def check_family(config, tmp_path, shapes=((1, 1), (2, 7), (3, 19)), seed: int =
         d = cached_decode_diff(model)
         assert d < TOL, f"cached decoding differs from the full forward pass by {d}"
     return reference, model
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_chat_model(folder, config_class=None, **config):
+    """A tiny random Llama (or ``config_class``) with a real byte-level BPE tokenizer and a ChatML
+    template, saved as a Hugging Face folder."""
+    import json
+
+    import transformers as tf
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    corpus = ["Hello world, the quick brown fox jumps over the lazy dog.", "Bonjour à tous — 你好，世界 🙂",
+              "def f(x):\n    return x"]
+    bpe.train_from_iterator(corpus * 20, vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                            min_frequency=1)
+    bpe.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "add_bos_token": False}))
+    base = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=bpe.get_vocab_size(), max_position_embeddings=96, eos_token_id=bpe.token_to_id("<|im_end|>"))
+    hf_model((config_class or tf.LlamaConfig)(**{**base, **config})).save_pretrained(folder)
+    return folder

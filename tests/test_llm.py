@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-import transformers as tf
-from tokenizers import ByteLevelBPETokenizer
 
 import rung
 from rung.engine.sampling_params import SamplingParams
 from rung.llm import LLM
 
-from oracle import hf_model
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
+from oracle import tiny_chat_model
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-chat-model")
-    bpe = ByteLevelBPETokenizer()
-    corpus = ["Hello world, the quick brown fox jumps over the lazy dog.", "Bonjour à tous — 你好，世界 🙂", "def f(x):\n    return x"]
-    bpe.train_from_iterator(corpus * 20, vocab_size=300, special_tokens=SPECIAL, min_frequency=1)
-    bpe.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "add_bos_token": False}))
-    vocab = bpe.get_vocab_size()
-    config = tf.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=96,
-                            eos_token_id=bpe.token_to_id("<|im_end|>"))
-    hf_model(config).save_pretrained(folder)
-    return folder
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
 
 
 @pytest.fixture(scope="module")

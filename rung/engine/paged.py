@@ -1,0 +1,168 @@
+"""The paged KV cache: block pools per layer, and the attention context of one engine step.
+
+Layers are grouped by their attention window (full layers in one group, each sliding window in
+its own): a group's layers share block tables, so a sliding group can drop the blocks that fell
+out of its window while the full group keeps everything. Each layer owns flat pools
+``[num_blocks * block_size, kv_heads, head_dim]`` for keys and values; position p of a sequence
+lives at slot ``table[p // block_size] * block_size + p % block_size``.
+
+``PagedStep`` implements the model's cache seam (model/cache.py) for a flat batch of tokens from
+many sequences: it writes each layer's new keys and values to their slots, gathers every
+sequence's visible keys, and attends. Decode tokens (one per sequence) run as one padded batch;
+prefill chunks run one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rung.config import ModelConfig
+from rung.engine.blocks import BlockAllocator
+from rung.model.attention import attend, attention_bias
+
+
+@dataclass
+class Group:
+    """Layers that share a window, their block tables' allocator."""
+
+    window: int | None
+    layers: list[int]
+    allocator: BlockAllocator
+
+    def first_needed(self, position: int) -> int:
+        """The oldest position a query at ``position`` can still see."""
+        return 0 if self.window is None else max(0, position - self.window + 1)
+
+
+class KVPool:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: (w is not None, w))
+        self.groups = [Group(w, [i for i in range(config.num_layers) if config.layer_window(i) == w],
+                             BlockAllocator(num_blocks, block_size)) for w in windows]
+        self.group_of = {layer: g for g, group in enumerate(self.groups) for layer in group.layers}
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+
+    @staticmethod
+    def blocks_for(config: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+        """How many blocks per group fit in ``memory_bytes`` of KV cache."""
+        per_block = 2 * config.num_layers * block_size * config.kv_width * torch.tensor([], dtype=dtype).element_size()
+        return max(1, memory_bytes // per_block)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def slots(self, table: list[int | None], start: int, stop: int) -> torch.Tensor:
+        """Slot indices of positions [start, stop) of a sequence whose group table is ``table``."""
+        bs = self.block_size
+        return torch.tensor([table[p // bs] * bs + p % bs for p in range(start, stop)], dtype=torch.long)
+
+    def copy_blocks_out(self, group: int, blocks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The contents of ``blocks`` of one group, per layer, on the CPU (swap out / offload)."""
+        idx = self._block_slots(blocks)
+        return [(self.keys[l][idx].cpu(), self.values[l][idx].cpu()) for l in self.groups[group].layers]
+
+    def copy_blocks_in(self, group: int, blocks: list[int], data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        idx = self._block_slots(blocks)
+        for layer, (k, v) in zip(self.groups[group].layers, data):
+            self.keys[layer][idx] = k.to(self.keys[layer].device)
+            self.values[layer][idx] = v.to(self.values[layer].device)
+
+    def _block_slots(self, blocks: list[int]) -> torch.Tensor:
+        bs = self.block_size
+        return (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)).reshape(-1)
+
+
+@dataclass
+class Chunk:
+    """One sequence's part of a step: tokens at positions [start, start + count)."""
+
+    tables: list[list[int | None]]  # per group
+    start: int
+    count: int
+
+
+class PagedStep:
+    """The cache seam for one step over a flat batch [1, N] of chunks (decodes first)."""
+
+    def __init__(self, pool: KVPool, chunks: list[Chunk], device: torch.device):
+        self.pool, self.chunks, self.device = pool, chunks, device
+        self.n_decode = 0
+        while self.n_decode < len(chunks) and chunks[self.n_decode].count == 1:
+            self.n_decode += 1
+        self._positions = torch.cat([torch.arange(c.start, c.start + c.count) for c in chunks]).to(device)
+        self._slots = [torch.cat([pool.slots(c.tables[g], c.start, c.start + c.count) for c in chunks]).to(device)
+                       for g in range(len(pool.groups))]
+        self._reads: dict = {}  # per (group, exact, dtype): what each part of the batch reads
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        return self._positions
+
+    def advance(self, t: int) -> None:
+        pass  # the engine moves each sequence on
+
+    def attend(self, layer, q, k, v, window, scale, sinks, slopes) -> torch.Tensor:
+        """q [1, hq, N, d], k/v [1, hkv, N, d] → [1, hq, N, d]."""
+        g = self.pool.group_of[layer]
+        pool_k, pool_v = self.pool.keys[layer], self.pool.values[layer]
+        slots = self._slots[g]
+        pool_k[slots] = k[0].transpose(0, 1)  # [N, hkv, d]
+        pool_v[slots] = v[0].transpose(0, 1)
+        reads = self._read_plan(g, sinks is not None, slopes, q.dtype)
+        outs = []
+        if self.n_decode:
+            idx, bias = reads[0]  # [B, L], [B, 1|H, 1, L]
+            kb = pool_k[idx].permute(0, 2, 1, 3)  # [B, hkv, L, d]
+            vb = pool_v[idx].permute(0, 2, 1, 3)
+            qb = q[0, :, : self.n_decode].transpose(0, 1)[:, :, None]  # [B, hq, 1, d]
+            outs.append(attend(qb, kb, vb, bias, scale, sinks)[:, :, 0].transpose(0, 1)[None])  # [1, hq, B, d]
+        offset = self.n_decode
+        for chunk, (idx, bias) in zip(self.chunks[self.n_decode:], reads[1 if self.n_decode else 0:]):
+            qc = q[:, :, offset: offset + chunk.count]
+            kc = pool_k[idx].transpose(0, 1)[None]  # [1, hkv, L, d]
+            vc = pool_v[idx].transpose(0, 1)[None]
+            outs.append(attend(qc, kc, vc, bias, scale, sinks))
+            offset += chunk.count
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def _read_plan(self, g: int, exact: bool, slopes, dtype):
+        """Per part of the batch (the decode batch, then each prefill chunk): the slots to gather
+        and the attention bias. Computed once per step and group, shared by the group's layers."""
+        key = (g, exact, dtype)
+        if key in self._reads:
+            return self._reads[key]
+        group, pool = self.pool.groups[g], self.pool
+        plan = []
+        if self.n_decode:
+            rows, spans = [], []
+            for c in self.chunks[: self.n_decode]:
+                lo = group.first_needed(c.start)
+                rows.append(pool.slots(c.tables[g], lo, c.start + 1))
+                spans.append((lo, c.start + 1))
+            width = max(len(r) for r in rows)
+            idx = torch.zeros(len(rows), width, dtype=torch.long)
+            k_pos = torch.zeros(len(rows), width)
+            visible = torch.zeros(len(rows), width, dtype=torch.bool)
+            for i, (r, (lo, hi)) in enumerate(zip(rows, spans)):
+                idx[i, : len(r)] = r
+                k_pos[i, : len(r)] = torch.arange(lo, hi)
+                visible[i, : len(r)] = True  # the window was applied by choosing lo
+            bias = torch.zeros(len(rows), 1, 1, width, dtype=dtype).masked_fill(~visible[:, None, None], float("-inf"))
+            if slopes is not None:
+                bias = bias + (slopes.cpu()[None, :, None, None] * k_pos[:, None, None, :]).to(dtype)
+            plan.append((idx.to(self.device), bias.to(self.device)))
+        for c in self.chunks[self.n_decode:]:
+            lo = group.first_needed(c.start)
+            idx = pool.slots(c.tables[g], lo, c.start + c.count)
+            q_pos = torch.arange(c.start, c.start + c.count)
+            bias = attention_bias(q_pos, torch.arange(lo, c.start + c.count), group.window,
+                                  None if slopes is None else slopes.cpu(), dtype, exact=exact)
+            plan.append((idx.to(self.device), bias if bias is None or isinstance(bias, str) else bias.to(self.device)))
+        self._reads[key] = plan
+        return plan
