@@ -1,23 +1,20 @@
 """The offline API, in the style of vLLM: ``LLM(model).generate(prompts, SamplingParams(...))``
 and ``LLM.chat(messages)``, with streaming variants.
 
-This is the plain implementation over the decoder's contiguous KV cache, one sequence at a time;
-the engine (paged cache, continuous batching) replaces what runs underneath, not this surface.
+Every call runs on the engine (rung/engine): prompts given together are batched, n > 1 samples
+share the prompt's blocks, and a stream that is dropped cancels its request.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from rung.engine.sampler import sample
 from rung.engine.sampling_params import SamplingParams
-from rung.engine.stops import StopStrings
 
 Message = dict[str, Any]
 
@@ -74,11 +71,12 @@ class LLM:
     """A model and its tokenizer, ready to generate.
 
     ``model``: a built-in name (``smollm2-135m``, ``gemma3-270m``), a .gguf file or a Hugging Face
-    folder. Nothing is downloaded.
+    folder. Nothing is downloaded. ``engine_options`` go to EngineConfig (kv_cache_bytes,
+    block_size, max_batch_tokens, max_seqs, preempt, prefix_caching).
     """
 
     def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", tokenizer: str | Path | None = None,
-                 seed: int = 0, max_model_len: int | None = None):
+                 seed: int = 0, max_model_len: int | None = None, **engine_options):
         from rung.weights.loader import load_model
         from rung.weights.resolve import resolve_model
 
@@ -88,7 +86,7 @@ class LLM:
         self.config = self.model.config
         self.tokenizer = _tokenizer_for(resolve_model(tokenizer) if tokenizer else self.path)
         self.max_model_len = max_model_len or self.config.max_position_embeddings or 2048
-        self._rng = torch.Generator().manual_seed(seed)
+        self._seed, self._engine_options, self._engine = seed, engine_options, None
 
     # ---- prompts ------------------------------------------------------------------------------
 
@@ -118,18 +116,18 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        return [self._complete(p, sp) for p, sp in zip(prompts, params)]
+        return self._run_all([(self.encode_prompt(p), sp, p) for p, sp in zip(prompts, params)])
 
     def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
              tools: list[dict] | None = None, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} messages) or several."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        outputs = []
+        requests = []
         for conversation in conversations:
             text = self.apply_chat_template(conversation, add_generation_prompt, tools, **(chat_template_kwargs or {}))
-            outputs.append(self._complete(text, sampling_params or SamplingParams(), chat=True))
-        return outputs
+            requests.append((self.encode_prompt(text, chat=True), sampling_params or SamplingParams(), text))
+        return self._run_all(requests)
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         yield from self._stream(self.encode_prompt(prompt), sampling_params or SamplingParams())
@@ -140,77 +138,75 @@ class LLM:
         yield from self._stream(self.encode_prompt(text, chat=True), sampling_params or SamplingParams())
 
     def _complete(self, prompt: str | list[int], params: SamplingParams, chat: bool = False) -> RequestOutput:
-        ids = self.encode_prompt(prompt, chat=chat)
-        metrics = RequestMetrics(prompt_tokens=len(ids))
-        samples = [CompletionOutput(i, "", [], None, logprobs=[] if params.logprobs is not None else None)
-                   for i in range(params.n)]
+        return self._run_all([(self.encode_prompt(prompt, chat=chat), params, prompt)])[0]
+
+    def _run_all(self, requests: list[tuple[list[int], SamplingParams, str | list[int]]]) -> list[RequestOutput]:
+        """Submit every request to the engine at once (they are batched), step until all finish."""
+        engine = self.engine
+        outputs: dict[str, RequestOutput] = {}
         start = time.perf_counter()
-        for delta in self._stream(ids, params):
-            out = samples[delta.index]
-            if not metrics.time_to_first_token and delta.token_ids:
-                metrics.time_to_first_token = time.perf_counter() - start
-            out.text += delta.text
-            out.token_ids += delta.token_ids
-            if delta.logprobs is not None:
-                out.logprobs += delta.logprobs
-            if delta.finish_reason:
-                out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
-        metrics.total_time = time.perf_counter() - start
-        metrics.generated_tokens = sum(len(s.token_ids) for s in samples)
-        for s in samples:
-            if s.logprobs:
-                s.cumulative_logprob = sum(lp[t] for lp, t in zip(s.logprobs, s.token_ids) if t in lp)
-        return RequestOutput(uuid.uuid4().hex, prompt if isinstance(prompt, str) else None, ids, samples, metrics=metrics)
+        order = []
+        try:
+            for ids, params, prompt in requests:
+                rid = engine.add_request(ids, params)
+                order.append(rid)
+                samples = [CompletionOutput(i, "", [], None, logprobs=[] if params.logprobs is not None else None)
+                           for i in range(params.n)]
+                outputs[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids, samples,
+                                             metrics=RequestMetrics(prompt_tokens=len(ids)))
+            while engine.has_unfinished():
+                for d in engine.step():
+                    out = outputs.get(d.request_id)
+                    if out is not None:
+                        _apply(out, d, start)
+        except BaseException:
+            for rid in order:
+                engine.abort(rid)
+            raise
+        now = time.perf_counter()
+        for out in outputs.values():
+            out.metrics.total_time = now - start
+            out.metrics.generated_tokens = sum(len(s.token_ids) for s in out.outputs)
+            for s in out.outputs:
+                if s.logprobs:
+                    s.cumulative_logprob = sum(lp[t] for lp, t in zip(s.logprobs, s.token_ids) if t in lp)
+        return [outputs[rid] for rid in order]
 
-    @torch.inference_mode()
     def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
-        from rung.text.detok import IncrementalDetokenizer
+        engine = self.engine
+        rid = engine.add_request(prompt_ids, params)
+        pending = params.n
+        try:
+            while pending:
+                for d in engine.step():
+                    if d.request_id != rid:
+                        continue
+                    pending -= d.finish_reason is not None
+                    yield StreamDelta(d.index, d.text, d.token_ids, d.finish_reason, d.stop_reason, d.logprobs)
+        finally:
+            if pending:  # the caller stopped reading: cancel, free the blocks
+                engine.abort(rid)
 
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the model's context of "
-                             f"{self.max_model_len} tokens")
-        max_new = min(params.max_tokens or room, room)
-        eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
-        stop_ids = eos | set(params.stop_token_ids)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._rng
+    @property
+    def engine(self):
+        if self._engine is None:
+            from rung.engine.engine import Engine, EngineConfig
 
-        prompt = torch.tensor([prompt_ids], device=self.device)
-        prefilled = self.model.new_cache()
-        first_logits = self.model.logits(self.model.hidden_states(prompt, prefilled)[:, -1])[0]
-
-        for index in range(params.n):
-            cache = prefilled.fork()
-            logits = first_logits
-            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-            stops = StopStrings(params.stop, params.include_stop_str_in_output)
-            output: list[int] = []
-            while True:
-                banned = list(eos) if len(output) < params.min_tokens else []
-                s = sample(logits, params, generator, prompt_ids, output, banned)
-                output.append(s.token)
-                logprobs = None
-                if params.logprobs is not None:
-                    logprobs = [{s.token: s.logprob, **(s.top_logprobs or {})}]
-                if s.token in stop_ids:
-                    tail = stops.push(detok.flush()) + stops.flush()
-                    yield StreamDelta(index, tail, [s.token], "stop", s.token, logprobs)
-                    break
-                text = stops.push(detok.push(s.token))
-                if stops.stopped:
-                    yield StreamDelta(index, text, [s.token], "stop", stops.hit, logprobs)
-                    break
-                if len(output) >= max_new:
-                    text += stops.push(detok.flush()) + stops.flush()
-                    yield StreamDelta(index, text, [s.token], "length", None, logprobs)
-                    break
-                yield StreamDelta(index, text, [s.token], None, None, logprobs)
-                step = torch.tensor([[s.token]], device=self.device)
-                logits = self.model(step, cache)[0, -1]
+            self._engine = Engine(self.model, self.tokenizer, EngineConfig(**self._engine_options),
+                                  seed=self._seed, max_model_len=self.max_model_len)
+        return self._engine
 
 
+def _apply(out: RequestOutput, d, start: float) -> None:
+    s = out.outputs[d.index]
+    if not out.metrics.time_to_first_token and d.token_ids:
+        out.metrics.time_to_first_token = time.perf_counter() - start
+    s.text += d.text
+    s.token_ids += d.token_ids
+    if d.logprobs is not None:
+        s.logprobs += d.logprobs
+    if d.finish_reason:
+        s.finish_reason, s.stop_reason = d.finish_reason, d.stop_reason
 
 def _tokenizer_for(path: Path):
     """The tokenizer of a Hugging Face folder, or the one a GGUF file carries in its metadata."""
