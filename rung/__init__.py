@@ -4,7 +4,8 @@ from rung.config import ConfigError, ModelConfig, MoEConfig, RopeConfig, preset_
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "ModelConfig", "MoEConfig", "RopeConfig", "preset_names", "describe", "load_model"]
+__all__ = ["ConfigError", "ModelConfig", "MoEConfig", "RopeConfig", "preset_names", "describe", "load_model", "LLM",
+           "SamplingParams"]
 
 
 def __getattr__(name):
@@ -17,6 +18,14 @@ def __getattr__(name):
         from rung.weights.loader import load_model
 
         return load_model
+    if name == "LLM":
+        from rung.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from rung.engine.sampling_params import SamplingParams
+
+        return SamplingParams
     if name in ("CheckpointError",):
         from rung.weights import safetensors_io
 
