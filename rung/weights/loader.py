@@ -1,8 +1,10 @@
-"""load_model: a Hugging Face folder (config.json + safetensors) → a rung Decoder.
+"""load_model: a built-in model name, a .gguf file or a Hugging Face folder → a rung Decoder.
 
-The model is built on the meta device (no random init, no double allocation), materialised once
-on the target device, and every parameter is filled by exactly one key-map rule. Any tensor the
-checkpoint lacks, has in the wrong shape, or has in excess is an error naming file and tensor.
+Names and paths are resolved by weights/resolve.py; GGUF files are read by weights/gguf.py. The
+model of a Hugging Face folder (config.json + safetensors) is built on the meta device (no random
+init, no double allocation), materialised once on the target device, and every parameter is filled
+by exactly one key-map rule. Any tensor the checkpoint lacks, has in the wrong shape, or has in
+excess is an error naming file and tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from rung.config import ModelConfig
 from rung.model import Decoder
 from rung.weights.keymaps import keymap
+from rung.weights.resolve import resolve_model
 from rung.weights.safetensors_io import CheckpointError, SafetensorsFolder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -36,10 +39,13 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> Decoder:
-    """Load a Hugging Face folder. Returns a Decoder in eval mode: model(ids [b, t]) → logits [b, t, vocab]."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder (expected a Hugging Face folder with config.json)")
+    """Load a model: a built-in name (``smollm2-135m``, ``gemma3-270m``), a .gguf file or a Hugging
+    Face folder. Returns a Decoder in eval mode: model(ids [b, t]) → logits [b, t, vocab]."""
+    path = resolve_model(path)
+    if path.is_file():
+        from rung.weights.gguf import load_gguf_model
+
+        return load_gguf_model(path, dtype, device)
     config = ModelConfig.from_hf(path)
     checkpoint = SafetensorsFolder(path)
     model = empty_model(config, resolve_dtype(dtype), device)
