@@ -76,12 +76,12 @@ class LLM:
     """
 
     def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", tokenizer: str | Path | None = None,
-                 seed: int = 0, max_model_len: int | None = None, **engine_options):
+                 seed: int = 0, max_model_len: int | None = None, progress=None, **engine_options):
         from rung.weights.loader import load_model
         from rung.weights.resolve import resolve_model
 
         self.path = resolve_model(model)
-        self.model = load_model(self.path, dtype=dtype, device=device)
+        self.model = load_model(self.path, dtype=dtype, device=device, progress=progress)
         self.device = torch.device(device)
         self.config = self.model.config
         self.tokenizer = _tokenizer_for(resolve_model(tokenizer) if tokenizer else self.path)
@@ -212,7 +212,7 @@ def _tokenizer_for(path: Path):
     """The tokenizer of a Hugging Face folder, or the one a GGUF file carries in its metadata."""
     from rung.text import load_tokenizer
 
-    if path.suffix == ".gguf":
+    if path.is_file():  # resolve_model only lets GGUF files through
         from rung.weights.gguf import read_gguf
 
         with read_gguf(path) as gguf:

@@ -36,12 +36,16 @@ def _params(args: argparse.Namespace):
 
 def _load(args: argparse.Namespace):
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from rung.llm import LLM
 
     start = time.perf_counter()
-    with Console(stderr=True).status(f"loading {args.model} …"):
-        llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    columns = (TextColumn(f"loading {args.model}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("load", total=None)
+        llm = LLM(args.model, dtype=args.dtype, device=args.device,
+                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     print(f"loaded {args.model} ({llm.config.model_type}, {args.dtype}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)
     return llm

@@ -5,6 +5,11 @@ scheduled chunks (model/cache.py's seam with a ``PagedStep``), samples every seq
 prompt is fully computed, and returns the new text per sequence. ``abort`` cancels a request and
 frees its blocks at once. ``AsyncEngine`` drives steps on a background thread and streams per
 request, for the server.
+
+With ``EngineConfig.speculative`` ("ngram", or "draft" with a ``draft_model``) each decoding
+sequence first gets up to ``num_speculative_tokens`` guesses (engine/speculative.py); the step
+runs its last token and the guesses as one chunk, and the accepted guesses plus one token of the
+target's come back in one Delta. The output distribution is the non-speculative one.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from rung.engine.paged import KVPool, PagedStep
-from rung.engine.sampler import sample
+from rung.engine.sampler import Sampled, next_token_probs, sample, token_logprobs
 from rung.engine.sampling_params import SamplingParams
 from rung.engine.scheduler import Scheduler
 from rung.engine.sequence import Sequence, Status
+from rung.engine.speculative import DraftModelProposer, NgramProposer, accept
 from rung.engine.stops import StopStrings
 
 
@@ -33,6 +39,8 @@ class EngineConfig:
     max_seqs: int = 64
     preempt: str = "recompute"  # or "swap": preempted sequences keep their KV in CPU memory
     prefix_caching: bool = True
+    speculative: str | None = None  # "ngram" (prompt lookup) or "draft" (needs Engine(draft_model=...))
+    num_speculative_tokens: int = 4  # guesses per decoding sequence and step
 
 
 @dataclass
@@ -54,7 +62,7 @@ class RequestError(ValueError):
 
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, seed: int = 0,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, draft_model=None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or EngineConfig()
         mc = model.config
@@ -71,7 +79,33 @@ class Engine:
         self._held: dict[str, list[Sequence]] = {}  # samples 2..n wait for sample 1's prefill
         self._sequences: dict[str, list[Sequence]] = {}
         self._paused: dict[str, list[Sequence]] = {}
-        self.stats = dict(steps=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0)
+        self.proposer = self._proposer(draft_model)
+        self.stats = dict(steps=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
+                          draft_tokens=0, accepted_tokens=0, acceptance_rate=0.0)
+
+    def _proposer(self, draft_model):
+        kind, k = self.config.speculative, self.config.num_speculative_tokens
+        if kind is None:
+            if draft_model is not None:
+                raise ValueError("Engine: a draft_model was given but EngineConfig.speculative is not 'draft'")
+            return None
+        if k < 1:
+            raise ValueError(f"EngineConfig.num_speculative_tokens must be at least 1, got {k}")
+        if kind == "ngram":
+            return NgramProposer(k)
+        if kind != "draft":
+            raise ValueError(f"EngineConfig.speculative must be None, 'ngram' or 'draft', got {kind!r}")
+        if draft_model is None:
+            raise ValueError("EngineConfig.speculative='draft' needs Engine(..., draft_model=...)")
+        if draft_model.config.vocab_size != self.model.config.vocab_size:
+            raise ValueError(f"Engine: the draft model's vocab_size {draft_model.config.vocab_size} differs from the "
+                             f"target's {self.model.config.vocab_size}; it must share the target's tokenizer")
+        return DraftModelProposer(draft_model, k)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted guesses / guesses verified, over the engine's life (0 without speculation)."""
+        return self.stats["accepted_tokens"] / self.stats["draft_tokens"] if self.stats["draft_tokens"] else 0.0
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -112,7 +146,7 @@ class Engine:
         """Cancel a request: its sequences leave every queue and their blocks are freed now."""
         for seq in self._sequences.pop(request_id, []):
             if not seq.finished:
-                self.scheduler.finish(seq)
+                self._finish(seq)
                 seq.finish_reason = "abort"
         self._held.pop(request_id, None)
 
@@ -139,63 +173,141 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
+        self._propose()
+        try:
+            return self._step()
+        finally:
+            for seq in self.scheduler.running:  # guesses live for one step
+                seq.draft_ids, seq.draft_probs = [], None
+
+    def _step(self) -> list[Delta]:
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running and not self.scheduler.swapped:
                 raise RuntimeError("the KV cache cannot hold the next waiting sequence")
             return []
         self.stats["steps"] += 1
-        ids = torch.tensor([[t for seq, n in batch for t in seq.all_ids[seq.num_computed: seq.num_computed + n]]],
+        ids = torch.tensor([[t for seq, n in batch
+                             for t in (seq.all_ids + seq.draft_ids)[seq.num_computed: seq.num_computed + n]]],
                            device=self.device)
         context = PagedStep(self.pool, self.scheduler.chunks(batch), self.device)
         hidden = self.model.hidden_states(ids, context)[0]  # [N, hidden]
-        rows, sampling, offset = [], [], 0
+        rows, sampling, offset = [], [], 0  # sampling: (sequence, its first row in rows, rows)
         for seq, n in batch:
             offset += n
+            if seq.draft_ids:  # its last token and n - 1 guesses: the logits at every position
+                sampling.append((seq, len(rows), n))
+                rows.extend(range(offset - n, offset))
+                continue
             seq.num_computed += n
             self.scheduler.register_full_blocks(seq)
-            if seq.cached_tokens and seq.num_computed == seq.num_tokens and not seq.output_ids:
-                self.stats["cached_prompt_tokens"] += seq.cached_tokens
             if seq.num_computed == seq.num_tokens:  # caught up: the last row's logits give a token
+                sampling.append((seq, len(rows), 1))
                 rows.append(offset - 1)
-                sampling.append(seq)
         deltas = []
         if rows:
-            logits = self.model.logits(hidden[rows])  # [S, vocab] float32
-            for seq, row in zip(sampling, logits):
-                deltas.append(self._advance(seq, row))
+            logits = self.model.logits(hidden[rows])  # [rows, vocab] float32
+            for seq, row, count in sampling:
+                if seq.cached_tokens and not seq.output_ids:
+                    self.stats["cached_prompt_tokens"] += seq.cached_tokens
+                if count == 1:
+                    delta = self._advance(seq, [self._sample(seq, logits[row])])
+                else:
+                    delta = self._verify(seq, logits[row: row + count])
+                if delta.finish_reason:
+                    self._finish(seq)
+                deltas.append(delta)
         self._release_held()
-        return [d for d in deltas if d is not None]
+        return deltas
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> Delta | None:
+    def _banned(self, seq: Sequence, ahead: int = 0) -> list[int]:
+        """Tokens masked for the token ``ahead`` places after the current end: EOS before min_tokens."""
+        if seq.params.ignore_eos or len(seq.output_ids) + ahead >= seq.params.min_tokens:
+            return []
+        return list(self.tokenizer.eos_token_ids)
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> Sampled:
+        return sample(logits, seq.params, seq.generator, seq.prompt_ids, seq.output_ids, self._banned(seq))
+
+    # ---- speculative decoding -----------------------------------------------------------------
+
+    def _propose(self) -> None:
+        """Guesses for every running sequence that is decoding, never past max_tokens or the context."""
+        if self.proposer is None:
+            return
+        for seq in self.scheduler.running:
+            if seq.status is Status.RUNNING and seq.remaining == 1:
+                room = self._max_new(seq) - len(seq.output_ids) - 1  # the verified step adds one token more
+                proposal = self.proposer.propose(seq, room)
+                seq.draft_ids, seq.draft_probs = proposal.tokens, proposal.probs
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> Delta:
+        """logits [1 + guesses, vocab] at the last token and each guess → the accepted guesses and
+        one token of the target's, through the same processing as ``sample``."""
+        params, drafts = seq.params, seq.draft_ids
+        probs = torch.stack([next_token_probs(logits[j], params, seq.prompt_ids, seq.output_ids + drafts[:j],
+                                              self._banned(seq, j)) for j in range(len(drafts) + 1)])
+        q = None if seq.draft_probs is None else seq.draft_probs[: len(drafts)]
+        tokens = accept(probs, drafts, q, seq.generator, greedy=params.greedy)
+        self.stats["draft_tokens"] += len(drafts)
+        self.stats["accepted_tokens"] += len(tokens) - 1
+        self.stats["acceptance_rate"] = self.acceptance_rate
+        seq.draft_ids, seq.draft_probs = [], None
+        sampled = [Sampled(t) if params.logprobs is None else token_logprobs(logits[j], t, params.logprobs)
+                   for j, t in enumerate(tokens)]
+        computed = seq.num_computed + len(tokens)  # the last token and the accepted guesses
+        delta = self._advance(seq, sampled)
+        # a stop inside the accepted guesses drops the rest; rejected guesses' slots are rewritten
+        # later, and the blocks past the end go back now
+        seq.num_computed = min(computed, seq.num_tokens)
+        self.scheduler.register_full_blocks(seq)
+        self.scheduler.release_past_end(seq)
+        return delta
+
+    # ---- appending tokens ---------------------------------------------------------------------
+
+    def _max_new(self, seq: Sequence) -> int:
+        room = self.max_model_len - len(seq.prompt_ids)
+        return min(seq.params.max_tokens or room, room)
+
+    def _advance(self, seq: Sequence, sampled: list[Sampled]) -> Delta:
+        """Append tokens in order through EOS, stop tokens, stop strings and max_tokens; the first
+        token that ends the sequence is the last one kept. The caller frees a finished sequence."""
         params = seq.params
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
-        banned = list(eos) if len(seq.output_ids) < params.min_tokens else []
-        s = sample(logits, params, seq.generator, seq.prompt_ids, seq.output_ids, banned)
-        seq.output_ids.append(s.token)
-        self.stats["generated_tokens"] += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.perf_counter()
-        logprobs = [{s.token: s.logprob, **(s.top_logprobs or {})}] if params.logprobs is not None else None
-        room = self.max_model_len - len(seq.prompt_ids)
-        max_new = min(params.max_tokens or room, room)
+        max_new = self._max_new(seq)
+        text, ids, logprobs = "", [], [] if params.logprobs is not None else None
         finish, stop_reason = None, None
-        if s.token in eos or s.token in params.stop_token_ids:
-            text = seq.stops.push(seq.detok.flush()) + seq.stops.flush()
-            finish, stop_reason = "stop", s.token
-        else:
-            text = seq.stops.push(seq.detok.push(s.token))
-            if seq.stops.stopped:
-                finish, stop_reason = "stop", seq.stops.hit
-            elif len(seq.output_ids) >= max_new:
+        for s in sampled:
+            seq.output_ids.append(s.token)
+            ids.append(s.token)
+            self.stats["generated_tokens"] += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = time.perf_counter()
+            if logprobs is not None:
+                logprobs.append({s.token: s.logprob, **(s.top_logprobs or {})})
+            if s.token in eos or s.token in params.stop_token_ids:
                 text += seq.stops.push(seq.detok.flush()) + seq.stops.flush()
-                finish = "length"
-        if finish:
-            seq.finish_reason, seq.stop_reason = finish, stop_reason
-            self.scheduler.finish(seq)
-            if all(x.finished for x in self._sequences.get(seq.request_id, [])) and seq.request_id not in self._held:
-                self._sequences.pop(seq.request_id, None)
-        return Delta(seq.request_id, seq.index, text, [s.token], finish, stop_reason, logprobs)
+                finish, stop_reason = "stop", s.token
+            else:
+                text += seq.stops.push(seq.detok.push(s.token))
+                if seq.stops.stopped:
+                    finish, stop_reason = "stop", seq.stops.hit
+                elif len(seq.output_ids) >= max_new:
+                    text += seq.stops.push(seq.detok.flush()) + seq.stops.flush()
+                    finish = "length"
+            if finish:
+                break
+        seq.finish_reason, seq.stop_reason = finish, stop_reason
+        return Delta(seq.request_id, seq.index, text, ids, finish, stop_reason, logprobs)
+
+    def _finish(self, seq: Sequence) -> None:
+        """Free a finished or cancelled sequence's blocks and draft state."""
+        self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.drop(seq)
+        if all(x.finished for x in self._sequences.get(seq.request_id, [])) and seq.request_id not in self._held:
+            self._sequences.pop(seq.request_id, None)
 
     def _release_held(self) -> None:
         """Samples 2..n start once the first has its prompt in the cache: they take its full

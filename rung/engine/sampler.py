@@ -48,6 +48,36 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs / probs.sum()
 
 
+def next_token_probs(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt: list[int] = (),
+    output: list[int] = (),
+    banned: list[int] = (),
+) -> torch.Tensor:
+    """logits [vocab] → the distribution the next token is drawn from [vocab] float32: penalties,
+    ``banned`` tokens masked (EOS before min_tokens), then temperature and the filters; greedy
+    gives the one-hot of the argmax. ``sample`` draws from it, and speculative decoding verifies
+    drafts against it, so both produce the same distribution."""
+    logits = apply_penalties(logits.float(), params, list(prompt), list(output))
+    if banned:
+        logits = logits.clone()
+        logits[list(banned)] = float("-inf")
+    if params.greedy:
+        return torch.zeros_like(logits).index_fill_(0, torch.argmax(logits).reshape(1), 1.0)
+    return filtered_probs(logits, params)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int | None) -> Sampled:
+    """The chosen token's logprob under the raw distribution, and the ``top`` most likely."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = None
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        best = dict(zip(ids.tolist(), values.tolist()))
+    return Sampled(token, float(logprobs[token]), best)
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -57,21 +87,11 @@ def sample(
     banned: list[int] = (),
 ) -> Sampled:
     """logits [vocab] → the next token. ``banned`` tokens (EOS before min_tokens) are masked."""
-    raw = logits.float()
-    logits = apply_penalties(raw, params, list(prompt), list(output))
-    if banned:
-        logits = logits.clone()
-        logits[list(banned)] = float("-inf")
+    probs = next_token_probs(logits, params, prompt, output, banned)
     if params.greedy:
-        token = int(torch.argmax(logits))
+        token = int(torch.argmax(probs))
     else:
-        probs = filtered_probs(logits, params)
         token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
     if params.logprobs is None:
         return Sampled(token)
-    logprobs = torch.log_softmax(raw, dim=-1)
-    top = None
-    if params.logprobs:
-        values, ids = torch.topk(logprobs, params.logprobs)
-        top = dict(zip(ids.tolist(), values.tolist()))
-    return Sampled(token, float(logprobs[token]), top)
+    return token_logprobs(logits, token, params.logprobs)

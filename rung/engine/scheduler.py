@@ -6,6 +6,11 @@ beside it). New requests join at the next step. When blocks run out, the latest-
 sequence is preempted, by recompute (its blocks freed, its tokens prefilled again later) or by
 swapping its blocks to CPU memory; preempted sequences resume before new ones start. Blocks are
 taken from the prefix cache where a prompt's full blocks were computed before.
+
+With speculative decoding a decoding sequence carries guesses (``draft_ids``): it runs its last
+token and the guesses as one chunk when the budget and free blocks allow, and one token otherwise
+(guesses never preempt anyone). After the step the engine keeps the accepted part and gives the
+blocks past it back (``release_past_end``).
 """
 
 from __future__ import annotations
@@ -48,13 +53,17 @@ class Scheduler:
         budget = self.max_batch_tokens
         decodes, prefills = [], []
         by_arrival = sorted(self.running, key=lambda s: s.arrival)
-        # decodes first (one token each), then the prefills already under way, within the budget
+        # decodes first (one token each, plus any guesses), then the prefills already under way
         for seq in [s for s in by_arrival if s.remaining == 1] + [s for s in by_arrival if s.remaining > 1]:
-            n = min(seq.remaining, budget)
+            n = min(seq.remaining + len(seq.draft_ids), budget)
             if seq.status is not Status.RUNNING or n == 0:
                 continue  # preempted while making room for an earlier one, or no budget left
+            if seq.draft_ids and n > 1 and not self._reserve(seq, n):
+                n = 1  # no free blocks for the guesses: decode one token (guesses never preempt)
             if not self._make_room(seq, n):
                 continue
+            if seq.draft_ids:
+                del seq.draft_ids[n - seq.remaining:]  # the guesses that fit this step
             (decodes if n == 1 else prefills).append((seq, n))
             budget -= n
         running = len(self.running)
@@ -168,6 +177,18 @@ class Scheduler:
             table.append(block)
         return table
 
+    def release_past_end(self, seq: Sequence) -> None:
+        """Give back the blocks past a sequence's last token: after a speculative step they held
+        only guesses that were rejected. (Such blocks were never registered: only full blocks of
+        computed, accepted tokens are.)"""
+        keep = -(-seq.num_tokens // self.pool.block_size)
+        for g, group in enumerate(self.pool.groups):
+            table = seq.tables[g]
+            while len(table) > keep:
+                block = table.pop()
+                if block is not None:
+                    group.allocator.release(block)
+
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: give newly completed blocks their prefix hash, so later requests find them."""
         if not self.prefix_caching:
@@ -186,6 +207,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.preemptions += 1
         self.running.remove(seq)
+        seq.draft_ids = []  # it resumes by prefilling or from swap, not by verifying these
         if self.preempt_mode == "swap":
             self.swap_out(seq)
             self.swapped.appendleft(seq)
@@ -233,8 +255,9 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def _free(self, seq: Sequence) -> None:
-        for g, group in enumerate(self.pool.groups):
-            for block in seq.tables[g]:
+        # tables is [] for a sample never queued (n > 1 samples held back, then cancelled)
+        for group, table in zip(self.pool.groups, seq.tables):
+            for block in table:
                 if block is not None:
                     group.allocator.release(block)
-            seq.tables[g] = []
+        seq.tables = [[] for _ in self.pool.groups]

@@ -18,7 +18,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself: queue membership and removal go by identity
 class Sequence:
     request_id: str
     index: int  # which of the request's n samples
@@ -41,6 +41,8 @@ class Sequence:
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[dict[int, float]] = field(default_factory=list)
     first_token_time: float | None = None
+    draft_ids: list[int] = field(default_factory=list)  # speculative guesses to verify in this step
+    draft_probs: torch.Tensor | None = None  # [len(draft_ids), vocab]: their draft distributions; None: one-hot
 
     @property
     def all_ids(self) -> list[int]:

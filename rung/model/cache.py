@@ -50,6 +50,14 @@ class KVCache:
         other.keys, other.values, other.length = list(self.keys), list(self.values), self.length
         return other
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative decoding drops rejected drafts)."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k[:, :, :length], v[:, :, :length]
+        self.length = min(self.length, length)
+        self._biases.clear()
+
     def advance(self, new: int) -> None:
         self.length += new
         self._biases.clear()

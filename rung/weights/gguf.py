@@ -821,8 +821,9 @@ def _check_plan(model: Decoder, gf: GGUFFile, rules: list[Rule], consumed: set[s
 
 
 def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
-                    device: str | torch.device = "cpu") -> Decoder:
-    """A GGUF file → a rung Decoder in eval mode, dequantized tensor by tensor into ``dtype``."""
+                    device: str | torch.device = "cpu", progress=None) -> Decoder:
+    """A GGUF file → a rung Decoder in eval mode, dequantized tensor by tensor into ``dtype``.
+    ``progress(done, total)`` is called after each parameter (for a progress bar)."""
     from rung.weights.loader import empty_model, resolve_dtype  # loader dispatches here: import late
 
     torch_dtype = resolve_dtype(dtype)
@@ -835,7 +836,7 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
         model = empty_model(config, torch_dtype, device)
         params = dict(model.named_parameters())
         last_name, last = None, None  # gpt2's attn_qkv and fused experts feed several parameters in a row
-        for rule in rules:
+        for done, rule in enumerate(rules, 1):
             tensors = []
             for source in rule.sources:
                 if source != last_name:
@@ -845,4 +846,6 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
             value = rule.convert(*tensors) if rule.convert else tensors[0]
             with torch.no_grad():
                 params[rule.target].copy_(value)
+            if progress:
+                progress(done, len(rules))
     return model.requires_grad_(False).eval()

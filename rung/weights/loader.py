@@ -38,29 +38,30 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
     return model.to_empty(device=device)
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> Decoder:
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               progress=None) -> Decoder:
     """Load a model: a built-in name (``smollm2-135m``, ``gemma3-270m``), a .gguf file or a Hugging
     Face folder. Returns a Decoder in eval mode: model(ids [b, t]) → logits [b, t, vocab]."""
     path = resolve_model(path)
     if path.is_file():
         from rung.weights.gguf import load_gguf_model
 
-        return load_gguf_model(path, dtype, device)
+        return load_gguf_model(path, dtype, device, progress)
     config = ModelConfig.from_hf(path)
     checkpoint = SafetensorsFolder(path)
     model = empty_model(config, resolve_dtype(dtype), device)
-    fill_parameters(model, config, checkpoint)
+    fill_parameters(model, config, checkpoint, progress)
     checkpoint.close()
     return model.requires_grad_(False).eval()
 
 
-def fill_parameters(model: Decoder, config: ModelConfig, checkpoint: SafetensorsFolder) -> None:
+def fill_parameters(model: Decoder, config: ModelConfig, checkpoint: SafetensorsFolder, progress=None) -> None:
     names = set(checkpoint.names())
     rules, ignored = keymap(config, names)
     params = dict(model.named_parameters())
     used: set[str] = set()
     filled: set[str] = set()
-    for rule in rules:
+    for done, rule in enumerate(rules, 1):
         for source in rule.sources:
             if source not in checkpoint:
                 raise CheckpointError(
@@ -85,6 +86,8 @@ def fill_parameters(model: Decoder, config: ModelConfig, checkpoint: Safetensors
             target.copy_(value)
         used.update(rule.sources)
         filled.add(rule.target)
+        if progress:
+            progress(done, len(rules))
     unexpected = sorted(n for n in names - used if not ignored(n))
     if unexpected:
         first = unexpected[0]
