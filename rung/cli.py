@@ -64,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
-    except (ConfigError, CommandError, OSError) as e:
+    except (ConfigError, CommandError, OSError, ValueError) as e:
+        # bad names, paths, checkpoints and requests (CheckpointError, RequestError are ValueErrors)
         print(f"rung: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
