@@ -42,7 +42,7 @@ def _load(args: argparse.Namespace):
 
     start = time.perf_counter()
     columns = (TextColumn(f"loading {args.model}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("load", total=None)
         llm = LLM(args.model, dtype=args.dtype, device=args.device,
                   progress=lambda done, total: bar.update(task, completed=done, total=total))
