@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rung.engine.engine import Delta
 from rung.engine.sampling_params import SamplingParams
 
 Message = dict[str, Any]
@@ -54,17 +55,9 @@ class RequestOutput:
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 
-@dataclass
-class StreamDelta:
-    """One step of a streamed completion: new text (never a broken character, never part of a
-    stop string), the tokens behind it, and the finish reason on the last delta of a sample."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    logprobs: list[dict[int, float]] | None = None
+# one step of a streamed completion: new text (never a broken character, never part of a stop
+# string), its tokens, and the finish reason on a sample's last delta; the engine's own type
+StreamDelta = Delta
 
 
 class LLM:
@@ -182,7 +175,7 @@ class LLM:
                     if d.request_id != rid:
                         continue
                     pending -= d.finish_reason is not None
-                    yield StreamDelta(d.index, d.text, d.token_ids, d.finish_reason, d.stop_reason, d.logprobs)
+                    yield d
         finally:
             if pending:  # the caller stopped reading: cancel, free the blocks
                 engine.abort(rid)
