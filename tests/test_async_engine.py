@@ -9,28 +9,19 @@ import pytest
 from rung.engine.async_engine import AsyncEngine
 from rung.engine.engine import Engine, EngineConfig, RequestError
 from rung.engine.sampling_params import SamplingParams
-from rung.text import load_tokenizer
-from rung.weights.loader import load_model
 
-from oracle import tiny_chat_model
 from test_engine import GREEDY, alone, prompts
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    folder = tiny_chat_model(tmp_path_factory.mktemp("llama"), max_position_embeddings=256)
-    return load_model(folder), load_tokenizer(folder)
-
-
 @pytest.fixture
-def front(pair):
-    front = AsyncEngine(Engine(*pair, EngineConfig(block_size=4, num_blocks=64)))
+def front(llama):
+    front = AsyncEngine(Engine(*llama, EngineConfig(block_size=4, num_blocks=64)))
     yield front
     front.shutdown()
 
 
-def test_concurrent_streams_give_each_request_its_own_tokens(pair, front):
-    ps = prompts(8, pair[0].config.vocab_size)
+def test_concurrent_streams_give_each_request_its_own_tokens(llama, front):
+    ps = prompts(8, llama[0].config.vocab_size)
 
     async def one(p):
         return [t for d in [d async for d in front.generate(p, GREEDY)] for t in d.token_ids]
@@ -40,18 +31,18 @@ def test_concurrent_streams_give_each_request_its_own_tokens(pair, front):
 
     results = asyncio.run(all_of_them())
     for p, tokens in zip(ps, results):
-        assert tokens == alone(pair, p)
+        assert tokens == alone(llama, p)
     assert front.stats()["free_blocks"] == 64
 
 
-def test_cancelled_stream_aborts_the_request_and_frees_its_blocks(pair, front):
+def test_cancelled_stream_aborts_the_request_and_frees_its_blocks(llama, front):
     long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
     async def run():
         seen = []
 
         async def consume():
-            async for d in front.generate(prompts(1, pair[0].config.vocab_size)[0], long, request_id="r1"):
+            async for d in front.generate(prompts(1, llama[0].config.vocab_size)[0], long, request_id="r1"):
                 seen.append(d)
 
         task = asyncio.create_task(consume())

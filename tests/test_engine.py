@@ -4,32 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
 
 from rung.engine.engine import Engine, EngineConfig, RequestError
 from rung.engine.paged import Chunk, KVPool, PagedStep
 from rung.engine.sampling_params import SamplingParams
-from rung.text import load_tokenizer
-from rung.weights.loader import load_model
 
-from oracle import TOL, ids_for, tiny_chat_model
+from oracle import TOL, ids_for
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    folder = tiny_chat_model(tmp_path_factory.mktemp("llama"), max_position_embeddings=256)
-    return load_model(folder), load_tokenizer(folder)
-
-
-@pytest.fixture(scope="module")
-def gpt_oss(tmp_path_factory):
-    # sliding window of 5 on even layers, sinks: the window's blocks are recycled as it moves
-    folder = tiny_chat_model(tmp_path_factory.mktemp("gpt-oss"), tf.GptOssConfig, head_dim=12, num_local_experts=4,
-                             num_experts_per_tok=2, intermediate_size=32, sliding_window=5, num_hidden_layers=2,
-                             max_position_embeddings=256)
-    return load_model(folder), load_tokenizer(folder)
 
 
 def engine_for(pair, **config):

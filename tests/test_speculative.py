@@ -9,7 +9,6 @@ from collections import Counter
 
 import pytest
 import torch
-import transformers as tf
 
 from rung.engine.engine import Engine, EngineConfig
 from rung.engine.sampling_params import SamplingParams
@@ -20,21 +19,6 @@ from rung.weights.loader import load_model
 
 from oracle import tiny_chat_model
 from test_engine import GREEDY, all_blocks_free, prompts
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    folder = tiny_chat_model(tmp_path_factory.mktemp("llama"), max_position_embeddings=256)
-    return load_model(folder), load_tokenizer(folder)
-
-
-@pytest.fixture(scope="module")
-def gpt_oss(tmp_path_factory):
-    # sliding window of 5 on even layers, and sinks
-    folder = tiny_chat_model(tmp_path_factory.mktemp("gpt-oss"), tf.GptOssConfig, head_dim=12, num_local_experts=4,
-                             num_experts_per_tok=2, intermediate_size=32, sliding_window=5, num_hidden_layers=2,
-                             max_position_embeddings=256)
-    return load_model(folder), load_tokenizer(folder)
 
 
 @pytest.fixture(scope="module")

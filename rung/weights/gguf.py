@@ -36,7 +36,7 @@ from gguf.quants import dequantize
 from rung.config import ConfigError, ModelConfig, MoEConfig, RopeConfig
 from rung.model import Decoder
 from rung.model.rope import inv_freq_for
-from rung.weights.keymaps import Rule, copy
+from rung.weights.keymaps import Rule, converted, copy
 from rung.weights.safetensors_io import CheckpointError
 
 
@@ -799,16 +799,8 @@ def _check_plan(model: Decoder, gf: GGUFFile, rules: list[Rule], consumed: set[s
         where = f"{gf.path}: tensor {rule.sources[0]!r}"
         if target is None:
             raise GGUFError(f"{where} maps to unknown parameter {rule.target} (key map out of date)")
-        shapes = [gf.tensors[s][0] for s in rule.sources]
-        metas = [torch.empty(shape, device="meta") for shape in shapes]
-        try:
-            value = rule.convert(*metas) if rule.convert else metas[0]
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise GGUFError(f"{where} has shape {list(shapes[0])}, which does not fit {rule.target} "
-                            f"{list(target.shape)} ({e})") from None
-        if value.shape != target.shape:
-            raise GGUFError(f"{where} has shape {list(shapes[0])}; {arch} parameter {rule.target} needs "
-                            f"{list(target.shape)}")
+        metas = [torch.empty(gf.tensors[s][0], device="meta") for s in rule.sources]
+        converted(rule, metas, target.shape, where, arch, GGUFError)  # shapes checked before any read
         used.update(rule.sources)
         filled.add(rule.target)
     unexpected = sorted(set(gf.tensors) - used)

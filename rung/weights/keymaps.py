@@ -23,6 +23,20 @@ class Rule:
     convert: Callable[..., torch.Tensor] | None = None  # (*tensors) -> tensor; None: the one source as is
 
 
+def converted(rule: Rule, tensors: list, target_shape: torch.Size, where: str, family: str, error: type) -> torch.Tensor:
+    """Apply a rule to its source tensors (real or meta) and check the result fits the parameter.
+    ``where`` names the file and first source; ``error`` is the loader's exception type."""
+    try:
+        value = rule.convert(*tensors) if rule.convert else tensors[0]
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise error(f"{where} has shape {list(tensors[0].shape)}, which does not fit "
+                    f"{rule.target} {list(target_shape)} ({e})") from None
+    if value.shape != target_shape:
+        raise error(f"{where} has shape {list(tensors[0].shape)}; {family} parameter {rule.target} "
+                    f"needs {list(target_shape)}")
+    return value
+
+
 def copy(source: str, target: str) -> Rule:
     return Rule(target, (source,))
 

@@ -15,7 +15,7 @@ import torch
 
 from rung.config import ModelConfig
 from rung.model import Decoder
-from rung.weights.keymaps import keymap
+from rung.weights.keymaps import converted, keymap
 from rung.weights.resolve import resolve_model
 from rung.weights.safetensors_io import CheckpointError, SafetensorsFolder
 
@@ -72,16 +72,7 @@ def fill_parameters(model: Decoder, config: ModelConfig, checkpoint: Safetensors
         target = params.get(rule.target)
         if target is None:
             raise CheckpointError(f"{where}: maps to unknown parameter {rule.target} (key map out of date)")
-        try:
-            value = rule.convert(*tensors) if rule.convert else tensors[0]
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise CheckpointError(f"{where} has shape {list(tensors[0].shape)}, which does not fit "
-                                  f"{rule.target} {list(target.shape)} ({e})") from None
-        if value.shape != target.shape:
-            raise CheckpointError(
-                f"{where} has shape {list(tensors[0].shape)}; {config.model_type} parameter {rule.target} "
-                f"needs {list(target.shape)}"
-            )
+        value = converted(rule, tensors, target.shape, where, config.model_type, CheckpointError)
         with torch.no_grad():
             target.copy_(value)
         used.update(rule.sources)
