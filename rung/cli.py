@@ -38,9 +38,12 @@ class Command:
 def _commands() -> tuple[Command, ...]:
     # imported here: the command modules import Command from this one
     from rung.commands.arch import ARCH
+    from rung.commands.bench import BENCH
+    from rung.commands.fit import FIT
     from rung.commands.generate import CHAT, GENERATE
+    from rung.commands.serve import SERVE
 
-    return (ARCH, GENERATE, CHAT)
+    return (ARCH, GENERATE, CHAT, SERVE, BENCH, FIT)
 
 
 # ---- dispatch ----------------------------------------------------------------------------------

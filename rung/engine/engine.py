@@ -41,6 +41,7 @@ class EngineConfig:
     prefix_caching: bool = True
     speculative: str | None = None  # "ngram" (prompt lookup) or "draft" (needs Engine(draft_model=...))
     num_speculative_tokens: int = 4  # guesses per decoding sequence and step
+    cuda_graphs: bool = True  # on CUDA with Triton: decode-only steps replay a captured graph (engine/cuda_graphs.py)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Engine:
         self._sequences: dict[str, list[Sequence]] = {}
         self._paused: dict[str, list[Sequence]] = {}
         self.proposer = self._proposer(draft_model)
+        self.graphs = self._graphs()
         self.stats = dict(steps=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
                           draft_tokens=0, accepted_tokens=0, acceptance_rate=0.0)
 
@@ -101,6 +103,16 @@ class Engine:
             raise ValueError(f"Engine: the draft model's vocab_size {draft_model.config.vocab_size} differs from the "
                              f"target's {self.model.config.vocab_size}; it must share the target's tokenizer")
         return DraftModelProposer(draft_model, k)
+
+    def _graphs(self):
+        from rung.engine.cuda_graphs import DecodeGraphs, unsupported
+        from rung.kernels import triton_available
+
+        if not (self.config.cuda_graphs and self.device.type == "cuda" and triton_available()):
+            return None
+        if unsupported(self.model) is not None:
+            return None
+        return DecodeGraphs(self.model, self.pool, self.max_model_len, self.config.max_seqs)
 
     @property
     def acceptance_rate(self) -> float:
@@ -133,7 +145,8 @@ class Engine:
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._rng
         seqs = [Sequence(request_id, i, list(prompt_ids), params, generator, next(self._arrivals),
                          IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
-                         StopStrings(params.stop, params.include_stop_str_in_output))
+                         StopStrings(params.stop, params.include_stop_str_in_output),
+                         constraint=params.constraint() if params.constraint is not None else None)
                 for i in range(params.n)]
         self._sequences[request_id] = seqs
         self.scheduler.add(seqs[0])
@@ -190,8 +203,12 @@ class Engine:
         ids = torch.tensor([[t for seq, n in batch
                              for t in (seq.all_ids + seq.draft_ids)[seq.num_computed: seq.num_computed + n]]],
                            device=self.device)
-        context = PagedStep(self.pool, self.scheduler.chunks(batch), self.device)
-        hidden = self.model.hidden_states(ids, context)[0]  # [N, hidden]
+        chunks = self.scheduler.chunks(batch)
+        step_logits = None  # a decode-only batch on CUDA: every row's logits from the graph
+        if self.graphs is not None and all(n == 1 and not seq.draft_ids for seq, n in batch):
+            step_logits = self.graphs.run(ids[0], chunks)
+        if step_logits is None:
+            hidden = self.model.hidden_states(ids, PagedStep(self.pool, chunks, self.device))[0]  # [N, hidden]
         rows, sampling, offset = [], [], 0  # sampling: (sequence, its first row in rows, rows)
         for seq, n in batch:
             offset += n
@@ -206,12 +223,14 @@ class Engine:
                 rows.append(offset - 1)
         deltas = []
         if rows:
-            logits = self.model.logits(hidden[rows])  # [rows, vocab] float32
+            logits = step_logits[rows] if step_logits is not None else self.model.logits(hidden[rows])  # [rows, vocab]
+            argmax = self._batched_greedy(sampling, logits)
             for seq, row, count in sampling:
                 if seq.cached_tokens and not seq.output_ids:
                     self.stats["cached_prompt_tokens"] += seq.cached_tokens
                 if count == 1:
-                    delta = self._advance(seq, [self._sample(seq, logits[row])])
+                    sampled = Sampled(argmax[row]) if argmax is not None and self._plain_greedy(seq) else None
+                    delta = self._advance(seq, [sampled or self._sample(seq, logits[row])])
                 else:
                     delta = self._verify(seq, logits[row: row + count])
                 if delta.finish_reason:
@@ -220,6 +239,18 @@ class Engine:
         self._release_held()
         return deltas
 
+    def _plain_greedy(self, seq: Sequence) -> bool:
+        """Greedy with nothing that changes the argmax or asks for more than the token."""
+        p = seq.params
+        return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty and not self._banned(seq) and getattr(seq, "constraint", None) is None)
+
+    def _batched_greedy(self, sampling, logits: torch.Tensor) -> list[int] | None:
+        """One argmax and one device → host copy for all plain-greedy rows, instead of one per sequence."""
+        if sum(count == 1 and self._plain_greedy(seq) for seq, _, count in sampling) < 2:
+            return None
+        return logits.argmax(-1).tolist()
+
     def _banned(self, seq: Sequence, ahead: int = 0) -> list[int]:
         """Tokens masked for the token ``ahead`` places after the current end: EOS before min_tokens."""
         if seq.params.ignore_eos or len(seq.output_ids) + ahead >= seq.params.min_tokens:
@@ -227,7 +258,8 @@ class Engine:
         return list(self.tokenizer.eos_token_ids)
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> Sampled:
-        return sample(logits, seq.params, seq.generator, seq.prompt_ids, seq.output_ids, self._banned(seq))
+        allowed = seq.constraint.allowed(seq.output_ids) if seq.constraint is not None else None
+        return sample(logits, seq.params, seq.generator, seq.prompt_ids, seq.output_ids, self._banned(seq), allowed)
 
     # ---- speculative decoding -----------------------------------------------------------------
 
@@ -236,7 +268,8 @@ class Engine:
         if self.proposer is None:
             return
         for seq in self.scheduler.running:
-            if seq.status is Status.RUNNING and seq.remaining == 1:
+            # a grammar-constrained sequence is not guessed for: its mask depends on every token before
+            if seq.status is Status.RUNNING and seq.remaining == 1 and seq.constraint is None:
                 room = self._max_new(seq) - len(seq.output_ids) - 1  # the verified step adds one token more
                 proposal = self.proposer.propose(seq, room)
                 seq.draft_ids, seq.draft_probs = proposal.tokens, proposal.probs

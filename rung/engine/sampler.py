@@ -54,15 +54,21 @@ def next_token_probs(
     prompt: list[int] = (),
     output: list[int] = (),
     banned: list[int] = (),
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [vocab] → the distribution the next token is drawn from [vocab] float32: penalties,
-    ``banned`` tokens masked (EOS before min_tokens), then temperature and the filters; greedy
-    gives the one-hot of the argmax. ``sample`` draws from it, and speculative decoding verifies
-    drafts against it, so both produce the same distribution."""
+    the tokens outside ``allowed`` ([vocab] bool, a grammar's mask) and ``banned`` tokens (EOS
+    before min_tokens) masked, then temperature and the filters; greedy gives the one-hot of the
+    argmax. ``sample`` draws from it, and speculative decoding verifies drafts against it, so both
+    produce the same distribution."""
     logits = apply_penalties(logits.float(), params, list(prompt), list(output))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if banned:
-        logits = logits.clone()
-        logits[list(banned)] = float("-inf")
+        kept = logits.clone()
+        kept[list(banned)] = float("-inf")
+        if allowed is None or bool(torch.isfinite(kept).any()):  # a grammar that must end outranks min_tokens
+            logits = kept
     if params.greedy:
         return torch.zeros_like(logits).index_fill_(0, torch.argmax(logits).reshape(1), 1.0)
     return filtered_probs(logits, params)
@@ -85,9 +91,11 @@ def sample(
     prompt: list[int] = (),
     output: list[int] = (),
     banned: list[int] = (),
+    allowed: torch.Tensor | None = None,
 ) -> Sampled:
-    """logits [vocab] → the next token. ``banned`` tokens (EOS before min_tokens) are masked."""
-    probs = next_token_probs(logits, params, prompt, output, banned)
+    """logits [vocab] → the next token. Tokens outside ``allowed`` and ``banned`` tokens (EOS before
+    min_tokens) are masked."""
+    probs = next_token_probs(logits, params, prompt, output, banned, allowed)
     if params.greedy:
         token = int(torch.argmax(probs))
     else:

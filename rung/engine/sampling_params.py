@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 
 @dataclass
@@ -24,6 +25,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
     skip_special_tokens: bool = True
+    # grammar-constrained decoding (structured output): a factory called once per sample, so each of
+    # the n samples keeps its own grammar state. Its result's ``allowed(output_ids)`` returns the
+    # [vocab] bool mask of the tokens allowed next, or None for any; the sampler masks the rest.
+    constraint: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

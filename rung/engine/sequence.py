@@ -43,6 +43,7 @@ class Sequence:
     first_token_time: float | None = None
     draft_ids: list[int] = field(default_factory=list)  # speculative guesses to verify in this step
     draft_probs: torch.Tensor | None = None  # [len(draft_ids), vocab]: their draft distributions; None: one-hot
+    constraint: object | None = None  # this sample's grammar state (SamplingParams.constraint)
 
     @property
     def all_ids(self) -> list[int]:

@@ -1,0 +1,95 @@
+"""`rung serve`: an OpenAI-compatible server (rung/serve) for one model.
+
+The port opens at once and the model loads behind it: /health and the API answer 503 until it is
+ready, as vLLM's do, so an orchestrator can tell "starting" from "down". A model that fails to load
+stops the server with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from rung.cli import Command, CommandError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"built-in name, .gguf file or Hugging Face folder (default {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set RUNG_API_KEY)")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="the most tokens a request may ask for")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get 429 (default 64)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="bigger bodies get 413 (default 8 MiB)")
+    p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache size in MiB (default 512)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step (default 64)")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (default 512)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--speculative", choices=["ngram"], default=None, help="prompt-lookup speculative decoding")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (request lines are always logged)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from rung.serve import logs
+    from rung.serve.app import create_app
+    from rung.serve.server import ServeConfig, Server
+    from rung.weights.resolve import resolve_model
+
+    resolve_model(args.model)  # an unknown name or path fails here, in one line, before the port opens
+    for name in ("max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    engine = dict(kv_cache_bytes=args.kv_cache_mb * 2**20, block_size=args.block_size, max_seqs=args.max_num_seqs,
+                  max_batch_tokens=args.max_batch_tokens, prefix_caching=not args.no_prefix_caching)
+    if args.speculative:
+        engine["speculative"] = args.speculative
+    config = ServeConfig(model=args.model, served_model_name=args.served_model_name,
+                         api_key=args.api_key or os.environ.get("RUNG_API_KEY") or None,
+                         max_concurrent=args.max_concurrent, request_timeout=args.request_timeout,
+                         max_model_len=args.max_model_len, max_tokens=args.max_tokens,
+                         max_request_bytes=args.max_request_bytes, log_prompts=args.log_prompts, dtype=args.dtype,
+                         device=args.device, seed=args.seed, engine=engine)
+    logs.setup()
+    server = Server(config)
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port,
+                                        log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5))
+
+    def load() -> None:
+        server.load()
+        if server.load_error is not None:
+            web.should_exit = True
+        else:
+            print(f"rung serve: {config.name} ready on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+
+    threading.Thread(target=load, name="rung-load", daemon=True).start()
+    try:
+        web.run()
+    finally:
+        server.shutdown()
+    if server.load_error is not None:
+        raise CommandError(f"loading {args.model} failed: {server.load_error}")
+    return 0
+
+
+SERVE = Command("serve", "serve a model over an OpenAI-compatible HTTP API", _arguments, _run)

@@ -1,0 +1,2 @@
+"""rung serve: an OpenAI-compatible HTTP server over the engine (chat and text completions,
+streaming, tool calls, reasoning, structured output, limits, auth, Prometheus metrics)."""

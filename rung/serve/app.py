@@ -1,0 +1,402 @@
+"""The HTTP app: OpenAI's routes over a ``Server``.
+
+GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+Every failure is an OpenAI-style JSON error (errors.py); an unexpected exception is a 500 with the
+exception's one-line summary, and the server goes on. A request ends in exactly one JSON log
+line and one set of metric updates, whether it finished, failed, timed out or its client left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from rung.serve import logs
+from rung.serve.errors import APIError, bad_request, pydantic_errors
+from rung.serve.metrics import CONTENT_TYPE
+from rung.serve.responses import (DONE, Choice, TokenText, call_json, chat_logprobs, completion_logprobs, sse,
+                                  usage)
+from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
+from rung.serve.server import Prepared, Server, wait_disconnect
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="rung", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, e):
+        return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
+
+    @app.exception_handler(405)
+    async def _method(request: Request, e):
+        return JSONResponse(APIError(405, f"method {request.method} is not allowed on {request.url.path}").body(),
+                            status_code=405)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").response()
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            server.metrics.http(request.url.path, request.method, response.status_code)
+        return response
+
+    def authorize(request: Request) -> None:
+        key = server.config.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not _same(token.strip(), key):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    async def body_of(request: Request, schema):
+        limit = server.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
+                           code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise bad_request("the body must be a JSON object", code="invalid_json")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            raise pydantic_errors(e) from None
+
+    # ---- routes ---------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if server.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(server.load_error)}, status_code=503)
+        if not server.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if server.engine.error is not None:
+            return JSONResponse({"status": "engine failed", "error": str(server.engine.error)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        stats = server.engine_stats()
+        total = None
+        if server.llm is not None:
+            pool = server.llm.engine.pool
+            total = pool.num_blocks * len(pool.groups)
+        body = server.metrics.render(stats, server.in_flight, not server.ready, total)
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        card = {"id": server.config.name, "object": "model", "created": server.started, "owned_by": "rung",
+                "root": str(server.config.model)}
+        if server.llm is not None:
+            card["max_model_len"] = server.llm.max_model_len
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        authorize(request)
+        server.check_model(name)
+        return {"id": name, "object": "model", "created": server.started, "owned_by": "rung"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        authorize(request)
+        req = await body_of(request, ChatCompletionRequest)
+        server.check_model(req.model)
+        server.check_ready()
+        prepared = server.prepare_chat(req)
+        run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text)
+        return await run.respond(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        req = await body_of(request, CompletionRequest)
+        server.check_model(req.model)
+        server.check_ready()
+        prepared = server.prepare_completion(req)
+        run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared])
+        return await run.respond(request)
+
+    return app
+
+
+def _same(a: str, b: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+class Run:
+    """One HTTP request's generation: its engine requests (one per prompt), its choices, its log
+    line and metrics."""
+
+    def __init__(self, server: Server, kind: str, req, prepared: list[Prepared], log_prompt=None):
+        self.server, self.kind, self.req, self.prepared = server, kind, req, prepared
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+        self.log_prompt = log_prompt
+        n = req.n
+        family = server.family
+        self.choices = [Choice(i * n + j, family.parser(p.tools, p.thinking) if kind == "chat" else None)
+                        for i, p in enumerate(prepared) for j in range(n)]
+        self.text = TokenText(server.llm.tokenizer, server.grammars)
+        self.status = 200
+        self.error: str | None = None
+
+    # ---- driving --------------------------------------------------------------------------------
+
+    async def respond(self, request: Request):
+        server = self.server
+        if self.req.stream:
+            server.acquire()  # released when the stream ends, however it ends
+            return StreamingResponse(self._stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        with server.admit():
+            task = asyncio.ensure_future(self._collect())
+            watcher = asyncio.ensure_future(wait_disconnect(request))
+            try:
+                done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if task not in done:  # the client left: cancel, which aborts and frees its blocks
+                    task.cancel()
+                    self.status, self.error = 499, "client disconnected"
+                    try:
+                        await task
+                    except (asyncio.CancelledError, Exception):
+                        pass
+                    self._finish()
+                    return Response(status_code=499)
+                return task.result()
+            finally:
+                watcher.cancel()
+
+    async def _deltas(self):
+        """Deltas of every engine request of this run, interleaved, within the request timeout."""
+        server = self.server
+        timeout = server.config.request_timeout
+        queue: asyncio.Queue = asyncio.Queue()
+        n = self.req.n
+
+        async def pump(i: int, p: Prepared):
+            try:
+                async for d in server.generate(p, f"{self.id}-{i}"):
+                    await queue.put((i, d))
+            except BaseException as e:
+                await queue.put((i, e))
+                raise
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(self.prepared)]
+        open_ = len(tasks)
+        deadline = time.monotonic() + timeout
+        try:
+            while open_:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise APIError(408, f"the request timed out after {timeout:g} s", code="timeout")
+                try:
+                    i, item = await asyncio.wait_for(queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    raise APIError(408, f"the request timed out after {timeout:g} s", code="timeout") from None
+                if item is None:
+                    open_ -= 1
+                elif isinstance(item, BaseException):
+                    if isinstance(item, asyncio.CancelledError):
+                        continue
+                    raise item
+                else:
+                    item.index = i * n + item.index
+                    if self.first_token is None and item.token_ids:
+                        self.first_token = time.perf_counter()
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(self):
+        deltas = self._deltas()
+        try:
+            async for d in deltas:
+                self.choices[d.index].feed(d)
+        except BaseException as e:
+            self._fail(e)
+            self._finish()
+            raise
+        finally:
+            await deltas.aclose()
+        self._finish()
+        return JSONResponse(self._whole())
+
+    async def _stream(self):
+        deltas = self._deltas()
+        try:
+            if self.kind == "chat":
+                for c in self.choices:
+                    yield sse(self._chunk(c, {"role": "assistant", "content": ""}))
+            async for d in deltas:
+                for chunk in self._chunks(d):
+                    yield chunk
+            opts = self.req.stream_options
+            if opts is not None and opts.include_usage:
+                yield sse({**self._envelope(), "choices": [], "usage": self._usage()})
+            yield DONE
+        except asyncio.CancelledError:  # the client left: the engine request was aborted on the way out
+            self.status, self.error = 499, "client disconnected"
+            raise
+        except APIError as e:
+            self._fail(e)
+            yield sse(e.body())
+            yield DONE
+        except Exception as e:
+            self._fail(e)
+            yield sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
+            yield DONE
+        finally:
+            await deltas.aclose()
+            self.server.release()
+            self._finish()
+
+    # ---- shaping --------------------------------------------------------------------------------
+
+    def _envelope(self) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.server.config.name}
+
+    def _chunk(self, choice: Choice, delta: dict | None = None, finish: bool = False, logprobs=None,
+               text: str | None = None) -> dict:
+        if self.kind == "chat":
+            c = {"index": choice.index, "delta": delta or {}, "logprobs": logprobs,
+                 "finish_reason": choice.openai_finish_reason if finish else None}
+        else:
+            c = {"index": choice.index, "text": text or "", "logprobs": logprobs,
+                 "finish_reason": choice.openai_finish_reason if finish else None}
+        if finish and choice.stop_reason is not None:
+            c["stop_reason"] = choice.stop_reason
+        return {**self._envelope(), "choices": [c]}
+
+    def _chunks(self, d) -> list[str]:
+        choice = self.choices[d.index]
+        before = len(choice.token_ids)
+        events = choice.feed(d)
+        lp = self._logprobs(choice, before)
+        out = []
+        if self.kind == "chat":
+            for e in events:
+                if e.kind == "tool_call":
+                    delta = {"tool_calls": [call_json(e.call, choice.calls.index(e.call))]}
+                elif e.kind == "reasoning":
+                    delta = {"reasoning_content": e.text}
+                else:
+                    delta = {"content": e.text}
+                out.append(self._chunk(choice, delta, logprobs=lp))
+                lp = None
+            if lp is not None:
+                out.append(self._chunk(choice, {}, logprobs=lp))
+            if d.finish_reason:
+                out.append(self._chunk(choice, {}, finish=True))
+        else:
+            text = "".join(e.text for e in events)
+            if self.req.echo and before == 0:
+                text = (self.prepared[d.index // self.req.n].prompt_text or "") + text
+            if text or lp is not None or d.finish_reason:
+                out.append(self._chunk(choice, text=text, finish=bool(d.finish_reason), logprobs=lp))
+        opts = self.req.stream_options
+        if opts is not None and opts.include_usage and opts.continuous_usage_stats:
+            for chunk in out:
+                chunk["usage"] = self._usage()
+        return [sse(c) for c in out]
+
+    def _logprobs(self, choice: Choice, start: int):
+        want = self.req.logprobs
+        if want is None or want is False or start == len(choice.token_ids):
+            return None
+        ids, lps = choice.token_ids[start:], choice.logprobs[start:]
+        if self.kind == "chat":
+            return {"content": chat_logprobs(ids, lps, self.req.top_logprobs or 0, self.text)}
+        offset = sum(len(self.text(t)[0]) for t in choice.token_ids[:start])
+        return completion_logprobs(ids, lps, want, self.text, offset)
+
+    def _whole(self) -> dict:
+        choices = []
+        for c in self.choices:
+            if self.kind == "chat":
+                lp = ({"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0, self.text)}
+                      if self.req.logprobs else None)
+                choices.append({"index": c.index, "message": c.message(), "logprobs": lp,
+                                "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason})
+            else:
+                text = "".join(c.content)
+                if self.req.echo:
+                    text = (self.prepared[c.index // self.req.n].prompt_text or "") + text
+                lp = (completion_logprobs(c.token_ids, c.logprobs, self.req.logprobs, self.text)
+                      if self.req.logprobs is not None else None)
+                choices.append({"index": c.index, "text": text, "logprobs": lp,
+                                "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason})
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.server.config.name,
+                "choices": choices, "usage": self._usage()}
+
+    def _usage(self) -> dict:
+        return usage(sum(len(p.prompt_ids) for p in self.prepared), sum(len(c.token_ids) for c in self.choices))
+
+    # ---- accounting -----------------------------------------------------------------------------
+
+    def _fail(self, e: BaseException) -> None:
+        if isinstance(e, APIError):
+            self.status, self.error = e.status, e.message
+        elif isinstance(e, asyncio.CancelledError):
+            self.status, self.error = 499, "client disconnected"
+        else:
+            self.status, self.error = 500, f"{type(e).__name__}: {e}"
+
+    def _finish(self) -> None:
+        if getattr(self, "_finished", False):
+            return
+        self._finished = True
+        now = time.perf_counter()
+        latency = now - self.start
+        ttft = None if self.first_token is None else self.first_token - self.start
+        prompt = sum(len(p.prompt_ids) for p in self.prepared)
+        generated = sum(len(c.token_ids) for c in self.choices)
+        reasons = [c.openai_finish_reason or ("abort" if self.status != 200 else None) for c in self.choices]
+        if self.status == 200:
+            self.server.metrics.finished(reasons[0] or "stop", prompt, generated, ttft, latency)
+        else:
+            self.server.metrics.finished("abort" if self.status == 499 else "error", prompt, generated, ttft, latency)
+        prompt_field = None
+        if self.server.config.log_prompts:
+            prompt_field = self.log_prompt
+        logs.request_line(id=self.id, endpoint=self.kind, model=self.server.config.name, status=self.status,
+                          stream=bool(self.req.stream), n=self.req.n, prompt_tokens=prompt,
+                          completion_tokens=generated, latency_s=round(latency, 4),
+                          ttft_s=None if ttft is None else round(ttft, 4),
+                          tool_calls=sum(len(c.calls) for c in self.choices), finish_reasons=reasons,
+                          user=self.req.user, error=self.error, prompt=prompt_field)

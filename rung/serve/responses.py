@@ -1,0 +1,139 @@
+"""Engine deltas → OpenAI response objects and stream chunks.
+
+A ``Choice`` follows one sample: it feeds the delta text to the family's reply parser (reasoning,
+content, tool calls) and keeps token ids and logprobs. Streamed and whole replies come from the
+same events, so they agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from rung.serve.reasoning import Event
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class Choice:
+    index: int
+    parser: object | None = None  # None: raw text (text completions)
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: list = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def feed(self, delta) -> list[Event]:
+        """Take one engine delta; return the events it completes (all of them on the last delta)."""
+        self.token_ids += delta.token_ids
+        if delta.logprobs:
+            self.logprobs += delta.logprobs
+        if self.parser is None:
+            events = [Event("content", delta.text)] if delta.text else []
+        else:
+            events = self.parser.push(delta.text) if delta.text else []
+            if delta.finish_reason:
+                events += self.parser.finish()
+        for e in events:
+            if e.kind == "content":
+                self.content.append(e.text)
+            elif e.kind == "reasoning":
+                self.reasoning.append(e.text)
+            else:
+                self.calls.append(e.call)
+        if delta.finish_reason:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+        return events
+
+    @property
+    def openai_finish_reason(self) -> str | None:
+        if self.finish_reason is None:
+            return None
+        if self.calls and self.finish_reason == "stop":
+            return "tool_calls"
+        return "stop" if self.finish_reason == "abort" else self.finish_reason
+
+    def message(self) -> dict:
+        text = "".join(self.content)
+        out = {"role": "assistant", "content": (text.strip() if self.calls else text) or (None if self.calls else ""),
+               "tool_calls": [call_json(c) for c in self.calls] if self.calls else None}
+        if self.reasoning:
+            out["reasoning_content"] = "".join(self.reasoning)
+        return out
+
+
+def call_json(call, index: int | None = None) -> dict:
+    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return out if index is None else {"index": index, **out}
+
+
+# ---- logprobs -------------------------------------------------------------------------------------
+
+
+class TokenText:
+    """A token's text and bytes as OpenAI reports them (bytes from llguidance's byte view of the
+    vocabulary when available: a token can hold part of a UTF-8 character)."""
+
+    def __init__(self, tokenizer, grammars=None):
+        self.tokenizer, self.grammars = tokenizer, grammars
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self.tokenizer.decode([token_id])
+            raw = None
+            if self.grammars is not None:
+                raw = self.grammars.tokenizer.decode_bytes([token_id])
+                raw = raw[1:] if raw[:1] == b"\xff" else raw  # llguidance marks special tokens with 0xFF
+            hit = self._cache[token_id] = (text, list(raw if raw is not None else text.encode("utf-8")))
+        return hit
+
+
+def _ranked(lp: dict[int, float], token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    chosen = lp.get(token, float("-inf"))
+    others = sorted(((t, v) for t, v in lp.items()), key=lambda x: -x[1])
+    return chosen, others[:top]
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], top: int, text: TokenText) -> list[dict]:
+    out = []
+    for token, lp in zip(token_ids, logprobs):
+        chosen, best = _ranked(lp, token, top)
+        s, b = text(token)
+        out.append({"token": s, "logprob": _finite(chosen), "bytes": b,
+                    "top_logprobs": [{"token": text(t)[0], "logprob": _finite(v), "bytes": text(t)[1]}
+                                     for t, v in best]})
+    return out
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], top: int, text: TokenText,
+                        offset: int = 0) -> dict:
+    tokens, values, tops, offsets = [], [], [], []
+    for token, lp in zip(token_ids, logprobs):
+        chosen, best = _ranked(lp, token, top)
+        s = text(token)[0]
+        tokens.append(s)
+        values.append(_finite(chosen))
+        tops.append({text(t)[0]: _finite(v) for t, v in best} if top else None)
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _finite(x: float) -> float:
+    return x if x > -9999.0 else -9999.0  # JSON has no -Infinity; OpenAI clamps the same way
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

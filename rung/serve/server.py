@@ -1,0 +1,341 @@
+"""The server's state: the model (loaded in the background, so /health answers 503 meanwhile), the
+engine front, the limits, and the translation of one validated request into engine work: prompt
+token ids, SamplingParams (with the grammar constraint, if any) and the reply parser.
+
+Checks run in the order a client can act on: the body (400), the model name (404), readiness
+(503), what only the tokenized prompt can tell (400: too long, max_tokens too large, a bad schema),
+then admission (429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rung.serve.errors import APIError, bad_request
+from rung.serve.family import Family, family_for
+from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
+from rung.serve.structured import GrammarError, check_json_schema
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smollm2-135m"
+    served_model_name: str | None = None  # the name clients send (default: the --model argument)
+    api_key: str | None = None
+    max_concurrent: int = 64  # requests in flight (each may have n samples); more get 429
+    request_timeout: float = 600.0  # seconds, from arrival to the last token
+    max_model_len: int | None = None  # default: the model's context
+    max_tokens: int | None = None  # the most a request may ask for (default: what the context leaves)
+    max_request_bytes: int = 8 * 2**20  # bigger bodies get 413
+    log_prompts: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+@dataclass
+class Prepared:
+    """One engine request and what its reply needs."""
+
+    prompt_ids: list[int]
+    params: Any  # SamplingParams
+    prompt_text: str | None = None
+    tools: list[dict] | None = None
+    thinking: bool = False
+
+
+class Server:
+    def __init__(self, config: ServeConfig, metrics=None):
+        from rung.serve.metrics import Metrics
+
+        self.config = config
+        self.metrics = metrics or Metrics(config.name)
+        self.llm = None
+        self.engine = None  # AsyncEngine
+        self.family: Family | None = None
+        self.template = None
+        self.grammars = None
+        self.grammar_error: str | None = None
+        self.load_error: BaseException | None = None
+        self.loaded = threading.Event()
+        self.in_flight = 0
+        self.started = int(time.time())
+
+    # ---- loading ----------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model and start the engine (blocking; run it on a thread)."""
+        try:
+            from rung.engine.async_engine import AsyncEngine
+            from rung.llm import LLM
+            from rung.text.chat import chat_template_for
+
+            c = self.config
+            llm = LLM(c.model, dtype=c.dtype, device=c.device, seed=c.seed, max_model_len=c.max_model_len, **c.engine)
+            self.template = chat_template_for("gpt_oss" if llm.config.model_type == "gpt_oss" else llm.tokenizer)
+            self.family = family_for(llm.config.model_type, self.template)
+            try:
+                from rung.serve.structured import Grammars
+
+                self.grammars = Grammars(llm.tokenizer, llm.config.vocab_size)
+            except Exception as e:  # a tokenizer llguidance cannot read: no structured output, the rest works
+                self.grammar_error = f"{type(e).__name__}: {e}"
+            self.engine = AsyncEngine(llm.engine)
+            self.llm = llm
+        except BaseException as e:
+            self.load_error = e
+        finally:
+            self.loaded.set()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    @property
+    def ready(self) -> bool:
+        return self.llm is not None
+
+    # ---- checks -----------------------------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.config.name}'",
+                           "model", "model_not_found")
+
+    def check_ready(self) -> None:
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+        if not self.ready:
+            raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
+                           headers={"Retry-After": "5"})
+
+    def acquire(self) -> None:
+        """A slot among --max-concurrent, or 429 at once (clients back off and retry)."""
+        if self.in_flight >= self.config.max_concurrent:
+            raise APIError(429, f"the server is at its limit of {self.config.max_concurrent} concurrent requests; "
+                                "retry later", code="too_many_requests", headers={"Retry-After": "1"})
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    @contextlib.contextmanager
+    def admit(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    # ---- requests → engine work -------------------------------------------------------------------
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        from rung.text.chat import ChatTemplateError
+
+        family = self.family
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.type != "text":
+                        raise bad_request(f"content parts of type {part.type!r} are not supported (text only)",
+                                          f"messages.{i}.content.{j}.type")
+            if m.role == "tool" and m.content is None:
+                raise bad_request("a tool message needs content", f"messages.{i}.content")
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        choice = req.tool_choice
+        if isinstance(choice, str) and choice != "none" and not tools and choice == "required":
+            raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+        named = None
+        if not isinstance(choice, str) and choice is not None:
+            named = choice.function.name
+            if not tools or named not in {t["function"]["name"] for t in tools}:
+                raise bad_request(f"tool_choice names the function {named!r}, which is not among the tools",
+                                  "tool_choice")
+        if choice == "none":
+            tools = None
+        kwargs = family.template_kwargs(req.reasoning_effort, req.chat_template_kwargs or {})
+        thinking = family.thinking(kwargs)
+        messages = family.messages([_message(m) for m in req.messages], tools)
+        try:
+            text = self.template.render(messages, add_generation_prompt=req.add_generation_prompt,
+                                        tools=tools if family.name != "json" else None, **kwargs)
+        except ChatTemplateError as e:
+            raise bad_request(f"the chat template refused the messages: {e}", "messages") from None
+        except ValueError as e:  # harmony's renderer: an unknown role, an unanswerable tool message
+            raise bad_request(str(e), "messages") from None
+        prompt_ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
+        grammar = None
+        self._check_grammars(tools and (choice == "required" or named), req.response_format)
+        if tools and (choice == "required" or named):
+            chosen = [t for t in tools if named is None or t["function"]["name"] == named]
+            grammar = self._compile(lambda: family.grammar_call(chosen, thinking, self.grammars.added), "tools")
+        elif req.response_format is not None and req.response_format.type != "text":
+            schema = self._schema(req.response_format)
+            grammar = self._compile(lambda: family.grammar_answer(schema, thinking, self.grammars.added), "response_format")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params = self._params(req, prompt_ids, max_tokens, param, grammar,
+                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        return Prepared(prompt_ids, params, text, tools, thinking)
+
+    def prepare_completion(self, req: CompletionRequest) -> list[Prepared]:
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if req.best_of not in (None, req.n):
+            raise bad_request("best_of is not supported (use n)", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
+        prompts = req.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts or len(prompts) > 64:
+            raise bad_request("prompt must hold 1 to 64 prompts", "prompt")
+        grammar = None
+        self._check_grammars(False, req.response_format)
+        if req.response_format is not None and req.response_format.type != "text":
+            schema = self._schema(req.response_format)
+            grammar = self._compile(lambda: Family("json", False).grammar_answer(schema, False), "response_format")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids, text = self.llm.tokenizer.encode(p, add_special_tokens=True), p
+            else:
+                vocab = self.llm.config.vocab_size
+                if not p or not all(0 <= t < vocab for t in p):
+                    raise bad_request(f"prompt token ids must be integers in [0, {vocab})", f"prompt.{i}")
+                ids, text = list(p), None
+            if not ids:
+                raise bad_request("the prompt is empty", "prompt")
+            out.append(Prepared(ids, self._params(req, ids, req.max_tokens, "max_tokens", grammar,
+                                                  logprobs=req.logprobs), text))
+        return out
+
+    def _check_grammars(self, forced_call: bool, fmt) -> None:
+        if self.grammars is None and (forced_call or (fmt is not None and fmt.type != "text")):
+            param = "tool_choice" if forced_call else "response_format"
+            raise bad_request(f"structured output is not available for this model ({self.grammar_error})", param)
+
+    def _schema(self, fmt) -> dict:
+        if fmt.type == "json_object":
+            return {"type": "object"}
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise bad_request("response_format of type json_schema needs json_schema.schema",
+                              "response_format.json_schema.schema")
+        schema = fmt.json_schema.schema_
+        try:
+            check_json_schema(schema, "response_format.json_schema.schema")
+        except GrammarError as e:
+            raise bad_request(str(e), "response_format.json_schema.schema", "invalid_json_schema") from None
+        return schema
+
+    def _compile(self, build, param: str):
+        try:
+            return self.grammars.compile(build())
+        except GrammarError as e:
+            raise bad_request(f"{param}: the grammar engine cannot enforce this: {e}", param,
+                              "invalid_json_schema" if param == "response_format" else None) from None
+
+    def _params(self, req, prompt_ids: list[int], max_tokens: int | None, param: str, grammar, logprobs):
+        from rung.engine.sampling_params import SamplingParams
+
+        context = self.llm.max_model_len
+        if len(prompt_ids) >= context:
+            raise bad_request(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} tokens",
+                              "messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                              "context_length_exceeded")
+        room = context - len(prompt_ids)
+        if max_tokens is not None:
+            if max_tokens < 1:
+                raise bad_request(f"{param} must be at least 1, got {max_tokens}", param)
+            if max_tokens > room:
+                raise bad_request(f"{param} is too large: {max_tokens} tokens after a prompt of {len(prompt_ids)} "
+                                  f"exceed the model's context of {context} tokens (at most {room})", param,
+                                  "context_length_exceeded")
+        limit = self.config.max_tokens
+        if limit is not None:
+            if max_tokens is not None and max_tokens > limit:
+                raise bad_request(f"{param} is too large: this server allows at most {limit}", param)
+            max_tokens = min(max_tokens or limit, limit)
+        pool = self.llm.engine.pool  # the engine's own check, made here so a stream is refused before it starts
+        longest = len(prompt_ids) + min(max_tokens or room, room)
+        if -(-longest // pool.block_size) > pool.num_blocks:
+            raise bad_request(f"a prompt of {len(prompt_ids)} tokens and {longest - len(prompt_ids)} new tokens need "
+                              f"more KV cache than this server has ({pool.num_blocks * pool.block_size} tokens); "
+                              f"lower {param}", param)
+        vocab = self.llm.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.stop_token_ids or []):
+            raise bad_request(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        try:
+            return SamplingParams(
+                n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+                repetition_penalty=req.repetition_penalty or 1.0, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, max_tokens=max_tokens, min_tokens=req.min_tokens,
+                stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+                include_stop_str_in_output=req.include_stop_str_in_output, seed=req.seed, logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens and self.family.skip_special_tokens,
+                constraint=grammar)
+        except ValueError as e:
+            raise bad_request(str(e).removeprefix("SamplingParams: ")) from None
+
+    # ---- one engine request -----------------------------------------------------------------------
+
+    async def generate(self, prepared: Prepared, request_id: str):
+        """The engine's deltas for one prepared request; RequestError becomes a 400."""
+        from rung.engine.engine import RequestError
+
+        stream = self.engine.generate(prepared.prompt_ids, prepared.params, request_id)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return
+        except RequestError as e:
+            raise bad_request(str(e)) from None
+        try:
+            yield first
+            async for d in stream:
+                yield d
+        finally:
+            await stream.aclose()
+
+    def engine_stats(self) -> dict:
+        return self.engine.stats() if self.engine is not None else {}
+
+
+def _message(m) -> dict:
+    """A validated message as the plain dict templates read."""
+    d = m.model_dump(exclude_none=True)
+    if isinstance(m.content, list):
+        d["content"] = "".join(p.text or "" for p in m.content)
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": c.id, "type": "function",
+                            "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                           for c in m.tool_calls]
+    if m.role == "assistant" and m.reasoning and not m.reasoning_content:
+        d["reasoning_content"] = d.pop("reasoning")
+    return d
+
+
+async def wait_disconnect(request) -> None:
+    """Returns when the client goes away (an http.disconnect on the request's receive channel)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0)
