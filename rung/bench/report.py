@@ -1,0 +1,372 @@
+"""What a bench run prints and writes: the terminal table, a self-contained HTML report with plots,
+and a JSON file of every figure.
+
+``build_report`` gathers everything into one plain dict (the JSON file is exactly that dict); the
+terminal and HTML views only format it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import rung
+from rung.bench.decide import Decision, Requirements
+from rung.bench.measure import Metrics
+from rung.bench.plots import Point, distributions, scatter
+from rung.bench.records import CandidateRun
+from rung.bench.suite import Suite
+
+
+def machine() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def build_report(suite: Suite, runs: list[CandidateRun], metrics: list[Metrics], decision: Decision,
+                 requirements: Requirements, settings: dict[str, Any], wall_s: float | None = None) -> dict[str, Any]:
+    by_name = {r.info.name: r for r in runs}
+    candidates = []
+    for m in metrics:
+        v = decision.verdict(m.name)
+        status = "error" if m.error else "chosen" if m.name == decision.chosen else "pass" if v.passed else "fail"
+        candidates.append({"metrics": m.to_dict(), "info": by_name[m.name].to_dict()["info"], "status": status,
+                           "verdict": {"passed": v.passed, "reasons": v.reasons, "notes": v.notes,
+                                       "memory_needed_bytes": v.memory_needed_bytes}})
+    order = {v.name: i for i, v in enumerate(decision.verdicts)}
+    candidates.sort(key=lambda c: order[c["metrics"]["name"]])
+    cases = []
+    for case in suite.cases:
+        row = {"id": case.id, "tags": case.tags, "checks": [c.to_dict() for c in case.checks],
+               "input": case.text if not case.generates else case.chat_messages(), "outcomes": {}}
+        for r in runs:
+            outcome = next((o for o in r.cases if o.case_id == case.id), None)
+            if outcome is not None:
+                row["outcomes"][r.info.name] = outcome.to_dict()
+        cases.append(row)
+    return {
+        "rung": rung.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "wall_s": wall_s,
+        "suite": {"name": suite.name, "version": suite.version, "hash": suite.hash, "source": suite.source,
+                  "description": suite.description, "cases": len(suite.cases)},
+        "settings": settings,
+        "requirements": requirements.to_dict(),
+        "decision": {"chosen": decision.chosen, "summary": decision.summary, "notes": decision.notes},
+        "candidates": candidates,
+        "cases": cases,
+    }
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+
+
+# ---- formatting helpers ------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0%}"
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB"
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:,.0f}M"
+
+
+def _cost(x: float | None) -> str:
+    return "—" if x is None else f"${x:.4f}" if x < 1 else f"${x:,.2f}"
+
+
+def check_types(report: dict[str, Any]) -> list[str]:
+    return sorted({t for c in report["candidates"] for t in c["metrics"]["by_check"]})
+
+
+def _verdict_text(c: dict[str, Any]) -> str:
+    if c["status"] == "chosen":
+        return "chosen"
+    if c["verdict"]["passed"]:
+        return "passes"
+    return "; ".join(c["verdict"]["reasons"])
+
+
+# ---- terminal ----------------------------------------------------------------------------------
+
+
+def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None = None) -> None:
+    from rich.table import Table
+
+    suite = report["suite"]
+    s = report["settings"]
+    table = Table(title=f"{suite['name']} ({suite['cases']} cases, {suite['hash']}), "
+                        f"{s.get('concurrency')} requests in flight; latency in ms", title_justify="left")
+    types = check_types(report)
+    for col, justify in [("candidate", "left"), ("params", "right"), ("weights", "right"), ("accuracy", "right")] + \
+            [(t, "right") for t in types] + [("TTFT p50/p95", "right"), ("decode tok/s", "right"),
+                                             ("e2e p95", "right"), ("peak mem", "right"), ("$/1K out", "right"),
+                                             ("verdict", "left")]:
+        table.add_column(col, justify=justify, overflow="fold")
+    for c in report["candidates"]:
+        m = c["metrics"]
+        style = {"chosen": "bold green", "pass": "", "fail": "", "error": "dim"}[c["status"]]
+        n = len(c["verdict"]["reasons"])
+        verdict = ("[green]chosen[/green]" if c["status"] == "chosen" else "[green]passes[/green]" if c["verdict"]["passed"]
+                   else "[red]error[/red]" if c["status"] == "error" else f"[red]fails ({n})[/red]")
+        name = m["name"] + (" (cached)" if m["cached"] else "")
+        table.add_row(escape_rich(name), _params(m["total_params"]), _bytes(m["weight_bytes"]), _pct(m["accuracy"]),
+                      *[_pct(m["by_check"].get(t)) for t in types],
+                      f"{_ms(m['ttft_p50_ms'])} / {_ms(m['ttft_p95_ms'])}", _num(m["decode_tokens_per_s"]),
+                      _ms(m["e2e_p95_ms"]), _bytes(m["peak_memory_bytes"]), _cost(m["cost_per_1k_output_tokens"]),
+                      verdict, style=style)
+    console.print(table)
+    decision = report["decision"]
+    for note in decision["notes"]:
+        console.print(f"[yellow]note:[/yellow] {escape_rich(note)}")
+    if decision["chosen"]:
+        console.print(f"[bold green]recommendation:[/bold green] {escape_rich(decision['summary'])}")
+    else:
+        console.print(f"[bold red]recommendation:[/bold red] {escape_rich(decision['summary'])}")
+    for c in report["candidates"]:
+        if c["status"] != "chosen" and not c["verdict"]["passed"]:
+            console.print(f"  [red]✗[/red] {escape_rich(c['metrics']['name'])}: {escape_rich(_verdict_text(c))}")
+        elif c["status"] == "pass":
+            console.print(f"  [blue]✓[/blue] {escape_rich(c['metrics']['name'])}: {escape_rich('; '.join(c['verdict']['notes'][:1]))}")
+    for label, path in (paths or {}).items():
+        console.print(f"{label}: {path}")
+
+
+def escape_rich(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+# ---- HTML --------------------------------------------------------------------------------------
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;color:#1f2328;max-width:1160px;margin:24px auto;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+.meta{color:#57606a;font-size:12px} code{background:#f6f8fa;padding:1px 4px;border-radius:4px}
+.rec{border:1px solid #4ac26b;background:#dafbe1;border-radius:8px;padding:12px 16px;margin:16px 0;font-size:15px}
+.rec.none{border-color:#ff8182;background:#ffebe9}
+table{border-collapse:collapse;width:100%;font-size:12.5px} th,td{border-bottom:1px solid #eaeef2;padding:5px 7px;text-align:right;vertical-align:top}
+th{background:#f6f8fa;font-weight:600} td.l,th.l{text-align:left}
+tr.chosen td{background:#f0fff4;font-weight:600} .fail{color:#cf222e} .pass{color:#1a7f37} .dim{color:#8c959f}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(540px,1fr));gap:12px}
+.plot{border:1px solid #d0d7de;border-radius:8px;padding:8px} .plot h3{font-size:13px;margin:2px 4px 6px}
+details{border-bottom:1px solid #eaeef2;padding:4px 0} summary{cursor:pointer;list-style:none;display:flex;gap:8px;align-items:center}
+summary::-webkit-details-marker{display:none} .cell{display:inline-block;min-width:22px;text-align:center;border-radius:4px;font-size:12px;padding:1px 4px}
+.cell.ok{background:#dafbe1;color:#1a7f37} .cell.no{background:#ffebe9;color:#cf222e} .cell.na{background:#f6f8fa;color:#8c959f}
+.case{padding:6px 4px 10px 28px} pre{white-space:pre-wrap;background:#f6f8fa;border-radius:6px;padding:6px 8px;margin:4px 0;font-size:12px}
+.heat td{text-align:center}
+"""
+
+
+def write_html(report: dict[str, Any], path: Path) -> None:
+    path.write_text(render_html(report), encoding="utf-8")
+
+
+def render_html(report: dict[str, Any]) -> str:
+    suite, decision, req = report["suite"], report["decision"], report["requirements"]
+    cands = report["candidates"]
+    names = [c["metrics"]["name"] for c in cands]
+    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>rung bench: {escape(suite['name'])}</title>"
+           f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head><body>"]
+    out.append(f"<h1>rung bench: {escape(suite['name'])}</h1>")
+    version = f" version {escape(str(suite['version']))}" if suite.get("version") else ""
+    m = report["machine"]
+    wall = f" · ran in {report['wall_s']:.0f} s" if report.get("wall_s") else ""
+    out.append(f"<div class=meta>suite <code>{escape(suite['hash'])}</code>{version}, {suite['cases']} cases"
+               f"{' from ' + escape(str(suite['source'])) if suite.get('source') else ''} · "
+               f"{report['settings'].get('concurrency')} requests in flight, seed {report['settings'].get('seed')} · "
+               f"{escape(str(m.get('platform')))}, {m.get('cpus')} CPUs{', ' + escape(m['gpu']) if m.get('gpu') else ''}, "
+               f"torch {escape(str(m.get('torch')))} · rung {escape(report['rung'])} · {escape(report['created'])}"
+               f"{wall}</div>")
+    cls = "rec" if decision["chosen"] else "rec none"
+    out.append(f"<div class='{cls}'><b>Recommendation:</b> {escape(decision['summary'])}")
+    for note in decision["notes"]:
+        out.append(f"<div class=meta>note: {escape(note)}</div>")
+    out.append("</div>")
+    out.append(_requirements_html(req))
+
+    # the table
+    types = check_types(report)
+    head = ["candidate", "params", "weights", "accuracy", *types, "schema fidelity", "TTFT p50", "TTFT p95",
+            "decode tok/s", "e2e p95", "throughput tok/s", "peak memory", "$ / 1K out", "verdict"]
+    out.append("<h2>Candidates, smallest first</h2><table><tr>" +
+               "".join(f"<th class={'l' if h in ('candidate', 'verdict') else 'r'}>{escape(h)}</th>" for h in head) + "</tr>")
+    for c in cands:
+        mm = c["metrics"]
+        verdict = _verdict_text(c)
+        vcls = "pass" if c["verdict"]["passed"] else "fail"
+        notes = "".join(f"<div class=dim>{escape(n)}</div>" for n in c["verdict"]["notes"])
+        cells = [f"<td class=l>{escape(mm['name'])}{' <span class=dim>(cached)</span>' if mm['cached'] else ''}</td>",
+                 f"<td>{_params(mm['total_params'])}</td>", f"<td>{_bytes(mm['weight_bytes'])}</td>",
+                 f"<td>{_pct(mm['accuracy'])}</td>", *[f"<td>{_pct(mm['by_check'].get(t))}</td>" for t in types],
+                 f"<td>{_pct(mm['schema_fidelity'])}</td>", f"<td>{_ms(mm['ttft_p50_ms'])} ms</td>",
+                 f"<td>{_ms(mm['ttft_p95_ms'])} ms</td>", f"<td>{_num(mm['decode_tokens_per_s'])}</td>",
+                 f"<td>{_ms(mm['e2e_p95_ms'])} ms</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
+                 f"<td>{_bytes(mm['peak_memory_bytes'])}</td>",
+                 f"<td title='{escape(mm['cost_basis'])}'>{_cost(mm['cost_per_1k_output_tokens'])}</td>",
+                 f"<td class='l {vcls}'>{escape(verdict)}{notes}</td>"]
+        out.append(f"<tr class={c['status']}>{''.join(cells)}</tr>")
+    out.append("</table>")
+    prompts = [c["metrics"] for c in cands if c["metrics"]["prompt_tokens_p50"] is not None]
+    if prompts:
+        p = prompts[0]
+        out.append(f"<div class=meta>prompt length of the suite ({escape(p['name'])}'s tokenizer): "
+                   f"p50 {p['prompt_tokens_p50']:,.0f}, p95 {p['prompt_tokens_p95']:,.0f} tokens"
+                   + (f"; your requests' context p95: {req['context_p95']:,} tokens" if req.get("context_p95") else "")
+                   + "</div>")
+
+    # plots
+    success = req.get("success") or {}
+    acc = success.get("accuracy")
+    points_cost = [Point(c["metrics"]["name"], c["metrics"]["cost_per_1k_output_tokens"], c["metrics"]["accuracy"], c["status"])
+                   for c in cands]
+    lat_key = "ttft_p95_ms" if "ttft_p95_ms" in success or "e2e_p95_ms" not in success else "e2e_p95_ms"
+    lat_label = "time to first token p95 (ms)" if lat_key == "ttft_p95_ms" else "end-to-end latency p95 (ms)"
+    points_lat = [Point(c["metrics"]["name"], c["metrics"][lat_key], c["metrics"]["accuracy"], c["status"]) for c in cands]
+    series = [(c["metrics"]["name"], c["metrics"]["e2e_ms"], c["metrics"]["ttft_ms"]) for c in cands if not c["metrics"]["error"]]
+    out.append("<h2>Quality, cost and latency</h2><div class=plots>")
+    out.append(f"<div class=plot><h3>Accuracy against cost per 1K output tokens ($)</h3>"
+               f"{scatter(points_cost, 'cost per 1K output tokens ($)', 'accuracy', success.get('cost_per_1k_output_tokens'), acc)}</div>")
+    out.append(f"<div class=plot><h3>Accuracy against latency</h3>{scatter(points_lat, lat_label, 'accuracy', success.get(lat_key), acc)}</div>")
+    out.append(f"<div class=plot><h3>Latency distributions</h3>{distributions(series, 'milliseconds', success.get('e2e_p95_ms'))}</div>")
+    out.append(f"<div class=plot><h3>Pass rate per check and slice</h3>{_heat_html(report, types)}</div>")
+    out.append("</div>")
+
+    # per-case outcomes
+    out.append("<h2>Cases</h2><div class=meta>click a case for its input, checks and every candidate's answer</div>")
+    out.append("<div><div style='display:flex;gap:8px;padding:4px 0;font-weight:600'><span style='min-width:220px'>case</span>"
+               + "".join(f"<span class=cell title='{escape(n)}'>{i + 1}</span>" for i, n in enumerate(names)) + "</div>")
+    out.append("<div class=meta>" + " · ".join(f"{i + 1} = {escape(n)}" for i, n in enumerate(names)) + "</div>")
+    for case in report["cases"]:
+        out.append(_case_html(case, names))
+    out.append("</div></body></html>")
+    return "".join(out)
+
+
+def _requirements_html(req: dict[str, Any]) -> str:
+    s = req.get("success") or {}
+    items = []
+    labels = {"accuracy": "accuracy ≥ {:.0%}", "schema_fidelity": "schema fidelity ≥ {:.0%}", "ttft_p95_ms": "TTFT p95 ≤ {:,} ms",
+              "e2e_p95_ms": "end-to-end p95 ≤ {:,} ms", "decode_tokens_per_s": "decode ≥ {} tokens/s",
+              "cost_per_1k_output_tokens": "cost ≤ ${} per 1K output tokens"}
+    for key, fmt in labels.items():
+        if key in s:
+            items.append(fmt.format(s[key]))
+    items += [f"{k} pass rate ≥ {v:.0%}" for k, v in (s.get("checks") or {}).items()]
+    if req.get("context_p95"):
+        items.append(f"context p95 {req['context_p95']:,} tokens")
+    if req.get("languages"):
+        items.append("languages: " + ", ".join(req["languages"]))
+    if req.get("domains"):
+        items.append("domains: " + ", ".join(req["domains"]))
+    if req.get("memory_bytes"):
+        items.append(f"memory ≤ {_bytes(req['memory_bytes'])}")
+    if req.get("price_per_hour") is not None:
+        items.append(f"hardware ${req['price_per_hour']}/hour")
+    if not req.get("external_endpoints", True):
+        items.append("no external endpoints")
+    if req.get("licenses"):
+        items.append("licenses: " + ", ".join(req["licenses"]))
+    if req.get("redaction"):
+        items.append("redaction on")
+    source = f" ({escape(req['source'])})" if req.get("source") else ""
+    return f"<div class=meta><b>Requirements{source}:</b> {escape(' · '.join(items) or 'none given')}</div>"
+
+
+def _heat_html(report: dict[str, Any], types: list[str]) -> str:
+    cands = report["candidates"]
+    tags = sorted({t for c in cands for t in c["metrics"]["by_tag"]})
+    rows = [(t, "by_check") for t in types] + [(t, "by_tag") for t in tags]
+    html = ["<table class=heat><tr><th class=l></th>" + "".join(f"<th>{escape(c['metrics']['name'])}</th>" for c in cands) + "</tr>"]
+    for key, where in rows:
+        cells = []
+        for c in cands:
+            v = c["metrics"][where].get(key)
+            if v is None:
+                cells.append("<td class=dim>—</td>")
+            else:
+                # white at 0 %, green at 100 %
+                g = int(255 - 120 * v)
+                cells.append(f"<td style='background:rgb({g},{255 - int(30 * v)},{g})'>{v:.0%}</td>")
+        html.append(f"<tr><td class=l>{escape(key)}</td>{''.join(cells)}</tr>")
+    html.append("</table>")
+    return "".join(html)
+
+
+def _case_html(case: dict[str, Any], names: list[str]) -> str:
+    cells = []
+    for n in names:
+        o = case["outcomes"].get(n)
+        if o is None:
+            cells.append("<span class='cell na'>·</span>")
+        elif any(c.get("unsupported") for c in o["checks"]):
+            cells.append("<span class='cell na' title='unsupported'>n/a</span>")
+        else:
+            cells.append(f"<span class='cell {'ok' if o['passed'] else 'no'}'>{'✓' if o['passed'] else '✗'}</span>")
+    tags = " ".join(f"{k}={v}" for k, v in case["tags"].items())
+    body = ["<div class=case>"]
+    if isinstance(case["input"], str):
+        body.append(f"<div><b>text</b></div><pre>{escape(case['input'])}</pre>")
+    else:
+        for msg in case["input"]:
+            body.append(f"<div><b>{escape(str(msg.get('role')))}</b></div><pre>{escape(str(msg.get('content')))}</pre>")
+    body.append(f"<div><b>checks</b></div><pre>{escape(json.dumps(case['checks'], ensure_ascii=False))}</pre>")
+    for n in names:
+        o = case["outcomes"].get(n)
+        if o is None:
+            continue
+        sample = o["samples"][o["chosen"]] if o["samples"] else None
+        answer = "" if sample is None else (sample.get("error") and f"(error) {sample['error']}") or sample["text"]
+        if sample and sample.get("tool_calls"):
+            answer += "\ntool calls: " + json.dumps(sample["tool_calls"], ensure_ascii=False)
+        details = "; ".join(c["detail"] for c in o["checks"] if c["detail"])
+        if any(c["type"] == "perplexity" for c in o["checks"]):
+            details = "; ".join(f"perplexity {c['score']:.2f}" if not c.get("unsupported") else c["detail"]
+                                for c in o["checks"]) + (f"; {details}" if details and not o["passed"] else "")
+        mark = "pass" if o["passed"] else "fail"
+        timing = ""
+        if sample and sample.get("latency_s"):
+            timing = f" · {sample['output_tokens']} tokens in {sample['latency_s'] * 1000:,.0f} ms"
+        votes = f" · {len(o['samples'])} samples, vote picked #{o['chosen'] + 1}" if len(o["samples"]) > 1 else ""
+        body.append(f"<div><b>{escape(n)}</b> <span class={mark}>{mark}</span>"
+                    f"<span class=dim>{escape(timing + votes)}</span> {escape(details)}</div>")
+        if answer:
+            body.append(f"<pre>{escape(answer)}</pre>")
+    body.append("</div>")
+    return (f"<details><summary><span style='min-width:220px'>{escape(case['id'])} <span class=dim>{escape(tags)}</span></span>"
+            f"{''.join(cells)}</summary>{''.join(body)}</details>")

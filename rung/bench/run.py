@@ -1,0 +1,204 @@
+"""Running a suite against candidates: generate, score, vote, cache.
+
+For each candidate: a cached result for (candidate, suite hash, settings) is used as is; otherwise
+the candidate is opened (a local model in its own worker process, so its peak memory is its own),
+every generating case is submitted with ``concurrency`` in flight, perplexity cases are scored, and
+the answers are scored by their checks. Judge checks go to the judge model once the candidate is
+closed; a judge is opened once per bench (in its own worker too) and reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import rung
+from rung.bench.cache import ResultCache
+from rung.bench.candidates import EndpointCandidate, LocalCandidate, Request, case_seed, is_endpoint, requests_for
+from rung.bench.records import CandidateInfo, CandidateRun, CaseOutcome, CheckOutcome, Sample
+from rung.bench.scorers import judge_messages, score_check, score_judge, score_perplexity, vote
+from rung.bench.suite import Case, Suite
+
+
+@dataclass
+class BenchSettings:
+    concurrency: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+    isolate: bool = True  # local candidates in a worker process (their own peak memory)
+
+    def key(self, suite: Suite) -> dict[str, Any]:
+        """The settings that change results: part of every cache key."""
+        judges = sorted({c.options.get("judge") or suite.judge for case in suite.cases for c in case.checks
+                         if c.type == "judge"})
+        return {"concurrency": self.concurrency, "seed": self.seed, "device": self.device, "dtype": self.dtype,
+                "judges": judges, "rung": rung.__version__}
+
+
+class Progress(Protocol):
+    def start(self, name: str, total: int) -> None: ...
+    def loading(self, done: int, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def finish(self, run: CandidateRun) -> None: ...
+
+
+class _Quiet:
+    def start(self, name, total): pass
+    def loading(self, done, total): pass
+    def advance(self, n=1): pass
+    def finish(self, run): pass
+
+
+def make_candidate(spec: str, settings: BenchSettings, progress: Progress | None = None):
+    if is_endpoint(spec):
+        return EndpointCandidate(spec)
+    options: dict[str, Any] = {"device": settings.device}
+    if settings.dtype:
+        options["dtype"] = settings.dtype
+    loading = progress.loading if progress else None
+    if settings.isolate:
+        from rung.bench.worker import WorkerCandidate
+
+        return WorkerCandidate(spec, progress=loading, **options)
+    return LocalCandidate(spec, progress=loading, **options)
+
+
+def run_bench(candidates: list, suite: Suite, settings: BenchSettings | None = None, cache: ResultCache | None = None,
+              progress: Progress | None = None) -> list[CandidateRun]:
+    """Every candidate (a spec string or an object with LocalCandidate's interface) over ``suite``."""
+    settings = settings or BenchSettings()
+    progress = progress or _Quiet()
+    judges: dict[str, Any] = {}
+    runs = []
+    try:
+        for candidate in candidates:
+            if isinstance(candidate, str):
+                candidate = make_candidate(candidate, settings, progress)
+            runs.append(run_candidate(candidate, suite, settings, cache, progress, judges))
+    finally:
+        for judge in judges.values():
+            judge.close()
+    return runs
+
+
+def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: ResultCache | None, progress: Progress,
+                  judges: dict) -> CandidateRun:
+    key_settings = settings.key(suite)
+    key = ResultCache.key(candidate.fingerprint(), suite.hash, key_settings) if cache else None
+    generating = [c for c in suite.cases if c.generates]
+    progress.start(candidate.name, sum(c.samples for c in generating) + len(suite.cases) - len(generating))
+    if cache:
+        hit = cache.get(key)
+        if hit is not None:
+            progress.advance(sum(c.samples for c in generating) + len(suite.cases) - len(generating))
+            progress.finish(hit)
+            return hit
+
+    samples: dict[str, list[Sample]] = {}
+    perplexities: dict[str, tuple[float | None, str]] = {}
+    info = CandidateInfo(name=candidate.name, kind=getattr(candidate, "kind", "local"))
+    wall = 0.0
+    try:
+        info = candidate.open()
+        requests = requests_for(suite.cases, settings.seed)
+
+        def done(index: int, got: list[Sample]) -> None:
+            samples[requests[index].case_id] = got
+            progress.advance(len(got))
+
+        wall = candidate.generate(requests, settings.concurrency, done)
+        for case in suite.cases:
+            if not case.generates:
+                perplexities[case.id] = candidate.perplexity(case.text)
+                progress.advance()
+        candidate.measure_memory()
+        info = candidate.info
+    except Exception as e:  # a candidate that cannot run is reported, and the others still run
+        run = CandidateRun(info=info, cases=[], wall_s=wall, settings=key_settings, suite_hash=suite.hash,
+                           error=" ".join(str(e).split()) or type(e).__name__)
+        progress.finish(run)
+        return run
+    finally:
+        candidate.close()
+
+    outcomes = score_cases(suite, samples, perplexities, judges, settings)
+    run = CandidateRun(info=info, cases=outcomes, wall_s=wall, settings=key_settings, suite_hash=suite.hash)
+    if cache:
+        cache.put(key, run)
+    progress.finish(run)
+    return run
+
+
+def score_cases(suite: Suite, samples: dict[str, list[Sample]], perplexities: dict, judges: dict,
+                settings: BenchSettings) -> list[CaseOutcome]:
+    per_case: dict[str, list[list[CheckOutcome]]] = {}
+    judged: list[tuple[Case, int, int, Any]] = []  # (case, sample, check index, check)
+    for case in suite.cases:
+        if not case.generates:
+            value, why = perplexities.get(case.id, (None, "not run"))
+            per_case[case.id] = [[score_perplexity(check, value, why) for check in case.checks]]
+            continue
+        got = samples.get(case.id) or [Sample(error="no answer")]
+        tool_names = [t["function"]["name"] for t in case.tools] if case.tools else None
+        rows = []
+        for s_index, sample in enumerate(got):
+            row = []
+            for c_index, check in enumerate(case.checks):
+                if check.type == "judge":
+                    row.append(None)
+                    judged.append((case, s_index, c_index, check))
+                else:
+                    row.append(score_check(check, sample, list(case.choices or []), tool_names))
+            rows.append(row)
+        per_case[case.id] = rows
+    if judged:
+        _judge(suite, judged, samples, per_case, judges, settings)
+
+    out = []
+    for case in suite.cases:
+        rows = per_case[case.id]
+        chosen = vote(rows, case.vote) if len(rows) > 1 else 0
+        checks = rows[chosen]
+        out.append(CaseOutcome(case_id=case.id, passed=all(c.passed for c in checks), checks=checks,
+                               samples=samples.get(case.id, []), chosen=chosen, tags=dict(case.tags)))
+    return out
+
+
+def _judge(suite: Suite, judged: list, samples: dict, per_case: dict, judges: dict, settings: BenchSettings) -> None:
+    """Grade the judge checks: each judge model is opened once per bench and reused."""
+    by_judge: dict[str, list] = {}
+    for item in judged:
+        spec = item[3].options.get("judge") or suite.judge
+        by_judge.setdefault(spec, []).append(item)
+    for spec, items in by_judge.items():
+        requests, targets = [], []
+        for case, s_index, c_index, check in items:
+            sample = samples[case.id][s_index]
+            if sample.error:
+                per_case[case.id][s_index][c_index] = CheckOutcome("judge", False, 0.0, f"request failed: {sample.error}")
+                continue
+            question = "\n".join(f"{m['role']}: {m['content']}" for m in case.chat_messages())
+            requests.append(Request(case_id=case.id, messages=judge_messages(check, question, sample.text), max_tokens=48,
+                                    seed=case_seed(case.id, settings.seed)))
+            targets.append((case, s_index, c_index, check))
+        if not requests:
+            continue
+        verdicts: dict[int, str] = {}
+        try:
+            judge = judges.get(spec)
+            if judge is None:
+                judge = spec if not isinstance(spec, str) else make_candidate(spec, settings)
+                judge.open()
+                judges[spec] = judge
+
+            def done(i: int, got: list[Sample]) -> None:
+                verdicts[i] = got[0].text if not got[0].error else f"(judge error: {got[0].error})"
+
+            judge.generate(requests, settings.concurrency, done)
+        except Exception as e:
+            for i in range(len(requests)):
+                verdicts.setdefault(i, f"(judge {spec} failed: {' '.join(str(e).split())})")
+        for i, (case, s_index, c_index, check) in enumerate(targets):
+            per_case[case.id][s_index][c_index] = score_judge(check, verdicts.get(i, ""), str(spec))
+
