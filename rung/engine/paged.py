@@ -7,9 +7,12 @@ out of its window while the full group keeps everything. Each layer owns flat po
 lives at slot ``table[p // block_size] * block_size + p % block_size``.
 
 ``PagedStep`` implements the model's cache seam (model/cache.py) for a flat batch of tokens from
-many sequences: it writes each layer's new keys and values to their slots, gathers every
-sequence's visible keys, and attends. Decode tokens (one per sequence) run as one padded batch;
-prefill chunks run one sequence at a time.
+many sequences: it writes each layer's new keys and values to their slots and attends. On CUDA
+with Triton one kernel reads the pools through the block tables for the whole batch, windows and
+sinks included (kernels/paged_attention.py); elsewhere it gathers every sequence's visible keys
+and runs the model's attention: decode tokens (one per sequence) as one padded batch, prefill
+chunks one sequence at a time. One slot past the blocks (``scratch_slot``) takes the writes of
+padding rows (CUDA-graph batches are padded to a bucket size).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 
 from rung.config import ModelConfig
 from rung.engine.blocks import BlockAllocator
+from rung.kernels import use_triton
+from rung.kernels.paged_attention import chunk_tiles, decode_tiles, paged_attention, tokens_per_tile
 from rung.model.attention import attend, attention_bias
 
 
@@ -44,7 +49,8 @@ class KVPool:
         self.groups = [Group(w, [i for i in range(config.num_layers) if config.layer_window(i) == w],
                              BlockAllocator(num_blocks, block_size)) for w in windows]
         self.group_of = {layer: g for g, group in enumerate(self.groups) for layer in group.layers}
-        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.scratch_slot = num_blocks * block_size
+        shape = (num_blocks * block_size + 1, config.num_kv_heads, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
@@ -100,6 +106,7 @@ class PagedStep:
         self._slots = [torch.cat([pool.slots(c.tables[g], c.start, c.start + c.count) for c in chunks]).to(device)
                        for g in range(len(pool.groups))]
         self._reads: dict = {}  # per (group, exact, dtype): what each part of the batch reads
+        self._kernel_reads: dict = {}  # per group: block tables and tiles for the kernel
 
     def positions(self, t: int, device: torch.device) -> torch.Tensor:
         return self._positions
@@ -114,6 +121,11 @@ class PagedStep:
         slots = self._slots[g]
         pool_k[slots] = k[0].transpose(0, 1)  # [N, hkv, d]
         pool_v[slots] = v[0].transpose(0, 1)
+        if slopes is None and use_triton(q, pool_k):
+            tables, tiles, decode = self._kernel_plan(g, q.shape[1], pool_k.shape[1], q.shape[3])
+            out = paged_attention(q[0].transpose(0, 1), pool_k, pool_v, tables, self._positions, tiles,
+                                  self.pool.block_size, window, sinks, scale, decode)  # [N, hq, d]
+            return out.transpose(0, 1)[None]
         reads = self._read_plan(g, sinks is not None, slopes, q.dtype)
         outs = []
         if self.n_decode:
@@ -130,6 +142,25 @@ class PagedStep:
             outs.append(attend(qc, kc, vc, bias, scale, sinks))
             offset += chunk.count
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def _kernel_plan(self, g: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        """Block tables [chunks, widest] (blocks a sliding group dropped read as 0, never visited)
+        and the kernel's tiles; once per step and group."""
+        if g not in self._kernel_reads:
+            tables = [[b or 0 for b in c.tables[g]] for c in self.chunks]
+            width = max(1, max(len(t) for t in tables))
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(self.device)
+            decode = self.n_decode == len(self.chunks)
+            if decode:
+                tiles = decode_tiles(len(self.chunks), self.device)
+            else:
+                layout, offset = [], 0
+                for row, c in enumerate(self.chunks):
+                    layout.append((offset, c.count, row))
+                    offset += c.count
+                tiles = chunk_tiles(layout, tokens_per_tile(num_heads, num_kv_heads, head_dim, False), self.device)
+            self._kernel_reads[g] = tables, tiles, decode
+        return self._kernel_reads[g]
 
     def _read_plan(self, g: int, exact: bool, slopes, dtype):
         """Per part of the batch (the decode batch, then each prefill chunk): the slots to gather

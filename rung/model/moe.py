@@ -2,7 +2,13 @@
 
 Experts are stored stacked and output-major, like nn.Linear: gate/up [E, I, H], down [E, H, I].
 gpt-oss's fused, interleaved gate_up is split at load time (weights/keymaps.py), so one module
-serves both routers.
+serves both routers. gpt-oss's MXFP4 experts may stay packed (``keep_packed``): uint8 bytes
+[E, rows, cols / 2] and scales [E, rows, cols / 32] in place of the dense matrices.
+
+Two paths compute the same function: on CUDA with Triton, the fused kernels (kernels/fused_moe.py:
+routing and grouping on the device, no host synchronisation, only the chosen experts read, packed
+weights decoded in registers); elsewhere the plain loop below over the experts some token chose,
+which dequantizes a packed expert when it is visited.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rung.config import ModelConfig
+from rung.kernels import use_triton
+from rung.kernels.fused_moe import KERNEL_ACTIVATIONS, Activation, ExpertWeights, fused_moe
 from rung.model.mlp import ACTIVATIONS
 
 
@@ -44,11 +52,34 @@ class MoE(nn.Module):
         self.clamped = config.activation == "swiglu_clamped"
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
         self.act = None if self.clamped else ACTIVATIONS[config.activation]
+        self.activation_name = config.activation
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+    packed = False
+
+    def keep_packed(self, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
+                    down: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Hold the experts as MXFP4 (blocks [E, rows, G, 16], scales [E, rows, G]) instead of dense."""
+        for name, (blocks, scales), like in (("gate_proj", gate, self.gate_proj), ("up_proj", up, self.up_proj),
+                                             ("down_proj", down, self.down_proj)):
+            rows, cols = like.shape[1:]
+            if tuple(blocks.shape) != (like.shape[0], rows, cols // 32, 16) or tuple(scales.shape) != tuple(blocks.shape[:3]):
+                raise ValueError(f"MoE {name}: MXFP4 blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)} do not "
+                                 f"pack a {tuple(like.shape)} expert stack")
+            delattr(self, name)
+            self.register_buffer(name, blocks.view(torch.uint8).reshape(blocks.shape[0], rows, -1).contiguous())
+            self.register_buffer(name + "_scales", scales.view(torch.uint8).contiguous())
+        self.packed = True
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(
+            self.gate_proj, self.up_proj, self.down_proj,
+            *((self.gate_proj_scales, self.up_proj_scales, self.down_proj_scales) if self.packed else (None,) * 3),
+            self.gate_bias, self.up_bias, self.down_bias)
+
+    def expert(self, e: int, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
         """One expert on its tokens x [n, H] → [n, H]."""
-        gate = F.linear(x, self.gate_proj[e], None if self.gate_bias is None else self.gate_bias[e])
-        up = F.linear(x, self.up_proj[e], None if self.up_bias is None else self.up_bias[e])
+        gate = F.linear(x, w.expert("gate", e, x.dtype), None if self.gate_bias is None else self.gate_bias[e])
+        up = F.linear(x, w.expert("up", e, x.dtype), None if self.up_bias is None else self.up_bias[e])
         if self.clamped:
             # gpt-oss: gate clamped from above only, up both ways; x·σ(αx) and the +1 are the model's
             gate = gate.clamp(max=self.limit)
@@ -56,16 +87,20 @@ class MoE(nn.Module):
             hidden = gate * torch.sigmoid(gate * self.alpha) * (up + 1)
         else:
             hidden = self.act(gate) * up
-        return F.linear(hidden, self.down_proj[e], None if self.down_bias is None else self.down_bias[e])
+        return F.linear(hidden, w.expert("down", e, x.dtype), None if self.down_bias is None else self.down_bias[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [n, H]
         weights, experts = route(self.router(flat), self.top_k, self.router_kind, self.norm_topk_prob)
+        w = self.expert_weights()
+        kind = "swiglu_clamped" if self.clamped else self.activation_name
+        if use_triton(flat) and kind in KERNEL_ACTIVATIONS:
+            return fused_moe(flat, weights, experts, w, Activation(kind, self.limit, self.alpha)).view(shape)
         out = torch.zeros_like(flat)
         # visit only the experts some token chose; the expert bias sits inside the weighted sum
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
-            y = self.expert(e, flat[token]) * weights[token, slot, None]
+            y = self.expert(e, flat[token], w) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out.view(shape)

@@ -1,0 +1,35 @@
+"""GPU kernels behind the model's and the engine's seams, each beside a plain-PyTorch reference.
+
+Every kernel here has a reference function with the same signature that runs anywhere (CPU
+included) and defines what the kernel computes; tests compare the two, and CI runs the references
+against the model's plain path. Triton is optional: without it, or off CUDA, callers use the
+reference. Nothing here imports the rest of rung.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton importable and allowed (RUNG_NO_TRITON=1 turns the kernels off)."""
+    if os.environ.get("RUNG_NO_TRITON") == "1":
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_triton(*tensors) -> bool:
+    """The kernels run for CUDA tensors when Triton is there, or anywhere under Triton's
+    interpreter (TRITON_INTERPRET=1, for testing the kernels on a CPU)."""
+    if not triton_available():
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return all(t.is_cuda for t in tensors)
