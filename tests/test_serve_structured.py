@@ -74,7 +74,7 @@ def chat_vocab():
     return make_chat_vocab()
 
 
-def make_chat_vocab():
+def make_chat_vocab(harmony: bool = True):
     """A byte-level BPE with Qwen3's tags (added, not special) and harmony's special tokens."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -91,8 +91,8 @@ def make_chat_vocab():
                                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     backend.add_tokens([AddedToken(t, special=False, normalized=False)
                         for t in ("<think>", "</think>", "<tool_call>", "</tool_call>")])
-    backend.add_special_tokens(["<|im_end|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>",
-                                "<|return|>", "<|call|>"])
+    backend.add_special_tokens(["<|im_end|>", "<|im_start|>"] + (["<|start|>", "<|end|>", "<|message|>", "<|channel|>",
+                                "<|constrain|>", "<|return|>", "<|call|>"] if harmony else []))
     tokenizer = Tokenizer(backend, eos_token="<|im_end|>")
     return tokenizer, Grammars(tokenizer, tokenizer.vocab_size)
 
