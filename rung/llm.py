@@ -64,17 +64,19 @@ class LLM:
     """A model and its tokenizer, ready to generate.
 
     ``model``: a built-in name (``smollm2-135m``, ``gemma3-270m``), a .gguf file or a Hugging Face
-    folder. Nothing is downloaded. ``engine_options`` go to EngineConfig (kv_cache_bytes,
+    folder, optionally with a format: ``smollm2-135m@int4`` (rung/quant/spec.py). Nothing is downloaded. ``engine_options`` go to EngineConfig (kv_cache_bytes,
     block_size, max_batch_tokens, max_seqs, preempt, prefix_caching).
     """
 
     def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", tokenizer: str | Path | None = None,
                  seed: int = 0, max_model_len: int | None = None, progress=None, **engine_options):
+        from rung.quant.spec import parse_spec
         from rung.weights.loader import load_model
         from rung.weights.resolve import resolve_model
 
-        self.path = resolve_model(model)
-        self.model = load_model(self.path, dtype=dtype, device=device, progress=progress)
+        self.spec = parse_spec(str(model))
+        self.path = resolve_model(self.spec.model)
+        self.model = load_model(str(model), dtype=dtype, device=device, progress=progress, fast=True)
         self.device = torch.device(device)
         self.config = self.model.config
         self.tokenizer = _tokenizer_for(resolve_model(tokenizer) if tokenizer else self.path)

@@ -92,6 +92,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.kv_width, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.kv_width, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.q_width, c.hidden_size, bias=c.o_bias)
+        self.qkv_proj = None  # q, k and v as one projection, set by rung.quant's rewrite (one GEMV instead of three)
+        self.split = (c.q_width, c.kv_width, c.kv_width)
         self.q_norm = make_norm(c, c.head_dim) if c.qk_norm else None
         self.k_norm = make_norm(c, c.head_dim) if c.qk_norm else None
         self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attn_sinks else None
@@ -106,9 +108,13 @@ class Attention(nn.Module):
         step's keys and values and runs the attention over everything the queries may see (the
         seam between the model and a KV cache, contiguous or paged: see model/cache.py)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [b, hq, t, d]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, hkv, t, d]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [b, hq, t, d]
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, hkv, t, d]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:  # Qwen3 / Gemma 3: RMSNorm over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:

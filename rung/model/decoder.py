@@ -94,8 +94,8 @@ class Decoder(nn.Module):
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = nn.functional.linear(hidden, weight).float()
+        # lm_head: None when tied to the embedding table (or a packed layer from rung.quant)
+        logits = (nn.functional.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)).float()
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap

@@ -39,10 +39,29 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               progress=None) -> Decoder:
+               progress=None, fast: bool = False) -> Decoder:
     """Load a model: a built-in name (``smollm2-135m``, ``gemma3-270m``), a .gguf file or a Hugging
-    Face folder. Returns a Decoder in eval mode: model(ids [b, t]) → logits [b, t, vocab]."""
-    path = resolve_model(path)
+    Face folder, optionally with a format (``smollm2-135m@int4``: rung/quant/spec.py). Returns a
+    Decoder in eval mode: model(ids [b, t]) → logits [b, t, vocab].
+
+    ``fast``: a float32 model on the CPU gets fused projections and rung's native kernels
+    (rung/quant/rewrite.py; the same logits up to float rounding), as ``LLM`` asks for; by default
+    the model keeps the plain layout, one parameter per checkpoint tensor."""
+    from rung.quant.rewrite import pack_model
+    from rung.quant.spec import parse_spec
+
+    spec = parse_spec(str(path)) if not isinstance(path, Path) else None
+    if spec is not None:
+        path, dtype = spec.model, spec.dtype or dtype
+    model = _load(resolve_model(path), dtype, device, progress)
+    if spec is not None and spec.weights:
+        pack_model(model, spec.weights, spec.group)
+    elif fast and resolve_dtype(dtype) == torch.float32 and torch.device(device).type == "cpu":
+        pack_model(model, "f32")
+    return model
+
+
+def _load(path: Path, dtype, device, progress) -> Decoder:
     if path.is_file():
         from rung.weights.gguf import load_gguf_model
 

@@ -1,0 +1,121 @@
+"""rung's native CPU kernels (kernels.c), compiled on first use and called through ctypes.
+
+The C file has no dependency on torch's headers, so it builds in about a second with the system C
+compiler; the shared object is cached under ``~/.cache/rung/native`` (or ``$RUNG_CACHE``) by the
+hash of the source and flags. It links the OpenMP runtime that torch has already loaded, so the
+kernels and torch share one thread pool.
+
+Everything degrades: without a compiler, without AVX2/FMA/F16C, or with ``RUNG_NATIVE=0``,
+``available()`` is False and callers use their PyTorch reference paths (which the tests compare
+against the kernels).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+MAX_M = 16  # rows of x per call (kernels.c's MAX_M): a decode batch; prefill takes the reference path
+GATED = {None: 0, "silu": 1, "gelu_tanh": 2}
+
+
+def _cpu_supports() -> bool:
+    if sys.platform != "linux":
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags.split())
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RUNG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rung")
+    return Path(root) / "native"
+
+
+def _build() -> Path | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"rung_kernels_{tag}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: concurrent first uses (pytest workers) never see half a file
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        pass
+    proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp.name, "-lm"], capture_output=True, text=True)
+    if proc.returncode:
+        os.unlink(tmp.name)
+        print(f"rung: native kernels did not build ({compiler}): {proc.stderr.strip()[:300]}", file=sys.stderr)
+        return None
+    os.replace(tmp.name, target)
+    return target
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    if os.environ.get("RUNG_NATIVE", "1") == "0" or not _cpu_supports():
+        return None
+    path = _build()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.rung_gemv_f32.argtypes = [p, i64, i64, i64, p, p, p, i32, i32, i32]
+    lib.rung_gemv_q8.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32, i32, i32]
+    lib.rung_gemv_q4.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i32, i32, i32]
+    for f in (lib.rung_gemv_f32, lib.rung_gemv_q8, lib.rung_gemv_q4):
+        f.restype = None
+    if lib.rung_max_m() != MAX_M:
+        raise RuntimeError(f"{path}: built with MAX_M {lib.rung_max_m()}, rung expects {MAX_M}")
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, out_features: int, in_features: int, *,
+         group: int | None = None, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, out: torch.Tensor | None = None, gated: str | None = None) -> torch.Tensor:
+    """x [M, K] float32 contiguous (M ≤ MAX_M) → [M, N] (or [M, N / 2] when gated).
+
+    With ``out`` given, the result is added into it (a fused residual add). The caller guarantees
+    contiguous tensors of the right dtypes and shapes (rung/quant/linear.py checks them once at
+    construction); this function only moves pointers.
+    """
+    lib = library()
+    m = x.shape[0]
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(m, out_features // 2 if gated else out_features, dtype=torch.float32)
+    g, threads = GATED[gated], torch.get_num_threads()  # the kernels follow torch's thread setting
+    if fmt == "f32":
+        lib.rung_gemv_f32(x.data_ptr(), m, out_features, in_features, weight.data_ptr(), _ptr(bias),
+                          out.data_ptr(), accumulate, g, threads)
+    elif fmt == "q8":
+        lib.rung_gemv_q8(x.data_ptr(), m, out_features, in_features, group, weight.data_ptr(), scale.data_ptr(),
+                         _ptr(bias), out.data_ptr(), accumulate, g, threads)
+    else:
+        lib.rung_gemv_q4(x.data_ptr(), m, out_features, in_features, group, weight.data_ptr(), scale.data_ptr(),
+                         offset.data_ptr(), _ptr(bias), out.data_ptr(), accumulate, g, threads)
+    return out

@@ -1,0 +1,148 @@
+"""Weight formats: quantize float weights, dequantize for reference, map GGUF blocks.
+
+A ``Packed`` weight is a 2-D [out, in] matrix in one of three layouts (rung/native/kernels.c):
+
+- ``f32``: float32 as is.
+- ``q8``: int8 values, one float16 scale per group along ``in``: w = scale * q. Symmetric,
+  q in [-127, 127]. ``group == in`` is per-channel (one scale per output row).
+- ``q4``: 4-bit values two per byte, float16 scale and offset per group: w = scale * q + offset,
+  q in [0, 15]. Each run of 32 values is 16 bytes, byte j = value j | value j + 16 << 4: GGUF's
+  Q4_0 / Q4_1 block layout, so those blocks map byte for byte (Q4_0's w = d * (q - 8) is
+  scale d, offset -8d).
+
+Dequantization is the reference every kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FORMATS = ("f32", "q8", "q4")
+
+
+@dataclass
+class Packed:
+    fmt: str
+    data: torch.Tensor  # f32 [N, K] | int8 [N, K] | uint8 [N, K / 2]
+    shape: tuple[int, int]  # (out, in)
+    group: int | None = None
+    scale: torch.Tensor | None = None  # float16 [N, K / group]
+    offset: torch.Tensor | None = None  # float16 [N, K / group] (q4)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.offset) if t is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def rows(self, index: torch.Tensor) -> "Packed":
+        """The packed rows ``index`` (an embedding lookup reads a few rows of the table)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Packed(self.fmt, self.data[index], (len(index), self.shape[1]), self.group,
+                      pick(self.scale), pick(self.offset))
+
+    def permute_rows(self, order: torch.Tensor) -> "Packed":
+        """Rows reordered (fused projections interleave gate and up rows; GGUF's Q/K unpermute)."""
+        p = self.rows(order)
+        p.shape = self.shape
+        return p
+
+
+def check_group(fmt: str, in_features: int, group: int | None) -> int:
+    group = in_features if group is None else group
+    if group % 32 or in_features % group:
+        raise ValueError(f"{fmt}: group size {group} must be a multiple of 32 dividing the input width {in_features}")
+    return group
+
+
+def quantize(weight: torch.Tensor, fmt: str, group: int | None = None) -> Packed:
+    """weight [N, K] (any float dtype) → Packed. q8 defaults to per-channel, q4 to groups of 32."""
+    w = weight.detach().float().contiguous()
+    n, k = w.shape
+    if fmt == "f32":
+        return Packed("f32", w, (n, k))
+    if fmt == "q4" and group is None:
+        group = 32
+    group = check_group(fmt, k, group)
+    g = w.view(n, k // group, group)
+    if fmt == "q8":
+        scale = (g.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
+        q = torch.round(g / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+        return Packed("q8", q.view(n, k), (n, k), group, scale)
+    if fmt == "q4":
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float16).tiny).half()
+        offset = lo.half()
+        q = torch.round((g - offset.float()[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+        return Packed("q4", pack_nibbles(q.view(n, k)), (n, k), group, scale, offset)
+    raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] → [N, K / 2] bytes, GGUF's order within each run of 32."""
+    n, k = q.shape
+    runs = q.view(n, k // 32, 2, 16)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_nibbles(data: torch.Tensor) -> torch.Tensor:
+    n, half = data.shape
+    runs = data.view(n, half // 16, 1, 16)
+    return torch.cat((runs & 0x0F, runs >> 4), dim=2).reshape(n, half * 2)
+
+
+def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference: Packed → [N, K] float."""
+    n, k = p.shape
+    if p.fmt == "f32":
+        return p.data.to(dtype)
+    scale = p.scale.float().repeat_interleave(p.group, dim=1)
+    if p.fmt == "q8":
+        return (p.data.float() * scale).to(dtype)
+    offset = p.offset.float().repeat_interleave(p.group, dim=1)
+    return (unpack_nibbles(p.data).float() * scale + offset).to(dtype)
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded as the q4 kernel rounds it before its integer dot products: int8 in runs of
+    32 with scale max|x| / 127 (half to even); returned dequantized, float32. The kernel's result is
+    this x through the dequantized weight."""
+    m, k = x.shape
+    runs = x.float().reshape(m, k // 32, 32)
+    d = runs.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(runs * inv) * d).reshape(m, k)
+
+
+# ---- GGUF blocks, kept as they are ------------------------------------------------------------
+
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # per 32 values
+
+
+def from_gguf_blocks(kind: str, raw: np.ndarray, shape: tuple[int, int]) -> Packed:
+    """A GGUF tensor's raw bytes (uint8, its blocks in order) → Packed, no value changed.
+
+    Q8_0: fp16 d, 32 int8 → q8 (group 32). Q4_0: fp16 d, 16 bytes → q4 with offset -8d.
+    Q4_1: fp16 d, fp16 m, 16 bytes → q4 with scale d, offset m.
+    """
+    n, k = shape
+    if kind not in GGUF_BLOCK_BYTES or k % 32:
+        raise ValueError(f"no packed mapping for GGUF {kind} with row width {k}")
+    blocks = torch.from_numpy(np.ascontiguousarray(raw).reshape(n, k // 32, GGUF_BLOCK_BYTES[kind]))
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # [n, k / 32]
+    if kind == "Q8_0":
+        q = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k)
+        return Packed("q8", q, (n, k), 32, d.contiguous())
+    if kind == "Q4_0":
+        # -8 * d is exact in float16 unless it overflows (|d| > 8188); such a block has no use
+        offset = (d.float() * -8).half()
+        qs = blocks[..., 2:].reshape(n, k // 2).contiguous()
+        return Packed("q4", qs, (n, k), 32, d.contiguous(), offset.contiguous())
+    m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
+    qs = blocks[..., 4:].reshape(n, k // 2).contiguous()
+    return Packed("q4", qs, (n, k), 32, d.contiguous(), m.contiguous())

@@ -1,0 +1,100 @@
+"""Linear layers over packed weights: native kernels for decode rows, the reference otherwise.
+
+``PackedLinear`` holds one ``Packed`` weight as buffers (so ``.to()``, ``state_dict`` and
+safetensors see them). A call with at most ``MAX_M`` rows of float32 on the CPU (a decode step)
+runs rung's native GEMV (rung/native), which reads each weight byte once; anything else (prefill,
+other dtypes, other devices) dequantizes and calls ``F.linear``, the reference the kernels are
+tested against.
+
+``gated``: the weight holds a gated MLP's gate and up rows interleaved in blocks of 8 (8 gate rows,
+their 8 up rows, ...) and the layer returns act(gate) * up, so one kernel call does both
+projections and the activation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rung import native
+from rung.model.mlp import ACTIVATIONS
+from rung.quant.formats import Packed, dequantize
+
+GATE_BLOCK = 8  # rows of gate (then of up) per block of a gated weight; kernels.c's BLOCK / 2
+NATIVE_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [I, ...] → [2I, ...]: blocks of GATE_BLOCK gate rows, each followed by its up rows."""
+    i = gate.shape[0]
+    g = gate.reshape(i // GATE_BLOCK, 1, GATE_BLOCK, *gate.shape[1:])
+    u = up.reshape(i // GATE_BLOCK, 1, GATE_BLOCK, *up.shape[1:])
+    return torch.cat((g, u), dim=1).reshape(2 * i, *gate.shape[1:])
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, packed: Packed, bias: torch.Tensor | None = None, gated: str | None = None):
+        super().__init__()
+        self.fmt, self.group = packed.fmt, packed.group
+        self.out_features, self.in_features = packed.shape
+        self.register_buffer("data", packed.data)
+        self.register_buffer("scale", packed.scale)
+        self.register_buffer("offset", packed.offset)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        if gated is not None and (gated not in ACTIVATIONS or self.out_features % (2 * GATE_BLOCK)):
+            raise ValueError(f"a gated layer needs a known activation and a multiple of {2 * GATE_BLOCK} rows")
+        self.gated = gated
+        self._native = (native.available() and self.in_features % 32 == 0
+                        and (gated is None or gated in NATIVE_ACTIVATIONS))
+
+    @property
+    def packed(self) -> Packed:
+        return Packed(self.fmt, self.data, (self.out_features, self.in_features), self.group, self.scale, self.offset)
+
+    def extra_repr(self) -> str:
+        group = f", group={self.group}" if self.fmt != "f32" else ""
+        gated = f", gated={self.gated}" if self.gated else ""
+        return f"{self.in_features} → {self.out_features}, {self.fmt}{group}{gated}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        if (self._native and rows.shape[0] <= native.MAX_M and x.dtype == torch.float32
+                and x.device.type == "cpu" and self.data.device.type == "cpu"):
+            out = native.gemv(self.fmt, rows.contiguous(), self.data, self.out_features, self.in_features,
+                              group=self.group, scale=self.scale, offset=self.offset, bias=self.bias,
+                              gated=self.gated)
+        else:
+            out = self.reference(rows)
+        return out.view(*lead, out.shape[-1])
+
+    def reference(self, rows: torch.Tensor) -> torch.Tensor:
+        weight = self.data if self.fmt == "f32" and self.data.dtype == rows.dtype else dequantize(self.packed, rows.dtype)
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
+        y = F.linear(rows, weight, bias)
+        if self.gated is None:
+            return y
+        y = y.view(rows.shape[0], -1, 2, GATE_BLOCK)
+        return (ACTIVATIONS[self.gated](y[:, :, 0]) * y[:, :, 1]).reshape(rows.shape[0], -1)
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding table read from a packed weight (shared with a tied LM head): the looked-up
+    rows are dequantized, nothing else."""
+
+    def __init__(self, table: PackedLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.table = [table]  # a list: the LM head owns the buffers; no second registration
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table in float (a reference path only; a decode step never builds it)."""
+        return dequantize(self.table[0].packed, self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize(self.table[0].packed.rows(flat), self.dtype)
+        return rows.view(*ids.shape, self.embedding_dim)

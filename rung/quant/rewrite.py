@@ -1,0 +1,130 @@
+"""Rewrite a loaded Decoder for fast inference, from outside (as gpt-fast's quantize.py does).
+
+``pack_model(model, fmt)``: q/k/v become one projection and a gated MLP's gate and up one gated
+projection (one kernel call each instead of three and two plus the activation), and every dense
+linear layer, the LM head included, is stored as a ``PackedLinear`` in ``fmt`` ("f32", "q8",
+"q4"). A tied embedding shares the LM head's packed table. Mixture-of-experts layers keep their
+experts as they are.
+
+The model's own forward is unchanged apart from two branches (Attention.qkv_proj, MLP.gate_up);
+a packed model gives the same logits as the original up to the format's rounding (exactly the
+dequantized weights' logits).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rung.model.decoder import Decoder
+from rung.model.mlp import MLP
+from rung.quant.formats import Packed, quantize
+from rung.quant.linear import GATE_BLOCK, PackedEmbedding, PackedLinear, interleave_gate_up
+
+
+def _packed(weight: torch.Tensor, fmt: str, group: int | None) -> Packed:
+    return quantize(weight, fmt, group)
+
+
+def _linear(layer, fmt: str, group: int | None) -> PackedLinear:
+    if isinstance(layer, PackedLinear):
+        return layer
+    return PackedLinear(_packed(layer.weight, fmt, group), layer.bias)
+
+
+def _fits(fmt: str, in_features: int, group: int | None) -> bool:
+    if fmt == "f32":
+        return True
+    g = group or (32 if fmt == "q4" else in_features)
+    return in_features % 32 == 0 and in_features % g == 0 and g % 32 == 0
+
+
+def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_fmt: str | None = None,
+               packed: dict[str, Packed] | None = None) -> Decoder:
+    """In place; returns the model. ``head_fmt`` defaults to ``fmt``, except q4 → q8 (a 4-bit LM
+    head costs far more quality than it saves; llama.cpp's Q4 files keep theirs at 6-8 bits).
+    ``packed`` holds weights already in a kept format (GGUF blocks), by rung parameter name; they
+    are used as they are instead of being quantized."""
+    packed = packed or {}
+    head_fmt = head_fmt or ("q8" if fmt == "q4" else fmt)
+    c = model.config
+    for i, block in enumerate(model.layers):
+        prefix = f"layers.{i}."
+        attn = block.attn
+        if attn.qkv_proj is None and _fits(fmt, c.hidden_size, group):
+            names = [prefix + f"attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")]
+            parts = [packed.get(n) for n in names]
+            if all(p is not None for p in parts) and len({(p.fmt, p.group) for p in parts}) == 1:
+                weight = _cat_packed(parts)
+            else:
+                weight = _packed(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), fmt, group)
+            bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            attn.qkv_proj = PackedLinear(weight, bias)
+            attn.q_proj = attn.k_proj = attn.v_proj = None
+        if _fits(fmt, c.q_width, group):
+            attn.o_proj = _kept_or_packed(attn.o_proj, packed.get(prefix + "attn.o_proj.weight"), fmt, group)
+        mlp = block.mlp
+        if not isinstance(mlp, MLP):
+            continue  # MoE: experts stay as they are
+        h, inter = c.hidden_size, c.intermediate_size
+        if mlp.gate_proj is not None and inter % GATE_BLOCK == 0 and _fits(fmt, h, group):
+            g, u = packed.get(prefix + "mlp.gate_proj.weight"), packed.get(prefix + "mlp.up_proj.weight")
+            if g is not None and u is not None and (g.fmt, g.group) == (u.fmt, u.group):
+                order = interleave_gate_up(torch.arange(inter), torch.arange(inter, 2 * inter))
+                weight = _cat_packed([g, u]).permute_rows(order)
+            else:
+                weight = _packed(interleave_gate_up(mlp.gate_proj.weight, mlp.up_proj.weight), fmt, group)
+            bias = None if mlp.gate_proj.bias is None else interleave_gate_up(mlp.gate_proj.bias, mlp.up_proj.bias)
+            mlp.gate_up = PackedLinear(weight, bias, gated=c.activation)
+            mlp.gate_proj = mlp.up_proj = None
+        elif _fits(fmt, h, group) and mlp.up_proj is not None:
+            mlp.up_proj = _kept_or_packed(mlp.up_proj, packed.get(prefix + "mlp.up_proj.weight"), fmt, group)
+        if _fits(fmt, inter, group):
+            mlp.down_proj = _kept_or_packed(mlp.down_proj, packed.get(prefix + "mlp.down_proj.weight"), fmt, group)
+    _pack_head(model, head_fmt, group if head_fmt == fmt else None, packed)
+    return model
+
+
+def _kept_or_packed(layer, kept: Packed | None, fmt: str, group: int | None) -> PackedLinear:
+    if kept is not None:
+        return PackedLinear(kept, layer.bias)
+    return _linear(layer, fmt, group)
+
+
+def _cat_packed(parts: list[Packed]) -> Packed:
+    """Packed matrices of one format stacked along the output rows."""
+    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    n = sum(p.shape[0] for p in parts)
+    return Packed(parts[0].fmt, cat("data"), (n, parts[0].shape[1]), parts[0].group, cat("scale"), cat("offset"))
+
+
+def _pack_head(model: Decoder, fmt: str, group: int | None, packed: dict[str, Packed]) -> None:
+    c = model.config
+    if not _fits(fmt, c.hidden_size, group):
+        return
+    if model.lm_head is not None:  # untied
+        kept = packed.get("lm_head.weight")
+        model.lm_head = PackedLinear(kept) if kept is not None else _linear(model.lm_head, fmt, group)
+        if "embed.weight" in packed:
+            model.embed = PackedEmbedding(PackedLinear(packed["embed.weight"]), model.embed.weight.dtype)
+        return
+    kept = packed.get("embed.weight")
+    if kept is None and fmt == "f32" and model.embed.weight.dtype == torch.float32:
+        head = PackedLinear(Packed("f32", model.embed.weight.data, tuple(model.embed.weight.shape)))  # shared, no copy
+        model.lm_head = head
+        return
+    head = PackedLinear(kept if kept is not None else _packed(model.embed.weight, fmt, group))
+    dtype = model.embed.weight.dtype if isinstance(model.embed, nn.Embedding) else torch.float32
+    model.lm_head = head
+    model.embed = PackedEmbedding(head, dtype)
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's tensors, counting each storage once (what the weights occupy)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total

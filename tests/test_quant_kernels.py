@@ -1,0 +1,125 @@
+"""rung's packed formats and native kernels against their dequantizing references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rung import native
+from rung.quant.formats import (Packed, dequantize, from_gguf_blocks, int8_activations, pack_nibbles, quantize,
+                                unpack_nibbles)
+from rung.quant.linear import PackedLinear, interleave_gate_up
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built (no compiler or AVX2)")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("fmt,group,bound", [("q8", None, 0.5 / 127), ("q8", 32, 0.5 / 127),
+                                             ("q4", 32, 0.5 / 15), ("q4", 64, 0.5 / 15), ("q4", 128, 0.5 / 15)])
+def test_round_trip_error_within_the_formats_bound(fmt, group, bound):
+    w = torch.randn(64, 256) * torch.rand(64, 1) * 3  # rows of different ranges
+    p = quantize(w, fmt, group)
+    err = (dequantize(p) - w).abs()
+    g = p.group
+    # the bound per group: half a step; a step is max|w| / 127 (q8) or (max - min) / 15 (q4)
+    groups = w.view(64, -1, g)
+    span = groups.abs().amax(-1) if fmt == "q8" else groups.amax(-1) - groups.amin(-1)
+    limit = (span * bound).repeat_interleave(g, dim=1) * (1 + 2e-3) + 1e-6  # fp16 scale rounding
+    assert (err <= limit).all()
+    assert p.bits_per_weight == pytest.approx({"q8": 8, "q4": 4}[fmt] + (16 if fmt == "q8" else 32) / g)
+
+
+def test_nibble_packing_is_ggufs_block_order():
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert torch.equal(packed[:, 0] & 0x0F, q[:, 0]) and torch.equal(packed[:, 0] >> 4, q[:, 16])
+    assert torch.equal(packed[:, 16] & 0x0F, q[:, 32]) and torch.equal(packed[:, 16] >> 4, q[:, 48])
+    assert torch.equal(unpack_nibbles(packed), q)
+
+
+def _gguf_bytes(kind: str, w: np.ndarray) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quantize as gguf_quantize
+
+    return gguf_quantize(w, GGMLQuantizationType[kind])
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_map_exactly_to_rungs_formats(kind):
+    from gguf import GGMLQuantizationType, dequantize as gguf_dequantize
+
+    w = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
+    raw = _gguf_bytes(kind, w)
+    p = from_gguf_blocks(kind, raw, (8, 128))
+    reference = torch.from_numpy(gguf_dequantize(raw, GGMLQuantizationType[kind]).reshape(8, 128).astype(np.float32))
+    assert torch.equal(dequantize(p), reference)  # bit for bit: no value changed
+    assert p.fmt == ("q8" if kind == "Q8_0" else "q4") and p.group == 32
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("shape,group", [((96, 576), None), ((200, 256), 64), ((48, 1536), 128)])
+def test_native_gemv_equals_the_dequantizing_reference(fmt, rows, shape, group):
+    if fmt == "q4" and group is None:
+        group = 32
+    layer = PackedLinear(quantize(torch.randn(*shape), fmt, group), bias=torch.randn(shape[0]))
+    x = torch.randn(rows, shape[1])
+    out = layer(x)  # native: at most MAX_M rows of float32 on the CPU
+    # q4's kernel rounds x to int8 in runs of 32 first; the reference sees the same x
+    ref = layer.reference(int8_activations(x) if fmt == "q4" else x)
+    assert (out - ref).abs().max() <= 2e-6 * ref.abs().max()
+
+
+@needs_native
+def test_q4_kernel_error_against_float_activations_is_small():
+    layer = PackedLinear(quantize(torch.randn(256, 576), "q4", 32))
+    x = torch.randn(1, 576)
+    ref = layer.reference(x)
+    assert 0 < (layer(x) - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated_layer_is_act_gate_times_up(fmt, act):
+    from rung.model.mlp import ACTIVATIONS
+
+    gate, up = torch.randn(64, 128), torch.randn(64, 128)
+    layer = PackedLinear(quantize(interleave_gate_up(gate, up), fmt, 32 if fmt != "f32" else None), gated=act)
+    x = torch.randn(2, 128)
+    xs = int8_activations(x) if fmt == "q4" else x
+    w = dequantize(layer.packed)
+    g, u = interleave_back(w)
+    expected = ACTIVATIONS[act](xs @ g.T) * (xs @ u.T)
+    assert (layer(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (layer.reference(xs) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def interleave_back(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = w.view(-1, 2, 8, w.shape[-1])
+    return blocks[:, 0].reshape(-1, w.shape[-1]), blocks[:, 1].reshape(-1, w.shape[-1])
+
+
+def test_reference_path_serves_prefill_and_other_dtypes():
+    w = torch.randn(32, 64)
+    layer = PackedLinear(quantize(w, "q8"))
+    x = torch.randn(40, 64)  # more rows than a decode batch: the reference path
+    assert torch.allclose(layer(x), x @ dequantize(layer.packed).T, atol=1e-4)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_bad_group_is_refused_with_the_width():
+    with pytest.raises(ValueError, match="group size 48 must be a multiple of 32 dividing the input width 96"):
+        quantize(torch.randn(4, 96), "q4", 48)
+
+
+def test_packed_rows_select_an_embedding_lookup():
+    p = quantize(torch.randn(10, 64), "q4", 32)
+    idx = torch.tensor([3, 7])
+    assert torch.equal(dequantize(p.rows(idx)), dequantize(p)[idx])
+    assert isinstance(p.rows(idx), Packed)
