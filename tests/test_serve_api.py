@@ -438,3 +438,21 @@ def test_metrics_and_one_log_line_per_request_without_prompt_text(served):
     assert line["completion_tokens"] == r.usage.completion_tokens and line["ttft_s"] <= line["latency_s"]
     assert line["finish_reasons"] == [r.choices[0].finish_reason] and line["tool_calls"] == 0
     assert marker not in served.log_path.read_text()
+
+
+def test_short_load_every_request_completes_whole_and_the_server_returns_to_idle(served):
+    """benchmarks/serve_load.py, briefly: 8 streaming clients for 5 s over the whole request mix."""
+    import asyncio
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    load = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("serve_load", load)  # dataclasses look their module up there
+    spec.loader.exec_module(load)
+    report = asyncio.run(load.run_load(served.base, KEY, MODEL, clients=8, seconds=5))
+    assert report.lost == []
+    assert report.completed >= 4 and report.refused == 0  # 8 clients stay under --max-concurrent 24
+    assert all(t <= lat for t, lat in zip(report.ttft, report.latency))
+    wait_until(lambda: idle(served), timeout=30, what="the server to return to idle")

@@ -1,0 +1,302 @@
+"""Load test of `rung serve`: many concurrent streaming clients on localhost for a bounded time.
+
+    python benchmarks/serve_load.py                      # 64 clients, 60 s, starts its own server
+    python benchmarks/serve_load.py --clients 8 --seconds 5
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # an existing server
+
+Every client loops over a mix of requests (short chats, a long prompt, n=2, a JSON schema answer, a
+forced tool call, a text completion), each streamed through the openai client with usage in the
+last chunk. A request must either complete whole (every chunk well formed, one finish per choice,
+usage that adds up, JSON that validates, a tool call that parses) or be refused with 429 (then the
+client waits the Retry-After and goes on); anything else counts as lost or garbled, and the exit
+status is 1. Afterwards the server must return to idle: no running or waiting sequences, every KV
+block free, resident memory back near its level after warm-up.
+
+Only 127.0.0.1 is ever contacted; every loop is bounded in time. Reports requests/s, tokens/s and
+p50/p95 of time to first token and of latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LONG = ("The history of computing is a story of abstraction layered on abstraction. " * 24).strip()
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+    "additionalProperties": False}}}
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?", "Say hello in Spanish.",
+             "Give me a tip for writing tests.", "What is 12 times 7?"]
+
+
+@dataclass
+class Report:
+    completed: int = 0
+    refused: int = 0
+    lost: list[str] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    tokens: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _request(kind: str, model: str, rng: random.Random) -> tuple[str, dict]:
+    """(endpoint, keyword arguments) of one request of the mix."""
+    max_tokens = rng.randint(8, 40)
+    chat = {"model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    if kind == "short":
+        return "chat", {**chat, "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
+                        "temperature": rng.choice([0.0, 0.8])}
+    if kind == "long":
+        return "chat", {**chat, "messages": [{"role": "user", "content": LONG + "\nSummarise this."}]}
+    if kind == "n2":
+        return "chat", {**chat, "n": 2, "temperature": 1.0, "seed": rng.randint(0, 1000),
+                        "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}]}
+    if kind == "json":
+        return "chat", {**chat, "max_tokens": 60, "temperature": 0.7,
+                        "messages": [{"role": "user", "content": "Describe a person as JSON."}],
+                        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}
+    if kind == "tool":
+        return "chat", {**chat, "max_tokens": 60, "tools": [TOOL], "tool_choice": "required", "temperature": 0,
+                        "messages": [{"role": "user", "content": "What is the weather in Oslo?"}]}
+    return "completion", {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
+                          "stream_options": {"include_usage": True}, "temperature": 0.5}
+
+
+KINDS = ["short", "short", "short", "long", "n2", "json", "tool", "completion"]
+
+
+def _check(kind: str, endpoint: str, args: dict, chunks: list) -> int:
+    """Raise AssertionError if the streamed reply is not whole and well formed; return its tokens."""
+    import jsonschema
+
+    assert chunks, "no chunk"
+    assert len({c.id for c in chunks}) == 1, "chunk ids differ"
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == [], "no usage in the last chunk"
+    n = args.get("n", 1)
+    finishes: dict[int, str] = {}
+    texts: dict[int, str] = {}
+    calls: dict[int, list] = {}
+    for c in chunks[:-1]:
+        assert c.usage is None, "usage before the last chunk"
+        for choice in c.choices:
+            if endpoint == "chat":
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+                calls.setdefault(choice.index, []).extend(choice.delta.tool_calls or [])
+            else:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                assert choice.index not in finishes, "two finish reasons for one choice"
+                finishes[choice.index] = choice.finish_reason
+    assert sorted(finishes) == list(range(n)), f"finish reasons for {sorted(finishes)}, expected {n} choices"
+    assert 1 <= usage.completion_tokens <= n * args["max_tokens"], f"usage {usage}"
+    assert all("\ufffd" not in t for t in texts.values()), "broken characters"
+    if kind == "json" and finishes[0] == "stop":
+        jsonschema.validate(json.loads(texts[0]), SCHEMA)
+    if kind == "tool":
+        assert finishes[0] == "tool_calls" and calls[0], f"no tool call ({finishes[0]})"
+        assert calls[0][0].function.name == "get_weather"
+        json.loads("".join(d.function.arguments or "" for d in calls[0]))
+    return usage.completion_tokens
+
+
+async def run_load(base_url: str, api_key: str, model: str, clients: int, seconds: float, seed: int = 0) -> Report:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=seconds + 120)
+    report = Report()
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def one_client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        while time.perf_counter() < deadline:
+            kind = rng.choice(KINDS)
+            endpoint, args = _request(kind, model, rng)
+            sent = time.perf_counter()
+            first = None
+            try:
+                create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+                stream = await create(**args)
+                chunks = []
+                async for chunk in stream:
+                    if first is None and chunk.choices:
+                        c = chunk.choices[0]
+                        text = (c.delta.content or c.delta.tool_calls) if endpoint == "chat" else c.text
+                        if text:
+                            first = time.perf_counter()
+                    chunks.append(chunk)
+                report.tokens += _check(kind, endpoint, args, chunks)
+                report.completed += 1
+                report.kinds[kind] = report.kinds.get(kind, 0) + 1
+                report.latency.append(time.perf_counter() - sent)
+                if first is not None:
+                    report.ttft.append(first - sent)
+            except openai.RateLimitError as e:
+                report.refused += 1
+                wait = float(e.response.headers.get("retry-after", "1"))
+                await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())) * rng.uniform(0.5, 1.0))
+            except Exception as e:  # lost or garbled: recorded, never hidden
+                report.lost.append(f"{kind}: {type(e).__name__}: {str(e)[:200]}")
+
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    report.seconds = time.perf_counter() - start
+    await client.close()
+    return report
+
+
+# ---- the server side ------------------------------------------------------------------------------------
+
+
+def http_get(url: str, api_key: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def gauge(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else float("nan")
+
+
+def idle_state(base_url: str) -> dict:
+    text = http_get(base_url + "/metrics")[1]
+    return {k: gauge(text, f"rung:{k}") for k in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                                                  "num_requests_in_flight")}
+
+
+def wait_idle(base_url: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    state = idle_state(base_url)
+    while time.monotonic() < deadline and any(v != 0 for v in state.values()):
+        time.sleep(0.2)
+        state = idle_state(base_url)
+    return state
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(model: str, api_key: str, max_concurrent: int, threads: int | None, log_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "rung", "serve", "-m", model, "--port", str(port), "--api-key", api_key,
+               "--max-concurrent", str(max_concurrent)]
+    if threads:
+        command += ["--threads", str(threads)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rung serve exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if http_get(base + "/health")[0] == 200:
+                return proc, base
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("rung serve did not become healthy in 300 s")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summary(report: Report) -> str:
+    rows = [
+        ("requests completed", f"{report.completed}"),
+        ("refused with 429", f"{report.refused}"),
+        ("lost or garbled", f"{len(report.lost)}"),
+        ("requests/s", f"{report.completed / report.seconds:.2f}"),
+        ("generated tokens/s", f"{report.tokens / report.seconds:.1f}"),
+        ("TTFT p50 / p95 (s)", f"{pct(report.ttft, 50):.3f} / {pct(report.ttft, 95):.3f}"),
+        ("latency p50 / p95 (s)", f"{pct(report.latency, 50):.3f} / {pct(report.latency, 95):.3f}"),
+        ("mix", ", ".join(f"{k} {v}" for k, v in sorted(report.kinds.items()))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default=None, help="an already running server (default: start one)")
+    p.add_argument("--api-key", default="load-test-key")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--max-concurrent", type=int, default=32, help="the started server's limit (clients above it see 429)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.url and not re.match(r"^https?://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?$", args.url):
+        raise SystemExit("serve_load: --url must be a loopback address (127.0.0.1, localhost, [::1])")
+
+    proc, log_path = None, Path(os.environ.get("TMPDIR", "/tmp")) / f"rung-serve-load-{os.getpid()}.log"
+    if args.url:
+        base = args.url.rstrip("/")
+    else:
+        proc, base = start_server(args.model, args.api_key, args.max_concurrent, args.threads, log_path)
+    try:
+        # warm-up: a few requests of each kind, so memory is measured after the first allocations
+        asyncio.run(run_load(base, args.api_key, args.model, clients=4, seconds=3, seed=args.seed + 99))
+        wait_idle(base)
+        rss_idle = rss_mb(proc.pid) if proc else float("nan")
+        print(f"load: {args.clients} streaming clients for {args.seconds:g} s against {base} "
+              f"(server --max-concurrent {args.max_concurrent if proc else '?'})", flush=True)
+        report = asyncio.run(run_load(base, args.api_key, args.model, args.clients, args.seconds, args.seed))
+        rss_peak = rss_mb(proc.pid) if proc else float("nan")
+        state = wait_idle(base)
+        rss_after = rss_mb(proc.pid) if proc else float("nan")
+        print(summary(report))
+        print(f"{'after the run':<21}  " + ", ".join(f"{k} {v:g}" for k, v in state.items()))
+        print(f"{'server RSS (MiB)':<21}  idle {rss_idle:.0f}, under load {rss_peak:.0f}, after {rss_after:.0f}")
+        for line in report.lost[:10]:
+            print("  lost:", line)
+        ok = not report.lost and all(v == 0 for v in state.values()) and report.completed > 0
+        if proc and rss_after > rss_idle * 1.25 + 64:
+            print("server memory did not return near its idle level")
+            ok = False
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
+    finally:
+        if proc:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
