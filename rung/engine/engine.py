@@ -223,7 +223,10 @@ class Engine:
                 rows.append(offset - 1)
         deltas = []
         if rows:
-            logits = step_logits[rows] if step_logits is not None else self.model.logits(hidden[rows])  # [rows, vocab]
+            if step_logits is not None:  # a decode-only batch: row i is sequence i's
+                logits = step_logits if len(rows) == len(step_logits) else step_logits[rows]
+            else:
+                logits = self.model.logits(hidden[rows])  # [rows, vocab] float32
             argmax = self._batched_greedy(sampling, logits)
             for seq, row, count in sampling:
                 if seq.cached_tokens and not seq.output_ids:
@@ -247,7 +250,7 @@ class Engine:
 
     def _batched_greedy(self, sampling, logits: torch.Tensor) -> list[int] | None:
         """One argmax and one device → host copy for all plain-greedy rows, instead of one per sequence."""
-        if sum(count == 1 and self._plain_greedy(seq) for seq, _, count in sampling) < 2:
+        if not any(count == 1 and self._plain_greedy(seq) for seq, _, count in sampling):
             return None
         return logits.argmax(-1).tolist()
 

@@ -55,7 +55,7 @@ class ExpertWeights:
         """One expert's matrix [rows, cols] in ``dtype`` (dequantized on the fly when packed)."""
         w = getattr(self, name)[e]
         if not self.packed:
-            return w
+            return w.to(dtype)
         scales = getattr(self, name + "_scales")[e]
         return dequantize_mxfp4(w.view(w.shape[0], -1, 16), scales, dtype)
 

@@ -99,7 +99,7 @@ def _config(slots: int):
     """(block_m, block_n, block_k, warps): small blocks while few slots share an expert (decode,
     where a block holds one slot and the job is streaming weights), GEMM-sized ones for prefill."""
     if slots <= 128:
-        return 16, 64, 128, 4
+        return 16, 32, 128, 4
     return 64, 128, 64, 8
 
 
