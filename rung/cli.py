@@ -41,9 +41,10 @@ def _commands() -> tuple[Command, ...]:
     from rung.commands.bench import BENCH
     from rung.commands.fit import FIT
     from rung.commands.generate import CHAT, GENERATE
+    from rung.commands.quantize import QUANTIZE
     from rung.commands.serve import SERVE
 
-    return (ARCH, GENERATE, CHAT, SERVE, BENCH, FIT)
+    return (ARCH, GENERATE, CHAT, SERVE, BENCH, FIT, QUANTIZE)
 
 
 # ---- dispatch ----------------------------------------------------------------------------------

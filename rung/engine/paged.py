@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rung import native
 from rung.config import ModelConfig
 from rung.engine.blocks import BlockAllocator
 from rung.kernels import use_triton
@@ -130,10 +131,17 @@ class PagedStep:
         outs = []
         if self.n_decode:
             idx, bias = reads[0]  # [B, L], [B, 1|H, 1, L]
-            kb = pool_k[idx].permute(0, 2, 1, 3)  # [B, hkv, L, d]
-            vb = pool_v[idx].permute(0, 2, 1, 3)
-            qb = q[0, :, : self.n_decode].transpose(0, 1)[:, :, None]  # [B, hq, 1, d]
-            outs.append(attend(qb, kb, vb, bias, scale, sinks)[:, :, 0].transpose(0, 1)[None])  # [1, hq, B, d]
+            if slopes is None and q.dtype == torch.float32 and q.device.type == "cpu" and native.available():
+                # rung's CPU kernel reads the pool through idx: no gathered copies, one call
+                qb = q[0, :, : self.n_decode].transpose(0, 1).contiguous()  # [B, hq, d]
+                sink = None if sinks is None else sinks.float().contiguous()
+                out = native.decode_attention(qb, pool_k, pool_v, idx, self._decode_lengths(g), scale, sink)
+                outs.append(out.transpose(0, 1)[None])  # [1, hq, B, d]
+            else:
+                kb = pool_k[idx].permute(0, 2, 1, 3)  # [B, hkv, L, d]
+                vb = pool_v[idx].permute(0, 2, 1, 3)
+                qb = q[0, :, : self.n_decode].transpose(0, 1)[:, :, None]  # [B, hq, 1, d]
+                outs.append(attend(qb, kb, vb, bias, scale, sinks)[:, :, 0].transpose(0, 1)[None])  # [1, hq, B, d]
         offset = self.n_decode
         for chunk, (idx, bias) in zip(self.chunks[self.n_decode:], reads[1 if self.n_decode else 0:]):
             qc = q[:, :, offset: offset + chunk.count]
@@ -142,6 +150,15 @@ class PagedStep:
             outs.append(attend(qc, kc, vc, bias, scale, sinks))
             offset += chunk.count
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def _decode_lengths(self, g: int) -> torch.Tensor:
+        """How many keys each decode token sees in group g (its row of the read plan's idx)."""
+        key = ("lengths", g)
+        if key not in self._reads:
+            group = self.pool.groups[g]
+            self._reads[key] = torch.tensor([c.start + 1 - group.first_needed(c.start)
+                                             for c in self.chunks[: self.n_decode]], dtype=torch.long)
+        return self._reads[key]
 
     def _kernel_plan(self, g: int, num_heads: int, num_kv_heads: int, head_dim: int):
         """Block tables [chunks, widest] (blocks a sliding group dropped read as 0, never visited)

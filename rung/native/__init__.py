@@ -79,7 +79,8 @@ def library() -> ctypes.CDLL | None:
     lib.rung_gemv_f32.argtypes = [p, i64, i64, i64, p, p, p, i32, i32, i32]
     lib.rung_gemv_q8.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32, i32, i32]
     lib.rung_gemv_q4.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i32, i32, i32]
-    for f in (lib.rung_gemv_f32, lib.rung_gemv_q8, lib.rung_gemv_q4):
+    lib.rung_decode_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, i32]
+    for f in (lib.rung_gemv_f32, lib.rung_gemv_q8, lib.rung_gemv_q4, lib.rung_decode_attention):
         f.restype = None
     if lib.rung_max_m() != MAX_M:
         raise RuntimeError(f"{path}: built with MAX_M {lib.rung_max_m()}, rung expects {MAX_M}")
@@ -118,4 +119,16 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, out_features: int, in_
     else:
         lib.rung_gemv_q4(x.data_ptr(), m, out_features, in_features, group, weight.data_ptr(), scale.data_ptr(),
                          offset.data_ptr(), _ptr(bias), out.data_ptr(), accumulate, g, threads)
+    return out
+
+
+def decode_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, idx: torch.Tensor,
+                     lengths: torch.Tensor, scale: float, sinks: torch.Tensor | None) -> torch.Tensor:
+    """q [B, hq, d] float32; pools [slots, hkv, d]; idx [B, L] int64 visible slots in order,
+    lengths [B] int64 → out [B, hq, d]. See kernels.c: rung_decode_attention."""
+    b, hq, d = q.shape
+    out = torch.empty_like(q)
+    library().rung_decode_attention(q.data_ptr(), pool_k.data_ptr(), pool_v.data_ptr(), idx.data_ptr(),
+                                    lengths.data_ptr(), b, idx.shape[1], hq, pool_k.shape[1], d, scale,
+                                    _ptr(sinks), out.data_ptr(), torch.get_num_threads())
     return out

@@ -231,3 +231,52 @@ void rung_gemv_q4(const float *x, int64_t M, int64_t N, int64_t K, int64_t group
                   int gated, int threads) {
     gemv(Q4, x, M, N, K, group, w, scale, offset, bias, y, accumulate, gated, threads);
 }
+
+/* ---- decode attention over the paged KV pool ----------------------------------------------
+ * One query per sequence b: q [B, hq, d]; keys and values in pools [slots, hkv, d]; idx [B, L]
+ * lists each sequence's visible slots in position order (the window already applied), lengths[b]
+ * how many of its L entries are real. Query head h reads kv head h / (hq / hkv). A sink (gpt-oss)
+ * is one more logit per head in the softmax's denominator, then dropped. out [B, hq, d].
+ * Replaces gather + permute + SDPA per layer: no copies of the keys, one call. */
+static inline float dot_f32(const float *a, const float *b, int64_t d) {
+    __m256 s = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s);
+    float r = hsum(s);
+    for (; k < d; k++) r += a[k] * b[k];
+    return r;
+}
+
+void rung_decode_attention(const float *q, const float *kpool, const float *vpool, const int64_t *idx,
+                           const int64_t *lengths, int64_t B, int64_t L, int64_t hq, int64_t hkv, int64_t d,
+                           float scale, const float *sinks, float *out, int threads) {
+    const int64_t group = hq / hkv;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t bh = 0; bh < B * hq; bh++) {
+        const int64_t b = bh / hq, h = bh % hq, kvh = h / group, n = lengths[b];
+        const float *qv = q + bh * d;
+        const int64_t *slots = idx + b * L;
+        float *scores = malloc(sizeof(float) * (n > 0 ? n : 1));
+        float top = sinks ? sinks[h] : -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            scores[j] = scale * dot_f32(qv, kpool + (slots[j] * hkv + kvh) * d, d);
+            top = scores[j] > top ? scores[j] : top;
+        }
+        float total = sinks ? expf(sinks[h] - top) : 0.0f;
+        float *o = out + bh * d;
+        for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            const float p = expf(scores[j] - top);
+            total += p;
+            const float *vv = vpool + (slots[j] * hkv + kvh) * d;
+            int64_t k = 0;
+            __m256 pv = _mm256_set1_ps(p);
+            for (; k + 8 <= d; k += 8)
+                _mm256_storeu_ps(o + k, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + k), _mm256_loadu_ps(o + k)));
+            for (; k < d; k++) o[k] += p * vv[k];
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int64_t k = 0; k < d; k++) o[k] *= inv;
+        free(scores);
+    }
+}

@@ -133,7 +133,7 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, shape: tuple[int, int]) -> Pack
     n, k = shape
     if kind not in GGUF_BLOCK_BYTES or k % 32:
         raise ValueError(f"no packed mapping for GGUF {kind} with row width {k}")
-    blocks = torch.from_numpy(np.ascontiguousarray(raw).reshape(n, k // 32, GGUF_BLOCK_BYTES[kind]))
+    blocks = torch.from_numpy(np.array(raw, copy=True).reshape(n, k // 32, GGUF_BLOCK_BYTES[kind]))
     d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # [n, k / 32]
     if kind == "Q8_0":
         q = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k)

@@ -18,7 +18,7 @@ from torch import nn
 
 from rung.model.decoder import Decoder
 from rung.model.mlp import MLP
-from rung.quant.formats import Packed, quantize
+from rung.quant.formats import Packed, dequantize, quantize
 from rung.quant.linear import GATE_BLOCK, PackedEmbedding, PackedLinear, interleave_gate_up
 
 
@@ -39,25 +39,52 @@ def _fits(fmt: str, in_features: int, group: int | None) -> bool:
     return in_features % 32 == 0 and in_features % g == 0 and g % 32 == 0
 
 
+def default_head_format(fmt: str) -> str:
+    """q4 → q8: a 4-bit LM head costs far more quality than it saves (llama.cpp's Q4 files keep
+    theirs at 6-8 bits); otherwise the model's format."""
+    return "q8" if fmt == "q4" else fmt
+
+
+def packed_targets(model: Decoder, fmt: str, group: int | None = None,
+                   head_fmt: str | None = None) -> dict[str, tuple[str, int | None]]:
+    """The parameters ``pack_model`` replaces, with the (format, group) each gets: a loader can
+    produce these packed straight from the checkpoint and never fill the float parameter."""
+    c = model.config
+    head_fmt = head_fmt or default_head_format(fmt)
+    out = {}
+    for i, block in enumerate(model.layers):
+        t = f"layers.{i}."
+        if _fits(fmt, c.hidden_size, group):
+            out.update({t + f"attn.{p}_proj.weight": (fmt, group) for p in "qkv"})
+        if _fits(fmt, c.q_width, group):
+            out[t + "attn.o_proj.weight"] = (fmt, group)
+        if isinstance(block.mlp, MLP):
+            if _fits(fmt, c.hidden_size, group):
+                out.update({t + f"mlp.{p}.weight": (fmt, group) for p in ("gate_proj", "up_proj")
+                            if getattr(block.mlp, p) is not None})
+            if _fits(fmt, c.intermediate_size, group):
+                out[t + "mlp.down_proj.weight"] = (fmt, group)
+    head_group = group if head_fmt == fmt else None
+    if head_fmt != "f32" and _fits(head_fmt, c.hidden_size, head_group):
+        out["lm_head.weight" if model.lm_head is not None else "embed.weight"] = (head_fmt, head_group)
+    return out
+
+
 def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_fmt: str | None = None,
                packed: dict[str, Packed] | None = None) -> Decoder:
-    """In place; returns the model. ``head_fmt`` defaults to ``fmt``, except q4 → q8 (a 4-bit LM
-    head costs far more quality than it saves; llama.cpp's Q4 files keep theirs at 6-8 bits).
-    ``packed`` holds weights already in a kept format (GGUF blocks), by rung parameter name; they
-    are used as they are instead of being quantized."""
+    """In place; returns the model. ``head_fmt``: see default_head_format. ``packed`` holds
+    weights a loader already produced in their target format (GGUF blocks kept as they are, by
+    rung parameter name); they are used instead of quantizing the float parameter."""
     packed = packed or {}
-    head_fmt = head_fmt or ("q8" if fmt == "q4" else fmt)
+    head_fmt = head_fmt or default_head_format(fmt)
     c = model.config
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}."
         attn = block.attn
         if attn.qkv_proj is None and _fits(fmt, c.hidden_size, group):
-            names = [prefix + f"attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")]
-            parts = [packed.get(n) for n in names]
-            if all(p is not None for p in parts) and len({(p.fmt, p.group) for p in parts}) == 1:
-                weight = _cat_packed(parts)
-            else:
-                weight = _packed(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), fmt, group)
+            names = [prefix + f"attn.{p}_proj.weight" for p in ("q", "k", "v")]
+            layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+            weight = _fused([packed.get(n) for n in names], layers, fmt, group)
             bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             attn.qkv_proj = PackedLinear(weight, bias)
             attn.q_proj = attn.k_proj = attn.v_proj = None
@@ -68,17 +95,17 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
             continue  # MoE: experts stay as they are
         h, inter = c.hidden_size, c.intermediate_size
         if mlp.gate_proj is not None and inter % GATE_BLOCK == 0 and _fits(fmt, h, group):
-            g, u = packed.get(prefix + "mlp.gate_proj.weight"), packed.get(prefix + "mlp.up_proj.weight")
-            if g is not None and u is not None and (g.fmt, g.group) == (u.fmt, u.group):
-                order = interleave_gate_up(torch.arange(inter), torch.arange(inter, 2 * inter))
-                weight = _cat_packed([g, u]).permute_rows(order)
-            else:
-                weight = _packed(interleave_gate_up(mlp.gate_proj.weight, mlp.up_proj.weight), fmt, group)
+            names = [prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"]
+            weight = _fused([packed.get(n) for n in names], [mlp.gate_proj, mlp.up_proj], fmt, group)
+            order = interleave_gate_up(torch.arange(inter), torch.arange(inter, 2 * inter))
             bias = None if mlp.gate_proj.bias is None else interleave_gate_up(mlp.gate_proj.bias, mlp.up_proj.bias)
-            mlp.gate_up = PackedLinear(weight, bias, gated=c.activation)
+            mlp.gate_up = PackedLinear(weight.permute_rows(order), bias, gated=c.activation)
             mlp.gate_proj = mlp.up_proj = None
-        elif _fits(fmt, h, group) and mlp.up_proj is not None:
-            mlp.up_proj = _kept_or_packed(mlp.up_proj, packed.get(prefix + "mlp.up_proj.weight"), fmt, group)
+        elif _fits(fmt, h, group):
+            for name in ("gate_proj", "up_proj"):
+                if getattr(mlp, name) is not None:
+                    setattr(mlp, name, _kept_or_packed(getattr(mlp, name), packed.get(prefix + f"mlp.{name}.weight"),
+                                                       fmt, group))
         if _fits(fmt, inter, group):
             mlp.down_proj = _kept_or_packed(mlp.down_proj, packed.get(prefix + "mlp.down_proj.weight"), fmt, group)
     _pack_head(model, head_fmt, group if head_fmt == fmt else None, packed)
@@ -89,6 +116,18 @@ def _kept_or_packed(layer, kept: Packed | None, fmt: str, group: int | None) -> 
     if kept is not None:
         return PackedLinear(kept, layer.bias)
     return _linear(layer, fmt, group)
+
+
+def _fused(parts: list[Packed | None], layers: list, fmt: str, group: int | None) -> Packed:
+    """Several projections of one input stacked along the output rows, in ``fmt``: kept packed
+    parts as they are when they agree in format and group, else re-quantized together (a part a
+    loader packed is never read back from its float parameter, which it did not fill)."""
+    if all(p is not None for p in parts):
+        if len({(p.fmt, p.group) for p in parts}) == 1:
+            return _cat_packed(parts)
+        return _packed(torch.cat([dequantize(p) for p in parts]), fmt, group)
+    weights = [dequantize(p) if p is not None else layer.weight for p, layer in zip(parts, layers)]
+    return _packed(torch.cat(weights), fmt, group)
 
 
 def _cat_packed(parts: list[Packed]) -> Packed:

@@ -358,6 +358,12 @@ class GGUFFile:
             values = values.copy()
         return torch.from_numpy(values)
 
+    def raw(self, name: str) -> tuple[str, np.ndarray]:
+        """One tensor's type name and its bytes as stored (uint8, blocks in order), not dequantized."""
+        if name not in self._data:
+            raise GGUFError(f"{self.path}: no tensor {name!r}")
+        return self.tensors[name][1].name, np.asarray(self._data[name]).view(np.uint8).reshape(-1)
+
     def close(self) -> None:
         self._data = {}
 
@@ -812,10 +818,38 @@ def _check_plan(model: Decoder, gf: GGUFFile, rules: list[Rule], consumed: set[s
         raise GGUFError(f"{gf.path}: no tensor for parameter {unfilled[0]}")
 
 
+def _kept(gf: GGUFFile, rule: Rule, fmt: str, group: int | None, shape: torch.Size):
+    """The packed weight of ``rule`` straight from its GGUF blocks, when they are already in
+    ``fmt`` (Q4_0/Q4_1 → q4, Q8_0 → q8, groups of 32) and the rule only reorders rows (llama.cpp's
+    Q/K permutation); else None."""
+    from rung.quant.formats import from_gguf_blocks
+
+    kind, raw = gf.raw(rule.sources[0])
+    if len(rule.sources) != 1 or {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}.get(kind) != fmt or group not in (None, 32):
+        return None
+    source_shape = gf.tensors[rule.sources[0]][0]
+    if len(source_shape) != 2 or tuple(source_shape) != tuple(shape):
+        return None
+    packed = from_gguf_blocks(kind, raw, tuple(source_shape))
+    if rule.convert is None:
+        return packed
+    # a row permutation is found by running the conversion on the row numbers
+    order = rule.convert(torch.arange(shape[0], dtype=torch.float32)[:, None])
+    if order.shape != (shape[0], 1):
+        return None
+    return packed.permute_rows(order[:, 0].long())
+
+
 def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
-                    device: str | torch.device = "cpu", progress=None) -> Decoder:
+                    device: str | torch.device = "cpu", progress=None,
+                    packed_formats: dict[str, tuple[str, int | None]] | None = None):
     """A GGUF file → a rung Decoder in eval mode, dequantized tensor by tensor into ``dtype``.
-    ``progress(done, total)`` is called after each parameter (for a progress bar)."""
+    ``progress(done, total)`` is called after each parameter (for a progress bar).
+
+    ``packed_formats`` (rung parameter → (format, group), from rung.quant's packed_targets):
+    those weights come back packed instead, in a dict beside the model, GGUF blocks kept as they
+    are where rung's format holds them exactly; their float parameters are never written (and
+    never take memory). Returns (model, packed) then."""
     from rung.weights.loader import empty_model, resolve_dtype  # loader dispatches here: import late
 
     torch_dtype = resolve_dtype(dtype)
@@ -827,8 +861,21 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
             _check_plan(Decoder(config), gf, rules, consumed)
         model = empty_model(config, torch_dtype, device)
         params = dict(model.named_parameters())
+        packed = {}
         last_name, last = None, None  # gpt2's attn_qkv and fused experts feed several parameters in a row
         for done, rule in enumerate(rules, 1):
+            if packed_formats and rule.target in packed_formats:
+                from rung.quant.formats import quantize
+
+                fmt, group = packed_formats[rule.target]
+                kept = _kept(gf, rule, fmt, group, params[rule.target].shape)
+                if kept is None:
+                    tensors = [gf.read(s) for s in rule.sources]
+                    kept = quantize(rule.convert(*tensors) if rule.convert else tensors[0], fmt, group)
+                packed[rule.target] = kept
+                if progress:
+                    progress(done, len(rules))
+                continue
             tensors = []
             for source in rule.sources:
                 if source != last_name:
@@ -840,4 +887,5 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
                 params[rule.target].copy_(value)
             if progress:
                 progress(done, len(rules))
-    return model.requires_grad_(False).eval()
+    model = model.requires_grad_(False).eval()
+    return (model, packed) if packed_formats is not None else model

