@@ -12,7 +12,8 @@ class Scripted:
     def __init__(self, name: str, answers: dict, params: int = 100_000_000, weight_bytes: int | None = None,
                  peak: int = 500 * 10**6, kind: str = "local", ttft_s: float = 0.05, latency_s: float = 0.5,
                  perplexity: float | None = 10.0, license: str = "apache-2.0", max_context: int = 8192,
-                 fail_open: str | None = None, host: str | None = None, kv_per_token: float = 10_000):
+                 fail_open: str | None = None, host: str | None = None, kv_per_token: float = 10_000,
+                 load_peak: int | None = None):
         self.name, self.answers, self.kind = name, answers, kind
         self.generated = 0  # requests asked for
         self.opened = 0
@@ -21,7 +22,7 @@ class Scripted:
                                   weight_bytes=weight_bytes if weight_bytes is not None or params is None else params * 2,
                                   peak_memory_bytes=peak if kind == "local" else None, max_context=max_context,
                                   kv_bytes_per_token=kv_per_token if kind == "local" else None, license=license,
-                                  host=host)
+                                  host=host, load_peak_bytes=load_peak)
         self.requests = []
 
     def fingerprint(self) -> dict:

@@ -66,6 +66,7 @@ def test_a_local_model_in_its_worker_process_measures_its_own_memory(folder, fil
     [c] = json.loads((files / "out" / "tiny.json").read_text())["candidates"]
     info, m = c["info"], c["metrics"]
     assert info["peak_memory_bytes"] > info["model_memory_bytes"] > 0  # the process, then what loading added
+    assert info["load_peak_bytes"] >= info["model_memory_bytes"]
     assert m["accuracy"] is not None and m["by_check"]["perplexity"] == 1.0
     assert not (files / "cache").exists()  # --no-cache writes nothing
 

@@ -84,6 +84,13 @@ def test_memory_budget_counts_kv_at_the_required_context():
     assert d.verdict("fat").memory_needed_bytes == 1_000_000_000 + 4_000 * 8192 * 2
 
 
+def test_a_load_that_peaks_above_the_budget_fails():
+    cands = [Scripted("expands-on-load", answers(8), params=1, peak=500_000_000, load_peak=2_000_000_000),
+             Scripted("steady", answers(8), params=2, peak=500_000_000, load_peak=600_000_000)]
+    d = decide_for(cands, {"runs_on": {"memory": "1.5GB"}})
+    assert d.chosen == "steady" and d.verdict("expands-on-load").reasons == ["loading peaks at 2.00 GB > budget 1.50 GB"]
+
+
 def test_context_longer_than_the_model_fails():
     d = decide_for([Scripted("short", answers(8), params=1, max_context=2048), Scripted("long", answers(8), params=2)],
                    {"context_p95": 4096})

@@ -120,6 +120,10 @@ class LocalCandidate:
         self.llm = LLM(self.name, device=self.device, progress=self.progress, **options)
         self._before = before
         self.info = describe_local(self.name, self.llm, time.perf_counter() - start, self.device)
+        # loading can need more than serving (a checkpoint expanded, then packed): the load's peak is
+        # kept apart, and the serving peak starts from here
+        self.info.load_peak_bytes = peak_memory(cuda)
+        reset_peak_memory(cuda)
         return self.info
 
     def generate(self, requests: list[Request], concurrency: int, on_done: OnDone | None = None) -> float:
@@ -215,7 +219,7 @@ class LocalCandidate:
         return math.exp(nll / count), ""
 
     def measure_memory(self) -> None:
-        """Peak memory of the run so far, into ``info`` (call after generating)."""
+        """Peak memory while serving the suite, into ``info`` (call after generating)."""
         cuda = self.device.startswith("cuda")
         peak = peak_memory(cuda)
         self.info.peak_memory_bytes = peak
@@ -322,6 +326,20 @@ def peak_memory(cuda: bool = False) -> int | None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak = rss if sys.platform == "darwin" else rss * 1024
     return peak
+
+
+def reset_peak_memory(cuda: bool = False) -> bool:
+    """Start a new peak from the current usage; False where the OS cannot (then peaks include loading)."""
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux ≥ 4.0: resets VmHWM to VmRSS
+        return True
+    except OSError:
+        return False
 
 
 def _proc_status(key: str) -> int | None:

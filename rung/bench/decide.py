@@ -27,8 +27,9 @@ A requirements file answers five questions (YAML)::
       - {spec: "openai:https://api.example.com/v1#big", price_per_1m_output_tokens: 0.6, params: 8e9}
 
 "Smallest" orders by parameters, then weight bytes, then peak memory (unknown sizes last). Memory
-needed is the peak measured on the suite plus the KV cache of ``concurrency`` requests at
-``context_p95`` (from the model's bytes per token), against the budget.
+needed is the peak measured while serving the suite plus the KV cache of ``concurrency`` requests
+at ``context_p95`` (from the model's bytes per token), or the peak while loading if that is higher,
+against the budget.
 """
 
 from __future__ import annotations
@@ -294,14 +295,19 @@ def _verdict(m: Metrics, info, req: Requirements, suite_tags: dict[str, set[str]
         kv = info.kv_bytes_per_token if info else None
         if m.peak_memory_bytes is not None:
             extra = kv * req.context_p95 * req.concurrency if (kv and req.context_p95) else 0
-            needed = int(m.peak_memory_bytes + extra)
+            serving = int(m.peak_memory_bytes + extra)
+            needed = max(serving, m.load_peak_bytes or 0)  # the process must also survive its own loading
         if req.memory_bytes is not None:
             if needed is None:
                 reasons.append("peak memory not measured")
             elif needed > req.memory_bytes:
-                why = f" (peak {_gb(m.peak_memory_bytes)} + KV {_gb(needed - m.peak_memory_bytes)} at context p95)" \
-                    if needed != m.peak_memory_bytes else ""
-                reasons.append(f"memory {_gb(needed)}{why} > budget {_gb(req.memory_bytes)}")
+                if needed != serving:
+                    why = f"loading peaks at {_gb(needed)}"
+                elif needed != m.peak_memory_bytes:
+                    why = f"memory {_gb(needed)} (peak {_gb(m.peak_memory_bytes)} + KV {_gb(needed - m.peak_memory_bytes)} at context p95)"
+                else:
+                    why = f"memory {_gb(needed)}"
+                reasons.append(f"{why} > budget {_gb(req.memory_bytes)}")
     elif req.memory_bytes is not None:
         notes.append("memory not measured (an endpoint's memory is its host's)")
 

@@ -68,8 +68,9 @@ class Metrics:
     output_tokens: int
     prompt_tokens_p50: float | None
     prompt_tokens_p95: float | None
-    peak_memory_bytes: int | None
+    peak_memory_bytes: int | None  # while serving the suite
     model_memory_bytes: int | None
+    load_peak_bytes: int | None
     total_params: int | None
     weight_bytes: int | None
     max_context: int | None
@@ -128,6 +129,7 @@ def summarize(run: CandidateRun, pricing: Pricing | None = None) -> Metrics:
         decode_tokens_per_s=percentile(decode, 50), throughput_tokens_per_s=throughput, output_tokens=output_tokens,
         prompt_tokens_p50=percentile(prompts, 50), prompt_tokens_p95=percentile(prompts, 95),
         peak_memory_bytes=run.info.peak_memory_bytes, model_memory_bytes=run.info.model_memory_bytes,
+        load_peak_bytes=run.info.load_peak_bytes,
         total_params=run.info.total_params, weight_bytes=run.info.weight_bytes, max_context=run.info.max_context,
         cost_per_1k_output_tokens=cost, cost_basis=basis, concurrency=run.settings.get("concurrency"),
         perplexity=sum(perplexities) / len(perplexities) if perplexities else None, ttft_ms=ttft, e2e_ms=e2e)

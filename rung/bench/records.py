@@ -71,8 +71,9 @@ class CandidateInfo:
     model_type: str | None = None
     total_params: int | None = None
     weight_bytes: int | None = None  # as loaded in memory (local) or from describe for a known preset
-    peak_memory_bytes: int | None = None  # peak RSS of the worker process (or CUDA peak allocated)
-    model_memory_bytes: int | None = None  # peak minus the process before the model was loaded
+    peak_memory_bytes: int | None = None  # peak RSS of the worker while serving (or CUDA peak allocated)
+    model_memory_bytes: int | None = None  # that peak minus the process before the model was loaded
+    load_peak_bytes: int | None = None  # peak RSS while loading (a loader may expand weights transiently)
     max_context: int | None = None
     kv_bytes_per_token: float | None = None  # at the loaded dtype, for memory at a required context
     license: str | None = None

@@ -125,39 +125,47 @@ def _verdict_text(c: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None = None) -> None:
+    """The figures table, the pass rate per check, the recommendation and each other candidate's reasons."""
     from rich.table import Table
 
     suite = report["suite"]
     s = report["settings"]
-    table = Table(title=f"{suite['name']} ({suite['cases']} cases, {suite['hash']}), "
-                        f"{s.get('concurrency')} requests in flight; latency in ms", title_justify="left")
-    types = check_types(report)
-    for col, justify in [("candidate", "left"), ("params", "right"), ("weights", "right"), ("accuracy", "right")] + \
-            [(t, "right") for t in types] + [("TTFT p50/p95", "right"), ("decode tok/s", "right"),
-                                             ("e2e p95", "right"), ("peak mem", "right"), ("$/1K out", "right"),
-                                             ("verdict", "left")]:
-        table.add_column(col, justify=justify, overflow="fold")
-    for c in report["candidates"]:
+    cands = report["candidates"]
+    width = max(len(c["metrics"]["name"]) + 9 for c in cands)  # room for " (cached)"
+    table = Table(title=f"{suite['name']}: {suite['cases']} cases, {suite['hash']}, {s.get('concurrency')} requests "
+                        "in flight (latency in ms)", title_justify="left")
+    table.add_column("candidate", no_wrap=True, min_width=min(width, 40))
+    for col in ("params", "weights", "accuracy", "schema", "TTFT p50", "TTFT p95", "decode tok/s", "e2e p95",
+                "peak mem", "load peak", "$/1K out", "verdict"):
+        table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
+    for c in cands:
         m = c["metrics"]
-        style = {"chosen": "bold green", "pass": "", "fail": "", "error": "dim"}[c["status"]]
         n = len(c["verdict"]["reasons"])
         verdict = ("[green]chosen[/green]" if c["status"] == "chosen" else "[green]passes[/green]" if c["verdict"]["passed"]
                    else "[red]error[/red]" if c["status"] == "error" else f"[red]fails ({n})[/red]")
         name = m["name"] + (" (cached)" if m["cached"] else "")
         table.add_row(escape_rich(name), _params(m["total_params"]), _bytes(m["weight_bytes"]), _pct(m["accuracy"]),
-                      *[_pct(m["by_check"].get(t)) for t in types],
-                      f"{_ms(m['ttft_p50_ms'])} / {_ms(m['ttft_p95_ms'])}", _num(m["decode_tokens_per_s"]),
-                      _ms(m["e2e_p95_ms"]), _bytes(m["peak_memory_bytes"]), _cost(m["cost_per_1k_output_tokens"]),
-                      verdict, style=style)
+                      _pct(m["schema_fidelity"]), _ms(m["ttft_p50_ms"]), _ms(m["ttft_p95_ms"]),
+                      _num(m["decode_tokens_per_s"]), _ms(m["e2e_p95_ms"]), _bytes(m["peak_memory_bytes"]),
+                      _bytes(m["load_peak_bytes"]), _cost(m["cost_per_1k_output_tokens"]), verdict,
+                      style="bold" if c["status"] == "chosen" else "dim" if c["status"] == "error" else "")
     console.print(table)
+    types = check_types(report)
+    if types:
+        checks = Table(title="pass rate per check", title_justify="left")
+        checks.add_column("candidate", no_wrap=True)
+        for t in types:
+            checks.add_column(t, justify="right", no_wrap=True)
+        for c in cands:
+            if not c["metrics"]["error"]:
+                checks.add_row(escape_rich(c["metrics"]["name"]), *[_pct(c["metrics"]["by_check"].get(t)) for t in types])
+        console.print(checks)
     decision = report["decision"]
     for note in decision["notes"]:
         console.print(f"[yellow]note:[/yellow] {escape_rich(note)}")
-    if decision["chosen"]:
-        console.print(f"[bold green]recommendation:[/bold green] {escape_rich(decision['summary'])}")
-    else:
-        console.print(f"[bold red]recommendation:[/bold red] {escape_rich(decision['summary'])}")
-    for c in report["candidates"]:
+    color = "green" if decision["chosen"] else "red"
+    console.print(f"[bold {color}]recommendation:[/bold {color}] {escape_rich(decision['summary'])}")
+    for c in cands:
         if c["status"] != "chosen" and not c["verdict"]["passed"]:
             console.print(f"  [red]✗[/red] {escape_rich(c['metrics']['name'])}: {escape_rich(_verdict_text(c))}")
         elif c["status"] == "pass":
@@ -223,7 +231,7 @@ def render_html(report: dict[str, Any]) -> str:
     # the table
     types = check_types(report)
     head = ["candidate", "params", "weights", "accuracy", *types, "schema fidelity", "TTFT p50", "TTFT p95",
-            "decode tok/s", "e2e p95", "throughput tok/s", "peak memory", "$ / 1K out", "verdict"]
+            "decode tok/s", "e2e p95", "throughput tok/s", "peak memory", "load peak", "$ / 1K out", "verdict"]
     out.append("<h2>Candidates, smallest first</h2><table><tr>" +
                "".join(f"<th class={'l' if h in ('candidate', 'verdict') else 'r'}>{escape(h)}</th>" for h in head) + "</tr>")
     for c in cands:
@@ -237,7 +245,7 @@ def render_html(report: dict[str, Any]) -> str:
                  f"<td>{_pct(mm['schema_fidelity'])}</td>", f"<td>{_ms(mm['ttft_p50_ms'])} ms</td>",
                  f"<td>{_ms(mm['ttft_p95_ms'])} ms</td>", f"<td>{_num(mm['decode_tokens_per_s'])}</td>",
                  f"<td>{_ms(mm['e2e_p95_ms'])} ms</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
-                 f"<td>{_bytes(mm['peak_memory_bytes'])}</td>",
+                 f"<td>{_bytes(mm['peak_memory_bytes'])}</td>", f"<td>{_bytes(mm['load_peak_bytes'])}</td>",
                  f"<td title='{escape(mm['cost_basis'])}'>{_cost(mm['cost_per_1k_output_tokens'])}</td>",
                  f"<td class='l {vcls}'>{escape(verdict)}{notes}</td>"]
         out.append(f"<tr class={c['status']}>{''.join(cells)}</tr>")
