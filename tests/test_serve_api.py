@@ -18,8 +18,6 @@ import pytest
 
 from serve_helpers import free_port, metric, wait_until
 
-pytestmark = pytest.mark.xdist_group("serve-smollm2")  # one server for the whole module, on one worker
-
 KEY = "test-key-123"
 MODEL = "smollm2-135m"
 MAX_CONCURRENT = 24
@@ -54,6 +52,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """One server per module and xdist worker: tests that fill every slot or count running requests
+    need a server nobody else is using."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = open(log_path, "w")
@@ -441,7 +441,7 @@ def test_metrics_and_one_log_line_per_request_without_prompt_text(served):
 
 
 def test_short_load_every_request_completes_whole_and_the_server_returns_to_idle(served):
-    """benchmarks/serve_load.py, briefly: 8 streaming clients for 5 s over the whole request mix."""
+    """benchmarks/serve_load.py, briefly: 8 streaming clients for 4 s over the whole request mix."""
     import asyncio
     import importlib.util
     from pathlib import Path
@@ -451,7 +451,7 @@ def test_short_load_every_request_completes_whole_and_the_server_returns_to_idle
     load = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("serve_load", load)  # dataclasses look their module up there
     spec.loader.exec_module(load)
-    report = asyncio.run(load.run_load(served.base, KEY, MODEL, clients=8, seconds=5))
+    report = asyncio.run(load.run_load(served.base, KEY, MODEL, clients=8, seconds=4))
     assert report.lost == []
     assert report.completed >= 4 and report.refused == 0  # 8 clients stay under --max-concurrent 24
     assert all(t <= lat for t, lat in zip(report.ttft, report.latency))

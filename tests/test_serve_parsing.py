@@ -47,7 +47,7 @@ QWEN3 = Family("hermes", thinks=True)
 
 
 def qwen3_parser():
-    return QWEN3.parser([WEATHER], thinking=True)
+    return QWEN3.parser([WEATHER])
 
 
 def test_qwen3_reasoning_and_answer_are_split_in_every_streaming_split():
@@ -89,6 +89,11 @@ def test_unterminated_tool_call_with_whole_json_is_a_call():
     assert all_splits_agree(qwen3_parser, text)[2] == [("get_weather", {"city": "Oslo"})]
 
 
+def test_a_prompt_that_opens_the_think_block_starts_the_reply_in_reasoning():
+    make = lambda: QWEN3.parser(None, prompt="<|im_start|>assistant\n<think>\n")  # noqa: E731
+    assert all_splits_agree(make, "Hmm, a greeting.\n</think>\n\nHello!") == ("Hmm, a greeting.\n", "Hello!", [])
+
+
 def test_unterminated_reasoning_is_reasoning():
     assert all_splits_agree(qwen3_parser, "<think>\nStill thinking about")[:2] == ("\nStill thinking about", "")
 
@@ -119,7 +124,7 @@ def test_malformed_harmony_never_raises(text):
 
 
 def test_json_convention_whole_reply_object_is_a_call():
-    make = lambda: Family("json", False).parser([WEATHER, TIME], thinking=False)  # noqa: E731
+    make = lambda: Family("json", False).parser([WEATHER, TIME])  # noqa: E731
     text = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
     assert all_splits_agree(make, text) == ("", "", [("get_weather", {"city": "Paris"})])
     fenced = '```json\n[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]\n```'

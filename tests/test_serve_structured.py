@@ -124,6 +124,13 @@ def test_qwen3_answer_grammar_allows_thinking_first_only_when_on(chat_vocab):
     assert not accepts(chat_vocab, on, '{"town": "Paris"}')
 
 
+def test_a_think_block_the_prompt_opened_must_be_closed_first(chat_vocab):
+    added = chat_vocab[1].added
+    grammar = Family("hermes", thinks=True).grammar_answer(CITY, True, added, opened=True)
+    assert accepts(chat_vocab, grammar, 'Short thought.\n</think>\n\n{"city": "Paris"}')
+    assert not accepts(chat_vocab, grammar, '{"city": "Paris"}')
+
+
 def test_qwen3_required_tool_call_grammar(chat_vocab):
     grammar = Family("hermes", thinks=True).grammar_call([WEATHER], True, chat_vocab[1].added)
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

@@ -128,9 +128,10 @@ def create_app(server: Server) -> FastAPI:
         req = await body_of(request, ChatCompletionRequest)
         server.check_model(req.model)
         server.check_ready()
-        prepared = server.prepare_chat(req)
-        run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text)
-        return await run.respond(request)
+        with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
+            prepared = server.prepare_chat(req)
+            run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text)
+            return await run.respond(request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -138,9 +139,10 @@ def create_app(server: Server) -> FastAPI:
         req = await body_of(request, CompletionRequest)
         server.check_model(req.model)
         server.check_ready()
-        prepared = server.prepare_completion(req)
-        run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared])
-        return await run.respond(request)
+        with server.admit():
+            prepared = server.prepare_completion(req)
+            run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared])
+            return await run.respond(request)
 
     return app
 
@@ -164,7 +166,7 @@ class Run:
         self.log_prompt = log_prompt
         n = req.n
         family = server.family
-        self.choices = [Choice(i * n + j, family.parser(p.tools, p.thinking) if kind == "chat" else None)
+        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text) if kind == "chat" else None)
                         for i, p in enumerate(prepared) for j in range(n)]
         self.text = TokenText(server.llm.tokenizer, server.grammars)
         self.status = 200
@@ -173,28 +175,29 @@ class Run:
     # ---- driving --------------------------------------------------------------------------------
 
     async def respond(self, request: Request):
+        """Runs inside the handler's admission slot; a stream takes a slot of its own (the handler's
+        is given back when it returns the response), held until the stream ends however it ends."""
         server = self.server
         if self.req.stream:
-            server.acquire()  # released when the stream ends, however it ends
+            server.in_flight += 1
             return StreamingResponse(self._stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        with server.admit():
-            task = asyncio.ensure_future(self._collect())
-            watcher = asyncio.ensure_future(wait_disconnect(request))
-            try:
-                done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if task not in done:  # the client left: cancel, which aborts and frees its blocks
-                    task.cancel()
-                    self.status, self.error = 499, "client disconnected"
-                    try:
-                        await task
-                    except (asyncio.CancelledError, Exception):
-                        pass
-                    self._finish()
-                    return Response(status_code=499)
-                return task.result()
-            finally:
-                watcher.cancel()
+        task = asyncio.ensure_future(self._collect())
+        watcher = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:  # the client left: cancel, which aborts and frees its blocks
+                task.cancel()
+                self.status, self.error = 499, "client disconnected"
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+                self._finish()
+                return Response(status_code=499)
+            return task.result()
+        finally:
+            watcher.cancel()
 
     async def _deltas(self):
         """Deltas of every engine request of this run, interleaved, within the request timeout."""
@@ -280,9 +283,11 @@ class Run:
             yield sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
             yield DONE
         finally:
-            await deltas.aclose()
+            # accounting first: under a cancelled scope the await below may be interrupted, and
+            # closing the deltas cancels the engine requests before its first await anyway
             self.server.release()
             self._finish()
+            await deltas.aclose()
 
     # ---- shaping --------------------------------------------------------------------------------
 

@@ -87,13 +87,15 @@ class Family:
 
     # ---- reply side -------------------------------------------------------------------------------
 
-    def parser(self, tools: list[dict] | None, thinking: bool):
-        """The streaming parser of this family's replies (reasoning, content, tool calls)."""
+    def parser(self, tools: list[dict] | None, prompt: str | None = None):
+        """The streaming parser of this family's replies (reasoning, content, tool calls). A prompt
+        that ends inside an open ``<think>`` (thinking-only templates) starts the reply in reasoning."""
         if self.name == "harmony":
             return HarmonyReply(tools=bool(tools))
         stages = []
         if self.thinks:
-            stages.append(ThinkSplitter(thinking=False))
+            opened = prompt is not None and prompt.rstrip().endswith("<think>")
+            stages.append(ThinkSplitter(thinking=opened))
         if tools:
             stages.append(HermesTools() if self.name == "hermes" else JsonTools({_function(t)["name"] for t in tools}))
         return Pipeline(*stages)
@@ -105,18 +107,19 @@ class Family:
 
     # ---- grammars ---------------------------------------------------------------------------------
 
-    def grammar_answer(self, schema: dict, thinking: bool, added: set[str] = frozenset()) -> str:
+    def grammar_answer(self, schema: dict, thinking: bool, added: set[str] = frozenset(), opened: bool = False) -> str:
         """The reply's answer must be JSON valid under ``schema`` (reasoning may come first).
-        ``added``: the tokenizer's added tokens, which a grammar names as tokens, not as text."""
+        ``added``: the tokenizer's added tokens, which a grammar names as tokens, not as text;
+        ``opened``: the prompt ended inside ``<think>``, so the reply must close it first."""
         body = _json(schema)
         if self.name == "harmony":
             return _lark(f"start: analysis? final\nfinal: <|channel|> \"final\" <|message|> answer\n"
                          f"answer: {body}\n{HARMONY_ANALYSIS}")
         if self.thinks and thinking:
-            return _lark(f"start: think? answer\nanswer: {body}\n{_think(added)}")
+            return _lark(f"start: think{'' if opened else '?'} answer\nanswer: {body}\n{_think(added, opened)}")
         return _lark(f"start: answer\nanswer: {body}")
 
-    def grammar_call(self, tools: list[dict], thinking: bool, added: set[str] = frozenset()) -> str:
+    def grammar_call(self, tools: list[dict], thinking: bool, added: set[str] = frozenset(), opened: bool = False) -> str:
         """The reply must call one of ``tools`` (one tool: that one), arguments valid under its schema."""
         fns = [_function(t) for t in tools]
         params = [fn.get("parameters") or {"type": "object"} for fn in fns]
@@ -133,9 +136,9 @@ class Family:
             return _lark(f"start: call\ncall: {_json(schema)}")
         think = self.thinks and thinking
         open_, close = _tag("<tool_call>", added), _tag("</tool_call>", added)
-        return _lark(("start: think? call\n" if think else "start: call\n")
+        return _lark((f"start: think{'' if opened else '?'} call\n" if think else "start: call\n")
                      + f'call: {open_} "\\n" body "\\n" {close}\nbody: {_json(schema)}\n'
-                     + (_think(added) if think else ""))
+                     + (_think(added, opened) if think else ""))
 
 
 def _tag(text: str, added: set[str]) -> str:
@@ -144,12 +147,15 @@ def _tag(text: str, added: set[str]) -> str:
     return text if text in added else json.dumps(text)
 
 
-def _think(added: set[str]) -> str:
-    """``<think>…</think>`` then blanks. As tokens: the thought is any text (no token can be inside
-    it). As text: the thought ends at the first ``</think>`` (llguidance's ``stop``)."""
-    if "<think>" in added and "</think>" in added:
-        return 'think: <think> THOUGHT? </think> /\\s*/\nTHOUGHT: /(.|\\n)+/\n'
-    return 'think: "<think>" thought /\\s*/\nthought[stop="</think>"]: /(.|\\n)*/\n'
+def _think(added: set[str], opened: bool = False) -> str:
+    """``<think>…</think>`` then blanks (without the opening tag when the prompt wrote it). As tokens:
+    the thought is any text (no token can be inside it). As text: the thought ends at the first
+    ``</think>`` (llguidance's ``stop``)."""
+    tokens = "<think>" in added and "</think>" in added
+    open_ = "" if opened else ("<think> " if tokens else '"<think>" ')
+    if tokens:
+        return f'think: {open_}THOUGHT? </think> /\\s*/\nTHOUGHT: /(.|\\n)+/\n'
+    return f'think: {open_}thought /\\s*/\nthought[stop="</think>"]: /(.|\\n)*/\n'
 
 
 HARMONY_ANALYSIS = ('analysis: <|channel|> "analysis" <|message|> ANALYSIS? <|end|> <|start|> "assistant"\n'

@@ -180,12 +180,15 @@ class Server:
         prompt_ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
         grammar = None
         self._check_grammars(tools and (choice == "required" or named), req.response_format)
+        opened = text.rstrip().endswith("<think>")  # a thinking-only template opened the block itself
         if tools and (choice == "required" or named):
             chosen = [t for t in tools if named is None or t["function"]["name"] == named]
-            grammar = self._compile(lambda: family.grammar_call(chosen, thinking, self.grammars.added), "tools")
+            grammar = self._compile(lambda: family.grammar_call(chosen, thinking, self.grammars.added, opened),
+                                    "tool_choice")
         elif req.response_format is not None and req.response_format.type != "text":
             schema = self._schema(req.response_format)
-            grammar = self._compile(lambda: family.grammar_answer(schema, thinking, self.grammars.added), "response_format")
+            grammar = self._compile(lambda: family.grammar_answer(schema, thinking, self.grammars.added, opened),
+                                    "response_format")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = self._params(req, prompt_ids, max_tokens, param, grammar,
