@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rung import native
 from rung.config import ModelConfig
 from rung.model.norm import make_norm
 from rung.model.rope import apply_rotary
@@ -103,13 +104,24 @@ class Attention(nn.Module):
         with torch.device("cpu"):  # float32, like the rotary tables; not a buffer, so never rounded
             self.slopes = alibi_slopes(c.num_heads) if c.positions == "alibi" else None
 
+    def _native_rope(self, qkv: torch.Tensor, rotary) -> bool:
+        return (rotary is not None and self.q_norm is None and qkv.shape[0] == 1 and qkv.shape[1] <= 16
+                and qkv.dtype == torch.float32 and qkv.device.type == "cpu" and qkv.is_contiguous()
+                and rotary[0].shape[-1] == self.head_dim and rotary[0].dtype == torch.float32
+                and rotary[0][0].is_contiguous() and rotary[1][0].is_contiguous() and native.available())
+
     def forward(self, x, rotary, context) -> torch.Tensor:
         """x [b, t, hidden]; rotary (cos, signed sin) [b, t, rot] or None; ``context`` stores this
         step's keys and values and runs the attention over everything the queries may see (the
         seam between the model and a KV cache, contiguous or paged: see model/cache.py)."""
         b, t, _ = x.shape
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+            qkv = self.qkv_proj(x)
+            if self._native_rope(qkv, rotary):  # a decode step: RoPE in place, one call for q and k
+                native.rope_(qkv.view(t, -1), self.num_heads + self.num_kv_heads, self.head_dim,
+                             rotary[0][0], rotary[1][0])
+                rotary = None
+            q, k, v = qkv.split(self.split, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [b, hq, t, d]

@@ -80,7 +80,10 @@ def library() -> ctypes.CDLL | None:
     lib.rung_gemv_q8.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32, i32, i32]
     lib.rung_gemv_q4.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i32, i32, i32]
     lib.rung_decode_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, i32]
-    for f in (lib.rung_gemv_f32, lib.rung_gemv_q8, lib.rung_gemv_q4, lib.rung_decode_attention):
+    lib.rung_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
+    lib.rung_rope.argtypes = [p, i64, i64, i64, i64, p, p]
+    for f in (lib.rung_gemv_f32, lib.rung_gemv_q8, lib.rung_gemv_q4, lib.rung_decode_attention, lib.rung_rmsnorm,
+              lib.rung_rope):
         f.restype = None
     if lib.rung_max_m() != MAX_M:
         raise RuntimeError(f"{path}: built with MAX_M {lib.rung_max_m()}, rung expects {MAX_M}")
@@ -132,3 +135,17 @@ def decode_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor
                                     lengths.data_ptr(), b, idx.shape[1], hq, pool_k.shape[1], d, scale,
                                     _ptr(sinks), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x [..., K] float32 contiguous → x / rms(x) * (offset + weight)."""
+    out = torch.empty_like(x)
+    k = x.shape[-1]
+    library().rung_rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, eps, offset)
+    return out
+
+
+def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """In place: RoPE on the first ``heads`` heads of each row of x [M, row] float32 contiguous;
+    cos, signed_sin [M, head_dim] contiguous (model/rope.py's tables)."""
+    library().rung_rope(x.data_ptr(), x.shape[0], x.shape[1], heads, head_dim, cos.data_ptr(), signed_sin.data_ptr())

@@ -280,3 +280,32 @@ void rung_decode_attention(const float *q, const float *kpool, const float *vpoo
         free(scores);
     }
 }
+
+/* ---- small per-token ops of a decode step, one call each instead of several torch ops ------- */
+
+/* RMSNorm over rows: out = x / sqrt(mean(x^2) + eps) * (offset + w), in float32. */
+void rung_rmsnorm(const float *x, const float *w, float *out, int64_t M, int64_t K, float eps, float offset) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float s = dot_f32(xm, xm, K);
+        const float inv = 1.0f / sqrtf(s / (float)K + eps);
+        for (int64_t k = 0; k < K; k++) out[m * K + k] = xm[k] * inv * (offset + w[k]);
+    }
+}
+
+/* RoPE in place on the first `heads` heads of each row of x [M, row] (q heads then k heads of a
+ * fused q|k|v row), with the model's tables cos, signed sin [M, d] (rotate_half layout: pairs
+ * (j, j + d/2); signed sin = [-sin, sin]), the same arithmetic as rope.py's apply_rotary. */
+void rung_rope(float *x, int64_t M, int64_t row, int64_t heads, int64_t d, const float *cos, const float *ssin) {
+    const int64_t half = d / 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + m * row + h * d;
+            const float *c = cos + m * d, *s = ssin + m * d;
+            for (int64_t j = 0; j < half; j++) {
+                const float a = v[j], b = v[j + half];
+                v[j] = a * c[j] + b * s[j];
+                v[j + half] = b * c[j + half] + a * s[j + half];
+            }
+        }
+}
