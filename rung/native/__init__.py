@@ -94,6 +94,35 @@ def available() -> bool:
     return library() is not None
 
 
+def bind_gemv(fmt: str, weight: torch.Tensor, out_features: int, in_features: int, *, group: int | None = None,
+              scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, gated: str | None = None):
+    """``gemv`` with the layer's constant arguments bound once: a decode step makes about 120 of
+    these calls, and converting the same dozen arguments each time is most of their Python cost.
+    The returned function takes x [M, K] float32 contiguous and returns [M, N] (or N / 2)."""
+    lib = library()
+    n_out = out_features // 2 if gated else out_features
+    g = GATED[gated]
+    if fmt == "f32":
+        fn, head, tail = lib.rung_gemv_f32, (out_features, in_features, weight.data_ptr(), _ptr(bias)), ()
+    elif fmt == "q8":
+        fn = lib.rung_gemv_q8
+        head, tail = (out_features, in_features, group, weight.data_ptr(), scale.data_ptr(), _ptr(bias)), ()
+    else:
+        fn = lib.rung_gemv_q4
+        head = (out_features, in_features, group, weight.data_ptr(), scale.data_ptr(), offset.data_ptr(), _ptr(bias))
+        tail = ()
+    keep = (weight, scale, offset, bias)  # the buffers outlive the bound call
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], n_out)
+        fn(x.data_ptr(), x.shape[0], *head, out.data_ptr(), 0, g, torch.get_num_threads(), *tail)
+        return out
+
+    call.keep = keep
+    return call
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 

@@ -24,6 +24,12 @@
 #include <stdlib.h>
 
 #define BLOCK 16 /* rows per work item: 8 gate + 8 up rows in gated mode */
+/* Software prefetch distance in bytes of weights. The layers are small (0.2-2 MB) and read once
+ * per token from DRAM; the hardware prefetcher does not run far enough ahead of a compute-heavy
+ * loop, and prefetching 4 KB ahead more than doubles the int4 kernels' speed on an AMD EPYC
+ * (a whole decode step of SmolLM2's int4 layers: 15 ms to 6.5 ms). A prefetch never faults. */
+#define PREFETCH 4096
+#define PF(p) _mm_prefetch((const char *)(p) + PREFETCH, _MM_HINT_T0)
 #define MAX_M 16
 
 static inline float hsum(__m256 v) {
@@ -43,6 +49,7 @@ static void row_f32(const float *x, int64_t M, int64_t K, const float *w, float 
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
+            if (m == 0) PF(w + k);
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(xm + k), a0);
             a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(xm + k + 8), a1);
         }
@@ -59,6 +66,7 @@ static inline float dot_q8(const float *x, int64_t K, int64_t group, const int8_
     for (int64_t k0 = 0, g = 0; k0 < K; k0 += group, g++) {
         __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
         for (int64_t k = k0; k < k0 + group; k += 16) {
+            if ((k & 63) == 0) PF(w + k);
             __m128i b = _mm_loadu_si128((const __m128i *)(w + k));
             p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_loadu_ps(x + k), p0);
             p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b))),
@@ -94,6 +102,7 @@ static inline float dot_q4(const int8_t *xq, const float *dx, const float *xsum,
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t r = 0;
     for (; r + 2 <= runs; r += 2) { /* two runs: 32 bytes of nibbles */
+        PF(w + r * 16);
         __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 16));
         __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
         __m256i q0 = _mm256_permute2x128_si256(lo, hi, 0x20), q1 = _mm256_permute2x128_si256(lo, hi, 0x31);

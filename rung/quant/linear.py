@@ -45,8 +45,15 @@ class PackedLinear(nn.Module):
         if gated is not None and (gated not in ACTIVATIONS or self.out_features % (2 * GATE_BLOCK)):
             raise ValueError(f"a gated layer needs a known activation and a multiple of {2 * GATE_BLOCK} rows")
         self.gated = gated
-        self._native = (native.available() and self.in_features % 32 == 0
-                        and (gated is None or gated in NATIVE_ACTIVATIONS))
+        self._native = (native.available() and self.in_features % 32 == 0 and self.data is not None
+                        and self.data.device.type == "cpu" and (gated is None or gated in NATIVE_ACTIVATIONS))
+        self._call = None  # the kernel bound to this layer's buffers (rebound if they move)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # .to(device) and friends: the kernel applies on the CPU only
+        self._native = self._native and self.data is not None and self.data.device.type == "cpu"
+        self._call = None
+        return out
 
     @property
     def packed(self) -> Packed:
@@ -60,11 +67,12 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        if (self._native and rows.shape[0] <= native.MAX_M and x.dtype == torch.float32
-                and x.device.type == "cpu" and self.data.device.type == "cpu"):
-            out = native.gemv(self.fmt, rows.contiguous(), self.data, self.out_features, self.in_features,
-                              group=self.group, scale=self.scale, offset=self.offset, bias=self.bias,
-                              gated=self.gated)
+        if self._native and rows.shape[0] <= native.MAX_M and x.dtype == torch.float32 and not x.is_cuda:
+            if self._call is None or self._call[0] != self.data.data_ptr():
+                self._call = (self.data.data_ptr(), native.bind_gemv(
+                    self.fmt, self.data, self.out_features, self.in_features, group=self.group, scale=self.scale,
+                    offset=self.offset, bias=self.bias, gated=self.gated))
+            out = self._call[1](rows.contiguous())
         else:
             out = self.reference(rows)
         return out.view(*lead, out.shape[-1])
