@@ -120,6 +120,16 @@ class PagedStep:
         g = self.pool.group_of[layer]
         pool_k, pool_v = self.pool.keys[layer], self.pool.values[layer]
         slots = self._slots[g]
+        if (self.n_decode == len(self.chunks) and slopes is None and q.dtype == torch.float32
+                and q.device.type == "cpu" and native.available() and q.stride(-1) == k.stride(-1) == 1
+                and k.stride() == v.stride()):
+            # a pure decode step on the CPU: one native call writes this step's keys and values and
+            # attends, reading q, k, v where the projection left them
+            idx, _ = self._read_plan(g, sinks is not None, slopes, q.dtype)[0]
+            sink = None if sinks is None else sinks.float().contiguous()
+            out = native.decode_attention(q[0].transpose(0, 1), pool_k, pool_v, idx, self._decode_lengths(g), scale,
+                                          sink, k[0].transpose(0, 1), v[0].transpose(0, 1), slots)
+            return out.transpose(0, 1)[None]  # [1, hq, B, d]
         pool_k[slots] = k[0].transpose(0, 1)  # [N, hkv, d]
         pool_v[slots] = v[0].transpose(0, 1)
         if slopes is None and use_triton(q, pool_k):

@@ -79,7 +79,8 @@ def library() -> ctypes.CDLL | None:
     lib.rung_gemv_f32.argtypes = [p, i64, i64, i64, p, p, p, i32, i32, i32]
     lib.rung_gemv_q8.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32, i32, i32]
     lib.rung_gemv_q4.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i32, i32, i32]
-    lib.rung_decode_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, i32]
+    lib.rung_decode_attention.argtypes = [p, i64, i64, p, p, p, p, i64, i64, p, p, p, i64, i64, i64, i64, i64,
+                                          ctypes.c_float, p, p, i32]
     lib.rung_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.rung_rope.argtypes = [p, i64, i64, i64, i64, p, p]
     for f in (lib.rung_gemv_f32, lib.rung_gemv_q8, lib.rung_gemv_q4, lib.rung_decode_attention, lib.rung_rmsnorm,
@@ -155,14 +156,21 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, out_features: int, in_
 
 
 def decode_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, idx: torch.Tensor,
-                     lengths: torch.Tensor, scale: float, sinks: torch.Tensor | None) -> torch.Tensor:
-    """q [B, hq, d] float32; pools [slots, hkv, d]; idx [B, L] int64 visible slots in order,
-    lengths [B] int64 → out [B, hq, d]. See kernels.c: rung_decode_attention."""
+                     lengths: torch.Tensor, scale: float, sinks: torch.Tensor | None,
+                     new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+                     write_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, hq, d] float32 (any strides with a unit last one); pools [slots, hkv, d]; idx [B, L]
+    int64 visible slots in order, lengths [B] int64 → out [B, hq, d]. With ``write_slots`` [B],
+    new_k / new_v [B, hkv, d] (strided views too) are first written to those slots, the same
+    strides for both. See kernels.c: rung_decode_attention."""
     b, hq, d = q.shape
-    out = torch.empty_like(q)
-    library().rung_decode_attention(q.data_ptr(), pool_k.data_ptr(), pool_v.data_ptr(), idx.data_ptr(),
-                                    lengths.data_ptr(), b, idx.shape[1], hq, pool_k.shape[1], d, scale,
-                                    _ptr(sinks), out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(b, hq, d)
+    nk = new_k if new_k is not None else q  # unused without write_slots
+    nv = new_v if new_v is not None else q
+    library().rung_decode_attention(
+        q.data_ptr(), q.stride(0), q.stride(1), pool_k.data_ptr(), pool_v.data_ptr(), _ptr(new_k), _ptr(new_v),
+        nk.stride(0), nk.stride(1), _ptr(write_slots), idx.data_ptr(), lengths.data_ptr(), b, idx.shape[1], hq,
+        pool_k.shape[1], d, scale, _ptr(sinks), out.data_ptr(), torch.get_num_threads())
     return out
 
 

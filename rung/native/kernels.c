@@ -246,7 +246,9 @@ void rung_gemv_q4(const float *x, int64_t M, int64_t N, int64_t K, int64_t group
  * lists each sequence's visible slots in position order (the window already applied), lengths[b]
  * how many of its L entries are real. Query head h reads kv head h / (hq / hkv). A sink (gpt-oss)
  * is one more logit per head in the softmax's denominator, then dropped. out [B, hq, d].
- * Replaces gather + permute + SDPA per layer: no copies of the keys, one call. */
+ * q, and the step's new keys/values (written to write_slots first, when given), are strided
+ * views: element (token b, head h) at b * tok + h * head. Replaces index_put + gather + permute +
+ * SDPA per layer: no copies of the keys, one call. */
 static inline float dot_f32(const float *a, const float *b, int64_t d) {
     __m256 s = _mm256_setzero_ps();
     int64_t k = 0;
@@ -256,14 +258,23 @@ static inline float dot_f32(const float *a, const float *b, int64_t d) {
     return r;
 }
 
-void rung_decode_attention(const float *q, const float *kpool, const float *vpool, const int64_t *idx,
-                           const int64_t *lengths, int64_t B, int64_t L, int64_t hq, int64_t hkv, int64_t d,
-                           float scale, const float *sinks, float *out, int threads) {
+void rung_decode_attention(const float *q, int64_t q_tok, int64_t q_head, float *kpool, float *vpool,
+                           const float *knew, const float *vnew, int64_t new_tok, int64_t new_head,
+                           const int64_t *write_slots, const int64_t *idx, const int64_t *lengths, int64_t B,
+                           int64_t L, int64_t hq, int64_t hkv, int64_t d, float scale, const float *sinks, float *out,
+                           int threads) {
     const int64_t group = hq / hkv;
+    if (write_slots) /* this step's keys and values into their slots first (strided views, no copies) */
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t h = 0; h < hkv; h++)
+                for (int64_t k = 0; k < d; k++) {
+                    kpool[(write_slots[b] * hkv + h) * d + k] = knew[b * new_tok + h * new_head + k];
+                    vpool[(write_slots[b] * hkv + h) * d + k] = vnew[b * new_tok + h * new_head + k];
+                }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t bh = 0; bh < B * hq; bh++) {
         const int64_t b = bh / hq, h = bh % hq, kvh = h / group, n = lengths[b];
-        const float *qv = q + bh * d;
+        const float *qv = q + b * q_tok + h * q_head;
         const int64_t *slots = idx + b * L;
         float *scores = malloc(sizeof(float) * (n > 0 ? n : 1));
         float top = sinks ? sinks[h] : -INFINITY;
