@@ -41,7 +41,7 @@ def run_rung(gguf: str, prompt_len: int, new: int, dtype: str) -> dict:
     from rung.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(gguf, dtype=dtype)
+    llm = LLM(gguf, dtype=dtype, kv_cache_bytes=64 * 2**20)  # 1,400 float32 tokens (llama.cpp: n_ctx 1024)
     load = time.perf_counter() - t0
     ids = llm.tokenizer.encode(TEXT * 3)[:prompt_len]
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
@@ -109,6 +109,7 @@ def run_llama_cpp(gguf: str, prompt_len: int, new: int, threads: int) -> dict:
 
 ENGINES = {
     "rung float32": lambda a: run_rung(a.gguf, a.prompt, a.new, "float32"),
+    "rung int4 (Q4_1 kept)": lambda a: run_rung(a.gguf + "@int4", a.prompt, a.new, "float32"),
     "transformers float32": lambda a: run_transformers(a.gguf, a.prompt, a.new, "float32"),
     "transformers bfloat16": lambda a: run_transformers(a.gguf, a.prompt, a.new, "bfloat16"),
     "llama.cpp Q4_1": lambda a: run_llama_cpp(a.gguf, a.prompt, a.new, a.threads),

@@ -71,7 +71,11 @@ def _build() -> Path | None:
 def library() -> ctypes.CDLL | None:
     if os.environ.get("RUNG_NATIVE", "1") == "0" or not _cpu_supports():
         return None
-    path = _build()
+    try:
+        path = _build()
+    except OSError as e:  # an unwritable cache: run on the reference paths
+        print(f"rung: native kernels not built ({e})", file=sys.stderr)
+        return None
     if path is None:
         return None
     lib = ctypes.CDLL(str(path))
