@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 .PHONY: install run test bench-deps
 install: $(VENV)/.installed
 
-# The main job. Until `rung bench` lands: a one-shot chat with the embedded model.
+# The main job: the starter suite against SmolLM2-135M (fp32, int8, int4) and Gemma 3 270M, ending
+# with the recommendation and the report's path (rung-bench/starter.html).
 run: install
-	$(VENV)/bin/rung chat -m smollm2-135m --once "In one sentence: why would a team pick the smallest model that passes its evals?"
+	$(VENV)/bin/rung bench
 
 test: install
 	$(PY) -m pytest -n 2 -p no:cacheprovider

@@ -102,7 +102,7 @@ def distributions(series: list[tuple[str, list[float], list[float]]], x_label: s
     """Per candidate: end-to-end latencies as a box (p25–p75, median, p95 tick) over the samples as
     dots, and time to first token below it in lighter colour."""
     row = 44
-    height = TOP + BOTTOM + row * max(1, len(series))
+    height = TOP + BOTTOM + 8 + row * max(1, len(series))
     pw = WIDTH - 190 - 24
     left = 190
     values = [v for _, a, b in series for v in a + b]
@@ -139,7 +139,8 @@ def distributions(series: list[tuple[str, list[float], list[float]]], x_label: s
             parts.append(f'<line x1="{X(q[95]):.1f}" y1="{yy - 6:.1f}" x2="{X(q[95]):.1f}" y2="{yy + 6:.1f}" stroke="{color}" stroke-dasharray="2 1"/>')
             for v in values_:
                 parts.append(f'<circle cx="{X(v):.1f}" cy="{yy:.1f}" r="1.6" fill="{color}" fill-opacity="0.6"/>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 10}" text-anchor="middle">{escape(x_label)} '
-                 f'(blue: end to end, amber: first token; box p25–p75, bar median, dashed p95)</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 22}" text-anchor="middle">{escape(x_label)}</text>'
+                 f'<text x="{WIDTH / 2}" y="{height - 6}" text-anchor="middle" fill="#57606a" font-size="10">'
+                 'blue: end to end · amber: first token · box p25–p75, bar median, dashed tick p95</text>')
     parts.append("</svg>")
     return "".join(parts)

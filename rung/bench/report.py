@@ -147,7 +147,7 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
         table.add_row(escape_rich(name), _params(m["total_params"]), _bytes(m["weight_bytes"]), _pct(m["accuracy"]),
                       _pct(m["schema_fidelity"]), _ms(m["ttft_p50_ms"]), _ms(m["ttft_p95_ms"]),
                       _num(m["decode_tokens_per_s"]), _ms(m["e2e_p95_ms"]), _bytes(m["peak_memory_bytes"]),
-                      _bytes(m["load_peak_bytes"]), _cost(m["cost_per_1k_output_tokens"]), verdict,
+                      _bytes(m.get("load_peak_bytes")), _cost(m["cost_per_1k_output_tokens"]), verdict,
                       style="bold" if c["status"] == "chosen" else "dim" if c["status"] == "error" else "")
     console.print(table)
     types = check_types(report)
@@ -190,14 +190,15 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bot
 .rec.none{border-color:#ff8182;background:#ffebe9}
 table{border-collapse:collapse;width:100%;font-size:12.5px} th,td{border-bottom:1px solid #eaeef2;padding:5px 7px;text-align:right;vertical-align:top}
 th{background:#f6f8fa;font-weight:600} td.l,th.l{text-align:left}
-tr.chosen td{background:#f0fff4;font-weight:600} .fail{color:#cf222e} .pass{color:#1a7f37} .dim{color:#8c959f}
+tr.row-chosen td{background:#f0fff4} tr.row-error td{color:#8c959f} .fail{color:#cf222e} .pass{color:#1a7f37} .dim{color:#8c959f}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(540px,1fr));gap:12px}
 .plot{border:1px solid #d0d7de;border-radius:8px;padding:8px} .plot h3{font-size:13px;margin:2px 4px 6px}
 details{border-bottom:1px solid #eaeef2;padding:4px 0} summary{cursor:pointer;list-style:none;display:flex;gap:8px;align-items:center}
 summary::-webkit-details-marker{display:none} .cell{display:inline-block;min-width:22px;text-align:center;border-radius:4px;font-size:12px;padding:1px 4px}
 .cell.ok{background:#dafbe1;color:#1a7f37} .cell.no{background:#ffebe9;color:#cf222e} .cell.na{background:#f6f8fa;color:#8c959f}
 .case{padding:6px 4px 10px 28px} pre{white-space:pre-wrap;background:#f6f8fa;border-radius:6px;padding:6px 8px;margin:4px 0;font-size:12px}
-.heat td{text-align:center}
+.heat td{text-align:center} ul.why{margin:8px 0 0;padding-left:18px;font-size:13px} ul.why li{margin:2px 0}
+table.figures td{white-space:nowrap}
 """
 
 
@@ -222,33 +223,42 @@ def render_html(report: dict[str, Any]) -> str:
                f"torch {escape(str(m.get('torch')))} · rung {escape(report['rung'])} · {escape(report['created'])}"
                f"{wall}</div>")
     cls = "rec" if decision["chosen"] else "rec none"
-    out.append(f"<div class='{cls}'><b>Recommendation:</b> {escape(decision['summary'])}")
+    out.append(f"<div class='{cls}'><b>Recommendation:</b> {escape(decision['summary'])}<ul class=why>")
+    for c in cands:
+        name = escape(c["metrics"]["name"])
+        if c["status"] == "chosen":
+            continue
+        if c["verdict"]["passed"]:
+            out.append(f"<li><span class=pass>✓</span> <b>{name}</b>: {escape('; '.join(c['verdict']['notes'][:1]))}</li>")
+        else:
+            out.append(f"<li><span class=fail>✗</span> <b>{name}</b>: {escape('; '.join(c['verdict']['reasons']))}</li>")
+    out.append("</ul>")
     for note in decision["notes"]:
         out.append(f"<div class=meta>note: {escape(note)}</div>")
     out.append("</div>")
     out.append(_requirements_html(req))
 
-    # the table
+    # the table: figures only; pass rates per check live in the heat map below
     types = check_types(report)
-    head = ["candidate", "params", "weights", "accuracy", *types, "schema fidelity", "TTFT p50", "TTFT p95",
-            "decode tok/s", "e2e p95", "throughput tok/s", "peak memory", "load peak", "$ / 1K out", "verdict"]
-    out.append("<h2>Candidates, smallest first</h2><table><tr>" +
+    head = ["candidate", "params", "weights", "accuracy", "schema fidelity", "TTFT p50 / p95", "decode tok/s",
+            "e2e p95", "throughput tok/s", "peak memory serving / loading", "$ per 1K output tokens", "verdict"]
+    out.append("<h2>Candidates, smallest first</h2><table class=figures><tr>" +
                "".join(f"<th class={'l' if h in ('candidate', 'verdict') else 'r'}>{escape(h)}</th>" for h in head) + "</tr>")
     for c in cands:
         mm = c["metrics"]
-        verdict = _verdict_text(c)
+        verdict = ("chosen" if c["status"] == "chosen" else "passes" if c["verdict"]["passed"]
+                   else "did not run" if c["status"] == "error" else f"fails {len(c['verdict']['reasons'])} requirement"
+                   + ("s" if len(c["verdict"]["reasons"]) > 1 else ""))
         vcls = "pass" if c["verdict"]["passed"] else "fail"
-        notes = "".join(f"<div class=dim>{escape(n)}</div>" for n in c["verdict"]["notes"])
-        cells = [f"<td class=l>{escape(mm['name'])}{' <span class=dim>(cached)</span>' if mm['cached'] else ''}</td>",
+        cells = [f"<td class=l><b>{escape(mm['name'])}</b>{' <span class=dim>(cached)</span>' if mm['cached'] else ''}</td>",
                  f"<td>{_params(mm['total_params'])}</td>", f"<td>{_bytes(mm['weight_bytes'])}</td>",
-                 f"<td>{_pct(mm['accuracy'])}</td>", *[f"<td>{_pct(mm['by_check'].get(t))}</td>" for t in types],
-                 f"<td>{_pct(mm['schema_fidelity'])}</td>", f"<td>{_ms(mm['ttft_p50_ms'])} ms</td>",
-                 f"<td>{_ms(mm['ttft_p95_ms'])} ms</td>", f"<td>{_num(mm['decode_tokens_per_s'])}</td>",
+                 f"<td>{_pct(mm['accuracy'])}</td>", f"<td>{_pct(mm['schema_fidelity'])}</td>",
+                 f"<td>{_ms(mm['ttft_p50_ms'])} / {_ms(mm['ttft_p95_ms'])} ms</td>", f"<td>{_num(mm['decode_tokens_per_s'])}</td>",
                  f"<td>{_ms(mm['e2e_p95_ms'])} ms</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
-                 f"<td>{_bytes(mm['peak_memory_bytes'])}</td>", f"<td>{_bytes(mm['load_peak_bytes'])}</td>",
+                 f"<td>{_bytes(mm['peak_memory_bytes'])} / {_bytes(mm.get('load_peak_bytes'))}</td>",
                  f"<td title='{escape(mm['cost_basis'])}'>{_cost(mm['cost_per_1k_output_tokens'])}</td>",
-                 f"<td class='l {vcls}'>{escape(verdict)}{notes}</td>"]
-        out.append(f"<tr class={c['status']}>{''.join(cells)}</tr>")
+                 f"<td class='l {vcls}'>{escape(verdict)}</td>"]
+        out.append(f"<tr class=row-{c['status']}>{''.join(cells)}</tr>")
     out.append("</table>")
     prompts = [c["metrics"] for c in cands if c["metrics"]["prompt_tokens_p50"] is not None]
     if prompts:
