@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rung.config import MoEConfig, ModelConfig
-from rung.kernels.fused_moe import Activation, ExpertWeights, fused_moe_ref, moe_align
+from rung.kernels.fused_moe import Activation, ExpertWeights, fused_moe_ref, moe_align, moe_slot_layout
 from rung.kernels.paged_attention import chunk_tiles, paged_attention, paged_attention_ref, tokens_per_tile
 from rung.model.attention import attend, attention_bias
 from rung.model.moe import MoE
@@ -127,6 +127,9 @@ def test_fused_moe_reference_matches_the_expert_loop(kind, bias):
         for block_m in (1, 4, 16):  # one slot per block (decode) up to several experts' padding
             torch.testing.assert_close(fused_moe_ref(x, weights, experts, moe.expert_weights(), act, block_m),
                                        plain, atol=1e-5, rtol=1e-5)
+        # the decode layout: no sort, one slot per block
+        torch.testing.assert_close(fused_moe_ref(x, weights, experts, moe.expert_weights(), act, 16, moe_slot_layout),
+                                   plain, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_mxfp4_experts_compute_what_their_dequantized_weights_do():
@@ -165,3 +168,23 @@ def test_expert_weights_dequantize_one_expert_at_a_time():
                        scales, scales, scales)
     assert ew.packed
     torch.testing.assert_close(ew.expert("up", 1, torch.float32), dequantize_mxfp4(blocks, scales)[1])
+
+
+def test_elementwise_references_are_the_models_bf16_chains():
+    """kernels/elementwise.py's references (what the RMSNorm and RoPE kernels compute on CUDA)
+    are the model's own op chains, bit for bit, on the CPU."""
+    from rung.kernels.elementwise import rms_norm_ref, rotary_ref
+    from rung.model.norm import RMSNorm
+    from rung.model.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 64, generator=g).to(torch.bfloat16)
+    for offset, in_f32 in ((0.0, False), (1.0, False), (0.0, True)):
+        norm = RMSNorm(64, 1e-6, offset, in_f32).to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(64, generator=g))
+            assert torch.equal(rms_norm_ref(x, norm.weight, 1e-6, offset, in_f32), norm(x))
+    for rot in (64, 32):  # full and partial rotary
+        cos = torch.randn(2, 1, 5, rot, generator=g).to(torch.bfloat16)
+        sin = torch.randn(2, 1, 5, rot, generator=g).to(torch.bfloat16)
+        assert torch.equal(rotary_ref(x, cos, sin), apply_rotary(x, cos, sin))

@@ -98,12 +98,30 @@ def moe_align(experts: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, block_expert, pad_end[-1:].to(torch.int32)
 
 
-def fused_moe_ref(x, weights, experts, w: ExpertWeights, act: Activation, block_m: int = 16) -> torch.Tensor:
-    """The kernels' function in PyTorch, block by block over ``moe_align``'s layout. x [n, H],
-    weights/experts [n, k] → [n, H]."""
+_slot_layouts: dict = {}
+
+
+def moe_slot_layout(experts: torch.Tensor, num_experts: int, block_m: int):
+    """``moe_align``'s triple for few slots (decode): one slot per block, so no sort at all; a
+    block's expert is its slot's. Two tokens on one expert read it twice, which only costs
+    while a batch is small enough for this layout."""
+    s = experts.numel()
+    key = (s, block_m, experts.device)
+    if key not in _slot_layouts:  # built at the first (eager) call, before any graph capture
+        ids = torch.full((s * block_m,), s, dtype=torch.int32, device=experts.device)
+        ids[::block_m] = torch.arange(s, dtype=torch.int32, device=experts.device)
+        _slot_layouts[key] = ids, torch.tensor([s * block_m], dtype=torch.int32, device=experts.device)
+    ids, total = _slot_layouts[key]
+    return ids, experts.reshape(-1).to(torch.int32), total
+
+
+def fused_moe_ref(x, weights, experts, w: ExpertWeights, act: Activation, block_m: int = 16,
+                  layout=moe_align) -> torch.Tensor:
+    """The kernels' function in PyTorch, block by block over ``layout``'s blocks (``moe_align``
+    or ``moe_slot_layout``). x [n, H], weights/experts [n, k] → [n, H]."""
     n, k = experts.shape
     s = n * k
-    sorted_ids, block_expert, total = moe_align(experts, w.num_experts, block_m)
+    sorted_ids, block_expert, total = layout(experts, w.num_experts, block_m)
     y = torch.zeros(s, x.shape[1], dtype=x.dtype, device=x.device)
     route_w = weights.reshape(-1)
     for b in range(int(total) // block_m):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from rung.kernels.fused_moe import Activation, ExpertWeights, moe_align
+from rung.kernels.fused_moe import Activation, ExpertWeights, moe_align, moe_slot_layout
+
+log = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -29,7 +34,7 @@ def moe_gemm(
     X, W1, W2, S1, S2, B1, B2, Y, SortedIds, BlockExpert, Total, RouteW,
     N, K, num_slots, sx_m, sw_e, sw_n, ss_e, ss_n, sb_e, sy_m, limit, alpha,
     X_DIV: tl.constexpr, TWO: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MUL_ROUTE: tl.constexpr, PACKED: tl.constexpr,
+    MUL_ROUTE: tl.constexpr, PACKED: tl.constexpr, DOT_SCALED: tl.constexpr, LHS_FMT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -46,7 +51,23 @@ def moe_gemm(
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     w_rows = e * sw_e + n[:, None].to(tl.int64) * sw_n
     for k0 in range(0, K, BLOCK_K):
-        if PACKED:
+        if PACKED and DOT_SCALED:  # Triton's own microscaled dot: it upcasts e2m1 on the way to the MMA
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(X + x_row[:, None] * sx_m + kk[None, :], mask=valid[:, None] & (kk < K)[None, :],
+                         other=0.0)
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            wm = n_in[:, None] & (j < K // 2)[None, :]
+            gidx = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            sm = n_in[:, None] & (gidx < K // 32)[None, :]
+            s_rows = e * ss_e + n[:, None].to(tl.int64) * ss_n + gidx[None, :]
+            b = tl.load(W1 + w_rows + j[None, :], mask=wm, other=0)
+            sc = tl.load(S1 + s_rows, mask=sm, other=0)
+            acc1 = tl.dot_scaled(xt, None, LHS_FMT, tl.trans(b), sc, "e2m1", acc1)
+            if TWO:
+                b = tl.load(W2 + w_rows + j[None, :], mask=wm, other=0)
+                sc = tl.load(S2 + s_rows, mask=sm, other=0)
+                acc2 = tl.dot_scaled(xt, None, LHS_FMT, tl.trans(b), sc, "e2m1", acc2)
+        elif PACKED:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds elements 2j (low) and 2j + 1 (high)
             j_in = j < K // 2
             xm = valid[:, None] & j_in[None, :]
@@ -95,6 +116,9 @@ def moe_gemm(
              mask=valid[:, None] & n_in[None, :])
 
 
+SLOT_LAYOUT_MAX = 64  # up to this many slots, one slot per block and no sort (decode batches)
+
+
 def _config(slots: int):
     """(block_m, block_n, block_k, warps): small blocks while few slots share an expert (decode,
     where a block holds one slot and the job is streaming weights), GEMM-sized ones for prefill."""
@@ -107,7 +131,8 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
     n, k = experts.shape
     s = n * k
     block_m, block_n, block_k, warps = _config(s)
-    sorted_ids, block_expert, total = moe_align(experts, w.num_experts, block_m)
+    layout = moe_slot_layout if s <= SLOT_LAYOUT_MAX else moe_align
+    sorted_ids, block_expert, total = layout(experts, w.num_experts, block_m)
     x = x.contiguous()
     inter = w.gate.shape[1]
     hidden_size = x.shape[1]
@@ -118,7 +143,7 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
     has_bias = w.gate_bias is not None
     act_id = 2 if act.kind == "swiglu_clamped" else 1
 
-    def launch(xin, x_div, w1, w2, s1, s2, b1, b2, out, n_out, k_in, two, act_code, mul_route):
+    def launch(xin, x_div, w1, w2, s1, s2, b1, b2, out, n_out, k_in, two, act_code, mul_route, dot_scaled):
         sw = w1.stride()
         ss = s1.stride() if s1 is not None else (0, 0, 0)
         grid = (blocks, triton_cdiv(n_out, block_n))
@@ -128,14 +153,41 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
             n_out, k_in, s, xin.stride(0), sw[0], sw[1], ss[0], ss[1], b1.stride(0) if b1 is not None else 0,
             out.stride(0), float(act.limit), float(act.alpha),
             X_DIV=x_div, TWO=two, ACT=act_code, HAS_BIAS=b1 is not None, MUL_ROUTE=mul_route, PACKED=w.packed,
+            DOT_SCALED=dot_scaled, LHS_FMT="bf16" if xin.dtype == torch.bfloat16 else "fp16",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
 
-    launch(x, k, _rows(w.gate), _rows(w.up), w.gate_scales, w.up_scales, w.gate_bias if has_bias else None,
-           w.up_bias if has_bias else None, hidden, inter, hidden_size, True, act_id, False)
-    launch(hidden, 1, _rows(w.down), None, w.down_scales, None, w.down_bias if has_bias else None, None,
-           y, hidden_size, inter, False, 0, True)
-    return y.view(n, k, hidden_size).sum(1, dtype=torch.float32).to(x.dtype)
+    def run(dot_scaled):
+        launch(x, k, _rows(w.gate), _rows(w.up), w.gate_scales, w.up_scales, w.gate_bias if has_bias else None,
+               w.up_bias if has_bias else None, hidden, inter, hidden_size, True, act_id, False, dot_scaled)
+        launch(hidden, 1, _rows(w.down), None, w.down_scales, None, w.down_bias if has_bias else None, None,
+               y, hidden_size, inter, False, 0, True, dot_scaled)
+        return y.view(n, k, hidden_size).sum(1, dtype=torch.float32).to(x.dtype)
+
+    if not w.packed:
+        return run(False)
+    key = (block_m, block_n, block_k, x.dtype, act_id, has_bias)
+    if key not in DOT_SCALED_OK:  # first (eager) call of this variant: prove tl.dot_scaled right here, once
+        DOT_SCALED_OK[key] = _dot_scaled_agrees(run)
+    return run(DOT_SCALED_OK[key])
+
+
+DOT_SCALED_OK: dict = {}  # per kernel variant: tl.dot_scaled compiled and agreed with the explicit decode
+
+
+def _dot_scaled_agrees(run) -> bool:
+    if os.environ.get("RUNG_MXFP4_DOT_SCALED") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    explicit = run(False).clone()
+    try:
+        scaled = run(True)
+    except Exception as exc:  # a Triton without it, or a lowering that fails here
+        log.warning("tl.dot_scaled unavailable for MXFP4 experts (%s); decoding in registers", exc)
+        return False
+    err = float((scaled.double() - explicit.double()).norm() / explicit.double().norm().clamp(min=1e-30))
+    if not err < 1e-2:
+        log.warning("tl.dot_scaled disagrees with the explicit MXFP4 decode (relative error %.2e); not used", err)
+    return err < 1e-2
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch import nn
 
 from rung import native
 from rung.config import ModelConfig
+from rung.kernels.elementwise import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -30,6 +31,8 @@ class RMSNorm(nn.Module):
         if dtype == torch.float32:  # no casts to order: torch's fused kernel, one op instead of seven
             weight = self.weight + self.offset if self.offset else self.weight
             return nn.functional.rms_norm(x, self.weight.shape, weight, self.eps)
+        if x.is_cuda:  # the same chain as one kernel (kernels/elementwise.py): a decode step is mostly tiny kernels
+            return rms_norm(x, self.weight, self.eps, self.offset, self.weight_in_float32)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_in_float32:

@@ -1,0 +1,49 @@
+"""One kernel each for RMSNorm and RoPE in bf16/fp16, rounding exactly where PyTorch's op chain does.
+
+A decode step is a few dozen tiny kernels per layer; launched back to back from a CUDA graph each
+still costs a few microseconds, so the model's eight-kernel bf16 RMSNorm (cast, square, mean,
+add, rsqrt, multiply, cast back, gain) and four-kernel RoPE (roll, two multiplies, add) per
+tensor dominate a small model's step. These kernels compute the same values in one pass: the
+statistics in float32, then a rounding to the model dtype at each point where the PyTorch chain
+rounds (model/norm.py and model/rope.py), so they agree with it to the last bit except where the
+float32 sum is added up in another order. ``rms_norm_ref`` / ``rotary_ref`` are those chains.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rung.kernels import use_triton
+
+
+def rms_norm_ref(x, weight, eps: float, offset: float, weight_in_float32: bool) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_in_float32:
+        return (x32 * (offset + weight.float())).to(x.dtype)
+    return (offset + weight) * x32.to(x.dtype)
+
+
+def rotary_ref(x, cos, signed_sin) -> torch.Tensor:
+    rot = cos.shape[-1]
+    xr, rest = x[..., :rot], x[..., rot:]
+    out = xr * cos + xr.roll(rot // 2, dims=-1) * signed_sin
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def rms_norm(x, weight, eps: float, offset: float = 0.0, weight_in_float32: bool = False) -> torch.Tensor:
+    """RMSNorm over the last axis: the kernel on CUDA for 16-bit inputs, the reference elsewhere."""
+    if x.dtype == torch.float32 or not use_triton(x):
+        return rms_norm_ref(x, weight, eps, offset, weight_in_float32)
+    from rung.kernels.triton_elementwise import triton_rms_norm
+
+    return triton_rms_norm(x, weight, eps, offset, weight_in_float32)
+
+
+def rotary(x, cos, signed_sin) -> torch.Tensor:
+    """x [b, h, t, d], tables [b, 1, t, rot] → x rotated on its first rot dims (model/rope.py)."""
+    if x.dtype == torch.float32 or not use_triton(x) or cos.dtype != x.dtype:
+        return rotary_ref(x, cos, signed_sin)
+    from rung.kernels.triton_elementwise import triton_rotary
+
+    return triton_rotary(x, cos, signed_sin)
