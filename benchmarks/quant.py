@@ -57,6 +57,11 @@ KV_BYTES = 64 * 2**20
 
 
 def rss_mb() -> float:
+    """Peak RSS of this process: VmHWM, which starts afresh at exec (ru_maxrss keeps the parent's
+    peak across fork and exec, and the parent may have built the random model)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -129,6 +134,7 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out (prefix match)")
+    ap.add_argument("--only", nargs="*", default=None, help="rows to run (prefix match)")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -145,6 +151,7 @@ def main():
             result = run_llama_cpp(gguf, args.prompt, args.new, args.threads)
         else:
             result = run_transformers(gguf, args.prompt, args.new, "bfloat16")
+        result["rss_mb"] = rss_mb()  # cpu.py's runners read ru_maxrss
         print(json.dumps(result))
         return
 
@@ -160,6 +167,8 @@ def main():
     results = {}
     for name, engine, spec in rows:
         if any(name.startswith(s) or engine.startswith(s) for s in args.skip):
+            continue
+        if args.only is not None and not any(name.startswith(s) for s in args.only):
             continue
         cmd = [sys.executable, __file__, "--engine", engine, "--prompt", str(args.prompt), "--new", str(args.new),
                "--threads", str(args.threads)] + (["--spec", spec] if spec else [])
