@@ -149,3 +149,15 @@ def test_pack_model_leaves_moe_experts_and_refuses_unknown_formats():
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     with pytest.raises(ValueError, match="unknown weight format"):
         pack_model(Decoder(config), "q3")
+
+
+def test_rung_arch_takes_a_model_spec(capsys):
+    from rung.cli import main
+
+    assert main(["arch", "smollm2-135m@int4", "gpt2", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["name"] == "smollm2-135m@int4" and out[1]["name"] == "gpt2"
+    assert out[0]["weight_bytes"]["int4"] < out[0]["weight_bytes"]["bf16"] / 2
+    assert main(["arch", "smollm2-135m@int3"]) == 2  # one-line error, exit 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -33,7 +34,14 @@ def _arch(args: argparse.Namespace) -> int:
     if not args.names:
         _print_presets(as_json=args.json)
         return 0
-    descriptions = [describe(name, context=args.context) for name in args.names]
+    from rung.quant.spec import parse_spec
+
+    # a model spec names a format too (smollm2-135m@int4): the figures are the model's, every format's
+    # weight bytes among them; the format itself is shown beside the name
+    specs = [parse_spec(name) for name in args.names]
+    descriptions = [describe(s.model, context=args.context) for s in specs]
+    descriptions = [dataclasses.replace(d, name=f"{d.name}@{s.format_name}") if s.weights or s.dtype else d
+                    for s, d in zip(specs, descriptions)]
     if args.json:
         print(json.dumps([d.to_dict() for d in descriptions], indent=2))
     elif len(descriptions) == 1:
