@@ -404,6 +404,21 @@ def test_client_disconnect_mid_stream_cancels_and_frees_blocks(served):
     assert aborted and aborted[-1]["completion_tokens"] < 400
 
 
+def test_client_disconnect_while_waiting_for_a_whole_reply_cancels_it(served):
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Write a long essay."}],
+                       "max_tokens": 400, "ignore_eos": True, "temperature": 0})
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    wait_until(lambda: metric(served.metrics(), "rung:kv_cache_usage_perc") > 0, timeout=30,
+               what="the request to start")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_until(lambda: idle(served), timeout=30, what="the engine to free the abandoned request's blocks")
+    line = [x for x in served.log_lines() if x.get("status") == 499][-1]
+    assert line["stream"] is False and line["completion_tokens"] < 400
+
+
 def test_429_when_every_slot_is_taken_then_idle_again(served):
     streams = [open_stream(served, max_tokens=200) for _ in range(MAX_CONCURRENT)]
     try:

@@ -99,7 +99,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        stats = server.engine_stats()
+        stats = await asyncio.to_thread(server.engine_stats)  # waits for the engine's step: not on the loop
         total = None
         if server.llm is not None:
             pool = server.llm.engine.pool
