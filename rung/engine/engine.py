@@ -105,13 +105,14 @@ class Engine:
         return DraftModelProposer(draft_model, k)
 
     def _graphs(self):
-        from rung.engine.cuda_graphs import DecodeGraphs, unsupported
+        from rung.engine.cuda_graphs import DecodeGraphs, fuse_projections, unsupported
         from rung.kernels import triton_available
 
         if not (self.config.cuda_graphs and self.device.type == "cuda" and triton_available()):
             return None
         if unsupported(self.model) is not None:
             return None
+        fuse_projections(self.model)  # fewer, larger GEMVs; parameters stay as they are (views)
         return DecodeGraphs(self.model, self.pool, self.max_model_len, self.config.max_seqs)
 
     @property

@@ -122,8 +122,8 @@ SLOT_LAYOUT_MAX = 64  # up to this many slots, one slot per block and no sort (d
 def _config(slots: int):
     """(block_m, block_n, block_k, warps): small blocks while few slots share an expert (decode,
     where a block holds one slot and the job is streaming weights), GEMM-sized ones for prefill."""
-    if slots <= 128:
-        return 16, 32, 128, 4
+    if slots <= 128:  # a long K step keeps more bytes in flight per program: decode is latency-bound
+        return 16, 32, 256, 4
     return 64, 128, 64, 8
 
 
