@@ -70,6 +70,10 @@ def test_languages_must_be_covered_and_pass():
     d = decide_for([Scripted("weak-de", answers(8, de_right=0), params=1), Scripted("ok", answers(8), params=2)],
                    {"success": {"accuracy": 0.8}, "languages": ["en", "de"], "domains": ["math"]})
     assert d.chosen == "ok" and d.verdict("weak-de").reasons == ["language de accuracy 0% < 80%"]
+    # a slice threshold of its own: German at 50% is enough
+    d = decide_for([Scripted("half-de", answers(8, de_right=1), params=1)],
+                   {"success": {"accuracy": 0.8, "slice_accuracy": 0.5}, "languages": ["en", "de"]})
+    assert d.chosen == "half-de"
     d = decide_for([Scripted("ok", answers(8))], {"success": {"accuracy": 0.8}, "languages": ["fr"]})
     assert d.chosen is None and d.verdict("ok").reasons == ["language fr: no cases tagged language=fr in the suite"]
 

@@ -185,7 +185,7 @@ def rung_serve(tmp_path_factory):
             return False
 
     try:
-        wait_until(ready, 120, "rung serve to load smollm2-135m")
+        wait_until(ready, 300, "rung serve to load smollm2-135m")  # generous: a loaded 2-core machine
         yield port
     finally:
         proc.terminate()

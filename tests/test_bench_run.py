@@ -154,6 +154,16 @@ def test_damaged_cache_entries_are_recomputed(tmp_path):
     assert again.generated == 3 and not run.cached
 
 
+def test_accuracy_comes_with_its_wilson_interval():
+    from rung.bench.measure import wilson_interval
+
+    lo, hi = wilson_interval(10, 18)  # 56%: 95% interval 34%–75% (Wilson, z = 1.96)
+    assert lo == pytest.approx(0.337, abs=1e-3) and hi == pytest.approx(0.755, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 0) is None
+    [run] = run_bench([Scripted("good", GOOD)], suite(), SETTINGS)
+    assert summarize(run).accuracy_ci == wilson_interval(4, 4)
+
+
 def test_percentile_interpolates_like_numpy():
     xs = [1, 2, 3, 4, 10]
     assert percentile(xs, 50) == 3 and percentile(xs, 95) == pytest.approx(8.8) and percentile([], 50) is None

@@ -135,6 +135,20 @@ def test_bad_files(tmp_path):
         load_suite(write(tmp_path, "s.jsonl", '{"id": "a", "prompt": "x", "expect": {"contains": "x"}}\n{oops\n'))
 
 
+def test_stop_strings_default_and_override():
+    from rung.bench.candidates import requests_for
+    from rung.bench.suite import suite_from_dict
+
+    suite = suite_from_dict({"defaults": {"stop": "\n"}, "cases": [
+        {"id": "a", "prompt": "2+2?", "expect": {"numeric": 4}},
+        {"id": "b", "prompt": "JSON", "stop": [], "expect": {"json": {"type": "object"}}},
+        {"id": "c", "prompt": "x", "stop": ["END", "###"], "expect": {"contains": "x"}}]})
+    assert [c.stop for c in suite.cases] == [("\n",), (), ("END", "###")]
+    assert [r.stop for r in requests_for(suite.cases, 0)] == [["\n"], None, ["END", "###"]]
+    with pytest.raises(SuiteError, match="'stop' must be"):
+        suite_from_dict({"cases": [{"prompt": "x", "stop": [""], "expect": {"contains": "x"}}]})
+
+
 def test_self_consistency_defaults_to_sampling():
     from rung.bench.suite import suite_from_dict
 

@@ -37,6 +37,7 @@ class Request:
     n: int = 1
     seed: int = 0
     tools: list[dict] | None = None
+    stop: list[str] | None = None
 
 
 def case_seed(case_id: str, seed: int) -> int:
@@ -148,7 +149,7 @@ class LocalCandidate:
                 try:
                     ids = llm.encode_prompt(render_prompt(llm, req.messages, req.tools), chat=True)
                     params = SamplingParams(n=req.n, temperature=req.temperature, max_tokens=req.max_tokens,
-                                            seed=req.seed, skip_special_tokens=not harmony)
+                                            seed=req.seed, stop=req.stop, skip_special_tokens=not harmony)
                     rid = engine.add_request(ids, params)
                 except (RequestError, ValueError) as e:
                     if on_done:
@@ -410,6 +411,8 @@ class EndpointCandidate:
                       seed=seed, stream=True)
         if req.tools:
             kwargs["tools"] = req.tools
+        if req.stop:
+            kwargs["stop"] = req.stop
         if self._stream_usage:
             kwargs["stream_options"] = {"include_usage": True}
         sample = Sample()
@@ -507,5 +510,6 @@ def _one_line(e: BaseException) -> str:
 
 def requests_for(cases: Iterable, seed: int) -> list[Request]:
     return [Request(case_id=c.id, messages=c.chat_messages(), max_tokens=c.max_tokens, temperature=c.temperature,
-                    n=c.samples, seed=case_seed(c.id, seed), tools=[dict(t) for t in c.tools] if c.tools else None)
+                    n=c.samples, seed=case_seed(c.id, seed), tools=[dict(t) for t in c.tools] if c.tools else None,
+                    stop=list(c.stop) or None)
             for c in cases if c.generates]

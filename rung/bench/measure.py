@@ -19,6 +19,17 @@ from typing import Any
 from rung.bench.records import CandidateRun
 
 
+def wilson_interval(passed: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a pass rate: with a few dozen cases, a 10-point gap between
+    two candidates is often noise, and the report says so."""
+    if n == 0:
+        return None
+    p = passed / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile with linear interpolation between order statistics (numpy's default)."""
     xs = sorted(v for v in values if v is not None)
@@ -55,6 +66,7 @@ class Metrics:
     cases: int
     passed: int
     accuracy: float | None  # passed / scored cases (unsupported ones are left out)
+    accuracy_ci: tuple[float, float] | None  # its 95% Wilson interval
     unsupported: int
     by_check: dict[str, float]  # check type → pass rate
     by_tag: dict[str, float]  # "language=en" → case pass rate
@@ -121,7 +133,8 @@ def summarize(run: CandidateRun, pricing: Pricing | None = None) -> Metrics:
 
     return Metrics(
         name=run.info.name, kind=run.info.kind, error=run.error, cached=run.cached, cases=len(run.cases),
-        passed=passed, accuracy=passed / len(scored) if scored else None, unsupported=len(run.cases) - len(scored),
+        passed=passed, accuracy=passed / len(scored) if scored else None, accuracy_ci=wilson_interval(passed, len(scored)),
+        unsupported=len(run.cases) - len(scored),
         by_check={k: rate(v) for k, v in sorted(by_check.items())}, by_tag={k: rate(v) for k, v in sorted(by_tag.items())},
         schema_fidelity=rate(schema) if schema else None,
         ttft_p50_ms=percentile(ttft, 50), ttft_p95_ms=percentile(ttft, 95),

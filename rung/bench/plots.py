@@ -82,19 +82,35 @@ def scatter(points: list[Point], x_label: str, y_label: str, x_max_pass: float |
     parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#57606a"/>')
     parts.append(f'<text x="{LEFT + pw / 2}" y="{HEIGHT - 10}" text-anchor="middle">{escape(x_label)}</text>')
     parts.append(f'<text transform="translate(14 {TOP + ph / 2}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>')
-    for p in shown:
+    # labels avoid the markers and each other
+    placed: list[tuple[float, float, float, float]] = [(X(p.x) - 6, Y(p.y) - 6, X(p.x) + 6, Y(p.y) + 6) for p in shown]
+    for p in sorted(shown, key=lambda p: (-p.y, p.x)):
         cx, cy = X(p.x), Y(p.y)
         color = COLORS.get(p.status, "#57606a")
         y_text = f"{p.y:.0%}" if y_is_rate else _fmt(p.y)
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if p.status == "chosen" else 4.5}" fill="{color}">'
                      f'<title>{escape(p.label)}: {escape(x_label)} {_fmt(p.x)}, {escape(y_label)} {y_text}</title></circle>')
-        parts.append(f'<text x="{cx + 8:.1f}" y="{cy + 4:.1f}" fill="{color}">{escape(p.label)}</text>')
+        ly = _free_row(placed, cx + 8, cy + 4, 6.2 * len(p.label))
+        if abs(ly - (cy + 4)) > 1:  # moved off a neighbour's label: a thin leader back to the point
+            parts.append(f'<line x1="{cx:.1f}" y1="{cy:.1f}" x2="{cx + 7:.1f}" y2="{ly - 4:.1f}" stroke="{color}" stroke-width="0.6"/>')
+        parts.append(f'<text x="{cx + 8:.1f}" y="{ly:.1f}" fill="{color}">{escape(p.label)}</text>')
     missing = [p.label for p in points if p.x is None or p.y is None]
     if missing:
         parts.append(f'<text x="{LEFT}" y="{HEIGHT - 26}" fill="#57606a" font-size="10">not shown (no figure): '
                      f'{escape(", ".join(missing))}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _free_row(placed: list, x: float, y: float, width: float, height: float = 12.0) -> float:
+    """The baseline nearest ``y`` where a label of ``width`` at ``x`` overlaps no placed label."""
+    for dy in (0, 13, -13, 26, -26, 39, -39, 52, -52):
+        box = (x, y + dy - height + 2, x + width, y + dy + 2)
+        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            placed.append(box)
+            return y + dy
+    placed.append((x, y - height + 2, x + width, y + 2))
+    return y
 
 
 def distributions(series: list[tuple[str, list[float], list[float]]], x_label: str = "milliseconds",

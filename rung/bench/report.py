@@ -131,11 +131,11 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
     suite = report["suite"]
     s = report["settings"]
     cands = report["candidates"]
-    width = max(len(c["metrics"]["name"]) + 9 for c in cands)  # room for " (cached)"
+    width = max(len(c["metrics"]["name"]) + 9 * c["metrics"]["cached"] for c in cands)  # " (cached)"
     table = Table(title=f"{suite['name']}: {suite['cases']} cases, {suite['hash']}, {s.get('concurrency')} requests "
                         "in flight (latency in ms)", title_justify="left")
-    table.add_column("candidate", no_wrap=True, min_width=min(width, 40))
-    for col in ("params", "weights", "accuracy", "schema", "TTFT p50", "TTFT p95", "decode tok/s", "e2e p95",
+    table.add_column("candidate", no_wrap=True, min_width=min(width, 48))
+    for col in ("params", "weights", "accuracy", "schema", "TTFT p50", "TTFT p95", "tok/s", "e2e p95",
                 "peak mem", "load peak", "$/1K out", "verdict"):
         table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
     for c in cands:
@@ -166,8 +166,14 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
     color = "green" if decision["chosen"] else "red"
     console.print(f"[bold {color}]recommendation:[/bold {color}] {escape_rich(decision['summary'])}")
     for c in cands:
+        if c["status"] == "chosen":
+            for note in c["verdict"]["notes"]:
+                console.print(f"      [dim]{escape_rich(note)}[/dim]")
+    for c in cands:
         if c["status"] != "chosen" and not c["verdict"]["passed"]:
             console.print(f"  [red]✗[/red] {escape_rich(c['metrics']['name'])}: {escape_rich(_verdict_text(c))}")
+            for note in c["verdict"]["notes"]:
+                console.print(f"      [dim]{escape_rich(note)}[/dim]")
         elif c["status"] == "pass":
             console.print(f"  [blue]✓[/blue] {escape_rich(c['metrics']['name'])}: {escape_rich('; '.join(c['verdict']['notes'][:1]))}")
     for label, path in (paths or {}).items():
@@ -223,7 +229,11 @@ def render_html(report: dict[str, Any]) -> str:
                f"torch {escape(str(m.get('torch')))} · rung {escape(report['rung'])} · {escape(report['created'])}"
                f"{wall}</div>")
     cls = "rec" if decision["chosen"] else "rec none"
-    out.append(f"<div class='{cls}'><b>Recommendation:</b> {escape(decision['summary'])}<ul class=why>")
+    out.append(f"<div class='{cls}'><b>Recommendation:</b> {escape(decision['summary'])}")
+    for c in cands:
+        if c["status"] == "chosen":
+            out.extend(f"<div class=dim>{escape(n)}</div>" for n in c["verdict"]["notes"])
+    out.append("<ul class=why>")
     for c in cands:
         name = escape(c["metrics"]["name"])
         if c["status"] == "chosen":
@@ -231,7 +241,8 @@ def render_html(report: dict[str, Any]) -> str:
         if c["verdict"]["passed"]:
             out.append(f"<li><span class=pass>✓</span> <b>{name}</b>: {escape('; '.join(c['verdict']['notes'][:1]))}</li>")
         else:
-            out.append(f"<li><span class=fail>✗</span> <b>{name}</b>: {escape('; '.join(c['verdict']['reasons']))}</li>")
+            notes = "".join(f"<div class=dim>{escape(n)}</div>" for n in c["verdict"]["notes"])
+            out.append(f"<li><span class=fail>✗</span> <b>{name}</b>: {escape('; '.join(c['verdict']['reasons']))}{notes}</li>")
     out.append("</ul>")
     for note in decision["notes"]:
         out.append(f"<div class=meta>note: {escape(note)}</div>")
@@ -240,7 +251,7 @@ def render_html(report: dict[str, Any]) -> str:
 
     # the table: figures only; pass rates per check live in the heat map below
     types = check_types(report)
-    head = ["candidate", "params", "weights", "accuracy", "schema fidelity", "TTFT p50 / p95", "decode tok/s",
+    head = ["candidate", "params", "weights", "accuracy (95% CI)", "schema fidelity", "TTFT p50 / p95", "decode tok/s",
             "e2e p95", "throughput tok/s", "peak memory serving / loading", "$ per 1K output tokens", "verdict"]
     out.append("<h2>Candidates, smallest first</h2><table class=figures><tr>" +
                "".join(f"<th class={'l' if h in ('candidate', 'verdict') else 'r'}>{escape(h)}</th>" for h in head) + "</tr>")
@@ -252,7 +263,7 @@ def render_html(report: dict[str, Any]) -> str:
         vcls = "pass" if c["verdict"]["passed"] else "fail"
         cells = [f"<td class=l><b>{escape(mm['name'])}</b>{' <span class=dim>(cached)</span>' if mm['cached'] else ''}</td>",
                  f"<td>{_params(mm['total_params'])}</td>", f"<td>{_bytes(mm['weight_bytes'])}</td>",
-                 f"<td>{_pct(mm['accuracy'])}</td>", f"<td>{_pct(mm['schema_fidelity'])}</td>",
+                 f"<td>{_pct(mm['accuracy'])}{_ci(mm.get('accuracy_ci'))}</td>", f"<td>{_pct(mm['schema_fidelity'])}</td>",
                  f"<td>{_ms(mm['ttft_p50_ms'])} / {_ms(mm['ttft_p95_ms'])} ms</td>", f"<td>{_num(mm['decode_tokens_per_s'])}</td>",
                  f"<td>{_ms(mm['e2e_p95_ms'])} ms</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
                  f"<td>{_bytes(mm['peak_memory_bytes'])} / {_bytes(mm.get('load_peak_bytes'))}</td>",
@@ -296,10 +307,16 @@ def render_html(report: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _ci(ci) -> str:
+    if not ci:
+        return ""
+    return f" <span class=dim title='95% Wilson interval'>({ci[0] * 100:.0f}–{ci[1] * 100:.0f})</span>"
+
+
 def _requirements_html(req: dict[str, Any]) -> str:
     s = req.get("success") or {}
     items = []
-    labels = {"accuracy": "accuracy ≥ {:.0%}", "schema_fidelity": "schema fidelity ≥ {:.0%}", "ttft_p95_ms": "TTFT p95 ≤ {:,} ms",
+    labels = {"accuracy": "accuracy ≥ {:.0%}", "slice_accuracy": "each language and domain ≥ {:.0%}", "schema_fidelity": "schema fidelity ≥ {:.0%}", "ttft_p95_ms": "TTFT p95 ≤ {:,} ms",
               "e2e_p95_ms": "end-to-end p95 ≤ {:,} ms", "decode_tokens_per_s": "decode ≥ {} tokens/s",
               "cost_per_1k_output_tokens": "cost ≤ ${} per 1K output tokens"}
     for key, fmt in labels.items():

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 CASE_KEYS = {"id", "prompt", "messages", "system", "choices", "tools", "text", "expect", "max_tokens",
-             "temperature", "samples", "vote", "tags"}
-DEFAULT_KEYS = {"max_tokens", "temperature", "system", "samples", "vote"}
+             "temperature", "samples", "vote", "stop", "tags"}
+DEFAULT_KEYS = {"max_tokens", "temperature", "system", "samples", "vote", "stop"}
 SUITE_KEYS = {"name", "version", "description", "defaults", "judge", "cases"}
 VOTES = ("majority", "best")
 
@@ -67,6 +67,7 @@ class Case:
     temperature: float = 0.0
     samples: int = 1  # self-consistency: sample n answers and vote
     vote: str = "majority"
+    stop: tuple[str, ...] = ()  # stop strings, as lm-evaluation-harness's `until`: the answer ends there
     tags: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -98,6 +99,8 @@ class Case:
         for key in ("messages", "choices", "tools"):
             if getattr(self, key) is not None:
                 d[key] = list(getattr(self, key))
+        if self.stop:
+            d["stop"] = list(self.stop)
         if self.tags:
             d["tags"] = dict(self.tags)
         return d
@@ -277,10 +280,15 @@ def _case(raw: Any, defaults: dict, where: str, index: int) -> Case:
     if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
         raise SuiteError(f"{at}: 'tags' must map names to strings, e.g. {{language: en, domain: support}}")
     system = raw.get("system", defaults.get("system"))
+    stop = raw.get("stop", defaults.get("stop")) or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise SuiteError(f"{at}: 'stop' must be a string or a list of non-empty strings")
     return Case(id=case_id, checks=checks, prompt=prompt, messages=tuple(messages) if messages else None,
                 system=system, choices=tuple(choices) if choices else None, tools=tuple(tools) if tools else None,
                 text=text, max_tokens=max_tokens, temperature=temperature, samples=samples, vote=vote,
-                tags={str(k): v for k, v in tags.items()})
+                stop=tuple(stop), tags={str(k): v for k, v in tags.items()})
 
 
 def _number(raw: dict, defaults: dict, key: str, default, kind, at: str, minimum):
