@@ -140,3 +140,16 @@ def _right_answer(case):
     if check.type == "tool_call":
         return {"name": o["name"], "arguments": o.get("arguments", {})}
     return ""
+
+
+def test_a_local_judge_model_grades_in_process(folder, tmp_path):
+    """The judge is a model spec like any candidate: here the tiny model judges itself (its verdicts
+    are noise, so the check fails with the judge's reply quoted, never with an exception)."""
+    from rung.bench.run import BenchSettings, run_bench
+    from rung.bench.suite import suite_from_dict
+
+    suite = suite_from_dict({"judge": folder, "cases": [
+        {"id": "j", "prompt": "Hello world", "max_tokens": 4, "expect": {"type": "judge", "rubric": "says hello"}}]})
+    [run] = run_bench([folder], suite, BenchSettings(isolate=False, concurrency=1))
+    [check] = run.cases[0].checks
+    assert run.error is None and check.type == "judge" and f"judge {folder}" in check.detail
