@@ -193,6 +193,8 @@ def rung_serve(tmp_path_factory):
         log.close()
 
 
+# on the worker of the serve tests' own server, so two SmolLM2 servers never compete for the 2 cores
+@pytest.mark.xdist_group("serve-smollm2")
 def test_bench_against_a_local_rung_serve(rung_serve, tmp_path, capsys):
     suite = tmp_path / "suite.yaml"
     suite.write_text("""
