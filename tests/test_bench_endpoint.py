@@ -160,11 +160,15 @@ def test_malformed_endpoints_are_usage_errors(capsys):
     assert capsys.readouterr().err.startswith("rung: error: openai:http://x/v1: an endpoint candidate is")
 
 
-def test_unreachable_endpoint_fails_that_candidate_only():
+def test_unreachable_endpoint_fails_that_candidate_only_and_is_not_cached(tmp_path):
+    from rung.bench.cache import ResultCache
+
     port = free_port()  # nothing listens there
     suite = suite_from_dict({"cases": [{"prompt": "hi", "expect": {"contains": "x"}}]})
-    [run] = run_bench([f"openai:http://127.0.0.1:{port}/v1#m"], suite, BenchSettings(isolate=False))
+    [run] = run_bench([f"openai:http://127.0.0.1:{port}/v1#m"], suite, BenchSettings(isolate=False),
+                      ResultCache(tmp_path))
     assert run.error is None and run.cases[0].samples[0].error and not run.cases[0].passed
+    assert list(tmp_path.iterdir()) == []  # the next run asks the server again
 
 
 # ---- a real `rung serve` -------------------------------------------------------------------------------

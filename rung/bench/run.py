@@ -124,7 +124,8 @@ def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: Resul
 
     outcomes = score_cases(suite, samples, perplexities, judges, settings)
     run = CandidateRun(info=info, cases=outcomes, wall_s=wall, settings=key_settings, suite_hash=suite.hash)
-    if cache:
+    # a failed request may be transient (a server restarting, a timeout): such runs are measured again
+    if cache and not any(s.error for case in outcomes for s in case.samples):
         cache.put(key, run)
     progress.finish(run)
     return run
