@@ -37,12 +37,19 @@ def rss_mb() -> float:
 def run_rung(gguf: str, prompt_len: int, new: int, dtype: str) -> dict:
     import torch
 
-    from rung.engine.sampling_params import SamplingParams
     from rung.llm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(gguf, dtype=dtype, kv_cache_bytes=64 * 2**20)  # 1,400 float32 tokens (llama.cpp: n_ctx 1024)
     load = time.perf_counter() - t0
+    best_prefill, best_decode = time_llm(llm, prompt_len, new)
+    return dict(load_s=load, prefill=best_prefill, decode=best_decode, rss_mb=rss_mb(), threads=torch.get_num_threads())
+
+
+def time_llm(llm, prompt_len: int, new: int) -> tuple[float, float]:
+    """Best of 2 after a warm-up: prefill tok/s (to the first token) and decode tok/s, batch 1."""
+    from rung.engine.sampling_params import SamplingParams
+
     ids = llm.tokenizer.encode(TEXT * 3)[:prompt_len]
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     llm.generate(ids[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
@@ -51,7 +58,7 @@ def run_rung(gguf: str, prompt_len: int, new: int, dtype: str) -> dict:
         out = llm.generate(ids, params)[0]
         best_prefill = max(best_prefill, prompt_len / out.metrics.time_to_first_token)
         best_decode = max(best_decode, out.metrics.decode_tokens_per_s)
-    return dict(load_s=load, prefill=best_prefill, decode=best_decode, rss_mb=rss_mb(), threads=torch.get_num_threads())
+    return best_prefill, best_decode
 
 
 def run_transformers(gguf: str, prompt_len: int, new: int, dtype: str) -> dict:

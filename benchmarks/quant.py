@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu import TEXT, run_llama_cpp, run_transformers  # noqa: E402  the same prompt and peers as cpu.py
+from cpu import run_llama_cpp, run_transformers, time_llm  # noqa: E402  the same prompt, timing and peers as cpu.py
 
 PPL_TEXT = (
     "The Eiffel Tower was built for the 1889 World's Fair in Paris. At first many artists criticised its design, "
@@ -84,7 +84,6 @@ def perplexity(model, ids: list[int], chunk: int = 16) -> float:
 def run_rung(spec: str, prompt_len: int, new: int) -> dict:
     import torch
 
-    from rung.engine.sampling_params import SamplingParams
     from rung.llm import LLM
     from rung.quant.rewrite import packed_bytes
 
@@ -92,14 +91,7 @@ def run_rung(spec: str, prompt_len: int, new: int) -> dict:
     llm = LLM(spec, kv_cache_bytes=KV_BYTES)
     load = time.perf_counter() - t0
     weights = packed_bytes(llm.model)
-    ids = llm.tokenizer.encode(TEXT * 3)[:prompt_len]
-    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    llm.generate(ids[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    best_prefill, best_decode = 0.0, 0.0
-    for _ in range(2):
-        out = llm.generate(ids, params)[0]
-        best_prefill = max(best_prefill, prompt_len / out.metrics.time_to_first_token)
-        best_decode = max(best_decode, out.metrics.decode_tokens_per_s)
+    best_prefill, best_decode = time_llm(llm, prompt_len, new)
     ppl = perplexity(llm.model, llm.tokenizer.encode(PPL_TEXT))
     return dict(load_s=load, prefill=best_prefill, decode=best_decode, rss_mb=rss_mb(), weights_mb=weights / 1e6,
                 ppl=ppl, threads=torch.get_num_threads())
