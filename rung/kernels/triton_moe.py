@@ -116,7 +116,117 @@ def moe_gemm(
              mask=valid[:, None] & n_in[None, :])
 
 
+@triton.jit
+def moe_gemv(
+    X, W1, W2, S1, S2, B1, B2, Y, Experts, RouteW,
+    N, K, sx_m, sw_e, sw_n, ss_e, ss_n, sb_e, sy_m, limit, alpha,
+    X_DIV: tl.constexpr, TWO: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MUL_ROUTE: tl.constexpr, PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Decode: one program per (slot, BLOCK_N output rows), a plain multiply-and-reduce over K.
+    With one token per expert there is nothing for a matrix unit to share, and ``moe_gemm``'s
+    16-row tiles would spend their registers on padding; here every register holds weights in
+    flight, which is what a memory-bound step needs."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(Experts + slot).to(tl.int64)
+    x_row = X + (slot // X_DIV).to(tl.int64) * sx_m
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = n < N
+    w_rows = e * sw_e + n[:, None].to(tl.int64) * sw_n
+    if PACKED:
+        acc1 = tl.zeros([BLOCK_N, BLOCK_K // 2], tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], tl.float32)
+        s_rows = e * ss_e + n[:, None].to(tl.int64) * ss_n
+        for k0 in range(0, K, BLOCK_K):
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j: elements 2j (low nibble) and 2j + 1
+            j_in = j < K // 2
+            x_even = tl.load(x_row + 2 * j, mask=j_in, other=0.0).to(tl.float32)[None, :]
+            x_odd = tl.load(x_row + 2 * j + 1, mask=j_in, other=0.0).to(tl.float32)[None, :]
+            wm = n_in[:, None] & j_in[None, :]
+            b = tl.load(W1 + w_rows + j[None, :], mask=wm, other=0)
+            sc = tl.load(S1 + s_rows + (j // 16)[None, :], mask=wm, other=0)
+            acc1 += fp4_to_float(b & 15, sc) * x_even + fp4_to_float(b >> 4, sc) * x_odd
+            if TWO:
+                b = tl.load(W2 + w_rows + j[None, :], mask=wm, other=0)
+                sc = tl.load(S2 + s_rows + (j // 16)[None, :], mask=wm, other=0)
+                acc2 += fp4_to_float(b & 15, sc) * x_even + fp4_to_float(b >> 4, sc) * x_odd
+    else:
+        acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_in = kk < K
+            xt = tl.load(x_row + kk, mask=k_in, other=0.0).to(tl.float32)[None, :]
+            wm = n_in[:, None] & k_in[None, :]
+            acc1 += tl.load(W1 + w_rows + kk[None, :], mask=wm, other=0.0).to(tl.float32) * xt
+            if TWO:
+                acc2 += tl.load(W2 + w_rows + kk[None, :], mask=wm, other=0.0).to(tl.float32) * xt
+    r1 = tl.sum(acc1, 1)
+    r2 = tl.sum(acc2, 1)
+    if HAS_BIAS:
+        r1 += tl.load(B1 + e * sb_e + n, mask=n_in, other=0.0).to(tl.float32)
+        if TWO:
+            r2 += tl.load(B2 + e * sb_e + n, mask=n_in, other=0.0).to(tl.float32)
+    if ACT == 1:
+        out = r1 / (1.0 + tl.exp(-r1)) * r2
+    elif ACT == 2:
+        g = tl.minimum(r1, limit)
+        u = tl.minimum(tl.maximum(r2, -limit), limit)
+        out = g / (1.0 + tl.exp(-g * alpha)) * (u + 1.0)
+    else:
+        out = r1
+    if MUL_ROUTE:
+        out = out * tl.load(RouteW + slot).to(tl.float32)
+    tl.store(Y + slot.to(tl.int64) * sy_m + n, out.to(Y.dtype.element_ty), mask=n_in)
+
+
 SLOT_LAYOUT_MAX = 64  # up to this many slots, one slot per block and no sort (decode batches)
+GEMV_MAX = 64  # up to this many slots, moe_gemv (RUNG_MOE_GEMV=0: moe_gemm's slot layout instead)
+
+# The GEMV's tile is a bandwidth question answered per shape on the device it runs on (the first,
+# eager call of a shape times these and keeps the fastest, before any graph capture).
+_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                 for n, k, w in ((4, 512, 2), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 4),
+                                 (32, 128, 4), (32, 256, 8), (64, 128, 8))]
+_moe_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "TWO", "PACKED"])(moe_gemv)
+
+
+def _gemv_launch(grid_rows: int, n_out: int, *args, **meta) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter checks values, not speed: one tile
+        moe_gemv[(grid_rows, triton_cdiv(n_out, 16))](*args, **meta, BLOCK_N=16, BLOCK_K=64)
+        return
+    _moe_gemv_tuned[lambda m: (grid_rows, triton_cdiv(n_out, m["BLOCK_N"]))](*args, **meta)
+
+
+def triton_moe_gemv(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:
+    """Decode batches (few slots): each slot's expert read once, one program per slot × row tile."""
+    n, k = experts.shape
+    s = n * k
+    x = x.contiguous()
+    inter, hidden_size = w.gate.shape[1], x.shape[1]
+    hidden = torch.empty(s, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(s, hidden_size, dtype=x.dtype, device=x.device)
+    ids = experts.reshape(-1).to(torch.int32)
+    route_w = weights.reshape(-1).contiguous()
+    has_bias = w.gate_bias is not None
+    act_id = 2 if act.kind == "swiglu_clamped" else 1
+
+    def launch(xin, x_div, w1, w2, s1, s2, b1, b2, out, n_out, k_in, two, act_code, mul_route):
+        sw = w1.stride()
+        ss = s1.stride() if s1 is not None else (0, 0, 0)
+        _gemv_launch(s, n_out, xin, w1, w2 if w2 is not None else w1, s1 if s1 is not None else w1,
+                     s2 if s2 is not None else w1, b1 if b1 is not None else xin, b2 if b2 is not None else xin,
+                     out, ids, route_w, n_out, k_in, xin.stride(0), sw[0], sw[1], ss[0], ss[1],
+                     b1.stride(0) if b1 is not None else 0, out.stride(0), float(act.limit), float(act.alpha),
+                     X_DIV=x_div, TWO=two, ACT=act_code, HAS_BIAS=b1 is not None, MUL_ROUTE=mul_route,
+                     PACKED=w.packed)
+
+    launch(x, k, _rows(w.gate), _rows(w.up), w.gate_scales, w.up_scales, w.gate_bias if has_bias else None,
+           w.up_bias if has_bias else None, hidden, inter, hidden_size, True, act_id, False)
+    launch(hidden, 1, _rows(w.down), None, w.down_scales, None, w.down_bias if has_bias else None, None,
+           y, hidden_size, inter, False, 0, True)
+    return y.view(n, k, hidden_size).sum(1, dtype=torch.float32).to(x.dtype)
 
 
 def _config(slots: int):
@@ -130,6 +240,8 @@ def _config(slots: int):
 def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:
     n, k = experts.shape
     s = n * k
+    if s <= GEMV_MAX and os.environ.get("RUNG_MOE_GEMV") != "0":
+        return triton_moe_gemv(x, weights, experts, w, act)
     block_m, block_n, block_k, warps = _config(s)
     layout = moe_slot_layout if s <= SLOT_LAYOUT_MAX else moe_align
     sorted_ids, block_expert, total = layout(experts, w.num_experts, block_m)
