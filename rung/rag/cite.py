@@ -1,0 +1,94 @@
+"""Which sources an answer cites, and which it uses: a deterministic check after generation.
+
+Two signals, reported side by side so a reader (or a verifier) can weigh them:
+- ``cited``: the answer names the passage's label in brackets, ``[docs/a.md:12-18]`` (several
+  labels in one bracket may be separated by ``;`` or ``,``). A cited label is *real* when its source
+  is a retrieved passage's source (or a path suffix of it: ``[a.md:12]`` for ``docs/a.md``) and its
+  lines overlap that passage's lines; any other bracketed ``file:line`` label is reported as not
+  among the sources (a citation the model made up).
+- ``overlap``: of the terms the answer adds to the question (stemmed, stopwords out, the same
+  analyzer as BM25), the share found in the passage, each term weighted by its inverse document
+  frequency in the index: a unit every passage mentions ("kPa") weighs little, a made-up part
+  number a lot. A passage whose names and numbers the answer repeats scores near 1.0, whether or
+  not the model cited it.
+
+A passage is ``supported`` when it is cited, or when at least ``MIN_OVERLAP`` of the answer's new
+terms (and at least one) are in it.
+"""
+
+from __future__ import annotations
+
+import re
+
+MIN_OVERLAP = 0.5
+_BRACKET = re.compile(r"\[([^\[\]\n]{1,400})\]")
+_LABEL = re.compile(r"^\s*(?:source:\s*)?([^\s:;,][^:;,]*?):\s*(\d+)(?:\s*[-–]\s*(\d+))?\s*$", re.IGNORECASE)
+
+
+def cited_labels(text: str) -> list[tuple[str, int, int]]:
+    """Every ``[source:start-end]`` label in ``text`` as (source, start, end), in order, without repeats."""
+    out: list[tuple[str, int, int]] = []
+    for bracket in _BRACKET.finditer(text):
+        for part in re.split(r"[;,]|\]\s*\[", bracket.group(1)):
+            m = _LABEL.match(part)
+            if m:
+                start = int(m.group(2))
+                end = int(m.group(3)) if m.group(3) else start
+                item = (m.group(1).strip().strip("`'\""), min(start, end), max(start, end))
+                if item not in out:
+                    out.append(item)
+    return out
+
+
+def _same_source(cited: str, source: str) -> bool:
+    cited, source = cited.replace("\\", "/").lstrip("./"), source.replace("\\", "/")
+    return cited == source or source.endswith("/" + cited)
+
+
+def check_answer(answer: str, grounding) -> dict:
+    """The answer's citations against the grounding's sources:
+
+    ``{"citations": [{label, source, lines, rank, cited, overlap, supported}], "not_in_sources": [label]}``
+    with one citation entry per retrieved passage the answer cites or whose content it uses.
+    """
+    labels = cited_labels(answer)
+    hits = grounding.hits
+    matched: set[int] = set()
+    unknown = []
+    for source, start, end in labels:
+        found = False
+        for i, h in enumerate(hits):
+            p = h.passage
+            if _same_source(source, p.source) and start <= p.end and end >= p.start:
+                matched.add(i)
+                found = True
+        if not found:
+            unknown.append(f"{source}:{start}" if start == end else f"{source}:{start}-{end}")
+    lexical = getattr(grounding.index, "lexical", None)
+    analyze = lexical.terms if lexical is not None else (lambda s: re.findall(r"\w\w+", s.lower()))
+    weight = lexical.idf if lexical is not None else (lambda term: 1.0)
+    new = set(analyze(answer)) - set(analyze(grounding.query)) - {""}
+    total = sum(weight(t) for t in new)
+    citations = []
+    for i, (h, text) in enumerate(zip(hits, grounding.texts)):
+        shared = new & set(analyze(text))
+        overlap = sum(weight(t) for t in shared) / total if total else 0.0
+        cited = i in matched
+        supported = cited or (len(shared) >= 1 and overlap >= MIN_OVERLAP)
+        if cited or supported:
+            p = h.passage
+            citations.append({"label": p.label, "source": p.source, "lines": [p.start, p.end], "rank": h.rank,
+                              "cited": cited, "overlap": round(overlap, 3), "supported": supported})
+    return {"citations": citations, "not_in_sources": unknown}
+
+
+def format_sources(grounding, check: dict | None = None) -> str:
+    """Lines a terminal shows after an answer: each source, marked when the answer cites or uses it."""
+    marks = {c["label"]: ("cited" if c["cited"] else "used") for c in (check or {}).get("citations", [])}
+    lines = []
+    for h in grounding.hits:
+        mark = marks.get(h.label)
+        lines.append(f"  [{h.rank}] {h.label}" + (f"  ({mark})" if mark else ""))
+    for label in (check or {}).get("not_in_sources", []):
+        lines.append(f"  cited but not among the sources: {label}")
+    return "\n".join(lines)
