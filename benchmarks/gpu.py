@@ -173,6 +173,65 @@ def check_kernels() -> list[tuple[str, float]]:
     return rows
 
 
+def moe_kernel_timing() -> list[dict]:
+    """One token through one MoE layer at the real shapes, replayed from a CUDA graph (no launch
+    cost): the decode GEMV against the slot-layout GEMM, as µs a layer and the bandwidth of the
+    active experts' bytes."""
+    from rung.kernels.fused_moe import Activation, ExpertWeights, fused_moe
+
+    if DEV != "cuda":
+        return []
+    out = []
+    g = torch.Generator(device=DEV).manual_seed(5)
+    dt = torch.bfloat16
+    for name, e, k, h, i, kind, packed in (("qwen3-30b-a3b", 128, 8, 2048, 768, "silu", False),
+                                           ("gpt-oss-20b", 32, 4, 2880, 2880, "swiglu_clamped", True)):
+        if packed:
+            def mx(r_, c_):
+                return (torch.randint(0, 256, (e, r_, c_ // 2), device=DEV, dtype=torch.uint8, generator=g),
+                        torch.randint(116, 120, (e, r_, c_ // 32), device=DEV, dtype=torch.uint8, generator=g))
+            (gb, gs), (ub, us), (db, ds) = mx(i, h), mx(i, h), mx(h, i)
+            w = ExpertWeights(gb, ub, db, gs, us, ds, *(torch.zeros(e, n_, device=DEV, dtype=dt) for n_ in (i, i, h)))
+            active = k * (3 * i * h // 2 + 3 * i * h // 32)
+        else:
+            w = ExpertWeights(*(torch.randn(e, a, b, device=DEV, dtype=dt, generator=g) * 0.03
+                                for a, b in ((i, h), (i, h), (h, i))))
+            active = k * 3 * i * h * 2
+        for n in (1, 4):
+            x = torch.randn(n, h, device=DEV, generator=g, dtype=dt)
+            top, experts = torch.topk(torch.randn(n, e, device=DEV, generator=g), k)
+            weights = torch.softmax(top, -1).to(dt)
+            row = dict(shape=name, tokens=n, active_MB=n * active / 1e6)
+            for label, flag in (("gemv", "1"), ("gemm", "0")):
+                os.environ["RUNG_MOE_GEMV"] = flag
+                act = Activation(kind)
+                try:
+                    for _ in range(3):
+                        fused_moe(x, weights, experts, w, act)  # tune, compile
+                    sync()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for _ in range(20):
+                            fused_moe(x, weights, experts, w, act)
+                    graph.replay()
+                    sync()
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    for _ in range(5):
+                        graph.replay()
+                    b.record()
+                    sync()
+                    us = a.elapsed_time(b) * 1e3 / 100
+                    row[f"{label}_us"] = us
+                    row[f"{label}_TBps"] = n * active / (us * 1e-6) / 1e12
+                except Exception as exc:
+                    row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            os.environ.pop("RUNG_MOE_GEMV", None)
+            log("MoE layer timing", row)
+            out.append(row)
+    return out
+
+
 # ---- models -----------------------------------------------------------------------------------------
 
 def model_config(name: str, layers: int | None) -> dict:
@@ -411,6 +470,7 @@ def main():
     ap.add_argument("--long", type=int, default=32768, help="the long TTFT prompt (0: skip)")
     ap.add_argument("--hf-long-budget", type=float, default=25.0, help="seconds allowed for transformers' long prefill")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-moe-timing", action="store_true")
     ap.add_argument("--layers", type=int, default=None, help="cut every stack to this many layers (labelled)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -444,6 +504,12 @@ def main():
         traceback.print_exc()
     for what, err in checks:
         log(f"check {what}: rel err {err:.2e} {'ok' if err < 2e-2 else 'FAIL'}")
+    moe_rows = []
+    if not args.no_moe_timing:
+        try:
+            moe_rows = moe_kernel_timing()
+        except Exception:
+            traceback.print_exc()
     results: dict = {}
     for name in args.models:
         results[name] = {}
@@ -460,7 +526,8 @@ def main():
             if triton_moe is not None and lib == "rung":
                 results[name][lib]["mxfp4_dot_scaled"] = {str(k): v for k, v in triton_moe.DOT_SCALED_OK.items()}
             log(name, lib, json.dumps(results[name][lib], default=str))
-            Path(args.out, "gpu_results.json").write_text(json.dumps(dict(env=env, checks=checks, results=results),
+            Path(args.out, "gpu_results.json").write_text(json.dumps(dict(env=env, checks=checks, moe_layer=moe_rows,
+                                                                          results=results),
                                                                      indent=1, default=str))
     print()
     print(f"{env['date']} · {env['device']} · torch {env['torch']} · triton {env['triton']} · "
@@ -469,6 +536,12 @@ def main():
     print(f"checks: {sum(e < 2e-2 for _, e in checks)}/{len(checks)} kernels within 2e-2 relative error; "
           + ", ".join(f"{n} prefill {fmt(r['rung'].get('check_prefill'), '.1e')} / graph decode "
                       f"{fmt(r['rung'].get('check_graph_decode'), '.1e')}" for n, r in results.items() if "rung" in r))
+    if moe_rows:
+        print("one MoE layer, one CUDA-graph replay: µs (TB/s of the active experts' bytes)")
+        for r in moe_rows:
+            print(f"  {r['shape']} tokens={r['tokens']} ({r['active_MB']:.0f} MB): decode GEMV "
+                  f"{fmt(r.get('gemv_us'))} µs ({fmt(r.get('gemv_TBps'), '.2f')}) · slot-layout GEMM "
+                  f"{fmt(r.get('gemm_us'))} µs ({fmt(r.get('gemm_TBps'), '.2f')})")
     print(table(results, args.long))
 
 

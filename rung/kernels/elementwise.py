@@ -48,3 +48,36 @@ def rotary(x, cos, signed_sin) -> torch.Tensor:
     from rung.kernels.triton_elementwise import triton_rotary
 
     return triton_rotary(x, cos, signed_sin)
+
+
+def qk_norm_rope_ref(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed_sin):
+    """The model's chain (model/attention.py) for a fused q|k|v row: split, per-head RMSNorm
+    (``q_norm``/``k_norm``: (weight, eps, offset, weight_in_float32) or None), RoPE (``cos`` None:
+    none) → q [b, t, hq, d], k [b, t, hkv, d]."""
+    b, t, _ = qkv.shape
+    q = qkv[..., : hq * d].reshape(b, t, hq, d).transpose(1, 2)
+    k = qkv[..., hq * d: (hq + hkv) * d].reshape(b, t, hkv, d).transpose(1, 2)
+    if q_norm is not None:
+        q, k = rms_norm_ref(q, *q_norm), rms_norm_ref(k, *k_norm)
+    if cos is not None:
+        q, k = rotary_ref(q, cos[:, None], signed_sin[:, None]), rotary_ref(k, cos[:, None], signed_sin[:, None])
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def qk_norm_rope(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed_sin):
+    """One kernel for what is four to six in a decode step (two norms, two rotations and the
+    copies between them); the reference elsewhere. Arguments as ``qk_norm_rope_ref``."""
+    if qkv.dtype == torch.float32 or not use_triton(qkv):
+        return qk_norm_rope_ref(qkv, hq, hkv, d, q_norm, k_norm, cos, signed_sin)
+    from rung.kernels.triton_elementwise import triton_qk_norm_rope
+
+    if q_norm is None:
+        qw = kw = None
+        eps, in_f32 = 0.0, False
+    else:
+        (qw, eps, offset, in_f32), (kw, _, _, _) = q_norm, k_norm
+        if offset and not in_f32:  # the kernel takes the gain as the chain applies it (offset + w)
+            qw, kw = offset + qw, offset + kw
+        elif offset:
+            qw, kw = qw.float() + offset, kw.float() + offset
+    return triton_qk_norm_rope(qkv, hq, hkv, d, qw, kw, eps, in_f32, cos, signed_sin)

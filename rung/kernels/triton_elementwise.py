@@ -74,3 +74,75 @@ def triton_rotary(x, cos, signed_sin):
                                 cos.stride(0), cos.stride(2), signed_sin.stride(0), signed_sin.stride(2),
                                 D=d, ROT=rot, BLOCK=triton.next_power_of_2(d), num_warps=1)
     return out
+
+
+@triton.jit
+def qk_norm_rope_kernel(QKV, QW, KW, C, S, Q_OUT, K_OUT, T, HQ, HKV, sqkv, sc_b, sc_t, ss_b, ss_t, eps,
+                        D: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
+                        W_F32: tl.constexpr, ROPE: tl.constexpr):
+    """One head of one token: the per-head RMSNorm, then RoPE, read from the fused q|k|v row and
+    written to a contiguous q or k. The rotation's partner half is read a second time from memory
+    (registers cannot be permuted), normalised with the same statistic."""
+    tok = tl.program_id(0)
+    h = tl.program_id(1)  # 0..HQ-1: a query head; HQ..HQ+HKV-1: a key head
+    b = tok // T
+    t = tok % T
+    c = tl.arange(0, BLOCK)
+    m = c < D
+    row = QKV + tok.to(tl.int64) * sqkv + h * D
+    xin = tl.load(row + c, mask=m, other=0.0)
+    partner = tl.where(c < ROT // 2, c + ROT // 2, c - ROT // 2)
+    rot = c < ROT
+    xp = tl.load(row + partner, mask=m & rot, other=0.0)
+    is_q = h < HQ
+    if NORM:
+        x32 = xin.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x32 * x32, 0) / D + eps)
+        w = tl.where(is_q, tl.load(QW + c, mask=m, other=0.0), tl.load(KW + c, mask=m, other=0.0))
+        wp = tl.where(is_q, tl.load(QW + partner, mask=m & rot, other=0.0), tl.load(KW + partner, mask=m & rot, other=0.0))
+        if W_F32:
+            x = (x32 * inv * w.to(tl.float32)).to(xin.dtype)
+            xr = (xp.to(tl.float32) * inv * wp.to(tl.float32)).to(xin.dtype)
+        else:
+            x = ((x32 * inv).to(xin.dtype).to(tl.float32) * w.to(tl.float32)).to(xin.dtype)
+            xr = ((xp.to(tl.float32) * inv).to(xin.dtype).to(tl.float32) * wp.to(tl.float32)).to(xin.dtype)
+    else:
+        x = xin
+        xr = xp
+    if ROPE:
+        cs = tl.load(C + b.to(tl.int64) * sc_b + t.to(tl.int64) * sc_t + c, mask=rot, other=0.0)
+        sn = tl.load(S + b.to(tl.int64) * ss_b + t.to(tl.int64) * ss_t + c, mask=rot, other=0.0)
+        a = (x.to(tl.float32) * cs.to(tl.float32)).to(xin.dtype).to(tl.float32)
+        r = (xr.to(tl.float32) * sn.to(tl.float32)).to(xin.dtype).to(tl.float32)
+        out = tl.where(rot, (a + r).to(xin.dtype), x)
+    else:
+        out = x
+    if is_q:
+        tl.store(Q_OUT + (tok.to(tl.int64) * HQ + h) * D + c, out, mask=m)
+    else:
+        tl.store(K_OUT + (tok.to(tl.int64) * HKV + (h - HQ)) * D + c, out, mask=m)
+
+
+def triton_qk_norm_rope(qkv, hq, hkv, d, q_weight, k_weight, eps, weight_in_float32, cos, signed_sin):
+    """qkv [b, t, (hq + 2·hkv)·d] → q [b, t, hq, d], k [b, t, hkv, d] (new, contiguous)."""
+    b, t, _ = qkv.shape
+    rows = qkv.reshape(b * t, -1)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q = torch.empty(b, t, hq, d, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(b, t, hkv, d, dtype=qkv.dtype, device=qkv.device)
+    rope = cos is not None
+    if rope:
+        rot = cos.shape[-1]
+        cos, signed_sin = cos.expand(b, t, rot), signed_sin.expand(b, t, rot)
+        if cos.stride(-1) != 1 or signed_sin.stride(-1) != 1:
+            cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
+        strides = cos.stride(0), cos.stride(1), signed_sin.stride(0), signed_sin.stride(1)
+    else:
+        rot, cos, signed_sin, strides = 0, qkv, qkv, (0, 0, 0, 0)
+    norm = q_weight is not None
+    qkv_kernel_w = (q_weight, k_weight) if norm else (qkv, qkv)
+    qk_norm_rope_kernel[(b * t, hq + hkv)](rows, *qkv_kernel_w, cos, signed_sin, q, k, t, hq, hkv, rows.stride(0),
+                                           *strides, float(eps), D=d, ROT=rot, BLOCK=triton.next_power_of_2(d),
+                                           NORM=norm, W_F32=weight_in_float32, ROPE=rope, num_warps=1)
+    return q, k

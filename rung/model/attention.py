@@ -11,7 +11,9 @@ from torch import nn
 
 from rung import native
 from rung.config import ModelConfig
-from rung.model.norm import make_norm
+from rung.kernels import use_triton
+from rung.kernels.elementwise import qk_norm_rope
+from rung.model.norm import RMSNorm, make_norm
 from rung.model.rope import apply_rotary
 
 
@@ -110,13 +112,26 @@ class Attention(nn.Module):
                 and rotary[0].shape[-1] == self.head_dim and rotary[0].dtype == torch.float32
                 and rotary[0][0].is_contiguous() and rotary[1][0].is_contiguous() and native.available())
 
+    def _one_kernel_qk(self, qkv: torch.Tensor, rotary) -> bool:
+        if qkv.dtype == torch.float32 or not use_triton(qkv) or (self.q_norm is None and rotary is None):
+            return False
+        return (self.q_norm is None or isinstance(self.q_norm, RMSNorm)) and (rotary is None or rotary[0].dtype == qkv.dtype)
+
     def forward(self, x, rotary, context) -> torch.Tensor:
         """x [b, t, hidden]; rotary (cos, signed sin) [b, t, rot] or None; ``context`` stores this
         step's keys and values and runs the attention over everything the queries may see (the
         seam between the model and a KV cache, contiguous or paged: see model/cache.py)."""
         b, t, _ = x.shape
+        shape = b, t, -1, self.head_dim
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)
+            if self._one_kernel_qk(qkv, rotary):  # CUDA, 16-bit: both norms and both rotations in one kernel
+                norms = [None if n is None else (n.weight, n.eps, n.offset, n.weight_in_float32)
+                         for n in (self.q_norm, self.k_norm)]
+                q, k = qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *norms,
+                                    *(rotary if rotary is not None else (None, None)))
+                v = qkv[..., self.split[0] + self.split[1]:].view(shape)
+                return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), context, x)
             if self._native_rope(qkv, rotary):  # a decode step: RoPE in place, one call for q and k
                 native.rope_(qkv.view(t, -1), self.num_heads + self.num_kv_heads, self.head_dim,
                              rotary[0][0], rotary[1][0])
@@ -124,14 +139,18 @@ class Attention(nn.Module):
             q, k, v = qkv.split(self.split, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [b, hq, t, d]
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, hkv, t, d]
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(shape).transpose(1, 2)  # [b, hq, t, d]
+        k = k.view(shape).transpose(1, 2)  # [b, hkv, t, d]
+        v = v.view(shape).transpose(1, 2)
         if self.q_norm is not None:  # Qwen3 / Gemma 3: RMSNorm over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             cos, sin = (r[:, None] for r in rotary)  # broadcast over heads
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self._attend(q, k, v, context, x)
+
+    def _attend(self, q, k, v, context, x) -> torch.Tensor:
+        b, t = q.shape[0], q.shape[2]
         if self.slopes is not None and self.slopes.device != x.device:
             self.slopes = self.slopes.to(x.device)
         out = context.attend(self.layer, q, k, v, self.window, self.scale, self.sinks, self.slopes)  # [b, hq, t, d]
