@@ -9,7 +9,7 @@ closed; a judge is opened once per bench (in its own worker too) and reused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import rung
@@ -27,13 +27,38 @@ class BenchSettings:
     device: str = "cpu"
     dtype: str | None = None
     isolate: bool = True  # local candidates in a worker process (their own peak memory)
+    # retrieval: every generating case grounded in an index (a rung.rag.Index or its path; default: the suite's rag:)
+    rag: Any = None
+    rag_k: int | None = None
+    rag_max_chars: int | None = None
+    _indexes: dict = field(default_factory=dict, repr=False, compare=False)
 
     def key(self, suite: Suite) -> dict[str, Any]:
         """The settings that change results: part of every cache key."""
         judges = sorted({c.options.get("judge") or suite.judge for case in suite.cases for c in case.checks
                          if c.type == "judge"})
-        return {"concurrency": self.concurrency, "seed": self.seed, "device": self.device, "dtype": self.dtype,
-                "judges": judges, "rung": rung.__version__}
+        key = {"concurrency": self.concurrency, "seed": self.seed, "device": self.device, "dtype": self.dtype,
+               "judges": judges, "rung": rung.__version__}
+        retrieval = self.retrieval(suite)
+        if retrieval is not None:  # grounded and ungrounded runs are different results
+            index, k, max_chars = retrieval
+            key["rag"] = {"index": index.hash, "k": k, "max_chars": max_chars}
+        return key
+
+    def retrieval(self, suite: Suite):
+        """(index, k, max_chars) the cases are grounded with, or None: --rag, else the suite's `rag:`."""
+        from rung.rag import DEFAULT_K, DEFAULT_MAX_CHARS, load_index
+
+        spec = suite.rag or {}
+        index = self.rag if self.rag is not None else spec.get("index")
+        if index is None:
+            return None
+        if not hasattr(index, "search"):
+            if str(index) not in self._indexes:
+                self._indexes[str(index)] = load_index(index)
+            index = self._indexes[str(index)]
+        return (index, self.rag_k or spec.get("k") or DEFAULT_K,
+                self.rag_max_chars or spec.get("max_chars") or DEFAULT_MAX_CHARS)
 
 
 class Progress(Protocol):
@@ -102,6 +127,12 @@ def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: Resul
     try:
         info = candidate.open()
         requests = requests_for(suite.cases, settings.seed)
+        retrieval = settings.retrieval(suite)
+        if retrieval is not None:  # --rag: the passages each case's question retrieves, in its system message
+            from rung.rag import ground
+
+            index, k, max_chars = retrieval
+            requests = [replace(r, messages=ground(index, r.messages, k, max_chars)[0]) for r in requests]
 
         def done(index: int, got: list[Sample]) -> None:
             samples[requests[index].case_id] = got

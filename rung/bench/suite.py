@@ -36,7 +36,8 @@ from typing import Any
 CASE_KEYS = {"id", "prompt", "messages", "system", "choices", "tools", "text", "expect", "max_tokens",
              "temperature", "samples", "vote", "stop", "tags"}
 DEFAULT_KEYS = {"max_tokens", "temperature", "system", "samples", "vote", "stop"}
-SUITE_KEYS = {"name", "version", "description", "defaults", "judge", "cases"}
+SUITE_KEYS = {"name", "version", "description", "defaults", "judge", "cases", "rag"}
+RAG_KEYS = {"index", "k", "max_chars"}
 VOTES = ("majority", "best")
 
 
@@ -114,6 +115,7 @@ class Suite:
     version: str | None = None
     description: str | None = None
     source: str | None = None  # the file it came from
+    rag: dict | None = None  # {index, k, max_chars}: ground every case in this retrieval index (`rung index`)
 
     @property
     def hash(self) -> str:
@@ -220,7 +222,23 @@ def suite_from_dict(data: dict[str, Any], source: str | None = None, name: str |
     default_name = Path(source).stem if source else "suite"
     return Suite(name=str(data.get("name") or name or default_name), cases=tuple(cases), judge=judge,
                  version=None if version is None else str(version), description=data.get("description"),
-                 source=source)
+                 source=source, rag=_rag(data.get("rag"), where, source))
+
+
+def _rag(rag: Any, where: str, source: str | None) -> dict | None:
+    """A suite's `rag:` key: an index path, or {index, k, max_chars}; the path is relative to the suite file."""
+    if rag is None:
+        return None
+    if isinstance(rag, str):
+        rag = {"index": rag}
+    if (not isinstance(rag, dict) or set(rag) - RAG_KEYS or not isinstance(rag.get("index"), str)
+            or not all(isinstance(rag.get(k, 1), int) and not isinstance(rag.get(k, 1), bool) and rag.get(k, 1) >= 1
+                       for k in ("k", "max_chars"))):
+        raise SuiteError(f"{where}: 'rag' is an index path or {{index: PATH, k: N, max_chars: N}}")
+    index = Path(rag["index"])
+    if source and not index.is_absolute():
+        index = Path(source).parent / index
+    return {**rag, "index": str(index)}
 
 
 def _case(raw: Any, defaults: dict, where: str, index: int) -> Case:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from rung.cli import Command, CommandError
+from rung.commands.index import open_rag, rag_arguments
 
 EXIT_FAILED_CHECK = 1
 
@@ -39,6 +40,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="the price of the hardware local candidates run on (overrides the requirements)")
     p.add_argument("--in-process", action="store_true",
                    help="load local candidates in this process (faster start; peak memory is then process-wide)")
+    rag_arguments(p)  # every case grounded in the index (default: the suite's `rag:`), cached apart from ungrounded runs
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -79,11 +81,14 @@ def _bench(args: argparse.Namespace) -> int:
             parse_endpoint(spec)  # a malformed endpoint is a usage error before anything runs
 
     settings = rb.BenchSettings(concurrency=args.concurrency, seed=args.seed, device=args.device, dtype=args.dtype,
-                                isolate=not args.in_process)
+                                isolate=not args.in_process, rag=open_rag(args), rag_k=args.rag_k,
+                                rag_max_chars=args.rag_max_chars)
+    retrieval = settings.retrieval(suite)  # a suite's `rag:` index is opened (and checked) here
     cache = ResultCache(args.cache_dir, enabled=not args.no_cache)
     console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160)
     console.print(f"suite {suite.name} ({len(suite.cases)} cases, {suite.hash}) · {len(candidates)} candidate(s) · "
-                  f"{settings.concurrency} in flight · cache {cache.directory if cache.enabled else 'off'}")
+                  f"{settings.concurrency} in flight · cache {cache.directory if cache.enabled else 'off'}"
+                  + (f" · grounded in {retrieval[0].path} ({retrieval[0].hash}, k={retrieval[1]})" if retrieval else ""))
     start = time.perf_counter()
     with _Progress(console) as progress:
         runs = rb.run_bench(candidates, suite, settings, cache, progress)

@@ -7,6 +7,7 @@ import sys
 import time
 
 from rung.cli import Command
+from rung.commands.index import open_rag, rag_arguments
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -101,9 +102,11 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--once", metavar="MESSAGE", default=None, help="send one message, print the answer, exit")
     _model_arguments(p, max_tokens=512)
+    rag_arguments(p)  # sources follow each answer, marked where the answer cites or uses them
 
 
 def _chat(args: argparse.Namespace) -> int:
+    index = open_rag(args)
     llm = _load(args)
     params = _params(args)
     system = args.system
@@ -112,7 +115,18 @@ def _chat(args: argparse.Namespace) -> int:
     def answer(message: str) -> None:
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": message})
+        grounding = None
+        if index is not None:  # each message retrieves anew; the history keeps the messages as typed
+            from rung.rag import ground
+
+            messages, grounding = ground(index, messages, args.rag_k, args.rag_max_chars)
         text, tokens, first, total = _stream_out(llm.chat_stream(messages, params))
+        if grounding is not None:
+            from rung.rag import check_answer, format_sources
+
+            print("\n\nsources:" if grounding.hits else "\n\nsources: (no passage matches the message)")
+            if grounding.hits:
+                print(format_sources(grounding, check_answer(text, grounding)), flush=True)
         _report(tokens, first, total)
         history.extend([{"role": "user", "content": message}, {"role": "assistant", "content": text}])
 

@@ -60,3 +60,35 @@ def _run(args: argparse.Namespace) -> int:
 
 
 INDEX = Command("index", "build a retrieval index of documents for --rag (BM25, optional dense vectors)", _arguments, _run)
+
+
+# ---- --rag, shared by chat, serve and bench -----------------------------------------------------
+
+
+def rag_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--rag", metavar="INDEX", default=None,
+                   help="ground answers in the passages this index (`rung index`) retrieves; answers cite them")
+    g.add_argument("--rag-k", type=int, default=None, metavar="K", help="passages per question (default 4)")
+    g.add_argument("--rag-max-chars", type=int, default=None, metavar="N",
+                   help="the most characters of passages in one prompt (default 3000)")
+
+
+def open_rag(args: argparse.Namespace):
+    """The index --rag names, checked before any model loads (a stale one is a warning), or None;
+    fills in --rag-k and --rag-max-chars."""
+    from rung.rag import DEFAULT_K, DEFAULT_MAX_CHARS, load_index
+
+    if args.rag is None:
+        if args.rag_k is not None or args.rag_max_chars is not None:
+            raise CommandError("--rag-k and --rag-max-chars need --rag INDEX")
+        return None
+    if (args.rag_k is not None and args.rag_k < 1) or (args.rag_max_chars is not None and args.rag_max_chars < 100):
+        raise CommandError("--rag-k must be at least 1 and --rag-max-chars at least 100")
+    args.rag_k = args.rag_k or DEFAULT_K
+    args.rag_max_chars = args.rag_max_chars or DEFAULT_MAX_CHARS
+    index = load_index(args.rag)
+    for line in index.stale():
+        print(f"rung: warning: {args.rag} is stale: {line} since it was indexed (rebuild it with `rung index`)",
+              file=sys.stderr)
+    return index

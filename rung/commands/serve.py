@@ -12,6 +12,7 @@ import sys
 import threading
 
 from rung.cli import Command, CommandError
+from rung.commands.index import open_rag, rag_arguments
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -40,6 +41,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (request lines are always logged)")
+    rag_arguments(p)  # chat completions grounded in an index; replies carry rung.rag sources and citations
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -53,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from rung.weights.resolve import resolve_model
 
     resolve_model(args.model)  # an unknown name or path fails here, in one line, before the port opens
+    rag = open_rag(args)  # so does a missing, damaged or hostile --rag index
     for name in ("max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
@@ -69,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent, request_timeout=args.request_timeout,
                          max_model_len=args.max_model_len, max_tokens=args.max_tokens,
                          max_request_bytes=args.max_request_bytes, log_prompts=args.log_prompts, dtype=args.dtype,
-                         device=args.device, seed=args.seed, engine=engine)
+                         device=args.device, seed=args.seed, engine=engine, rag=rag,
+                         rag_k=args.rag_k or 4, rag_max_chars=args.rag_max_chars or 3000)
     logs.setup()
     server = Server(config)
     web = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port,

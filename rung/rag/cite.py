@@ -13,7 +13,9 @@ Two signals, reported side by side so a reader (or a verifier) can weigh them:
   not the model cited it.
 
 A passage is ``supported`` when it is cited, or when at least ``MIN_OVERLAP`` of the answer's new
-terms (and at least one) are in it.
+terms (weighted, and at least one term) are in it and its overlap is near the best passage's
+(``NEAR_BEST``): the phrasing every passage shares ("carries a warranty of ... months") does not
+make a passage with another number a source.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import re
 
 MIN_OVERLAP = 0.5
+NEAR_BEST = 0.8
 _BRACKET = re.compile(r"\[([^\[\]\n]{1,400})\]")
 _LABEL = re.compile(r"^\s*(?:source:\s*)?([^\s:;,][^:;,]*?):\s*(\d+)(?:\s*[-–]\s*(\d+))?\s*$", re.IGNORECASE)
 
@@ -69,12 +72,15 @@ def check_answer(answer: str, grounding) -> dict:
     weight = lexical.idf if lexical is not None else (lambda term: 1.0)
     new = set(analyze(answer)) - set(analyze(grounding.query)) - {""}
     total = sum(weight(t) for t in new)
-    citations = []
-    for i, (h, text) in enumerate(zip(hits, grounding.texts)):
+    overlaps = []
+    for text in grounding.texts:
         shared = new & set(analyze(text))
-        overlap = sum(weight(t) for t in shared) / total if total else 0.0
+        overlaps.append((sum(weight(t) for t in shared) / total if total else 0.0, len(shared)))
+    best = max((o for o, _ in overlaps), default=0.0)
+    citations = []
+    for i, (h, (overlap, shared)) in enumerate(zip(hits, overlaps)):
         cited = i in matched
-        supported = cited or (len(shared) >= 1 and overlap >= MIN_OVERLAP)
+        supported = cited or (shared >= 1 and overlap >= MIN_OVERLAP and overlap >= NEAR_BEST * best)
         if cited or supported:
             p = h.passage
             citations.append({"label": p.label, "source": p.source, "lines": [p.start, p.end], "rank": h.rank,

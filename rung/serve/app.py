@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from rung.serve import logs
 from rung.serve.errors import APIError, bad_request, pydantic_errors
+from rung.serve.grounding import add_rung, choice_fields, reply_fields
 from rung.serve.metrics import CONTENT_TYPE
 from rung.serve.responses import (DONE, Choice, TokenText, call_json, chat_logprobs, completion_logprobs, sse,
                                   usage)
@@ -263,7 +264,8 @@ class Run:
         try:
             if self.kind == "chat":
                 for c in self.choices:
-                    yield sse(self._chunk(c, {"role": "assistant", "content": ""}))
+                    first = self._chunk(c, {"role": "assistant", "content": ""})
+                    yield sse(add_rung(first, reply_fields(self.prepared)) if c.index == 0 else first)  # --rag sources
             async for d in deltas:
                 for chunk in self._chunks(d):
                     yield chunk
@@ -303,6 +305,8 @@ class Run:
         else:
             c = {"index": choice.index, "text": text or "", "logprobs": logprobs,
                  "finish_reason": choice.openai_finish_reason if finish else None}
+        if finish and self.kind == "chat":
+            add_rung(c, choice_fields(self.prepared[0], choice))  # --rag: what the answer cites
         if finish and choice.stop_reason is not None:
             c["stop_reason"] = choice.stop_reason
         return {**self._envelope(), "choices": [c]}
@@ -365,9 +369,12 @@ class Run:
                       if self.req.logprobs is not None else None)
                 choices.append({"index": c.index, "text": text, "logprobs": lp,
                                 "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason})
+        if self.kind == "chat":  # --rag: each answer's citations, and the sources once
+            for c, body in zip(self.choices, choices):
+                add_rung(body, choice_fields(self.prepared[0], c))
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.server.config.name,
-                "choices": choices, "usage": self._usage()}
+        return add_rung({"id": self.id, "object": obj, "created": self.created, "model": self.server.config.name,
+                         "choices": choices, "usage": self._usage()}, reply_fields(self.prepared))
 
     def _usage(self) -> dict:
         return usage(sum(len(p.prompt_ids) for p in self.prepared), sum(len(c.token_ids) for c in self.choices))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 
 class Strict(BaseModel):
@@ -135,6 +135,13 @@ class SamplingFields(Strict):
         return v
 
 
+class RagOptions(Strict):
+    """rung's extension: per-request retrieval settings (`rung serve --rag INDEX`)."""
+
+    k: int | None = Field(None, ge=1, le=32)
+    max_chars: int | None = Field(None, ge=100, le=100_000)
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = None
@@ -147,6 +154,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    rag: StrictBool | RagOptions | None = None  # rung: ground in the --rag index (false: not this request)
     # accepted for compatibility; they change nothing here
     store: bool | None = None
     metadata: dict[str, str] | None = None

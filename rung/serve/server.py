@@ -18,6 +18,7 @@ from typing import Any
 
 from rung.serve.errors import APIError, bad_request
 from rung.serve.family import Family, family_for
+from rung.serve.grounding import ground_chat
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
 from rung.serve.structured import GrammarError, check_json_schema
 
@@ -37,6 +38,9 @@ class ServeConfig:
     device: str = "cpu"
     seed: int = 0
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    rag: Any = None  # a rung.rag.Index: chat requests are grounded in it (rung/serve/grounding.py)
+    rag_k: int = 4  # passages per request (a request's "rag": {"k": ...} overrides)
+    rag_max_chars: int = 3000  # characters of passages per request
 
     @property
     def name(self) -> str:
@@ -52,6 +56,7 @@ class Prepared:
     prompt_text: str | None = None
     tools: list[dict] | None = None
     thinking: bool = False
+    grounding: Any = None  # rung.rag.Grounding with --rag: the passages the model was given (grounding.texts)
 
 
 class Server:
@@ -169,7 +174,8 @@ class Server:
             tools = None
         kwargs = family.template_kwargs(req.reasoning_effort, req.chat_template_kwargs or {})
         thinking = family.thinking(kwargs)
-        messages = family.messages([_message(m) for m in req.messages], tools)
+        grounded, grounding = ground_chat(self, req, [_message(m) for m in req.messages])  # --rag: passages in the system message
+        messages = family.messages(grounded, tools)
         try:
             text = self.template.render(messages, add_generation_prompt=req.add_generation_prompt,
                                         tools=tools if family.name != "json" else None, **kwargs)
@@ -193,7 +199,7 @@ class Server:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = self._params(req, prompt_ids, max_tokens, param, grammar,
                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        return Prepared(prompt_ids, params, text, tools, thinking)
+        return Prepared(prompt_ids, params, text, tools, thinking, grounding=grounding)
 
     def prepare_completion(self, req: CompletionRequest) -> list[Prepared]:
         if req.logit_bias:
