@@ -109,11 +109,37 @@ def moe_checks(g) -> None:
                 weights = torch.softmax(top, -1)
                 want = fm.fused_moe_ref(x, weights, experts, w, act)
                 name = f"fused MoE {'MXFP4' if packed else 'dense'} {kind} tokens={n}"
-                if n * 2 <= triton_moe.GEMV_MAX:  # decode sizes: the GEMV, and the slot-layout GEMM
+                if packed and n * 2 <= triton_moe.GEMV_MAX:  # decode sizes: the GEMV, and the slot-layout GEMM
                     check(name + " GEMV", triton_moe.triton_moe_gemv(x, weights, experts, w, act), want, 1e-4)
                     os.environ["RUNG_MOE_GEMV"] = "0"
                 check(name + " GEMM", triton_moe.triton_fused_moe(x, weights, experts, w, act), want, 1e-4)
                 os.environ.pop("RUNG_MOE_GEMV", None)
+
+
+def routing_checks(g) -> None:
+    for e, k, router, norm in ((32, 4, "topk_softmax", False), (128, 8, "softmax_topk", True),
+                               (60, 6, "softmax_topk", False), (128, 8, "topk_softmax", False)):
+        logits = torch.randn(5, e, generator=g).to(torch.float16)
+        w, ids = triton_moe.triton_route(logits, k, router == "topk_softmax", norm)
+        w_ref, ids_ref = fm.route_ref(logits, k, router, norm)
+        # float16 logits tie now and then: the chosen logits (in order) must be the reference's
+        chosen, chosen_ref = logits.gather(1, ids.long()), logits.gather(1, ids_ref)
+        if not torch.equal(chosen, chosen_ref):
+            sys.exit(f"FAIL routing E={e} k={k} {router}: experts {ids.tolist()} != {ids_ref.tolist()}")
+        ties = int((ids.long() != ids_ref).sum())
+        check(f"routing E={e} k={k} {router} norm={norm} ({ties} tied picks)", w, w_ref, 1e-3)
+
+
+def write_kv_checks(g) -> None:
+    k_pool, v_pool = torch.zeros(40, 2, 24), torch.zeros(40, 2, 24)
+    qkv = torch.randn(3, 5, 2, 24, generator=g)  # k and v as strided views, as the model hands them over
+    slots = torch.tensor([7, 0, 39])
+    triton_attention.triton_write_kv(k_pool, v_pool, slots, qkv[:, 1], qkv[:, 3])
+    want_k, want_v = torch.zeros(40, 2, 24), torch.zeros(40, 2, 24)
+    pa.write_kv_ref(want_k, want_v, slots, qkv[:, 1], qkv[:, 3])
+    if not (torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)):
+        sys.exit("FAIL write_kv")
+    print("write_kv: equal")
 
 
 def model_checks(g) -> None:
@@ -162,5 +188,7 @@ if __name__ == "__main__":
     qk_checks(g, torch.bfloat16)
     attention_checks(g)
     moe_checks(g)
+    routing_checks(g)
+    write_kv_checks(g)
     model_checks(g)
     print("all Triton kernels agree with their references")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rung.engine.paged import Chunk, KVPool
-from rung.kernels.paged_attention import decode_tiles, paged_attention
+from rung.kernels.paged_attention import decode_tiles, paged_attention, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ class StaticDecode:
         pool = o.pool
         g = pool.group_of[layer]
         pool_k, pool_v = pool.keys[layer], pool.values[layer]
-        slots = o.slots[g, :b]
-        pool_k[slots] = k[0].transpose(0, 1)
-        pool_v[slots] = v[0].transpose(0, 1)
+        write_kv(pool_k, pool_v, o.slots[g, :b], k[0].transpose(0, 1), v[0].transpose(0, 1))
         out = paged_attention(q[0].transpose(0, 1), pool_k, pool_v, o.tables[g, :b], o.pos[:b], self.tiles,
                               pool.block_size, window, sinks, scale, decode=True)
         return out.transpose(0, 1)[None]

@@ -77,6 +77,30 @@ class Activation:
 KERNEL_ACTIVATIONS = ("silu", "swiglu_clamped")
 
 
+def route_ref(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, E] → weights [n, k] (logits' dtype), expert ids [n, k]."""
+    if router == "topk_softmax":  # gpt-oss: top-k of the raw logits, softmax over those k
+        top, idx = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(top, dim=-1), idx
+    # Qwen3-MoE: softmax over all experts in float32, top-k, optional renormalisation
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    top, idx = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return top.to(logits.dtype), idx
+
+
+def route(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's choice: one kernel on CUDA (torch's softmax, top-k (a sort) and the rest are
+    six to eight kernels a layer, as long as the experts' GEMVs at batch 1), else ``route_ref``.
+    Expert ids come back int32 from the kernel, int64 from the reference."""
+    if use_triton(logits) and logits.dtype != torch.float32 and logits.shape[-1] <= 1024:
+        from rung.kernels.triton_moe import triton_route
+
+        return triton_route(logits, top_k, router == "topk_softmax", norm_topk_prob)
+    return route_ref(logits, top_k, router, norm_topk_prob)
+
+
 def moe_align(experts: torch.Tensor, num_experts: int, block_m: int):
     """experts [n, k] → (sorted_ids [P] int32, block_expert [P // block_m] int32, total [1] int32);
     P = S + min(E, S)·(block_m - 1) rounded up, a bound on the padded length that only shapes decide."""

@@ -99,3 +99,19 @@ def paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size: int
 def tokens_per_tile(num_heads: int, num_kv_heads: int, head_dim: int, decode: bool) -> int:
     group = num_heads // num_kv_heads
     return 1 if decode else tile_rows(group, False, head_dim) // group
+
+
+def write_kv_ref(k_pool, v_pool, slots, k, v) -> None:
+    """This step's keys and values k/v [N, hkv, d] into the pools at ``slots`` [N]."""
+    k_pool[slots] = k
+    v_pool[slots] = v
+
+
+def write_kv(k_pool, v_pool, slots, k, v) -> None:
+    """One kernel for both pools where Triton runs (two indexed copies are two launches of a
+    general scatter kernel, each slower than the tiny copy it does), the reference elsewhere."""
+    if use_triton(k, k_pool) and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1:
+        from rung.kernels.triton_attention import triton_write_kv
+
+        return triton_write_kv(k_pool, v_pool, slots, k, v)
+    return write_kv_ref(k_pool, v_pool, slots, k, v)

@@ -100,3 +100,24 @@ def triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_si
         IEEE=q.dtype == torch.float32, num_warps=4 if block_m <= 64 else 8,
     )
     return out
+
+
+@triton.jit
+def write_kv_kernel(KP, VP, Slots, K, V, skp_s, skp_h, svp_s, svp_h, sk_n, sk_h, sv_n, sv_h,
+                    D: tl.constexpr, D_P: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, D_P)
+    m = d < D
+    slot = tl.load(Slots + i).to(tl.int64)
+    tl.store(KP + slot * skp_s + h * skp_h + d, tl.load(K + i * sk_n + h * sk_h + d, mask=m), mask=m)
+    tl.store(VP + slot * svp_s + h * svp_h + d, tl.load(V + i * sv_n + h * sv_h + d, mask=m), mask=m)
+
+
+def triton_write_kv(k_pool, v_pool, slots, k, v) -> None:
+    n, hkv, d = k.shape
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    write_kv_kernel[(n, hkv)](k_pool, v_pool, slots, k, v, k_pool.stride(0), k_pool.stride(1), v_pool.stride(0),
+                              v_pool.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                              D=d, D_P=1 << (d - 1).bit_length(), num_warps=1)

@@ -117,51 +117,54 @@ def moe_gemm(
 
 
 @triton.jit
-def moe_gemv(
+def fp4_unscaled(code):
+    """E2M1 codes (0..15) → float32 without the block scale: magnitude m = 2..7 is the float with
+    exponent field 126 + m // 2 and mantissa bit m % 2, i.e. bits (m + 252) << 22; m = 1 is 0.5."""
+    c = code.to(tl.int32)
+    mag = c & 7
+    bits = tl.where(mag > 1, (mag + 252) << 22, tl.where(mag == 1, 252 << 22, 0)) | ((c & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def moe_gemv_mxfp4(
     X, W1, W2, S1, S2, B1, B2, Y, Experts, RouteW,
     N, K, sx_m, sw_e, sw_n, ss_e, ss_n, sb_e, sy_m, limit, alpha,
     X_DIV: tl.constexpr, TWO: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MUL_ROUTE: tl.constexpr, PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MUL_ROUTE: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):
-    """Decode: one program per (slot, BLOCK_N output rows), a plain multiply-and-reduce over K.
-    With one token per expert there is nothing for a matrix unit to share, and ``moe_gemm``'s
-    16-row tiles would spend their registers on padding; here every register holds weights in
-    flight, which is what a memory-bound step needs."""
+    """Decode over packed MXFP4 experts: one program per (slot, BLOCK_N output rows), GROUPS
+    blocks of 32 weights (16 bytes, one scale) per step. Each block's 32 products are summed
+    unscaled and the block's power of two is applied once to the sum, so a weight costs a few
+    integer ops and one multiply-add, and the scales are read once per block rather than per
+    byte (what kept ``moe_gemm``'s decode at a fraction of the bandwidth)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(Experts + slot).to(tl.int64)
     x_row = X + (slot // X_DIV).to(tl.int64) * sx_m
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < N
-    w_rows = e * sw_e + n[:, None].to(tl.int64) * sw_n
-    if PACKED:
-        acc1 = tl.zeros([BLOCK_N, BLOCK_K // 2], tl.float32)
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], tl.float32)
-        s_rows = e * ss_e + n[:, None].to(tl.int64) * ss_n
-        for k0 in range(0, K, BLOCK_K):
-            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j: elements 2j (low nibble) and 2j + 1
-            j_in = j < K // 2
-            x_even = tl.load(x_row + 2 * j, mask=j_in, other=0.0).to(tl.float32)[None, :]
-            x_odd = tl.load(x_row + 2 * j + 1, mask=j_in, other=0.0).to(tl.float32)[None, :]
-            wm = n_in[:, None] & j_in[None, :]
-            b = tl.load(W1 + w_rows + j[None, :], mask=wm, other=0)
-            sc = tl.load(S1 + s_rows + (j // 16)[None, :], mask=wm, other=0)
-            acc1 += fp4_to_float(b & 15, sc) * x_even + fp4_to_float(b >> 4, sc) * x_odd
-            if TWO:
-                b = tl.load(W2 + w_rows + j[None, :], mask=wm, other=0)
-                sc = tl.load(S2 + s_rows + (j // 16)[None, :], mask=wm, other=0)
-                acc2 += fp4_to_float(b & 15, sc) * x_even + fp4_to_float(b >> 4, sc) * x_odd
-    else:
-        acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_in = kk < K
-            xt = tl.load(x_row + kk, mask=k_in, other=0.0).to(tl.float32)[None, :]
-            wm = n_in[:, None] & k_in[None, :]
-            acc1 += tl.load(W1 + w_rows + kk[None, :], mask=wm, other=0.0).to(tl.float32) * xt
-            if TWO:
-                acc2 += tl.load(W2 + w_rows + kk[None, :], mask=wm, other=0.0).to(tl.float32) * xt
+    gi = tl.arange(0, GROUPS)
+    bi = tl.arange(0, 16)
+    w_rows = e * sw_e + n[:, None, None].to(tl.int64) * sw_n  # [BLOCK_N, 1, 1]
+    s_rows = e * ss_e + n[:, None].to(tl.int64) * ss_n  # [BLOCK_N, 1]
+    acc1 = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+    for g0 in range(0, K // 32, GROUPS):
+        grp = g0 + gi
+        g_in = grp < K // 32
+        byte = grp[:, None] * 16 + bi[None, :]  # [GROUPS, 16]: byte j holds weights 2j (low) and 2j + 1
+        x_even = tl.load(x_row + 2 * byte, mask=g_in[:, None], other=0.0).to(tl.float32)[None]
+        x_odd = tl.load(x_row + 2 * byte + 1, mask=g_in[:, None], other=0.0).to(tl.float32)[None]
+        wm = n_in[:, None, None] & g_in[None, :, None]
+        sm = n_in[:, None] & g_in[None, :]
+        b = tl.load(W1 + w_rows + byte[None], mask=wm, other=0)
+        scale = tl.exp2(tl.load(S1 + s_rows + grp[None, :], mask=sm, other=127).to(tl.float32) - 127.0)
+        acc1 += tl.sum(fp4_unscaled(b & 15) * x_even + fp4_unscaled(b >> 4) * x_odd, 2) * scale
+        if TWO:
+            b = tl.load(W2 + w_rows + byte[None], mask=wm, other=0)
+            scale = tl.exp2(tl.load(S2 + s_rows + grp[None, :], mask=sm, other=127).to(tl.float32) - 127.0)
+            acc2 += tl.sum(fp4_unscaled(b & 15) * x_even + fp4_unscaled(b >> 4) * x_odd, 2) * scale
     r1 = tl.sum(acc1, 1)
     r2 = tl.sum(acc2, 1)
     if HAS_BIAS:
@@ -181,26 +184,94 @@ def moe_gemv(
     tl.store(Y + slot.to(tl.int64) * sy_m + n, out.to(Y.dtype.element_ty), mask=n_in)
 
 
+@triton.jit
+def route_kernel(L, W, I, E, sl, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                 TOPK_SOFTMAX: tl.constexpr, NORM: tl.constexpr):
+    """One token: top-k by repeated arg-max over its E logits in registers (ties to the lower
+    id), then gpt-oss's softmax over the k chosen logits, or Qwen's softmax over all E (float32)
+    with the optional renormalisation of the k."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    x = tl.load(L + t * sl + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    if not TOPK_SOFTMAX:
+        p = tl.exp(x - tl.max(x, 0))
+        x = tl.where(e < E, p / tl.sum(p, 0), -1.0)
+    kk = tl.arange(0, K_P)
+    top = tl.full([K_P], float("-inf"), tl.float32)
+    ids = tl.zeros([K_P], tl.int32)
+    for j in tl.static_range(K):
+        best = tl.max(x, 0)
+        pick = tl.min(tl.where(x == best, e, BLOCK_E), 0)
+        top = tl.where(kk == j, best, top)
+        ids = tl.where(kk == j, pick, ids)
+        x = tl.where(e == pick, float("-inf"), x)
+    if TOPK_SOFTMAX:  # the k logits as the model dtype rounded them, softmax in float32
+        p = tl.exp(top - tl.max(top, 0))
+        top = p / tl.sum(p, 0)
+    elif NORM:
+        top = top / tl.sum(tl.where(kk < K, top, 0.0), 0)
+    tl.store(W + t * K + kk, top.to(W.dtype.element_ty), mask=kk < K)
+    tl.store(I + t * K + kk, ids, mask=kk < K)
+
+
+def triton_route(logits, top_k: int, topk_softmax: bool, norm: bool):
+    n, e = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    weights = torch.empty(n, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(n, top_k, dtype=torch.int32, device=logits.device)
+    route_kernel[(n,)](logits, weights, ids, e, logits.stride(0), K=top_k, K_P=triton.next_power_of_2(top_k),
+                       BLOCK_E=triton.next_power_of_2(e), TOPK_SOFTMAX=topk_softmax, NORM=norm,
+                       num_warps=1 if e <= 256 else 4)
+    return weights, ids
+
+
+@triton.jit
+def combine_kernel(Y, O, H, K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = Σ_j y[t·K + j] in float32, one rounding (torch's sum(1, float32) then a cast: two kernels)."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < H
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(Y + (t * K + j) * H + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(O + t * H + c, acc.to(O.dtype.element_ty), mask=m)
+
+
+def combine(y: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """y [n·k, H] (contiguous) → [n, H]."""
+    h = y.shape[1]
+    out = torch.empty(n, h, dtype=y.dtype, device=y.device)
+    combine_kernel[(n, triton_cdiv(h, 1024))](y, out, h, K=k, BLOCK=1024, num_warps=4)
+    return out
+
+
 SLOT_LAYOUT_MAX = 64  # up to this many slots, one slot per block and no sort (decode batches)
-GEMV_MAX = 64  # up to this many slots, moe_gemv (RUNG_MOE_GEMV=0: moe_gemm's slot layout instead)
+# Up to this many slots, packed experts run moe_gemv_mxfp4 (RUNG_MOE_GEMV=0: moe_gemm's slot layout).
+# bf16 experts keep moe_gemm: on an H200 its slot layout streams a Qwen3-30B-A3B layer at 2.45 TB/s,
+# a plain GEMV at 2.1 (benchmarks/gpu.py, 2026-12-02).
+GEMV_MAX = 64
 
 # The GEMV's tile is a bandwidth question answered per shape on the device it runs on (the first,
 # eager call of a shape times these and keeps the fastest, before any graph capture).
-_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                 for n, k, w in ((4, 512, 2), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 4),
-                                 (32, 128, 4), (32, 256, 8), (64, 128, 8))]
-_moe_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "TWO", "PACKED"])(moe_gemv)
+# Triton pipelines only loads that feed a dot, so the bytes in flight come from the tile itself:
+# wide K steps (up to whole rows) are in the set.
+_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w)
+                 for n, g, w in ((8, 8, 4), (16, 8, 4), (4, 32, 4), (8, 32, 4), (2, 128, 4), (4, 128, 8),
+                                 (8, 64, 8), (16, 32, 8), (32, 16, 8), (4, 64, 4))]
+_moe_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "TWO"])(moe_gemv_mxfp4)
 
 
 def _gemv_launch(grid_rows: int, n_out: int, *args, **meta) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter checks values, not speed: one tile
-        moe_gemv[(grid_rows, triton_cdiv(n_out, 16))](*args, **meta, BLOCK_N=16, BLOCK_K=64)
+        moe_gemv_mxfp4[(grid_rows, triton_cdiv(n_out, 8))](*args, **meta, BLOCK_N=8, GROUPS=2)
         return
     _moe_gemv_tuned[lambda m: (grid_rows, triton_cdiv(n_out, m["BLOCK_N"]))](*args, **meta)
 
 
 def triton_moe_gemv(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:
-    """Decode batches (few slots): each slot's expert read once, one program per slot × row tile."""
+    """Decode batches over packed experts (few slots): each slot's expert read once, one program
+    per slot × row tile."""
     n, k = experts.shape
     s = n * k
     x = x.contiguous()
@@ -219,14 +290,13 @@ def triton_moe_gemv(x, weights, experts, w: ExpertWeights, act: Activation) -> t
                      s2 if s2 is not None else w1, b1 if b1 is not None else xin, b2 if b2 is not None else xin,
                      out, ids, route_w, n_out, k_in, xin.stride(0), sw[0], sw[1], ss[0], ss[1],
                      b1.stride(0) if b1 is not None else 0, out.stride(0), float(act.limit), float(act.alpha),
-                     X_DIV=x_div, TWO=two, ACT=act_code, HAS_BIAS=b1 is not None, MUL_ROUTE=mul_route,
-                     PACKED=w.packed)
+                     X_DIV=x_div, TWO=two, ACT=act_code, HAS_BIAS=b1 is not None, MUL_ROUTE=mul_route)
 
     launch(x, k, _rows(w.gate), _rows(w.up), w.gate_scales, w.up_scales, w.gate_bias if has_bias else None,
            w.up_bias if has_bias else None, hidden, inter, hidden_size, True, act_id, False)
     launch(hidden, 1, _rows(w.down), None, w.down_scales, None, w.down_bias if has_bias else None, None,
            y, hidden_size, inter, False, 0, True)
-    return y.view(n, k, hidden_size).sum(1, dtype=torch.float32).to(x.dtype)
+    return combine(y, n, k)
 
 
 def _config(slots: int):
@@ -240,7 +310,7 @@ def _config(slots: int):
 def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:
     n, k = experts.shape
     s = n * k
-    if s <= GEMV_MAX and os.environ.get("RUNG_MOE_GEMV") != "0":
+    if w.packed and s <= GEMV_MAX and os.environ.get("RUNG_MOE_GEMV") != "0":
         return triton_moe_gemv(x, weights, experts, w, act)
     block_m, block_n, block_k, warps = _config(s)
     layout = moe_slot_layout if s <= SLOT_LAYOUT_MAX else moe_align
@@ -274,7 +344,7 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
                w.up_bias if has_bias else None, hidden, inter, hidden_size, True, act_id, False, dot_scaled)
         launch(hidden, 1, _rows(w.down), None, w.down_scales, None, w.down_bias if has_bias else None, None,
                y, hidden_size, inter, False, 0, True, dot_scaled)
-        return y.view(n, k, hidden_size).sum(1, dtype=torch.float32).to(x.dtype)
+        return combine(y, n, k)
 
     if not w.packed:
         return run(False)

@@ -19,21 +19,8 @@ from torch import nn
 
 from rung.config import ModelConfig
 from rung.kernels import use_triton
-from rung.kernels.fused_moe import KERNEL_ACTIVATIONS, Activation, ExpertWeights, fused_moe
+from rung.kernels.fused_moe import KERNEL_ACTIVATIONS, Activation, ExpertWeights, fused_moe, route  # noqa: F401
 from rung.model.mlp import ACTIVATIONS
-
-
-def route(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [n, E] → weights [n, k] (logits' dtype), expert ids [n, k]."""
-    if router == "topk_softmax":  # gpt-oss: top-k of the raw logits, softmax over those k
-        top, idx = torch.topk(logits, top_k, dim=-1)
-        return torch.softmax(top, dim=-1), idx
-    # Qwen3-MoE: softmax over all experts in float32, top-k, optional renormalisation
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    top, idx = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        top = top / top.sum(dim=-1, keepdim=True)
-    return top.to(logits.dtype), idx
 
 
 class MoE(nn.Module):
