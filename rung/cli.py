@@ -42,10 +42,11 @@ def _commands() -> tuple[Command, ...]:
     from rung.commands.fit import FIT
     from rung.commands.generate import CHAT, GENERATE
     from rung.commands.index import INDEX
+    from rung.commands.policy import POLICY
     from rung.commands.quantize import QUANTIZE
     from rung.commands.serve import SERVE
 
-    return (ARCH, GENERATE, CHAT, SERVE, BENCH, FIT, QUANTIZE, INDEX)
+    return (ARCH, GENERATE, CHAT, SERVE, BENCH, FIT, QUANTIZE, INDEX, POLICY)
 
 
 # ---- dispatch ----------------------------------------------------------------------------------

@@ -42,6 +42,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (request lines are always logged)")
     rag_arguments(p)  # chat completions grounded in an index; replies carry rung.rag sources and citations
+    g = p.add_argument_group("governance")
+    g.add_argument("--policy", default=None, metavar="FILE",
+                   help="tool-use policy (YAML/JSON): API keys by SHA-256, allowed/denied tools and arguments per key")
+    g.add_argument("--verifier", default=None, metavar="SPEC",
+                   help="score each answer before it is returned: lexical, python:MODULE:FUNCTION or a model spec")
+    g.add_argument("--verify-threshold", type=float, default=0.5, help="answers scoring below it fail (default 0.5)")
+    g.add_argument("--verify-action", choices=["refuse", "flag"], default="refuse",
+                   help="refuse: replace a failed answer with a refusal (finish_reason content_filter); "
+                        "flag: return it, marked (default refuse)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -59,6 +68,19 @@ def _run(args: argparse.Namespace) -> int:
     for name in ("max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+    policy = None
+    if args.policy:
+        from rung.govern.policy import load_policy
+
+        policy = load_policy(args.policy)  # a PolicyError (ValueError) is one line, before the port opens
+    if not 0.0 <= args.verify_threshold <= 1.0:
+        raise CommandError(f"--verify-threshold must be in [0, 1], got {args.verify_threshold}")
+    if args.verifier and args.verifier != "lexical" and not args.verifier.startswith("python:"):
+        resolve_model(args.verifier)
+    elif args.verifier:
+        from rung.govern.verify import load_verifier
+
+        load_verifier(args.verifier)  # an import error is one line now, not a failed load later
     if args.threads:
         import torch
 
@@ -73,7 +95,9 @@ def _run(args: argparse.Namespace) -> int:
                          max_model_len=args.max_model_len, max_tokens=args.max_tokens,
                          max_request_bytes=args.max_request_bytes, log_prompts=args.log_prompts, dtype=args.dtype,
                          device=args.device, seed=args.seed, engine=engine, rag=rag,
-                         rag_k=args.rag_k or 4, rag_max_chars=args.rag_max_chars or 3000)
+                         rag_k=args.rag_k or 4, rag_max_chars=args.rag_max_chars or 3000, policy=policy,
+                         verifier=args.verifier, verify_threshold=args.verify_threshold,
+                         verify_action=args.verify_action)
     logs.setup()
     server = Server(config)
     web = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port,

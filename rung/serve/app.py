@@ -17,10 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from rung.govern.policy import Principal
 from rung.serve import logs
 from rung.serve.errors import APIError, bad_request, pydantic_errors
 from rung.serve.grounding import add_rung, choice_fields, reply_fields
+from rung.serve.governance import VERIFIER_REFUSAL, ToolGate, sources_of
 from rung.serve.metrics import CONTENT_TYPE
+from rung.serve.reasoning import Event
 from rung.serve.responses import (DONE, Choice, TokenText, call_json, chat_logprobs, completion_logprobs, sse,
                                   usage)
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
@@ -55,14 +58,23 @@ def create_app(server: Server) -> FastAPI:
             server.metrics.http(request.url.path, request.method, response.status_code)
         return response
 
-    def authorize(request: Request) -> None:
-        key = server.config.api_key
-        if key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not _same(token.strip(), key):
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+    def authorize(request: Request):
+        """401 unless the bearer token is the --api-key or a key of the policy file; the caller's
+        Principal (its name in the policy and its rules) when there is a policy."""
+        key, policy = server.config.api_key, server.policy
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else None
+        refused = APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        if policy is not None and policy.authenticates:
+            if key is not None and token and _same(token, key):
+                return Principal("api-key", policy.default)  # --api-key beside a policy: its default rules
+            principal = policy.principal(token)
+            if principal is None:
+                raise refused
+            return principal
+        if key is not None and not (token and _same(token, key)):
+            raise refused
+        return Principal("default", policy.default) if policy is not None else None
 
     async def body_of(request: Request, schema):
         limit = server.config.max_request_bytes
@@ -125,13 +137,13 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        authorize(request)
+        principal = authorize(request)
         req = await body_of(request, ChatCompletionRequest)
         server.check_model(req.model)
         server.check_ready()
         with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
-            prepared = server.prepare_chat(req)
-            run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text)
+            prepared = server.prepare_chat(req, principal)
+            run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal)
             return await run.respond(request)
 
     @app.post("/v1/completions")
@@ -158,8 +170,10 @@ class Run:
     """One HTTP request's generation: its engine requests (one per prompt), its choices, its log
     line and metrics."""
 
-    def __init__(self, server: Server, kind: str, req, prepared: list[Prepared], log_prompt=None):
+    def __init__(self, server: Server, kind: str, req, prepared: list[Prepared], log_prompt=None,
+                 principal: Principal | None = None):
         self.server, self.kind, self.req, self.prepared = server, kind, req, prepared
+        self.principal = principal
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.start = time.perf_counter()
@@ -172,6 +186,19 @@ class Run:
         self.text = TokenText(server.llm.tokenizer, server.grammars)
         self.status = 200
         self.error: str | None = None
+        # governance: the tool policy's gate over the model's calls, the verifier over its answers
+        self.gate = (ToolGate(self, principal, server.policy.max_rounds)
+                     if principal is not None and principal.rules is not None and any(p.tools for p in prepared)
+                     else None)
+        self.verification = server.verification if kind == "chat" else None
+        self.extra_prompt_tokens = 0  # prompts of the rounds after a denied call
+        self.removed_tools = sorted({t for p in prepared for t in p.removed_tools})
+        if self.removed_tools:
+            server.metrics.tools_removed(principal.name, len(self.removed_tools))
+        self._queue: asyncio.Queue | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._open = 0
+        self._held: dict[int, list] = {}  # streamed events waiting for the verifier, per choice
 
     # ---- driving --------------------------------------------------------------------------------
 
@@ -182,7 +209,8 @@ class Run:
         if self.req.stream:
             server.in_flight += 1
             return StreamingResponse(self._stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              **self._headers()})
         task = asyncio.ensure_future(self._collect())
         watcher = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -200,28 +228,53 @@ class Run:
         finally:
             watcher.cancel()
 
-    async def _deltas(self):
-        """Deltas of every engine request of this run, interleaved, within the request timeout."""
-        server = self.server
-        timeout = server.config.request_timeout
-        queue: asyncio.Queue = asyncio.Queue()
-        n = self.req.n
+    def _spawn(self, p: Prepared, request_id: str, choice_of) -> None:
+        """Start one engine request whose deltas go to the choices ``choice_of(sample index)``."""
+        queue = self._queue
 
-        async def pump(i: int, p: Prepared):
+        async def pump():
             try:
-                async for d in server.generate(p, f"{self.id}-{i}"):
-                    await queue.put((i, d))
+                async for d in self.server.generate(p, request_id):
+                    d.index = choice_of(d.index)
+                    await queue.put((request_id, d))
             except BaseException as e:
-                await queue.put((i, e))
+                await queue.put((request_id, e))
                 raise
             finally:
-                await queue.put((i, None))
+                await queue.put((request_id, None))
 
-        tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(self.prepared)]
-        open_ = len(tasks)
+        self._open += 1
+        self._tasks.append(asyncio.ensure_future(pump()))
+
+    def retry(self, choice: Choice, extra: list[dict]) -> None:
+        """Another round for one choice: its conversation plus ``extra`` (the denied calls and their
+        errors), one sample, what is left of max_tokens. Raises APIError when it cannot be prepared."""
+        from rung.serve.schemas import Message
+
+        req = self.req
+        budget = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        update = {"messages": list(req.messages) + [Message.model_validate(m) for m in extra], "n": 1}
+        if budget is not None:
+            left = budget - len(choice.token_ids)
+            if left < 1:
+                raise APIError(400, "no tokens left of max_tokens for another round")
+            update["max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"] = left
+        p = self.server.prepare_chat(req.model_copy(update=update), self.principal)
+        self.extra_prompt_tokens += len(p.prompt_ids)
+        choice.parser = self.server.family.parser(p.tools, p.prompt_text)
+        self._spawn(p, f"{self.id}-c{choice.index}-r{len(self._tasks)}", lambda _, c=choice.index: c)
+
+    async def _deltas(self):
+        """Deltas of every engine request of this run, interleaved, within the request timeout
+        (requests started while it runs, by ``retry``, included)."""
+        timeout = self.server.config.request_timeout
+        self._queue = queue = asyncio.Queue()
+        n = self.req.n
+        for i, p in enumerate(self.prepared):
+            self._spawn(p, f"{self.id}-{i}", lambda j, i=i: i * n + j)
         deadline = time.monotonic() + timeout
         try:
-            while open_:
+            while self._open:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise APIError(408, f"the request timed out after {timeout:g} s", code="timeout")
@@ -230,26 +283,64 @@ class Run:
                 except asyncio.TimeoutError:
                     raise APIError(408, f"the request timed out after {timeout:g} s", code="timeout") from None
                 if item is None:
-                    open_ -= 1
+                    self._open -= 1
                 elif isinstance(item, BaseException):
                     if isinstance(item, asyncio.CancelledError):
                         continue
                     raise item
                 else:
-                    item.index = i * n + item.index
                     if self.first_token is None and item.token_ids:
                         self.first_token = time.perf_counter()
                     yield item
         finally:
-            for t in tasks:
+            for t in self._tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _feed(self, d) -> tuple[Choice, list, bool]:
+        """One delta into its choice: (the choice, the events to emit, whether the choice finished)."""
+        choice = self.choices[d.index]
+        events = choice.feed(d)
+        if self.gate is None:
+            return choice, events, bool(d.finish_reason)
+        events, finished = self.gate.feed(choice, events, d.finish_reason)
+        return choice, events, finished
+
+    async def _verify(self, choice: Choice) -> bool:
+        """Score a finished answer (not a tool call, not a refusal); True when it was replaced by a refusal."""
+        if self.verification is None or choice.calls or choice.refusal or choice.finish_reason is None:
+            return False
+        answer = "".join(choice.content).strip()
+        if not answer:
+            return False
+        p = self.prepared[choice.index // self.req.n]
+        question, sources = sources_of(p.messages or [], getattr(p, "passages", None))
+        verdict = await self.verification.check(question, answer, sources, self.server.metrics)
+        choice.verdict = verdict.json()
+        if verdict.action == "refused":
+            choice.refuse(VERIFIER_REFUSAL, replace=True)
+            return True
+        return False
+
+    def _headers(self) -> dict:
+        out = {}
+        if self.removed_tools:
+            out["X-Rung-Policy-Removed-Tools"] = ",".join(self.removed_tools)
+        verdicts = [c.verdict for c in self.choices if c.verdict]
+        if verdicts:
+            worst = min(verdicts, key=lambda v: (v["passed"], v["score"] if v["score"] is not None else -1))
+            out["X-Rung-Verifier"] = worst["action"]
+            if worst["score"] is not None:
+                out["X-Rung-Verifier-Score"] = f"{worst['score']:.4f}"
+        return out
 
     async def _collect(self):
         deltas = self._deltas()
         try:
             async for d in deltas:
-                self.choices[d.index].feed(d)
+                self._feed(d)
+            for c in self.choices:
+                await self._verify(c)
         except BaseException as e:
             self._fail(e)
             self._finish()
@@ -257,7 +348,7 @@ class Run:
         finally:
             await deltas.aclose()
         self._finish()
-        return JSONResponse(self._whole())
+        return JSONResponse(self._whole(), headers=self._headers())
 
     async def _stream(self):
         deltas = self._deltas()
@@ -267,7 +358,7 @@ class Run:
                     first = self._chunk(c, {"role": "assistant", "content": ""})
                     yield sse(add_rung(first, reply_fields(self.prepared)) if c.index == 0 else first)  # --rag sources
             async for d in deltas:
-                for chunk in self._chunks(d):
+                for chunk in await self._chunks(d):
                     yield chunk
             opts = self.req.stream_options
             if opts is not None and opts.include_usage:
@@ -302,6 +393,8 @@ class Run:
         if self.kind == "chat":
             c = {"index": choice.index, "delta": delta or {}, "logprobs": logprobs,
                  "finish_reason": choice.openai_finish_reason if finish else None}
+            if finish and choice.verdict:
+                c["rung"] = {"verifier": choice.verdict}
         else:
             c = {"index": choice.index, "text": text or "", "logprobs": logprobs,
                  "finish_reason": choice.openai_finish_reason if finish else None}
@@ -311,25 +404,37 @@ class Run:
             c["stop_reason"] = choice.stop_reason
         return {**self._envelope(), "choices": [c]}
 
-    def _chunks(self, d) -> list[str]:
+    async def _chunks(self, d) -> list[str]:
         choice = self.choices[d.index]
         before = len(choice.token_ids)
-        events = choice.feed(d)
+        choice, events, finished = self._feed(d)
         lp = self._logprobs(choice, before)
         out = []
-        if self.kind == "chat":
+        if self.kind == "chat" and self.verification is not None:
+            # held until the answer is verified: then sent as it came, or the refusal instead
+            held = self._held.setdefault(choice.index, [])
+            if events:
+                held += [(e, lp if i == 0 else None) for i, e in enumerate(events)]
+            elif lp is not None:
+                held.append((None, lp))
+            if not finished:
+                return []
+            events, self._held[choice.index] = [], []
+            if await self._verify(choice):
+                held = [(Event("content", choice.content[0]), None)]
+            for e, lp in held:
+                if e is not None:
+                    out.append(self._chunk(choice, self._delta(choice, e), logprobs=lp))
+                elif lp is not None:
+                    out.append(self._chunk(choice, {}, logprobs=lp))
+            out.append(self._chunk(choice, {}, finish=True))
+        elif self.kind == "chat":
             for e in events:
-                if e.kind == "tool_call":
-                    delta = {"tool_calls": [call_json(e.call, choice.calls.index(e.call))]}
-                elif e.kind == "reasoning":
-                    delta = {"reasoning_content": e.text}
-                else:
-                    delta = {"content": e.text}
-                out.append(self._chunk(choice, delta, logprobs=lp))
+                out.append(self._chunk(choice, self._delta(choice, e), logprobs=lp))
                 lp = None
             if lp is not None:
                 out.append(self._chunk(choice, {}, logprobs=lp))
-            if d.finish_reason:
+            if finished:
                 out.append(self._chunk(choice, {}, finish=True))
         else:
             text = "".join(e.text for e in events)
@@ -342,6 +447,16 @@ class Run:
             for chunk in out:
                 chunk["usage"] = self._usage()
         return [sse(c) for c in out]
+
+    @staticmethod
+    def _delta(choice: Choice, e) -> dict:
+        if e.kind == "tool_call":
+            return {"tool_calls": [call_json(e.call, choice.calls.index(e.call))]}
+        if e.kind == "reasoning":
+            return {"reasoning_content": e.text}
+        if choice.refusal and e.text.strip() == choice.refusal:
+            return {"content": e.text, "refusal": choice.refusal}
+        return {"content": e.text}
 
     def _logprobs(self, choice: Choice, start: int):
         want = self.req.logprobs
@@ -360,7 +475,8 @@ class Run:
                 lp = ({"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0, self.text)}
                       if self.req.logprobs else None)
                 choices.append({"index": c.index, "message": c.message(), "logprobs": lp,
-                                "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason})
+                                "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason,
+                                **({"rung": {"verifier": c.verdict}} if c.verdict else {})})
             else:
                 text = "".join(c.content)
                 if self.req.echo:
@@ -377,7 +493,8 @@ class Run:
                          "choices": choices, "usage": self._usage()}, reply_fields(self.prepared))
 
     def _usage(self) -> dict:
-        return usage(sum(len(p.prompt_ids) for p in self.prepared), sum(len(c.token_ids) for c in self.choices))
+        return usage(sum(len(p.prompt_ids) for p in self.prepared) + self.extra_prompt_tokens,
+                     sum(len(c.token_ids) for c in self.choices))
 
     # ---- accounting -----------------------------------------------------------------------------
 
@@ -396,7 +513,7 @@ class Run:
         now = time.perf_counter()
         latency = now - self.start
         ttft = None if self.first_token is None else self.first_token - self.start
-        prompt = sum(len(p.prompt_ids) for p in self.prepared)
+        prompt = sum(len(p.prompt_ids) for p in self.prepared) + self.extra_prompt_tokens
         generated = sum(len(c.token_ids) for c in self.choices)
         reasons = [c.openai_finish_reason or ("abort" if self.status != 200 else None) for c in self.choices]
         if self.status == 200:
@@ -411,4 +528,18 @@ class Run:
                           completion_tokens=generated, latency_s=round(latency, 4),
                           ttft_s=None if ttft is None else round(ttft, 4),
                           tool_calls=sum(len(c.calls) for c in self.choices), finish_reasons=reasons,
-                          user=self.req.user, error=self.error, prompt=prompt_field)
+                          user=self.req.user, error=self.error, prompt=prompt_field, **self._governance_fields())
+
+    def _governance_fields(self) -> dict:
+        out = {}
+        if self.principal is not None:
+            out["key"] = self.principal.name
+        if self.removed_tools:
+            out["tools_removed"] = self.removed_tools
+        if self.gate is not None and self.gate.denied:
+            out.update(policy_denied=self.gate.denied, policy_rules=self.gate.rules_fired,
+                       policy_refused=self.gate.refused)
+        verdicts = [c.verdict for c in self.choices if c.verdict]
+        if verdicts:
+            out["verifier"] = [{k: v[k] for k in ("score", "action")} for v in verdicts]
+        return out

@@ -28,3 +28,9 @@ def request_line(**fields) -> None:
     tool_calls, finish_reasons, ... (None values are left out)."""
     line = {"ts": round(time.time(), 3), "event": "request", **{k: v for k, v in fields.items() if v is not None}}
     logger.info(json.dumps(line, ensure_ascii=False, default=str))
+
+
+def event_line(event: str, **fields) -> None:
+    """Another kind of line on the same logger (``policy_denied``, ...); None values are left out."""
+    line = {"ts": round(time.time(), 3), "event": event, **{k: v for k, v in fields.items() if v is not None}}
+    logger.info(json.dumps(line, ensure_ascii=False, default=str))

@@ -57,6 +57,19 @@ class Metrics:
         self.prefix_hit_rate = Gauge("rung:prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens)", m,
                                      registry=r)
         self.loading = Gauge("rung:model_loading", "1 while the model loads", m, registry=r)
+        # governance (rung/serve/governance.py): labelled by the key's name in the policy file, never the key
+        self.policy_denied_calls = Counter("rung:policy_denied_calls", "Tool calls the policy denied",
+                                           ["model_name", "key", "kind"], registry=r)
+        self.policy_refusals = Counter("rung:policy_refusals", "Replies ended with a refusal after denied calls",
+                                       ["model_name", "key"], registry=r)
+        self.policy_removed_tools = Counter("rung:policy_removed_tools", "Declared tools removed by the policy",
+                                            ["model_name", "key"], registry=r)
+        self.verifier_verdicts = Counter("rung:verifier_verdicts", "Answers scored by the verifier, by verdict",
+                                         ["model_name", "verdict"], registry=r)
+        self.verifier_score = Histogram("rung:verifier_score", "Verifier scores", m,
+                                        buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        self.verifier_seconds = Histogram("rung:verifier_seconds", "Time to verify one answer", m,
+                                          buckets=TTFT_BUCKETS, registry=r)
 
     def http(self, handler: str, method: str, status: int) -> None:
         self.http_requests.labels(self.model_name, handler, method, str(status)).inc()
@@ -74,6 +87,21 @@ class Metrics:
             self.ttft.labels(n).observe(ttft)
             if generated > 1:
                 self.tpot.labels(n).observe((latency - ttft) / (generated - 1))
+
+    def policy_denied(self, key: str, kind: str) -> None:
+        self.policy_denied_calls.labels(self.model_name, key, kind).inc()
+
+    def policy_refused(self, key: str) -> None:
+        self.policy_refusals.labels(self.model_name, key).inc()
+
+    def tools_removed(self, key: str, count: int) -> None:
+        self.policy_removed_tools.labels(self.model_name, key).inc(count)
+
+    def verified(self, verdict: str, score: float | None, seconds: float) -> None:
+        self.verifier_verdicts.labels(self.model_name, verdict).inc()
+        if score is not None:
+            self.verifier_score.labels(self.model_name).observe(score)
+        self.verifier_seconds.labels(self.model_name).observe(seconds)
 
     def render(self, stats: dict, in_flight: int, loading: bool, total_blocks: int | None) -> bytes:
         """The exposition text, engine gauges read now."""

@@ -31,6 +31,8 @@ class Choice:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    refusal: str | None = None  # governance ended the reply (rung/serve/governance.py)
+    verdict: dict | None = None  # the verifier's, when one runs
 
     def feed(self, delta) -> list[Event]:
         """Take one engine delta; return the events it completes (all of them on the last delta)."""
@@ -54,6 +56,17 @@ class Choice:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
         return events
 
+    def refuse(self, text: str, replace: bool = False) -> str:
+        """End the reply with a refusal (after what was said, or instead of it); the text to emit."""
+        if replace:
+            self.content.clear()
+        said = "".join(self.content).strip()
+        emitted = f"\n\n{text}" if said else text
+        self.content.append(emitted)
+        self.refusal = text
+        self.finish_reason, self.stop_reason = "content_filter", None
+        return emitted
+
     @property
     def openai_finish_reason(self) -> str | None:
         if self.finish_reason is None:
@@ -68,6 +81,8 @@ class Choice:
                "tool_calls": [call_json(c) for c in self.calls] if self.calls else None}
         if self.reasoning:
             out["reasoning_content"] = "".join(self.reasoning)
+        if self.refusal:
+            out["refusal"] = self.refusal
         return out
 
 

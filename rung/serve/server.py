@@ -41,6 +41,10 @@ class ServeConfig:
     rag: Any = None  # a rung.rag.Index: chat requests are grounded in it (rung/serve/grounding.py)
     rag_k: int = 4  # passages per request (a request's "rag": {"k": ...} overrides)
     rag_max_chars: int = 3000  # characters of passages per request
+    policy: Any = None  # a rung.govern.policy.Policy: tool-use rules per API key
+    verifier: str | None = None  # a verifier spec (rung.govern.verify), loaded with the model
+    verify_threshold: float = 0.5
+    verify_action: str = "refuse"  # "refuse" | "flag"
 
     @property
     def name(self) -> str:
@@ -56,6 +60,8 @@ class Prepared:
     prompt_text: str | None = None
     tools: list[dict] | None = None
     thinking: bool = False
+    removed_tools: list[str] = field(default_factory=list)  # declared tools the key's policy took out
+    messages: list[dict] | None = None  # the conversation as sent (what a verifier reads its sources from)
     grounding: Any = None  # rung.rag.Grounding with --rag: the passages the model was given (grounding.texts)
 
 
@@ -75,6 +81,8 @@ class Server:
         self.loaded = threading.Event()
         self.in_flight = 0
         self.started = int(time.time())
+        self.policy = config.policy
+        self.verification = None  # a rung.serve.governance.Verification once loaded
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -95,6 +103,12 @@ class Server:
                 self.grammars = Grammars(llm.tokenizer, llm.config.vocab_size)
             except Exception as e:  # a tokenizer llguidance cannot read: no structured output, the rest works
                 self.grammar_error = f"{type(e).__name__}: {e}"
+            if c.verifier:
+                from rung.govern.verify import load_verifier
+                from rung.serve.governance import Verification
+
+                self.verification = Verification(load_verifier(c.verifier, device=c.device), c.verify_threshold,
+                                                 c.verify_action)
             self.engine = AsyncEngine(llm.engine)
             self.llm = llm
         except BaseException as e:
@@ -144,7 +158,8 @@ class Server:
 
     # ---- requests → engine work -------------------------------------------------------------------
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+    def prepare_chat(self, req: ChatCompletionRequest, principal=None) -> Prepared:
+        from rung.serve.governance import allowed_tools
         from rung.text.chat import ChatTemplateError
 
         family = self.family
@@ -172,9 +187,11 @@ class Server:
                                   "tool_choice")
         if choice == "none":
             tools = None
+        tools, removed = allowed_tools(principal, tools, choice)  # what this key may not use, the model never sees
         kwargs = family.template_kwargs(req.reasoning_effort, req.chat_template_kwargs or {})
         thinking = family.thinking(kwargs)
-        grounded, grounding = ground_chat(self, req, [_message(m) for m in req.messages])  # --rag: passages in the system message
+        sent = [_message(m) for m in req.messages]
+        grounded, grounding = ground_chat(self, req, sent)  # --rag: the passages go into the system message
         messages = family.messages(grounded, tools)
         try:
             text = self.template.render(messages, add_generation_prompt=req.add_generation_prompt,
@@ -199,7 +216,7 @@ class Server:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = self._params(req, prompt_ids, max_tokens, param, grammar,
                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        return Prepared(prompt_ids, params, text, tools, thinking, grounding=grounding)
+        return Prepared(prompt_ids, params, text, tools, thinking, removed, sent, grounding=grounding)
 
     def prepare_completion(self, req: CompletionRequest) -> list[Prepared]:
         if req.logit_bias:

@@ -1,0 +1,1 @@
+"""Governance around the model: tool-use policy (policy.py), answer verification (verify.py), PII redaction."""
