@@ -5,7 +5,7 @@ from rung.config import ConfigError, ModelConfig, MoEConfig, RopeConfig, preset_
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "ModelConfig", "MoEConfig", "RopeConfig", "preset_names", "describe", "load_model", "LLM",
-           "SamplingParams"]
+           "SamplingParams", "redact"]
 
 
 def __getattr__(name):
@@ -26,6 +26,10 @@ def __getattr__(name):
         from rung.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "redact":
+        from rung.govern.redact import redact
+
+        return redact
     if name in ("CheckpointError",):
         from rung.weights import safetensors_io
 

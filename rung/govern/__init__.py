@@ -1,1 +1,4 @@
-"""Governance around the model: tool-use policy (policy.py), answer verification (verify.py), PII redaction."""
+"""Governance around the model: PII redaction (redact.py), tool-use policy and verification.
+Heavy dependencies (Presidio, spaCy) load on first use, not on import."""
+
+from rung.govern.redact import PIIVault, Redaction, Redactor, redact
