@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rung.engine.paged import Chunk, KVPool
+from rung.kernels.elementwise import silu_mul
 from rung.kernels.paged_attention import decode_tiles, paged_attention, write_kv
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class _Projection:
         y = F.linear(x, self.weight, self.bias)
         if self.act is None:
             return y
+        if self.act is F.silu:  # SwiGLU: the product in one kernel on CUDA (kernels/elementwise.py)
+            return silu_mul(y)
         gate, up = y.chunk(2, dim=-1)  # a gated MLP: act(gate) * up, one GEMV instead of two
         return self.act(gate) * up
 

@@ -81,3 +81,18 @@ def qk_norm_rope(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed_sin
         elif offset:
             qw, kw = qw.float() + offset, kw.float() + offset
     return triton_qk_norm_rope(qkv, hq, hkv, d, qw, kw, eps, in_f32, cos, signed_sin)
+
+
+def silu_mul_ref(y) -> torch.Tensor:
+    """y [..., 2·I] = [gate | up] → silu(gate) · up (a fused gate_up projection's epilogue)."""
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def silu_mul(y) -> torch.Tensor:
+    """One kernel for PyTorch's two (and no [.., I] temporary) on CUDA in 16 bits; the reference elsewhere."""
+    if y.dtype == torch.float32 or not use_triton(y):
+        return silu_mul_ref(y)
+    from rung.kernels.triton_elementwise import triton_silu_mul
+
+    return triton_silu_mul(y)

@@ -146,3 +146,28 @@ def triton_qk_norm_rope(qkv, hq, hkv, d, q_weight, k_weight, eps, weight_in_floa
                                            *strides, float(eps), D=d, ROT=rot, BLOCK=triton.next_power_of_2(d),
                                            NORM=norm, W_F32=weight_in_float32, ROPE=rope, num_warps=1)
     return q, k
+
+
+@triton.jit
+def silu_mul_kernel(Y, O, n_cols, sy, BLOCK: tl.constexpr):
+    """[gate | up] rows → silu(gate) · up, rounding where PyTorch's two ops do (silu, then the product)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < n_cols
+    g = tl.load(Y + row * sy + c, mask=m, other=0.0)
+    u = tl.load(Y + row * sy + n_cols + c, mask=m, other=0.0)
+    g32 = g.to(tl.float32)
+    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
+    tl.store(O + row * n_cols + c, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
+
+
+def triton_silu_mul(y):
+    """y [..., 2·I] → [..., I]."""
+    width = y.shape[-1] // 2
+    rows = y.reshape(-1, 2 * width)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(*y.shape[:-1], width, dtype=y.dtype, device=y.device)
+    silu_mul_kernel[(rows.shape[0], triton.cdiv(width, 1024))](rows, out, width, rows.stride(0), BLOCK=1024,
+                                                               num_warps=4)
+    return out

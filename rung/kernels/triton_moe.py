@@ -117,13 +117,16 @@ def moe_gemm(
 
 
 @triton.jit
-def fp4_unscaled(code):
-    """E2M1 codes (0..15) → float32 without the block scale: magnitude m = 2..7 is the float with
-    exponent field 126 + m // 2 and mantissa bit m % 2, i.e. bits (m + 252) << 22; m = 1 is 0.5."""
-    c = code.to(tl.int32)
-    mag = c & 7
-    bits = tl.where(mag > 1, (mag + 252) << 22, tl.where(mag == 1, 252 << 22, 0)) | ((c & 8) << 28)
-    return bits.to(tl.float32, bitcast=True)
+def fp4_pair(b):
+    """A byte of two E2M1 codes → their float32 values without the block scale, in a handful of
+    integer ops each (what bounds a decode GEMV over MXFP4): the code's three magnitude bits
+    become the float's two low exponent bits and its top mantissa bit, which reads
+    2^(e-127)·(1 + m/2) for e ≥ 1 and m·2^-127 (a subnormal) for e = 0; times 2^126 both are the
+    E2M1 value. (The multiply keeps subnormal inputs: Triton flushes only inside libdevice.)"""
+    w = b.to(tl.int32)
+    lo = (((w << 22) & 0x01C00000) | ((w & 0x08) << 28)).to(tl.float32, bitcast=True)
+    hi = (((w << 18) & 0x01C00000) | ((w & 0x80) << 24)).to(tl.float32, bitcast=True)
+    return lo * 8.507059173023462e37, hi * 8.507059173023462e37
 
 
 @triton.jit
@@ -136,8 +139,8 @@ def moe_gemv_mxfp4(
     """Decode over packed MXFP4 experts: one program per (slot, BLOCK_N output rows), GROUPS
     blocks of 32 weights (16 bytes, one scale) per step. Each block's 32 products are summed
     unscaled and the block's power of two is applied once to the sum, so a weight costs a few
-    integer ops and one multiply-add, and the scales are read once per block rather than per
-    byte (what kept ``moe_gemm``'s decode at a fraction of the bandwidth)."""
+    integer ops, a multiply and a multiply-add, and the scales are read once per block rather
+    than per byte (what kept ``moe_gemm``'s decode at a fraction of the bandwidth)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(Experts + slot).to(tl.int64)
@@ -158,13 +161,13 @@ def moe_gemv_mxfp4(
         x_odd = tl.load(x_row + 2 * byte + 1, mask=g_in[:, None], other=0.0).to(tl.float32)[None]
         wm = n_in[:, None, None] & g_in[None, :, None]
         sm = n_in[:, None] & g_in[None, :]
-        b = tl.load(W1 + w_rows + byte[None], mask=wm, other=0)
+        lo, hi = fp4_pair(tl.load(W1 + w_rows + byte[None], mask=wm, other=0))
         scale = tl.exp2(tl.load(S1 + s_rows + grp[None, :], mask=sm, other=127).to(tl.float32) - 127.0)
-        acc1 += tl.sum(fp4_unscaled(b & 15) * x_even + fp4_unscaled(b >> 4) * x_odd, 2) * scale
+        acc1 += tl.sum(lo * x_even + hi * x_odd, 2) * scale
         if TWO:
-            b = tl.load(W2 + w_rows + byte[None], mask=wm, other=0)
+            lo, hi = fp4_pair(tl.load(W2 + w_rows + byte[None], mask=wm, other=0))
             scale = tl.exp2(tl.load(S2 + s_rows + grp[None, :], mask=sm, other=127).to(tl.float32) - 127.0)
-            acc2 += tl.sum(fp4_unscaled(b & 15) * x_even + fp4_unscaled(b >> 4) * x_odd, 2) * scale
+            acc2 += tl.sum(lo * x_even + hi * x_odd, 2) * scale
     r1 = tl.sum(acc1, 1)
     r2 = tl.sum(acc2, 1)
     if HAS_BIAS:
