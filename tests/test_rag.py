@@ -306,3 +306,17 @@ def test_rung_index_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["index", str(tmp_path / "empty"), "--out", str(tmp_path / "idx")]) == 2
     assert "no text to index in" in capsys.readouterr().err
+
+
+def test_opening_a_stale_index_warns_and_names_the_document(tmp_path, capsys):
+    import argparse
+
+    from rung.commands.index import open_rag
+
+    (tmp_path / "a.md").write_text("alpha\n")
+    build_index([tmp_path / "a.md"], tmp_path / "idx", base=tmp_path)
+    (tmp_path / "a.md").write_text("alpha, edited\n")
+    args = argparse.Namespace(rag=str(tmp_path / "idx"), rag_k=None, rag_max_chars=None)
+    assert open_rag(args) is not None and (args.rag_k, args.rag_max_chars) == (4, 3000)
+    assert capsys.readouterr().err == (f"rung: warning: {tmp_path / 'idx'} is stale: a.md: changed since it was "
+                                       "indexed (rebuild it with `rung index`)\n")

@@ -111,3 +111,21 @@ def test_rung_index_embedder_flag(tmp_path, capsys):
     assert "into 2 passages, dense vectors from minilm" in out and "1. [" in out and "a.md:1-3]" in out
     assert main(["index", str(tmp_path / "a.md"), "--out", str(tmp_path / "j"), "--embedder", "nope"]) == 2
     assert capsys.readouterr().err == "rung: error: unknown embedder 'nope' (known: minilm)\n"
+
+
+def test_an_index_from_another_embedder_is_refused_at_open(hybrid, tmp_path):
+    import argparse
+    import shutil
+
+    from rung.commands.index import open_rag
+    from rung.rag.index import _content_hash
+
+    shutil.copytree(hybrid[0] / "hybrid.idx", tmp_path / "h.idx")
+    m = json.loads((tmp_path / "h.idx" / "manifest.json").read_text())
+    m["dense"]["fingerprint"] = "all-MiniLM-L6-v2:0000000000000000"
+    m["hash"] = _content_hash(m)
+    (tmp_path / "h.idx" / "manifest.json").write_text(json.dumps(m))
+    args = argparse.Namespace(rag=str(tmp_path / "h.idx"), rag_k=None, rag_max_chars=None)
+    with pytest.raises(RagError, match=r"manifest.json: built with embedder minilm all-MiniLM-L6-v2:0000000000000000, "
+                                       r"but the installed one is all-MiniLM-L6-v2:53aa51172d142c89; rebuild"):
+        open_rag(args)

@@ -88,6 +88,8 @@ def open_rag(args: argparse.Namespace):
     args.rag_k = args.rag_k or DEFAULT_K
     args.rag_max_chars = args.rag_max_chars or DEFAULT_MAX_CHARS
     index = load_index(args.rag)
+    if index.vectors is not None:
+        index.query_embedder()  # a missing or different embedder is an error now, not on the first question
     for line in index.stale():
         print(f"rung: warning: {args.rag} is stale: {line} since it was indexed (rebuild it with `rung index`)",
               file=sys.stderr)

@@ -97,14 +97,16 @@ class Index:
         lexical = [int(i) for i in np.lexsort((np.arange(len(bm25)), -bm25)) if bm25[i] > 0]
         if self.vectors is None:
             return [Hit(self.passages[i], r, float(bm25[i]), float(bm25[i])) for r, i in enumerate(lexical[:k], 1)]
-        q = self._embedder().embed([query])[0]
+        q = self.query_embedder().embed([query])[0]
         cosine = self.vectors @ q
         dense = [int(i) for i in np.lexsort((np.arange(len(cosine)), -cosine))][:max(50, k)]
         fused = rrf([lexical[:max(50, k)], dense])
         order = sorted(fused, key=lambda i: (-fused[i], i))[:k]
         return [Hit(self.passages[i], r, fused[i], float(bm25[i]), float(cosine[i])) for r, i in enumerate(order, 1)]
 
-    def _embedder(self) -> Embedder:
+    def query_embedder(self) -> Embedder:
+        """The embedder that built the dense vectors, loaded once (a server loads it at start-up,
+        not on its first request); refused if the installed one gives other vectors."""
         if self.embedder is None:
             info = self.manifest["dense"]
             embedder = load_embedder(info["embedder"])
