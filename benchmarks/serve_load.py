@@ -3,13 +3,15 @@
     python benchmarks/serve_load.py                      # 64 clients, 60 s, starts its own server
     python benchmarks/serve_load.py --clients 8 --seconds 5
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # an existing server
+    python benchmarks/serve_load.py --redact             # server with --redact --log-prompts, PII in the mix
 
 Every client loops over a mix of requests (short chats, a long prompt, n=2, a JSON schema answer, a
 forced tool call, a text completion), each streamed through the openai client with usage in the
 last chunk. A request must either complete whole (every chunk well formed, one finish per choice,
 usage that adds up, JSON that validates, a tool call that parses) or be refused with 429 (then the
 client waits the Retry-After and goes on); anything else counts as lost or garbled, and the exit
-status is 1. Afterwards the server must return to idle: no running or waiting sequences, every KV
+status is 1. With --redact the mix also sends messages full of PII (``PII_MESSAGES``) to a server
+started with --redact --log-prompts, and none of their values may appear in the server's log. Afterwards the server must return to idle: no running or waiting sequences, every KV
 block free, resident memory back near its level after warm-up.
 
 Only 127.0.0.1 is ever contacted; every loop is bounded in time. Reports requests/s, tokens/s and
@@ -40,6 +42,15 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
     "additionalProperties": False}}}
+# planted PII (valid card, IBAN, SSN) and the values that must never reach a log line under --redact
+PII_VALUES = ["Maria Garcia", "maria.garcia@example.com", "+1 415-555-2671", "4111 1111 1111 1111",
+              "DE89 3704 0044 0532 0130 00", "123-45-6789", "203.0.113.42", "James Wilson", "Berlin"]
+PII_MESSAGES = [
+    "Hi, I am Maria Garcia (maria.garcia@example.com, +1 415-555-2671). Repeat my e-mail address.",
+    "Charge card 4111 1111 1111 1111 and refund to DE89 3704 0044 0532 0130 00. What did I ask?",
+    "My SSN is 123-45-6789 and my server is 203.0.113.42. Summarise in one line.",
+    "James Wilson from Berlin wants a reply to maria.garcia@example.com. Write it.",
+]
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?", "Say hello in Spanish.",
              "Give me a tip for writing tests.", "What is 12 times 7?"]
 
@@ -72,6 +83,9 @@ def _request(kind: str, model: str, rng: random.Random) -> tuple[str, dict]:
         return "chat", {**chat, "max_tokens": 60, "temperature": 0.7,
                         "messages": [{"role": "user", "content": "Describe a person as JSON."}],
                         "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}
+    if kind == "pii":
+        return "chat", {**chat, "messages": [{"role": "user", "content": rng.choice(PII_MESSAGES)}], "temperature": 0,
+                        "user": "maria.garcia@example.com"}
     if kind == "tool":
         return "chat", {**chat, "max_tokens": 60, "tools": [TOOL], "tool_choice": "required", "temperature": 0,
                         "messages": [{"role": "user", "content": "What is the weather in Oslo?"}]}
@@ -118,8 +132,13 @@ def _check(kind: str, endpoint: str, args: dict, chunks: list) -> int:
     return usage.completion_tokens
 
 
-async def run_load(base_url: str, api_key: str, model: str, clients: int, seconds: float, seed: int = 0) -> Report:
+async def run_load(base_url: str, api_key: str, model: str, clients: int, seconds: float, seed: int = 0,
+                   pii: bool = False) -> Report:
+    """``pii``: every client's first request and about a quarter of the rest carry PII_MESSAGES (for a
+    server run with --redact)."""
     import openai
+
+    kinds = KINDS + ["pii"] * (len(KINDS) // 3) if pii else KINDS
 
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=seconds + 120)
     report = Report()
@@ -128,8 +147,10 @@ async def run_load(base_url: str, api_key: str, model: str, clients: int, second
 
     async def one_client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
+        sent_any = False
         while time.perf_counter() < deadline:
-            kind = rng.choice(KINDS)
+            kind = rng.choice(kinds) if sent_any or not pii else "pii"
+            sent_any = True
             endpoint, args = _request(kind, model, rng)
             sent = time.perf_counter()
             first = None
@@ -202,7 +223,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(model: str, api_key: str, max_concurrent: int, threads: int | None, log_path: Path):
+def start_server(model: str, api_key: str, max_concurrent: int, threads: int | None, log_path: Path,
+                 extra: list[str] = ()):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -210,6 +232,7 @@ def start_server(model: str, api_key: str, max_concurrent: int, threads: int | N
                "--max-concurrent", str(max_concurrent)]
     if threads:
         command += ["--threads", str(threads)]
+    command += list(extra)
     log = open(log_path, "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -225,6 +248,11 @@ def start_server(model: str, api_key: str, max_concurrent: int, threads: int | N
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError("rung serve did not become healthy in 300 s")
+
+
+def leaked_pii(log_text: str) -> list[str]:
+    """The PII_VALUES that appear in a server log (with --redact: none may)."""
+    return [v for v in PII_VALUES if v in log_text]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -259,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrent", type=int, default=32, help="the started server's limit (clients above it see 429)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redact", action="store_true",
+                   help="start the server with --redact --log-prompts, add PII messages to the mix, and fail if any "
+                        "of their values reaches the server's log")
     args = p.parse_args(argv)
     if args.url and not re.match(r"^https?://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?$", args.url):
         raise SystemExit("serve_load: --url must be a loopback address (127.0.0.1, localhost, [::1])")
@@ -267,15 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         base = args.url.rstrip("/")
     else:
-        proc, base = start_server(args.model, args.api_key, args.max_concurrent, args.threads, log_path)
+        extra = ["--redact", "--log-prompts"] if args.redact else []
+        proc, base = start_server(args.model, args.api_key, args.max_concurrent, args.threads, log_path, extra)
     try:
         # warm-up: a few requests of each kind, so memory is measured after the first allocations
-        asyncio.run(run_load(base, args.api_key, args.model, clients=4, seconds=3, seed=args.seed + 99))
+        asyncio.run(run_load(base, args.api_key, args.model, clients=4, seconds=3, seed=args.seed + 99,
+                             pii=args.redact))
         wait_idle(base)
         rss_idle = rss_mb(proc.pid) if proc else float("nan")
         print(f"load: {args.clients} streaming clients for {args.seconds:g} s against {base} "
               f"(server --max-concurrent {args.max_concurrent if proc else '?'})", flush=True)
-        report = asyncio.run(run_load(base, args.api_key, args.model, args.clients, args.seconds, args.seed))
+        report = asyncio.run(run_load(base, args.api_key, args.model, args.clients, args.seconds, args.seed,
+                                      pii=args.redact))
         rss_peak = rss_mb(proc.pid) if proc else float("nan")
         state = wait_idle(base)
         rss_after = rss_mb(proc.pid) if proc else float("nan")
@@ -285,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in report.lost[:10]:
             print("  lost:", line)
         ok = not report.lost and all(v == 0 for v in state.values()) and report.completed > 0
+        if args.redact and proc:
+            leaked = leaked_pii(log_path.read_text())
+            print(f"{'PII in the server log':<21}  {', '.join(leaked) or 'none'} ({report.kinds.get('pii', 0)} PII requests)")
+            ok = ok and not leaked
         if proc and rss_after > rss_idle * 1.25 + 64:
             print("server memory did not return near its idle level")
             ok = False

@@ -51,6 +51,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verify-action", choices=["refuse", "flag"], default="refuse",
                    help="refuse: replace a failed answer with a refusal (finish_reason content_filter); "
                         "flag: return it, marked (default refuse)")
+    g.add_argument("--redact", action="store_true",
+                   help="redact PII (names, places, e-mail, phone, cards, IBANs, IPs, SSNs) from every request "
+                        "before the model sees it; replies are restored (needs pip install 'rung[pii]')")
+    g.add_argument("--redact-entities", default=None, metavar="TYPES",
+                   help="comma-separated Presidio entity types for --redact (default: the eight above)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -81,6 +86,18 @@ def _run(args: argparse.Namespace) -> int:
         from rung.govern.verify import load_verifier
 
         load_verifier(args.verifier)  # an import error is one line now, not a failed load later
+    redact_entities = None
+    if args.redact_entities is not None:
+        if not args.redact:
+            raise CommandError("--redact-entities goes with --redact")
+        redact_entities = tuple(e.strip().upper() for e in args.redact_entities.split(",") if e.strip())
+    if args.redact:
+        from rung.govern.redact import PIIUnavailable, RedactionError, Redactor
+
+        try:  # the analyzer is built now (cached for the server): a missing extra is one line, before the port opens
+            Redactor(entities=redact_entities or Redactor.entities).load()
+        except (PIIUnavailable, RedactionError) as e:
+            raise CommandError(f"--redact: {e}") from None
     if args.threads:
         import torch
 
@@ -97,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
                          device=args.device, seed=args.seed, engine=engine, rag=rag,
                          rag_k=args.rag_k or 4, rag_max_chars=args.rag_max_chars or 3000, policy=policy,
                          verifier=args.verifier, verify_threshold=args.verify_threshold,
-                         verify_action=args.verify_action)
+                         verify_action=args.verify_action, redact=args.redact, redact_entities=redact_entities)
     logs.setup()
     server = Server(config)
     web = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port,

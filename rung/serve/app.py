@@ -26,6 +26,7 @@ from rung.serve.metrics import CONTENT_TYPE
 from rung.serve.reasoning import Event
 from rung.serve.responses import (DONE, Choice, TokenText, call_json, chat_logprobs, completion_logprobs, sse,
                                   usage)
+from rung.serve.redaction import RequestRedaction, redaction_for
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
 from rung.serve.server import Prepared, Server, wait_disconnect
 
@@ -142,8 +143,11 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(req.model)
         server.check_ready()
         with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
+            redaction = await redaction_for(server, req)  # before the template: the model sees placeholders
+            req = redaction.request if redaction else req
             prepared = server.prepare_chat(req, principal)
-            run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal)
+            run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal,
+                      redaction=redaction)
             return await run.respond(request)
 
     @app.post("/v1/completions")
@@ -153,8 +157,11 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(req.model)
         server.check_ready()
         with server.admit():
+            redaction = await redaction_for(server, req)
+            req = redaction.request if redaction else req
             prepared = server.prepare_completion(req)
-            run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared])
+            run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared],
+                      redaction=redaction)
             return await run.respond(request)
 
     return app
@@ -171,8 +178,9 @@ class Run:
     line and metrics."""
 
     def __init__(self, server: Server, kind: str, req, prepared: list[Prepared], log_prompt=None,
-                 principal: Principal | None = None):
+                 principal: Principal | None = None, redaction: RequestRedaction | None = None):
         self.server, self.kind, self.req, self.prepared = server, kind, req, prepared
+        self.redaction = redaction  # PII: the request was redacted; what leaves is restored (redaction.py)
         self.principal = principal
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -390,6 +398,8 @@ class Run:
 
     def _chunk(self, choice: Choice, delta: dict | None = None, finish: bool = False, logprobs=None,
                text: str | None = None) -> dict:
+        if self.redaction is not None:  # placeholders back to the values, none cut in two
+            delta, text = self.redaction.delta(choice.index, delta, text, finish)
         if self.kind == "chat":
             c = {"index": choice.index, "delta": delta or {}, "logprobs": logprobs,
                  "finish_reason": choice.openai_finish_reason if finish else None}
@@ -474,7 +484,8 @@ class Run:
             if self.kind == "chat":
                 lp = ({"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0, self.text)}
                       if self.req.logprobs else None)
-                choices.append({"index": c.index, "message": c.message(), "logprobs": lp,
+                message = self.redaction.message(c.message()) if self.redaction else c.message()
+                choices.append({"index": c.index, "message": message, "logprobs": lp,
                                 "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason,
                                 **({"rung": {"verifier": c.verdict}} if c.verdict else {})})
             else:
@@ -483,6 +494,7 @@ class Run:
                     text = (self.prepared[c.index // self.req.n].prompt_text or "") + text
                 lp = (completion_logprobs(c.token_ids, c.logprobs, self.req.logprobs, self.text)
                       if self.req.logprobs is not None else None)
+                text = self.redaction.text(text) if self.redaction else text
                 choices.append({"index": c.index, "text": text, "logprobs": lp,
                                 "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason})
         if self.kind == "chat":  # --rag: each answer's citations, and the sources once
@@ -523,12 +535,17 @@ class Run:
         prompt_field = None
         if self.server.config.log_prompts:
             prompt_field = self.log_prompt
+        redacted = None
+        if self.redaction is not None:
+            redacted = dict(self.redaction.counts)
+            self.server.metrics.redacted(redacted)
         logs.request_line(id=self.id, endpoint=self.kind, model=self.server.config.name, status=self.status,
                           stream=bool(self.req.stream), n=self.req.n, prompt_tokens=prompt,
                           completion_tokens=generated, latency_s=round(latency, 4),
                           ttft_s=None if ttft is None else round(ttft, 4),
                           tool_calls=sum(len(c.calls) for c in self.choices), finish_reasons=reasons,
-                          user=self.req.user, error=self.error, prompt=prompt_field, **self._governance_fields())
+                          user=self.req.user, error=self.error, prompt=prompt_field, redacted=redacted,
+                          **self._governance_fields())
 
     def _governance_fields(self) -> dict:
         out = {}

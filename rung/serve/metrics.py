@@ -57,6 +57,8 @@ class Metrics:
         self.prefix_hit_rate = Gauge("rung:prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens)", m,
                                      registry=r)
         self.loading = Gauge("rung:model_loading", "1 while the model loads", m, registry=r)
+        self.redacted_entities = Counter("rung:redacted_entities", "PII entities redacted from requests, by type",
+                                         ["model_name", "entity_type"], registry=r)
         # governance (rung/serve/governance.py): labelled by the key's name in the policy file, never the key
         self.policy_denied_calls = Counter("rung:policy_denied_calls", "Tool calls the policy denied",
                                            ["model_name", "key", "kind"], registry=r)
@@ -70,6 +72,10 @@ class Metrics:
                                         buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
         self.verifier_seconds = Histogram("rung:verifier_seconds", "Time to verify one answer", m,
                                           buckets=TTFT_BUCKETS, registry=r)
+
+    def redacted(self, counts: dict[str, int]) -> None:
+        for kind, count in counts.items():
+            self.redacted_entities.labels(self.model_name, kind).inc(count)
 
     def http(self, handler: str, method: str, status: int) -> None:
         self.http_requests.labels(self.model_name, handler, method, str(status)).inc()

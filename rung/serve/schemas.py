@@ -123,6 +123,8 @@ class SamplingFields(Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # rung: PII redaction of this request (true, or Presidio entity types); see rung/serve/redaction.py
+    redact: StrictBool | list[str] | None = None
 
     @field_validator("stop")
     @classmethod

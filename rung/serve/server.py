@@ -45,6 +45,8 @@ class ServeConfig:
     verifier: str | None = None  # a verifier spec (rung.govern.verify), loaded with the model
     verify_threshold: float = 0.5
     verify_action: str = "refuse"  # "refuse" | "flag"
+    redact: bool = False  # redact PII of every request (rung/serve/redaction.py)
+    redact_entities: tuple[str, ...] | None = None  # Presidio entity types (default: rung.govern.redact's)
 
     @property
     def name(self) -> str:
@@ -83,6 +85,8 @@ class Server:
         self.started = int(time.time())
         self.policy = config.policy
         self.verification = None  # a rung.serve.governance.Verification once loaded
+        self.redactor = None  # a rung.govern.redact.Redactor with --redact, loaded with the model
+        self._redactors: dict = {}  # those requests asked for, by entity types
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -94,6 +98,8 @@ class Server:
             from rung.text.chat import chat_template_for
 
             c = self.config
+            if c.redact:
+                self.redactor = self.request_redactor(c.redact_entities)
             llm = LLM(c.model, dtype=c.dtype, device=c.device, seed=c.seed, max_model_len=c.max_model_len, **c.engine)
             self.template = chat_template_for("gpt_oss" if llm.config.model_type == "gpt_oss" else llm.tokenizer)
             self.family = family_for(llm.config.model_type, self.template)
@@ -115,6 +121,19 @@ class Server:
             self.load_error = e
         finally:
             self.loaded.set()
+
+    def request_redactor(self, entities: tuple[str, ...] | None):
+        """A loaded Redactor for these entity types (built once; blocking: call it off the event loop)."""
+        from rung.govern.redact import DEFAULT_ENTITIES, PIIUnavailable, RedactionError, Redactor
+
+        key = tuple(entities or DEFAULT_ENTITIES)
+        got = self._redactors.get(key)
+        if got is None:
+            try:
+                got = self._redactors[key] = Redactor(entities=key).load()
+            except (PIIUnavailable, RedactionError) as e:
+                raise bad_request(str(e), "redact") from None
+        return got
 
     def shutdown(self) -> None:
         if self.engine is not None:
