@@ -34,9 +34,10 @@ class Scripted:
         text = self.reply(prepared.prompt_text)
         ids = self.server.llm.tokenizer.encode(text, add_special_tokens=False) or [0]
         cut, at = len(text) // 2, len(ids) // 2  # two deltas: a stream sees a call split across them
+        lp = (lambda part: [{t: -0.5} for t in part]) if prepared.params.logprobs is not None else (lambda part: None)
         for j in range(prepared.params.n):
-            yield Delta(request_id, j, text[:cut], ids[:at])
-            yield Delta(request_id, j, text[cut:], ids[at:], finish_reason="stop")
+            yield Delta(request_id, j, text[:cut], ids[:at], logprobs=lp(ids[:at]))
+            yield Delta(request_id, j, text[cut:], ids[at:], finish_reason="stop", logprobs=lp(ids[at:]))
 
 
 def served(folder, **config) -> tuple[TestClient, Server]:
