@@ -28,6 +28,7 @@ class Question:
     source: str  # relative to the corpus folder
     line: int  # the line of the planted sentence
     answer: str  # the distinctive token an answer must contain
+    paraphrase: str = ""  # the same question in words the document does not use (benchmarks/rag.py)
 
 
 def _names(rng: random.Random, n: int) -> list[str]:
@@ -69,6 +70,14 @@ QUESTION_FORMS = {
     "Specifications": ("What is the maximum operating pressure of the {n} {k}?", "pressure"),
     "Warranty": ("How many months of warranty does the {n} {k} carry?", "warranty"),
     "Maintenance": ("How often should the seals of the {n} {k} be replaced?", "interval"),
+}
+
+
+PARAPHRASES = {
+    "History": "Which engineer came up with the {n} {k}?",
+    "Specifications": "How much load can the {n} {k} take at most?",
+    "Warranty": "What guarantee period comes with a {n} {k}?",
+    "Maintenance": "How frequently must the {n} {k} get new gaskets?",
 }
 
 
@@ -115,5 +124,6 @@ def write_corpus(folder: Path, n_docs: int = 50, seed: int = 7) -> list[Question
             title = forms[len(planted) % len(forms)]
             question, key = QUESTION_FORMS[title]
             answer = str(f[key]).split()[-1]
-            planted.append(Question(question.format(n=name, k=f["kind"]), rel, where[title], answer))
+            planted.append(Question(question.format(n=name, k=f["kind"]), rel, where[title], answer,
+                                    PARAPHRASES[title].format(n=name, k=f["kind"])))
     return planted[:20]

@@ -320,3 +320,20 @@ def test_opening_a_stale_index_warns_and_names_the_document(tmp_path, capsys):
     assert open_rag(args) is not None and (args.rag_k, args.rag_max_chars) == (4, 3000)
     assert capsys.readouterr().err == (f"rung: warning: {tmp_path / 'idx'} is stale: a.md: changed since it was "
                                        "indexed (rebuild it with `rung index`)\n")
+
+
+def test_an_answer_drawn_from_two_passages_credits_both_and_shared_phrasing_credits_none(corpus):
+    _, questions, index = corpus
+    q = next(q for q in questions if "warranty" in q.question and q.source.endswith(".md"))
+    name = q.question.split()[-3]
+    _, g = ground(index, [{"role": "user", "content": q.question}], k=4)
+    warranty = next(h for h in g.hits if "warranty of" in h.passage.text and h.passage.source == f"docs/{q.source}")
+    overview = index.search(f"{name} overview industrial cooling loops", 1)[0]
+    g.hits, g.texts = [warranty, overview.__class__(overview.passage, 2, 1.0, 1.0)], [warranty.passage.text,
+                                                                                    overview.passage.text]
+    both = check_answer(f"The {name} is an industrial pump used in cooling loops and process lines. "
+                        f"It carries a warranty of {q.answer} months.", g)
+    assert [c["label"] for c in both["citations"] if c["supported"]] == [warranty.label, overview.label]
+    _, g = ground(index, [{"role": "user", "content": q.question}], k=4)  # other devices' warranty passages
+    one = check_answer(f"Every {name} carries a warranty of {q.answer} months from the date of delivery.", g)
+    assert [c["source"] for c in one["citations"] if c["supported"]] == [f"docs/{q.source}"]

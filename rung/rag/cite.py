@@ -12,18 +12,18 @@ Two signals, reported side by side so a reader (or a verifier) can weigh them:
   number a lot. A passage whose names and numbers the answer repeats scores near 1.0, whether or
   not the model cited it.
 
-A passage is ``supported`` when it is cited, or when at least ``MIN_OVERLAP`` of the answer's new
-terms (weighted, and at least one term) are in it and its overlap is near the best passage's
-(``NEAR_BEST``): the phrasing every passage shares ("carries a warranty of ... months") does not
-make a passage with another number a source.
+A passage is ``supported`` when it is cited, or when it is one of the passages that together
+hold the answer's new terms, taken greedily (the passage holding most of the weight not yet
+explained first), each adding at least ``MIN_SHARE`` of the weight: an answer drawn from two
+passages credits both, while a passage that shares only the phrasing every passage has ("carries a
+warranty of ... months", with another number) adds nothing once the right one is taken.
 """
 
 from __future__ import annotations
 
 import re
 
-MIN_OVERLAP = 0.5
-NEAR_BEST = 0.8
+MIN_SHARE = 0.25
 _BRACKET = re.compile(r"\[([^\[\]\n]{1,400})\]")
 _LABEL = re.compile(r"^\s*(?:source:\s*)?([^\s:;,][^:;,]*?):\s*(\d+)(?:\s*[-–]\s*(\d+))?\s*$", re.IGNORECASE)
 
@@ -72,15 +72,24 @@ def check_answer(answer: str, grounding) -> dict:
     weight = lexical.idf if lexical is not None else (lambda term: 1.0)
     new = set(analyze(answer)) - set(analyze(grounding.query)) - {""}
     total = sum(weight(t) for t in new)
-    overlaps = []
-    for text in grounding.texts:
-        shared = new & set(analyze(text))
-        overlaps.append((sum(weight(t) for t in shared) / total if total else 0.0, len(shared)))
-    best = max((o for o, _ in overlaps), default=0.0)
+    held = [new & set(analyze(text)) for text in grounding.texts]  # per passage: the answer's terms it holds
+    overlaps = [sum(weight(t) for t in h) / total if total else 0.0 for h in held]
+    used: set[int] = set()  # the passages that explain the answer, taken greedily
+    unexplained = set(new)
+
+    def gain(i: int) -> float:
+        return sum(weight(t) for t in held[i] & unexplained) / total
+
+    while total and len(used) < len(hits):
+        best = max((i for i in range(len(hits)) if i not in used), key=lambda i: (gain(i), -i))  # ties: better rank
+        if gain(best) < MIN_SHARE:
+            break
+        used.add(best)
+        unexplained -= held[best]
     citations = []
-    for i, (h, (overlap, shared)) in enumerate(zip(hits, overlaps)):
+    for i, (h, overlap) in enumerate(zip(hits, overlaps)):
         cited = i in matched
-        supported = cited or (shared >= 1 and overlap >= MIN_OVERLAP and overlap >= NEAR_BEST * best)
+        supported = cited or i in used
         if cited or supported:
             p = h.passage
             citations.append({"label": p.label, "source": p.source, "lines": [p.start, p.end], "rank": h.rank,
