@@ -114,9 +114,11 @@ def test_governance_external_endpoints_and_licenses():
     assert d.verdict("unknown").reasons == ["license unknown (allowed: apache-2.0, mit)"]
 
 
-def test_redaction_requirement_is_noted_until_rung_can_redact():
+def test_redaction_requirement_fails_a_candidate_run_unredacted():
     d = decide_for([Scripted("ok", answers(8))], {"governance": {"redaction": True}})
-    assert d.chosen == "ok" and "not redacted" in d.notes[0]
+    assert d.chosen is None  # the redacted run passes: tests/test_govern_redact_bench.py
+    assert d.verdict("ok").reasons == ["not run redacted: governance asks for PII redaction "
+                                       "(bench ok+redact, or --redact)"]
 
 
 def test_endpoint_cost_from_its_price_and_size_hint_orders_it():

@@ -21,7 +21,7 @@ A requirements file answers five questions (YAML)::
     governance:                   # 5. governance
       external_endpoints: false   #    hosted endpoints outside your network fail
       licenses: [apache-2.0, mit] #    a model whose license is not listed (or unknown) fails
-      redaction: true             #    the suite must run redacted (rung's redaction: issue 9)
+      redaction: true             #    the suite must run redacted (NAME+redact, rung/bench/redaction.py)
     chosen: smollm2-135m@int8     # the model you ship: what `rung bench --check` guards
     candidates:                   # optional: what to try (or -m on the command line)
       - smollm2-135m@int4
@@ -208,15 +208,12 @@ def size_key(m: Metrics, req: Requirements) -> tuple:
             m.peak_memory_bytes if m.peak_memory_bytes is not None else inf, m.name)
 
 
-def decide(metrics: list[Metrics], runs: list[CandidateRun], req: Requirements, suite_tags: dict[str, set[str]],
-           redacted: bool = False) -> Decision:
+def decide(metrics: list[Metrics], runs: list[CandidateRun], req: Requirements,
+           suite_tags: dict[str, set[str]]) -> Decision:
     """``suite_tags``: tag name → the values the suite's cases carry (e.g. {"language": {"en"}})."""
     info = {r.info.name: r.info for r in runs}
     ordered = sorted(metrics, key=lambda m: size_key(m, req))
     notes = []
-    if req.redaction and not redacted:
-        notes.append("governance asks for redaction, but this run was not redacted (rung's redaction is issue 9); "
-                     "results hold for unredacted prompts")
     verdicts = [_verdict(m, info.get(m.name), req, suite_tags) for m in ordered]
     chosen = next((v for v in verdicts if v.passed), None)
     for v in verdicts:
@@ -317,6 +314,8 @@ def _verdict(m: Metrics, info, req: Requirements, suite_tags: dict[str, set[str]
         notes.append("memory not measured (an endpoint's memory is its host's)")
 
     # 5. governance
+    if req.redaction and not (info and info.redaction):
+        reasons.append(f"not run redacted: governance asks for PII redaction (bench {m.name}+redact, or --redact)")
     if not req.external_endpoints and m.kind == "endpoint" and info and not _private(info.host):
         reasons.append(f"external endpoint {info.host}: governance forbids sending data outside")
     if req.licenses is not None and m.kind == "local":

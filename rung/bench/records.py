@@ -80,6 +80,7 @@ class CandidateInfo:
     device: str | None = None
     load_s: float | None = None
     host: str | None = None  # endpoint host, for the governance check
+    redaction: str | None = None  # the PII entity types its prompts were redacted of (rung/bench/redaction.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CandidateInfo":

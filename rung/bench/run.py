@@ -76,6 +76,10 @@ class _Quiet:
 
 
 def make_candidate(spec: str, settings: BenchSettings, progress: Progress | None = None):
+    from rung.bench.redaction import RedactedCandidate, base_spec, is_redacted
+
+    if is_redacted(spec):  # NAME+redact: the same candidate behind rung's PII redaction
+        return RedactedCandidate(make_candidate(base_spec(spec), settings, progress))
     if is_endpoint(spec):
         return EndpointCandidate(spec)
     options: dict[str, Any] = {"device": settings.device}

@@ -41,6 +41,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="load local candidates in this process (faster start; peak memory is then process-wide)")
     rag_arguments(p)  # every case grounded in the index (default: the suite's `rag:`), cached apart from ungrounded runs
+    p.add_argument("--redact", action="store_true",
+                   help="run every candidate also as NAME+redact: prompts PII-redacted, answers restored before "
+                        "scoring, side by side with the unredacted run (needs pip install 'rung[pii]')")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -74,11 +77,15 @@ def _bench(args: argparse.Namespace) -> int:
         candidates.append(guarded)
     if not candidates:
         raise CommandError("no candidates: pass -m MODEL (repeatable) or list `candidates:` in the requirements file")
+    candidates = _redacted_twins(candidates, requirements, args.redact)
+    if guarded and guarded not in candidates:
+        guarded += "+redact"  # the requirements demand redaction: --check guards the redacted run
     for spec in candidates:
         if spec.startswith("openai:"):
             from rung.bench.candidates import parse_endpoint
+            from rung.bench.redaction import base_spec
 
-            parse_endpoint(spec)  # a malformed endpoint is a usage error before anything runs
+            parse_endpoint(base_spec(spec))  # a malformed endpoint is a usage error before anything runs
 
     settings = rb.BenchSettings(concurrency=args.concurrency, seed=args.seed, device=args.device, dtype=args.dtype,
                                 isolate=not args.in_process, rag=open_rag(args), rag_k=args.rag_k,
@@ -106,6 +113,27 @@ def _bench(args: argparse.Namespace) -> int:
     if args.check:
         return _check(result, guarded, console)
     return 0
+
+
+def _redacted_twins(candidates: list[str], requirements, redact: bool) -> list[str]:
+    """With --redact, each candidate and its NAME+redact twin; when the requirements demand redaction,
+    only the twins (an unredacted run could not pass). Prices and sizes given by name carry over."""
+    from rung.bench.redaction import SUFFIX, is_redacted
+
+    if not (redact or requirements.redaction):
+        return candidates
+    out = []
+    for spec in candidates:
+        if is_redacted(spec):
+            out.append(spec)
+            continue
+        for table in (requirements.prices, requirements.params):
+            if spec in table:
+                table.setdefault(spec + SUFFIX, table[spec])
+        if not requirements.redaction:
+            out.append(spec)
+        out.append(spec + SUFFIX)
+    return list(dict.fromkeys(out))
 
 
 def _check(result, guarded: str | None, console) -> int:
