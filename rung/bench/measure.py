@@ -90,6 +90,7 @@ class Metrics:
     cost_basis: str
     concurrency: int | None
     perplexity: float | None  # mean over perplexity cases
+    verifier: dict | None = None  # --verifier's effect on accuracy (rung/bench/verification.py)
     ttft_ms: list[float] = field(default_factory=list)  # every sample, for the distributions
     e2e_ms: list[float] = field(default_factory=list)
 
@@ -145,4 +146,12 @@ def summarize(run: CandidateRun, pricing: Pricing | None = None) -> Metrics:
         load_peak_bytes=run.info.load_peak_bytes,
         total_params=run.info.total_params, weight_bytes=run.info.weight_bytes, max_context=run.info.max_context,
         cost_per_1k_output_tokens=cost, cost_basis=basis, concurrency=run.settings.get("concurrency"),
-        perplexity=sum(perplexities) / len(perplexities) if perplexities else None, ttft_ms=ttft, e2e_ms=e2e)
+        perplexity=sum(perplexities) / len(perplexities) if perplexities else None, ttft_ms=ttft, e2e_ms=e2e,
+        verifier=_verifier_summary(run))
+
+
+def _verifier_summary(run: CandidateRun) -> dict | None:
+    from rung.bench.verification import summary
+
+    v = run.settings.get("verifier") or {}
+    return summary(run, v.get("spec"), v.get("threshold", 0.5))

@@ -47,6 +47,7 @@ class CaseOutcome:
     samples: list[Sample]
     chosen: int = 0  # the sample the outcome is from (self-consistency)
     tags: dict[str, str] = field(default_factory=dict)
+    verifier: dict | None = None  # --verifier's verdict on the chosen answer: {score, passed} (rung/bench/verification.py)
 
     @property
     def unsupported(self) -> bool:
@@ -59,7 +60,7 @@ class CaseOutcome:
     def from_dict(cls, d: dict[str, Any]) -> "CaseOutcome":
         return cls(case_id=d["case_id"], passed=d["passed"], checks=[_make(CheckOutcome, c) for c in d["checks"]],
                    samples=[_make(Sample, s) for s in d["samples"]], chosen=d.get("chosen", 0),
-                   tags=d.get("tags") or {})
+                   tags=d.get("tags") or {}, verifier=d.get("verifier"))
 
 
 @dataclass

@@ -160,6 +160,7 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
             if not c["metrics"]["error"]:
                 checks.add_row(escape_rich(c["metrics"]["name"]), *[_pct(c["metrics"]["by_check"].get(t)) for t in types])
         console.print(checks)
+    _print_verifier(cands, console)
     decision = report["decision"]
     for note in decision["notes"]:
         console.print(f"[yellow]note:[/yellow] {escape_rich(note)}")
@@ -178,6 +179,25 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
             console.print(f"  [blue]✓[/blue] {escape_rich(c['metrics']['name'])}: {escape_rich('; '.join(c['verdict']['notes'][:1]))}")
     for label, path in (paths or {}).items():
         console.print(f"{label}: {path}")
+
+
+def _print_verifier(cands: list[dict], console) -> None:
+    """--verifier: its effect on each candidate's accuracy."""
+    from rich.table import Table
+
+    rows = [(c["metrics"]["name"], c["metrics"].get("verifier")) for c in cands if c["metrics"].get("verifier")]
+    if not rows:
+        return
+    v0 = rows[0][1]
+    table = Table(title=f"verifier {v0['spec']} (threshold {v0['threshold']:g}): its effect on accuracy",
+                  title_justify="left")
+    for col in ("candidate", "accuracy", "passed: accuracy", "refused", "wrong caught", "right rejected",
+                "mean score"):
+        table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=True)
+    for name, v in rows:
+        table.add_row(escape_rich(name), _pct(v["accuracy"]), _pct(v["accuracy_passed"]), _pct(v["refusal_rate"]),
+                      f"{v['caught']}/{v['wrong']}", f"{v['rejected_right']}/{v['right']}", _num(v["mean_score"], 2))
+    console.print(table)
 
 
 def escape_rich(text: str) -> str:

@@ -32,6 +32,10 @@ class BenchSettings:
     rag_k: int | None = None
     rag_max_chars: int | None = None
     _indexes: dict = field(default_factory=dict, repr=False, compare=False)
+    # --verifier: each answer scored as `rung serve --verifier` would (rung/bench/verification.py)
+    verifier: str | None = None
+    verify_threshold: float = 0.5
+    _verifier: Any = field(default=None, repr=False, compare=False)
 
     def key(self, suite: Suite) -> dict[str, Any]:
         """The settings that change results: part of every cache key."""
@@ -43,7 +47,18 @@ class BenchSettings:
         if retrieval is not None:  # grounded and ungrounded runs are different results
             index, k, max_chars = retrieval
             key["rag"] = {"index": index.hash, "k": k, "max_chars": max_chars}
+        if self.verifier:
+            from rung.govern.verify import fingerprint
+
+            key["verifier"] = {"spec": self.verifier, "threshold": self.verify_threshold, **fingerprint(self.verifier)}
         return key
+
+    def loaded_verifier(self):
+        if self._verifier is None:
+            from rung.govern.verify import load_verifier
+
+            self._verifier = load_verifier(self.verifier, device=self.device)
+        return self._verifier
 
     def retrieval(self, suite: Suite):
         """(index, k, max_chars) the cases are grounded with, or None: --rag, else the suite's `rag:`."""
@@ -158,6 +173,11 @@ def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: Resul
         candidate.close()
 
     outcomes = score_cases(suite, samples, perplexities, judges, settings)
+    if settings.verifier:
+        from rung.bench.verification import verify_outcomes
+
+        verify_outcomes(settings.loaded_verifier(), settings.verify_threshold, outcomes,
+                        {r.case_id: r.messages for r in requests})
     run = CandidateRun(info=info, cases=outcomes, wall_s=wall, settings=key_settings, suite_hash=suite.hash)
     # a failed request may be transient (a server restarting, a timeout): such runs are measured again
     if cache and not any(s.error for case in outcomes for s in case.samples):

@@ -44,6 +44,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redact", action="store_true",
                    help="run every candidate also as NAME+redact: prompts PII-redacted, answers restored before "
                         "scoring, side by side with the unredacted run (needs pip install 'rung[pii]')")
+    p.add_argument("--verifier", default=None, metavar="SPEC",
+                   help="score every answer as `rung serve --verifier` would (lexical, python:MODULE:FUNCTION or a "
+                        "model) and report its effect on accuracy: caught wrong answers, rejected right ones")
+    p.add_argument("--verify-threshold", type=float, default=0.5, help="answers scoring below it fail (default 0.5)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -56,6 +60,12 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         raise CommandError("--concurrency must be at least 1")
+    if not 0.0 <= args.verify_threshold <= 1.0:
+        raise CommandError(f"--verify-threshold must be in [0, 1], got {args.verify_threshold}")
+    if args.verifier:
+        from rung.govern.verify import fingerprint
+
+        fingerprint(args.verifier)  # a python: verifier that cannot be imported is a usage error now
     try:
         suite = rb.load_suite(args.suite) if args.suite else rb.starter_suite()
         if args.requirements:
@@ -89,7 +99,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     settings = rb.BenchSettings(concurrency=args.concurrency, seed=args.seed, device=args.device, dtype=args.dtype,
                                 isolate=not args.in_process, rag=open_rag(args), rag_k=args.rag_k,
-                                rag_max_chars=args.rag_max_chars)
+                                rag_max_chars=args.rag_max_chars, verifier=args.verifier,
+                                verify_threshold=args.verify_threshold)
     retrieval = settings.retrieval(suite)  # a suite's `rag:` index is opened (and checked) here
     cache = ResultCache(args.cache_dir, enabled=not args.no_cache)
     console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160)

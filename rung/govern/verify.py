@@ -113,7 +113,7 @@ class ModelVerifier:
             raise VerifierError(f"verifier {spec}: its tokenizer has no distinct tokens for yes and no")
 
     def fingerprint(self) -> dict:
-        return {"verifier": "model", "spec": self.name, "prompt": hashlib.sha256((SYSTEM + QUESTION).encode()).hexdigest()[:12]}
+        return fingerprint(self.name)
 
     def prompt(self, question: str, answer: str, sources: list[str]) -> str:
         text = "\n".join(f"[{i + 1}] {s.strip()}" for i, s in enumerate(sources)) or "(none)"
@@ -148,6 +148,16 @@ def _first_tokens(tokenizer, spellings) -> set[int]:
 
 
 # ---- the spec -------------------------------------------------------------------------------------
+
+
+def fingerprint(spec: str) -> dict:
+    """What identifies a verifier's scores (for cache keys), without loading a model."""
+    spec = spec.strip()
+    if spec == "lexical":
+        return LexicalVerifier().fingerprint()
+    if spec.startswith("python:"):
+        return CallableVerifier(spec).fingerprint()
+    return {"verifier": "model", "spec": spec, "prompt": hashlib.sha256((SYSTEM + QUESTION).encode()).hexdigest()[:12]}
 
 
 def load_verifier(spec: str, device: str = "cpu"):
