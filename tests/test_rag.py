@@ -337,3 +337,19 @@ def test_an_answer_drawn_from_two_passages_credits_both_and_shared_phrasing_cred
     _, g = ground(index, [{"role": "user", "content": q.question}], k=4)  # other devices' warranty passages
     one = check_answer(f"Every {name} carries a warranty of {q.answer} months from the date of delivery.", g)
     assert [c["source"] for c in one["citations"] if c["supported"]] == [f"docs/{q.source}"]
+
+
+def test_a_follow_up_question_retrieves_with_the_previous_one_as_context(corpus):
+    _, questions, index = corpus
+    first = next(q for q in questions if q.question.startswith("Who designed") and q.source.endswith(".md"))
+    name = first.question.split()[3]
+    follow_up = "And how many months of warranty does it carry?"
+    alone = index.search(follow_up, 1)[0].passage
+    conversation = [{"role": "user", "content": first.question}, {"role": "assistant", "content": "Someone."},
+                    {"role": "user", "content": follow_up}]
+    _, g = ground(index, conversation, k=1)
+    assert g.query == follow_up and g.hits[0].passage.source == f"docs/{first.source}"
+    assert "warranty of" in g.hits[0].passage.text and name.lower() not in alone.source  # alone: some device
+    switched = conversation + [{"role": "assistant", "content": "…"},
+                               {"role": "user", "content": questions[1].question}]  # a new topic wins
+    assert _planted(ground(index, switched, k=1)[1].hits[0], questions[1])

@@ -50,20 +50,30 @@ class Grounding:
         return INSTRUCTION.format(example=self.hits[0].label) + "\n\nSources:\n\n" + "\n\n".join(blocks)
 
 
-def query_of(messages: list[dict]) -> str:
-    """The text of the last user message (text parts joined), or "" when there is none."""
-    for m in reversed(messages):
+def _user_texts(messages: list[dict]) -> list[str]:
+    out = []
+    for m in messages:
         if m.get("role") == "user":
             content = m.get("content")
             if isinstance(content, list):
-                return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-            return content or ""
-    return ""
+                content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+            out.append(content or "")
+    return out
+
+
+def query_of(messages: list[dict]) -> str:
+    """The text of the last user message (text parts joined), or "" when there is none."""
+    texts = _user_texts(messages)
+    return texts[-1] if texts else ""
 
 
 def retrieve(index, messages: list[dict], k: int = DEFAULT_K, max_chars: int = DEFAULT_MAX_CHARS) -> Grounding:
-    query = query_of(messages)
-    hits = index.search(query, k) if query.strip() else []
+    """The passages for the last user message, with the one before it as context (a follow-up
+    question names less than the first one did)."""
+    texts = _user_texts(messages)
+    query = texts[-1] if texts else ""
+    context = texts[-2] if len(texts) > 1 else ""
+    hits = index.search(query, k, context) if query.strip() else []
     kept, texts, used = [], [], 0
     for h in hits:
         text = h.passage.text

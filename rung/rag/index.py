@@ -88,12 +88,14 @@ class Index:
         bench cache keys and reports carry it."""
         return self.manifest["hash"]
 
-    def search(self, query: str, k: int = 4) -> list[Hit]:
+    def search(self, query: str, k: int = 4, context: str = "") -> list[Hit]:
         """The ``k`` best passages for ``query``, best first; passages sharing no term with the query
-        (and, with dense vectors, ranked low by both) are left out."""
+        (and, with dense vectors, ranked low by both) are left out. ``context``, the previous
+        question of a conversation, weighs half as much in BM25: "and its warranty?" after a question
+        about the Feytobel valve finds the Feytobel's warranty."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        bm25 = self.lexical.scores(query)
+        bm25 = self.lexical.scores(query, context)
         lexical = [int(i) for i in np.lexsort((np.arange(len(bm25)), -bm25)) if bm25[i] > 0]
         if self.vectors is None:
             return [Hit(self.passages[i], r, float(bm25[i]), float(bm25[i])) for r, i in enumerate(lexical[:k], 1)]

@@ -62,9 +62,15 @@ class Lexical:
     def terms(self, text: str) -> list[str]:
         return tokenize([text], self.stemmer)[0]
 
-    def scores(self, query: str) -> np.ndarray:
-        """BM25 score of every passage for ``query`` ([n_passages], float32); zeros if no term is known."""
+    def scores(self, query: str, context: str = "") -> np.ndarray:
+        """BM25 score of every passage for ``query`` ([n_passages], float32); zeros if no term is known.
+        ``context`` (the conversation's previous question) counts half: bm25s sums a score per query
+        term, so the query's terms are given twice."""
         terms = [t for t in self.terms(query) if t in self.retriever.vocab_dict and t]
+        if context.strip() and terms:
+            terms = terms * 2
+        if context.strip():
+            terms += [t for t in self.terms(context) if t in self.retriever.vocab_dict and t]
         if not terms:
             return np.zeros(self.retriever.scores["num_docs"], dtype=np.float32)
         return np.asarray(self.retriever.get_scores(terms), dtype=np.float32)
