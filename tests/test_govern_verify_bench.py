@@ -83,3 +83,5 @@ def test_report_prints_the_verifier_table(tmp_path):
     text = out.getvalue()
     assert "verifier lexical (threshold 0.6)" in text and "1/2" in text
     assert result.report["candidates"][0]["metrics"]["verifier"]["caught"] == 1
+    html = result.paths["html"].read_text()
+    assert "Verifier lexical (threshold 0.6)" in html and "1 of 2" in html

@@ -299,6 +299,8 @@ def render_html(report: dict[str, Any]) -> str:
                    + (f"; your requests' context p95: {req['context_p95']:,} tokens" if req.get("context_p95") else "")
                    + "</div>")
 
+    out.append(_verifier_html(cands))
+
     # plots
     success = req.get("success") or {}
     acc = success.get("accuracy")
@@ -325,6 +327,24 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(_case_html(case, names))
     out.append("</div></body></html>")
     return "".join(out)
+
+
+def _verifier_html(cands: list[dict]) -> str:
+    """--verifier: its effect on each candidate's accuracy."""
+    rows = [(c["metrics"]["name"], c["metrics"].get("verifier")) for c in cands if c["metrics"].get("verifier")]
+    if not rows:
+        return ""
+    v0 = rows[0][1]
+    head = ["candidate", "accuracy", "accuracy of the answers it passes", "refused", "wrong answers caught",
+            "right answers rejected", "mean score"]
+    out = [f"<h2>Verifier {escape(v0['spec'])} (threshold {v0['threshold']:g})</h2><table class=figures><tr>"
+           + "".join(f"<th class={'l' if h == 'candidate' else 'r'}>{escape(h)}</th>" for h in head) + "</tr>"]
+    for name, v in rows:
+        out.append(f"<tr><td class=l><b>{escape(name)}</b></td><td>{_pct(v['accuracy'])}</td>"
+                   f"<td>{_pct(v['accuracy_passed'])}</td><td>{_pct(v['refusal_rate'])}</td>"
+                   f"<td>{v['caught']} of {v['wrong']}</td><td>{v['rejected_right']} of {v['right']}</td>"
+                   f"<td>{_num(v['mean_score'], 2)}</td></tr>")
+    return "".join(out) + "</table>"
 
 
 def _ci(ci) -> str:
