@@ -163,6 +163,15 @@ def test_building_the_analyzer_downloads_nothing_and_touches_no_network(monkeypa
     assert [r.entity_type for r in results] == ["EMAIL_ADDRESS"]
 
 
+def test_loading_the_redactor_leaves_transformers_unimported_but_importable():
+    import subprocess
+
+    code = ("import sys; from rung.govern.redact import Redactor; Redactor().load(); "
+            "assert 'transformers' not in sys.modules; import transformers; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 # ---- restoring (no analyzer needed) -----------------------------------------------------------------
 
 

@@ -18,8 +18,9 @@ Deviations from Presidio's defaults (each measured on tests/pii_corpus.py):
 - ``CreditCardRecognizer``'s pattern also admits Mastercard's 2-series (2221-2720), which its
   prefixes (1, 3, 4, 5, 6) leave out; the Luhn check is Presidio's, unchanged.
 
-Building one costs about a second (the spaCy pipeline) after the imports (several seconds: presidio
-imports transformers when it is installed); ``analyzer()`` keeps one per (language, model, regions).
+Building one costs about a second (the spaCy pipeline) after the imports (1.5 s; Presidio would also
+import transformers, 4 s more, which ``_import_presidio`` keeps it from); ``analyzer()`` keeps one per
+(language, model, regions).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -44,6 +46,15 @@ class PIIUnavailable(RuntimeError):
 
 def _import_presidio():
     try:
+        if "presidio_analyzer" not in sys.modules and "transformers" not in sys.modules:
+            # Presidio imports transformers, when it is installed, for an NLP engine rung does not use:
+            # 4 s and 200 MB of a server's memory. It sees transformers as absent while it loads.
+            sys.modules["transformers"] = None
+            try:
+                import presidio_analyzer.nlp_engine  # noqa: F401
+            finally:
+                if sys.modules.get("transformers", 0) is None:
+                    del sys.modules["transformers"]
         import presidio_analyzer  # noqa: F401
         import spacy  # noqa: F401
     except ImportError as e:
