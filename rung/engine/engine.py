@@ -42,6 +42,7 @@ class EngineConfig:
     speculative: str | None = None  # "ngram" (prompt lookup) or "draft" (needs Engine(draft_model=...))
     num_speculative_tokens: int = 4  # guesses per decoding sequence and step
     cuda_graphs: bool = True  # on CUDA with Triton: decode-only steps replay a captured graph (engine/cuda_graphs.py)
+    cpu_decode: bool = True  # on the CPU: decode-only steps of native-packed models as native calls (engine/cpu_decode.py)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Engine:
         self._paused: dict[str, list[Sequence]] = {}
         self.proposer = self._proposer(draft_model)
         self.graphs = self._graphs()
+        self.cpu_decode = self._cpu_decode()
         self.stats = dict(steps=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
                           draft_tokens=0, accepted_tokens=0, acceptance_rate=0.0)
 
@@ -114,6 +116,13 @@ class Engine:
             return None
         fuse_projections(self.model)  # fewer, larger GEMVs; parameters stay as they are (views)
         return DecodeGraphs(self.model, self.pool, self.max_model_len, self.config.max_seqs)
+
+    def _cpu_decode(self):
+        from rung.engine.cpu_decode import CpuDecode, unsupported
+
+        if not (self.config.cpu_decode and self.device.type == "cpu" and self.dtype == torch.float32):
+            return None
+        return CpuDecode(self.model, self.pool) if unsupported(self.model) is None else None
 
     @property
     def acceptance_rate(self) -> float:
@@ -205,9 +214,12 @@ class Engine:
                              for t in (seq.all_ids + seq.draft_ids)[seq.num_computed: seq.num_computed + n]]],
                            device=self.device)
         chunks = self.scheduler.chunks(batch)
-        step_logits = None  # a decode-only batch on CUDA: every row's logits from the graph
-        if self.graphs is not None and all(n == 1 and not seq.draft_ids for seq, n in batch):
+        step_logits = None  # a decode-only batch on CUDA (the graph) or the CPU (native calls): every row's logits
+        decode_only = all(n == 1 and not seq.draft_ids for seq, n in batch)
+        if self.graphs is not None and decode_only:
             step_logits = self.graphs.run(ids[0], chunks)
+        elif self.cpu_decode is not None and decode_only:
+            step_logits = self.cpu_decode.run(ids[0], chunks)
         if step_logits is None:
             hidden = self.model.hidden_states(ids, PagedStep(self.pool, chunks, self.device))[0]  # [N, hidden]
         rows, sampling, offset = [], [], 0  # sampling: (sequence, its first row in rows, rows)

@@ -161,6 +161,11 @@ class PagedStep:
             offset += chunk.count
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
+    def decode_plan(self, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode-only step's reads and writes in group g: the slots each row sees [B, L] int64,
+        how many of them [B], and the slot its new key and value go to [B]."""
+        return self._read_plan(g, False, None, torch.float32)[0][0], self._decode_lengths(g), self._slots[g]
+
     def _decode_lengths(self, g: int) -> torch.Tensor:
         """How many keys each decode token sees in group g (its row of the read plan's idx)."""
         key = ("lengths", g)

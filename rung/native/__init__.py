@@ -119,9 +119,11 @@ def bind_gemv(fmt: str, weight: torch.Tensor, out_features: int, in_features: in
         tail = ()
     keep = (weight, scale, offset, bias)  # the buffers outlive the bound call
 
-    def call(x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(x.shape[0], n_out)
-        fn(x.data_ptr(), x.shape[0], *head, out.data_ptr(), 0, g, torch.get_num_threads(), *tail)
+    def call(x: torch.Tensor, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+        """``out`` [M, N]: written (or, with ``add``, added into: a fused residual add) instead of a new tensor."""
+        if out is None:
+            out = torch.empty(x.shape[0], n_out)
+        fn(x.data_ptr(), x.shape[0], *head, out.data_ptr(), add, g, torch.get_num_threads(), *tail)
         return out
 
     call.keep = keep

@@ -68,14 +68,19 @@ class PackedLinear(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if self._native and rows.shape[0] <= native.MAX_M and x.dtype == torch.float32 and not x.is_cuda:
-            if self._call is None or self._call[0] != self.data.data_ptr():
-                self._call = (self.data.data_ptr(), native.bind_gemv(
-                    self.fmt, self.data, self.out_features, self.in_features, group=self.group, scale=self.scale,
-                    offset=self.offset, bias=self.bias, gated=self.gated))
-            out = self._call[1](rows.contiguous())
+            out = self.bound()(rows.contiguous())
         else:
             out = self.reference(rows)
         return out.view(*lead, out.shape[-1])
+
+    def bound(self):
+        """The native kernel bound to this layer's buffers: ``call(x, out=None, add=False)`` (see
+        native.bind_gemv); only where ``_native`` holds."""
+        if self._call is None or self._call[0] != self.data.data_ptr():
+            self._call = (self.data.data_ptr(), native.bind_gemv(
+                self.fmt, self.data, self.out_features, self.in_features, group=self.group, scale=self.scale,
+                offset=self.offset, bias=self.bias, gated=self.gated))
+        return self._call[1]
 
     def reference(self, rows: torch.Tensor) -> torch.Tensor:
         weight = self.data if self.fmt == "f32" and self.data.dtype == rows.dtype else dequantize(self.packed, rows.dtype)

@@ -1,0 +1,91 @@
+"""Decode steps as native calls on the CPU (engine/cpu_decode.py) against the engine's PagedStep
+path: the same logits and tokens for every packed layout, batches of one to several rows,
+nothing leaked. (Windows come from PagedStep's read plans, shared by both paths; the plain
+pre-norm families rung has, Llama and SmolLM2, have none.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rung.engine.cpu_decode import CpuDecode, unsupported
+from rung.engine.engine import Engine, EngineConfig
+from rung.engine.paged import Chunk, PagedStep
+from rung.engine.sampling_params import SamplingParams
+from rung.quant.rewrite import pack_model
+
+from test_engine import all_blocks_free, prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _folder(tmp_path_factory, name, **config):
+    from oracle import tiny_chat_model
+
+    # widths that are multiples of 32: what the native kernels take
+    return tiny_chat_model(tmp_path_factory.mktemp(name), hidden_size=64, intermediate_size=64,
+                           max_position_embeddings=256, **config)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {"llama": _folder(tmp_path_factory, "llama"), "llama-mha": _folder(tmp_path_factory, "mha", num_key_value_heads=4)}
+
+
+def packed(folder, fmt):
+    from rung.text import load_tokenizer
+    from rung.weights.loader import load_model
+
+    model = pack_model(load_model(folder), fmt, None if fmt == "f32" else 32)
+    return model, load_tokenizer(folder)
+
+
+def run(pair, ps, native_steps: bool):
+    model, tokenizer = pair
+    engine = Engine(model, tokenizer, EngineConfig(block_size=4, num_blocks=96, max_seqs=6, max_batch_tokens=32,
+                                                   cpu_decode=native_steps))
+    out = engine.run([(p, GREEDY) for p in ps])
+    return engine, [seqs[0].output_ids for seqs in out.values()]
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
+@pytest.mark.parametrize("which", ["llama", "llama-mha"])
+def test_native_decode_steps_give_the_paged_steps_tokens(which, fmt, folders):
+    pair = packed(folders[which], fmt)
+    assert unsupported(pair[0]) is None
+    ps = prompts(5, pair[0].config.vocab_size, hi=30)  # 5 rows in flight: batched decode steps
+    ref_engine, want = run(pair, ps, native_steps=False)
+    assert ref_engine.cpu_decode is None
+    engine, got = run(pair, ps, native_steps=True)
+    assert got == want
+    assert engine.cpu_decode.steps >= 10  # the decode steps ran natively
+    assert all_blocks_free(engine)
+
+
+def test_native_decode_logits_equal_the_paged_steps(folders):
+    model, tokenizer = packed(folders["llama"], "q4")
+    engine = Engine(model, tokenizer, EngineConfig(block_size=4, num_blocks=96, max_seqs=6, cpu_decode=False))
+    for p in prompts(3, model.config.vocab_size, lo=6, hi=20):
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    for _ in range(8):  # the prefills and a few decode steps
+        engine.step()
+    batch = engine.scheduler.schedule()
+    assert len(batch) == 3 and all(n == 1 for _, n in batch)
+    chunks = engine.scheduler.chunks(batch)
+    ids = torch.tensor([seq.all_ids[seq.num_computed] for seq, _ in batch])
+    with torch.inference_mode():
+        want = model.logits(model.hidden_states(ids[None], PagedStep(engine.pool, chunks, "cpu"))[0])
+        got = CpuDecode(model, engine.pool).run(ids, chunks)
+    assert got.shape == want.shape == (3, model.config.vocab_size)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_families_outside_the_plain_block_are_named(folders, tmp_path):
+    import transformers as tf
+
+    from oracle import tiny_chat_model
+    from rung.weights.loader import load_model
+
+    assert "not packed" in unsupported(load_model(folders["llama"]))  # the plain float layout: PagedStep
+    qwen3 = tiny_chat_model(tmp_path, tf.Qwen3Config, hidden_size=64, intermediate_size=64, head_dim=16)
+    assert "norm" in unsupported(pack_model(load_model(qwen3), "f32"))
