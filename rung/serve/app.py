@@ -322,7 +322,8 @@ class Run:
         if not answer:
             return False
         p = self.prepared[choice.index // self.req.n]
-        question, sources = sources_of(p.messages or [], getattr(p, "passages", None))
+        passages = p.grounding.texts if getattr(p, "grounding", None) is not None else None  # --rag: what it saw
+        question, sources = sources_of(p.messages or [], passages)
         verdict = await self.verification.check(question, answer, sources, self.server.metrics)
         choice.verdict = verdict.json()
         if verdict.action == "refused":
