@@ -30,6 +30,20 @@ def fp4_to_float(code, scale):
     return bits.to(tl.float32, bitcast=True)
 
 @triton.jit
+def expert_activation(gate, up, limit, alpha, ACT: tl.constexpr):
+    """ACT 1: silu(gate) · up; 2: gpt-oss's gate clamped from above, up both ways, x·σ(αx)·(up + 1);
+    0: the first product as it is (the down projection)."""
+    out = gate
+    if ACT == 1:
+        out = gate / (1.0 + tl.exp(-gate)) * up
+    elif ACT == 2:
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        out = g / (1.0 + tl.exp(-g * alpha)) * (u + 1.0)
+    return out
+
+
+@triton.jit
 def moe_gemm(
     X, W1, W2, S1, S2, B1, B2, Y, SortedIds, BlockExpert, Total, RouteW,
     N, K, num_slots, sx_m, sw_e, sw_n, ss_e, ss_n, sb_e, sy_m, limit, alpha,
@@ -102,14 +116,7 @@ def moe_gemm(
         acc1 += tl.load(B1 + e * sb_e + n, mask=n_in, other=0.0).to(tl.float32)[None, :]
         if TWO:
             acc2 += tl.load(B2 + e * sb_e + n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:  # silu(gate) * up
-        out = acc1 / (1.0 + tl.exp(-acc1)) * acc2
-    elif ACT == 2:  # gpt-oss: gate clamped from above, up both ways, x·σ(αx)·(up + 1)
-        g = tl.minimum(acc1, limit)
-        u = tl.minimum(tl.maximum(acc2, -limit), limit)
-        out = g / (1.0 + tl.exp(-g * alpha)) * (u + 1.0)
-    else:
-        out = acc1
+    out = expert_activation(acc1, acc2, limit, alpha, ACT)
     if MUL_ROUTE:
         out = out * tl.load(RouteW + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
     tl.store(Y + slot[:, None].to(tl.int64) * sy_m + n[None, :], out.to(Y.dtype.element_ty),
@@ -174,14 +181,7 @@ def moe_gemv_mxfp4(
         r1 += tl.load(B1 + e * sb_e + n, mask=n_in, other=0.0).to(tl.float32)
         if TWO:
             r2 += tl.load(B2 + e * sb_e + n, mask=n_in, other=0.0).to(tl.float32)
-    if ACT == 1:
-        out = r1 / (1.0 + tl.exp(-r1)) * r2
-    elif ACT == 2:
-        g = tl.minimum(r1, limit)
-        u = tl.minimum(tl.maximum(r2, -limit), limit)
-        out = g / (1.0 + tl.exp(-g * alpha)) * (u + 1.0)
-    else:
-        out = r1
+    out = expert_activation(r1, r2, limit, alpha, ACT)
     if MUL_ROUTE:
         out = out * tl.load(RouteW + slot).to(tl.float32)
     tl.store(Y + slot.to(tl.int64) * sy_m + n, out.to(Y.dtype.element_ty), mask=n_in)
