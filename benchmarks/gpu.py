@@ -175,8 +175,9 @@ def check_kernels() -> list[tuple[str, float]]:
 
 def moe_kernel_timing() -> list[dict]:
     """One token through one MoE layer at the real shapes, replayed from a CUDA graph (no launch
-    cost): the decode GEMV against the slot-layout GEMM, as µs a layer and the bandwidth of the
-    active experts' bytes."""
+    cost), as µs a layer and the bandwidth of the active experts' bytes: for packed MXFP4 experts
+    the decode GEMV against the slot-layout GEMM (RUNG_MOE_GEMV=0); bf16 experts always take the
+    GEMM (kernels/triton_moe.py: GEMV_MAX), so they have one row."""
     from rung.kernels.fused_moe import Activation, ExpertWeights, fused_moe
 
     if DEV != "cuda":
@@ -202,7 +203,7 @@ def moe_kernel_timing() -> list[dict]:
             top, experts = torch.topk(torch.randn(n, e, device=DEV, generator=g), k)
             weights = torch.softmax(top, -1).to(dt)
             row = dict(shape=name, tokens=n, active_MB=n * active / 1e6)
-            for label, flag in (("gemv", "1"), ("gemm", "0")):
+            for label, flag in ((("gemv", "1"),) if packed else ()) + (("gemm", "0"),):
                 os.environ["RUNG_MOE_GEMV"] = flag
                 act = Activation(kind)
                 try:
@@ -539,8 +540,8 @@ def main():
     if moe_rows:
         print("one MoE layer, one CUDA-graph replay: µs (TB/s of the active experts' bytes)")
         for r in moe_rows:
-            print(f"  {r['shape']} tokens={r['tokens']} ({r['active_MB']:.0f} MB): decode GEMV "
-                  f"{fmt(r.get('gemv_us'))} µs ({fmt(r.get('gemv_TBps'), '.2f')}) · slot-layout GEMM "
+            gemv = (f"decode GEMV {fmt(r['gemv_us'])} µs ({fmt(r['gemv_TBps'], '.2f')}) · " if "gemv_us" in r else "")
+            print(f"  {r['shape']} tokens={r['tokens']} ({r['active_MB']:.0f} MB): {gemv}slot-layout GEMM "
                   f"{fmt(r.get('gemm_us'))} µs ({fmt(r.get('gemm_TBps'), '.2f')})")
     print(table(results, args.long))
 
