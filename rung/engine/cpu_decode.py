@@ -23,12 +23,11 @@ from rung.model.norm import RMSNorm
 
 
 def unsupported(model) -> str | None:
-    """Why ``model`` cannot decode through ``CpuDecode`` (None: it can)."""
+    """Why ``model`` cannot decode through ``CpuDecode`` (None: it can). The engine asks only for a
+    float32 model on the CPU; native-packed projections imply the native kernels were built."""
     from rung.quant.linear import PackedLinear
 
     c = model.config
-    if not native.available():
-        return "no native kernels"
     if c.positions != "rope" or any(r.rope.type == "dynamic" for r in model.rotaries.values()):
         return f"{c.positions} positions"
     if c.qk_norm or c.sandwich_norms or c.residual_from_norm or c.embedding_norm or c.final_logit_softcap:
@@ -44,10 +43,8 @@ def unsupported(model) -> str | None:
             return f"layer {i}: projections not packed for the native kernels"
         if not (isinstance(layer.attn_norm, RMSNorm) and isinstance(layer.mlp_norm, RMSNorm)):
             return f"layer {i}: not RMSNorm"
-        if a.slopes is not None or a.head_dim % 8:
+        if a.slopes is not None or a.sinks is not None or a.head_dim % 8:
             return f"layer {i}: attention the native kernel does not cover"
-    if next(model.parameters(), torch.empty(0)).device.type != "cpu":
-        return "not on the CPU"
     return None
 
 
@@ -98,11 +95,10 @@ class CpuDecode:
                 self._norm(layer.attn_norm, x, h, b)
                 a.qkv_proj.bound()(h, out=buf.qkv)
                 lib.rung_rope(q_ptr, b, row, hq + hkv, d, cos.data_ptr(), sin.data_ptr())
-                sinks = None if a.sinks is None else a.sinks.float().contiguous()
                 lib.rung_decode_attention(
                     q_ptr, row, d, pool.keys[i].data_ptr(), pool.values[i].data_ptr(), k_ptr, v_ptr, row, d,
                     slots.data_ptr(), idx.data_ptr(), lengths.data_ptr(), b, idx.shape[1], hq, hkv, d, a.scale,
-                    None if sinks is None else sinks.data_ptr(), buf.att.data_ptr(), threads)
+                    None, buf.att.data_ptr(), threads)  # no sinks: only gpt-oss has them, and it is MoE
                 a.o_proj.bound()(buf.att, out=x, add=True)
                 self._norm(layer.mlp_norm, x, h, b)
                 m.gate_up.bound()(h, out=buf.gu)

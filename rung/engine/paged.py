@@ -25,7 +25,7 @@ from rung import native
 from rung.config import ModelConfig
 from rung.engine.blocks import BlockAllocator
 from rung.kernels import use_triton
-from rung.kernels.paged_attention import chunk_tiles, decode_tiles, paged_attention, tokens_per_tile
+from rung.kernels.paged_attention import chunk_tiles, decode_tiles, paged_attention, tokens_per_tile, write_kv
 from rung.model.attention import attend, attention_bias
 
 
@@ -130,8 +130,7 @@ class PagedStep:
             out = native.decode_attention(q[0].transpose(0, 1), pool_k, pool_v, idx, self._decode_lengths(g), scale,
                                           sink, k[0].transpose(0, 1), v[0].transpose(0, 1), slots)
             return out.transpose(0, 1)[None]  # [1, hq, B, d]
-        pool_k[slots] = k[0].transpose(0, 1)  # [N, hkv, d]
-        pool_v[slots] = v[0].transpose(0, 1)
+        write_kv(pool_k, pool_v, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [N, hkv, d] each
         if slopes is None and use_triton(q, pool_k):
             tables, tiles, decode = self._kernel_plan(g, q.shape[1], pool_k.shape[1], q.shape[3])
             out = paged_attention(q[0].transpose(0, 1), pool_k, pool_v, tables, self._positions, tiles,
