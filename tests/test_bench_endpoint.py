@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -19,7 +16,7 @@ from rung.bench.measure import summarize
 from rung.bench.run import BenchSettings, run_bench
 from rung.bench.suite import suite_from_dict
 from rung.cli import main
-from serve_helpers import free_port, wait_until
+from serve_helpers import free_port, rung_serve as spawn_server
 
 FIRST_TOKEN_DELAY = 0.15
 
@@ -176,25 +173,10 @@ def test_unreachable_endpoint_fails_that_candidate_only_and_is_not_cached(tmp_pa
 
 @pytest.fixture(scope="module")
 def rung_serve(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rung", "serve", "-m", "smollm2-135m", "--port", str(port),
-                             "--threads", "1", "--kv-cache-mb", "64"], stdout=log, stderr=subprocess.STDOUT)
-
-    def ready() -> bool:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            assert proc.poll() is None, "rung serve exited"
-            return False
-
-    try:
-        wait_until(ready, 300, "rung serve to load smollm2-135m")  # generous: a loaded 2-core machine
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with spawn_server(["-m", "smollm2-135m", "--threads", "1", "--kv-cache-mb", "64"], log_path,
+                    "rung serve to load smollm2-135m") as (port, _):  # generous timeout: a loaded 2-core machine
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 # on the worker of the serve tests' own server, so two SmolLM2 servers never compete for the 2 cores

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
-import sys
 
 import openai
 import pytest
 
 from rung.govern.policy import hash_key
-from serve_helpers import free_port, metric, wait_until
+from serve_helpers import metric, rung_serve
 
 KEY = "tester-key-7"
 MODEL = "smollm2-135m"
@@ -38,29 +36,11 @@ keys:
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("policy-serve")
     (folder / "policy.yaml").write_text(POLICY)
-    port = free_port()
     log_path = folder / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rung", "serve", "-m", MODEL, "--port", str(port), "--threads", "1",
-                             "--kv-cache-mb", "64", "--max-model-len", "2048", "--policy", str(folder / "policy.yaml"),
-                             "--verifier", "lexical", "--verify-action", "flag"], stdout=log, stderr=subprocess.STDOUT)
-
-    def healthy() -> bool:
-        assert proc.poll() is None, f"rung serve exited: {log_path.read_text()[-2000:]}"
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_until(healthy, 300, "rung serve --policy to load the model")
+    args = ["-m", MODEL, "--threads", "1", "--kv-cache-mb", "64", "--max-model-len", "2048",
+            "--policy", str(folder / "policy.yaml"), "--verifier", "lexical", "--verify-action", "flag"]
+    with rung_serve(args, log_path, "rung serve --policy to load the model") as (port, _):
         yield port, log_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def lines(log_path, event: str) -> list[dict]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
 import sys
 
 import pytest
 
 from govern_fakes import call, events, served, tiny_qwen3, tool
 from rung.engine.engine import Delta
-from serve_helpers import free_port, metric, wait_until
+from serve_helpers import metric, rung_serve
 
 MARIA = "Maria Garcia"
 EMAIL = "maria.garcia@example.com"
@@ -204,25 +203,11 @@ def test_no_pii_reaches_the_logs_of_rung_serve_redact_under_load(tmp_path):
     found = {e.value for m in load.PII_MESSAGES for e in rung.redact(m).entities}
     assert set(load.PII_VALUES) <= found  # every planted value is one the redactor finds
 
-    port, log_path = free_port(), tmp_path / "serve.log"
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rung", "serve", "-m", "smollm2-135m", "--port", str(port),
-                                 "--api-key", "k", "--threads", "1", "--kv-cache-mb", "64", "--redact",
-                                 "--log-prompts"], stdout=out, stderr=subprocess.STDOUT)
-        try:
-            def healthy():
-                assert proc.poll() is None, log_path.read_text()[-2000:]
-                try:
-                    return load.http_get(f"http://127.0.0.1:{port}/health")[0] == 200
-                except OSError:
-                    return False
-
-            wait_until(healthy, timeout=300, what="rung serve --redact to load")
-            report = asyncio.run(load.run_load(f"http://127.0.0.1:{port}", "k", "smollm2-135m", clients=4,
-                                               seconds=6, pii=True))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    log_path = tmp_path / "serve.log"
+    args = ["-m", "smollm2-135m", "--api-key", "k", "--threads", "1", "--kv-cache-mb", "64", "--redact", "--log-prompts"]
+    with rung_serve(args, log_path, "rung serve --redact to load") as (port, _):
+        report = asyncio.run(load.run_load(f"http://127.0.0.1:{port}", "k", "smollm2-135m", clients=4, seconds=6,
+                                           pii=True))
     text = log_path.read_text()
     lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
     assert report.lost == [] and report.kinds.get("pii", 0) >= 1, (report.lost, report.kinds)

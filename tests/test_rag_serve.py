@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
-import sys
 
 import openai
 import pytest
 
 from rag_corpus import write_corpus
 from rung.rag import build_index
-from serve_helpers import free_port, wait_until
+from serve_helpers import rung_serve
 
 MODEL = "smollm2-135m"
 # questions SmolLM2-135M answers from the passage (greedy): a designer, two pressures
@@ -51,30 +49,11 @@ def grounded(tmp_path_factory):
     root = tmp_path_factory.mktemp("rag-serve")
     questions = write_corpus(root / "docs")
     build_index([root / "docs"], root / "docs.idx", base=root)
-    port = free_port()
     log_path = root / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rung", "serve", "-m", MODEL, "--port", str(port), "--threads", "1",
-                             "--kv-cache-mb", "64", "--rag", str(root / "docs.idx"), "--rag-k", "2", "--log-prompts"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=root)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rung serve exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_until(ready, 300, "rung serve --rag to load")
+    args = ["-m", MODEL, "--threads", "1", "--kv-cache-mb", "64", "--rag", str(root / "docs.idx"), "--rag-k", "2",
+            "--log-prompts"]
+    with rung_serve(args, log_path, "rung serve --rag to load", cwd=root) as (port, proc):
         yield Grounded(root, questions, port, proc, log_path)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _is_planted(item: dict, q) -> bool:

@@ -9,14 +9,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
 import pytest
 
-from serve_helpers import free_port, metric, wait_until
+from serve_helpers import metric, rung_serve, wait_until
 
 KEY = "test-key-123"
 MODEL = "smollm2-135m"
@@ -54,31 +53,11 @@ class Served:
 def served(tmp_path_factory):
     """One server per module and xdist worker: tests that fill every slot or count running requests
     need a server nobody else is using."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rung", "serve", "-m", MODEL, "--port", str(port), "--api-key", KEY,
-                             "--threads", "1", "--max-concurrent", str(MAX_CONCURRENT), "--max-request-bytes", "1000000",
-                             "--max-model-len", "4096"], stdout=log, stderr=subprocess.STDOUT)
-    server = Served(port, proc, log_path)
-    try:
-        def healthy():
-            if proc.poll() is not None:
-                raise RuntimeError(f"rung serve exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                return server.raw("GET", "/health")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(healthy, timeout=240, what="rung serve to load the model")
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    args = ["-m", MODEL, "--api-key", KEY, "--threads", "1", "--max-concurrent", str(MAX_CONCURRENT),
+            "--max-request-bytes", "1000000", "--max-model-len", "4096"]
+    with rung_serve(args, log_path, "rung serve to load the model", timeout=240) as (port, proc):
+        yield Served(port, proc, log_path)
 
 
 def chat(served, content="Name one colour.", **kw):
