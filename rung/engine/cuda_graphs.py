@@ -122,10 +122,26 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
         top, groups = self.buckets[-1], len(pool.groups)
         self.max_blocks = -(-max_model_len // pool.block_size)
-        self.ids = torch.zeros(top, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(top, dtype=torch.long, device=self.device)
-        self.slots = torch.full((groups, top), pool.scratch_slot, dtype=torch.long, device=self.device)
+        # the graphs' inputs, one device buffer: ids, positions and each group's write slots as rows
+        self._inputs = torch.zeros(2 + groups, top, dtype=torch.long, device=self.device)
+        self.ids, self.pos, self.slots = self._inputs[0], self._inputs[1], self._inputs[2:]
+        self.slots.fill_(pool.scratch_slot)
         self.tables = torch.zeros(groups, top, self.max_blocks, dtype=torch.int32, device=self.device)
+        # Host staging in pinned memory (so the copies are truly asynchronous: from pageable memory
+        # the driver may wait for the stream), written in place through numpy views. The inputs
+        # are copied whole each step (a few KB); there are two, used in turn, so that one is never
+        # rewritten while its copy may still be queued behind the step before (an event says when
+        # it ran). The tables are copied only for the rows that changed: a sequence's table grows
+        # by one block every block_size steps, so most steps copy none.
+        pinned = self.device.type == "cuda"
+        self._staged = [torch.zeros(2 + groups, top, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._staged_np = [t.numpy() for t in self._staged]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self._tables = torch.zeros(groups, top, self.max_blocks, dtype=torch.int32, pin_memory=pinned)
+        self._tables_np = self._tables.numpy()
+        self._tables_copied: torch.cuda.Event | None = None
+        self._rows: list[list[tuple[list, int] | None]] = [[None] * top for _ in range(groups)]  # on the device now
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self.enabled = True
@@ -154,26 +170,57 @@ class DecodeGraphs:
         self.steps += 1
         return logits[:n]
 
-    def _fill(self, ids: torch.Tensor, chunks: list[Chunk], size: int) -> None:
+    def _fill(self, ids, chunks: list[Chunk], size: int) -> None:
         """Copy this step's inputs into the static buffers (host → device, no sync); rows n..size
-        become padding: position 0, writes to the scratch slot."""
+        become padding: position 0, writes to the scratch slot. ``ids`` [n]: a device tensor (the
+        previous step's tokens: a device copy) or host ids."""
         pool, n, bs = self.pool, len(chunks), self.pool.block_size
-        groups = len(pool.groups)
-        pos = [c.start for c in chunks] + [0] * (size - n)
-        slots, width = [], 1
-        for g in range(groups):
-            row = [c.tables[g][c.start // bs] * bs + c.start % bs for c in chunks]
-            slots.append(row + [pool.scratch_slot] * (size - n))
-            width = max(width, max(len(c.tables[g]) for c in chunks))
-        tables = torch.zeros(groups, n, width, dtype=torch.int32)
-        for g in range(groups):
-            for i, c in enumerate(chunks):
-                t = c.tables[g]
-                tables[g, i, : len(t)] = torch.tensor([b or 0 for b in t], dtype=torch.int32)
-        self.ids[:n].copy_(ids, non_blocking=True)
-        self.pos[:size].copy_(torch.tensor(pos), non_blocking=True)
-        self.slots[:, :size].copy_(torch.tensor(slots), non_blocking=True)
-        self.tables[:, :n, :width].copy_(tables, non_blocking=True)
+        turn, self._turn = self._turn, self._turn ^ 1
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # its copy was queued two steps ago: long done
+        staged = self._staged_np[turn]  # [2 + groups, top]
+        on_device = isinstance(ids, torch.Tensor) and ids.device.type == self.device.type
+        if not on_device:
+            staged[0, :n] = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        staged[1, :n] = [c.start for c in chunks]
+        staged[1, n:size] = 0
+        for g in range(len(pool.groups)):
+            staged[2 + g, :n] = [c.tables[g][c.start // bs] * bs + c.start % bs for c in chunks]
+            staged[2 + g, n:size] = pool.scratch_slot
+        self._inputs.copy_(self._staged[turn], non_blocking=True)
+        self._copied[turn] = self._event()
+        if on_device:
+            self.ids[:n].copy_(ids)
+        if self._tables_copied is not None:
+            self._tables_copied.synchronize()  # queued right behind the step the engine last waited for
+        if any([self._fill_tables(g, chunks) for g in range(len(pool.groups))]):
+            self._tables_copied = self._event()
+
+    def _event(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None  # CPU copies are done when they return
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _fill_tables(self, g: int, chunks: list[Chunk]) -> bool:
+        """Group g's block tables of rows 0..n: only rows whose table is not what the device holds
+        (another sequence in the row, or blocks appended) are written, and the whole rows from the
+        first to the last of them copied (contiguous). Returns whether anything was copied."""
+        seen, rows, changed = self._rows[g], self._tables_np[g], []
+        for i, c in enumerate(chunks):
+            table = c.tables[g]
+            held = seen[i]
+            if held is not None and held[0] is table and held[1] == len(table):
+                continue  # the same list, as long: the same blocks (a window only turns old ones to None)
+            start = held[1] if held is not None and held[0] is table and held[1] < len(table) else 0
+            rows[i, start: len(table)] = [b or 0 for b in table[start:]]
+            seen[i] = (table, len(table))  # the list itself, not its id: a freed list's id is reused
+            changed.append(i)
+        if changed:
+            lo, hi = changed[0], changed[-1] + 1
+            self.tables[g, lo:hi].copy_(self._tables[g, lo:hi], non_blocking=True)
+        return bool(changed)
 
     def _forward(self, size: int) -> torch.Tensor:
         context = StaticDecode(self, size)

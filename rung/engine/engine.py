@@ -10,6 +10,10 @@ With ``EngineConfig.speculative`` ("ngram", or "draft" with a ``draft_model``) e
 sequence first gets up to ``num_speculative_tokens`` guesses (engine/speculative.py); the step
 runs its last token and the guesses as one chunk, and the accepted guesses plus one token of the
 target's come back in one Delta. The output distribution is the non-speculative one.
+
+On the CUDA-graph path a decode-only batch of plain-greedy sequences runs one step ahead of the
+host (engine/overlap.py): ``step`` enqueues step n + 1 from step n's tokens on the device, then
+reads step n's tokens and returns their deltas.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rung.engine.overlap import PendingTokens
 from rung.engine.paged import KVPool, PagedStep
 from rung.engine.sampler import Sampled, next_token_probs, sample, token_logprobs
 from rung.engine.sampling_params import SamplingParams
@@ -43,6 +48,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # guesses per decoding sequence and step
     cuda_graphs: bool = True  # on CUDA with Triton: decode-only steps replay a captured graph (engine/cuda_graphs.py)
     cpu_decode: bool = True  # on the CPU: decode-only steps of native-packed models as native calls (engine/cpu_decode.py)
+    overlap: bool = True  # greedy decode on the graph path: the next step enqueued before this one's tokens are read
 
 
 @dataclass
@@ -84,8 +90,9 @@ class Engine:
         self.proposer = self._proposer(draft_model)
         self.graphs = self._graphs()
         self.cpu_decode = self._cpu_decode()
+        self._ahead: PendingTokens | None = None  # a decode step enqueued, its tokens not yet read
         self.stats = dict(steps=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
-                          draft_tokens=0, accepted_tokens=0, acceptance_rate=0.0)
+                          draft_tokens=0, accepted_tokens=0, acceptance_rate=0.0, steps_ahead=0)
 
     def _proposer(self, draft_model):
         kind, k = self.config.speculative, self.config.num_speculative_tokens
@@ -204,6 +211,10 @@ class Engine:
                 seq.draft_ids, seq.draft_probs = [], None
 
     def _step(self) -> list[Delta]:
+        if self._ahead is not None:
+            if any(seq.status is Status.RUNNING for seq in self._ahead.seqs):
+                return self._step_ahead()
+            self._ahead = None  # every sequence in it ended or paused since: nothing to read
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running and not self.scheduler.swapped:
@@ -217,6 +228,10 @@ class Engine:
         step_logits = None  # a decode-only batch on CUDA (the graph) or the CPU (native calls): every row's logits
         decode_only = all(n == 1 and not seq.draft_ids for seq, n in batch)
         if self.graphs is not None and decode_only:
+            if self._may_run_ahead([seq for seq, _ in batch]):
+                self._ahead = self._enqueue([seq for seq, _ in batch], ids[0])
+                if self._ahead is not None:
+                    return self._step_ahead()
             step_logits = self.graphs.run(ids[0], chunks)
         elif self.cpu_decode is not None and decode_only:
             step_logits = self.cpu_decode.run(ids[0], chunks)
@@ -252,6 +267,61 @@ class Engine:
                 if delta.finish_reason:
                     self._finish(seq)
                 deltas.append(delta)
+        self._release_held()
+        return deltas
+
+    # ---- decode one step ahead (engine/overlap.py) ---------------------------------------------
+
+    def _may_run_ahead(self, seqs: list[Sequence]) -> bool:
+        """Every sequence greedy on the argmax alone, and nothing else to schedule."""
+        return (self.config.overlap and self.proposer is None and not self._held
+                and all(self._plain_greedy(seq) for seq in seqs))
+
+    def _enqueue(self, seqs: list[Sequence], ids: torch.Tensor) -> PendingTokens | None:
+        """Launch one decode step of ``seqs`` at their positions (num_computed) with input ``ids``
+        [n] (on the device: the previous step's tokens) and leave its tokens on the device; None
+        when the graphs cannot run this batch (nothing launched)."""
+        logits = self.graphs.run(ids, self.scheduler.chunks([(seq, 1) for seq in seqs]))
+        return None if logits is None else PendingTokens(seqs, logits.argmax(-1))
+
+    def _next_ahead(self, ahead: PendingTokens) -> PendingTokens | None:
+        """Before ``ahead``'s tokens are read: enqueue the step after it for the same sequences,
+        if the batch would not change (no sequence at its end, nothing else waiting, a block for
+        every next position without preempting anyone)."""
+        s = self.scheduler
+        seqs = ahead.seqs
+        if (s.waiting or s.swapped or len(s.running) != len(seqs) or not self._may_run_ahead(seqs)
+                or any(seq.status is not Status.RUNNING or len(seq.output_ids) + 1 >= self._max_new(seq)
+                       for seq in seqs)):
+            return None
+        # the position of the next step is num_computed (step n's token is not appended yet)
+        if not all(s._reserve(seq, 1) for seq in seqs):
+            return None  # blocks already taken stay with their sequence: its next step needs them
+        return self._enqueue(seqs, ahead.tokens)
+
+    def _step_ahead(self) -> list[Delta]:
+        """Enqueue step n + 1 if it can run, then read step n's tokens and append them."""
+        ahead, self._ahead = self._ahead, None
+        # its input tokens are on the host by now (appended by the call that read the step before),
+        # and the step has written their keys: count them, as a synchronous step does after its forward
+        for seq in ahead.seqs:
+            if seq.status is Status.RUNNING:  # not finished, aborted or paused since it was enqueued
+                seq.num_computed += 1
+                self.scheduler.register_full_blocks(seq)
+        self._ahead = self._next_ahead(ahead)
+        if self._ahead is not None:
+            self.stats["steps"] += 1
+            self.stats["steps_ahead"] += 1
+        deltas = []
+        for seq, token in zip(ahead.seqs, ahead.wait()):
+            if seq.finished or seq.status is not Status.RUNNING:
+                continue  # finished, aborted or paused after this step was enqueued: the token is dropped
+            if seq.cached_tokens and not seq.output_ids:
+                self.stats["cached_prompt_tokens"] += seq.cached_tokens
+            delta = self._advance(seq, [Sampled(token)])
+            if delta.finish_reason:
+                self._finish(seq)
+            deltas.append(delta)
         self._release_held()
         return deltas
 
