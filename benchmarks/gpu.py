@@ -346,6 +346,18 @@ def rung_bench(name: str, args, bw: float) -> dict:
         engine.step()
     r["decode_tok_s"] = (len(seq.output_ids) - 1) / (time.perf_counter() - t0)
     r["graph_steps"] = engine.graphs.steps if engine.graphs else 0
+    r["steps_ahead"] = engine.stats["steps_ahead"]
+    # the same with each step's tokens read before the next is enqueued (engine/overlap.py off)
+    engine.config.overlap = False
+    rid = engine.add_request(prompt(c.vocab_size, args.prompt, next(seed)), greedy(args.new1))
+    seq = engine._sequences[rid][0]
+    while not seq.output_ids:
+        engine.step()
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    r["decode_tok_s_no_overlap"] = (len(seq.output_ids) - 1) / (time.perf_counter() - t0)
+    engine.config.overlap = True
     # time to first token
     for n in (128, 2048, long):
         if not n:
@@ -543,6 +555,8 @@ def main():
             gemv = (f"decode GEMV {fmt(r['gemv_us'])} µs ({fmt(r['gemv_TBps'], '.2f')}) · " if "gemv_us" in r else "")
             print(f"  {r['shape']} tokens={r['tokens']} ({r['active_MB']:.0f} MB): {gemv}slot-layout GEMM "
                   f"{fmt(r.get('gemm_us'))} µs ({fmt(r.get('gemm_TBps'), '.2f')})")
+    print("batch-1 decode with each step's tokens read before the next is enqueued (overlap off): "
+          + ", ".join(f"{n} {fmt(r['rung'].get('decode_tok_s_no_overlap'))}" for n, r in results.items() if "rung" in r))
     print(table(results, args.long))
 
 
