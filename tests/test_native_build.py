@@ -39,3 +39,25 @@ def test_an_unwritable_cache_falls_back(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert run({"RUNG_CACHE": str(blocker)}, tmp_path) == ["False", "True"]
+
+
+def test_the_avx2_kernels_pass_the_kernel_tests_on_an_avx512_machine(tmp_path):
+    """Where the CPU has AVX-512 VNNI the default build uses it; the AVX2 kernels (what an older
+    CPU runs) are then built with RUNG_NATIVE_ISA=avx2 and put through the same kernel tests."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from rung import native
+
+    if native.isa() != "avx512-vnni":
+        pytest.skip("this CPU builds the AVX2 kernels by default: the other tests cover them")
+    here = Path(__file__).parent
+    env = {**os.environ, "RUNG_NATIVE_ISA": "avx2", "RUNG_CACHE": str(tmp_path / "cache")}
+    check = "from rung import native; assert native.isa() == 'avx2', native.isa()"
+    assert subprocess.run([sys.executable, "-c", check], env=env, timeout=120).returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(here / "test_quant_kernels.py"), str(here / "test_native_attention.py")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=here.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:]

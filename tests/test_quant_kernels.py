@@ -63,15 +63,16 @@ def test_gguf_blocks_map_exactly_to_rungs_formats(kind):
 @needs_native
 @pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("shape,group", [((96, 576), None), ((200, 256), 64), ((48, 1536), 128)])
+@pytest.mark.parametrize("shape,group", [((96, 576), None), ((200, 256), 64), ((48, 1536), 128),
+                                         ((40, 224), 32), ((24, 160), None), ((16, 96), None)])  # every tail
 def test_native_gemv_equals_the_dequantizing_reference(fmt, rows, shape, group):
     if fmt == "q4" and group is None:
         group = 32
     layer = PackedLinear(quantize(torch.randn(*shape), fmt, group), bias=torch.randn(shape[0]))
     x = torch.randn(rows, shape[1])
     out = layer(x)  # native: at most MAX_M rows of float32 on the CPU
-    # q4's kernel rounds x to int8 in runs of 32 first; the reference sees the same x
-    ref = layer.reference(int8_activations(x) if fmt == "q4" else x)
+    # the q8 and q4 kernels round x to int8 in runs of 32 first; the reference sees the same x
+    ref = layer.reference(int8_activations(x) if fmt != "f32" else x)
     assert (out - ref).abs().max() <= 2e-6 * ref.abs().max()
 
 
@@ -92,7 +93,7 @@ def test_gated_layer_is_act_gate_times_up(fmt, act):
     gate, up = torch.randn(64, 128), torch.randn(64, 128)
     layer = PackedLinear(quantize(interleave_gate_up(gate, up), fmt, 32 if fmt != "f32" else None), gated=act)
     x = torch.randn(2, 128)
-    xs = int8_activations(x) if fmt == "q4" else x
+    xs = int8_activations(x) if fmt != "f32" else x
     w = dequantize(layer.packed)
     g, u = interleave_back(w)
     expected = ACTIVATIONS[act](xs @ g.T) * (xs @ u.T)

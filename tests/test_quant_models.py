@@ -127,9 +127,11 @@ def test_hf_folder_packed_equals_its_dequantized_weights(fmt, group, tmp_path):
     with torch.inference_mode():
         ref, out = plain(IDS % 100), packed(IDS % 100)  # 20 rows: the reference path
         assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
-        if fmt == "q8":  # 4 rows: the native kernel reads the same int8 weights (x as is)
+        if fmt == "q8":  # 4 rows: the native kernel reads the same int8 weights, with x rounded to
+            # int8 in runs of 32 (about 0.4% an element); the kernel itself equals its reference on
+            # the rounded x exactly (test_quant_kernels), here the whole model stays close
             ref, out = plain(IDS[:, :4] % 100), packed(IDS[:, :4] % 100)
-            assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+            assert 0 < (out - ref).abs().max() < 0.08 * ref.abs().max()
 
 
 def test_pack_model_leaves_moe_experts_and_refuses_unknown_formats():

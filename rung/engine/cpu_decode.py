@@ -1,19 +1,21 @@
-"""Decode steps on the CPU as a straight run of native calls: the CPU's counterpart of
-engine/cuda_graphs.py.
+"""Decode steps on the CPU as one native call: the CPU's counterpart of engine/cuda_graphs.py.
 
-A batch-1 decode step of a small model spends more time in PyTorch's and Python's per-op cost
-(module calls, views, checks, small allocations: about 250 of them for SmolLM2) than in its
-GEMVs. ``CpuDecode`` runs a decode-only batch through the model's own packed weights with one
-native call per operation — RMSNorm, the fused q|k|v GEMV, RoPE in place, K/V write + attention
-over the paged pool, the output GEMV added into the residual, RMSNorm, the gated gate|up GEMV,
-the down GEMV added into the residual — on buffers it keeps per batch size. It reads the model
-and never changes it. It covers the plain pre-norm families whose projections the quantization
-rewrite made native (rung/quant: the f32, int8 and int4 layouts): Llama, SmolLM2, Mistral,
-Qwen2-style. Anything else (QK-norm, sandwich norms, MoE, ALiBi, partial rotary) is named by
-``unsupported`` and takes the engine's PagedStep path, which is also the reference the tests
-compare this with."""
+A batch-1 decode step of a small model is ~250 short operations; run as PyTorch modules each
+costs more in per-op overhead (module calls, views, checks, small allocations) than it computes,
+and even as one ctypes call each, the calls and their OpenMP fork/joins cost 5-10 us apiece.
+``CpuDecode`` hands a decode-only batch to ``rung_decode_step`` (rung/native/kernels.c): every
+layer — RMSNorm, the fused q|k|v GEMV, RoPE, K/V write + attention over the paged pool, the
+output GEMV added into the residual, RMSNorm, the gated gate|up GEMV, the down GEMV added into
+the residual — then the final norm and the LM head, in one parallel region over the model's own
+packed weights and buffers kept per batch size. It reads the model and never changes it. It
+covers the plain pre-norm families whose projections the quantization rewrite made native
+(rung/quant: the f32, int8 and int4 layouts): Llama, SmolLM2, Mistral, Qwen2-style. Anything
+else (QK-norm, sandwich norms, MoE, ALiBi, partial rotary) is named by ``unsupported`` and takes
+the engine's PagedStep path, which is also the reference the tests compare this with."""
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -58,6 +60,25 @@ class _Buffers:
         self.qkv = torch.empty(b, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
         self.att = torch.empty(b, c.num_heads * c.head_dim)
         self.gu = torch.empty(b, model.layers[0].mlp.gate_up.out_features // 2)
+        self.logits = torch.empty(b, c.vocab_size)
+
+
+def _head(model):
+    """The LM head as a native Linear and the tensors it points into, or None (logits in PyTorch)."""
+    from rung.quant.linear import PackedLinear
+
+    head = model.lm_head
+    if head is None and isinstance(model.embed, torch.nn.Embedding):  # tied, float
+        weight = model.embed.weight.detach()
+    elif isinstance(head, torch.nn.Linear) and head.bias is None:
+        weight = head.weight.detach()
+    elif isinstance(head, PackedLinear) and head._native and head.gated is None:
+        return head.bound().struct, (head,)
+    else:
+        return None
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        return None
+    return native.linear_struct("f32", weight, *weight.shape), (weight,)
 
 
 class CpuDecode:
@@ -66,45 +87,61 @@ class CpuDecode:
         self.lib = native.library()
         self.buffers: dict[int, _Buffers] = {}
         self.steps = 0  # decode steps run here
+        self.kinds = list(model.rotaries)  # RoPE tables by layer type
+        self.struct, self.keep = self._model_struct()
+
+    def _model_struct(self):
+        """The model's constants for rung_decode_step, built once (pointers into the model's own
+        buffers and the pool, which the engine keeps for the model's life)."""
+        model, c, pool = self.model, self.model.config, self.pool
+        norms = [n for layer in model.layers for n in (layer.attn_norm, layer.mlp_norm)] + [model.final_norm]
+        if len({(n.eps, n.offset) for n in norms}) != 1 or len(pool.groups) > native.MAX_GROUPS or len(
+                self.kinds) > native.MAX_ROPES:
+            raise ValueError("cpu_decode: norms with different eps, or too many KV groups or RoPE tables")
+        keep, layers = [], []
+        for i, layer in enumerate(model.layers):
+            a, m = layer.attn, layer.mlp
+            projections = [p.bound() for p in (a.qkv_proj, a.o_proj, m.gate_up, m.down_proj)]
+            keep += projections
+            layers.append(native.Layer(
+                layer.attn_norm.weight.data_ptr(), layer.mlp_norm.weight.data_ptr(), *(f.struct for f in projections),
+                pool.keys[i].data_ptr(), pool.values[i].data_ptr(), pool.group_of[i],
+                self.kinds.index(c.layer_types[i]), a.scale))
+        array = (native.Layer * len(layers))(*layers)
+        head = _head(model)
+        final = model.final_norm.weight.data_ptr() if head is not None else None
+        keep += [array, head]
+        widths = [p.in_features for layer in model.layers
+                  for p in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+        struct = native.Model(len(layers), c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                              max(widths + [c.hidden_size]), norms[0].eps, norms[0].offset, array, final,
+                              head[0] if head is not None else native.Linear())
+        return struct, keep
 
     def run(self, ids: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor | None:
         """ids [B] of a decode-only batch → logits [B, vocab] float32, or None (not this batch)."""
         b = len(chunks)
         if b > native.MAX_M or any(ch.count != 1 for ch in chunks):
             return None
-        model, c, lib, pool = self.model, self.model.config, self.lib, self.pool
+        model, c, pool = self.model, self.model.config, self.pool
         buf = self.buffers.get(b) or self.buffers.setdefault(b, _Buffers(model, b))
         step = PagedStep(pool, chunks, ids.device)  # the read plans: the slots each row sees, per group
         plans = [step.decode_plan(g) for g in range(len(pool.groups))]
         positions = step.positions(b, ids.device)
-        tables = {kind: tuple(t.contiguous() for t in rot(positions, torch.float32)) for kind, rot in model.rotaries.items()}
-        x, h = buf.x, buf.h
-        x.copy_(model.embed(ids[None])[0])
-        if c.embedding_scale is not None:
-            x.mul_(c.embedding_scale)
-        threads = torch.get_num_threads()
-        hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
-        row = buf.qkv.shape[1]  # q, k and v are column ranges of one [B, row] buffer
-        q_ptr = buf.qkv.data_ptr()
-        k_ptr, v_ptr = q_ptr + 4 * hq * d, q_ptr + 4 * (hq + hkv) * d
+        tables = [tuple(t.contiguous() for t in model.rotaries[kind](positions, torch.float32)) for kind in self.kinds]
         with torch.no_grad():
-            for i, layer in enumerate(model.layers):
-                a, m = layer.attn, layer.mlp
-                idx, lengths, slots = plans[pool.group_of[i]]
-                cos, sin = tables[c.layer_types[i]]
-                self._norm(layer.attn_norm, x, h, b)
-                a.qkv_proj.bound()(h, out=buf.qkv)
-                lib.rung_rope(q_ptr, b, row, hq + hkv, d, cos.data_ptr(), sin.data_ptr())
-                lib.rung_decode_attention(
-                    q_ptr, row, d, pool.keys[i].data_ptr(), pool.values[i].data_ptr(), k_ptr, v_ptr, row, d,
-                    slots.data_ptr(), idx.data_ptr(), lengths.data_ptr(), b, idx.shape[1], hq, hkv, d, a.scale,
-                    None, buf.att.data_ptr(), threads)  # no sinks: only gpt-oss has them, and it is MoE
-                a.o_proj.bound()(buf.att, out=x, add=True)
-                self._norm(layer.mlp_norm, x, h, b)
-                m.gate_up.bound()(h, out=buf.gu)
-                m.down_proj.bound()(buf.gu, out=x, add=True)
+            buf.x.copy_(model.embed(ids[None])[0])
+            if c.embedding_scale is not None:
+                buf.x.mul_(c.embedding_scale)
+            st = native.Step(b)
+            for g, (idx, lengths, slots) in enumerate(plans):
+                st.idx[g], st.lengths[g], st.slots[g], st.L[g] = idx.data_ptr(), lengths.data_ptr(), slots.data_ptr(), idx.shape[1]
+            for r, (cos, sin) in enumerate(tables):
+                st.cos[r], st.sin[r] = cos.data_ptr(), sin.data_ptr()
+            st.x, st.h, st.qkv, st.att = buf.x.data_ptr(), buf.h.data_ptr(), buf.qkv.data_ptr(), buf.att.data_ptr()
+            st.gu, st.logits = buf.gu.data_ptr(), buf.logits.data_ptr()
+            self.lib.rung_decode_step(ctypes.byref(self.struct), ctypes.byref(st), torch.get_num_threads())
             self.steps += 1
-            return model.logits(model.final_norm(x))
-
-    def _norm(self, norm: RMSNorm, x: torch.Tensor, out: torch.Tensor, b: int) -> None:
-        self.lib.rung_rmsnorm(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), b, x.shape[1], norm.eps, norm.offset)
+            if self.struct.final_norm:
+                return buf.logits.clone()
+            return model.logits(model.final_norm(buf.x))

@@ -26,18 +26,37 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+# AVX-512 with VNNI (Zen 4, Ice Lake and later): the 4- and 8-bit kernels' integer dot products
+# take one instruction per 64 bytes. Added only where /proc/cpuinfo lists all four, or never with
+# RUNG_NATIVE_ISA=avx2 (how the tests exercise the AVX2 kernels on an AVX-512 machine).
+VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 MAX_M = 16  # rows of x per call (kernels.c's MAX_M): a decode batch; prefill takes the reference path
 GATED = {None: 0, "silu": 1, "gelu_tanh": 2}
+MAX_GROUPS, MAX_ROPES = 4, 4  # kernels.c: KV pool groups and RoPE tables a decode step may have
 
 
-def _cpu_supports() -> bool:
+def _cpu_flags() -> set[str]:
     if sys.platform != "linux":
-        return False
+        return set()
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags.split())
+        return set()
+    return set(flags.split()[2:])
+
+
+def _cpu_supports() -> bool:
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
+
+
+def build_flags() -> list[str]:
+    """The compiler flags for this CPU (and RUNG_NATIVE_ISA)."""
+    isa = os.environ.get("RUNG_NATIVE_ISA", "auto")
+    if isa not in ("auto", "avx2"):
+        raise ValueError(f"RUNG_NATIVE_ISA={isa!r}: expected auto or avx2")
+    vnni = isa == "auto" and VNNI_CPU_FLAGS <= _cpu_flags()
+    return FLAGS + VNNI_FLAGS if vnni else FLAGS
 
 
 def _cache_dir() -> Path:
@@ -49,8 +68,8 @@ def _build() -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    source, flags = SOURCE.read_bytes(), build_flags()
+    tag = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"rung_kernels_{tag}.so"
     if target.exists():
         return target
@@ -58,7 +77,7 @@ def _build() -> Path | None:
     # build beside the target and rename: concurrent first uses (pytest workers) never see half a file
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         pass
-    proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp.name, "-lm"], capture_output=True, text=True)
+    proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp.name, "-lm"], capture_output=True, text=True)
     if proc.returncode:
         os.unlink(tmp.name)
         print(f"rung: native kernels did not build ({compiler}): {proc.stderr.strip()[:300]}", file=sys.stderr)
@@ -80,18 +99,21 @@ def library() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(str(path))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.rung_gemv_f32.argtypes = [p, i64, i64, i64, p, p, p, i32, i32, i32]
-    lib.rung_gemv_q8.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32, i32, i32]
-    lib.rung_gemv_q4.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i32, i32, i32]
+    lib.rung_gemv.argtypes = [p, p, i64, p, i32, i32]
     lib.rung_decode_attention.argtypes = [p, i64, i64, p, p, p, p, i64, i64, p, p, p, i64, i64, i64, i64, i64,
                                           ctypes.c_float, p, p, i32]
     lib.rung_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.rung_rope.argtypes = [p, i64, i64, i64, i64, p, p]
-    for f in (lib.rung_gemv_f32, lib.rung_gemv_q8, lib.rung_gemv_q4, lib.rung_decode_attention, lib.rung_rmsnorm,
-              lib.rung_rope):
+    lib.rung_decode_step.argtypes = [p, p, i32]
+    for f in (lib.rung_gemv, lib.rung_decode_attention, lib.rung_rmsnorm, lib.rung_rope, lib.rung_decode_step):
         f.restype = None
+    lib.rung_vnni.restype = ctypes.c_int
     if lib.rung_max_m() != MAX_M:
         raise RuntimeError(f"{path}: built with MAX_M {lib.rung_max_m()}, rung expects {MAX_M}")
+    groups, ropes = ctypes.c_int64(), ctypes.c_int64()
+    sizes = lib.rung_decode_step_limits(ctypes.byref(groups), ctypes.byref(ropes))
+    if (groups.value, ropes.value) != (MAX_GROUPS, MAX_ROPES) or sizes != ctypes.sizeof(Model) * 1000 + ctypes.sizeof(Layer):
+        raise RuntimeError(f"{path}: its decode-step structs differ from rung/native/__init__.py's")
     return lib
 
 
@@ -99,66 +121,55 @@ def available() -> bool:
     return library() is not None
 
 
+def isa() -> str | None:
+    """Which kernels were built: "avx512-vnni", "avx2", or None (reference paths)."""
+    lib = library()
+    return None if lib is None else "avx512-vnni" if lib.rung_vnni() else "avx2"
+
+
+FORMATS = {"f32": 0, "q8": 1, "q4": 2}
+
+
+class Linear(ctypes.Structure):
+    """kernels.c's Linear: one projection's weight and constants."""
+    _fields_ = [("format", ctypes.c_int64), ("gated", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("group", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("offset", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+def linear_struct(fmt: str, weight: torch.Tensor, out_features: int, in_features: int, *, group: int | None = None,
+                  scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, gated: str | None = None) -> Linear:
+    """The struct for a layer's buffers (which must outlive it: the caller keeps them)."""
+    return Linear(FORMATS[fmt], GATED[gated], out_features, in_features, group or in_features, weight.data_ptr(),
+                  _ptr(scale), _ptr(offset), _ptr(bias))
+
+
 def bind_gemv(fmt: str, weight: torch.Tensor, out_features: int, in_features: int, *, group: int | None = None,
               scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, gated: str | None = None):
-    """``gemv`` with the layer's constant arguments bound once: a decode step makes about 120 of
-    these calls, and converting the same dozen arguments each time is most of their Python cost.
-    The returned function takes x [M, K] float32 contiguous and returns [M, N] (or N / 2)."""
+    """The GEMV with the layer's constants bound once (a struct built here): the returned
+    ``call(x, out=None, add=False)`` takes x [M, K] float32 contiguous (M ≤ MAX_M) and returns
+    [M, N] (or N / 2 gated); ``out`` is written, or with ``add`` added into (a fused residual add)."""
     lib = library()
     n_out = out_features // 2 if gated else out_features
-    g = GATED[gated]
-    if fmt == "f32":
-        fn, head, tail = lib.rung_gemv_f32, (out_features, in_features, weight.data_ptr(), _ptr(bias)), ()
-    elif fmt == "q8":
-        fn = lib.rung_gemv_q8
-        head, tail = (out_features, in_features, group, weight.data_ptr(), scale.data_ptr(), _ptr(bias)), ()
-    else:
-        fn = lib.rung_gemv_q4
-        head = (out_features, in_features, group, weight.data_ptr(), scale.data_ptr(), offset.data_ptr(), _ptr(bias))
-        tail = ()
-    keep = (weight, scale, offset, bias)  # the buffers outlive the bound call
+    lin = linear_struct(fmt, weight, out_features, in_features, group=group, scale=scale, offset=offset, bias=bias,
+                        gated=gated)
+    ref, fn = ctypes.byref(lin), lib.rung_gemv
 
     def call(x: torch.Tensor, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
-        """``out`` [M, N]: written (or, with ``add``, added into: a fused residual add) instead of a new tensor."""
         if out is None:
             out = torch.empty(x.shape[0], n_out)
-        fn(x.data_ptr(), x.shape[0], *head, out.data_ptr(), add, g, torch.get_num_threads(), *tail)
+        fn(ref, x.data_ptr(), x.shape[0], out.data_ptr(), add, torch.get_num_threads())
         return out
 
-    call.keep = keep
+    call.keep = (weight, scale, offset, bias, lin)  # the buffers outlive the bound call
+    call.struct = lin
     return call
 
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
-
-
-def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, out_features: int, in_features: int, *,
-         group: int | None = None, scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-         bias: torch.Tensor | None = None, out: torch.Tensor | None = None, gated: str | None = None) -> torch.Tensor:
-    """x [M, K] float32 contiguous (M ≤ MAX_M) → [M, N] (or [M, N / 2] when gated).
-
-    With ``out`` given, the result is added into it (a fused residual add). The caller guarantees
-    contiguous tensors of the right dtypes and shapes (rung/quant/linear.py checks them once at
-    construction); this function only moves pointers.
-    """
-    lib = library()
-    m = x.shape[0]
-    accumulate = out is not None
-    if out is None:
-        out = torch.empty(m, out_features // 2 if gated else out_features, dtype=torch.float32)
-    g, threads = GATED[gated], torch.get_num_threads()  # the kernels follow torch's thread setting
-    if fmt == "f32":
-        lib.rung_gemv_f32(x.data_ptr(), m, out_features, in_features, weight.data_ptr(), _ptr(bias),
-                          out.data_ptr(), accumulate, g, threads)
-    elif fmt == "q8":
-        lib.rung_gemv_q8(x.data_ptr(), m, out_features, in_features, group, weight.data_ptr(), scale.data_ptr(),
-                         _ptr(bias), out.data_ptr(), accumulate, g, threads)
-    else:
-        lib.rung_gemv_q4(x.data_ptr(), m, out_features, in_features, group, weight.data_ptr(), scale.data_ptr(),
-                         offset.data_ptr(), _ptr(bias), out.data_ptr(), accumulate, g, threads)
-    return out
 
 
 def decode_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, idx: torch.Tensor,
@@ -192,3 +203,27 @@ def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, signed_
     """In place: RoPE on the first ``heads`` heads of each row of x [M, row] float32 contiguous;
     cos, signed_sin [M, head_dim] contiguous (model/rope.py's tables)."""
     library().rung_rope(x.data_ptr(), x.shape[0], x.shape[1], heads, head_dim, cos.data_ptr(), signed_sin.data_ptr())
+
+
+# ---- a whole decode step (kernels.c: rung_decode_step; engine/cpu_decode.py fills these) ----------
+
+class Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", Linear), ("o", Linear),
+                ("gate_up", Linear), ("down", Linear), ("kpool", ctypes.c_void_p), ("vpool", ctypes.c_void_p),
+                ("group", ctypes.c_int64), ("rope", ctypes.c_int64), ("scale", ctypes.c_float)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("hq", ctypes.c_int64),
+                ("hkv", ctypes.c_int64), ("d", ctypes.c_int64), ("max_k", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("norm_offset", ctypes.c_float), ("layer", ctypes.POINTER(Layer)), ("final_norm", ctypes.c_void_p),
+                ("head", Linear)]
+
+
+
+class Step(ctypes.Structure):
+    _fields_ = [("B", ctypes.c_int64), ("idx", ctypes.c_void_p * MAX_GROUPS), ("lengths", ctypes.c_void_p * MAX_GROUPS),
+                ("slots", ctypes.c_void_p * MAX_GROUPS), ("L", ctypes.c_int64 * MAX_GROUPS),
+                ("cos", ctypes.c_void_p * MAX_ROPES), ("sin", ctypes.c_void_p * MAX_ROPES), ("x", ctypes.c_void_p),
+                ("h", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("att", ctypes.c_void_p), ("gu", ctypes.c_void_p),
+                ("logits", ctypes.c_void_p)]

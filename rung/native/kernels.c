@@ -12,7 +12,15 @@
  *   q4   4-bit, fp16 scale and offset per group  w = scale * q + offset  (q in 0..15)
  *        each run of 32 values is 16 bytes: byte j holds value j (low nibble) and j + 16
  *        (high nibble), which is GGUF's Q4_0 / Q4_1 block layout, so those map byte for byte.
- *        x is rounded to int8 in runs of 32 first (see dot_q4); f32 and q8 use x as it is.
+ *   q8 and q4 round x to int8 in runs of 32 first (one float scale per run, as llama.cpp does
+ *   for its Q8_0 and Q4 formats) and take integer dot products; f32 uses x as it is.
+ *
+ * Two instruction sets, chosen when the file is compiled (rung/native/__init__.py passes the
+ * AVX-512 flags only where the CPU has them): AVX2 (maddubs: 32 byte products per instruction,
+ * in pairs summed to int16) everywhere, and AVX-512 VNNI (dpbusd: 64 byte products summed
+ * straight into int32) where present, which is what makes the 4- and 8-bit GEMVs bound by
+ * memory rather than by arithmetic. Both give the same integer sums; only the float
+ * accumulation order differs.
  *
  * Epilogues, fused so a step makes fewer passes: `bias` [N] is added; `accumulate` adds into y
  * (a residual); `gated` (1 silu, 2 tanh-gelu) treats rows as blocks of 8 gate rows followed by
@@ -22,6 +30,12 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define RUNG_VNNI 1
+#else
+#define RUNG_VNNI 0
+#endif
 
 #define BLOCK 16 /* rows per work item: 8 gate + 8 up rows in gated mode */
 /* Software prefetch distance in bytes of weights. The layers are small (0.2-2 MB) and read once
@@ -59,49 +73,135 @@ static void row_f32(const float *x, int64_t M, int64_t K, const float *w, float 
     }
 }
 
-/* One x row against one weight row. Two accumulators: enough independent FMAs to hide their
- * latency; the weights are the only data that streams from memory. */
-static inline float dot_q8(const float *x, int64_t K, int64_t group, const int8_t *w, const uint16_t *scale) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t k0 = 0, g = 0; k0 < K; k0 += group, g++) {
-        __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
-        for (int64_t k = k0; k < k0 + group; k += 16) {
-            if ((k & 63) == 0) PF(w + k);
-            __m128i b = _mm_loadu_si128((const __m128i *)(w + k));
-            p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_loadu_ps(x + k), p0);
-            p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b))),
-                                 _mm256_loadu_ps(x + k + 8), p1);
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(scale[g])), _mm256_add_ps(p0, p1), acc);
-    }
-    return hsum(acc);
-}
-
-/* q4 against x quantized to int8 in runs of 32 (xq, one float scale dx per run, as llama.cpp
- * does for its Q4 formats): maddubs multiplies 32 unsigned nibbles by 32 signed bytes in one
- * instruction, about three times the float path's speed, where the float path is compute-bound.
- * The offset term uses the sums of the rounded x per group (xsum). */
-static inline float dot_q4(const int8_t *xq, const float *dx, const float *xsum, int64_t K, int64_t group,
-                           const uint8_t *w, const uint16_t *scale, const uint16_t *offset) {
-    const int64_t runs = K / 32, per_group = group / 32, groups = K / group;
-    /* the scale of each run of 32: weight scale (per group) times x scale (per run) */
-    float cs[runs + 8];
+/* cs[r] = (weight scale of run r's group) * dx[r]: the float factor of run r's integer dot product. */
+static inline void run_scales(const float *dx, int64_t runs, int64_t per_group, const uint16_t *scale, float *cs) {
     if (per_group == 1) {
         int64_t r = 0;
         for (; r + 8 <= runs; r += 8)
             _mm256_storeu_ps(cs + r, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + r))),
                                                    _mm256_loadu_ps(dx + r)));
         for (; r < runs; r++) cs[r] = half_to_float(scale[r]) * dx[r];
-    } else {
-        for (int64_t g = 0, r = 0; g < groups; g++) {
-            const float sc = half_to_float(scale[g]);
-            for (int64_t j = 0; j < per_group; j++, r++) cs[r] = sc * dx[r];
-        }
+        return;
     }
+    for (int64_t g = 0, r = 0; r < runs; g++) {
+        const __m256 sc = _mm256_set1_ps(half_to_float(scale[g]));
+        int64_t j = 0;
+        for (; j + 8 <= per_group; j += 8, r += 8) _mm256_storeu_ps(cs + r, _mm256_mul_ps(sc, _mm256_loadu_ps(dx + r)));
+        for (; j < per_group; j++, r++) cs[r] = _mm256_cvtss_f32(sc) * dx[r];
+    }
+}
+
+/* q8 against x rounded to int8 (xq, natural order). Signed times signed: the instructions take
+ * unsigned times signed bytes, so |w| times x with w's sign moved onto x (exact: |q| <= 127). */
+static inline float dot_q8(const int8_t *xq, const float *cs, int64_t runs, const int8_t *w) {
+    float total = 0.0f;
+    int64_t r = 0;
+#if RUNG_VNNI
+    /* two runs (64 bytes) an iteration; int32 lanes 0-7 belong to run r, 8-15 to run r + 1 */
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; r + 4 <= runs; r += 4) {
+        PF(w + r * 32);
+        PF(w + r * 32 + 64);
+        __m512i b0 = _mm512_loadu_si512(w + r * 32), b1 = _mm512_loadu_si512(w + r * 32 + 64);
+        __m512i x0 = _mm512_loadu_si512(xq + r * 32), x1 = _mm512_loadu_si512(xq + r * 32 + 64);
+        x0 = _mm512_mask_sub_epi8(x0, _mm512_movepi8_mask(b0), _mm512_setzero_si512(), x0);
+        x1 = _mm512_mask_sub_epi8(x1, _mm512_movepi8_mask(b1), _mm512_setzero_si512(), x1);
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(b0), x0);
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(b1), x1);
+        __m512 c = _mm512_castps128_ps512(_mm_loadu_ps(cs + r));
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair, c), _mm512_cvtepi32_ps(s0), a0);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2)), c),
+                             _mm512_cvtepi32_ps(s1), a1);
+    }
+    total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (; r < runs; r++) { /* one run of 32 (AVX2: pairs of products to int16, then to int32) */
+        if ((r & 1) == 0) PF(w + r * 32);
+        __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 32));
+        __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + r * 32)), b);
+        __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(b), x), ones);
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(cs + r), _mm256_cvtepi32_ps(s), acc);
+    }
+    return total + hsum(acc);
+}
+
+/* q4 against x rounded to int8 in runs of 32: unsigned nibbles times signed bytes. The offset
+ * term is offset * sum(rounded x) per group (xsum), so the result is exactly w . x^ with x^ the
+ * rounded x: the offset cancels most of the uncentred q . x term, and must cancel it exactly. */
+static inline float offset_term(const float *xsum, int64_t groups, const uint16_t *offset) {
+    __m256 o = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8)
+        o = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + g))), _mm256_loadu_ps(xsum + g), o);
+    float off = hsum(o);
+    for (; g < groups; g++) off += half_to_float(offset[g]) * xsum[g];
+    return off;
+}
+
+#if RUNG_VNNI
+/* The nibbles of 4 runs (64 bytes) split into their low halves (values 0-15 of each run, one
+ * run per 128-bit lane) and high halves (values 16-31) without any shuffle of the weights: x is
+ * stored pre-shuffled to match (xp, see interleave_runs), so two dpbusd give run i's sum in int32
+ * lanes 4i..4i+3. A tail of 2 runs uses the same trick in 256 bits, a last run in 128. */
+static inline float dot_q4(const int8_t *xp, const float *cs, int64_t runs, const uint8_t *w) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t r = 0;
+    for (; r + 8 <= runs; r += 8) {
+        PF(w + r * 16);
+        PF(w + r * 16 + 64);
+        __m512i b0 = _mm512_loadu_si512(w + r * 16), b1 = _mm512_loadu_si512(w + r * 16 + 64);
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b0, low), _mm512_loadu_si512(xp + r * 32));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b1, low), _mm512_loadu_si512(xp + r * 32 + 128));
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(_mm512_srli_epi16(b0, 4), low), _mm512_loadu_si512(xp + r * 32 + 64));
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(b1, 4), low), _mm512_loadu_si512(xp + r * 32 + 192));
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(cs + r))),
+                             _mm512_cvtepi32_ps(s0), a0);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(cs + r + 4))),
+                             _mm512_cvtepi32_ps(s1), a1);
+    }
+    for (; r + 4 <= runs; r += 4) {
+        PF(w + r * 16);
+        __m512i b = _mm512_loadu_si512(w + r * 16);
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), _mm512_loadu_si512(xp + r * 32));
+        s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), _mm512_loadu_si512(xp + r * 32 + 64));
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(cs + r))),
+                             _mm512_cvtepi32_ps(s), a0);
+    }
+    float total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    if (r + 2 <= runs) {
+        const __m256i l = _mm256_set1_epi8(0x0F);
+        __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 16));
+        __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(b, l),
+                                        _mm256_loadu_si256((const __m256i *)(xp + r * 32)));
+        s = _mm256_dpbusd_epi32(s, _mm256_and_si256(_mm256_srli_epi16(b, 4), l),
+                                _mm256_loadu_si256((const __m256i *)(xp + r * 32 + 32)));
+        __m256 c = _mm256_set_m128(_mm_set1_ps(cs[r + 1]), _mm_set1_ps(cs[r]));
+        total += hsum(_mm256_mul_ps(c, _mm256_cvtepi32_ps(s)));
+        r += 2;
+    }
+    if (r < runs) {
+        const __m128i l = _mm_set1_epi8(0x0F);
+        __m128i b = _mm_loadu_si128((const __m128i *)(w + r * 16));
+        __m128i s = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_and_si128(b, l), _mm_loadu_si128((const __m128i *)(xp + r * 32)));
+        s = _mm_dpbusd_epi32(s, _mm_and_si128(_mm_srli_epi16(b, 4), l), _mm_loadu_si128((const __m128i *)(xp + r * 32 + 16)));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        total += cs[r] * (float)_mm_cvtsi128_si32(s);
+    }
+    return total;
+}
+#else
+/* AVX2: two runs (32 bytes of nibbles) an iteration, the nibbles put back in value order. */
+static inline float dot_q4(const int8_t *xq, const float *cs, int64_t runs, const uint8_t *w) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t r = 0;
-    for (; r + 2 <= runs; r += 2) { /* two runs: 32 bytes of nibbles */
+    for (; r + 2 <= runs; r += 2) {
         PF(w + r * 16);
         __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 16));
         __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
@@ -118,51 +218,101 @@ static inline float dot_q4(const int8_t *xq, const float *dx, const float *xsum,
         __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xq + r * 32))), ones);
         a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(cs + r), _mm256_cvtepi32_ps(s0), a0);
     }
-    /* offset * sum(x) per group, eight groups at a time */
-    __m256 o = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8)
-        o = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + g))), _mm256_loadu_ps(xsum + g), o);
-    float off = hsum(o);
-    for (; g < groups; g++) off += half_to_float(offset[g]) * xsum[g];
-    return hsum(_mm256_add_ps(a0, a1)) + off;
+    return hsum(_mm256_add_ps(a0, a1));
+}
+#endif
+
+/* x rounded to int8 for the q8 and q4 kernels, once per call: xq [M, K] in value order, dx
+ * [M, K / 32] (max |x| / 127 per run, half to even), xsum [M, K / group] (q4: sums of the rounded
+ * x per group) and, for the VNNI q4 kernel, xp [M, K]: xq with each chunk of c runs (4, then 2,
+ * then 1 at the tail) stored as the c low halves (values 0-15) then the c high halves. */
+typedef struct {
+    int8_t *xq, *xp;
+    float *dx, *xsum;
+    int64_t K, runs, groups;
+} Rounded;
+
+/* Room for M rows of width up to K (xsum sized for groups of 32, the most groups a row has). */
+static int rounded_alloc(Rounded *q, int64_t M, int64_t K) {
+    float *f = malloc(sizeof(float) * 2 * M * (K / 32) + 2 * M * K + 64);
+    if (!f) return 0;
+    q->dx = f, q->xsum = f + M * (K / 32);
+    q->xq = (int8_t *)(f + 2 * M * (K / 32));
+    q->xp = q->xq + M * K;
+    return 1;
 }
 
-/* x [M, K] → xq int8 [M, K], dx [M, K / 32] (round half to even, dx = max |x| / 127), and the
- * sums of the rounded x per group. */
-static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t group, int8_t *xq, float *dx, float *xsum) {
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t r = 0; r < K / 32; r++) {
-            const float *v = x + m * K + r * 32;
-            float amax = 0.0f;
-            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
-            const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-            dx[m * (K / 32) + r] = d;
-            for (int j = 0; j < 32; j++) xq[m * K + r * 32 + j] = (int8_t)nearbyintf(v[j] * inv);
+static void interleave_runs(const int8_t *xq, int64_t runs, int8_t *xp) {
+    for (int64_t r = 0; r < runs;) {
+        const int64_t c = runs - r >= 4 ? 4 : runs - r >= 2 ? 2 : 1;
+        for (int64_t i = 0; i < c; i++) {
+            _mm_storeu_si128((__m128i *)(xp + r * 32 + i * 16), _mm_loadu_si128((const __m128i *)(xq + (r + i) * 32)));
+            _mm_storeu_si128((__m128i *)(xp + r * 32 + (c + i) * 16),
+                             _mm_loadu_si128((const __m128i *)(xq + (r + i) * 32 + 16)));
         }
-        /* the sums of the rounded x, so the dot is exactly the one with x rounded (w . x^): the
-         * offset term cancels most of the uncentred q . x term, and must cancel it exactly */
-        for (int64_t g = 0; g < K / group; g++) {
-            float s = 0.0f;
-            for (int64_t r = g * (group / 32); r < (g + 1) * (group / 32); r++) {
-                int32_t q = 0;
-                for (int j = 0; j < 32; j++) q += xq[m * K + r * 32 + j];
-                s += dx[m * (K / 32) + r] * (float)q;
-            }
-            xsum[m * (K / group) + g] = s;
-        }
+        r += c;
     }
 }
 
-static void row_q8(const float *x, int64_t M, int64_t K, int64_t group, const int8_t *w, const uint16_t *scale,
-                   float *out) {
-    for (int64_t m = 0; m < M; m++) out[m] = dot_q8(x + m * K, K, group, w, scale);
+/* One run of 32: out = round(v / d) (half to even: the default rounding mode), d = max|v| / 127;
+ * returns the sum of the rounded values. The same arithmetic as formats.int8_activations. */
+static inline int32_t round_run(const float *v, int8_t *out, float *d_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_loadu_ps(v), b = _mm256_loadu_ps(v + 8), c = _mm256_loadu_ps(v + 16), e = _mm256_loadu_ps(v + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a), _mm256_andnot_ps(sign, b)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, c), _mm256_andnot_ps(sign, e)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float d = _mm_cvtss_f32(h) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    *d_out = d;
+    const __m256 iv = _mm256_set1_ps(inv);
+    __m256i qa = _mm256_cvtps_epi32(_mm256_mul_ps(a, iv)), qb = _mm256_cvtps_epi32(_mm256_mul_ps(b, iv));
+    __m256i qc = _mm256_cvtps_epi32(_mm256_mul_ps(c, iv)), qe = _mm256_cvtps_epi32(_mm256_mul_ps(e, iv));
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(qa, qb), _mm256_packs_epi32(qc, qe));
+    /* packs works within 128-bit lanes: put the eight 4-byte groups back in order */
+    _mm256_storeu_si256((__m256i *)out, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m256i t = _mm256_add_epi32(_mm256_add_epi32(qa, qb), _mm256_add_epi32(qc, qe));
+    __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+    return _mm_cvtsi128_si32(t4);
 }
 
-static void row_q4(const int8_t *xq, const float *dx, const float *xsum, int64_t M, int64_t K, int64_t group,
-                   const uint8_t *w, const uint16_t *scale, const uint16_t *offset, float *out) {
-    for (int64_t m = 0; m < M; m++)
-        out[m] = dot_q4(xq + m * K, dx + m * (K / 32), xsum + m * (K / group), K, group, w, scale, offset);
+/* x [M, K] rounded into q (see Rounded); xsum only for q4. */
+static void round_rows(const float *x, int64_t M, int64_t K, int64_t group, int q4, Rounded *q) {
+    const int64_t runs = K / 32, groups = K / group, per_group = group / 32;
+    q->K = K, q->runs = runs, q->groups = groups;
+    for (int64_t m = 0; m < M; m++) {
+        int8_t *xq = q->xq + m * K;
+        float *dx = q->dx + m * runs;
+        float s = 0.0f;
+        for (int64_t r = 0; r < runs; r++) {
+            const int32_t t = round_run(x + m * K + r * 32, xq + r * 32, dx + r);
+            /* the sums of the rounded x per group, in run order */
+            s += dx[r] * (float)t;
+            if (q4 && (r + 1) % per_group == 0) q->xsum[m * groups + r / per_group] = s, s = 0.0f;
+        }
+        if (q4 && RUNG_VNNI) interleave_runs(xq, runs, q->xp + m * K);
+    }
+}
+
+static void row_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w, const uint16_t *scale, float *out) {
+    float cs[q->runs + 8];
+    for (int64_t m = 0; m < M; m++) {
+        run_scales(q->dx + m * q->runs, q->runs, group / 32, scale, cs);
+        out[m] = dot_q8(q->xq + m * q->K, cs, q->runs, w);
+    }
+}
+
+static void row_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w, const uint16_t *scale,
+                   const uint16_t *offset, float *out) {
+    float cs[q->runs + 8];
+    const int8_t *x = RUNG_VNNI ? q->xp : q->xq;
+    for (int64_t m = 0; m < M; m++) {
+        run_scales(q->dx + m * q->runs, q->runs, group / 32, scale, cs);
+        out[m] = dot_q4(x + m * q->K, cs, q->runs, w) + offset_term(q->xsum + m * q->groups, q->groups, offset);
+    }
 }
 
 /* ---- the driver: row blocks in parallel, then the epilogue -------------------------------- */
@@ -175,31 +325,41 @@ static inline float activate(float g, int gated) {
     return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
 }
 
-static void gemv(int format, const float *x, int64_t M, int64_t N, int64_t K, int64_t group, const void *w,
-                 const uint16_t *scale, const uint16_t *offset, const float *bias, float *y, int accumulate,
-                 int gated, int threads) {
+/* One projection's constants (rung/native/__init__.py builds these as ctypes Structures). */
+typedef struct {
+    int64_t format, gated, N, K, group;
+    const void *w;
+    const uint16_t *scale, *offset;
+    const float *bias;
+} Linear;
+
+/* y[m, :] (+)= W x[m, :] for this thread's share of the row blocks; call inside a parallel region
+ * (or outside one: then serially). q: x rounded (q8, q4). Ends with the for-loop's barrier. */
+static void gemv_rows(const Linear *L, const float *x, const Rounded *q, int64_t M, float *y, int accumulate) {
+    const int64_t format = L->format, N = L->N, K = L->K, group = L->group, gated = L->gated;
     const int64_t groups = format == F32 ? 0 : K / group;
-    int8_t *xq = 0;
-    float *dx = 0, *xsum = 0;
-    if (format == Q4) {
-        xq = malloc(M * K + 4 + 2 * sizeof(float) * M * (K / 32));
-        dx = (float *)(xq + M * K + (-(M * K) & 3)), xsum = dx + M * (K / 32);
-        quantize_rows(x, M, K, group, xq, dx, xsum);
-    }
     const int64_t out_n = gated ? N / 2 : N;
-#pragma omp parallel for schedule(static) num_threads(threads)
+    const int64_t row_bytes = format == F32 ? 4 * K : format == Q8 ? K : K / 2;
+    const float *bias = L->bias;
+    int first = 1;
+#pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
         const int64_t rows = N - n0 < BLOCK ? N - n0 : BLOCK;
+        if (first) { /* the loop prefetches PREFETCH bytes ahead: fetch this thread's first ones now */
+            first = 0;
+            const char *start = (const char *)L->w + n0 * row_bytes;
+            for (int64_t b = 0; b < PREFETCH && b < (N - n0) * row_bytes; b += 64) _mm_prefetch(start + b, _MM_HINT_T0);
+        }
         float dots[BLOCK][MAX_M];
         for (int64_t r = 0; r < rows; r++) {
             const int64_t n = n0 + r;
             if (format == F32)
-                row_f32(x, M, K, (const float *)w + n * K, dots[r]);
+                row_f32(x, M, K, (const float *)L->w + n * K, dots[r]);
             else if (format == Q8)
-                row_q8(x, M, K, group, (const int8_t *)w + n * K, scale + n * groups, dots[r]);
+                row_q8(q, M, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
             else
-                row_q4(xq, dx, xsum, M, K, group, (const uint8_t *)w + n * K / 2, scale + n * groups,
-                       offset + n * groups, dots[r]);
+                row_q4(q, M, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
+                       L->offset + n * groups, dots[r]);
             if (bias)
                 for (int64_t m = 0; m < M; m++) dots[r][m] += bias[n];
         }
@@ -218,27 +378,32 @@ static void gemv(int format, const float *x, int64_t M, int64_t N, int64_t K, in
             }
         }
     }
-    free(xq);
+}
+
+static inline void round_for(const Linear *L, const float *x, int64_t M, Rounded *q) {
+    if (L->format != F32) round_rows(x, M, L->K, L->group, L->format == Q4, q);
+}
+
+static void gemv(const Linear *L, const float *x, int64_t M, float *y, int accumulate, int threads) {
+    Rounded q = {0};
+    if (L->format != F32) {
+        if (!rounded_alloc(&q, M, L->K)) return;
+        round_for(L, x, M, &q);
+    }
+#pragma omp parallel num_threads(threads)
+    gemv_rows(L, x, &q, M, y, accumulate);
+    free(q.dx);
 }
 
 /* ---- the exported entry points (called through ctypes; shapes checked in Python) ---------- */
 
 int rung_max_m(void) { return MAX_M; }
 
-void rung_gemv_f32(const float *x, int64_t M, int64_t N, int64_t K, const float *w, const float *bias, float *y,
-                   int accumulate, int gated, int threads) {
-    gemv(F32, x, M, N, K, K, w, 0, 0, bias, y, accumulate, gated, threads);
-}
+int rung_vnni(void) { return RUNG_VNNI; }
 
-void rung_gemv_q8(const float *x, int64_t M, int64_t N, int64_t K, int64_t group, const int8_t *w,
-                  const uint16_t *scale, const float *bias, float *y, int accumulate, int gated, int threads) {
-    gemv(Q8, x, M, N, K, group, w, scale, 0, bias, y, accumulate, gated, threads);
-}
-
-void rung_gemv_q4(const float *x, int64_t M, int64_t N, int64_t K, int64_t group, const uint8_t *w,
-                  const uint16_t *scale, const uint16_t *offset, const float *bias, float *y, int accumulate,
-                  int gated, int threads) {
-    gemv(Q4, x, M, N, K, group, w, scale, offset, bias, y, accumulate, gated, threads);
+/* y [M, N] (or N / 2 gated) = W x, or += with accumulate; x [M, K] float32, M <= MAX_M. */
+void rung_gemv(const Linear *L, const float *x, int64_t M, float *y, int accumulate, int threads) {
+    gemv(L, x, M, y, accumulate, threads);
 }
 
 /* ---- decode attention over the paged KV pool ----------------------------------------------
@@ -258,47 +423,122 @@ static inline float dot_f32(const float *a, const float *b, int64_t d) {
     return r;
 }
 
-void rung_decode_attention(const float *q, int64_t q_tok, int64_t q_head, float *kpool, float *vpool,
-                           const float *knew, const float *vnew, int64_t new_tok, int64_t new_head,
-                           const int64_t *write_slots, const int64_t *idx, const int64_t *lengths, int64_t B,
-                           int64_t L, int64_t hq, int64_t hkv, int64_t d, float scale, const float *sinks, float *out,
-                           int threads) {
+static void write_kv(float *kpool, float *vpool, const float *knew, const float *vnew, int64_t new_tok,
+                     int64_t new_head, const int64_t *write_slots, int64_t B, int64_t hkv, int64_t d) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < hkv; h++)
+            for (int64_t k = 0; k < d; k++) {
+                kpool[(write_slots[b] * hkv + h) * d + k] = knew[b * new_tok + h * new_head + k];
+                vpool[(write_slots[b] * hkv + h) * d + k] = vnew[b * new_tok + h * new_head + k];
+            }
+}
+
+/* e^x for x <= 0 (scores minus their max), eight at a time: Cephes' expf (x = n ln2 + r, a
+ * degree-5 polynomial for e^r, 2^n through the exponent bits), within 2 ulp of libm's expf. */
+static inline __m256 exp_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f)); /* below: e^x underflows; the weight is 0 either way */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* Eight dot products q . k_t (t = 0..7) at once: eight independent FMA chains instead of one
+ * chain per key (whose latency, not the loads, bounded the old loop), then one transposing sum. */
+static inline __m256 dot8(const float *q, const float *const k[8], int64_t d) {
+    __m256 a[8];
+    for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[t] + i), a[t]);
+    }
+    if (i < d) { /* a head width not a multiple of 8: the rest through a mask */
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(d - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 qv = _mm256_maskload_ps(q + i, m);
+        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k[t] + i, m), a[t]);
+    }
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+/* This thread's share of the (sequence, head) pairs; inside a parallel region (or serially). */
+static void attention_rows(const float *q, int64_t q_tok, int64_t q_head, const float *kpool, const float *vpool,
+                           const int64_t *idx, const int64_t *lengths, int64_t B, int64_t L, int64_t hq, int64_t hkv,
+                           int64_t d, float scale, const float *sinks, float *out) {
     const int64_t group = hq / hkv;
-    if (write_slots) /* this step's keys and values into their slots first (strided views, no copies) */
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t h = 0; h < hkv; h++)
-                for (int64_t k = 0; k < d; k++) {
-                    kpool[(write_slots[b] * hkv + h) * d + k] = knew[b * new_tok + h * new_head + k];
-                    vpool[(write_slots[b] * hkv + h) * d + k] = vnew[b * new_tok + h * new_head + k];
-                }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * hq; bh++) {
         const int64_t b = bh / hq, h = bh % hq, kvh = h / group, n = lengths[b];
         const float *qv = q + b * q_tok + h * q_head;
         const int64_t *slots = idx + b * L;
-        float *scores = malloc(sizeof(float) * (n > 0 ? n : 1));
-        float top = sinks ? sinks[h] : -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
+        float *scores = malloc(sizeof(float) * (n + 8));
+        /* scores, eight keys at a time */
+        const __m256 sc = _mm256_set1_ps(scale);
+        __m256 top8 = _mm256_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const float *k[8];
+            for (int t = 0; t < 8; t++) k[t] = kpool + (slots[j + t] * hkv + kvh) * d;
+            const __m256 s = _mm256_mul_ps(sc, dot8(qv, k, d));
+            _mm256_storeu_ps(scores + j, s);
+            top8 = _mm256_max_ps(top8, s);
+        }
+        __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+        t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
+        t4 = _mm_max_ss(t4, _mm_movehdup_ps(t4));
+        float top = _mm_cvtss_f32(t4);
+        for (; j < n; j++) {
             scores[j] = scale * dot_f32(qv, kpool + (slots[j] * hkv + kvh) * d, d);
             top = scores[j] > top ? scores[j] : top;
         }
-        float total = sinks ? expf(sinks[h] - top) : 0.0f;
+        if (sinks && sinks[h] > top) top = sinks[h];
+        /* p = e^(s - top) in place, and their sum */
+        const __m256 tv = _mm256_set1_ps(top);
+        __m256 sum8 = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 p = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), tv));
+            _mm256_storeu_ps(scores + j, p);
+            sum8 = _mm256_add_ps(sum8, p);
+        }
+        float total = hsum(sum8) + (sinks ? expf(sinks[h] - top) : 0.0f);
+        for (; j < n; j++) total += (scores[j] = expf(scores[j] - top));
+        /* out = sum_j p_j v_j / total */
         float *o = out + bh * d;
         for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            const float p = expf(scores[j] - top);
-            total += p;
+        for (j = 0; j < n; j++) {
             const float *vv = vpool + (slots[j] * hkv + kvh) * d;
+            const __m256 pv = _mm256_set1_ps(scores[j]);
             int64_t k = 0;
-            __m256 pv = _mm256_set1_ps(p);
             for (; k + 8 <= d; k += 8)
                 _mm256_storeu_ps(o + k, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + k), _mm256_loadu_ps(o + k)));
-            for (; k < d; k++) o[k] += p * vv[k];
+            for (; k < d; k++) o[k] += scores[j] * vv[k];
         }
         const float inv = total > 0.0f ? 1.0f / total : 0.0f;
         for (int64_t k = 0; k < d; k++) o[k] *= inv;
         free(scores);
     }
+}
+
+void rung_decode_attention(const float *q, int64_t q_tok, int64_t q_head, float *kpool, float *vpool,
+                           const float *knew, const float *vnew, int64_t new_tok, int64_t new_head,
+                           const int64_t *write_slots, const int64_t *idx, const int64_t *lengths, int64_t B,
+                           int64_t L, int64_t hq, int64_t hkv, int64_t d, float scale, const float *sinks, float *out,
+                           int threads) {
+    if (write_slots) /* this step's keys and values into their slots first (strided views, no copies) */
+        write_kv(kpool, vpool, knew, vnew, new_tok, new_head, write_slots, B, hkv, d);
+#pragma omp parallel num_threads(threads)
+    attention_rows(q, q_tok, q_head, kpool, vpool, idx, lengths, B, L, hq, hkv, d, scale, sinks, out);
 }
 
 /* ---- small per-token ops of a decode step, one call each instead of several torch ops ------- */
@@ -328,4 +568,94 @@ void rung_rope(float *x, int64_t M, int64_t row, int64_t heads, int64_t d, const
                 v[j + half] = b * c[j + half] + a * s[j + half];
             }
         }
+}
+
+/* ---- a whole decode step in one call ---------------------------------------------------------
+ * A decode step of a small model is ~250 short operations; called one by one from Python each
+ * costs a ctypes call and an OpenMP fork/join (5-10 us together), more than many of them
+ * compute. rung_decode_step runs every layer of a plain pre-norm decoder (RMSNorm, fused q|k|v,
+ * RoPE, K/V write + attention over the paged pool, o + residual, RMSNorm, gated gate|up, down +
+ * residual), then the final norm and the LM head, inside one parallel region: the threads split
+ * each GEMV's rows and the attention's heads, and one of them does the small serial pieces
+ * (norms, RoPE, rounding x) between barriers. The same functions as the single-op entry points
+ * above, so each piece is tested on its own too. engine/cpu_decode.py builds the structs. */
+#define MAX_GROUPS 4 /* KV pool groups (full and sliding layers) */
+#define MAX_ROPES 4  /* RoPE tables (layer types) */
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    Linear qkv, o, gate_up, down;
+    float *kpool, *vpool;
+    int64_t group, rope; /* which read plan, which RoPE table */
+    float scale;         /* attention scale */
+} Layer;
+
+typedef struct {
+    int64_t layers, hidden, hq, hkv, d, max_k;
+    float eps, norm_offset;
+    const Layer *layer;
+    const float *final_norm; /* NULL: stop after the last layer (the caller takes the logits) */
+    Linear head;
+} Model;
+
+typedef struct {
+    int64_t B;
+    const int64_t *idx[MAX_GROUPS], *lengths[MAX_GROUPS], *slots[MAX_GROUPS];
+    int64_t L[MAX_GROUPS];
+    const float *cos[MAX_ROPES], *sin[MAX_ROPES];
+    float *x, *h, *qkv, *att, *gu, *logits; /* x holds the embedded tokens on entry, the last hidden state on exit */
+} Step;
+
+int rung_decode_step_limits(int64_t *groups, int64_t *ropes) {
+    *groups = MAX_GROUPS, *ropes = MAX_ROPES;
+    return (int)sizeof(Model) * 1000 + (int)sizeof(Layer);
+}
+
+void rung_decode_step(const Model *m, const Step *st, int threads) {
+    const int64_t B = st->B, hq = m->hq, hkv = m->hkv, d = m->d, row = (hq + 2 * hkv) * d, H = m->hidden;
+    const float eps = m->eps, off = m->norm_offset;
+    float *x = st->x, *h = st->h;
+    Rounded q = {0};
+    if (!rounded_alloc(&q, B, m->max_k)) return;
+#pragma omp parallel num_threads(threads)
+    {
+        for (int64_t l = 0; l < m->layers; l++) {
+            const Layer *L = m->layer + l;
+            const int64_t g = L->group;
+#pragma omp single
+            {
+                rung_rmsnorm(x, L->attn_norm, h, B, H, eps, off);
+                round_for(&L->qkv, h, B, &q);
+            }
+            gemv_rows(&L->qkv, h, &q, B, st->qkv, 0);
+#pragma omp single
+            {
+                rung_rope(st->qkv, B, row, hq + hkv, d, st->cos[L->rope], st->sin[L->rope]);
+                write_kv(L->kpool, L->vpool, st->qkv + hq * d, st->qkv + (hq + hkv) * d, row, d, st->slots[g], B, hkv, d);
+            }
+            attention_rows(st->qkv, row, d, L->kpool, L->vpool, st->idx[g], st->lengths[g], B, st->L[g], hq, hkv, d,
+                           L->scale, 0, st->att);
+#pragma omp single
+            round_for(&L->o, st->att, B, &q);
+            gemv_rows(&L->o, st->att, &q, B, x, 1);
+#pragma omp single
+            {
+                rung_rmsnorm(x, L->mlp_norm, h, B, H, eps, off);
+                round_for(&L->gate_up, h, B, &q);
+            }
+            gemv_rows(&L->gate_up, h, &q, B, st->gu, 0);
+#pragma omp single
+            round_for(&L->down, st->gu, B, &q);
+            gemv_rows(&L->down, st->gu, &q, B, x, 1);
+        }
+        if (m->final_norm) {
+#pragma omp single
+            {
+                rung_rmsnorm(x, m->final_norm, h, B, H, eps, off);
+                round_for(&m->head, h, B, &q);
+            }
+            gemv_rows(&m->head, h, &q, B, st->logits, 0);
+        }
+    }
+    free(q.dx);
 }

@@ -109,7 +109,7 @@ def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] rounded as the q4 kernel rounds it before its integer dot products: int8 in runs of
+    """x [M, K] rounded as the q8 and q4 kernels round it before its integer dot products: int8 in runs of
     32 with scale max|x| / 127 (half to even); returned dequantized, float32. The kernel's result is
     this x through the dequantized weight."""
     m, k = x.shape
