@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rung.config import ModelConfig, MoEConfig, RopeConfig
-from rung.model.decoder import Decoder
+from rung.model.decoder import Decoder, meta_decoder
 from rung.quant.formats import Packed
 from rung.quant.linear import PackedEmbedding, PackedLinear
 
@@ -108,9 +108,7 @@ def load_packed(folder: str | Path, device: str | torch.device = "cpu") -> Decod
         if "rung_layers" not in meta:
             raise ValueError(f"{file}: no rung_layers metadata (not written by rung quantize)")
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    with torch.device("meta"):
-        model = Decoder(config)
-    model = model.to_empty(device=device)  # derived tables (rotary) are plain attributes, computed at build
+    model = meta_decoder(config).to_empty(device=device)  # derived tables (rotary) are plain attributes, computed at build
     for layer in json.loads(meta["rung_layers"]):
         p = layer["path"]
         take = lambda part: tensors.get(f"{p}.{part}")  # noqa: E731

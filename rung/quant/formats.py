@@ -101,11 +101,13 @@ def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, k = p.shape
     if p.fmt == "f32":
         return p.data.to(dtype)
-    scale = p.scale.float().repeat_interleave(p.group, dim=1)
+    # scales broadcast over each group (no [N, K] copies of them: prefill dequantizes every layer)
+    g = k // p.group
+    scale = p.scale.float().view(n, g, 1)
     if p.fmt == "q8":
-        return (p.data.float() * scale).to(dtype)
-    offset = p.offset.float().repeat_interleave(p.group, dim=1)
-    return (unpack_nibbles(p.data).float() * scale + offset).to(dtype)
+        return (p.data.view(n, g, p.group).float().mul_(scale)).view(n, k).to(dtype)
+    w = unpack_nibbles(p.data).view(n, g, p.group).float().mul_(scale).add_(p.offset.float().view(n, g, 1))
+    return w.view(n, k).to(dtype)
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from gguf.quants import dequantize
 
 from rung.config import ConfigError, ModelConfig, MoEConfig, RopeConfig
 from rung.model import Decoder
+from rung.model.decoder import meta_decoder
 from rung.model.rope import inv_freq_for
 from rung.weights.keymaps import Rule, converted, copy
 from rung.weights.safetensors_io import CheckpointError
@@ -857,8 +858,7 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
         config = config_from_gguf(gf)
         rules = gguf_rules(config, gf)
         consumed = {"rope_freqs.weight"} & set(gf.tensors)  # already folded into config.rope
-        with torch.device("meta"):
-            _check_plan(Decoder(config), gf, rules, consumed)
+        _check_plan(meta_decoder(config), gf, rules, consumed)
         model = empty_model(config, torch_dtype, device)
         params = dict(model.named_parameters())
         packed = {}

@@ -15,6 +15,7 @@ import torch
 
 from rung.config import ModelConfig
 from rung.model import Decoder
+from rung.model.decoder import meta_decoder
 from rung.weights.keymaps import converted, keymap
 from rung.weights.resolve import resolve_model
 from rung.weights.safetensors_io import CheckpointError, SafetensorsFolder
@@ -33,9 +34,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Decoder:
     """A Decoder with uninitialised parameters on ``device`` (its derived tables are computed)."""
-    with torch.device("meta"):
-        model = Decoder(config).to(dtype)
-    return model.to_empty(device=device)
+    return meta_decoder(config).to(dtype).to_empty(device=device)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
@@ -64,8 +63,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         # a GGUF keeps its blocks where rung's format holds them; nothing is expanded to float first
         from rung.weights.gguf import load_gguf_model, read_gguf, config_from_gguf
 
-        with read_gguf(path) as gf, torch.device("meta"):
-            targets = packed_targets(Decoder(config_from_gguf(gf)), spec.weights, spec.group)
+        with read_gguf(path) as gf:
+            targets = packed_targets(meta_decoder(config_from_gguf(gf)), spec.weights, spec.group)
         model, packed = load_gguf_model(path, dtype, device, progress, packed_formats=targets)
         return pack_model(model, spec.weights, spec.group, packed=packed)
     model = _load(path, dtype, device, progress)
