@@ -64,7 +64,11 @@ def test_gguf_blocks_map_exactly_to_rungs_formats(kind):
 @pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("shape,group", [((96, 576), None), ((200, 256), 64), ((48, 1536), 128),
-                                         ((40, 224), 32), ((24, 160), None), ((16, 96), None)])  # every tail
+                                         ((40, 224), 32), ((24, 160), None), ((16, 96), None),
+                                         # groups of 32 (q8 and q4 scales read in the loop): 1, 4, 16, 25 runs;
+                                         # groups of 64 and 96 with a last chunk of 2 and 1 runs
+                                         ((8, 32), 32), ((32, 128), 32), ((16, 512), 32), ((24, 800), 32),
+                                         ((24, 192), 64), ((24, 288), 96)])  # every tail
 def test_native_gemv_equals_the_dequantizing_reference(fmt, rows, shape, group):
     if fmt == "q4" and group is None:
         group = 32

@@ -92,13 +92,17 @@ static inline void run_scales(const float *dx, int64_t runs, int64_t per_group, 
 }
 
 /* q8 against x rounded to int8 (xq, natural order). Signed times signed: the instructions take
- * unsigned times signed bytes, so |w| times x with w's sign moved onto x (exact: |q| <= 127). */
-static inline float dot_q8(const int8_t *xq, const float *cs, int64_t runs, const int8_t *w) {
+ * unsigned times signed bytes, so |w| times x with w's sign moved onto x (exact: |q| <= 127).
+ * The float factor of run r is cs[r] (see run_scales) or, when cs is NULL (groups of 32: GGUF's
+ * Q8_0), scale[r] * dx[r] computed in the loop, which saves a pass per row over the run scales. */
+static inline float dot_q8(const int8_t *xq, const float *cs, const float *dx, const uint16_t *scale, int64_t runs,
+                           const int8_t *w) {
     float total = 0.0f;
     int64_t r = 0;
 #if RUNG_VNNI
-    /* two runs (64 bytes) an iteration; int32 lanes 0-7 belong to run r, 8-15 to run r + 1 */
+    /* two runs (64 bytes) an instruction; int32 lanes 0-7 belong to run r, 8-15 to run r + 1 */
     const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i pair2 = _mm512_add_epi32(pair, _mm512_set1_epi32(2));
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (; r + 4 <= runs; r += 4) {
         PF(w + r * 32);
@@ -109,10 +113,11 @@ static inline float dot_q8(const int8_t *xq, const float *cs, int64_t runs, cons
         x1 = _mm512_mask_sub_epi8(x1, _mm512_movepi8_mask(b1), _mm512_setzero_si512(), x1);
         __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(b0), x0);
         __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(b1), x1);
-        __m512 c = _mm512_castps128_ps512(_mm_loadu_ps(cs + r));
+        __m128 c4 = cs ? _mm_loadu_ps(cs + r)
+                       : _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + r))), _mm_loadu_ps(dx + r));
+        __m512 c = _mm512_castps128_ps512(c4);
         a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair, c), _mm512_cvtepi32_ps(s0), a0);
-        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2)), c),
-                             _mm512_cvtepi32_ps(s1), a1);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair2, c), _mm512_cvtepi32_ps(s1), a1);
     }
     total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
@@ -123,7 +128,8 @@ static inline float dot_q8(const int8_t *xq, const float *cs, int64_t runs, cons
         __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 32));
         __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + r * 32)), b);
         __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(b), x), ones);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(cs + r), _mm256_cvtepi32_ps(s), acc);
+        const float c = cs ? cs[r] : half_to_float(scale[r]) * dx[r];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_cvtepi32_ps(s), acc);
     }
     return total + hsum(acc);
 }
@@ -142,58 +148,65 @@ static inline float offset_term(const float *xsum, int64_t groups, const uint16_
 }
 
 #if RUNG_VNNI
-/* The nibbles of 4 runs (64 bytes) split into their low halves (values 0-15 of each run, one
- * run per 128-bit lane) and high halves (values 16-31) without any shuffle of the weights: x is
- * stored pre-shuffled to match (xp, see interleave_runs), so two dpbusd give run i's sum in int32
- * lanes 4i..4i+3. A tail of 2 runs uses the same trick in 256 bits, a last run in 128. */
-static inline float dot_q4(const int8_t *xp, const float *cs, int64_t runs, const uint8_t *w) {
+/* The nibbles of a chunk of 4 runs (64 bytes) split into their low halves (values 0-15 of each
+ * run, one run per 128-bit lane) and high halves (values 16-31) without any shuffle of the
+ * weights: x is stored pre-shuffled to match (xp, see interleave_runs: every chunk 128 bytes, the
+ * last one padded with zeros), so two dpbusd give run i's sum in int32 lanes 4i..4i+3. `t` < 4
+ * runs of a last chunk are read through a mask (the lanes of the missing runs are zero). */
+static inline __m512i q4_chunk(const uint8_t *w, const int8_t *xp, int64_t t) {
     const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i b = t >= 4 ? _mm512_loadu_si512(w) : _mm512_maskz_loadu_epi8(((__mmask64)1 << (16 * t)) - 1, w);
+    const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), _mm512_loadu_si512(xp));
+    return _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), _mm512_loadu_si512(xp + 64));
+}
+
+/* q4, any group: cs[r] is run r's float factor (run_scales); the offset term comes separately. */
+static inline float dot_q4(const int8_t *xp, const float *cs, int64_t runs, const uint8_t *w) {
     const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t r = 0; r < runs; r += 4) {
+        PF(w + r * 16);
+        const int64_t t = runs - r;
+        const __m128 c = t >= 4 ? _mm_loadu_ps(cs + r) : _mm_maskz_loadu_ps((__mmask8)((1 << t) - 1), cs + r);
+        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(c)),
+                              _mm512_cvtepi32_ps(q4_chunk(w + r * 16, xp + r * 32, t)), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* q4 in groups of 32 (GGUF's Q4_0 / Q4_1 blocks, rung's default int4): the whole row in one
+ * pass, with the run scales (scale[r] * dx[r], dx pre-broadcast per chunk in xd) and the offset
+ * term (offset[r] * xsum[r]) folded into the loop, two chunks an iteration. The per-row passes
+ * of the general path cost as much as the dot product itself on short rows (K = 576). */
+static inline float dot_q4g32(const int8_t *xp, const float *xd, const float *xsum, int64_t runs, const uint8_t *w,
+                              const uint16_t *scale, const uint16_t *offset) {
+    const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i quad2 = _mm512_add_epi32(quad, _mm512_set1_epi32(4));
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m256 o = _mm256_setzero_ps();
     int64_t r = 0;
     for (; r + 8 <= runs; r += 8) {
         PF(w + r * 16);
         PF(w + r * 16 + 64);
-        __m512i b0 = _mm512_loadu_si512(w + r * 16), b1 = _mm512_loadu_si512(w + r * 16 + 64);
-        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b0, low), _mm512_loadu_si512(xp + r * 32));
-        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b1, low), _mm512_loadu_si512(xp + r * 32 + 128));
-        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(_mm512_srli_epi16(b0, 4), low), _mm512_loadu_si512(xp + r * 32 + 64));
-        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(b1, 4), low), _mm512_loadu_si512(xp + r * 32 + 192));
-        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(cs + r))),
+        const __m512i s0 = q4_chunk(w + r * 16, xp + r * 32, 4), s1 = q4_chunk(w + r * 16 + 64, xp + r * 32 + 128, 4);
+        const __m512 sc = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + r))));
+        a0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_permutexvar_ps(quad, sc), _mm512_loadu_ps(xd + r * 4)),
                              _mm512_cvtepi32_ps(s0), a0);
-        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(cs + r + 4))),
+        a1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_permutexvar_ps(quad2, sc), _mm512_loadu_ps(xd + r * 4 + 16)),
                              _mm512_cvtepi32_ps(s1), a1);
+        o = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + r))), _mm256_loadu_ps(xsum + r), o);
     }
-    for (; r + 4 <= runs; r += 4) {
+    for (; r < runs; r += 4) { /* the last 1-7 runs, a chunk at a time */
         PF(w + r * 16);
-        __m512i b = _mm512_loadu_si512(w + r * 16);
-        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), _mm512_loadu_si512(xp + r * 32));
-        s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), _mm512_loadu_si512(xp + r * 32 + 64));
-        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(cs + r))),
-                             _mm512_cvtepi32_ps(s), a0);
+        const int64_t t = runs - r;
+        const __mmask8 m = t >= 4 ? 0x0F : (__mmask8)((1 << t) - 1);
+        const __m512 sc = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16(m, scale + r)));
+        a0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_permutexvar_ps(quad, sc), _mm512_loadu_ps(xd + r * 4)),
+                             _mm512_cvtepi32_ps(q4_chunk(w + r * 16, xp + r * 32, t)), a0);
+        o = _mm256_fmadd_ps(_mm256_zextps128_ps256(_mm_cvtph_ps(_mm_maskz_loadu_epi16(m, offset + r))),
+                            _mm256_zextps128_ps256(_mm_maskz_loadu_ps(m, xsum + r)), o);
     }
-    float total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    if (r + 2 <= runs) {
-        const __m256i l = _mm256_set1_epi8(0x0F);
-        __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 16));
-        __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(b, l),
-                                        _mm256_loadu_si256((const __m256i *)(xp + r * 32)));
-        s = _mm256_dpbusd_epi32(s, _mm256_and_si256(_mm256_srli_epi16(b, 4), l),
-                                _mm256_loadu_si256((const __m256i *)(xp + r * 32 + 32)));
-        __m256 c = _mm256_set_m128(_mm_set1_ps(cs[r + 1]), _mm_set1_ps(cs[r]));
-        total += hsum(_mm256_mul_ps(c, _mm256_cvtepi32_ps(s)));
-        r += 2;
-    }
-    if (r < runs) {
-        const __m128i l = _mm_set1_epi8(0x0F);
-        __m128i b = _mm_loadu_si128((const __m128i *)(w + r * 16));
-        __m128i s = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_and_si128(b, l), _mm_loadu_si128((const __m128i *)(xp + r * 32)));
-        s = _mm_dpbusd_epi32(s, _mm_and_si128(_mm_srli_epi16(b, 4), l), _mm_loadu_si128((const __m128i *)(xp + r * 32 + 16)));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-        total += cs[r] * (float)_mm_cvtsi128_si32(s);
-    }
-    return total;
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_zextps256_ps512(o)));
 }
 #else
 /* AVX2: two runs (32 bytes of nibbles) an iteration, the nibbles put back in value order. */
@@ -224,33 +237,38 @@ static inline float dot_q4(const int8_t *xq, const float *cs, int64_t runs, cons
 
 /* x rounded to int8 for the q8 and q4 kernels, once per call: xq [M, K] in value order, dx
  * [M, K / 32] (max |x| / 127 per run, half to even), xsum [M, K / group] (q4: sums of the rounded
- * x per group) and, for the VNNI q4 kernel, xp [M, K]: xq with each chunk of c runs (4, then 2,
- * then 1 at the tail) stored as the c low halves (values 0-15) then the c high halves. */
+ * x per group) and, for the VNNI q4 kernels, xp [M, KP]: xq in chunks of 4 runs, each stored as
+ * the 4 low halves (values 0-15) then the 4 high halves, the last chunk padded with zeros (KP:
+ * K rounded up to whole chunks), and xd [M, KP / 8]: dx of the chunk's run i in lanes 4i..4i+3. */
 typedef struct {
     int8_t *xq, *xp;
-    float *dx, *xsum;
-    int64_t K, runs, groups;
+    float *dx, *xsum, *xd;
+    int64_t K, KP, runs, groups;
 } Rounded;
+
+static inline int64_t padded_k(int64_t K) { return (K / 32 + 3) / 4 * 128; }
 
 /* Room for M rows of width up to K (xsum sized for groups of 32, the most groups a row has). */
 static int rounded_alloc(Rounded *q, int64_t M, int64_t K) {
-    float *f = malloc(sizeof(float) * 2 * M * (K / 32) + 2 * M * K + 64);
+    const int64_t KP = padded_k(K);
+    float *f = malloc(sizeof(float) * (2 * M * (K / 32) + M * KP / 8) + M * K + M * KP + 64);
     if (!f) return 0;
-    q->dx = f, q->xsum = f + M * (K / 32);
-    q->xq = (int8_t *)(f + 2 * M * (K / 32));
+    q->dx = f, q->xsum = f + M * (K / 32), q->xd = f + 2 * M * (K / 32);
+    q->xq = (int8_t *)(q->xd + M * KP / 8);
     q->xp = q->xq + M * K;
     return 1;
 }
 
-static void interleave_runs(const int8_t *xq, int64_t runs, int8_t *xp) {
-    for (int64_t r = 0; r < runs;) {
-        const int64_t c = runs - r >= 4 ? 4 : runs - r >= 2 ? 2 : 1;
-        for (int64_t i = 0; i < c; i++) {
-            _mm_storeu_si128((__m128i *)(xp + r * 32 + i * 16), _mm_loadu_si128((const __m128i *)(xq + (r + i) * 32)));
-            _mm_storeu_si128((__m128i *)(xp + r * 32 + (c + i) * 16),
-                             _mm_loadu_si128((const __m128i *)(xq + (r + i) * 32 + 16)));
+static void interleave_runs(const int8_t *xq, const float *dx, int64_t runs, int8_t *xp, float *xd) {
+    for (int64_t c = 0; c < (runs + 3) / 4; c++) {
+        for (int64_t i = 0; i < 4; i++) {
+            const int64_t r = 4 * c + i;
+            const __m128i lo = r < runs ? _mm_loadu_si128((const __m128i *)(xq + r * 32)) : _mm_setzero_si128();
+            const __m128i hi = r < runs ? _mm_loadu_si128((const __m128i *)(xq + r * 32 + 16)) : _mm_setzero_si128();
+            _mm_storeu_si128((__m128i *)(xp + c * 128 + i * 16), lo);
+            _mm_storeu_si128((__m128i *)(xp + c * 128 + 64 + i * 16), hi);
+            _mm_storeu_ps(xd + c * 16 + i * 4, _mm_set1_ps(r < runs ? dx[r] : 0.0f));
         }
-        r += c;
     }
 }
 
@@ -282,7 +300,7 @@ static inline int32_t round_run(const float *v, int8_t *out, float *d_out) {
 /* x [M, K] rounded into q (see Rounded); xsum only for q4. */
 static void round_rows(const float *x, int64_t M, int64_t K, int64_t group, int q4, Rounded *q) {
     const int64_t runs = K / 32, groups = K / group, per_group = group / 32;
-    q->K = K, q->runs = runs, q->groups = groups;
+    q->K = K, q->KP = padded_k(K), q->runs = runs, q->groups = groups;
     for (int64_t m = 0; m < M; m++) {
         int8_t *xq = q->xq + m * K;
         float *dx = q->dx + m * runs;
@@ -293,25 +311,41 @@ static void round_rows(const float *x, int64_t M, int64_t K, int64_t group, int 
             s += dx[r] * (float)t;
             if (q4 && (r + 1) % per_group == 0) q->xsum[m * groups + r / per_group] = s, s = 0.0f;
         }
-        if (q4 && RUNG_VNNI) interleave_runs(xq, runs, q->xp + m * K);
+        if (q4 && RUNG_VNNI) interleave_runs(xq, dx, runs, q->xp + m * q->KP, q->xd + m * q->KP / 8);
     }
 }
 
 static void row_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w, const uint16_t *scale, float *out) {
+    if (group == 32) { /* the scales in the loop (dot_q8) */
+        for (int64_t m = 0; m < M; m++) out[m] = dot_q8(q->xq + m * q->K, NULL, q->dx + m * q->runs, scale, q->runs, w);
+        return;
+    }
     float cs[q->runs + 8];
     for (int64_t m = 0; m < M; m++) {
         run_scales(q->dx + m * q->runs, q->runs, group / 32, scale, cs);
-        out[m] = dot_q8(q->xq + m * q->K, cs, q->runs, w);
+        out[m] = dot_q8(q->xq + m * q->K, cs, NULL, NULL, q->runs, w);
     }
 }
 
 static void row_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w, const uint16_t *scale,
                    const uint16_t *offset, float *out) {
+#if RUNG_VNNI
+    if (group == 32) {
+        for (int64_t m = 0; m < M; m++)
+            out[m] = dot_q4g32(q->xp + m * q->KP, q->xd + m * q->KP / 8, q->xsum + m * q->groups, q->runs, w, scale,
+                               offset);
+        return;
+    }
+    const int8_t *x = q->xp;
+    const int64_t stride = q->KP;
+#else
+    const int8_t *x = q->xq;
+    const int64_t stride = q->K;
+#endif
     float cs[q->runs + 8];
-    const int8_t *x = RUNG_VNNI ? q->xp : q->xq;
     for (int64_t m = 0; m < M; m++) {
         run_scales(q->dx + m * q->runs, q->runs, group / 32, scale, cs);
-        out[m] = dot_q4(x + m * q->K, cs, q->runs, w) + offset_term(q->xsum + m * q->groups, q->groups, offset);
+        out[m] = dot_q4(x + m * stride, cs, q->runs, w) + offset_term(q->xsum + m * q->groups, q->groups, offset);
     }
 }
 
