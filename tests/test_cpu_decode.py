@@ -1,7 +1,7 @@
 """Decode steps as native calls on the CPU (engine/cpu_decode.py) against the engine's PagedStep
 path: the same logits and tokens for every packed layout, batches of one to several rows,
-nothing leaked. (Windows come from PagedStep's read plans, shared by both paths; the plain
-pre-norm families rung has, Llama and SmolLM2, have none.)"""
+nothing leaked. (The plain pre-norm families rung has, Llama and SmolLM2, have no windows: the
+read plans' windows are checked against PagedStep's on their own.)"""
 
 from __future__ import annotations
 
@@ -89,3 +89,33 @@ def test_families_outside_the_plain_block_are_named(folders, tmp_path):
     assert "not packed" in unsupported(load_model(folders["llama"]))  # the plain float layout: PagedStep
     qwen3 = tiny_chat_model(tmp_path, tf.Qwen3Config, hidden_size=64, intermediate_size=64, head_dim=16)
     assert "norm" in unsupported(pack_model(load_model(qwen3), "f32"))
+
+
+def test_read_plans_equal_the_paged_steps_with_a_window_and_dropped_blocks():
+    """CpuDecode builds its read plans in NumPy; they must be PagedStep's, sliding windows (and the
+    blocks a window dropped, None in a table) included. Gemma 3's layout: sliding groups of 512."""
+    from types import SimpleNamespace
+
+    from rung.config import ModelConfig
+    from rung.engine.paged import KVPool
+
+    config = ModelConfig.from_preset("gemma3-270m")
+    pool = KVPool(config, 120, 16, torch.float32)
+    assert [g.window for g in pool.groups] == [None, 512]
+    g = torch.Generator().manual_seed(0)
+    chunks = []
+    for start in (700, 37, 530):
+        n = start // 16 + 1
+        full = torch.randperm(120, generator=g)[:n].tolist()
+        dropped = max(0, (start - 511) // 16)  # blocks wholly before the window: given back
+        sliding = [None] * dropped + torch.randperm(120, generator=g)[: n - dropped].tolist()
+        chunks.append(Chunk([full, sliding], start, 1))
+    step = PagedStep(pool, chunks, "cpu")
+    got = CpuDecode._plans(SimpleNamespace(pool=pool), chunks)
+    for group in range(2):
+        idx, lengths, slots = step.decode_plan(group)
+        assert torch.equal(torch.from_numpy(got[group][1]), lengths)
+        assert torch.equal(torch.from_numpy(got[group][2]), slots)
+        for row, n in enumerate(lengths.tolist()):  # the padding past each row's length is never read
+            assert torch.equal(torch.from_numpy(got[group][0][row, :n]), idx[row, :n])
+    assert got[0][1].tolist() == [701, 38, 531] and got[1][1].tolist() == [512, 38, 512]

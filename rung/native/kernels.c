@@ -506,6 +506,25 @@ static inline __m256 dot8(const float *q, const float *const k[8], int64_t d) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
+/* o = sum_j p_j v_j for the common head widths, the d / 8 sums held in registers (a width known
+ * at compile time unrolls the loop; through memory each key's update waited on the last one's
+ * stores). Values prefetched 8 keys ahead. */
+static inline __attribute__((always_inline)) void weighted_sum(const float *p, int64_t n, const float *vpool,
+                                                               const int64_t *slots, int64_t hkv, int64_t kvh,
+                                                               const int64_t d, float *o) {
+    __m256 acc[16];
+    for (int64_t k = 0; k < d / 8; k++) acc[k] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        if (j + 8 < n)
+            for (int64_t c = 0; c < d; c += 16)
+                _mm_prefetch((const char *)(vpool + (slots[j + 8] * hkv + kvh) * d + c), _MM_HINT_T0);
+        const float *vv = vpool + (slots[j] * hkv + kvh) * d;
+        const __m256 pv = _mm256_set1_ps(p[j]);
+        for (int64_t k = 0; k < d / 8; k++) acc[k] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + 8 * k), acc[k]);
+    }
+    for (int64_t k = 0; k < d / 8; k++) _mm256_storeu_ps(o + 8 * k, acc[k]);
+}
+
 /* This thread's share of the (sequence, head) pairs; inside a parallel region (or serially). */
 static void attention_rows(const float *q, int64_t q_tok, int64_t q_head, const float *kpool, const float *vpool,
                            const int64_t *idx, const int64_t *lengths, int64_t B, int64_t L, int64_t hq, int64_t hkv,
@@ -520,10 +539,26 @@ static void attention_rows(const float *q, int64_t q_tok, int64_t q_head, const 
         /* scores, eight keys at a time */
         const __m256 sc = _mm256_set1_ps(scale);
         __m256 top8 = _mm256_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < 32 && t < n; t++) {
+            const int64_t at = (slots[t] * hkv + kvh) * d;
+            for (int64_t c = 0; c < d; c += 16) {
+                _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T0);
+                _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
+            }
+        }
         int64_t j = 0;
         for (; j + 8 <= n; j += 8) {
             const float *k[8];
             for (int t = 0; t < 8; t++) k[t] = kpool + (slots[j + t] * hkv + kvh) * d;
+            /* the pool is cold (a step's weights stream through the caches between two layers'
+             * attention) and its rows are scattered: fetch the keys 16 ahead, and the values */
+            for (int64_t t = j + 32; t < j + 40 && t < n; t++) {
+                const int64_t at = (slots[t] * hkv + kvh) * d;
+                for (int64_t c = 0; c < d; c += 16) {
+                    _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
+                }
+            }
             const __m256 s = _mm256_mul_ps(sc, dot8(qv, k, d));
             _mm256_storeu_ps(scores + j, s);
             top8 = _mm256_max_ps(top8, s);
@@ -549,14 +584,20 @@ static void attention_rows(const float *q, int64_t q_tok, int64_t q_head, const 
         for (; j < n; j++) total += (scores[j] = expf(scores[j] - top));
         /* out = sum_j p_j v_j / total */
         float *o = out + bh * d;
-        for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
-        for (j = 0; j < n; j++) {
-            const float *vv = vpool + (slots[j] * hkv + kvh) * d;
-            const __m256 pv = _mm256_set1_ps(scores[j]);
-            int64_t k = 0;
-            for (; k + 8 <= d; k += 8)
-                _mm256_storeu_ps(o + k, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + k), _mm256_loadu_ps(o + k)));
-            for (; k < d; k++) o[k] += scores[j] * vv[k];
+        if (d == 64)
+            weighted_sum(scores, n, vpool, slots, hkv, kvh, 64, o);
+        else if (d == 128)
+            weighted_sum(scores, n, vpool, slots, hkv, kvh, 128, o);
+        else {
+            for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
+            for (j = 0; j < n; j++) {
+                const float *vv = vpool + (slots[j] * hkv + kvh) * d;
+                const __m256 pv = _mm256_set1_ps(scores[j]);
+                int64_t k = 0;
+                for (; k + 8 <= d; k += 8)
+                    _mm256_storeu_ps(o + k, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + k), _mm256_loadu_ps(o + k)));
+                for (; k < d; k++) o[k] += scores[j] * vv[k];
+            }
         }
         const float inv = total > 0.0f ? 1.0f / total : 0.0f;
         for (int64_t k = 0; k < d; k++) o[k] *= inv;
