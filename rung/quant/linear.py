@@ -2,9 +2,10 @@
 
 ``PackedLinear`` holds one ``Packed`` weight as buffers (so ``.to()``, ``state_dict`` and
 safetensors see them). A call with at most ``MAX_M`` rows of float32 on the CPU (a decode step)
-runs rung's native GEMV (rung/native), which reads each weight byte once; anything else (prefill,
-other dtypes, other devices) dequantizes and calls ``F.linear``, the reference the kernels are
-tested against.
+runs rung's native GEMV (rung/native), which reads each weight byte once; on CUDA a q8 / q4 layer
+runs rung's Triton kernels over the same buffers (rung/kernels/triton_quant.py: a GEMV for decode
+rows, a dequantizing matmul for small batches, dequantize + cuBLAS for prefill); anything else
+dequantizes and calls ``F.linear``, the reference the kernels are tested against.
 
 ``gated``: the weight holds a gated MLP's gate and up rows interleaved in blocks of 8 (8 gate rows,
 their 8 up rows, ...) and the layer returns act(gate) * up, so one kernel call does both
@@ -69,6 +70,8 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self._native and rows.shape[0] <= native.MAX_M and x.dtype == torch.float32 and not x.is_cuda:
             out = self.bound()(rows.contiguous())
+        elif x.is_cuda and self._triton_ok(x):
+            out = self.triton(rows)
         else:
             out = self.reference(rows)
         return out.view(*lead, out.shape[-1])
@@ -81,6 +84,18 @@ class PackedLinear(nn.Module):
                 self.fmt, self.data, self.out_features, self.in_features, group=self.group, scale=self.scale,
                 offset=self.offset, bias=self.bias, gated=self.gated))
         return self._call[1]
+
+    def _triton_ok(self, x: torch.Tensor) -> bool:
+        from rung.kernels import use_triton
+
+        return (self.fmt in ("q8", "q4") and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and self.gated in (None, "silu", "gelu_tanh", "gelu", "relu") and use_triton(x, self.data))
+
+    def triton(self, rows: torch.Tensor) -> torch.Tensor:
+        """The Triton path (CUDA, or anywhere under TRITON_INTERPRET=1): the same function as ``reference``."""
+        from rung.kernels.triton_quant import quant_linear
+
+        return quant_linear(rows, self.fmt, self.data, self.scale, self.offset, self.group, self.bias, self.gated)
 
     def reference(self, rows: torch.Tensor) -> torch.Tensor:
         weight = self.data if self.fmt == "f32" and self.data.dtype == rows.dtype else dequantize(self.packed, rows.dtype)
