@@ -78,6 +78,9 @@ def test_native_decode_logits_equal_the_paged_steps(folders):
         got = CpuDecode(model, engine.pool).run(ids, chunks)
     assert got.shape == want.shape == (3, model.config.vocab_size)
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    # the step embeds the tokens itself (the packed table): an id outside it is refused, not read
+    with pytest.raises(ValueError, match="token id outside the embedding table"):
+        CpuDecode(model, engine.pool).run(ids + model.config.vocab_size, chunks)
 
 
 def test_families_outside_the_plain_block_are_named(folders, tmp_path):
@@ -92,11 +95,14 @@ def test_families_outside_the_plain_block_are_named(folders, tmp_path):
 
 
 def test_read_plans_equal_the_paged_steps_with_a_window_and_dropped_blocks():
-    """CpuDecode builds its read plans in NumPy; they must be PagedStep's, sliding windows (and the
-    blocks a window dropped, None in a table) included. Gemma 3's layout: sliding groups of 512."""
-    from types import SimpleNamespace
+    """The native step builds its read plans from the block tables itself; they must be PagedStep's,
+    sliding windows (and the blocks a window dropped, None in a table) included. Gemma 3's layout:
+    full attention and sliding windows of 512."""
+    import numpy as np
 
+    from rung import native
     from rung.config import ModelConfig
+    from rung.engine import cpu_decode
     from rung.engine.paged import KVPool
 
     config = ModelConfig.from_preset("gemma3-270m")
@@ -110,12 +116,22 @@ def test_read_plans_equal_the_paged_steps_with_a_window_and_dropped_blocks():
         dropped = max(0, (start - 511) // 16)  # blocks wholly before the window: given back
         sliding = [None] * dropped + torch.randperm(120, generator=g)[: n - dropped].tolist()
         chunks.append(Chunk([full, sliding], start, 1))
+    st = native.Step(len(chunks))
+    st.block = 16
+    starts = np.array([ch.start for ch in chunks], dtype=np.int64)
+    tables = [cpu_decode._table([ch.tables[grp] for ch in chunks]) for grp in range(2)]
+    st.starts = starts.ctypes.data
+    for grp, group in enumerate(pool.groups):
+        st.tables[grp], st.width[grp], st.window[grp] = tables[grp].ctypes.data, tables[grp].shape[1], group.window or 0
     step = PagedStep(pool, chunks, "cpu")
-    got = CpuDecode._plans(SimpleNamespace(pool=pool), chunks)
-    for group in range(2):
-        idx, lengths, slots = step.decode_plan(group)
-        assert torch.equal(torch.from_numpy(got[group][1]), lengths)
-        assert torch.equal(torch.from_numpy(got[group][2]), slots)
+    for grp in range(2):
+        idx, lengths, slots = step.decode_plan(grp)
+        got_idx, got_lengths, got_slots = native.read_plan(st, 2, grp)
+        assert torch.equal(got_lengths, lengths) and torch.equal(got_slots, slots)
         for row, n in enumerate(lengths.tolist()):  # the padding past each row's length is never read
-            assert torch.equal(torch.from_numpy(got[group][0][row, :n]), idx[row, :n])
-    assert got[0][1].tolist() == [701, 38, 531] and got[1][1].tolist() == [512, 38, 512]
+            assert torch.equal(got_idx[row, :n], idx[row, :n])
+    assert native.read_plan(st, 2, 0)[1].tolist() == [701, 38, 531]
+    assert native.read_plan(st, 2, 1)[1].tolist() == [512, 38, 512]
+    st.width[0] = 3  # a table that does not reach position 700: refused, not read past
+    with pytest.raises(ValueError, match="error -3"):
+        native.read_plan(st, 2, 0)

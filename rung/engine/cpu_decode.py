@@ -62,6 +62,9 @@ class _Buffers:
         self.att = torch.empty(b, c.num_heads * c.head_dim)
         self.gu = torch.empty(b, model.layers[0].mlp.gate_up.out_features // 2)
         self.logits = torch.empty(b, c.vocab_size)
+        self.step = native.Step(b)  # the step's constant fields; run() sets the rest
+        self.step.x, self.step.h, self.step.qkv = self.x.data_ptr(), self.h.data_ptr(), self.qkv.data_ptr()
+        self.step.att, self.step.gu, self.step.logits = self.att.data_ptr(), self.gu.data_ptr(), self.logits.data_ptr()
 
 
 def _head(model):
@@ -80,6 +83,24 @@ def _head(model):
     if weight.dtype != torch.float32 or not weight.is_contiguous():
         return None
     return native.linear_struct("f32", weight, *weight.shape), (weight,)
+
+
+def _embedding(model):
+    """The token embedding table as a native Linear the step reads rows of (a packed table, shared
+    with a tied LM head, or a float32 one) and what it points into, or None (embedded in PyTorch)."""
+    from rung.quant.linear import PackedEmbedding, PackedLinear
+
+    embed = model.embed
+    if isinstance(embed, PackedEmbedding) and embed.dtype == torch.float32:
+        table = embed.table[0]
+        if (isinstance(table, PackedLinear) and table.data.device.type == "cpu" and table.data.is_contiguous()
+                and table.in_features % 32 == 0):
+            return native.linear_struct(table.fmt, table.data, table.out_features, table.in_features, group=table.group,
+                                        scale=table.scale, offset=table.offset), (table,)
+    if isinstance(embed, torch.nn.Embedding) and embed.weight.dtype == torch.float32 and embed.weight.is_contiguous():
+        weight = embed.weight.detach()
+        return native.linear_struct("f32", weight, *weight.shape), (weight,)
+    return None
 
 
 class CpuDecode:
@@ -115,9 +136,13 @@ class CpuDecode:
         keep += [array, head]
         widths = [p.in_features for layer in model.layers
                   for p in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+        embed = _embedding(model)
+        keep += [embed]
         struct = native.Model(len(layers), c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                               max(widths + [c.hidden_size]), norms[0].eps, norms[0].offset, array, final,
-                              head[0] if head is not None else native.Linear())
+                              head[0] if head is not None else native.Linear(),
+                              embed[0] if embed is not None else native.Linear(),
+                              1.0 if c.embedding_scale is None else c.embedding_scale, len(pool.groups))
         return struct, keep
 
     def run(self, ids: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor | None:
@@ -125,56 +150,62 @@ class CpuDecode:
         b = len(chunks)
         if b > native.MAX_M or any(ch.count != 1 for ch in chunks):
             return None
-        model, c = self.model, self.model.config
-        buf = self.buffers.get(b) or self.buffers.setdefault(b, _Buffers(model, b))
-        # the host's part of a step is built in NumPy: at ~5 ms a step, PyTorch's per-op overhead on
-        # these few-element arrays (read plans, RoPE rows, the argmax) was a tenth of it
-        plans = self._plans(chunks)
-        positions = np.array([ch.start for ch in chunks], dtype=np.int64)
-        rope = [self._rope(kind, positions) for kind in self.kinds]
+        model, pool = self.model, self.pool
+        buf = self.buffers.get(b) or self._buffers(b)
+        # The host's part of a step is kept to a few NumPy arrays; the embedding lookup, the read
+        # plans and the RoPE rows are made in the native call. After a step has streamed ~100 MB
+        # of weights through the caches, every PyTorch op on the host ran cold: the embedding,
+        # plans and tables took ~0.4 ms a step of ~5.
+        starts = np.array([ch.start for ch in chunks], dtype=np.int64)
+        tables = [_table([ch.tables[g] for ch in chunks]) for g in range(len(pool.groups))]
+        rope = [self._rope(kind, int(starts.max()) + 1) for kind in self.kinds]
+        tokens = ids.numpy().astype(np.int64, copy=False) if ids.device.type == "cpu" else ids.cpu().numpy()
+        st = buf.step
+        st.ids, st.starts = tokens.ctypes.data, starts.ctypes.data
+        for g, table in enumerate(tables):
+            st.tables[g], st.width[g] = table.ctypes.data, table.shape[1]
+        for r, (cos, sin) in enumerate(rope):
+            st.cos[r], st.sin[r] = cos.ctypes.data, sin.ctypes.data
         with torch.no_grad():
-            buf.x.copy_(model.embed(ids[None])[0])
-            if c.embedding_scale is not None:
-                buf.x.mul_(c.embedding_scale)
-            st = native.Step(b)
-            for g, (idx, lengths, slots) in enumerate(plans):
-                st.idx[g], st.lengths[g], st.slots[g] = idx.ctypes.data, lengths.ctypes.data, slots.ctypes.data
-                st.L[g] = idx.shape[1]
-            for r, (cos, sin) in enumerate(rope):
-                st.cos[r], st.sin[r] = cos.ctypes.data, sin.ctypes.data
-            st.x, st.h, st.qkv, st.att = buf.x.data_ptr(), buf.h.data_ptr(), buf.qkv.data_ptr(), buf.att.data_ptr()
-            st.gu, st.logits = buf.gu.data_ptr(), buf.logits.data_ptr()
-            self.lib.rung_decode_step(ctypes.byref(self.struct), ctypes.byref(st), torch.get_num_threads())
+            if not self.struct.embed.w:  # a table the kernel does not read: embedded here
+                buf.x.copy_(model.embed(ids[None])[0])
+                if model.config.embedding_scale is not None:
+                    buf.x.mul_(model.config.embedding_scale)
+            err = self.lib.rung_decode_step(ctypes.byref(self.struct), ctypes.byref(st), torch.get_num_threads())
+            if err:
+                raise ValueError(f"native decode step: {STEP_ERRORS.get(err, err)} "
+                                 f"(tokens {tokens.tolist()}, positions {starts.tolist()})")
             self.steps += 1
             if self.struct.final_norm:
                 return buf.logits.clone()
             return model.logits(model.final_norm(buf.x))
 
-    def _plans(self, chunks: list[Chunk]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per KV group: the slots each row reads, in position order [B, L] int64 (its window
-        applied), how many [B], and the slot its new key and value go to [B] (its last read)."""
-        bs, plans = self.pool.block_size, []
+    def _buffers(self, b: int) -> "_Buffers":
+        buf = self.buffers[b] = _Buffers(self.model, b)
+        buf.step.block = self.pool.block_size
         for g, group in enumerate(self.pool.groups):
-            rows = []
-            for ch in chunks:
-                table = np.array([blk or 0 for blk in ch.tables[g]], dtype=np.int64)  # None: a block the window dropped
-                pos = np.arange(group.first_needed(ch.start), ch.start + 1)
-                rows.append(table[pos // bs] * bs + pos % bs)
-            lengths = np.array([len(r) for r in rows], dtype=np.int64)
-            idx = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
-            for i, r in enumerate(rows):
-                idx[i, : len(r)] = r
-            plans.append((idx, lengths, idx[np.arange(len(rows)), lengths - 1].copy()))
-        return plans
+            buf.step.window[g] = group.window or 0
+        return buf
 
-    def _rope(self, kind: str, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The cos and signed-sin rows [B, head_dim] of ``positions``, from a table of the model's own
-        Rotary (static: dynamic RoPE is unsupported here) grown by doubling."""
-        need = int(positions.max()) + 1
+    def _rope(self, kind: str, need: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cos and signed-sin tables [n >= need, head_dim] of the model's own Rotary (static:
+        dynamic RoPE is unsupported here), grown by doubling; the kernel reads row p for position p."""
         cos, sin = self.tables.get(kind, (None, None))
         if cos is None or len(cos) < need:
             n = max(256, 1 << (need - 1).bit_length())
             with torch.no_grad():
                 cos, sin = (t.contiguous().numpy() for t in self.model.rotaries[kind](torch.arange(n), torch.float32))
             self.tables[kind] = cos, sin
-        return cos[positions], sin[positions]
+        return cos, sin
+
+
+STEP_ERRORS = {-1: "a token id outside the embedding table", -2: "out of memory",
+               -3: "a block table that does not reach its row's position"}
+
+
+def _table(rows: list[list[int | None]]) -> np.ndarray:
+    """Block tables [B, widest] int64; None (a block a window dropped, never read) and padding as 0."""
+    out = np.zeros((len(rows), max(1, max(len(r) for r in rows))), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = [blk or 0 for blk in r]
+    return out

@@ -105,14 +105,18 @@ def library() -> ctypes.CDLL | None:
     lib.rung_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
     lib.rung_rope.argtypes = [p, i64, i64, i64, i64, p, p]
     lib.rung_decode_step.argtypes = [p, p, i32]
-    for f in (lib.rung_gemv, lib.rung_decode_attention, lib.rung_rmsnorm, lib.rung_rope, lib.rung_decode_step):
+    for f in (lib.rung_gemv, lib.rung_decode_attention, lib.rung_rmsnorm, lib.rung_rope):
         f.restype = None
+    lib.rung_decode_step.restype = ctypes.c_int  # 0, or what was wrong with the step (kernels.c)
+    lib.rung_read_plan.argtypes = [p, i64, i64, p, i64, p, p]
+    lib.rung_read_plan.restype = i64
     lib.rung_vnni.restype = ctypes.c_int
     if lib.rung_max_m() != MAX_M:
         raise RuntimeError(f"{path}: built with MAX_M {lib.rung_max_m()}, rung expects {MAX_M}")
-    groups, ropes = ctypes.c_int64(), ctypes.c_int64()
-    sizes = lib.rung_decode_step_limits(ctypes.byref(groups), ctypes.byref(ropes))
-    if (groups.value, ropes.value) != (MAX_GROUPS, MAX_ROPES) or sizes != ctypes.sizeof(Model) * 1000 + ctypes.sizeof(Layer):
+    groups, ropes, step = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
+    sizes = lib.rung_decode_step_limits(ctypes.byref(groups), ctypes.byref(ropes), ctypes.byref(step))
+    if ((groups.value, ropes.value, step.value) != (MAX_GROUPS, MAX_ROPES, ctypes.sizeof(Step))
+            or sizes != ctypes.sizeof(Model) * 1000 + ctypes.sizeof(Layer)):
         raise RuntimeError(f"{path}: its decode-step structs differ from rung/native/__init__.py's")
     return lib
 
@@ -217,13 +221,31 @@ class Model(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("hq", ctypes.c_int64),
                 ("hkv", ctypes.c_int64), ("d", ctypes.c_int64), ("max_k", ctypes.c_int64), ("eps", ctypes.c_float),
                 ("norm_offset", ctypes.c_float), ("layer", ctypes.POINTER(Layer)), ("final_norm", ctypes.c_void_p),
-                ("head", Linear)]
+                ("head", Linear), ("embed", Linear), ("embed_scale", ctypes.c_float), ("groups", ctypes.c_int64)]
 
 
 
 class Step(ctypes.Structure):
-    _fields_ = [("B", ctypes.c_int64), ("idx", ctypes.c_void_p * MAX_GROUPS), ("lengths", ctypes.c_void_p * MAX_GROUPS),
-                ("slots", ctypes.c_void_p * MAX_GROUPS), ("L", ctypes.c_int64 * MAX_GROUPS),
+    _fields_ = [("B", ctypes.c_int64), ("block", ctypes.c_int64), ("ids", ctypes.c_void_p), ("starts", ctypes.c_void_p),
+                ("tables", ctypes.c_void_p * MAX_GROUPS), ("width", ctypes.c_int64 * MAX_GROUPS),
+                ("window", ctypes.c_int64 * MAX_GROUPS),
                 ("cos", ctypes.c_void_p * MAX_ROPES), ("sin", ctypes.c_void_p * MAX_ROPES), ("x", ctypes.c_void_p),
                 ("h", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("att", ctypes.c_void_p), ("gu", ctypes.c_void_p),
                 ("logits", ctypes.c_void_p)]
+
+
+def read_plan(step: Step, groups: int, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group g's read plan as rung_decode_step builds it from ``step``'s block tables and starts:
+    idx [B, L] (row b valid up to lengths[b]), lengths [B], slots [B] (for the tests)."""
+    cap = 1
+    while True:
+        idx, lengths, slots = (torch.zeros(step.B, cap, dtype=torch.long), torch.zeros(step.B, dtype=torch.long),
+                               torch.zeros(step.B, dtype=torch.long))
+        got = library().rung_read_plan(ctypes.byref(step), groups, g, idx.data_ptr(), cap, lengths.data_ptr(),
+                                       slots.data_ptr())
+        if got == -4:
+            cap *= 2
+            continue
+        if got < 0:
+            raise ValueError(f"rung_read_plan: error {got}")
+        return idx[:, :got], lengths, slots

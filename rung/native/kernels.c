@@ -671,27 +671,132 @@ typedef struct {
     const Layer *layer;
     const float *final_norm; /* NULL: stop after the last layer (the caller takes the logits) */
     Linear head;
+    Linear embed;      /* the token embedding table [vocab, hidden] (no bias); w NULL: the caller fills x */
+    float embed_scale; /* times the embedded rows (1 unless the family scales them) */
+    int64_t groups;    /* KV pool groups (full attention, each sliding window) */
 } Model;
 
+/* One step's inputs: everything here changes from step to step. The step builds its own read
+ * plans from the block tables: for row b, the positions lo..starts[b] it sees (lo from the
+ * group's window), their slots table[p / block] * block + p % block, the last one the slot its
+ * new key and value go to. */
 typedef struct {
-    int64_t B;
-    const int64_t *idx[MAX_GROUPS], *lengths[MAX_GROUPS], *slots[MAX_GROUPS];
-    int64_t L[MAX_GROUPS];
-    const float *cos[MAX_ROPES], *sin[MAX_ROPES];
-    float *x, *h, *qkv, *att, *gu, *logits; /* x holds the embedded tokens on entry, the last hidden state on exit */
+    int64_t B, block;
+    const int64_t *ids, *starts;      /* token ids [B] (read when the model embeds), positions [B] */
+    const int64_t *tables[MAX_GROUPS]; /* block tables [B, width] per group; blocks before the window are never read */
+    int64_t width[MAX_GROUPS], window[MAX_GROUPS]; /* window 0: none */
+    const float *cos[MAX_ROPES], *sin[MAX_ROPES]; /* RoPE tables [positions, d], row p for position p */
+    float *x, *h, *qkv, *att, *gu, *logits; /* x: the embedded tokens (or the caller's), the last hidden state on exit */
 } Step;
 
-int rung_decode_step_limits(int64_t *groups, int64_t *ropes) {
-    *groups = MAX_GROUPS, *ropes = MAX_ROPES;
+int rung_decode_step_limits(int64_t *groups, int64_t *ropes, int64_t *step_size) {
+    *groups = MAX_GROUPS, *ropes = MAX_ROPES, *step_size = sizeof(Step);
     return (int)sizeof(Model) * 1000 + (int)sizeof(Layer);
 }
 
-void rung_decode_step(const Model *m, const Step *st, int threads) {
+/* Row `id` of an embedding table in any format, dequantized as formats.dequantize does. */
+static void embed_row(const Linear *E, int64_t id, float *out) {
+    const int64_t K = E->K, groups = E->format == F32 ? 0 : K / E->group;
+    if (E->format == F32) {
+        const float *w = (const float *)E->w + id * K;
+        for (int64_t k = 0; k < K; k++) out[k] = w[k];
+    } else if (E->format == Q8) {
+        const int8_t *w = (const int8_t *)E->w + id * K;
+        for (int64_t k = 0; k < K; k++) out[k] = (float)w[k] * half_to_float(E->scale[id * groups + k / E->group]);
+    } else {
+        const uint8_t *w = (const uint8_t *)E->w + id * K / 2;
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t r = k / 32, j = k % 32, g = id * groups + k / E->group;
+            const int q = j < 16 ? w[r * 16 + j] & 0x0F : w[r * 16 + j - 16] >> 4;
+            float v = (float)q * half_to_float(E->scale[g]);
+            out[k] = v + half_to_float(E->offset[g]);
+        }
+    }
+}
+
+typedef struct {
+    int64_t *idx[MAX_GROUPS], *lengths[MAX_GROUPS], *slots[MAX_GROUPS];
+    int64_t L[MAX_GROUPS];
+    int64_t *mem;
+} Plans;
+
+/* The read plans of every group (see Step). 0, or -3 when a table does not reach a row's position. */
+static int build_plans(int64_t groups, const Step *st, Plans *p) {
+    const int64_t B = st->B, bs = st->block;
+    int64_t total = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t L = 1;
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t start = st->starts[b], lo = st->window[g] > 0 && start >= st->window[g] ? start - st->window[g] + 1 : 0;
+            if (start < 0 || start / bs >= st->width[g]) return -3;
+            L = start + 1 - lo > L ? start + 1 - lo : L;
+        }
+        p->L[g] = L;
+        total += B * L + 2 * B;
+    }
+    p->mem = malloc(sizeof(int64_t) * total);
+    if (!p->mem) return -2;
+    int64_t *at = p->mem;
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t L = p->L[g];
+        p->idx[g] = at, p->lengths[g] = at + B * L, p->slots[g] = at + B * L + B;
+        at += B * L + 2 * B;
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t start = st->starts[b], lo = st->window[g] > 0 && start >= st->window[g] ? start - st->window[g] + 1 : 0;
+            const int64_t *table = st->tables[g] + b * st->width[g];
+            int64_t *row = p->idx[g] + b * L;
+            for (int64_t j = 0; j < L; j++) {
+                const int64_t pos = lo + j;
+                row[j] = pos <= start ? table[pos / bs] * bs + pos % bs : 0;
+            }
+            p->lengths[g][b] = start + 1 - lo;
+            p->slots[g][b] = row[start - lo];
+        }
+    }
+    return 0;
+}
+
+/* Group g's read plan as a step builds it (for the tests): idx [B, cap] (cap >= its L), lengths
+ * and slots [B]; returns L, or the negative error of build_plans, or -4 when cap is too small. */
+int64_t rung_read_plan(const Step *st, int64_t groups, int64_t g, int64_t *idx, int64_t cap, int64_t *lengths,
+                       int64_t *slots) {
+    Plans p;
+    const int bad = build_plans(groups, st, &p);
+    if (bad) return bad;
+    const int64_t L = p.L[g];
+    if (L <= cap) {
+        for (int64_t b = 0; b < st->B; b++) {
+            for (int64_t j = 0; j < L; j++) idx[b * cap + j] = p.idx[g][b * L + j];
+            lengths[b] = p.lengths[g][b], slots[b] = p.slots[g][b];
+        }
+    }
+    free(p.mem);
+    return L <= cap ? L : -4;
+}
+
+/* 0, or: -1 a token id outside the embedding table, -2 out of memory, -3 a block table too short
+ * for its row's position. Nothing is written on an error. */
+int rung_decode_step(const Model *m, const Step *st, int threads) {
     const int64_t B = st->B, hq = m->hq, hkv = m->hkv, d = m->d, row = (hq + 2 * hkv) * d, H = m->hidden;
     const float eps = m->eps, off = m->norm_offset;
     float *x = st->x, *h = st->h;
+    if (m->embed.w)
+        for (int64_t b = 0; b < B; b++)
+            if (st->ids[b] < 0 || st->ids[b] >= m->embed.N) return -1;
+    Plans plans;
+    const int bad = build_plans(m->groups, st, &plans);
+    if (bad) return bad;
     Rounded q = {0};
-    if (!rounded_alloc(&q, B, m->max_k)) return;
+    if (!rounded_alloc(&q, B, m->max_k)) {
+        free(plans.mem);
+        return -2;
+    }
+    if (m->embed.w)
+        for (int64_t b = 0; b < B; b++) {
+            embed_row(&m->embed, st->ids[b], x + b * H);
+            if (m->embed_scale != 1.0f)
+                for (int64_t k = 0; k < H; k++) x[b * H + k] *= m->embed_scale;
+        }
 #pragma omp parallel num_threads(threads)
     {
         for (int64_t l = 0; l < m->layers; l++) {
@@ -705,11 +810,13 @@ void rung_decode_step(const Model *m, const Step *st, int threads) {
             gemv_rows(&L->qkv, h, &q, B, st->qkv, 0);
 #pragma omp single
             {
-                rung_rope(st->qkv, B, row, hq + hkv, d, st->cos[L->rope], st->sin[L->rope]);
-                write_kv(L->kpool, L->vpool, st->qkv + hq * d, st->qkv + (hq + hkv) * d, row, d, st->slots[g], B, hkv, d);
+                for (int64_t b = 0; b < B; b++)
+                    rung_rope(st->qkv + b * row, 1, row, hq + hkv, d, st->cos[L->rope] + st->starts[b] * d,
+                              st->sin[L->rope] + st->starts[b] * d);
+                write_kv(L->kpool, L->vpool, st->qkv + hq * d, st->qkv + (hq + hkv) * d, row, d, plans.slots[g], B, hkv, d);
             }
-            attention_rows(st->qkv, row, d, L->kpool, L->vpool, st->idx[g], st->lengths[g], B, st->L[g], hq, hkv, d,
-                           L->scale, 0, st->att);
+            attention_rows(st->qkv, row, d, L->kpool, L->vpool, plans.idx[g], plans.lengths[g], B, plans.L[g], hq, hkv,
+                           d, L->scale, 0, st->att);
 #pragma omp single
             round_for(&L->o, st->att, B, &q);
             gemv_rows(&L->o, st->att, &q, B, x, 1);
@@ -733,4 +840,6 @@ void rung_decode_step(const Model *m, const Step *st, int threads) {
         }
     }
     free(q.dx);
+    free(plans.mem);
+    return 0;
 }
