@@ -30,25 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from cpu import run_llama_cpp, run_transformers, time_llm  # noqa: E402  the same prompt, timing and peers as cpu.py
 
-PPL_TEXT = (
-    "The Eiffel Tower was built for the 1889 World's Fair in Paris. At first many artists criticised its design, "
-    "but it soon became a symbol of the city and of France. Rivers have shaped the history of Europe: the Rhine "
-    "and the Danube carried trade for centuries, and towns grew where bridges could be built. A good engineer "
-    "measures before she optimises, and writes down what she measured, with the date and the machine. Bread is "
-    "made from flour, water, salt and yeast; the dough rises as the yeast turns sugar into gas, and the oven "
-    "sets the crumb. Children learn to read by sounding out letters, then whole words, and finally they read "
-    "silently, faster than they can speak. The committee met on Tuesday and agreed to publish its report in "
-    "the spring, after the last figures had been checked twice. In the mountains the weather changes quickly, "
-    "and walkers are told to carry a map, water and a warm coat even in summer. The library opens at nine and "
-    "closes at six; on Saturdays it closes at one, and on Sundays it does not open at all. Most of the energy "
-    "that reaches the Earth comes from the Sun, and plants store a small part of it as sugar. When prices rise "
-    "faster than wages, families spend less on travel and more on food and rent, and shops feel the change "
-    "within weeks. The old bridge was closed for repairs last year, so the bus now takes a longer road through "
-    "the village, past the school and the church. A cat will sleep for most of the day and hunt at dawn and "
-    "dusk, when mice and birds are most active. Good documentation explains not only how to use a tool but why "
-    "it was designed the way it was, and what it cannot do. The orchestra tuned their instruments, the lights "
-    "went down, and the conductor raised her hands; for a moment the whole hall was silent."
-)
+# ~1,200 tokens of plain English on everyday topics (benchmarks/ppl_text.txt): long enough that a
+# format's perplexity delta is not this text's noise (a 330-token text moved int8's by ~1%)
+PPL_TEXT = (Path(__file__).parent / "ppl_text.txt").read_text()
 
 
 # KV pool of the engine: 64 MB holds 1,400 float32 tokens of SmolLM2 (llama.cpp runs with n_ctx
