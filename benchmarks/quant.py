@@ -76,8 +76,9 @@ def run_rung(spec: str, prompt_len: int, new: int) -> dict:
     load = time.perf_counter() - t0
     weights = packed_bytes(llm.model)
     best_prefill, best_decode = time_llm(llm, prompt_len, new)
+    rss = rss_mb()  # the serving peak, as llama.cpp's is taken: before the perplexity pass's own cache of the text
     ppl = perplexity(llm.model, llm.tokenizer.encode(PPL_TEXT))
-    return dict(load_s=load, prefill=best_prefill, decode=best_decode, rss_mb=rss_mb(), weights_mb=weights / 1e6,
+    return dict(load_s=load, prefill=best_prefill, decode=best_decode, rss_mb=rss, weights_mb=weights / 1e6,
                 ppl=ppl, threads=torch.get_num_threads())
 
 
