@@ -17,8 +17,10 @@ padding rows (CUDA-graph batches are padded to a bucket size).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rung import native
@@ -42,6 +44,16 @@ class Group:
         return 0 if self.window is None else max(0, position - self.window + 1)
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeroed memory. On the CPU it comes from calloc (NumPy's zeros), whose large blocks are fresh
+    pages the OS maps on first write: a pool sized for long contexts costs the blocks a run
+    writes in resident memory, not its size (torch.zeros writes every page)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class KVPool:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
@@ -52,8 +64,8 @@ class KVPool:
         self.group_of = {layer: g for g, group in enumerate(self.groups) for layer in group.layers}
         self.scratch_slot = num_blocks * block_size
         shape = (num_blocks * block_size + 1, config.num_kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.keys = [_zeros(shape, dtype, device) for _ in range(config.num_layers)]
+        self.values = [_zeros(shape, dtype, device) for _ in range(config.num_layers)]
 
     @staticmethod
     def blocks_for(config: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
