@@ -58,6 +58,7 @@ def main() -> None:
         ("q4", 64, 37, 256, None, False, 16, torch.float16),
         ("q4", 128, 32, 256, "silu", False, 40, torch.float16),
         ("q4", 64, 48, 128, "gelu", True, 1, torch.float16),
+        ("q8", 32, 48, 96, "silu", True, 1, torch.bfloat16),
         ("q8", 32, 37, 96, None, True, 70, torch.float16),
         ("q4", 32, 32, 64, "silu", True, 70, torch.float32),
     ]
@@ -69,11 +70,11 @@ def main() -> None:
         got = tq.quant_linear(x, *args)
         # float32 activations: float32 sums over the exact weights; float16: one output rounding
         # (the GEMV), or weights rounded to float16 on the way to the dot (the matmul paths)
-        tol = 1e-5 if dt == torch.float32 else 2e-3
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dt]
         check(f"quant_linear {fmt} group={p.group} N={n} K={k} act={act} bias={bias} M={m} {dt}", got, want, tol)
-        if m <= tq.GEMV_M:  # the codes converted plainly (no mantissa bits): the same sums
-            got = tq.gemv(x, *args, config=(8, 2, 4, False, 2))
-            check(f"GEMV without the mantissa trick {fmt} M={m}", got, want, tol)
+        if m <= tq.GEMV_M:  # the codes converted plainly (no mantissa bits), and the other GEMV kernel
+            for cfg in ([("row", 8, 2, 4, False)] if m == 1 else []) + [(8, 2, 4, False, 2), (8, 2, 4, True)]:
+                check(f"GEMV {cfg} {fmt} M={m}", tq.gemv(x, *args, config=cfg), want, tol)
     # the prefill path in chunks of rows (a scratch smaller than the matrix), gated and not
     scratch = tq.SCRATCH
     tq.SCRATCH = 32 * 128

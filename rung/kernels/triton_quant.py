@@ -253,6 +253,84 @@ def gemv_kernel(X, D, S, O, B, Y, M, NOUT, K, group, sxm, sym,
     _epilogue(r1, r2, B, Y, m, m_in, row, n, n_in, sym, GATED, ACT, HAS_BIAS)
 
 
+@triton.jit
+def _row_tile(X, D, S, O, acc, row4, n_in4, run, K, group,
+              FMT: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr, T: tl.constexpr):
+    """acc [BN, RUNS, H, T] += w · x over RUNS runs of the rows row4 [BN, 1, 1, 1], elementwise:
+    every load (weight bytes, x, scales) has the tile's own shape, T contiguous elements a thread,
+    so all share one layout and nothing moves through shared memory inside the loop (x and the
+    scales are re-read per row, from L1)."""
+    H: tl.constexpr = (32 if FMT == 8 else 16) // T
+    h = tl.arange(0, H)
+    t = tl.arange(0, T)
+    m = n_in4 & (run < K // 32)[None, :, None, None]
+    zero = row4 * 0
+    sidx = row4 * (K // group) + (run * 32 // group)[None, :, None, None] + h[None, None, :, None] * 0
+    if not PER_ROW or FMT == 4:
+        s = tl.load(S + sidx, mask=m, other=0.0).to(tl.float32)
+    if FMT == 8:
+        kk = run[:, None, None] * 32 + h[None, :, None] * T + t[None, None, :]  # [RUNS, H, T]
+        q = tl.load(D + row4 * K + kk[None], mask=m, other=0)
+        x = tl.load(X + kk[None] + zero, mask=m, other=0.0).to(tl.float32)
+        if BITS:  # q + 128 into a float32 mantissa: f = 1 + (q + 128) / 256 = (q + 384) / 256
+            u = (q.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) << 15
+            w = (u | 0x3F800000).to(tl.float32, bitcast=True) * 256.0 - 384.0
+        else:
+            w = q.to(tl.float32)
+        if PER_ROW:
+            acc += w * x
+        else:
+            acc += w * s * x
+    else:
+        o = tl.load(O + sidx, mask=m, other=0.0).to(tl.float32)
+        kk = run[:, None, None] * 16 + h[None, :, None] * T + t[None, None, :]  # bytes [RUNS, H, T]
+        xk = run[:, None, None] * 32 + h[None, :, None] * T + t[None, None, :]  # their low nibbles' x; high: +16
+        b = tl.load(D + row4 * (K // 2) + kk[None], mask=m, other=0).to(tl.int32)
+        xlo = tl.load(X + xk[None] + zero, mask=m, other=0.0).to(tl.float32)
+        xhi = tl.load(X + xk[None] + 16 + zero, mask=m, other=0.0).to(tl.float32)
+        if BITS:  # a nibble into a float32 mantissa: f = 1 + q / 16, w = s q + o = 16 s f + (o - 16 s)
+            s16 = 16.0 * s
+            o16 = o - s16
+            flo = (((b << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            fhi = (((b << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            acc += (flo * s16 + o16) * xlo + (fhi * s16 + o16) * xhi
+        else:
+            acc += ((b & 15).to(tl.float32) * s + o) * xlo + ((b >> 4).to(tl.float32) * s + o) * xhi
+    return acc
+
+
+@triton.jit
+def gemv1_kernel(X, D, S, O, B, Y, NOUT, K, group, sxm, sym,
+                 FMT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BITS: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr,
+                 T: tl.constexpr):
+    """The GEMV for one x row (a batch-1 decode step): one program per BLOCK_N outputs, RUNS runs a
+    step, float32 sums kept per element and reduced once after the loop (``_row_tile``)."""
+    H: tl.constexpr = (32 if FMT == 8 else 16) // T
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = n < NOUT
+    row = _rows(n, GATED)
+    row4 = row[:, None, None, None].to(tl.int64)
+    n_in4 = n_in[:, None, None, None]
+    xr = X + tl.program_id(1).to(tl.int64) * sxm
+    ri = tl.arange(0, RUNS)
+    acc1 = tl.zeros([BLOCK_N, RUNS, H, T], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, RUNS, H, T], tl.float32)
+    for r0 in range(0, K // 32, RUNS):
+        run = r0 + ri
+        acc1 = _row_tile(xr, D, S, O, acc1, row4, n_in4, run, K, group, FMT, BITS, PER_ROW, T)
+        if GATED:
+            acc2 = _row_tile(xr, D, S, O, acc2, row4 + 8, n_in4, run, K, group, FMT, BITS, PER_ROW, T)
+    r1 = tl.sum(tl.sum(tl.sum(acc1, 3), 2), 1)
+    r2 = tl.sum(tl.sum(tl.sum(acc2, 3), 2), 1)
+    if PER_ROW and FMT == 8:
+        r1 = r1 * tl.load(S + row, mask=n_in, other=0.0).to(tl.float32)
+        if GATED:
+            r2 = r2 * tl.load(S + row + 8, mask=n_in, other=0.0).to(tl.float32)
+    m = tl.program_id(1) + tl.arange(0, 1)
+    _epilogue(r1[None, :], r2[None, :], B, Y, m, m < m + 1, row, n, n_in, sym, GATED, ACT, HAS_BIAS)
+
+
 # ---- small batches: dequantizing matmul ------------------------------------------------------------
 
 @triton.jit
@@ -363,6 +441,14 @@ def gemv(x, fmt, data, scale, offset, group, bias=None, act=None, config=None, o
     bm = 1 if m == 1 else (2 if m == 2 else 4)
 
     def launch(cfg):
+        if cfg[0] == "row":  # one x row at a time through gemv1_kernel (m programs along the grid's y)
+            _, bn, runs, warps, bits = cfg
+            runs = triton.next_power_of_2(min(runs, k // 32))
+            gemv1_kernel[(triton.cdiv(n_out, bn), m)](
+                x, data, scale, _dummy(offset, scale), _dummy(bias, scale), y, n_out, k, group, x.stride(0),
+                y.stride(0), FMT=8 if fmt == "q8" else 4, GATED=act is not None, ACT=ACTS[act],
+                HAS_BIAS=bias is not None, BITS=bits, PER_ROW=group == k, BLOCK_N=bn, RUNS=runs, T=8, num_warps=warps)
+            return y
         bn, runs, warps, bits, stages = (*cfg, 1)[:5]
         runs = min(runs, k // 32)
         grid = (triton.cdiv(n_out, bn), triton.cdiv(m, bm))
@@ -374,21 +460,25 @@ def gemv(x, fmt, data, scale, offset, group, bias=None, act=None, config=None, o
 
     if config is not None:
         return launch(config)
-    return _tuned(("gemv", fmt, n, k, bm, act is not None, x.dtype), gemv_configs(fmt, n_out, k), launch)
+    return _tuned(("gemv", fmt, n, k, bm, act is not None, x.dtype), gemv_configs(fmt, n_out, k, m), launch)
 
 
-def gemv_configs(fmt: str, n_out: int, k: int) -> list[tuple]:
-    """Candidates, the default first: (BLOCK_N, RUNS, num_warps, bits[, stages]). A step must keep 8–16 KB
-    of each program's weight bytes in flight (2 KB steps ran at 0.5–0.8 TB/s on an H200): RUNS
-    runs of 32 weights are 32·RUNS bytes of a q8 row, 16·RUNS of a q4 one."""
+def gemv_configs(fmt: str, n_out: int, k: int, m: int = 1) -> list[tuple]:
+    """Candidates, the default first. ("row", BLOCK_N, RUNS, num_warps, bits): gemv1_kernel, one x
+    row a program; (BLOCK_N, RUNS, num_warps, bits[, stages]): gemv_kernel, all rows a program. RUNS
+    runs of 32 weights are 32·RUNS bytes of a q8 row, 16·RUNS of a q4 one. Measured on an H200
+    (benchmarks/gpu_quant.py): gemv_kernel's per-run sums cost shared-memory layout conversions each
+    step and stayed at 0.5–0.8 TB/s."""
     if INTERPRET:
-        return [(8, 2, 4, True)]
-    r = 32 if fmt == "q8" else 64
-    cands = [(8, r, 4, True), (16, r, 8, True), (4, 2 * r, 4, True), (8, 2 * r, 8, True), (2, 2 * r, 4, True),
-             (16, r, 8, False), (32, r // 2, 8, True), (8, r, 4, True, 3), (16, r, 8, True, 3)]
+        return [("row", 8, 2, 4, True)] if m == 1 else [(8, 2, 4, True)]
+    r = 16 if fmt == "q8" else 32
+    rows = [("row", 8, r, 4, True), ("row", 16, r, 8, True), ("row", 8, 2 * r, 8, True), ("row", 4, 2 * r, 4, True),
+            ("row", 16, r // 2, 4, True), ("row", 32, r // 2, 8, True), ("row", 16, r, 8, False)]
     if triton.cdiv(n_out, 8) < 264:  # a narrow layer: by default narrow programs, so every SM gets some
-        cands.insert(0, cands.pop(2))
-    return cands
+        rows.insert(0, rows.pop(3))
+    r = 32 if fmt == "q8" else 64
+    wide = [(8, r, 4, True), (16, r, 8, True), (4, 2 * r, 4, True), (8, 2 * r, 8, True)]
+    return rows + wide[:2] if m == 1 else wide
 
 
 def skinny(x, fmt, data, scale, offset, group, bias=None, act=None, config=None, out=None):
