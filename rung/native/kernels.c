@@ -30,6 +30,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define RUNG_VNNI 1
@@ -525,85 +528,167 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, i
     for (int64_t k = 0; k < d / 8; k++) _mm256_storeu_ps(o + 8 * k, acc[k]);
 }
 
-/* This thread's share of the (sequence, head) pairs; inside a parallel region (or serially). */
-static void attention_rows(const float *q, int64_t q_tok, int64_t q_head, const float *kpool, const float *vpool,
-                           const int64_t *idx, const int64_t *lengths, int64_t B, int64_t L, int64_t hq, int64_t hkv,
-                           int64_t d, float scale, const float *sinks, float *out) {
-    const int64_t group = hq / hkv;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * hq; bh++) {
-        const int64_t b = bh / hq, h = bh % hq, kvh = h / group, n = lengths[b];
-        const float *qv = q + b * q_tok + h * q_head;
-        const int64_t *slots = idx + b * L;
-        float *scores = malloc(sizeof(float) * (n + 8));
-        /* scores, eight keys at a time */
-        const __m256 sc = _mm256_set1_ps(scale);
-        __m256 top8 = _mm256_set1_ps(-INFINITY);
-        for (int64_t t = 0; t < 32 && t < n; t++) {
-            const int64_t at = (slots[t] * hkv + kvh) * d;
+/* Softmax attention of one query over keys [j0, j1) of a row's read plan, unnormalised: o = sum
+ * e^(s_j - m) v_j, *m_out = m (the part's top score), *l_out = sum e^(s_j - m). An empty range
+ * gives m = -inf, l = 0, o = 0. scores: room for j1 - j0 + 8 floats. */
+static void attend_part(const float *qv, const float *kpool, const float *vpool, const int64_t *slots, int64_t j0,
+                        int64_t j1, int64_t hkv, int64_t kvh, int64_t d, float scale, float *scores, float *o,
+                        float *m_out, float *l_out) {
+    const int64_t n = j1 - j0;
+    const int64_t *sl = slots + j0;
+    if (n <= 0) {
+        for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
+        *m_out = -INFINITY, *l_out = 0.0f;
+        return;
+    }
+    /* the pool is cold (a step's weights stream through the caches between two layers'
+     * attention) and its rows are scattered: fetch keys 32 ahead, and the values */
+    for (int64_t t = 0; t < 32 && t < n; t++) {
+        const int64_t at = (sl[t] * hkv + kvh) * d;
+        for (int64_t c = 0; c < d; c += 16) {
+            _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
+        }
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) { /* scores, eight keys at a time */
+        const float *k[8];
+        for (int t = 0; t < 8; t++) k[t] = kpool + (sl[j + t] * hkv + kvh) * d;
+        for (int64_t t = j + 32; t < j + 40 && t < n; t++) {
+            const int64_t at = (sl[t] * hkv + kvh) * d;
             for (int64_t c = 0; c < d; c += 16) {
                 _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T0);
                 _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
             }
         }
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-            const float *k[8];
-            for (int t = 0; t < 8; t++) k[t] = kpool + (slots[j + t] * hkv + kvh) * d;
-            /* the pool is cold (a step's weights stream through the caches between two layers'
-             * attention) and its rows are scattered: fetch the keys 16 ahead, and the values */
-            for (int64_t t = j + 32; t < j + 40 && t < n; t++) {
-                const int64_t at = (slots[t] * hkv + kvh) * d;
-                for (int64_t c = 0; c < d; c += 16) {
-                    _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
-                }
-            }
-            const __m256 s = _mm256_mul_ps(sc, dot8(qv, k, d));
-            _mm256_storeu_ps(scores + j, s);
-            top8 = _mm256_max_ps(top8, s);
+        const __m256 s = _mm256_mul_ps(sc, dot8(qv, k, d));
+        _mm256_storeu_ps(scores + j, s);
+        top8 = _mm256_max_ps(top8, s);
+    }
+    __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+    t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
+    t4 = _mm_max_ss(t4, _mm_movehdup_ps(t4));
+    float top = _mm_cvtss_f32(t4);
+    for (; j < n; j++) {
+        scores[j] = scale * dot_f32(qv, kpool + (sl[j] * hkv + kvh) * d, d);
+        top = scores[j] > top ? scores[j] : top;
+    }
+    /* p = e^(s - top) in place, and their sum */
+    const __m256 tv = _mm256_set1_ps(top);
+    __m256 sum8 = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 p = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), tv));
+        _mm256_storeu_ps(scores + j, p);
+        sum8 = _mm256_add_ps(sum8, p);
+    }
+    float total = hsum(sum8);
+    for (; j < n; j++) total += (scores[j] = expf(scores[j] - top));
+    /* o = sum_j p_j v_j */
+    if (d == 64)
+        weighted_sum(scores, n, vpool, sl, hkv, kvh, 64, o);
+    else if (d == 128)
+        weighted_sum(scores, n, vpool, sl, hkv, kvh, 128, o);
+    else {
+        for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
+        for (j = 0; j < n; j++) {
+            const float *vv = vpool + (sl[j] * hkv + kvh) * d;
+            const __m256 pv = _mm256_set1_ps(scores[j]);
+            int64_t k = 0;
+            for (; k + 8 <= d; k += 8)
+                _mm256_storeu_ps(o + k, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + k), _mm256_loadu_ps(o + k)));
+            for (; k < d; k++) o[k] += scores[j] * vv[k];
         }
-        __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
-        t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
-        t4 = _mm_max_ss(t4, _mm_movehdup_ps(t4));
-        float top = _mm_cvtss_f32(t4);
-        for (; j < n; j++) {
-            scores[j] = scale * dot_f32(qv, kpool + (slots[j] * hkv + kvh) * d, d);
-            top = scores[j] > top ? scores[j] : top;
+    }
+    *m_out = top, *l_out = total;
+}
+
+#define MAX_SPLIT 8 /* parts a row's keys are split into (flash-decoding) */
+
+/* Parts per row: enough work items for every thread (a batch-1 step of a model with 3 KV heads
+ * has 3 (kv head) groups of query heads for 2 threads), each part at least 32 keys. */
+static inline int64_t attention_splits(int64_t B, int64_t hkv, int64_t L, int64_t threads) {
+    int64_t s = (2 * threads + B * hkv - 1) / (B * hkv);
+    s = s > MAX_SPLIT ? MAX_SPLIT : s;
+    const int64_t by_keys = (L + 31) / 32;
+    return s > by_keys ? by_keys : s < 1 ? 1 : s;
+}
+
+/* Decode attention, split over (sequence, kv head, part of the keys) work items: a part of the
+ * keys is scored against every query head of its kv head while its rows are in cache (GQA reads
+ * each key and value row from memory once), and the parts of a row are balanced across threads;
+ * then (after the loop's barrier) each (sequence, head) merges its parts' unnormalised sums by
+ * their top scores (and a sink, gpt-oss's extra logit, folds into the denominator there).
+ * part: room for B * hq * MAX_SPLIT * (d + 2) floats. Call inside a parallel region (or
+ * serially); ends with a barrier. */
+static void attention_rows(const float *q, int64_t q_tok, int64_t q_head, const float *kpool, const float *vpool,
+                           const int64_t *idx, const int64_t *lengths, int64_t B, int64_t L, int64_t hq, int64_t hkv,
+                           int64_t d, float scale, const float *sinks, float *out, float *part) {
+    const int64_t group = hq / hkv;
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_num_threads();
+#endif
+    const int64_t S = attention_splits(B, hkv, L, threads), chunk = (L + S - 1) / S;
+    float *po = part, *pm = part + B * hq * S * d, *pl = pm + B * hq * S; /* [B, hq, S, d], [B, hq, S] x 2 */
+#pragma omp for schedule(static, 1) /* the assignment prefetch_attention expects */
+    for (int64_t item = 0; item < B * hkv * S; item++) {
+        const int64_t b = item / (hkv * S), kvh = item / S % hkv, s = item % S, n = lengths[b];
+        const int64_t j0 = s * chunk < n ? s * chunk : n, j1 = (s + 1) * chunk < n ? (s + 1) * chunk : n;
+        float *scores = malloc(sizeof(float) * (chunk + 8));
+        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+            const int64_t at = (b * hq + h) * S + s;
+            attend_part(q + b * q_tok + h * q_head, kpool, vpool, idx + b * L, j0, j1, hkv, kvh, d, scale, scores,
+                        po + at * d, pm + at, pl + at);
         }
-        if (sinks && sinks[h] > top) top = sinks[h];
-        /* p = e^(s - top) in place, and their sum */
-        const __m256 tv = _mm256_set1_ps(top);
-        __m256 sum8 = _mm256_setzero_ps();
-        for (j = 0; j + 8 <= n; j += 8) {
-            const __m256 p = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), tv));
-            _mm256_storeu_ps(scores + j, p);
-            sum8 = _mm256_add_ps(sum8, p);
-        }
-        float total = hsum(sum8) + (sinks ? expf(sinks[h] - top) : 0.0f);
-        for (; j < n; j++) total += (scores[j] = expf(scores[j] - top));
-        /* out = sum_j p_j v_j / total */
-        float *o = out + bh * d;
-        if (d == 64)
-            weighted_sum(scores, n, vpool, slots, hkv, kvh, 64, o);
-        else if (d == 128)
-            weighted_sum(scores, n, vpool, slots, hkv, kvh, 128, o);
-        else {
-            for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
-            for (j = 0; j < n; j++) {
-                const float *vv = vpool + (slots[j] * hkv + kvh) * d;
-                const __m256 pv = _mm256_set1_ps(scores[j]);
-                int64_t k = 0;
-                for (; k + 8 <= d; k += 8)
-                    _mm256_storeu_ps(o + k, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + k), _mm256_loadu_ps(o + k)));
-                for (; k < d; k++) o[k] += scores[j] * vv[k];
-            }
-        }
-        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-        for (int64_t k = 0; k < d; k++) o[k] *= inv;
         free(scores);
     }
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * hq; bh++) {
+        float top = sinks ? sinks[bh % hq] : -INFINITY;
+        for (int64_t s = 0; s < S; s++) top = pm[bh * S + s] > top ? pm[bh * S + s] : top;
+        float total = sinks ? expf(sinks[bh % hq] - top) : 0.0f, w[MAX_SPLIT];
+        for (int64_t s = 0; s < S; s++) {
+            w[s] = pl[bh * S + s] > 0.0f ? expf(pm[bh * S + s] - top) : 0.0f;
+            total += w[s] * pl[bh * S + s];
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        float *o = out + bh * d;
+        for (int64_t k = 0; k < d; k++) {
+            float v = 0.0f;
+            for (int64_t s = 0; s < S; s++) v += w[s] * po[(bh * S + s) * d + k];
+            o[k] = v * inv;
+        }
+    }
 }
+
+/* Fetch the keys and values this thread's attention items will read (attention_rows' static
+ * assignment) towards its caches, ahead of the attention: a decode step streams its weights
+ * through every cache level between two layers' attention, so the pool is cold by then, and
+ * scattered rows read on demand stall on memory. Issued before the layer's q|k|v GEMV, the
+ * fetches overlap it. Hints only: nothing is read or written. */
+static void prefetch_attention(const float *kpool, const float *vpool, const int64_t *idx, const int64_t *lengths,
+                               int64_t B, int64_t L, int64_t hkv, int64_t d) {
+    int thread = 0, threads = 1;
+#ifdef _OPENMP
+    thread = omp_get_thread_num(), threads = omp_get_num_threads();
+#endif
+    const int64_t S = attention_splits(B, hkv, L, threads), chunk = (L + S - 1) / S;
+    for (int64_t item = thread; item < B * hkv * S; item += threads) {
+        const int64_t b = item / (hkv * S), kvh = item / S % hkv, s = item % S, n = lengths[b];
+        const int64_t j1 = (s + 1) * chunk < n ? (s + 1) * chunk : n;
+        for (int64_t j = s * chunk; j < j1; j++) {
+            const int64_t at = (idx[b * L + j] * hkv + kvh) * d;
+            for (int64_t c = 0; c < d; c += 16) {
+                _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T1);
+                _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
+            }
+        }
+    }
+}
+
+static inline size_t attention_part_floats(int64_t B, int64_t hq, int64_t d) { return (size_t)B * hq * MAX_SPLIT * (d + 2); }
 
 void rung_decode_attention(const float *q, int64_t q_tok, int64_t q_head, float *kpool, float *vpool,
                            const float *knew, const float *vnew, int64_t new_tok, int64_t new_head,
@@ -612,8 +697,11 @@ void rung_decode_attention(const float *q, int64_t q_tok, int64_t q_head, float 
                            int threads) {
     if (write_slots) /* this step's keys and values into their slots first (strided views, no copies) */
         write_kv(kpool, vpool, knew, vnew, new_tok, new_head, write_slots, B, hkv, d);
+    float *part = malloc(sizeof(float) * attention_part_floats(B, hq, d));
+    if (!part) return;
 #pragma omp parallel num_threads(threads)
-    attention_rows(q, q_tok, q_head, kpool, vpool, idx, lengths, B, L, hq, hkv, d, scale, sinks, out);
+    attention_rows(q, q_tok, q_head, kpool, vpool, idx, lengths, B, L, hq, hkv, d, scale, sinks, out, part);
+    free(part);
 }
 
 /* ---- small per-token ops of a decode step, one call each instead of several torch ops ------- */
@@ -787,8 +875,10 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
     const int bad = build_plans(m->groups, st, &plans);
     if (bad) return bad;
     Rounded q = {0};
-    if (!rounded_alloc(&q, B, m->max_k)) {
+    float *part = malloc(sizeof(float) * attention_part_floats(B, hq, d));
+    if (!part || !rounded_alloc(&q, B, m->max_k)) {
         free(plans.mem);
+        free(part);
         return -2;
     }
     if (m->embed.w)
@@ -807,6 +897,7 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
                 rung_rmsnorm(x, L->attn_norm, h, B, H, eps, off);
                 round_for(&L->qkv, h, B, &q);
             }
+            prefetch_attention(L->kpool, L->vpool, plans.idx[g], plans.lengths[g], B, plans.L[g], hkv, d);
             gemv_rows(&L->qkv, h, &q, B, st->qkv, 0);
 #pragma omp single
             {
@@ -816,7 +907,7 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
                 write_kv(L->kpool, L->vpool, st->qkv + hq * d, st->qkv + (hq + hkv) * d, row, d, plans.slots[g], B, hkv, d);
             }
             attention_rows(st->qkv, row, d, L->kpool, L->vpool, plans.idx[g], plans.lengths[g], B, plans.L[g], hq, hkv,
-                           d, L->scale, 0, st->att);
+                           d, L->scale, 0, st->att, part);
 #pragma omp single
             round_for(&L->o, st->att, B, &q);
             gemv_rows(&L->o, st->att, &q, B, x, 1);
@@ -841,5 +932,6 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
     }
     free(q.dx);
     free(plans.mem);
+    free(part);
     return 0;
 }
