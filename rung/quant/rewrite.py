@@ -75,7 +75,8 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
     """In place; returns the model. ``head_fmt``: see default_head_format. ``packed`` holds
     weights a loader already produced in their target format (GGUF blocks kept as they are, by
     rung parameter name); they are used instead of quantizing the float parameter."""
-    packed = packed or {}
+    device = next(model.parameters()).device
+    packed = {name: _on(p, device) for name, p in (packed or {}).items()}  # GGUF blocks come in on the CPU
     head_fmt = head_fmt or default_head_format(fmt)
     c = model.config
     for i, block in enumerate(model.layers):
@@ -110,6 +111,12 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
             mlp.down_proj = _kept_or_packed(mlp.down_proj, packed.get(prefix + "mlp.down_proj.weight"), fmt, group)
     _pack_head(model, head_fmt, group if head_fmt == fmt else None, packed)
     return model
+
+
+def _on(p: Packed, device: torch.device) -> Packed:
+    """``p`` on ``device`` (the same tensors where they already are)."""
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Packed(p.fmt, move(p.data), p.shape, p.group, move(p.scale), move(p.offset))
 
 
 def _kept_or_packed(layer, kept: Packed | None, fmt: str, group: int | None) -> PackedLinear:
