@@ -1,6 +1,7 @@
 """Decode steps as native calls on the CPU (engine/cpu_decode.py) against the engine's PagedStep
-path: the same logits and tokens for every packed layout, batches of one to several rows,
-nothing leaked. (The plain pre-norm families rung has, Llama and SmolLM2, have no windows: the
+path: the same logits and tokens for every packed layout and the families the step covers
+(Llama, Qwen3's QK-norm, Gemma 3's sandwich norms and sliding windows), batches of one to
+several rows, nothing leaked. (The plain pre-norm families rung has, Llama and SmolLM2, have no windows: the
 read plans' windows are checked against PagedStep's on their own.)"""
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ def _folder(tmp_path_factory, name, **config):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    return {"llama": _folder(tmp_path_factory, "llama"), "llama-mha": _folder(tmp_path_factory, "mha", num_key_value_heads=4)}
+    import transformers as tf
+
+    return {"llama": _folder(tmp_path_factory, "llama"), "llama-mha": _folder(tmp_path_factory, "mha", num_key_value_heads=4),
+            # QK-norm
+            "qwen3": _folder(tmp_path_factory, "qwen3", config_class=tf.Qwen3Config, head_dim=16),
+            # QK-norm with an offset gain, sandwich norms, GELU, a scaled embedding, sliding windows of 6
+            # (prompts of up to 30 tokens: the window and its dropped blocks matter), local and global RoPE
+            "gemma3": _folder(tmp_path_factory, "gemma3", config_class=tf.Gemma3TextConfig, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=24, sliding_window=6,
+                              query_pre_attn_scalar=20,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"])}
 
 
 def packed(folder, fmt):
@@ -49,7 +60,7 @@ def run(pair, ps, native_steps: bool):
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
-@pytest.mark.parametrize("which", ["llama", "llama-mha"])
+@pytest.mark.parametrize("which", ["llama", "llama-mha", "qwen3", "gemma3"])
 def test_native_decode_steps_give_the_paged_steps_tokens(which, fmt, folders):
     pair = packed(folders[which], fmt)
     assert unsupported(pair[0]) is None
@@ -90,8 +101,9 @@ def test_families_outside_the_plain_block_are_named(folders, tmp_path):
     from rung.weights.loader import load_model
 
     assert "not packed" in unsupported(load_model(folders["llama"]))  # the plain float layout: PagedStep
-    qwen3 = tiny_chat_model(tmp_path, tf.Qwen3Config, hidden_size=64, intermediate_size=64, head_dim=16)
-    assert "norm" in unsupported(pack_model(load_model(qwen3), "f32"))
+    assert unsupported(pack_model(load_model(folders["gemma3"]), "f32")) is None
+    gpt2 = tiny_chat_model(tmp_path, tf.GPT2Config, n_embd=64, n_layer=2, n_head=4, n_positions=96)
+    assert "positions" in unsupported(pack_model(load_model(gpt2), "f32"))
 
 
 def test_read_plans_equal_the_paged_steps_with_a_window_and_dropped_blocks():

@@ -8,10 +8,11 @@ layer — RMSNorm, the fused q|k|v GEMV, RoPE, K/V write + attention over the pa
 output GEMV added into the residual, RMSNorm, the gated gate|up GEMV, the down GEMV added into
 the residual — then the final norm and the LM head, in one parallel region over the model's own
 packed weights and buffers kept per batch size. It reads the model and never changes it. It
-covers the plain pre-norm families whose projections the quantization rewrite made native
-(rung/quant: the f32, int8 and int4 layouts): Llama, SmolLM2, Mistral, Qwen2-style. Anything
-else (QK-norm, sandwich norms, MoE, ALiBi, partial rotary) is named by ``unsupported`` and takes
-the engine's PagedStep path, which is also the reference the tests compare this with."""
+covers the pre-norm families whose projections the quantization rewrite made native (rung/quant:
+the f32, int8 and int4 layouts): Llama, SmolLM2, Qwen2-style, Qwen3 (QK-norm) and Gemma 3 (QK-norm
+with offset gains, sandwich norms, GELU, sliding windows). Anything else (MoE, learned positions,
+ALiBi, partial rotary) is named by ``unsupported`` and takes the engine's PagedStep path, which is
+also the reference the tests compare this with."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def unsupported(model) -> str | None:
     c = model.config
     if c.positions != "rope" or any(r.rope.type == "dynamic" for r in model.rotaries.values()):
         return f"{c.positions} positions"
-    if c.qk_norm or c.sandwich_norms or c.residual_from_norm or c.embedding_norm or c.final_logit_softcap:
-        return "a norm or a cap outside the plain pre-norm block"
+    if c.residual_from_norm or c.embedding_norm or c.final_logit_softcap:
+        return "a norm or a cap outside the pre-norm block"
     if any(c.moe_layers):
         return "mixture-of-experts layers"
     for kind, rot in model.rotaries.items():
@@ -44,11 +45,17 @@ def unsupported(model) -> str | None:
         a, m = layer.attn, layer.mlp
         if not all(isinstance(p, PackedLinear) and p._native for p in (a.qkv_proj, a.o_proj, m.gate_up, m.down_proj)):
             return f"layer {i}: projections not packed for the native kernels"
-        if not (isinstance(layer.attn_norm, RMSNorm) and isinstance(layer.mlp_norm, RMSNorm)):
+        if not all(isinstance(n, RMSNorm) for n in _norms(layer) if n is not None):
             return f"layer {i}: not RMSNorm"
         if a.slopes is not None or a.sinks is not None or a.head_dim % 8:
             return f"layer {i}: attention the native kernel does not cover"
     return None
+
+
+def _norms(layer) -> tuple:
+    """A block's norms in rung_decode_step's order; None where the family has none."""
+    return (layer.attn_norm, layer.mlp_norm, layer.attn.q_norm, layer.attn.k_norm, layer.post_attn_norm,
+            layer.post_mlp_norm)
 
 
 class _Buffers:
@@ -117,7 +124,7 @@ class CpuDecode:
         """The model's constants for rung_decode_step, built once (pointers into the model's own
         buffers and the pool, which the engine keeps for the model's life)."""
         model, c, pool = self.model, self.model.config, self.pool
-        norms = [n for layer in model.layers for n in (layer.attn_norm, layer.mlp_norm)] + [model.final_norm]
+        norms = [n for layer in model.layers for n in _norms(layer) if n is not None] + [model.final_norm]
         if len({(n.eps, n.offset) for n in norms}) != 1 or len(pool.groups) > native.MAX_GROUPS or len(
                 self.kinds) > native.MAX_ROPES:
             raise ValueError("cpu_decode: norms with different eps, or too many KV groups or RoPE tables")
@@ -126,10 +133,11 @@ class CpuDecode:
             a, m = layer.attn, layer.mlp
             projections = [p.bound() for p in (a.qkv_proj, a.o_proj, m.gate_up, m.down_proj)]
             keep += projections
+            ptr = lambda n: None if n is None else n.weight.data_ptr()  # noqa: E731
             layers.append(native.Layer(
                 layer.attn_norm.weight.data_ptr(), layer.mlp_norm.weight.data_ptr(), *(f.struct for f in projections),
                 pool.keys[i].data_ptr(), pool.values[i].data_ptr(), pool.group_of[i],
-                self.kinds.index(c.layer_types[i]), a.scale))
+                self.kinds.index(c.layer_types[i]), a.scale, *(ptr(n) for n in _norms(layer)[2:])))
         array = (native.Layer * len(layers))(*layers)
         head = _head(model)
         final = model.final_norm.weight.data_ptr() if head is not None else None

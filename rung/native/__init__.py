@@ -214,7 +214,9 @@ def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, signed_
 class Layer(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", Linear), ("o", Linear),
                 ("gate_up", Linear), ("down", Linear), ("kpool", ctypes.c_void_p), ("vpool", ctypes.c_void_p),
-                ("group", ctypes.c_int64), ("rope", ctypes.c_int64), ("scale", ctypes.c_float)]
+                ("group", ctypes.c_int64), ("rope", ctypes.c_int64), ("scale", ctypes.c_float),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("post_attn_norm", ctypes.c_void_p),
+                ("post_mlp_norm", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):

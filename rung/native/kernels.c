@@ -751,6 +751,8 @@ typedef struct {
     float *kpool, *vpool;
     int64_t group, rope; /* which read plan, which RoPE table */
     float scale;         /* attention scale */
+    const float *q_norm, *k_norm; /* RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3), or NULL */
+    const float *post_attn_norm, *post_mlp_norm; /* Gemma's sandwich norms on each branch's output, or NULL */
 } Layer;
 
 typedef struct {
@@ -862,6 +864,12 @@ int64_t rung_read_plan(const Step *st, int64_t groups, int64_t g, int64_t *idx, 
     return L <= cap ? L : -4;
 }
 
+/* x += rmsnorm(h) (h overwritten): a sandwich norm on a branch's output before the residual add. */
+static void add_normed(float *x, float *h, const float *w, int64_t B, int64_t H, float eps, float off) {
+    rung_rmsnorm(h, w, h, B, H, eps, off);
+    for (int64_t i = 0; i < B * H; i++) x[i] += h[i];
+}
+
 /* 0, or: -1 a token id outside the embedding table, -2 out of memory, -3 a block table too short
  * for its row's position. Nothing is written on an error. */
 int rung_decode_step(const Model *m, const Step *st, int threads) {
@@ -901,6 +909,11 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
             gemv_rows(&L->qkv, h, &q, B, st->qkv, 0);
 #pragma omp single
             {
+                if (L->q_norm)
+                    for (int64_t b = 0; b < B; b++) {
+                        rung_rmsnorm(st->qkv + b * row, L->q_norm, st->qkv + b * row, hq, d, eps, off);
+                        rung_rmsnorm(st->qkv + b * row + hq * d, L->k_norm, st->qkv + b * row + hq * d, hkv, d, eps, off);
+                    }
                 for (int64_t b = 0; b < B; b++)
                     rung_rope(st->qkv + b * row, 1, row, hq + hkv, d, st->cos[L->rope] + st->starts[b] * d,
                               st->sin[L->rope] + st->starts[b] * d);
@@ -910,7 +923,12 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
                            d, L->scale, 0, st->att, part);
 #pragma omp single
             round_for(&L->o, st->att, B, &q);
-            gemv_rows(&L->o, st->att, &q, B, x, 1);
+            if (L->post_attn_norm) { /* x += norm(o): the branch into h first */
+                gemv_rows(&L->o, st->att, &q, B, h, 0);
+#pragma omp single
+                add_normed(x, h, L->post_attn_norm, B, H, eps, off);
+            } else
+                gemv_rows(&L->o, st->att, &q, B, x, 1);
 #pragma omp single
             {
                 rung_rmsnorm(x, L->mlp_norm, h, B, H, eps, off);
@@ -919,7 +937,12 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
             gemv_rows(&L->gate_up, h, &q, B, st->gu, 0);
 #pragma omp single
             round_for(&L->down, st->gu, B, &q);
-            gemv_rows(&L->down, st->gu, &q, B, x, 1);
+            if (L->post_mlp_norm) {
+                gemv_rows(&L->down, st->gu, &q, B, h, 0);
+#pragma omp single
+                add_normed(x, h, L->post_mlp_norm, B, H, eps, off);
+            } else
+                gemv_rows(&L->down, st->gu, &q, B, x, 1);
         }
         if (m->final_norm) {
 #pragma omp single
