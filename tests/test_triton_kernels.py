@@ -30,6 +30,9 @@ def test_triton_kernels_agree_with_their_references_under_the_interpreter():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[-1] == "all Triton kernels agree with their references"
-    assert sum("GEMV" in line for line in lines) == 4 and sum("paged attention" in line for line in lines) == 4
-    assert sum("qk norm+rope" in line for line in lines) == 20 and sum(line.startswith("model ") for line in lines) == 2
+    assert sum("GEMV" in line for line in lines) == 4 and sum("paged attention" in line for line in lines) == 10
+    assert sum(line.startswith("qk norm+rope torch") for line in lines) == 20 and sum(line.startswith("model ") for line in lines) == 4
     assert sum(line.startswith("routing") for line in lines) == 4 and "write_kv: equal" in lines
+    assert sum(line.startswith("linear gemv") for line in lines) == 17
+    assert sum(line.startswith("add+rms_norm") for line in lines) == 8
+    assert sum(line.startswith("qk norm+rope to the pools") for line in lines) == 10

@@ -12,7 +12,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch  # noqa: E402
 
 from rung.kernels import elementwise, fused_moe as fm, paged_attention as pa  # noqa: E402
-from rung.kernels import triton_attention, triton_elementwise, triton_moe  # noqa: E402, F401
+from rung.kernels import linear as lin, triton_attention, triton_elementwise, triton_gemv, triton_moe  # noqa: E402, F401
 from rung.weights.mxfp4 import quantize_mxfp4  # noqa: E402
 
 
@@ -49,6 +49,38 @@ def elementwise_checks(g, dt) -> None:
     check(f"silu_mul {dt}", triton_elementwise.triton_silu_mul(y), elementwise.silu_mul_ref(y), max(tol, 1e-4))
 
 
+def add_norm_checks(g, dt) -> None:
+    """The residual add + RMSNorm kernel: both outputs against the two ops."""
+    tol = 1e-6 if dt == torch.float16 else 2e-2
+    x, r = torch.randn(3, 96, generator=g).to(dt), torch.randn(3, 96, generator=g).to(dt)
+    w = torch.randn(96, generator=g).to(dt)
+    for offset, f32 in ((0.0, False), (1.0, True)):
+        got = triton_elementwise.triton_add_rms_norm(x, r, w, 1e-6, offset, f32)
+        want = elementwise.add_rms_norm_ref(x, r, w, 1e-6, offset, f32)
+        check(f"add+rms_norm {dt} offset={offset} f32={f32} sum", got[0], want[0], tol)
+        check(f"add+rms_norm {dt} offset={offset} f32={f32} norm", got[1], want[1], tol)
+
+
+def gemv_checks(g) -> None:
+    """The decode GEMV against F.linear (float16: float32 sums in another order, so within 1e-3),
+    plain and gated (SwiGLU epilogue), with and without bias, 1–4 rows, K not a multiple of the
+    step and N not of the tile."""
+    dt = torch.float16
+    k, n = 200, 44
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dt)
+    b = (torch.randn(n, generator=g) * 0.1).to(dt)
+    for rows in (1, 2, 3, 4):
+        x = torch.randn(rows, k, generator=g).to(dt)
+        for bias in (None, b):
+            for gated in (False, True):
+                want = (lin.gated_linear_ref if gated else lin.linear_ref)(x.float(), w.float(),
+                                                                           None if bias is None else bias.float())
+                got = triton_gemv.triton_gemv(x, w, bias, gated)
+                check(f"linear gemv rows={rows} bias={bias is not None} gated={gated}", got, want, 2e-3)
+    x = torch.randn(1, 1, k, generator=g).to(dt)  # a decode step's [b, t, hidden], through the dispatch
+    check("linear gemv dispatch [1, 1, K]", lin.linear(x, w, b), lin.linear_ref(x.float(), w.float(), b.float()), 2e-3)
+
+
 def qk_checks(g, DT) -> None:
     """The fused q/k norm + RoPE kernel against the model's chain: Qwen3 (norm, RoPE), Gemma 3
     (offset gain), gpt-oss (RoPE only), partial rotary."""
@@ -65,6 +97,14 @@ def qk_checks(g, DT) -> None:
         for part, a, b in (("q", got[0], want[0]), ("k", got[1], want[1])):
             assert a.shape == b.shape and a.is_contiguous(), (label, a.shape, b.shape)
             check(f"qk norm+rope {DT} {label} {part}", a, b, 1e-6 if DT == torch.float16 else 2e-2)
+        # keys and values straight into paged pools (the CUDA-graph decode step), against the reference's copy
+        slots = torch.tensor([5, 0, 11, 3, 8, 2])
+        pools = [torch.zeros(12, hkv, d).to(DT) for _ in range(4)]
+        q_got, k_none = elementwise.qk_norm_rope(qkv, hq, hkv, d, *norms, cos, sin, kv_dest=(pools[0], pools[1], slots))
+        q_want, _ = elementwise.qk_norm_rope_ref(qkv, hq, hkv, d, *norms, cos, sin, kv_dest=(pools[2], pools[3], slots))
+        assert k_none is None
+        check(f"qk norm+rope to the pools {DT} {label}", torch.cat([q_got.flatten(), pools[0].flatten(), pools[1].flatten()]),
+              torch.cat([q_want.flatten(), pools[2].flatten(), pools[3].flatten()]), 1e-6 if DT == torch.float16 else 2e-2)
 
 
 def attention_checks(g) -> None:
@@ -81,6 +121,13 @@ def attention_checks(g) -> None:
         got = triton_attention.triton_paged_attention(q, k_pool, v_pool, tables, pos, tiles, bs, window, sk, 0.25, True)
         want = pa.paged_attention_ref(q, k_pool, v_pool, tables, torch.arange(3), pos, bs, window, sk, 0.25)
         check(f"paged attention decode window={window}", got, want, 1e-4)
+        got = triton_attention.triton_paged_attention(q, k_pool, v_pool, tables, pos, tiles, bs, window, sk, 0.25, True,
+                                                      split=False)
+        check(f"paged attention decode, one program a tile, window={window}", got, want, 1e-4)
+        for splits in (1, 3):  # a program walking several steps; three programs sharing uneven ranges
+            got = triton_attention.split_decode_attention(q, k_pool, v_pool, tables, pos, tiles, bs, window, sk, 0.25,
+                                                          splits)
+            check(f"paged attention decode, {splits} splits, window={window}", got, want, 1e-4)
         layout = [(0, 12, 0), (12, 5, 2)]  # prefill chunks: (first token, count, table row)
         pos = torch.cat([torch.arange(20, 32), torch.arange(0, 5)])
         rows = torch.cat([torch.zeros(12, dtype=torch.long), torch.full((5,), 2)])
@@ -181,12 +228,31 @@ def model_checks(g) -> None:
         if len(calls) != 2:  # one per layer: the seam really took the kernel
             sys.exit(f"FAIL model {raw['model_type']}: the one-kernel q/k path ran {len(calls)} times, not 2")
         check(f"model {raw['model_type']} float16, kernels against the plain chains", got, want, 2e-3)
+        # one token (a decode step's row count): the projections take the GEMV (kernels/linear.py)
+        with torch.no_grad():
+            os.environ["RUNG_NO_TRITON"] = "1"
+            kernels.triton_available.cache_clear()
+            want = model(ids[:1, :1])
+            os.environ["RUNG_NO_TRITON"] = "0"
+            kernels.triton_available.cache_clear()
+            gemvs = []
+            gemv = triton_gemv.triton_gemv
+            triton_gemv.triton_gemv = lambda *a, **k: gemvs.append(1) or gemv(*a, **k)
+            got = model(ids[:1, :1])
+            triton_gemv.triton_gemv = gemv
+        dense = raw["model_type"] == "qwen3"  # per layer: q|k|v, o; a dense MLP's gate|up and down, or the router
+        if len(gemvs) != 2 * (4 if dense else 3):
+            sys.exit(f"FAIL model {raw['model_type']}: the GEMV ran {len(gemvs)} times")
+        check(f"model {raw['model_type']} float16, one token through the decode gemv", got, want, 2e-3)
 
 
 if __name__ == "__main__":
     g = torch.Generator().manual_seed(0)
     elementwise_checks(g, torch.float16)
     elementwise_checks(g, torch.bfloat16)
+    add_norm_checks(g, torch.float16)
+    add_norm_checks(g, torch.bfloat16)
+    gemv_checks(g)
     qk_checks(g, torch.float16)
     qk_checks(g, torch.bfloat16)
     attention_checks(g)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rung.engine.paged import Chunk, KVPool
-from rung.kernels.elementwise import silu_mul
+from rung.kernels.linear import gated_linear, linear
 from rung.kernels.paged_attention import decode_tiles, paged_attention, write_kv
 
 log = logging.getLogger(__name__)
@@ -44,19 +44,31 @@ def unsupported(model) -> str | None:
 
 class _Projection:
     """x @ wᵀ + b over a fused matrix. A plain callable, not a module: the model's parameters (now
-    views into ``weight``) keep their names, and state_dict does not grow."""
+    views into ``weight``) keep their names, and state_dict does not grow. A decode step's few
+    rows run the Triton GEMV (kernels/linear.py) where it beats cuBLAS, SwiGLU's product inside it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act=None):
         self.weight, self.bias, self.act = weight, bias, act
 
     def __call__(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        if self.act is F.silu:  # SwiGLU: the product in the GEMV's epilogue, or one kernel after it
+            return gated_linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.act is None:
             return y
-        if self.act is F.silu:  # SwiGLU: the product in one kernel on CUDA (kernels/elementwise.py)
-            return silu_mul(y)
         gate, up = y.chunk(2, dim=-1)  # a gated MLP: act(gate) * up, one GEMV instead of two
         return self.act(gate) * up
+
+
+class _Linear:
+    """An nn.Linear's forward through kernels/linear.py (the module, its parameters and its
+    state_dict unchanged): set as the instance's ``forward`` by ``fuse_projections``."""
+
+    def __init__(self, module: nn.Linear):
+        self.module = module
+
+    def __call__(self, x):
+        return linear(x, self.module.weight, self.module.bias)
 
 
 def fuse_projections(model) -> int:
@@ -64,7 +76,9 @@ def fuse_projections(model) -> int:
     (Attention.qkv_proj, MLP.gate_up): small GEMVs run far below the memory bandwidth on a GPU,
     and three and two of them become one. The separate layers' weights become views into the
     fused matrices, so no memory is added and the parameters keep their names and values (the
-    engine applies this once the model is on its device). Returns how many were fused."""
+    engine applies this once the model is on its device). The blocks' other plain nn.Linear
+    layers (o_proj, down_proj, a router) go through the same GEMV dispatch. Returns how many
+    projections were fused."""
     fused = 0
     with torch.no_grad():
         for module in model.modules():
@@ -74,6 +88,10 @@ def fuse_projections(model) -> int:
             if getattr(module, "gate_up", "absent") is None and module.gate_proj is not None:
                 module.gate_up = _fuse((module.gate_proj, module.up_proj), module.act)
                 fused += 1
+        for layer in model.layers:
+            for module in layer.modules():
+                if type(module) is nn.Linear and not isinstance(module.__dict__.get("forward"), _Linear):
+                    module.forward = _Linear(module)  # q/k/v, gate/up: now inside the fused ones, never called
     return fused
 
 
@@ -103,13 +121,21 @@ class StaticDecode:
     def advance(self, t: int) -> None:
         pass
 
+    def kv_destination(self, layer: int):
+        """(k_pool, v_pool, slots [B]) of this layer: the model's one-kernel q/k path writes the
+        step's keys and values there itself and hands ``attend`` None for them."""
+        o = self.owner
+        pool = o.pool
+        return pool.keys[layer], pool.values[layer], o.slots[pool.group_of[layer], : self.size]
+
     def attend(self, layer, q, k, v, window, scale, sinks, slopes) -> torch.Tensor:
-        """q [1, hq, B, d], k/v [1, hkv, B, d] → [1, hq, B, d]."""
+        """q [1, hq, B, d], k/v [1, hkv, B, d] (None: already in the pool) → [1, hq, B, d]."""
         o, b = self.owner, self.size
         pool = o.pool
         g = pool.group_of[layer]
         pool_k, pool_v = pool.keys[layer], pool.values[layer]
-        write_kv(pool_k, pool_v, o.slots[g, :b], k[0].transpose(0, 1), v[0].transpose(0, 1))
+        if k is not None:
+            write_kv(pool_k, pool_v, o.slots[g, :b], k[0].transpose(0, 1), v[0].transpose(0, 1))
         out = paged_attention(q[0].transpose(0, 1), pool_k, pool_v, o.tables[g, :b], o.pos[:b], self.tiles,
                               pool.block_size, window, sinks, scale, decode=True)
         return out.transpose(0, 1)[None]

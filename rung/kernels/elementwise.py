@@ -41,6 +41,23 @@ def rms_norm(x, weight, eps: float, offset: float = 0.0, weight_in_float32: bool
     return triton_rms_norm(x, weight, eps, offset, weight_in_float32)
 
 
+def add_rms_norm_ref(x, residual, weight, eps: float, offset: float, weight_in_float32: bool):
+    """(x + residual, RMSNorm(x + residual)): a block's residual add and the next norm (model/norm.py's add_norm)."""
+    s = x + residual
+    return s, rms_norm_ref(s, weight, eps, offset, weight_in_float32)
+
+
+def add_rms_norm(x, residual, weight, eps: float, offset: float = 0.0, weight_in_float32: bool = False):
+    """One kernel for the add and the norm (two launches, and the sum written and read back, in
+    PyTorch) on CUDA in 16 bits: the sum rounded to the dtype, as the add rounds, then the norm of
+    that; the reference elsewhere."""
+    if x.dtype == torch.float32 or not use_triton(x) or residual.shape != x.shape or residual.dtype != x.dtype:
+        return add_rms_norm_ref(x, residual, weight, eps, offset, weight_in_float32)
+    from rung.kernels.triton_elementwise import triton_add_rms_norm
+
+    return triton_add_rms_norm(x, residual, weight, eps, offset, weight_in_float32)
+
+
 def rotary(x, cos, signed_sin) -> torch.Tensor:
     """x [b, h, t, d], tables [b, 1, t, rot] → x rotated on its first rot dims (model/rope.py)."""
     if x.dtype == torch.float32 or not use_triton(x) or cos.dtype != x.dtype:
@@ -50,10 +67,12 @@ def rotary(x, cos, signed_sin) -> torch.Tensor:
     return triton_rotary(x, cos, signed_sin)
 
 
-def qk_norm_rope_ref(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed_sin):
+def qk_norm_rope_ref(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed_sin, kv_dest=None):
     """The model's chain (model/attention.py) for a fused q|k|v row: split, per-head RMSNorm
     (``q_norm``/``k_norm``: (weight, eps, offset, weight_in_float32) or None), RoPE (``cos`` None:
-    none) → q [b, t, hq, d], k [b, t, hkv, d]."""
+    none) → q [b, t, hq, d], k [b, t, hkv, d]. With ``kv_dest`` (k_pool, v_pool, slots [b·t]):
+    k and the row's v are written into the pools at the slots (paged_attention.write_kv_ref), and
+    k comes back None."""
     b, t, _ = qkv.shape
     q = qkv[..., : hq * d].reshape(b, t, hq, d).transpose(1, 2)
     k = qkv[..., hq * d: (hq + hkv) * d].reshape(b, t, hkv, d).transpose(1, 2)
@@ -61,14 +80,21 @@ def qk_norm_rope_ref(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed
         q, k = rms_norm_ref(q, *q_norm), rms_norm_ref(k, *k_norm)
     if cos is not None:
         q, k = rotary_ref(q, cos[:, None], signed_sin[:, None]), rotary_ref(k, cos[:, None], signed_sin[:, None])
+    if kv_dest is not None:
+        k_pool, v_pool, slots = kv_dest
+        v = qkv[..., (hq + hkv) * d:].reshape(b * t, hkv, d)
+        k_pool[slots] = k.transpose(1, 2).reshape(b * t, hkv, d)
+        v_pool[slots] = v
+        return q.transpose(1, 2), None
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
-def qk_norm_rope(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed_sin):
+def qk_norm_rope(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed_sin, kv_dest=None):
     """One kernel for what is four to six in a decode step (two norms, two rotations and the
-    copies between them); the reference elsewhere. Arguments as ``qk_norm_rope_ref``."""
+    copies between them), and with ``kv_dest`` the key/value write too; the reference elsewhere.
+    Arguments as ``qk_norm_rope_ref``."""
     if qkv.dtype == torch.float32 or not use_triton(qkv):
-        return qk_norm_rope_ref(qkv, hq, hkv, d, q_norm, k_norm, cos, signed_sin)
+        return qk_norm_rope_ref(qkv, hq, hkv, d, q_norm, k_norm, cos, signed_sin, kv_dest)
     from rung.kernels.triton_elementwise import triton_qk_norm_rope
 
     if q_norm is None:
@@ -80,7 +106,7 @@ def qk_norm_rope(qkv, hq: int, hkv: int, d: int, q_norm, k_norm, cos, signed_sin
             qw, kw = offset + qw, offset + kw
         elif offset:
             qw, kw = qw.float() + offset, kw.float() + offset
-    return triton_qk_norm_rope(qkv, hq, hkv, d, qw, kw, eps, in_f32, cos, signed_sin)
+    return triton_qk_norm_rope(qkv, hq, hkv, d, qw, kw, eps, in_f32, cos, signed_sin, kv_dest)
 
 
 def silu_mul_ref(y) -> torch.Tensor:

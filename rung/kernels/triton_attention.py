@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +18,7 @@ def paged_attention_kernel(
     sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, IEEE: tl.constexpr,
+    EARLY_V: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)  # kv head
@@ -48,6 +51,10 @@ def paged_attention_kernel(
         slot = block * PAGE + k_pos % PAGE
         k = tl.load(K + slot[:, None] * sk_s + h * sk_h + dd[None, :], mask=k_in[:, None] & dmask[None, :],
                     other=0.0)
+        if EARLY_V:  # decode: the values' load issued with the keys' (both need only the slots), one
+            # memory round trip a step instead of two, which is what a decode tile's few steps wait on
+            v = tl.load(V + slot[:, None] * sv_s + h * sv_h + dd[None, :], mask=k_in[:, None] & dmask[None, :],
+                        other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -62,8 +69,9 @@ def paged_attention_kernel(
         p = tl.exp(s - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * sv_s + h * sv_h + dd[None, :], mask=k_in[:, None] & dmask[None, :],
-                    other=0.0)
+        if not EARLY_V:
+            v = tl.load(V + slot[:, None] * sv_s + h * sv_h + dd[None, :], mask=k_in[:, None] & dmask[None, :],
+                        other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -80,15 +88,156 @@ def paged_attention_kernel(
              mask=live[:, None] & dmask[None, :])
 
 
-def triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale, decode):
+@triton.jit
+def paged_decode_split_kernel(
+    Q, K, V, O, Tables, Pos, TileFirst, TileRow, Sinks, PartAcc, PartM, PartL, Counter,
+    scale, window,
+    sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    D_P: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, IEEE: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+):
+    """A decode token's keys cut into SPLITS ranges of whole BLOCK_N steps, one program each
+    (flash-decoding): a batch-1 step is a handful of (token, kv head) tiles, and one program
+    walking 100+ keys in a row waits on a memory round trip per step. Each program writes its
+    running max, sum and unnormalised output for the GROUP query heads; the last of a tile's
+    programs to finish (an atomic count, reset by that program for the next launch) merges them
+    and folds in the sink."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    tok = tl.load(TileFirst + tile).to(tl.int64)
+    row = tl.load(TileRow + tile).to(tl.int64)
+    r = tl.arange(0, BLOCK_M)
+    live = r < GROUP
+    head = h * GROUP + r
+    dd = tl.arange(0, D_P)
+    dmask = dd < D
+    q = tl.load(Q + tok * sq_t + head[:, None] * sq_h + dd[None, :], mask=live[:, None] & dmask[None, :], other=0.0)
+    q_pos = tl.load(Pos + tok)
+    hi = q_pos + 1
+    if HAS_WINDOW:
+        lo = tl.maximum(q_pos - window + 1, 0)
+    else:
+        lo = q_pos * 0
+    first_step = lo // BLOCK_N
+    steps = (hi + BLOCK_N - 1) // BLOCK_N - first_step
+    per = (steps + SPLITS - 1) // SPLITS  # steps per program; the last programs may get none
+    k_begin = (first_step + sp * per) * BLOCK_N
+    k_end = tl.minimum((first_step + (sp + 1) * per) * BLOCK_N, hi)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P], tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_N):
+        k_pos = k0 + tl.arange(0, BLOCK_N)
+        k_in = (k_pos >= lo) & (k_pos < hi)
+        block = tl.load(Tables + row * st_r + k_pos // PAGE, mask=k_in, other=0).to(tl.int64)
+        slot = block * PAGE + k_pos % PAGE
+        kv_mask = k_in[:, None] & dmask[None, :]
+        k = tl.load(K + slot[:, None] * sk_s + h * sk_h + dd[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + slot[:, None] * sv_s + h * sv_h + dd[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(k_in[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    pair = tile * tl.num_programs(1) + h  # this (tile, kv head)'s partials and counter
+    part = (pair * SPLITS + sp) * GROUP_P + r
+    tl.store(PartAcc + part[:, None] * D_P + dd[None, :], acc, mask=live[:, None])
+    tl.store(PartM + part, m_i, mask=live)
+    tl.store(PartL + part, l_i, mask=live)
+    tl.debug_barrier()  # every thread's partials written before the count says so
+    done = tl.atomic_add(Counter + pair, 1, sem="acq_rel", scope="gpu")
+    if done == SPLITS - 1:  # the last program of this pair: merge the SPLITS partials
+        g = tl.arange(0, GROUP_P)
+        sl = tl.arange(0, SPLITS_P)
+        idx = (pair * SPLITS + sl[:, None]) * GROUP_P + g[None, :]  # [SPLITS_P, GROUP_P]
+        gm = (sl < SPLITS)[:, None] & (g < GROUP)[None, :]
+        ms = tl.load(PartM + idx, mask=gm, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(PartL + idx, mask=gm, other=0.0, cache_modifier=".cg")
+        accs = tl.load(PartAcc + idx[:, :, None] * D_P + dd[None, None, :], mask=gm[:, :, None], other=0.0,
+                       cache_modifier=".cg")
+        big = tl.max(ms, 0)  # [GROUP_P]
+        big_ref = tl.where(big == float("-inf"), 0.0, big)
+        wgt = tl.exp(ms - big_ref[None, :])
+        total = tl.sum(ls * wgt, 0)
+        out = tl.sum(accs * wgt[:, :, None], 0)  # [GROUP_P, D_P]
+        heads = h * GROUP + g
+        if HAS_SINKS:
+            sink = tl.load(Sinks + heads, mask=g < GROUP, other=0.0).to(tl.float32)
+            m_f = tl.maximum(big, sink)
+            a = tl.exp(big - m_f)
+            total = total * a + tl.exp(sink - m_f)
+            out = out * a[:, None]
+        out = out / tl.where(total == 0.0, 1.0, total)[:, None]
+        tl.store(O + tok * so_t + heads[:, None] * so_h + dd[None, :], out.to(O.dtype.element_ty),
+                 mask=(g < GROUP)[:, None] & dmask[None, :])
+        tl.atomic_xchg(Counter + pair, 0)  # ready for the next launch (a graph replays the same buffer)
+
+
+_COUNTERS: dict = {}  # per device: the split kernel's (token, kv head) counters, zero between launches
+SPLIT_PAIRS = 128  # decode batches with fewer (token, kv head) pairs than this split their keys
+SPLIT_MIN_WINDOW = 512  # ... unless the layer's window is this short
+
+
+def _counters(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _COUNTERS:  # made on the first (eager) call, before any graph capture
+        _COUNTERS[key] = torch.zeros(SPLIT_PAIRS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale,
+                           splits: int = 8):
+    """Decode tiles (one token each) over ``splits`` programs per (token, kv head)."""
+    n, hq, d = q.shape
+    hkv = k_pool.shape[1]
+    group = hq // hkv
+    first, _, row = tiles
+    out = torch.empty_like(q)
+    group_p, d_p = 1 << (group - 1).bit_length(), 1 << (d - 1).bit_length()
+    pairs = first.shape[0] * hkv
+    part_acc = torch.empty(pairs * splits * group_p, d_p, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(pairs * splits * group_p, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    paged_decode_split_kernel[(first.shape[0], hkv, splits)](
+        q, k_pool, v_pool, out, tables, positions, first, row, sinks if sinks is not None else q,
+        part_acc, part_m, part_l, _counters(q.device), float(scale), int(window or 0),
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        out.stride(0), out.stride(1), tables.stride(0),
+        GROUP=group, GROUP_P=group_p, BLOCK_M=max(16, group_p), BLOCK_N=32, D=d, D_P=d_p, PAGE=block_size,
+        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, IEEE=q.dtype == torch.float32, SPLITS=splits,
+        SPLITS_P=triton.next_power_of_2(splits),
+        num_warps=4)
+    return out
+
+
+def triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale, decode,
+                           split: bool = True):
     n, hq, d = q.shape
     hkv = k_pool.shape[1]
     group = hq // hkv
     block_m = tile_rows(group, decode, d)
     first, count, row = tiles
-    out = torch.empty_like(q)
     k_pool = k_pool if k_pool.stride(-1) == 1 else k_pool.contiguous()
     v_pool = v_pool if v_pool.stride(-1) == 1 else v_pool.contiguous()
+    split = split and os.environ.get("RUNG_ATTN_SPLIT") != "0"  # =0: one program per tile (comparisons)
+    # a sliding window of a few hundred keys is a few steps for one program: splitting costs more
+    # than it saves there (gpt-oss's 128-key layers: 6.5 µs split against 4.8–5.9 on an H200)
+    short = window is not None and window <= SPLIT_MIN_WINDOW
+    if decode and split and not short and first.shape[0] * hkv < SPLIT_PAIRS and group <= 16 and d <= 256:
+        return split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale)
+    out = torch.empty_like(q)
     grid = (first.shape[0], hkv)
     paged_attention_kernel[grid](
         q, k_pool, v_pool, out, tables, positions, first, count, row, sinks if sinks is not None else q,
@@ -97,7 +246,7 @@ def triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_si
         out.stride(0), out.stride(1), tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32, D=d, D_P=1 << (d - 1).bit_length(),
         PAGE=block_size, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
-        IEEE=q.dtype == torch.float32, num_warps=4 if block_m <= 64 else 8,
+        IEEE=q.dtype == torch.float32, EARLY_V=decode, num_warps=4 if block_m <= 64 else 8,
     )
     return out
 

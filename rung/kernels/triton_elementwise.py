@@ -24,6 +24,42 @@ def rms_norm_kernel(X, W, Y, n_cols, sx, sy, eps, offset, W_F32: tl.constexpr, B
 
 
 @triton.jit
+def add_rms_norm_kernel(X, R, W, S, Y, n_cols, sx, sr, eps, offset, W_F32: tl.constexpr, BLOCK: tl.constexpr):
+    """s = x + r (rounded to the dtype, as PyTorch's add), then rms_norm_kernel's row of s: both written."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = c < n_cols
+    xin = tl.load(X + row * sx + c, mask=m, other=0.0)
+    s = (xin.to(tl.float32) + tl.load(R + row * sr + c, mask=m, other=0.0).to(tl.float32)).to(xin.dtype)
+    tl.store(S + row * n_cols + c, s, mask=m)
+    x = s.to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+    w = tl.load(W + c, mask=m, other=0.0)
+    if W_F32:
+        out = (y * (offset + w.to(tl.float32))).to(xin.dtype)
+    else:
+        out = (y.to(xin.dtype).to(tl.float32) * w.to(tl.float32)).to(xin.dtype)
+    tl.store(Y + row * n_cols + c, out, mask=m)
+
+
+def triton_add_rms_norm(x, residual, weight, eps, offset, weight_in_float32):
+    d = x.shape[-1]
+    rows, res = x.reshape(-1, d), residual.reshape(-1, d)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    w = weight if weight_in_float32 or not offset else (offset + weight)
+    block = triton.next_power_of_2(d)
+    add_rms_norm_kernel[(rows.shape[0],)](rows, res, w, total, out, d, rows.stride(0), res.stride(0), float(eps),
+                                          float(offset), W_F32=weight_in_float32, BLOCK=block,
+                                          num_warps=max(1, min(16, block // 256)))
+    return total, out
+
+
+@triton.jit
 def rotary_kernel(X, C, S, Y, H, T, sxb, sxh, sxt, scb, sct, ssb, sst,
                   D: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -78,11 +114,14 @@ def triton_rotary(x, cos, signed_sin):
 
 @triton.jit
 def qk_norm_rope_kernel(QKV, QW, KW, C, S, Q_OUT, K_OUT, T, HQ, HKV, sqkv, sc_b, sc_t, ss_b, ss_t, eps,
+                        KP, VP, Slots, skp_s, skp_h, svp_s, svp_h,
                         D: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
-                        W_F32: tl.constexpr, ROPE: tl.constexpr):
+                        W_F32: tl.constexpr, ROPE: tl.constexpr, TO_POOL: tl.constexpr = False):
     """One head of one token: the per-head RMSNorm, then RoPE, read from the fused q|k|v row and
     written to a contiguous q or k. The rotation's partner half is read a second time from memory
-    (registers cannot be permuted), normalised with the same statistic."""
+    (registers cannot be permuted), normalised with the same statistic. TO_POOL: a key head's
+    program writes its key, and the token's value head of the same index, straight into the paged
+    pools at the token's slot (kernels/paged_attention.py's write_kv, one launch less)."""
     tok = tl.program_id(0)
     h = tl.program_id(1)  # 0..HQ-1: a query head; HQ..HQ+HKV-1: a key head
     b = tok // T
@@ -119,18 +158,31 @@ def qk_norm_rope_kernel(QKV, QW, KW, C, S, Q_OUT, K_OUT, T, HQ, HKV, sqkv, sc_b,
         out = x
     if is_q:
         tl.store(Q_OUT + (tok.to(tl.int64) * HQ + h) * D + c, out, mask=m)
+    elif TO_POOL:
+        slot = tl.load(Slots + tok).to(tl.int64)
+        kh = h - HQ
+        tl.store(KP + slot * skp_s + kh * skp_h + c, out, mask=m)
+        val = tl.load(row + HKV * D + c, mask=m, other=0.0)  # v head kh sits HKV heads after key head kh
+        tl.store(VP + slot * svp_s + kh * svp_h + c, val, mask=m)
     else:
         tl.store(K_OUT + (tok.to(tl.int64) * HKV + (h - HQ)) * D + c, out, mask=m)
 
 
-def triton_qk_norm_rope(qkv, hq, hkv, d, q_weight, k_weight, eps, weight_in_float32, cos, signed_sin):
-    """qkv [b, t, (hq + 2·hkv)·d] → q [b, t, hq, d], k [b, t, hkv, d] (new, contiguous)."""
+def triton_qk_norm_rope(qkv, hq, hkv, d, q_weight, k_weight, eps, weight_in_float32, cos, signed_sin, kv_dest=None):
+    """qkv [b, t, (hq + 2·hkv)·d] → q [b, t, hq, d], k [b, t, hkv, d] (new, contiguous); with
+    ``kv_dest`` (k_pool, v_pool, slots [b·t]) k and v go into the pools instead and k is None."""
     b, t, _ = qkv.shape
     rows = qkv.reshape(b * t, -1)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     q = torch.empty(b, t, hq, d, dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty(b, t, hkv, d, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(b, t, hkv, d, dtype=qkv.dtype, device=qkv.device) if kv_dest is None else None
+    if kv_dest is None:
+        kp = vp = slots = q
+        pool_strides = (0, 0, 0, 0)
+    else:
+        kp, vp, slots = kv_dest
+        pool_strides = kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1)
     rope = cos is not None
     if rope:
         rot = cos.shape[-1]
@@ -142,9 +194,11 @@ def triton_qk_norm_rope(qkv, hq, hkv, d, q_weight, k_weight, eps, weight_in_floa
         rot, cos, signed_sin, strides = 0, qkv, qkv, (0, 0, 0, 0)
     norm = q_weight is not None
     qkv_kernel_w = (q_weight, k_weight) if norm else (qkv, qkv)
-    qk_norm_rope_kernel[(b * t, hq + hkv)](rows, *qkv_kernel_w, cos, signed_sin, q, k, t, hq, hkv, rows.stride(0),
-                                           *strides, float(eps), D=d, ROT=rot, BLOCK=triton.next_power_of_2(d),
-                                           NORM=norm, W_F32=weight_in_float32, ROPE=rope, num_warps=1)
+    qk_norm_rope_kernel[(b * t, hq + hkv)](rows, *qkv_kernel_w, cos, signed_sin, q, q if k is None else k, t, hq, hkv,
+                                           rows.stride(0), *strides, float(eps), kp, vp, slots, *pool_strides,
+                                           D=d, ROT=rot, BLOCK=triton.next_power_of_2(d), NORM=norm,
+                                           W_F32=weight_in_float32, ROPE=rope, TO_POOL=kv_dest is not None,
+                                           num_warps=1)
     return q, k
 
 

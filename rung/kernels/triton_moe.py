@@ -137,11 +137,66 @@ def fp4_pair(b):
 
 
 @triton.jit
+def fp4_pair_scaled(b, ASM: tl.constexpr):
+    """A byte of two E2M1 codes → their values times 2^-14, in float32 (the caller's activations
+    carry the 2^14). ASM: four bytes at a time in PTX, the codes of two bytes placed as the
+    exponent and mantissa bits of a pair of float16s in one register (an E2M1 code's three
+    magnitude bits are a float16's two low exponent bits and top mantissa bit: 2^(e-15)·(1 + m/2)
+    for e ≥ 1, m·2^-15 for e = 0, the E2M1 value times 2^-14), four integer ops a pair and a
+    hardware float16 → float32 conversion each: a third of the integer work of ``fp4_pair``, which
+    is what bounds the decode GEMV. Otherwise (Triton's interpreter) ``fp4_pair`` times 2^-14."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 w, t, u, a;
+            .reg .b16 h0, h1;
+            prmt.b32 w, $8, 0, 0x3120;
+            shl.b32 t, w, 9;
+            shl.b32 u, w, 12;
+            and.b32 t, t, 0x0E000E00;
+            lop3.b32 a, t, u, 0x80008000, 0xF8;
+            mov.b32 {h0, h1}, a;
+            cvt.f32.f16 $0, h0;
+            cvt.f32.f16 $1, h1;
+            shl.b32 t, w, 1;
+            shl.b32 u, w, 4;
+            and.b32 t, t, 0x0E000E00;
+            lop3.b32 a, t, u, 0x80008000, 0xF8;
+            mov.b32 {h0, h1}, a;
+            cvt.f32.f16 $2, h0;
+            cvt.f32.f16 $3, h1;
+            shl.b32 t, w, 5;
+            shl.b32 u, w, 8;
+            and.b32 t, t, 0x0E000E00;
+            lop3.b32 a, t, u, 0x80008000, 0xF8;
+            mov.b32 {h0, h1}, a;
+            cvt.f32.f16 $4, h0;
+            cvt.f32.f16 $5, h1;
+            shr.b32 t, w, 3;
+            and.b32 t, t, 0x0E000E00;
+            lop3.b32 a, t, w, 0x80008000, 0xF8;
+            mov.b32 {h0, h1}, a;
+            cvt.f32.f16 $6, h0;
+            cvt.f32.f16 $7, h1;
+            }
+            """,
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+            args=[b], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    else:
+        lo, hi = fp4_pair(b)
+        lo = lo * 6.103515625e-05
+        hi = hi * 6.103515625e-05
+    return lo, hi
+
+
+@triton.jit
 def moe_gemv_mxfp4(
     X, W1, W2, S1, S2, B1, B2, Y, Experts, RouteW,
     N, K, sx_m, sw_e, sw_n, ss_e, ss_n, sb_e, sy_m, limit, alpha,
     X_DIV: tl.constexpr, TWO: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MUL_ROUTE: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    MUL_ROUTE: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr = False,
+    STAGES: tl.constexpr = 1,
 ):
     """Decode over packed MXFP4 experts: one program per (slot, BLOCK_N output rows), GROUPS
     blocks of 32 weights (16 bytes, one scale) per step. Each block's 32 products are summed
@@ -160,19 +215,20 @@ def moe_gemv_mxfp4(
     s_rows = e * ss_e + n[:, None].to(tl.int64) * ss_n  # [BLOCK_N, 1]
     acc1 = tl.zeros([BLOCK_N, GROUPS], tl.float32)
     acc2 = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-    for g0 in range(0, K // 32, GROUPS):
+    for g0 in tl.range(0, K // 32, GROUPS, num_stages=STAGES):  # STAGES > 1: the next steps' bytes in flight
         grp = g0 + gi
         g_in = grp < K // 32
         byte = grp[:, None] * 16 + bi[None, :]  # [GROUPS, 16]: byte j holds weights 2j (low) and 2j + 1
-        x_even = tl.load(x_row + 2 * byte, mask=g_in[:, None], other=0.0).to(tl.float32)[None]
-        x_odd = tl.load(x_row + 2 * byte + 1, mask=g_in[:, None], other=0.0).to(tl.float32)[None]
+        # the activations times 2^14, which fp4_pair_scaled's values lack (exact: a power of two)
+        x_even = (tl.load(x_row + 2 * byte, mask=g_in[:, None], other=0.0).to(tl.float32) * 16384.0)[None]
+        x_odd = (tl.load(x_row + 2 * byte + 1, mask=g_in[:, None], other=0.0).to(tl.float32) * 16384.0)[None]
         wm = n_in[:, None, None] & g_in[None, :, None]
         sm = n_in[:, None] & g_in[None, :]
-        lo, hi = fp4_pair(tl.load(W1 + w_rows + byte[None], mask=wm, other=0))
+        lo, hi = fp4_pair_scaled(tl.load(W1 + w_rows + byte[None], mask=wm, other=0), ASM)
         scale = tl.exp2(tl.load(S1 + s_rows + grp[None, :], mask=sm, other=127).to(tl.float32) - 127.0)
         acc1 += tl.sum(lo * x_even + hi * x_odd, 2) * scale
         if TWO:
-            lo, hi = fp4_pair(tl.load(W2 + w_rows + byte[None], mask=wm, other=0))
+            lo, hi = fp4_pair_scaled(tl.load(W2 + w_rows + byte[None], mask=wm, other=0), ASM)
             scale = tl.exp2(tl.load(S2 + s_rows + grp[None, :], mask=sm, other=127).to(tl.float32) - 127.0)
             acc2 += tl.sum(lo * x_even + hi * x_odd, 2) * scale
     r1 = tl.sum(acc1, 1)
@@ -259,17 +315,21 @@ GEMV_MAX = 64
 # eager call of a shape times these and keeps the fastest, before any graph capture).
 # Triton pipelines only loads that feed a dot, so the bytes in flight come from the tile itself:
 # wide K steps (up to whole rows) are in the set.
-_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w)
-                 for n, g, w in ((8, 8, 4), (16, 8, 4), (4, 32, 4), (8, 32, 4), (2, 128, 4), (4, 128, 8),
-                                 (8, 64, 8), (16, 32, 8), (32, 16, 8), (4, 64, 4))]
-_moe_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "TWO"])(moe_gemv_mxfp4)
+_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "STAGES": st}, num_warps=w)
+                 for n, g, w, st in ((8, 8, 4, 1), (16, 8, 4, 1), (4, 32, 4, 1), (8, 32, 4, 1), (2, 128, 4, 1),
+                                     (4, 128, 8, 1), (8, 64, 8, 1), (16, 32, 8, 1), (32, 16, 8, 1), (4, 64, 4, 1),
+                                     (8, 16, 4, 3), (16, 16, 4, 3), (8, 32, 4, 3), (16, 32, 4, 3), (4, 64, 4, 3),
+                                     (32, 8, 4, 3))]
+_moe_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "TWO", "ASM"])(moe_gemv_mxfp4)
 
 
 def _gemv_launch(grid_rows: int, n_out: int, *args, **meta) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter checks values, not speed: one tile
         moe_gemv_mxfp4[(grid_rows, triton_cdiv(n_out, 8))](*args, **meta, BLOCK_N=8, GROUPS=2)
         return
-    _moe_gemv_tuned[lambda m: (grid_rows, triton_cdiv(n_out, m["BLOCK_N"]))](*args, **meta)
+    # the PTX decode (RUNG_MXFP4_ASM=0: the portable one, for comparison)
+    asm = os.environ.get("RUNG_MXFP4_ASM") != "0"
+    _moe_gemv_tuned[lambda m: (grid_rows, triton_cdiv(n_out, m["BLOCK_N"]))](*args, **meta, ASM=asm)
 
 
 def triton_moe_gemv(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:

@@ -128,8 +128,14 @@ class Attention(nn.Module):
             if self._one_kernel_qk(qkv, rotary):  # CUDA, 16-bit: both norms and both rotations in one kernel
                 norms = [None if n is None else (n.weight, n.eps, n.offset, n.weight_in_float32)
                          for n in (self.q_norm, self.k_norm)]
+                # a context that lets the kernel store this step's keys and values itself (the CUDA
+                # graphs' decode step: engine/cuda_graphs.py) says where; attend then gets None for them
+                store = getattr(context, "kv_destination", None)
+                dest = store(self.layer) if store is not None else None
                 q, k = qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *norms,
-                                    *(rotary if rotary is not None else (None, None)))
+                                    *(rotary if rotary is not None else (None, None)), kv_dest=dest)
+                if dest is not None:
+                    return self._attend(q.transpose(1, 2), None, None, context, x)
                 v = qkv[..., self.split[0] + self.split[1]:].view(shape)
                 return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), context, x)
             if self._native_rope(qkv, rotary):  # a decode step: RoPE in place, one call for q and k

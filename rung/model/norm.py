@@ -7,7 +7,8 @@ from torch import nn
 
 from rung import native
 from rung.config import ModelConfig
-from rung.kernels.elementwise import rms_norm
+from rung.kernels import use_triton
+from rung.kernels.elementwise import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -38,6 +39,15 @@ class RMSNorm(nn.Module):
         if self.weight_in_float32:
             return (x32 * (self.offset + self.weight.float())).to(dtype)
         return (self.offset + self.weight) * x32.to(dtype)
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, norm(x + residual)): a block's residual add and the norm after it. On CUDA in
+    16 bits an RMSNorm takes both in one kernel (kernels/elementwise.py); elsewhere the two ops."""
+    if isinstance(norm, RMSNorm) and x.dtype != torch.float32 and use_triton(x):
+        return add_rms_norm(x, residual, norm.weight, norm.eps, norm.offset, norm.weight_in_float32)
+    total = x + residual
+    return total, norm(total)
 
 
 class LayerNorm(nn.LayerNorm):
