@@ -127,6 +127,13 @@ def check_kernels() -> list[tuple[str, float]]:
         out = paged_attention(q, kp, vp, tables, pos, decode_tiles(4, DEV), bs, window, s, d**-0.5, decode=True)
         ref = paged_attention_ref(q, kp, vp, tables, torch.arange(4, device=DEV), pos, bs, window, s, d**-0.5)
         rows.append((f"paged attention decode hq={hq} hkv={hkv} d={d} window={window} sinks={sinks}", rel_err(out, ref)))
+        if DEV == "cuda":  # the one-program-a-tile decode that batches of 16+ sequences take
+            from rung.kernels.triton_attention import triton_paged_attention
+
+            out = triton_paged_attention(q, kp, vp, tables, pos, decode_tiles(4, DEV), bs, window, s, d**-0.5, True,
+                                         split=False)
+            rows.append((f"paged attention decode (one program a tile) hq={hq} hkv={hkv} d={d} window={window}",
+                         rel_err(out, ref)))
         layout = [(0, 1, 0), (1, 300, 1), (301, 77, 2)]
         starts = [900, 0, 1500]
         pos = torch.cat([torch.arange(st, st + n) for (_, n, _), st in zip(layout, starts)]).to(DEV)
@@ -150,6 +157,32 @@ def check_kernels() -> list[tuple[str, float]]:
         sin = torch.randn(7, rot, device=DEV, generator=g, dtype=dt)[None].expand(2, -1, -1)[:, None]
         out, ref = rotary(x, cos, sin), rotary_ref(x, cos, sin)
         rows.append((f"RoPE d={d} ({100 * float((out == ref).float().mean()):.1f}% bit-equal)", rel_err(out, ref)))
+    from rung.kernels.elementwise import add_rms_norm, add_rms_norm_ref
+
+    for d, in_f32 in ((1024, False), (2880, True)):
+        x = torch.randn(3, d, device=DEV, generator=g, dtype=dt)
+        r = torch.randn(3, d, device=DEV, generator=g, dtype=dt)
+        w = torch.randn(d, device=DEV, generator=g, dtype=dt)
+        (s1, y1), (s2, y2) = add_rms_norm(x, r, w, 1e-6, 0.0, in_f32), add_rms_norm_ref(x, r, w, 1e-6, 0.0, in_f32)
+        equal = float(((s1 == s2).float().mean() + (y1 == y2).float().mean()) / 2)
+        rows.append((f"add + RMSNorm d={d} gain in fp32={in_f32} ({100 * equal:.1f}% bit-equal)",
+                     max(rel_err(s1, s2), rel_err(y1, y2))))
+    from rung.kernels.linear import gated_linear, gated_linear_ref, linear, linear_ref
+
+    for n, k, gated, bias in ((4096, 1024, False, False), (6144, 1024, True, False), (5120, 2880, False, True),
+                              (4096, 12288, False, False), (32, 2880, False, True)):
+        w = torch.randn(n, k, device=DEV, generator=g, dtype=dt) * 0.02
+        b = torch.randn(n, device=DEV, generator=g, dtype=dt) * 0.1 if bias else None
+        for m in (1, 2, 3, 4):  # one row through the dispatch (the rule's tile); more through the kernel itself
+            x = torch.randn(m, k, device=DEV, generator=g, dtype=dt)
+            if m == 1 or DEV != "cuda":
+                out = (gated_linear if gated else linear)(x, w, b)
+            else:
+                from rung.kernels.triton_gemv import gemv_config, triton_gemv
+
+                out = triton_gemv(x, w, b, gated, gemv_config(n, k, 1, gated))
+            ref = (gated_linear_ref if gated else linear_ref)(x.double(), w.double(), None if b is None else b.double())
+            rows.append((f"decode GEMV {n}x{k} gated={gated} bias={bias} rows={m}", rel_err(out, ref)))
     for e, k, h, i, kind, packed in ((128, 8, 2048, 768, "silu", False), (32, 4, 2880, 2880, "swiglu_clamped", True)):
         for n in (1, 333):
             x = torch.randn(n, h, device=DEV, generator=g, dtype=dt)
@@ -203,8 +236,9 @@ def moe_kernel_timing() -> list[dict]:
             top, experts = torch.topk(torch.randn(n, e, device=DEV, generator=g), k)
             weights = torch.softmax(top, -1).to(dt)
             row = dict(shape=name, tokens=n, active_MB=n * active / 1e6)
-            for label, flag in ((("gemv", "1"),) if packed else ()) + (("gemm", "0"),):
+            for label, flag in ((("gemv", "1"), ("gemv_portable", "1")) if packed else ()) + (("gemm", "0"),):
                 os.environ["RUNG_MOE_GEMV"] = flag
+                os.environ["RUNG_MXFP4_ASM"] = "0" if label == "gemv_portable" else "1"  # the PTX decode or not
                 act = Activation(kind)
                 try:
                     for _ in range(3):
@@ -228,6 +262,7 @@ def moe_kernel_timing() -> list[dict]:
                 except Exception as exc:
                     row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:200]
             os.environ.pop("RUNG_MOE_GEMV", None)
+            os.environ.pop("RUNG_MXFP4_ASM", None)
             log("MoE layer timing", row)
             out.append(row)
     return out
@@ -552,7 +587,9 @@ def main():
     if moe_rows:
         print("one MoE layer, one CUDA-graph replay: µs (TB/s of the active experts' bytes)")
         for r in moe_rows:
-            gemv = (f"decode GEMV {fmt(r['gemv_us'])} µs ({fmt(r['gemv_TBps'], '.2f')}) · " if "gemv_us" in r else "")
+            gemv = (f"decode GEMV {fmt(r['gemv_us'])} µs ({fmt(r['gemv_TBps'], '.2f')}), portable decode "
+                    f"{fmt(r.get('gemv_portable_us'))} µs ({fmt(r.get('gemv_portable_TBps'), '.2f')}) · "
+                    if "gemv_us" in r else "")
             print(f"  {r['shape']} tokens={r['tokens']} ({r['active_MB']:.0f} MB): {gemv}slot-layout GEMM "
                   f"{fmt(r.get('gemm_us'))} µs ({fmt(r.get('gemm_TBps'), '.2f')})")
     print("batch-1 decode with each step's tokens read before the next is enqueued (overlap off): "
