@@ -128,7 +128,8 @@ def main():
             result = run_llama_cpp(gguf, args.prompt, args.new, args.threads)
         else:
             result = run_transformers(gguf, args.prompt, args.new, "bfloat16")
-        result["rss_mb"] = rss_mb()  # cpu.py's runners read ru_maxrss
+        if args.engine != "rung":  # rung's is taken before its perplexity pass; cpu.py's runners read ru_maxrss
+            result["rss_mb"] = rss_mb()
         print(json.dumps(result))
         return
 
