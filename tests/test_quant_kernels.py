@@ -20,18 +20,34 @@ def seeded():
 
 
 @pytest.mark.parametrize("fmt,group,bound", [("q8", None, 0.5 / 127), ("q8", 32, 0.5 / 127),
-                                             ("q4", 32, 0.5 / 15), ("q4", 64, 0.5 / 15), ("q4", 128, 0.5 / 15)])
+                                             ("q4", 32, 1.5 / 15), ("q4", 64, 1.5 / 15), ("q4", 128, 1.5 / 15)])
 def test_round_trip_error_within_the_formats_bound(fmt, group, bound):
     w = torch.randn(64, 256) * torch.rand(64, 1) * 3  # rows of different ranges
+    w[0, :5] *= 20  # a few outliers
     p = quantize(w, fmt, group)
     err = (dequantize(p) - w).abs()
     g = p.group
-    # the bound per group: half a step; a step is max|w| / 127 (q8) or (max - min) / 15 (q4)
+    # the bound per group, in steps of max|w| / 127 (q8: half a step) or of the min-max grid's
+    # (max - min) / 15 (q4: its search may clip a group's outliers, by at most a step and a half)
     groups = w.view(64, -1, g)
     span = groups.abs().amax(-1) if fmt == "q8" else groups.amax(-1) - groups.amin(-1)
     limit = (span * bound).repeat_interleave(g, dim=1) * (1 + 2e-3) + 1e-6  # fp16 scale rounding
     assert (err <= limit).all()
     assert p.bits_per_weight == pytest.approx({"q8": 8, "q4": 4}[fmt] + (16 if fmt == "q8" else 32) / g)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_q4_grid_search_never_loses_to_the_min_max_grid(group):
+    """Per group, the squared error of the searched grid is at most the min-max grid's (which is
+    one of its candidates), and over a Gaussian weight it is clearly lower."""
+    w = torch.randn(96, 512) * torch.rand(96, 1) * 2
+    groups = w.view(96, -1, group)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale, offset = ((hi - lo) / 15).half().float(), lo.half().float()
+    minmax = ((torch.round((groups - offset) / scale).clamp(0, 15) * scale + offset - groups) ** 2).sum(-1)
+    searched = ((dequantize(quantize(w, "q4", group)).view_as(groups) - groups) ** 2).sum(-1)
+    assert (searched <= minmax * (1 + 1e-5) + 1e-9).all()
+    assert searched.sum() < 0.9 * minmax.sum()
 
 
 def test_nibble_packing_is_ggufs_block_order():
