@@ -91,7 +91,7 @@ ROUNDS = 4
 STRIDE = 0.25
 
 
-def _fit_q4(g: torch.Tensor, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_q4(g: torch.Tensor, chunk: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group of g [..., G, group] (float32): fp16 scale and offset of the 4-bit affine grid with
     the least squared error among the candidates (see ROUNDS). Chunked: a few copies of a chunk of
     groups at a time, not of the whole weight."""
