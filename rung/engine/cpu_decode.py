@@ -100,10 +100,8 @@ def _embedding(model):
     embed = model.embed
     if isinstance(embed, PackedEmbedding) and embed.dtype == torch.float32:
         table = embed.table[0]
-        if (isinstance(table, PackedLinear) and table.data.device.type == "cpu" and table.data.is_contiguous()
-                and table.in_features % 32 == 0):
-            return native.linear_struct(table.fmt, table.data, table.out_features, table.in_features, group=table.group,
-                                        scale=table.scale, offset=table.offset), (table,)
+        if isinstance(table, PackedLinear) and table._native:  # the layer's own struct (its bias is not read)
+            return table.bound().struct, (table,)
     if isinstance(embed, torch.nn.Embedding) and embed.weight.dtype == torch.float32 and embed.weight.is_contiguous():
         weight = embed.weight.detach()
         return native.linear_struct("f32", weight, *weight.shape), (weight,)
@@ -129,11 +127,11 @@ class CpuDecode:
                 self.kinds) > native.MAX_ROPES:
             raise ValueError("cpu_decode: norms with different eps, or too many KV groups or RoPE tables")
         keep, layers = [], []
+        ptr = lambda n: None if n is None else n.weight.data_ptr()  # noqa: E731
         for i, layer in enumerate(model.layers):
             a, m = layer.attn, layer.mlp
             projections = [p.bound() for p in (a.qkv_proj, a.o_proj, m.gate_up, m.down_proj)]
             keep += projections
-            ptr = lambda n: None if n is None else n.weight.data_ptr()  # noqa: E731
             layers.append(native.Layer(
                 layer.attn_norm.weight.data_ptr(), layer.mlp_norm.weight.data_ptr(), *(f.struct for f in projections),
                 pool.keys[i].data_ptr(), pool.values[i].data_ptr(), pool.group_of[i],
@@ -167,7 +165,7 @@ class CpuDecode:
         starts = np.array([ch.start for ch in chunks], dtype=np.int64)
         tables = [_table([ch.tables[g] for ch in chunks]) for g in range(len(pool.groups))]
         rope = [self._rope(kind, int(starts.max()) + 1) for kind in self.kinds]
-        tokens = ids.numpy().astype(np.int64, copy=False) if ids.device.type == "cpu" else ids.cpu().numpy()
+        tokens = ids.numpy().astype(np.int64, copy=False)  # the engine asks this path for CPU models only
         st = buf.step
         st.ids, st.starts = tokens.ctypes.data, starts.ctypes.data
         for g, table in enumerate(tables):

@@ -528,6 +528,25 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, i
     for (int64_t k = 0; k < d / 8; k++) _mm256_storeu_ps(o + 8 * k, acc[k]);
 }
 
+/* Fetch the keys and values of read-plan entries [t0, t1) of one kv head: towards L1 for the keys
+ * (near: read next) or L2 for both. The pool is cold at attention time (a step's weights stream
+ * through every cache level between two layers' attention) and its rows are scattered, so
+ * rows read on demand stall on memory. Hints only: nothing is read or written. */
+static inline __attribute__((always_inline)) void prefetch_rows(const float *kpool, const float *vpool,
+                                                                const int64_t *slots, int64_t t0, int64_t t1,
+                                                                int64_t hkv, int64_t kvh, int64_t d, int near) {
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t at = (slots[t] * hkv + kvh) * d;
+        for (int64_t c = 0; c < d; c += 16) {
+            if (near)
+                _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T0);
+            else
+                _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T1);
+            _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
+        }
+    }
+}
+
 /* Softmax attention of one query over keys [j0, j1) of a row's read plan, unnormalised: o = sum
  * e^(s_j - m) v_j, *m_out = m (the part's top score), *l_out = sum e^(s_j - m). An empty range
  * gives m = -inf, l = 0, o = 0. scores: room for j1 - j0 + 8 floats. */
@@ -541,28 +560,14 @@ static void attend_part(const float *qv, const float *kpool, const float *vpool,
         *m_out = -INFINITY, *l_out = 0.0f;
         return;
     }
-    /* the pool is cold (a step's weights stream through the caches between two layers'
-     * attention) and its rows are scattered: fetch keys 32 ahead, and the values */
-    for (int64_t t = 0; t < 32 && t < n; t++) {
-        const int64_t at = (sl[t] * hkv + kvh) * d;
-        for (int64_t c = 0; c < d; c += 16) {
-            _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
-        }
-    }
+    prefetch_rows(kpool, vpool, sl, 0, n < 32 ? n : 32, hkv, kvh, d, 1); /* then 32 keys ahead, in the loop */
     const __m256 sc = _mm256_set1_ps(scale);
     __m256 top8 = _mm256_set1_ps(-INFINITY);
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) { /* scores, eight keys at a time */
         const float *k[8];
         for (int t = 0; t < 8; t++) k[t] = kpool + (sl[j + t] * hkv + kvh) * d;
-        for (int64_t t = j + 32; t < j + 40 && t < n; t++) {
-            const int64_t at = (sl[t] * hkv + kvh) * d;
-            for (int64_t c = 0; c < d; c += 16) {
-                _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T0);
-                _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
-            }
-        }
+        if (j + 32 < n) prefetch_rows(kpool, vpool, sl, j + 32, j + 40 < n ? j + 40 : n, hkv, kvh, d, 1);
         const __m256 s = _mm256_mul_ps(sc, dot8(qv, k, d));
         _mm256_storeu_ps(scores + j, s);
         top8 = _mm256_max_ps(top8, s);
@@ -606,6 +611,19 @@ static void attend_part(const float *qv, const float *kpool, const float *vpool,
 
 #define MAX_SPLIT 8 /* parts a row's keys are split into (flash-decoding) */
 
+/* Attention work item `item` of B * hkv * S: its sequence, kv head, part, and key range [j0, j1). */
+typedef struct {
+    int64_t b, kvh, s, j0, j1;
+} Item;
+
+static inline Item attention_item(int64_t item, int64_t hkv, int64_t S, int64_t chunk, const int64_t *lengths) {
+    Item it = {item / (hkv * S), item / S % hkv, item % S, 0, 0};
+    const int64_t n = lengths[it.b];
+    it.j0 = it.s * chunk < n ? it.s * chunk : n;
+    it.j1 = (it.s + 1) * chunk < n ? (it.s + 1) * chunk : n;
+    return it;
+}
+
 /* Parts per row: enough work items for every thread (a batch-1 step of a model with 3 KV heads
  * has 3 (kv head) groups of query heads for 2 threads), each part at least 32 keys. */
 static inline int64_t attention_splits(int64_t B, int64_t hkv, int64_t L, int64_t threads) {
@@ -634,13 +652,12 @@ static void attention_rows(const float *q, int64_t q_tok, int64_t q_head, const 
     float *po = part, *pm = part + B * hq * S * d, *pl = pm + B * hq * S; /* [B, hq, S, d], [B, hq, S] x 2 */
 #pragma omp for schedule(static, 1) /* the assignment prefetch_attention expects */
     for (int64_t item = 0; item < B * hkv * S; item++) {
-        const int64_t b = item / (hkv * S), kvh = item / S % hkv, s = item % S, n = lengths[b];
-        const int64_t j0 = s * chunk < n ? s * chunk : n, j1 = (s + 1) * chunk < n ? (s + 1) * chunk : n;
+        const Item it = attention_item(item, hkv, S, chunk, lengths);
         float *scores = malloc(sizeof(float) * (chunk + 8));
-        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-            const int64_t at = (b * hq + h) * S + s;
-            attend_part(q + b * q_tok + h * q_head, kpool, vpool, idx + b * L, j0, j1, hkv, kvh, d, scale, scores,
-                        po + at * d, pm + at, pl + at);
+        for (int64_t h = it.kvh * group; h < (it.kvh + 1) * group; h++) {
+            const int64_t at = (it.b * hq + h) * S + it.s;
+            attend_part(q + it.b * q_tok + h * q_head, kpool, vpool, idx + it.b * L, it.j0, it.j1, hkv, it.kvh, d,
+                        scale, scores, po + at * d, pm + at, pl + at);
         }
         free(scores);
     }
@@ -664,10 +681,8 @@ static void attention_rows(const float *q, int64_t q_tok, int64_t q_head, const 
 }
 
 /* Fetch the keys and values this thread's attention items will read (attention_rows' static
- * assignment) towards its caches, ahead of the attention: a decode step streams its weights
- * through every cache level between two layers' attention, so the pool is cold by then, and
- * scattered rows read on demand stall on memory. Issued before the layer's q|k|v GEMV, the
- * fetches overlap it. Hints only: nothing is read or written. */
+ * assignment) towards its L2, ahead of the attention: issued before the layer's q|k|v GEMV, the
+ * fetches overlap it (see prefetch_rows). */
 static void prefetch_attention(const float *kpool, const float *vpool, const int64_t *idx, const int64_t *lengths,
                                int64_t B, int64_t L, int64_t hkv, int64_t d) {
     int thread = 0, threads = 1;
@@ -676,15 +691,8 @@ static void prefetch_attention(const float *kpool, const float *vpool, const int
 #endif
     const int64_t S = attention_splits(B, hkv, L, threads), chunk = (L + S - 1) / S;
     for (int64_t item = thread; item < B * hkv * S; item += threads) {
-        const int64_t b = item / (hkv * S), kvh = item / S % hkv, s = item % S, n = lengths[b];
-        const int64_t j1 = (s + 1) * chunk < n ? (s + 1) * chunk : n;
-        for (int64_t j = s * chunk; j < j1; j++) {
-            const int64_t at = (idx[b * L + j] * hkv + kvh) * d;
-            for (int64_t c = 0; c < d; c += 16) {
-                _mm_prefetch((const char *)(kpool + at + c), _MM_HINT_T1);
-                _mm_prefetch((const char *)(vpool + at + c), _MM_HINT_T1);
-            }
-        }
+        const Item it = attention_item(item, hkv, S, chunk, lengths);
+        prefetch_rows(kpool, vpool, idx + it.b * L, it.j0, it.j1, hkv, it.kvh, d, 0);
     }
 }
 
@@ -810,6 +818,11 @@ typedef struct {
     int64_t *mem;
 } Plans;
 
+/* The oldest position a query at `start` sees (window 0: none); paged.Group.first_needed. */
+static inline int64_t first_needed(int64_t start, int64_t window) {
+    return window > 0 && start >= window ? start - window + 1 : 0;
+}
+
 /* The read plans of every group (see Step). 0, or -3 when a table does not reach a row's position. */
 static int build_plans(int64_t groups, const Step *st, Plans *p) {
     const int64_t B = st->B, bs = st->block;
@@ -817,7 +830,7 @@ static int build_plans(int64_t groups, const Step *st, Plans *p) {
     for (int64_t g = 0; g < groups; g++) {
         int64_t L = 1;
         for (int64_t b = 0; b < B; b++) {
-            const int64_t start = st->starts[b], lo = st->window[g] > 0 && start >= st->window[g] ? start - st->window[g] + 1 : 0;
+            const int64_t start = st->starts[b], lo = first_needed(start, st->window[g]);
             if (start < 0 || start / bs >= st->width[g]) return -3;
             L = start + 1 - lo > L ? start + 1 - lo : L;
         }
@@ -832,7 +845,7 @@ static int build_plans(int64_t groups, const Step *st, Plans *p) {
         p->idx[g] = at, p->lengths[g] = at + B * L, p->slots[g] = at + B * L + B;
         at += B * L + 2 * B;
         for (int64_t b = 0; b < B; b++) {
-            const int64_t start = st->starts[b], lo = st->window[g] > 0 && start >= st->window[g] ? start - st->window[g] + 1 : 0;
+            const int64_t start = st->starts[b], lo = first_needed(start, st->window[g]);
             const int64_t *table = st->tables[g] + b * st->width[g];
             int64_t *row = p->idx[g] + b * L;
             for (int64_t j = 0; j < L; j++) {
