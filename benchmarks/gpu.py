@@ -73,6 +73,31 @@ def free():
         torch.cuda.empty_cache()
 
 
+def graph_us(fns, reps: int = 1) -> float:
+    """µs per call of ``fns`` (one launch each, e.g. on different copies of a weight, so none stays
+    in the L2), captured ``reps`` times back to back in one CUDA graph: the median of 5 replays.
+    benchmarks/gpu_quant.py and gpu_profile.py time their kernels with it too."""
+    for f in fns:
+        f()
+    sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    graph.replay()
+    sync()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        sync()
+        times.append(a.elapsed_time(b) * 1e3 / (reps * len(fns)))
+    return sorted(times)[2]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
@@ -241,22 +266,9 @@ def moe_kernel_timing() -> list[dict]:
                 os.environ["RUNG_MXFP4_ASM"] = "0" if label == "gemv_portable" else "1"  # the PTX decode or not
                 act = Activation(kind)
                 try:
-                    for _ in range(3):
-                        fused_moe(x, weights, experts, w, act)  # tune, compile
-                    sync()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        for _ in range(20):
-                            fused_moe(x, weights, experts, w, act)
-                    graph.replay()
-                    sync()
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    for _ in range(5):
-                        graph.replay()
-                    b.record()
-                    sync()
-                    us = a.elapsed_time(b) * 1e3 / 100
+                    for _ in range(2):
+                        fused_moe(x, weights, experts, w, act)  # tune, compile (graph_us runs it once more)
+                    us = graph_us([lambda: fused_moe(x, weights, experts, w, act)], reps=20)
                     row[f"{label}_us"] = us
                     row[f"{label}_TBps"] = n * active / (us * 1e-6) / 1e12
                 except Exception as exc:

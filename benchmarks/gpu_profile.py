@@ -94,24 +94,7 @@ def _precompile(jobs):
 
 def _graph_time(fn, copies: int) -> float:
     """µs per call of fn(i) for i in range(copies), captured back to back in one graph."""
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / copies)
-    return sorted(times)[2]
+    return gpu.graph_us([lambda i=i: fn(i) for i in range(copies)])
 
 
 def gemv_sweep() -> None:

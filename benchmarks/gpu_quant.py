@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu  # noqa: E402  (benchmarks/gpu.py: random models, copy bandwidth, checks)
-from gpu import NullTokenizer, free, log, peak_gb, prompt, rel_err, reset_peak, sync  # noqa: E402
+from gpu import NullTokenizer, free, graph_us, log, peak_gb, prompt, rel_err, reset_peak, sync  # noqa: E402
 
 from rung.config import ModelConfig, preset_dict  # noqa: E402
 from rung.engine.engine import Engine, EngineConfig  # noqa: E402
@@ -56,27 +56,6 @@ def layer_shapes(name: str) -> list[tuple[str, int, int, str | None]]:
     return [("qkv", c.q_width + 2 * c.kv_width, h, None), ("o", h, c.q_width, None),
             ("gate_up", 2 * c.intermediate_size, h, "silu"), ("down", h, c.intermediate_size, None),
             ("lm_head", c.vocab_size, h, None)]
-
-
-def graph_us(fns, reps: int = 4) -> float:
-    """µs per call of ``fns`` (one launch each, on different weights), replayed from a CUDA graph."""
-    for f in fns:
-        f()
-    sync()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for f in fns:
-                f()
-    graph.replay()
-    sync()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(3):
-        graph.replay()
-    b.record()
-    sync()
-    return a.elapsed_time(b) * 1e3 / (3 * reps * len(fns))
 
 
 def event_ms(fn, n: int = 5) -> float:
@@ -103,11 +82,11 @@ def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]
             copies_bf16 = [w] + [w.clone() for _ in range(max(0, math.ceil(ROTATE_BYTES / wb) - 1))]
             x = torch.randn(1, k, device="cuda", generator=g, dtype=torch.bfloat16)
             if act is None:
-                cublas = graph_us([lambda w_=w_: F.linear(x, w_) for w_ in copies_bf16])
+                cublas = graph_us([lambda w_=w_: F.linear(x, w_) for w_ in copies_bf16], reps=4)
             else:
                 from rung.kernels.elementwise import silu_mul
 
-                cublas = graph_us([lambda w_=w_: silu_mul(F.linear(x, w_)) for w_ in copies_bf16])
+                cublas = graph_us([lambda w_=w_: silu_mul(F.linear(x, w_)) for w_ in copies_bf16], reps=4)
             del copies_bf16
             free()
             fmts = [("int8", "q8", None)] + ([] if layer == "lm_head" else [("int4", "q4", 32)])
@@ -123,7 +102,7 @@ def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]
                         r[f"err_M{m}"] = rel_err(tq.quant_linear(xm, *args(p)), tq.quant_linear_ref(xm.float(), *args(p)))
                     copies = [p] + [quantize(w, fmt, group) for _ in range(max(0, math.ceil(ROTATE_BYTES / nbytes) - 1))]
                     tq.quant_linear(x, *args(p))  # tuned here, once
-                    us = graph_us([lambda q=q: tq.quant_linear(x, *args(q)) for q in copies])
+                    us = graph_us([lambda q=q: tq.quant_linear(x, *args(q)) for q in copies], reps=4)
                     r.update(us=us, TBps=nbytes / us / 1e6, config=str(tq._TUNED.get(
                         ("gemv", fmt, n, k, 1, act is not None, torch.bfloat16))))
                     if sweep and name == names[0] and layer != "lm_head":
