@@ -12,13 +12,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _triton_version():
-    try:
-        import triton
-    except Exception:
-        return None
-    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+from test_triton_kernels import _triton_version
 
 
 @pytest.mark.skipif((_triton_version() or (0, 0)) < (3, 8), reason="needs Triton ≥ 3.8 (its interpreter, NumPy 2)")
