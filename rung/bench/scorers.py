@@ -14,8 +14,12 @@
               the answer (code fences and prose around it allowed) must validate and hold the fields;
               ``schema_valid`` on the outcome feeds schema fidelity.
   tool_call   name (the function, or null: no call expected), arguments (expected values; extra
-              arguments are allowed unless exact: true). From the API's tool_calls, else parsed from
-              the text: <tool_call>{...}</tool_call>, a bare {"name", "arguments"} object, or name(k=v).
+              arguments are allowed unless exact: true). An expected value may be a matcher
+              ``{any_of: [v1, v2, ...], optional: true}``: any listed value passes, and with optional
+              the argument (or a key of a mapping argument) may also be left out. Values compare as in
+              ``same_value``, lists item by item, mappings key by key. From the API's tool_calls, else
+              parsed from the text: <tool_call>{...}</tool_call>, a bare {"name", "arguments"} object,
+              or name(k=v).
   perplexity  max (the highest perplexity that passes) over the case's ``text``; local models score
               from their logits, endpoints through completions logprobs with echo (else unsupported).
   judge       rubric; judge (a model spec; else the suite's judge). The judge answers PASS or FAIL.
@@ -119,10 +123,43 @@ def _validate(kind: str, o: dict, at: str) -> None:
             raise SuiteError(f"{at}: 'name' is the function's name (or null: no call expected)")
         if "arguments" in o and not isinstance(o["arguments"], dict):
             raise SuiteError(f"{at}: 'arguments' maps argument names to expected values")
+        for key, want in o.get("arguments", {}).items():
+            _validate_expected(want, f"{at}: argument {key!r}")
     if kind == "perplexity" and (not isinstance(o["max"], (int, float)) or o["max"] <= 1):
         raise SuiteError(f"{at}: 'max' must be a number above 1")
     if kind == "judge" and not isinstance(o["rubric"], str):
         raise SuiteError(f"{at}: 'rubric' must be a string")
+
+
+MATCHER_KEYS = {"any_of", "optional"}
+MAX_EXPECTED_DEPTH = 32  # nesting of an expected argument value (BFCL's deepest is 3)
+
+
+def is_matcher(want: Any) -> bool:
+    """``{any_of: [...]}`` (with an optional ``optional``): a set of acceptable values, not a literal mapping."""
+    return isinstance(want, dict) and "any_of" in want
+
+
+def is_optional(want: Any) -> bool:
+    return is_matcher(want) and want.get("optional") is True
+
+
+def _validate_expected(want: Any, at: str, depth: int = 0) -> None:
+    """An expected argument value: a literal, or a matcher, checked all the way down."""
+    if depth > MAX_EXPECTED_DEPTH:
+        raise SuiteError(f"{at}: nested deeper than {MAX_EXPECTED_DEPTH} levels")
+    if is_matcher(want):
+        if set(want) - MATCHER_KEYS:
+            raise SuiteError(f"{at}: a matcher takes only 'any_of' and 'optional', got {', '.join(sorted(want))}")
+        if not isinstance(want["any_of"], list) or not want["any_of"]:
+            raise SuiteError(f"{at}: 'any_of' must be a non-empty list of acceptable values")
+        if not isinstance(want.get("optional", False), bool):
+            raise SuiteError(f"{at}: 'optional' must be true or false")
+        children = want["any_of"]
+    else:
+        children = want.values() if isinstance(want, dict) else want if isinstance(want, list) else []
+    for child in children:
+        _validate_expected(child, at, depth + 1)
 
 
 def _flags(flags: str, at: str) -> int:
@@ -437,6 +474,34 @@ def same_value(got: Any, want: Any) -> bool:
     return got == want
 
 
+def argument_matches(got: Any, want: Any) -> bool:
+    """``same_value``, extended for tool arguments: a matcher accepts any of its values, and a mapping's
+    keys whose expected value is optional may be absent (others must be there, and no key may be extra)."""
+    if is_matcher(want):
+        return any(argument_matches(got, w) for w in want["any_of"])
+    if isinstance(want, dict):
+        return isinstance(got, dict) and set(got) <= set(want) and all(
+            argument_matches(got[k], w) if k in got else is_optional(w) for k, w in want.items())
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(argument_matches, got, want))
+    return same_value(got, want)
+
+
+def _argument_problems(args: dict, want_args: dict, exact: bool) -> list[str]:
+    problems = []
+    for key, want in want_args.items():
+        if key not in args:
+            if not is_optional(want):
+                problems.append(f"{key} missing")
+        elif not argument_matches(args[key], want):
+            shown = want["any_of"] if is_matcher(want) else want
+            problems.append(f"{key}={json.dumps(args[key], ensure_ascii=False)} (expected "
+                            f"{'one of ' if is_matcher(want) else ''}{json.dumps(shown, ensure_ascii=False)})")
+    if exact:
+        problems += [f"unexpected argument {k}" for k in args if k not in want_args]
+    return problems
+
+
 def _tool_call(o: dict, sample: Sample, tool_names: list[str] | None) -> CheckOutcome:
     calls = sample.tool_calls if sample.tool_calls else parse_tool_calls(sample.text, tool_names)
     want_name, want_args = o["name"], o.get("arguments", {})
@@ -452,17 +517,13 @@ def _tool_call(o: dict, sample: Sample, tool_names: list[str] | None) -> CheckOu
                             calls[0].get("name"))
     best, best_problems = None, None
     for call in named:
-        args = call.get("arguments") or {}
-        problems = [f"{k}={json.dumps(args.get(k), ensure_ascii=False)} (expected {json.dumps(v, ensure_ascii=False)})"
-                    if k in args else f"{k} missing" for k, v in want_args.items() if not (k in args and same_value(args[k], v))]
-        if o.get("exact"):
-            problems += [f"unexpected argument {k}" for k in args if k not in want_args]
+        problems = _argument_problems(call.get("arguments") or {}, want_args, bool(o.get("exact")))
         if best_problems is None or len(problems) < len(best_problems):
             best, best_problems = call, problems
     ok = not best_problems
     total = len(want_args) + 1
     answer = json.dumps({"name": best["name"], "arguments": best.get("arguments") or {}}, sort_keys=True, ensure_ascii=False)
-    return CheckOutcome("tool_call", ok, (total - len(best_problems)) / total if total else 1.0,
+    return CheckOutcome("tool_call", ok, max(0.0, (total - len(best_problems)) / total),
                         "; ".join(best_problems), answer)
 
 

@@ -16,6 +16,17 @@ A suite file (YAML)::
           - {type: json, schema: {...}, fields: {order_id: "A-17"}}
         tags: {language: en, domain: support}
 
+A ``tool_call`` check's expected arguments may list several acceptable values, and mark an argument
+(or a key of a mapping argument) optional::
+
+    expect: {type: tool_call, name: get_weather, exact: true,
+             arguments: {city: {any_of: [Paris, Paris France]}, unit: {any_of: [celsius], optional: true}}}
+
+A mapping with the key ``any_of`` is read as such a matcher, never as a literal value.
+
+An imported suite (``rung suite import``) also records where it came from: ``provenance`` (package,
+version, subset, files, date) and ``license``; neither changes results, so neither is hashed.
+
 A JSONL file holds one case per line; a line ``{"suite": {...}}`` sets name, defaults and judge.
 ``expect`` is one check or a list (all must pass); the shorthand ``{contains: Paris}`` means
 ``{type: contains, value: Paris}``. Check types and their options live in ``rung.bench.scorers``.
@@ -36,7 +47,7 @@ from typing import Any
 CASE_KEYS = {"id", "prompt", "messages", "system", "choices", "tools", "text", "expect", "max_tokens",
              "temperature", "samples", "vote", "stop", "tags"}
 DEFAULT_KEYS = {"max_tokens", "temperature", "system", "samples", "vote", "stop"}
-SUITE_KEYS = {"name", "version", "description", "defaults", "judge", "cases", "rag"}
+SUITE_KEYS = {"name", "version", "description", "defaults", "judge", "cases", "rag", "provenance", "license"}
 RAG_KEYS = {"index", "k", "max_chars"}
 VOTES = ("majority", "best")
 
@@ -116,6 +127,8 @@ class Suite:
     description: str | None = None
     source: str | None = None  # the file it came from
     rag: dict | None = None  # {index, k, max_chars}: ground every case in this retrieval index (`rung index`)
+    provenance: dict | None = None  # where an imported suite came from (package, version, files, date)
+    license: str | None = None  # the license of an imported suite's data
 
     @property
     def hash(self) -> str:
@@ -219,10 +232,15 @@ def suite_from_dict(data: dict[str, Any], source: str | None = None, name: str |
                              f"('judge:' in the check or the suite)")
         cases.append(case)
     version = data.get("version")
+    if data.get("provenance") is not None and not isinstance(data["provenance"], dict):
+        raise SuiteError(f"{where}: 'provenance' must be a mapping (package, version, files, ...)")
+    if data.get("license") is not None and not isinstance(data["license"], str):
+        raise SuiteError(f"{where}: 'license' must be a string")
     default_name = Path(source).stem if source else "suite"
     return Suite(name=str(data.get("name") or name or default_name), cases=tuple(cases), judge=judge,
                  version=None if version is None else str(version), description=data.get("description"),
-                 source=source, rag=_rag(data.get("rag"), where, source))
+                 source=source, rag=_rag(data.get("rag"), where, source), provenance=data.get("provenance"),
+                 license=data.get("license"))
 
 
 def _rag(rag: Any, where: str, source: str | None) -> dict | None:
