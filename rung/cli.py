@@ -45,8 +45,9 @@ def _commands() -> tuple[Command, ...]:
     from rung.commands.policy import POLICY
     from rung.commands.quantize import QUANTIZE
     from rung.commands.serve import SERVE
+    from rung.commands.suite import SUITE
 
-    return (ARCH, GENERATE, CHAT, SERVE, BENCH, FIT, QUANTIZE, INDEX, POLICY)
+    return (ARCH, GENERATE, CHAT, SERVE, BENCH, SUITE, FIT, QUANTIZE, INDEX, POLICY)
 
 
 # ---- dispatch ----------------------------------------------------------------------------------
