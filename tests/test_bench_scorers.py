@@ -3,6 +3,8 @@ people write them, broken JSON, tool calls in several spellings, self-consistenc
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rung.bench.records import CheckOutcome, Sample
@@ -181,6 +183,75 @@ def test_tool_call_from_the_api_and_what_fails():
     assert parse_tool_calls('__import__("os").system("x")', ["get_weather"]) == []
     assert parse_tool_calls("get_weather(city=open('f'))", ["get_weather"]) == []
 
+
+
+def test_tool_call_any_of_accepts_each_listed_value_and_nothing_else():
+    rule = {"type": "tool_call", "name": "area", "exact": True,
+            "arguments": {"base": {"any_of": [10, 10.5]}, "unit": {"any_of": ["cm", "centimetres"]}}}
+    for base in (10, 10.0, 10.5):
+        for unit in ("cm", "Centimetres"):
+            assert score(rule, "", tool_calls=[{"name": "area", "arguments": {"base": base, "unit": unit}}]).passed
+    wrong = score(rule, "", tool_calls=[{"name": "area", "arguments": {"base": 11, "unit": "cm"}}])
+    assert not wrong.passed and "base=11 (expected one of [10, 10.5])" in wrong.detail
+    missing = score(rule, "", tool_calls=[{"name": "area", "arguments": {"base": 10}}])
+    assert not missing.passed and "unit missing" in missing.detail
+
+
+def test_tool_call_optional_argument_may_be_left_out_but_not_wrong():
+    rule = {"type": "tool_call", "name": "hypot", "exact": True,
+            "arguments": {"x": 4, "y": 5, "z": {"any_of": [0], "optional": True}}}
+    assert score(rule, "", tool_calls=[{"name": "hypot", "arguments": {"x": 4, "y": 5}}]).passed
+    assert score(rule, "", tool_calls=[{"name": "hypot", "arguments": {"x": 4, "y": 5, "z": 0}}]).passed
+    assert not score(rule, "", tool_calls=[{"name": "hypot", "arguments": {"x": 4, "y": 5, "z": 1}}]).passed
+    assert not score(rule, "", tool_calls=[{"name": "hypot", "arguments": {"x": 4, "z": 0}}]).passed
+
+
+def test_tool_call_mapping_and_list_arguments_match_key_by_key_and_item_by_item():
+    # BFCL's dict and list-of-dict answers: acceptable values per key, optional keys, no extra keys
+    rule = {"type": "tool_call", "name": "find", "arguments": {
+        "where": {"school": {"any_of": ["Bluebird High School", "Bluebird HS"]},
+                  "grade": {"any_of": [10], "optional": True}},
+        "rows": [{"field": "age", "op": {"any_of": [">", "gt"]}}, {"field": "job", "op": "="}]}}
+
+    def call(where, rows=({"field": "age", "op": "gt"}, {"field": "job", "op": "="})):
+        return score(rule, "", tool_calls=[{"name": "find", "arguments": {"where": where, "rows": list(rows)}}])
+
+    assert call({"school": "Bluebird HS"}).passed
+    assert call({"school": "bluebird high school", "grade": 10}).passed
+    assert not call({"school": "Bluebird HS", "grade": 11}).passed
+    assert not call({"school": "Bluebird HS", "city": "X"}).passed  # a key the answer does not list
+    assert not call({"grade": 10}).passed  # a key that is not optional is missing
+    assert not call({"school": "Bluebird HS"}, rows=[{"field": "job", "op": "="}, {"field": "age", "op": ">"}]).passed
+    assert not call({"school": "Bluebird HS"}, rows=[{"field": "age", "op": ">"}]).passed
+
+
+def test_tool_call_numbers_a_billionth_apart_are_different_arguments():
+    # a millisecond timestamp one second off is a relative difference of 6e-10: it was read as equal
+    rule = {"type": "tool_call", "name": "report", "arguments": {"since": 1617176400000}}
+    for wrong in (1617176401000, 1617176400001, 1617176401000.5):
+        assert not score(rule, "", tool_calls=[{"name": "report", "arguments": {"since": wrong}}]).passed, wrong
+    assert score(rule, "", tool_calls=[{"name": "report", "arguments": {"since": 1617176400000.0}}]).passed
+    assert same_value(0.1 + 0.2, 0.3) and not same_value(2**60 + 1, 2**60)
+
+
+@pytest.mark.parametrize("arguments, needle", [
+    ({"x": {"any_of": 3}}, "'any_of' must be a non-empty list"),
+    ({"x": {"any_of": []}}, "'any_of' must be a non-empty list"),
+    ({"x": {"any_of": [1], "optional": "yes"}}, "'optional' must be true or false"),
+    ({"x": {"any_of": [1], "other": 2}}, "takes only 'any_of' and 'optional'"),
+    ({"x": {"k": [{"any_of": []}]}}, "argument 'x': 'any_of' must be a non-empty list"),
+])
+def test_tool_call_matchers_are_checked_when_the_suite_loads(arguments, needle):
+    with pytest.raises(SuiteError, match=re.escape(needle)):
+        parse_check({"type": "tool_call", "name": "f", "arguments": arguments}, "case 'x'")
+
+
+def test_tool_call_expected_values_nested_too_deep_are_refused():
+    deep: object = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(SuiteError, match="nested deeper than 32 levels"):
+        parse_check({"type": "tool_call", "name": "f", "arguments": {"x": deep}}, "case 'x'")
 
 # ---- perplexity, judge, failed requests ------------------------------------------------------------
 

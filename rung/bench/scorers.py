@@ -464,7 +464,7 @@ def same_value(got: Any, want: Any) -> bool:
         return got is want if isinstance(want, bool) and isinstance(got, bool) else False
     if isinstance(want, (int, float)):
         g = got if isinstance(got, (int, float)) else _to_number(got) if isinstance(got, str) else None
-        return g is not None and math.isclose(float(g), float(want), rel_tol=1e-9, abs_tol=1e-9)
+        return g is not None and _same_number(g, want)
     if isinstance(want, str):
         return isinstance(got, str) and normalize(got, True) == normalize(want, True)
     if isinstance(want, list):
@@ -472,6 +472,17 @@ def same_value(got: Any, want: Any) -> bool:
     if isinstance(want, dict):
         return isinstance(got, dict) and set(got) == set(want) and all(same_value(got[k], want[k]) for k in want)
     return got == want
+
+
+def _same_number(got: int | float, want: int | float) -> bool:
+    """Whole numbers (counts, ids, millisecond timestamps) exactly; others to 1e-12, which absorbs float
+    rounding but not a real difference (1e-9 read a timestamp one second off as the same)."""
+    if isinstance(got, int) and isinstance(want, int):
+        return got == want
+    got, want = float(got), float(want)
+    if got.is_integer() and want.is_integer():
+        return got == want
+    return math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-12)
 
 
 def argument_matches(got: Any, want: Any) -> bool:

@@ -35,6 +35,7 @@ JSON_TYPES = {"integer": "integer", "number": "number", "float": "number", "stri
               "boolean": "boolean", "bool": "boolean", "array": "array", "list": "array", "dict": "object",
               "object": "object", "tuple": "array", "any": "string"}
 OPTIONAL = ""  # in a possible answer: the parameter may be left out
+OMIT = object()  # a parameter whose only acceptable form is leaving it out (None is a value BFCL accepts)
 
 
 def data_files(subset: str) -> list[str]:
@@ -86,7 +87,7 @@ def _case(row: dict, answers: dict, subset: str) -> dict:
         arguments = {}
         for param, values in params.items():
             expected = _expected(values, schema.get(param, {}))
-            if expected is not None:
+            if expected is not OMIT:
                 arguments[param] = expected
         case["expect"] = {"type": "tool_call", "name": renamed[name], "exact": True, "arguments": arguments}
     case["tags"] = {"subset": subset}
@@ -118,14 +119,14 @@ def _schema(schema: dict) -> dict:
 
 def _expected(values: list, schema: dict) -> Any:
     """One parameter's acceptable values as a rung expected value: the value itself when there is one,
-    else ``{any_of: [...]}``, with ``optional: true`` where BFCL lists "". None when the parameter may
-    only be left out (with ``exact: true``, passing it fails, as in BFCL)."""
+    else ``{any_of: [...]}``, with ``optional: true`` where BFCL lists "". OMIT when the parameter may
+    only be left out (it is not listed, so with ``exact: true`` passing it fails)."""
     if not isinstance(values, list):
         raise TypeError(f"acceptable values should be a list, got {values!r}")
     optional = OPTIONAL in values
     accepted = [_value(v, schema) for v in values if v != OPTIONAL]
     if not accepted:
-        return None
+        return OMIT
     if len(accepted) == 1 and not optional:
         return accepted[0]
     return {"any_of": accepted, "optional": True} if optional else {"any_of": accepted}
@@ -137,7 +138,7 @@ def _value(value: Any, schema: dict) -> Any:
     kind, items = schema.get("type"), schema.get("items") or {}
     if kind == "dict" and isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
         nested = {k: _expected(v, (schema.get("properties") or {}).get(k, {})) for k, v in value.items()}
-        return {k: v for k, v in nested.items() if v is not None}
+        return {k: v for k, v in nested.items() if v is not OMIT}
     if kind in ("array", "tuple") and items.get("type") == "dict" and isinstance(value, list):
         return [_value(item, items) for item in value]
     return value
