@@ -99,7 +99,7 @@ def test_bfcl_simple_python_20_cases_convert_and_the_correct_call_passes_every_o
         for include_optional in (False, True):
             outcome = tool_check(case, [correct_call(answers[case.id], include_optional)])
             assert outcome.passed, (case.id, include_optional, outcome.detail)
-    assert suite.license.startswith("Apache-2.0")
+    assert suite.license.startswith("apache-2.0 (bfcl-eval") and "package metadata: Apache 2.0" in suite.license
     p = suite.provenance
     assert p["package"] == "bfcl-eval" and p["version"] == importlib.metadata.version("bfcl-eval")
     assert p["subset"] == "simple_python" and p["cases"] == 20 and p["imported"]
@@ -303,3 +303,64 @@ def test_a_missing_package_says_how_to_install_it_in_one_line(tmp_path, capsys, 
     assert line.endswith("the bfcl-eval package is not installed; install it with: pip install --no-deps 'bfcl-eval'")
     line = refused(capsys, "suite", "import", "medmcqa", "--out", str(tmp_path / "s.yaml"))
     assert "install it with: pip install --no-deps 'evals'" in line
+
+
+# ---- a package whose data is not what the importer knows ----------------------------------------------
+
+
+def fake_package(tmp_path, files: dict[str, str]):
+    from rung.bench.importers.package import Package
+
+    paths = {}
+    for inside, text in files.items():
+        path = tmp_path / inside
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        paths[inside] = path
+    return Package("bfcl-eval", "0.0", paths)
+
+
+def test_a_data_file_the_importer_does_not_know_is_a_one_line_error(tmp_path):
+    from rung.bench.importers import bfcl, openai_evals
+    from rung.bench.importers.package import SuiteImportError
+
+    question, answer = bfcl.data_files("simple_python")
+    good = '{"id": "q0", "question": [[{"role": "user", "content": "hi"}]], "function": []}'
+    cases = [
+        ({question: good + "\n{not json\n", answer: ""}, "line 2: not valid JSON"),
+        ({question: "[1, 2]\n", answer: ""}, "line 1: expected a JSON object"),
+        ({question: good + "\n", answer: '{"id": "other", "ground_truth": []}\n'}, "'q0': unexpected layout (KeyError"),
+        ({question: '{"id": "q1", "question": [], "function": []}\n', answer: ""}, "'q1': unexpected layout"),
+        ({answer: ""}, "no bfcl_eval/data/BFCL_v4_simple_python.json in the installed package"),
+    ]
+    for files, needle in cases:
+        with pytest.raises(SuiteImportError, match=re.escape(needle)):
+            bfcl.import_bfcl(fake_package(tmp_path, files), "simple_python", None)
+    arc = fake_package(tmp_path, {openai_evals.ARC: '{"input": "not messages", "ideal": "x"}\n'})
+    with pytest.raises(SuiteImportError, match="sample 1: expected 'input'"):
+        openai_evals.import_arc(arc, None, None)
+    med = fake_package(tmp_path, {openai_evals.MEDMCQA: json.dumps(
+        {"input": [{"role": "system", "content": "s"}, {"role": "user", "content": "Q?\na) x\nb) y"}], "ideal": "a) x"})})
+    with pytest.raises(SuiteImportError, match=re.escape("sample 1: not a system prompt, a question and options a) to d)")):
+        openai_evals.import_medmcqa(med, None, None)
+
+
+def test_a_data_file_over_the_size_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from rung.bench.importers import package
+
+    monkeypatch.setattr(package, "MAX_DATA_BYTES", 1 << 10)
+    big = fake_package(tmp_path, {"big.json": "x" * 2048})
+    with pytest.raises(package.SuiteImportError, match="2048 bytes, larger than"):
+        big.read_jsonl("big.json")
+
+
+def test_evals_data_with_a_license_of_its_own_is_refused_not_guessed(tmp_path):
+    from rung.bench.importers import openai_evals
+    from rung.bench.importers.package import Package, SuiteImportError
+
+    license_md = tmp_path / "LICENSE.md"
+    license_md.write_text("MIT License\n\n### Dataset Licenses\n- **Location**: evals/registry/data/medmcqa\n")
+    package = Package("evals", "9", {openai_evals.LICENSE_FILE.format(version="9"): license_md})
+    with pytest.raises(SuiteImportError, match="evals/registry/data/medmcqa has a license of its own"):
+        openai_evals.data_license(package, openai_evals.MEDMCQA)
+    assert openai_evals.data_license(package, openai_evals.ARC).startswith("MIT (evals 9;")

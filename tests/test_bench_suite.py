@@ -166,3 +166,35 @@ def test_the_starter_suite_covers_what_the_readme_promises():
     req = starter_requirements()
     assert set(req.domains) <= suite.tag_values("domain") and req.languages == ["en"]
     assert any("@int4" in c for c in req.candidates) and any("@int8" in c for c in req.candidates)
+
+
+def test_provenance_and_license_load_and_do_not_change_the_hash(tmp_path):
+    plain = load_suite(write(tmp_path, "a.yaml", YAML))
+    text = YAML + "provenance: {package: bfcl-eval, version: 2026.3.23, files: [a.json]}\nlicense: Apache-2.0\n"
+    imported = load_suite(write(tmp_path, "b.yaml", text))
+    assert imported.provenance == {"package": "bfcl-eval", "version": "2026.3.23", "files": ["a.json"]}
+    assert imported.license == "Apache-2.0" and imported.hash == plain.hash
+    with pytest.raises(SuiteError, match="'provenance' must be a mapping"):
+        load_suite(write(tmp_path, "c.yaml", YAML + "provenance: bfcl\n"))
+    with pytest.raises(SuiteError, match="'license' must be a string"):
+        load_suite(write(tmp_path, "d.yaml", YAML + "license: [MIT]\n"))
+
+
+def test_a_tool_call_matcher_loads_from_yaml_and_a_literal_mapping_stays_literal(tmp_path):
+    from rung.bench.records import Sample
+    from rung.bench.scorers import score_check
+
+    text = """
+cases:
+  - id: t
+    prompt: Weather in Paris?
+    expect: {type: tool_call, name: w, arguments: {city: {any_of: [Paris, Paris France]}, opts: {unit: C}}}
+"""
+    (check,) = load_suite(write(tmp_path, "t.yaml", text)).cases[0].checks
+
+    def passes(args):
+        return score_check(check, Sample(text="", tool_calls=[{"name": "w", "arguments": args}])).passed
+
+    assert passes({"city": "paris france", "opts": {"unit": "C"}})
+    assert not passes({"city": "Lyon", "opts": {"unit": "C"}})
+    assert not passes({"city": "Paris", "opts": {"unit": "C", "x": 1}})  # a literal mapping: keys exactly

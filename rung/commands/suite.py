@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     loaded = write_suite(suite, args.out, force=args.force)
     p = suite["provenance"]
     print(f"{args.out}: {len(loaded.cases)} cases from {p['package']} {p['version']}"
-          f"{' ' + p['subset'] if 'subset' in p else ''} ({loaded.hash}); license {suite['license'].split(' ')[0]}")
+          f"{' ' + p['subset'] if 'subset' in p else ''} ({loaded.hash}); license {suite['license'].split(' (')[0]}")
     return 0
 
 

@@ -27,39 +27,21 @@ __all__ = ["PUBLIC_SUITES", "SuiteImportError", "import_suite", "write_suite"]
 @dataclass(frozen=True)
 class PublicSuite:
     package: str  # the distribution that ships the data
-    measures: str  # one line for --help and the README
-    convert: Callable[[Package, str | None, int | None], dict]
-    files: Callable[[Package, str | None], list[str]]  # the data files it reads, for the provenance
-    license: Callable[[Package], str]
+    measures: str  # one line for --help and the docs
+    convert: Callable[[Package, str | None, int | None], dict]  # (package, subset, limit) -> name, description,
+    #                                                             files, license, defaults, cases
     subsets: tuple[str, ...] = ()
     default_subset: str | None = None
 
 
-def _bfcl_license(package: Package) -> str:
-    return (f"Apache-2.0 (bfcl-eval {package.version}: package metadata 'License: Apache 2.0'; "
-            f"its data card bfcl_eval/data/README.md says 'license: apache-2.0')")
-
-
-def _evals_license(package: Package) -> str:
-    return (f"MIT (evals {package.version}: {openai_evals.LICENSE_FILE.format(version=package.version)} covers the "
-            f"registry data except the datasets it lists, which do not include this one)")
-
-
 PUBLIC_SUITES = {
-    "bfcl": PublicSuite(
-        bfcl.PACKAGE, "function calling: does the model call the right function with acceptable arguments "
-                      "(or, in the irrelevance subsets, no function)?",
-        lambda p, subset, limit: bfcl.import_bfcl(p, subset, limit), lambda p, subset: bfcl.data_files(subset),
-        _bfcl_license, tuple(bfcl.SUBSETS), "simple_python"),
-    "arc": PublicSuite(
-        openai_evals.PACKAGE, "abstract reasoning: from a few input/output grids, write the output grid for a new "
-                              "input (exact match)",
-        lambda p, subset, limit: openai_evals.import_arc(p, limit), lambda p, subset: [openai_evals.ARC],
-        _evals_license),
-    "medmcqa": PublicSuite(
-        openai_evals.PACKAGE, "medical knowledge: four-option entrance-exam questions (answer letter)",
-        lambda p, subset, limit: openai_evals.import_medmcqa(p, limit), lambda p, subset: [openai_evals.MEDMCQA],
-        _evals_license),
+    "bfcl": PublicSuite(bfcl.PACKAGE, "function calling: does the model call the right function with acceptable "
+                                      "arguments (or, in the irrelevance subsets, no function)?",
+                        bfcl.import_bfcl, tuple(bfcl.SUBSETS), "simple_python"),
+    "arc": PublicSuite(openai_evals.PACKAGE, "abstract reasoning: from a few input/output grids, write the output grid "
+                                             "for a new input (exact match)", openai_evals.import_arc),
+    "medmcqa": PublicSuite(openai_evals.PACKAGE, "medical knowledge: four-option entrance-exam questions (answer letter)",
+                           openai_evals.import_medmcqa),
 }
 
 
@@ -71,7 +53,8 @@ def import_suite(name: str, subset: str | None = None, limit: int | None = None,
         raise SuiteImportError(f"unknown public suite {name!r} (one of: {', '.join(PUBLIC_SUITES)})")
     public = PUBLIC_SUITES[name]
     if subset is not None and not public.subsets:
-        raise SuiteImportError(f"{name} has no subsets (--subset applies to {', '.join(n for n, s in PUBLIC_SUITES.items() if s.subsets)})")
+        with_subsets = ", ".join(n for n, s in PUBLIC_SUITES.items() if s.subsets)
+        raise SuiteImportError(f"{name} has no subsets (--subset applies to {with_subsets})")
     if limit is not None and limit < 1:
         raise SuiteImportError(f"--limit must be at least 1, got {limit}")
     subset = subset or public.default_subset
@@ -84,13 +67,13 @@ def import_suite(name: str, subset: str | None = None, limit: int | None = None,
     provenance = {"package": public.package, "version": package.version}
     if subset:
         provenance["subset"] = subset
-    provenance["files"] = public.files(package, subset)
+    provenance["files"] = suite.pop("files")
     provenance["cases"] = len(suite["cases"])
     provenance["imported"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     if command:
         provenance["command"] = command
     return {"name": suite.pop("name"), "description": suite.pop("description"), "provenance": provenance,
-            "license": public.license(package), **suite}
+            "license": suite.pop("license"), **suite}
 
 
 def _dumper():

@@ -14,6 +14,7 @@ ast_checker.py (simple_function_checker) and bfcl_eval/model_handler/utils.py (c
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rung.bench.importers.package import Package, SuiteImportError
@@ -55,14 +56,30 @@ def import_bfcl(package: Package, subset: str, limit: int | None) -> dict:
         at = f"{package.path(files[0])}: {row.get('id')!r}"
         try:
             cases.append(_case(row, answers, subset))
-        except (KeyError, IndexError, TypeError, AttributeError) as e:  # a data layout this code does not know
+        except SuiteImportError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration) as e:  # an unknown layout
             raise SuiteImportError(f"{at}: unexpected layout ({type(e).__name__}: {e})") from None
     return {
         "name": f"bfcl-{subset}",
         "description": f"Berkeley Function-Calling Leaderboard, {subset}: {SUBSETS[subset]}",
+        "files": files,
+        "license": data_license(package),
         "defaults": {"max_tokens": 128, "temperature": 0},
         "cases": cases,
     }
+
+
+def data_license(package: Package) -> str:
+    """The license the data card (bfcl_eval/data/README.md, its YAML front matter) declares for the data,
+    else the package metadata's, with both quoted."""
+    card = package.read_text(f"{DATA}/README.md")
+    declared = re.search(r"^license:\s*(\S+)\s*$", card.split("\n---", 1)[0], re.MULTILINE) if card.startswith("---") else None
+    if not package.license and not declared:
+        raise SuiteImportError(f"{package.name} {package.version}: neither its metadata nor {DATA}/README.md names a license")
+    parts = [f"{DATA}/README.md: {declared.group(1)}"] if declared else []
+    parts += [f"package metadata: {package.license}"] if package.license else []
+    return f"{declared.group(1) if declared else package.license} ({package.name} {package.version}; {'; '.join(parts)})"
 
 
 def _case(row: dict, answers: dict, subset: str) -> dict:

@@ -21,7 +21,21 @@ MEDMCQA = "evals/registry/data/medmcqa/samples.jsonl"
 LICENSE_FILE = "evals-{version}.dist-info/LICENSE.md"
 
 
-def import_arc(package: Package, limit: int | None) -> dict:
+def data_license(package: Package, data: str) -> str:
+    """evals' LICENSE.md: the repository's license (its first line), which covers the registry data
+    except the datasets listed under "Dataset Licenses" by their **Location**; refuses a listed one
+    rather than guess which of its licenses applies."""
+    inside = LICENSE_FILE.format(version=package.version)
+    text = package.read_text(inside)
+    folder = data.rsplit("/", 1)[0]
+    if re.search(rf"\*\*Location\*\*:\s*{re.escape(folder)}\s*$", text, re.MULTILINE):
+        raise SuiteImportError(f"{inside}: {folder} has a license of its own; read it there")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    name = first.removesuffix(" License").strip() or "unknown"
+    return f"{name} ({package.name} {package.version}; {inside}: the repository's license, which covers {folder})"
+
+
+def import_arc(package: Package, subset: None, limit: int | None) -> dict:
     cases = []
     for number, row in enumerate(package.read_jsonl(ARC)[:limit], 1):
         messages, ideal = _sample(package, ARC, number, row)
@@ -29,15 +43,15 @@ def import_arc(package: Package, limit: int | None) -> dict:
                       "max_tokens": len(ideal) + 16,  # a token is at least a character
                       "expect": {"type": "exact", "value": ideal}, "tags": {"domain": "abstraction"}})
     return {"name": "arc", "description": "Abstraction and Reasoning Corpus (evals' arc): write the output grid "
-                                          "the demonstrated transformation gives", "defaults": {"temperature": 0},
-            "cases": cases}
+                                          "the demonstrated transformation gives",
+            "files": [ARC], "license": data_license(package, ARC), "defaults": {"temperature": 0}, "cases": cases}
 
 
 # "a) Hyperplasia": MedMCQA's four options, one a line, at the end of the user message
 _OPTION = re.compile(r"^([a-d])\) (.*)$", re.MULTILINE)
 
 
-def import_medmcqa(package: Package, limit: int | None) -> dict:
+def import_medmcqa(package: Package, subset: None, limit: int | None) -> dict:
     cases = []
     for number, row in enumerate(package.read_jsonl(MEDMCQA)[:limit], 1):
         messages, ideal = _sample(package, MEDMCQA, number, row)
@@ -53,9 +67,9 @@ def import_medmcqa(package: Package, limit: int | None) -> dict:
                       "choices": [text.strip() for _, text in options],
                       "expect": {"type": "choice", "value": answer.group(1).upper()},
                       "tags": {"subject": _subject(stem)}})
-    return {"name": "medmcqa", "description": "MedMCQA (evals' medmcqa): medical entrance-exam questions, four "
-                                              "options", "defaults": {"max_tokens": 16, "temperature": 0},
-            "cases": cases}
+    return {"name": "medmcqa", "description": "MedMCQA (evals' medmcqa): medical entrance-exam questions, four options",
+            "files": [MEDMCQA], "license": data_license(package, MEDMCQA),
+            "defaults": {"max_tokens": 16, "temperature": 0}, "cases": cases}
 
 
 def _sample(package: Package, inside: str, number: int, row: dict) -> tuple[list[dict], str]:

@@ -26,6 +26,7 @@ class Package:
     name: str  # the distribution's name, as pip spells it
     version: str
     files: dict[str, Path]  # path inside the wheel -> where it is installed
+    license: str | None = None  # the metadata's License-Expression or License field
 
     def path(self, inside: str) -> Path:
         if inside not in self.files:
@@ -64,4 +65,5 @@ def installed(name: str) -> Package:
         raise SuiteImportError(f"the {name} package is not installed; install it with: "
                                f"pip install --no-deps '{name}'") from None
     files = {str(f).replace("\\", "/"): Path(str(f.locate())) for f in dist.files or []}
-    return Package(name=name, version=dist.version, files=files)
+    license = dist.metadata.get("License-Expression") or dist.metadata.get("License")
+    return Package(name=name, version=dist.version, files=files, license=license)
