@@ -232,6 +232,7 @@ def test_tool_call_numbers_a_billionth_apart_are_different_arguments():
         assert not score(rule, "", tool_calls=[{"name": "report", "arguments": {"since": wrong}}]).passed, wrong
     assert score(rule, "", tool_calls=[{"name": "report", "arguments": {"since": 1617176400000.0}}]).passed
     assert same_value(0.1 + 0.2, 0.3) and not same_value(2**60 + 1, 2**60)
+    assert not same_value(10**400, 1.5) and not same_value(1.5, 10**400)  # beyond any float: unequal, no crash
 
 
 @pytest.mark.parametrize("arguments, needle", [
