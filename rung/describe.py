@@ -30,7 +30,10 @@ Weight formats (``FORMATS``), with their scope:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import sys
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -284,8 +287,12 @@ def _ffn_kind(c: ModelConfig) -> str:
 
 
 @dataclass(frozen=True)
-class Description:
-    """The figures ``rung arch`` prints for one model. Byte counts are exact integers."""
+class Description(Mapping):
+    """The figures ``rung arch`` prints for one model. Byte counts are exact integers.
+
+    Read as attributes (``d.total_params``) or as a mapping (``d["total_params"]``, ``dict(d)``): the
+    keys are those of ``to_dict``. ``kv_cache_bytes_per_token`` is ``kv_bytes_per_token`` by the name
+    the decoder issue gave it."""
 
     name: str
     config: ModelConfig = field(repr=False)
@@ -320,11 +327,26 @@ class Description:
     tied_embeddings: bool
     active_convention: str = ACTIVE_CONVENTION
 
+    @property
+    def kv_cache_bytes_per_token(self) -> float:
+        return self.kv_bytes_per_token
+
     def to_dict(self) -> dict[str, Any]:
         """The figures as plain JSON types (the config itself is left out)."""
-        d = asdict(self)
-        d.pop("config")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config"}
+        d["params_by_part"], d["weight_bytes"] = dict(self.params_by_part), dict(self.weight_bytes)
+        d["kv_cache_bytes_per_token"] = self.kv_bytes_per_token
         return d
+
+    # the Mapping view: every figure by name
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
 
 
 def resolve(name_or_path: str | Path) -> tuple[str, ModelConfig]:
@@ -382,6 +404,18 @@ def describe(config_or_name: ModelConfig | str | Path, context: int = CONTEXT_4K
         max_context=c.max_position_embeddings,
         tied_embeddings=c.tie_word_embeddings,
     )
+
+
+class _CallableModule(types.ModuleType):
+    """``rung.describe`` is this module's name and its function's: importing the module (``rung arch``
+    does) binds the package attribute ``rung.describe`` to the module, so the module answers a call
+    as the function does and ``rung.describe("gpt2")`` works however often it is called."""
+
+    def __call__(self, config_or_name: ModelConfig | str | Path, context: int = CONTEXT_4K) -> Description:
+        return describe(config_or_name, context)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 __all__ = [

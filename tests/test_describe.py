@@ -215,3 +215,27 @@ def test_describe_and_cli_do_not_import_torch():
     code = "import sys, rung.describe, rung.cli; rung.describe.describe('gpt-oss-20b'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_rung_describe_answers_every_call_in_a_fresh_process():
+    # importing the submodule rung/describe.py binds the package attribute rung.describe to the module:
+    # the second call used to raise "'module' object is not callable"
+    code = ("import rung\n"
+            "a = rung.describe('gpt2'); b = rung.describe('gpt2', context=1024)\n"
+            "import rung.describe\n"
+            "from rung import describe\n"
+            "c = rung.describe('smollm2-135m'); d = describe('gpt2')\n"
+            "print(type(a).__name__, a.total_params, b.kv_bytes, c.total_params, d == a)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["Description", "124439808", str(12 * 2 * 768 * 2 * 1024), "134515008", "True"]
+
+
+def test_description_is_an_object_and_a_mapping_with_the_decoder_issues_names():
+    d = describe("gpt2", context=1024)
+    assert d.kv_cache_bytes_per_token == d.kv_bytes_per_token == 12 * 2 * 768 * 2
+    assert d["kv_cache_bytes_per_token"] == d["kv_bytes_per_token"] == d.kv_bytes_per_token
+    assert d["total_params"] == d.total_params and d["weight_bytes"] == d.weight_bytes
+    assert dict(d) == d.to_dict() and "config" not in d and set(d) >= {"active_params", "kv_bytes", "family"}
+    with pytest.raises(KeyError):
+        d["no_such_figure"]
