@@ -458,9 +458,6 @@ class _Fields:
             raise ConfigError(f"field {self.name(*names)!r} must be an object, got {_show(v)}")
         return _Fields(v, self.name(*names))
 
-    def error(self, msg: str) -> ConfigError:
-        return ConfigError(msg)
-
 
 def _token_ids(f: _Fields, name: str) -> int | tuple[int, ...] | None:
     v = f.get(name)
