@@ -1,8 +1,10 @@
 """CUDA check: the decoder and the engine give on the GPU what they give on the CPU.
 
-Tiny random models (Llama, gpt-oss with windows and sinks), float32: logits against transformers
-on the GPU, engine greedy tokens (a batch of 8, chunked prefill, prefix cache) against the CPU
-engine. Prints a short table; exits non-zero on a mismatch.
+Tiny random models (Llama, gpt-oss with windows and sinks, Qwen3-MoE), float32: logits against
+transformers on the GPU, engine greedy tokens (a batch of 8, chunked prefill, prefix cache) against
+the CPU engine. Prints a short table; exits non-zero on a mismatch. The Qwen3-MoE (hidden 48,
+experts 20 wide, 6 experts, top-3) is the shape whose float32 MoE tile once needed 240 KB of
+shared memory on an H200 (kernels/moe_tiles.py).
 
     PYTHONPATH=.:tests python3 benchmarks/cuda_check.py
 """
@@ -48,7 +50,9 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     rows = [check("llama", tf.LlamaConfig),
             check("gpt-oss", tf.GptOssConfig, head_dim=12, num_local_experts=4, num_experts_per_tok=2,
-                  intermediate_size=32, sliding_window=5)]
+                  intermediate_size=32, sliding_window=5),
+            check("qwen3-moe", tf.Qwen3MoeConfig, head_dim=12, moe_intermediate_size=20, num_experts=6,
+                  num_experts_per_tok=3, norm_topk_prob=True)]
     print(f"{'model':<10}{'max |Δlogit| vs transformers (cuda)':>38}{'engine cuda == cpu':>20}")
     for name, diff, same, n in rows:
         print(f"{name:<10}{diff:>38.2e}{same:>15}/{n}")

@@ -11,9 +11,11 @@ __all__ = ["ConfigError", "ModelConfig", "MoEConfig", "RopeConfig", "preset_name
 def __getattr__(name):
     # Heavy modules (torch) load on first use, so `rung arch` starts fast.
     if name == "describe":
-        from rung.describe import describe
+        # the module rung/describe.py, callable as its function: importing it binds this attribute
+        # to the module anyway, so the first call and every later one get the same object
+        import importlib
 
-        return describe
+        return importlib.import_module("rung.describe")
     if name == "load_model":
         from rung.weights.loader import load_model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,89 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("gpt2", "bloom", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 PRESET_DIR = Path(__file__).parent / "presets"
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned", "alibi")
+MLPS = ("gated", "plain")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
+ROUTERS = ("softmax_topk", "topk_softmax")
+
+# Bounds on what a config may ask for, far past any real model: widths, counts and token ids up to
+# 2^40 keep every product rung.describe forms exact and inside a float; the layer count sizes
+# per-layer tuples here (a few MB at the bound; no real model has a thousand layers). Within them
+# every figure of rung.describe is integer arithmetic: `rung arch` answers a config asking for a
+# terabyte at once, and the loaders check the tensors before they allocate.
+MAX_SIZE = 2**40
+MAX_LAYERS = 1_000_000
+MAX_CONFIG_BYTES = 64 << 20  # a config.json past this is no config (a real one is a few KB)
 
 
 class ConfigError(ValueError):
     """A config.json that rung cannot describe; the message names the file and the field."""
+
+
+# What the checks below call a field, with its config.json name where that differs, so the message
+# names the field whichever of the two a reader knows (a GGUF or a packed checkpoint builds the
+# dataclass directly).
+_HF_NAMES = {
+    "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+    "norm_eps": "rms_norm_eps", "top_k": "num_experts_per_tok", "expert_intermediate_size": "moe_intermediate_size",
+    "theta": "rope_theta", "type": "rope_type", "original_max_position": "original_max_position_embeddings",
+    "final_logit_softcap": "final_logit_softcapping", "factor": "rope_scaling.factor",
+}
+
+
+def _label(name: str) -> str:
+    hf = _HF_NAMES.get(name)
+    return f"{name} ({hf})" if hf else name
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_int(name: str, value: Any, low: int = 1, high: int = MAX_SIZE, optional: bool = False) -> None:
+    problem = _int_problem(value, low, high)
+    if problem and not (value is None and optional):
+        raise ConfigError(f"{_label(name)} {problem}")
+
+
+def _int_problem(value: Any, low: int, high: int) -> str | None:
+    """What is wrong with ``value`` as a whole number in [low, high], or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be a whole number, got {_show(value)}"
+    if value < low:
+        return f"must be at least {low}, got {_show(value)}"
+    if value > high:
+        return f"must be at most {high:,}, got {_show(value)}"
+    return None
+
+
+def _check_float(name: str, value: Any, positive: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise ConfigError(f"{_label(name)} must be a finite number, got {_show(value)}")
+    if positive and value <= 0:
+        raise ConfigError(f"{_label(name)} must be positive, got {_show(value)}")
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int past float's range
+        return False
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{_label(name)} must be one of {', '.join(choices)}, got {_show(value)}")
+
+
+def _check_flags(obj: Any, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(obj, name), bool):
+            raise ConfigError(f"{_label(name)} must be true or false, got {_show(getattr(obj, name))}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +123,26 @@ class RopeConfig:
     high_freq_factor: float = 4.0
     partial_rotary_factor: float = 1.0
 
+    def __post_init__(self):
+        _check_choice("rope type", self.type, ROPE_TYPES)
+        _check_float("theta", self.theta)
+        if self.theta <= 1:  # base ** (-i / d) must fall with i; yarn divides by log(theta)
+            raise ConfigError(f"{_label('theta')} must be greater than 1, got {_show(self.theta)}")
+        for name in ("factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
+            _check_float(name, getattr(self, name), positive=True)
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            _check_float(name, getattr(self, name), optional=True)
+        _check_int("original_max_position", self.original_max_position, optional=True)
+        _check_flags(self, "truncate")
+        _check_float("partial_rotary_factor", self.partial_rotary_factor, positive=True)
+        if self.partial_rotary_factor > 1:
+            raise ConfigError(f"partial_rotary_factor must be at most 1, got {_show(self.partial_rotary_factor)}")
+        if self.type in ("yarn", "llama3") and self.original_max_position is None:
+            raise ConfigError(f"rope type {self.type!r} needs {_label('original_max_position')}")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"rope high_freq_factor {self.high_freq_factor} must exceed low_freq_factor "
+                              f"{self.low_freq_factor}")
+
 
 @dataclass(frozen=True)
 class MoEConfig:
@@ -57,6 +157,15 @@ class MoEConfig:
     norm_topk_prob: bool = False
     router_bias: bool = False
     expert_bias: bool = False
+
+    def __post_init__(self):
+        _check_int("num_experts", self.num_experts)
+        _check_int("top_k", self.top_k)
+        _check_int("expert_intermediate_size", self.expert_intermediate_size)
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"{_label('top_k')} {self.top_k} exceeds num_experts {self.num_experts}")
+        _check_choice("router", self.router, ROUTERS)
+        _check_flags(self, "norm_topk_prob", "router_bias", "expert_bias")
 
 
 @dataclass(frozen=True)
@@ -117,16 +226,83 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
+        # Every ModelConfig is checked here, however it was built (config.json, GGUF metadata, a
+        # packed checkpoint, replace()): a field out of range is one ConfigError naming it, before
+        # any code divides by it, sizes a tensor by it or loops over it.
+        _check_int("num_layers", self.num_layers, high=MAX_LAYERS)
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
         if not self.moe_layers:
             object.__setattr__(self, "moe_layers", (self.moe is not None,) * self.num_layers)
-        if len(self.layer_types) != self.num_layers:
-            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self._check()
+
+    def _check(self) -> None:
+        if not isinstance(self.model_type, str):
+            raise ConfigError(f"model_type must be a string, got {_show(self.model_type)}")
+        for name in ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim"):
+            _check_int(name, getattr(self, name))
+        _check_int("intermediate_size", self.intermediate_size, low=0)
+        _check_int("max_position_embeddings", self.max_position_embeddings, optional=True)
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}")
+            raise ConfigError(f"{_label('num_kv_heads')} {self.num_kv_heads} does not divide "
+                              f"{_label('num_heads')} {self.num_heads}")
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("positions", self.positions, POSITIONS)
+        _check_choice("mlp", self.mlp, MLPS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_float("norm_eps", self.norm_eps)
+        if self.norm_eps < 0:
+            raise ConfigError(f"{_label('norm_eps')} must not be negative, got {self.norm_eps}")
+        _check_float("norm_weight_offset", self.norm_weight_offset)
+        for name in ("embedding_scale", "final_logit_softcap", "attn_scale"):
+            _check_float(name, getattr(self, name), positive=True, optional=True)
+        _check_float("swiglu_limit", self.swiglu_limit, positive=True)
+        _check_float("swiglu_alpha", self.swiglu_alpha)
+        _check_flags(self, "norm_weight_in_float32", "embedding_norm", "sandwich_norms", "residual_from_norm",
+                     "tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm", "attn_scale_by_inverse_layer",
+                     "attn_sinks", "mlp_bias")
+        self._check_positions()
+        self._check_layers()
+        if not isinstance(self.dtype, str):
+            raise ConfigError(f"dtype must be a string, got {_show(self.dtype)}")
+        _check_int("bos_token_id", self.bos_token_id, low=0, optional=True)
+        eos = self.eos_token_id
+        for token in eos if isinstance(eos, tuple) else (eos,):
+            _check_int("eos_token_id", token, low=0, optional=not isinstance(eos, tuple))
+
+    def _check_positions(self) -> None:
+        if self.positions != "rope":
+            return
+        for name in ("rope", "local_rope"):
+            rope = getattr(self, name)
+            if not isinstance(rope, RopeConfig) and not (name == "local_rope" and rope is None):
+                raise ConfigError(f"rotary positions need a {name} table, got {_show(rope)}")
+        for rope in (self.rope, self.local_rope):
+            rotary = int(self.head_dim * rope.partial_rotary_factor) if rope else 2
+            if rotary < 2 or rotary % 2:  # rotation pairs dimension i with i + d/2
+                raise ConfigError(f"head_dim {self.head_dim} x partial_rotary_factor {rope.partial_rotary_factor} "
+                                  f"gives {rotary} rotary dimensions; rotary positions need an even number")
+
+    def _check_layers(self) -> None:
+        n = self.num_layers
+        if len(self.layer_types) != n:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {n} layers")
+        bad = next((t for t in self.layer_types if t not in ("full", "sliding")), None)
+        if bad is not None:
+            raise ConfigError(f"layer_types entry {_show(bad)} is not 'full' or 'sliding'")
+        _check_int("sliding_window", self.sliding_window, optional=True)
         if "sliding" in self.layer_types and not self.sliding_window:
             raise ConfigError("sliding layers need a sliding_window")
+        if len(self.moe_layers) != n or not all(isinstance(m, bool) for m in self.moe_layers):
+            raise ConfigError(f"moe_layers must be {n} true/false entries, one per layer")
+        if any(self.moe_layers) and not isinstance(self.moe, MoEConfig):
+            raise ConfigError(f"sparse layers need an MoE config, got moe={_show(self.moe)}")
+        if not all(self.moe_layers) and self.intermediate_size < 1:
+            raise ConfigError("intermediate_size must be at least 1 for dense feed-forward layers")
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -141,28 +317,23 @@ class ModelConfig:
             if path.is_dir():
                 path = path / "config.json"
             source = str(path)
-            try:
-                raw = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: no config.json") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a JSON object")
-        if "text_config" in raw and raw.get("model_type") in ("gemma3",):
-            raw = {**raw["text_config"], "model_type": "gemma3_text"}
-        model_type = raw.get("model_type")
-        parser = _PARSERS.get(model_type)
-        if parser is None:
-            raise ConfigError(
-                f"{source}: unknown model_type {model_type!r}; rung supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raw = _read_json(path)
         try:
-            return parser(_Fields(raw, source))
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as e:
+            if not isinstance(raw, dict):
+                raise ConfigError("expected a JSON object")
+            if raw.get("model_type") == "gemma3" and isinstance(raw.get("text_config"), dict):
+                raw = {**raw["text_config"], "model_type": "gemma3_text"}
+            model_type = raw.get("model_type")
+            parser = _PARSERS.get(model_type) if isinstance(model_type, str) else None
+            if parser is None:
+                raise ConfigError(f"unknown model_type {_show(model_type)}; rung supports "
+                                  f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+            return parser(_Fields(raw))
+        except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError, ArithmeticError, KeyError, AttributeError) as e:
+            # a value of a shape no check foresaw: still one line, never a traceback
+            raise ConfigError(f"{source}: malformed config ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelConfig":
@@ -208,11 +379,30 @@ def preset_dict(name: str) -> dict[str, Any]:
 # ---- parsing Hugging Face config.json ---------------------------------------------------------
 
 
-class _Fields:
-    """Typed access to a config dict; errors name the source file and the field."""
+def _read_json(path: Path) -> Any:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes is too large for a config.json (at most {MAX_CONFIG_BYTES:,})")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a number of 5,000 digits, deep nesting
+        raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
 
-    def __init__(self, raw: dict[str, Any], source: str):
-        self.raw, self.source = raw, source
+
+class _Fields:
+    """Typed access to a config dict; errors name the field (``within`` a nested dict such as
+    rope_scaling). ``from_hf`` adds the source file."""
+
+    def __init__(self, raw: dict[str, Any], within: str = ""):
+        self.raw, self.within = raw, within
+
+    def name(self, *names: str) -> str:
+        """The field a value came from (the first of ``names`` present), as a message names it."""
+        present = next((n for n in names if self.raw.get(n) is not None), names[0])
+        return f"{self.within}.{present}" if self.within else present
 
     def get(self, *names: str, default: Any = None) -> Any:
         for n in names:
@@ -220,96 +410,140 @@ class _Fields:
                 return self.raw[n]
         return default
 
-    def int(self, *names: str, default: Any = ...) -> int:
-        v = self.get(*names, default=default)
+    def int(self, *names: str, default: Any = ..., low: int = 0) -> int:
+        v = self.get(*names, default=...)
         if v is ...:
-            raise ConfigError(f"{self.source}: missing field {names[0]!r}")
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{self.source}: field {names[0]!r} must be a non-negative integer, got {v!r}")
+            if default is ...:
+                raise ConfigError(f"missing field {self.name(*names)!r}")
+            return default  # the dataclass checks what defaults derive to
+        problem = _int_problem(v, low, MAX_SIZE)
+        if problem:
+            raise ConfigError(f"field {self.name(*names)!r} {problem}")
         return v
 
     def float(self, *names: str, default: Any = ...) -> float:
         v = self.get(*names, default=default)
         if v is ...:
-            raise ConfigError(f"{self.source}: missing field {names[0]!r}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{self.source}: field {names[0]!r} must be a number, got {v!r}")
+            raise ConfigError(f"missing field {self.name(*names)!r}")
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+            raise ConfigError(f"field {self.name(*names)!r} must be a finite number, got {_show(v)}")
         return float(v)
 
-    def error(self, msg: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {msg}")
+    def bool(self, *names: str, default: bool = False) -> bool:
+        v = self.get(*names, default=default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"field {self.name(*names)!r} must be true or false, got {_show(v)}")
+        return v
+
+    def str(self, *names: str, default: str | None = None) -> str | None:
+        v = self.get(*names, default=default)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"field {self.name(*names)!r} must be a string, got {_show(v)}")
+        return v
+
+    def list(self, *names: str, default: list | None = None) -> list:
+        v = self.get(*names, default=default)
+        if not isinstance(v, list):
+            raise ConfigError(f"field {self.name(*names)!r} must be a list, got {_show(v)}")
+        return v
+
+    def dict(self, *names: str) -> "_Fields | None":
+        """A nested object (rope_scaling), read with the same checks; None when absent."""
+        v = self.get(*names)
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise ConfigError(f"field {self.name(*names)!r} must be an object, got {_show(v)}")
+        return _Fields(v, self.name(*names))
 
 
-def _eos(f: _Fields):
-    eos = f.get("eos_token_id")
-    return tuple(eos) if isinstance(eos, list) else eos
+def _token_ids(f: _Fields, name: str) -> int | tuple[int, ...] | None:
+    v = f.get(name)
+    if isinstance(v, list) and len(v) <= 1024:
+        v = tuple(v)
+    ok = lambda t: isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_SIZE  # noqa: E731
+    if v is None or ok(v) or (isinstance(v, tuple) and all(ok(t) for t in v)):
+        return v
+    raise ConfigError(f"field {name!r} must be a token id or a list of them, got {_show(v)}")
 
 
 def _dtype(f: _Fields) -> str:
-    return str(f.get("dtype", "torch_dtype", default="float32"))
+    return f.str("dtype", "torch_dtype", default="float32")
 
 
-def _rope(f: _Fields, params: dict[str, Any] | None, max_pos: int | None) -> RopeConfig:
+def _heads(f: _Fields, hidden: int, heads: int, hidden_names: tuple[str, ...], heads_names: tuple[str, ...]) -> int:
+    """hidden / heads, for families whose heads split the hidden width (no head_dim field)."""
+    if hidden % heads:
+        raise ConfigError(f"field {f.name(*hidden_names)!r} ({hidden}) is not a multiple of "
+                          f"{f.name(*heads_names)!r} ({heads})")
+    return hidden // heads
+
+
+def _rope(f: _Fields, params: _Fields | None, max_pos: int | None) -> RopeConfig:
     """One rotary table from a v5 ``rope_parameters`` dict or v4 ``rope_theta`` + ``rope_scaling``."""
-    p = dict(params or {})
-    theta = p.get("rope_theta", f.get("rope_theta", default=10_000.0))
-    kind = p.get("rope_type", p.get("type", "default"))
+    p = params or _Fields({}, "rope_scaling")
+    theta = p.float("rope_theta", default=f.float("rope_theta", default=10_000.0))
+    kind = p.str("rope_type", "type", default="default")
     if kind not in ROPE_TYPES:
-        raise f.error(f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-    original = p.get("original_max_position_embeddings", f.get("original_max_position_embeddings"))
+        raise ConfigError(f"rope type {_show(kind)} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    original = p.int("original_max_position_embeddings",
+                     default=f.int("original_max_position_embeddings", default=None, low=1), low=1)
     if kind in ("yarn", "llama3") and original is None:
         original = max_pos
-    factor = p.get("factor")
+    factor = p.float("factor", default=None)
     if kind == "yarn" and factor is None and max_pos and original:
         factor = max_pos / original
     if kind != "default" and factor is None:
-        raise f.error(f"rope type {kind!r} needs a 'factor'")
+        raise ConfigError(f"rope type {kind!r} needs a {p.name('factor')!r}")
     return RopeConfig(
-        theta=float(theta),
+        theta=theta,
         type=kind,
-        factor=float(factor if factor is not None else 1.0),
+        factor=factor if factor is not None else 1.0,
         original_max_position=original,
-        beta_fast=float(p.get("beta_fast") or 32.0),
-        beta_slow=float(p.get("beta_slow") or 1.0),
-        attention_factor=p.get("attention_factor"),
-        mscale=p.get("mscale"),
-        mscale_all_dim=p.get("mscale_all_dim"),
-        truncate=bool(p.get("truncate", True)),
-        low_freq_factor=float(p.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(p.get("high_freq_factor", 4.0)),
-        partial_rotary_factor=float(p.get("partial_rotary_factor", f.get("partial_rotary_factor", default=1.0))),
+        beta_fast=p.float("beta_fast", default=32.0),
+        beta_slow=p.float("beta_slow", default=1.0),
+        attention_factor=p.float("attention_factor", default=None),
+        mscale=p.float("mscale", default=None),
+        mscale_all_dim=p.float("mscale_all_dim", default=None),
+        truncate=p.bool("truncate", default=True),
+        low_freq_factor=p.float("low_freq_factor", default=1.0),
+        high_freq_factor=p.float("high_freq_factor", default=4.0),
+        partial_rotary_factor=p.float("partial_rotary_factor",
+                                      default=f.float("partial_rotary_factor", default=1.0)),
     )
 
 
-def _rope_params(f: _Fields) -> dict[str, Any] | None:
-    return f.get("rope_parameters", "rope_scaling")
+def _rope_params(f: _Fields) -> _Fields | None:
+    return f.dict("rope_parameters", "rope_scaling")
 
 
 def _layer_types(f: _Fields, n: int, default: list[str]) -> tuple[str, ...]:
-    names = f.get("layer_types", default=default)
+    names = f.list("layer_types", default=default)
     if len(names) != n:
-        raise f.error(f"layer_types has {len(names)} entries for {n} layers")
-    out = []
-    for name in names:
-        if name not in ("full_attention", "sliding_attention"):
-            raise f.error(f"layer_types entry {name!r} is not supported")
-        out.append("sliding" if name == "sliding_attention" else "full")
-    return tuple(out)
+        raise ConfigError(f"field 'layer_types' has {len(names):,} entries for {n:,} layers")
+    kinds = {"full_attention": "full", "sliding_attention": "sliding"}
+    bad = next((name for name in names if not isinstance(name, str) or name not in kinds), None)
+    if bad is not None:
+        raise ConfigError(f"field 'layer_types': entry {_show(bad)} is not supported")
+    return tuple(kinds[name] for name in names)
 
 
-def _activation(f: _Fields, name: str) -> str:
+def _activation(f: _Fields, *names: str, default: str) -> str:
     table = {
         "silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu",
         "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
     }
+    name = f.str(*names, default=default)
     if name not in table:
-        raise f.error(f"activation {name!r} is not supported")
+        raise ConfigError(f"field {names[0]!r}: activation {_show(name)} is not supported")
     return table[name]
 
 
 def _gpt2(f: _Fields) -> ModelConfig:
-    hidden = f.int("n_embd", "hidden_size")
-    heads = f.int("n_head", "num_attention_heads")
+    hidden_names, heads_names = ("n_embd", "hidden_size"), ("n_head", "num_attention_heads")
+    hidden, heads = f.int(*hidden_names), f.int(*heads_names, low=1)
     return ModelConfig(
         model_type="gpt2",
         vocab_size=f.int("vocab_size"),
@@ -317,32 +551,32 @@ def _gpt2(f: _Fields) -> ModelConfig:
         num_layers=f.int("n_layer", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=_heads(f, hidden, heads, hidden_names, heads_names),
         intermediate_size=f.int("n_inner", default=4 * hidden),
         max_position_embeddings=f.int("n_positions", "max_position_embeddings", default=1024),
         norm="layernorm",
         norm_eps=f.float("layer_norm_epsilon", default=1e-5),
-        tie_word_embeddings=bool(f.get("tie_word_embeddings", default=True)),
+        tie_word_embeddings=f.bool("tie_word_embeddings", default=True),
         positions="learned",
         rope=None,
         qkv_bias=True,
         o_bias=True,
-        attn_scale=None if f.get("scale_attn_weights", default=True) else 1.0,
-        attn_scale_by_inverse_layer=bool(f.get("scale_attn_by_inverse_layer_idx", default=False)),
+        attn_scale=None if f.bool("scale_attn_weights", default=True) else 1.0,
+        attn_scale_by_inverse_layer=f.bool("scale_attn_by_inverse_layer_idx", default=False),
         mlp="plain",
-        activation=_activation(f, f.get("activation_function", default="gelu_new")),
+        activation=_activation(f, "activation_function", default="gelu_new"),
         mlp_bias=True,
         dtype=_dtype(f),
-        bos_token_id=f.get("bos_token_id"),
-        eos_token_id=_eos(f),
+        bos_token_id=_token_ids(f, "bos_token_id"),
+        eos_token_id=_token_ids(f, "eos_token_id"),
     )
 
 
 def _bloom(f: _Fields) -> ModelConfig:
-    hidden = f.int("hidden_size", "n_embed")
-    heads = f.int("n_head", "num_attention_heads")
-    if f.get("pretraining_tp", default=1) > 1 and f.get("slow_but_exact"):
-        raise f.error("slow_but_exact with pretraining_tp > 1 is not supported")
+    hidden_names, heads_names = ("hidden_size", "n_embed"), ("n_head", "num_attention_heads")
+    hidden, heads = f.int(*hidden_names), f.int(*heads_names, low=1)
+    if f.int("pretraining_tp", default=1) > 1 and f.bool("slow_but_exact", default=False):
+        raise ConfigError("slow_but_exact with pretraining_tp > 1 is not supported")
     return ModelConfig(
         model_type="bloom",
         vocab_size=f.int("vocab_size"),
@@ -350,14 +584,14 @@ def _bloom(f: _Fields) -> ModelConfig:
         num_layers=f.int("n_layer", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=_heads(f, hidden, heads, hidden_names, heads_names),
         intermediate_size=4 * hidden,
         max_position_embeddings=f.int("seq_length", default=2048),
         norm="layernorm",
         norm_eps=f.float("layer_norm_epsilon", default=1e-5),
         embedding_norm=True,
-        residual_from_norm=bool(f.get("apply_residual_connection_post_layernorm", default=False)),
-        tie_word_embeddings=bool(f.get("tie_word_embeddings", default=True)),
+        residual_from_norm=f.bool("apply_residual_connection_post_layernorm", default=False),
+        tie_word_embeddings=f.bool("tie_word_embeddings", default=True),
         positions="alibi",
         rope=None,
         qkv_bias=True,
@@ -366,39 +600,42 @@ def _bloom(f: _Fields) -> ModelConfig:
         activation="gelu_tanh",
         mlp_bias=True,
         dtype=_dtype(f),
-        bos_token_id=f.get("bos_token_id"),
-        eos_token_id=_eos(f),
+        bos_token_id=_token_ids(f, "bos_token_id"),
+        eos_token_id=_token_ids(f, "eos_token_id"),
     )
 
 
 def _llama_like(f: _Fields, model_type: str, **extra) -> ModelConfig:
-    heads = f.int("num_attention_heads")
+    heads = f.int("num_attention_heads", low=1)
     hidden = f.int("hidden_size")
+    head_dim = f.int("head_dim", default=None)
+    if head_dim is None:
+        head_dim = _heads(f, hidden, heads, ("hidden_size",), ("num_attention_heads",))
     max_pos = f.int("max_position_embeddings", default=2048)
-    bias = bool(f.get("attention_bias", default=False))
+    bias = f.bool("attention_bias", default=False)
     fields = dict(
         model_type=model_type,
         vocab_size=f.int("vocab_size"),
         hidden_size=hidden,
         num_layers=f.int("num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=f.int("num_key_value_heads", default=heads),
-        head_dim=f.int("head_dim", default=hidden // heads),
+        num_kv_heads=f.int("num_key_value_heads", default=heads, low=1),
+        head_dim=head_dim,
         intermediate_size=f.int("intermediate_size"),
         max_position_embeddings=max_pos,
         norm="rmsnorm",
         norm_eps=f.float("rms_norm_eps", default=1e-6),
-        tie_word_embeddings=bool(f.get("tie_word_embeddings", default=False)),
+        tie_word_embeddings=f.bool("tie_word_embeddings", default=False),
         positions="rope",
         rope=_rope(f, _rope_params(f), max_pos),
         qkv_bias=bias,
         o_bias=bias,
         mlp="gated",
-        activation=_activation(f, f.get("hidden_act", "hidden_activation", default="silu")),
-        mlp_bias=bool(f.get("mlp_bias", default=False)),
+        activation=_activation(f, "hidden_act", "hidden_activation", default="silu"),
+        mlp_bias=f.bool("mlp_bias", default=False),
         dtype=_dtype(f),
-        bos_token_id=f.get("bos_token_id"),
-        eos_token_id=_eos(f),
+        bos_token_id=_token_ids(f, "bos_token_id"),
+        eos_token_id=_token_ids(f, "eos_token_id"),
     )
     fields.update(extra)
     return ModelConfig(**fields)
@@ -408,12 +645,20 @@ def _llama(f: _Fields) -> ModelConfig:
     return _llama_like(f, "llama")
 
 
+def _num_layers(f: _Fields) -> int:
+    """The layer count, checked before a per-layer list is built from it."""
+    n = f.int("num_hidden_layers", low=1)
+    if n > MAX_LAYERS:
+        raise ConfigError(f"field 'num_hidden_layers' ({n:,}) is more than rung supports ({MAX_LAYERS:,})")
+    return n
+
+
 def _qwen3_window(f: _Fields) -> int | None:
-    return f.int("sliding_window", default=4096) if f.get("use_sliding_window", default=False) else None
+    return f.int("sliding_window", default=4096, low=1) if f.bool("use_sliding_window", default=False) else None
 
 
 def _qwen3(f: _Fields) -> ModelConfig:
-    n = f.int("num_hidden_layers")
+    n = _num_layers(f)
     window = _qwen3_window(f)
     first_sliding = f.int("max_window_layers", default=28)
     default = ["sliding_attention" if window and i >= first_sliding else "full_attention" for i in range(n)]
@@ -423,41 +668,53 @@ def _qwen3(f: _Fields) -> ModelConfig:
 
 
 def _qwen3_moe(f: _Fields) -> ModelConfig:
-    n = f.int("num_hidden_layers")
+    n = _num_layers(f)
     window = _qwen3_window(f)  # Qwen3-MoE applies the window to every layer when it is on
     experts = f.int("num_experts", "num_local_experts")
-    dense = set(f.get("mlp_only_layers", default=[]))
-    step = f.int("decoder_sparse_step", default=1)
+    dense = f.list("mlp_only_layers", default=[])
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise ConfigError(f"field 'mlp_only_layers' must list layer numbers, got {_show(dense)}")
+    dense = set(dense)
+    step = f.int("decoder_sparse_step", default=1, low=1)
     sparse = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n))
-    moe = MoEConfig(
-        num_experts=experts,
-        top_k=f.int("num_experts_per_tok"),
-        expert_intermediate_size=f.int("moe_intermediate_size"),
-        router="softmax_topk",
-        norm_topk_prob=bool(f.get("norm_topk_prob", default=False)),
-    )
-    return _llama_like(f, "qwen3_moe", qk_norm=True, moe=moe if any(sparse) else None, moe_layers=sparse,
+    moe = None
+    if any(sparse):
+        moe = MoEConfig(
+            num_experts=experts,
+            top_k=f.int("num_experts_per_tok", low=1),
+            expert_intermediate_size=f.int("moe_intermediate_size", low=1),
+            router="softmax_topk",
+            norm_topk_prob=f.bool("norm_topk_prob", default=False),
+        )
+        _check_top_k(moe, "num_experts")
+    return _llama_like(f, "qwen3_moe", qk_norm=True, moe=moe, moe_layers=sparse,
                        layer_types=(("sliding" if window else "full"),) * n, sliding_window=window)
 
 
+def _check_top_k(moe: MoEConfig, experts_name: str) -> None:
+    if moe.top_k > moe.num_experts:
+        raise ConfigError(f"field 'num_experts_per_tok' ({moe.top_k}) exceeds {experts_name!r} ({moe.num_experts})")
+
+
 def _gpt_oss(f: _Fields) -> ModelConfig:
-    n = f.int("num_hidden_layers")
+    n = _num_layers(f)
     default = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
     moe = MoEConfig(
-        num_experts=f.int("num_local_experts", "num_experts"),
-        top_k=f.int("num_experts_per_tok", "experts_per_token"),
-        expert_intermediate_size=f.int("intermediate_size"),
+        num_experts=f.int("num_local_experts", "num_experts", low=1),
+        top_k=f.int("num_experts_per_tok", "experts_per_token", low=1),
+        expert_intermediate_size=f.int("intermediate_size", low=1),
         router="topk_softmax",
         router_bias=True,
         expert_bias=True,
     )
+    _check_top_k(moe, "num_local_experts")
     return _llama_like(
         f, "gpt_oss",
         norm_eps=f.float("rms_norm_eps", default=1e-5),
         norm_weight_in_float32=True,
         qkv_bias=True, o_bias=True, attn_sinks=True,
         layer_types=_layer_types(f, n, default),
-        sliding_window=f.int("sliding_window", default=128),
+        sliding_window=f.int("sliding_window", default=128, low=1),
         activation="swiglu_clamped",
         swiglu_limit=f.float("swiglu_limit", default=7.0),
         swiglu_alpha=f.float("swiglu_alpha", default=1.702),
@@ -466,33 +723,36 @@ def _gpt_oss(f: _Fields) -> ModelConfig:
 
 
 def _gemma3(f: _Fields) -> ModelConfig:
-    n = f.int("num_hidden_layers")
+    n = _num_layers(f)
     hidden = f.int("hidden_size")
     max_pos = f.int("max_position_embeddings", default=131_072)
-    pattern = f.int("sliding_window_pattern", default=6)
+    pattern = f.int("sliding_window_pattern", default=6, low=1)
     default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    params = f.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:  # v5: one table per layer type
-        global_rope = _rope(f, params["full_attention"], max_pos)
-        local_rope = _rope(f, params.get("sliding_attention") or {"rope_theta": 10_000.0}, max_pos)
+    params = f.dict("rope_parameters")
+    if params is not None and "full_attention" in params.raw:  # v5: one table per layer type
+        global_rope = _rope(f, params.dict("full_attention"), max_pos)
+        local_rope = _rope(f, params.dict("sliding_attention") or _Fields({"rope_theta": 10_000.0}), max_pos)
     else:  # v4: rope_theta + rope_scaling for global layers, rope_local_base_freq for local ones
-        global_rope = _rope(f, f.get("rope_scaling"), max_pos)
+        global_rope = _rope(f, f.dict("rope_scaling"), max_pos)
         local_rope = RopeConfig(theta=f.float("rope_local_base_freq", default=10_000.0))
+    scalar = f.float("query_pre_attn_scalar", default=256)
+    if scalar <= 0:
+        raise ConfigError(f"field 'query_pre_attn_scalar' must be positive, got {_show(scalar)}")
     return _llama_like(
         f, "gemma3_text",
         norm_weight_offset=1.0,
         norm_weight_in_float32=True,
         sandwich_norms=True,
         embedding_scale=hidden**0.5,
-        tie_word_embeddings=bool(f.get("tie_word_embeddings", default=True)),
-        final_logit_softcap=f.get("final_logit_softcapping"),
+        tie_word_embeddings=f.bool("tie_word_embeddings", default=True),
+        final_logit_softcap=f.float("final_logit_softcapping", default=None),
         rope=global_rope,
         local_rope=local_rope,
         qk_norm=True,
-        attn_scale=f.float("query_pre_attn_scalar", default=256) ** -0.5,
+        attn_scale=scalar**-0.5,
         layer_types=_layer_types(f, n, default),
-        sliding_window=f.int("sliding_window", default=4096),
-        activation=_activation(f, f.get("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")),
+        sliding_window=f.int("sliding_window", default=4096, low=1),
+        activation=_activation(f, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
     )
 
 

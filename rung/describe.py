@@ -15,13 +15,17 @@ figures also count the input table.
 KV cache: K and V of ``num_kv_heads * head_dim`` values per layer per token; a sliding layer keeps at
 most ``window`` tokens. Default 2 bytes per value (bf16).
 
-Weight formats (``FORMATS``), with their scope:
+Weight formats (``FORMATS``), with their scope. int8 and int4 are what loading ``MODEL@int8`` /
+``MODEL@int4`` holds (rung/quant/rewrite.py's ``pack_model``), the tensors it leaves unpacked at
+bf16 (``load_model(spec, dtype="bfloat16")``); tests/test_describe.py measures it on tiny models.
   bf16   every parameter at 2 bytes.
-  int8   weight-only, per output channel: every Linear weight matrix (attention q/k/v/o, MLP, MoE
-         router and experts, an untied LM head) at 1 byte plus one bf16 scale per output row;
-         embeddings, norms, biases and sinks stay bf16.
-  int4   same scope as int8; symmetric 4-bit with one bf16 scale per group of 32 inputs
-         (4.5 bits per weight, like GGUF Q4_0); the rest bf16.
+  int8   per output channel: the matrices of the dense Linear layers (attention q/k/v/o, a dense
+         MLP, the LM head, or the embedding table it is tied to) at 1 byte plus one fp16 scale per
+         output row, their biases fp32. MoE layers keep router and experts as they are (bf16), as
+         do an untied embedding table, norms and sinks. A matrix whose input width is not a
+         multiple of 32 is not packed.
+  int4   the same matrices at 4 bits with an fp16 scale and offset per group of 32 inputs (5 bits
+         per weight), except the LM head (or tied table), which stays int8; the rest as int8.
   mxfp4  as gpt-oss ships: the feed-forward weight matrices (MoE experts; the dense MLP for dense
          models) as 4-bit E2M1 with one 8-bit E8M0 scale per block of 32 inputs (4.25 bits per
          weight); attention, router, embeddings, LM head, norms and biases stay bf16.
@@ -29,8 +33,12 @@ Weight formats (``FORMATS``), with their scope:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+import sys
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +54,16 @@ ACTIVE_CONVENTION = (
 FORMATS = ("bf16", "int8", "int4", "mxfp4")
 FORMAT_SCOPE = {
     "bf16": "every parameter at 2 bytes",
-    "int8": "Linear weight matrices (incl. router, experts, untied head) at 1 byte + a bf16 scale per "
-            "output row; embeddings, norms, biases, sinks bf16",
-    "int4": "same scope as int8, 4 bits + a bf16 scale per 32 inputs (4.5 bits/weight); rest bf16",
+    "int8": "as @int8 loads: dense Linear matrices (attention, dense MLP, LM head or tied table) at 1 byte "
+            "+ an fp16 scale per row; MoE experts and router, embeddings, norms bf16",
+    "int4": "as @int4 loads: the same matrices at 4 bits + fp16 scale and offset per 32 inputs (5 bits), "
+            "LM head int8; MoE experts and router, embeddings, norms bf16",
     "mxfp4": "feed-forward matrices (MoE experts, or the dense MLP) at 4 bits + an 8-bit scale per "
              "32 inputs (4.25 bits/weight), as gpt-oss ships; rest bf16",
 }
-GROUP = 32  # inputs per scale block of int4 and mxfp4
-BF16 = 2
+GROUP = 32  # inputs per scale block of int4 and mxfp4; int8 and int4 pack a matrix only if 32 divides its rows
+BF16 = FP16 = 2
+FP32 = 4
 
 CONTEXT_4K = 4096
 CONTEXT_128K = 131_072
@@ -61,23 +71,26 @@ CONTEXT_128K = 131_072
 
 @dataclass(frozen=True)
 class Weight:
-    """One weight tensor kind of the model, ``count`` times over (e.g. 32 experts' down_proj)."""
+    """One weight tensor kind of the model, ``count`` times over (e.g. 24 layers × 32 experts' down_proj)."""
 
-    name: str  # "layers.3.mlp.experts.down", for reading the inventory
+    name: str  # "dense_layers.mlp.down", for reading the inventory
     part: str  # "embeddings" | "attention" | "feed_forward" | "norms" | "head"
     shape: tuple[int, ...]  # (out, in) for matrices, (n,) for vectors and per-head values
     count: int = 1
     active: int = 1  # how many of the ``count`` copies one token reads in full
-    linear: bool = False  # a Linear weight matrix: quantised by int8 / int4
+    bias: bool = False  # a matrix with a bias vector of ``out`` values beside it
+    packs: bool = False  # a dense Linear matrix that @int8 / @int4 pack (pack_model)
+    head: bool = False  # the LM head, or the embedding table tied to it: @int4 packs it int8
     ffn: bool = False  # a feed-forward weight matrix: quantised by mxfp4
 
     @property
     def size(self) -> int:
-        return math.prod(self.shape)
+        return math.prod(self.shape) + (self.shape[0] if self.bias else 0)
 
 
 def weights(config: ModelConfig) -> list[Weight]:
-    """Every weight tensor of ``config``, in checkpoint order."""
+    """Every weight tensor of ``config``. A layer's tensors are listed once per kind of layer (dense,
+    sparse), ``count`` times over: the inventory's length does not grow with the layer count."""
     c = config
     H, V = c.hidden_size, c.vocab_size
 
@@ -87,32 +100,34 @@ def weights(config: ModelConfig) -> list[Weight]:
         return out + [Weight(f"{name}.bias", part, (H,))] if c.norm == "layernorm" else out
 
     # The input table is read one row per token; tied, it is also the head and read whole.
-    out = [Weight("embed_tokens", "embeddings", (V, H), active=int(c.tie_word_embeddings))]
+    tied = c.tie_word_embeddings
+    out = [Weight("embed_tokens", "embeddings", (V, H), active=int(tied), packs=tied, head=tied)]
     if c.positions == "learned":
         out.append(Weight("embed_positions", "embeddings", (c.max_position_embeddings or 0, H), active=0))
     if c.embedding_norm:  # BLOOM word_embeddings_layernorm
         out += norm("embed_norm", "embeddings")
 
-    for i in range(c.num_layers):
-        p = f"layers.{i}"
-        out += norm(f"{p}.input_norm")
-        out += _attention(c, f"{p}.attn")
+    sparse = sum(c.moe_layers)
+    for p, n, mlp in (("dense_layers", c.num_layers - sparse, _mlp), ("sparse_layers", sparse, _moe)):
+        if n == 0:
+            continue
+        layer = norm(f"{p}.input_norm") + _attention(c, f"{p}.attn")
         if c.sandwich_norms:  # Gemma: post-attention, pre- and post-feed-forward
-            out += norm(f"{p}.post_attn_norm") + norm(f"{p}.pre_ffn_norm") + norm(f"{p}.post_ffn_norm")
+            layer += norm(f"{p}.post_attn_norm") + norm(f"{p}.pre_ffn_norm") + norm(f"{p}.post_ffn_norm")
         else:
-            out += norm(f"{p}.post_attn_norm")  # the pre-MLP norm (GPT-2 ln_2)
-        out += _moe(c, f"{p}.mlp") if c.moe_layers[i] else _mlp(c, f"{p}.mlp")
+            layer += norm(f"{p}.post_attn_norm")  # the pre-MLP norm (GPT-2 ln_2)
+        layer += mlp(c, f"{p}.mlp")
+        out += [dataclasses.replace(w, count=w.count * n, active=w.active * n) for w in layer]
 
     out += norm("final_norm")
-    if not c.tie_word_embeddings:
-        out += _linear("lm_head", "head", V, H, bias=False)
+    if not tied:
+        out += _linear("lm_head", "head", V, H, bias=False, head=True)
     return out
 
 
-def _linear(name: str, part: str, out_f: int, in_f: int, bias: bool,
-            count: int = 1, active: int = 1, ffn: bool = False) -> list[Weight]:
-    w = [Weight(f"{name}.weight", part, (out_f, in_f), count, active, linear=True, ffn=ffn)]
-    return w + [Weight(f"{name}.bias", part, (out_f,), count, active)] if bias else w
+def _linear(name: str, part: str, out_f: int, in_f: int, bias: bool, count: int = 1, active: int = 1,
+            packs: bool = True, head: bool = False, ffn: bool = False) -> list[Weight]:
+    return [Weight(name, part, (out_f, in_f), count, active, bias, packs, head, ffn)]
 
 
 def _attention(c: ModelConfig, p: str) -> list[Weight]:
@@ -141,14 +156,14 @@ def _mlp(c: ModelConfig, p: str) -> list[Weight]:
 
 
 def _moe(c: ModelConfig, p: str) -> list[Weight]:
-    """Router plus E gated experts, of which one token reads top_k."""
+    """Router plus E gated experts, of which one token reads top_k. @int8 / @int4 keep them as they are."""
     m, H = c.moe, c.hidden_size
     I, E, k, bias = m.expert_intermediate_size, m.num_experts, m.top_k, m.expert_bias
     return (
-        _linear(f"{p}.router", "feed_forward", E, H, m.router_bias)
-        + _linear(f"{p}.experts.gate", "feed_forward", I, H, bias, E, k, ffn=True)
-        + _linear(f"{p}.experts.up", "feed_forward", I, H, bias, E, k, ffn=True)
-        + _linear(f"{p}.experts.down", "feed_forward", H, I, bias, E, k, ffn=True)
+        _linear(f"{p}.router", "feed_forward", E, H, m.router_bias, packs=False)
+        + _linear(f"{p}.experts.gate", "feed_forward", I, H, bias, E, k, packs=False, ffn=True)
+        + _linear(f"{p}.experts.up", "feed_forward", I, H, bias, E, k, packs=False, ffn=True)
+        + _linear(f"{p}.experts.down", "feed_forward", H, I, bias, E, k, packs=False, ffn=True)
     )
 
 
@@ -177,16 +192,19 @@ def _by_part(inventory: list[Weight]) -> dict[str, int]:
 
 def _stored_bytes(w: Weight, fmt: str) -> int:
     """Bytes of one copy of ``w`` stored in ``fmt`` (scope per the module docstring)."""
-    if fmt == "int8" and w.linear:
+    if fmt in ("int8", "int4") and w.packs and w.shape[1] % GROUP == 0:
+        # pack_model (rung/quant/rewrite.py): q8 per output row; q4 in groups of 32; the head q8 (default_head_format)
         out_f, in_f = w.shape
-        return out_f * in_f + out_f * BF16  # 1 byte per weight + a bf16 scale per output row
-    if fmt == "int4" and w.linear:
-        out_f, in_f = w.shape
-        return out_f * (math.ceil(in_f / 2) + math.ceil(in_f / GROUP) * BF16)
+        if fmt == "int8" or w.head:
+            matrix = out_f * in_f + out_f * FP16  # int8 values + an fp16 scale per row
+        else:
+            matrix = out_f * (in_f // 2 + in_f // GROUP * 2 * FP16)  # nibbles + fp16 scale and offset per group
+        return matrix + (out_f * FP32 if w.bias else 0)  # PackedLinear keeps its bias in float32
     if fmt == "mxfp4" and w.ffn:
         out_f, in_f = w.shape
         blocks = math.ceil(in_f / GROUP)
-        return out_f * blocks * (GROUP // 2 + 1)  # 16 bytes of nibbles + 1 byte E8M0 scale
+        bias = out_f * BF16 if w.bias else 0
+        return out_f * blocks * (GROUP // 2 + 1) + bias  # 16 bytes of nibbles + 1 byte E8M0 scale
     return w.size * BF16
 
 
@@ -199,11 +217,9 @@ def weight_bytes(config: ModelConfig, fmt: str = "bf16") -> int:
 def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = BF16) -> int:
     """K and V of every layer at ``context`` tokens; a sliding layer holds at most its window."""
     per_token = 2 * config.num_kv_heads * config.head_dim * bytes_per_value
-    total = 0
-    for i in range(config.num_layers):
-        window = config.layer_window(i)
-        total += per_token * (min(context, window) if window else context)
-    return total
+    sliding = config.layer_types.count("sliding")
+    full = config.num_layers - sliding
+    return per_token * (full * context + sliding * min(context, config.sliding_window or context))
 
 
 # ---- the architecture in words -----------------------------------------------------------------
@@ -255,20 +271,23 @@ def _attention_kind(c: ModelConfig) -> str:
 def _sliding_kind(c: ModelConfig) -> str | None:
     """E.g. "128 on 12/24 layers (1 of every 2)" for gpt-oss, "(5 of every 6)" for Gemma 3."""
     types, n = c.layer_types, c.num_layers
-    sliding = [i for i, t in enumerate(types) if t == "sliding"]
+    sliding = types.count("sliding")
     if not sliding:
         return None
-    if len(sliding) == n:
+    if sliding == n:
         return f"{c.sliding_window} on all {n} layers"
-    # the shortest period that repeats the layer pattern: gpt-oss 2 (S F), Gemma 3 6 (S S S S S F)
-    period = next(p for p in range(1, n + 1) if all(types[i] == types[i % p] for i in range(n)))
+    # the shortest period (up to 64 layers) that repeats the pattern: gpt-oss 2 (S F), Gemma 3 6 (S S S S S F);
+    # each try is one tuple comparison, so a million layers cost milliseconds
+    period = next((p for p in range(1, min(n - 1, 64) + 1) if types[p:] == types[:n - p]), n)
+    first, last = types.index("sliding"), n - 1 - types[::-1].index("sliding")
     if period < n:
         pattern = f"{types[:period].count('sliding')} of every {period}"
-    elif sliding == list(range(sliding[0], sliding[-1] + 1)):  # Qwen3 max_window_layers
-        pattern = f"layers {sliding[0]}-{sliding[-1]}"
+    elif last - first + 1 == sliding:  # Qwen3 max_window_layers
+        pattern = f"layers {first}-{last}"
     else:
-        pattern = "layers " + ",".join(map(str, sliding))
-    return f"{c.sliding_window} on {len(sliding)}/{n} layers ({pattern})"
+        shown = [i for i, t in zip(range(n), types) if t == "sliding"][:16]
+        pattern = "layers " + ",".join(map(str, shown)) + (",…" if sliding > len(shown) else "")
+    return f"{c.sliding_window} on {sliding}/{n} layers ({pattern})"
 
 
 def _ffn_kind(c: ModelConfig) -> str:
@@ -284,8 +303,12 @@ def _ffn_kind(c: ModelConfig) -> str:
 
 
 @dataclass(frozen=True)
-class Description:
-    """The figures ``rung arch`` prints for one model. Byte counts are exact integers."""
+class Description(Mapping):
+    """The figures ``rung arch`` prints for one model. Byte counts are exact integers.
+
+    Read as attributes (``d.total_params``) or as a mapping (``d["total_params"]``, ``dict(d)``): the
+    keys are those of ``to_dict``. ``kv_cache_bytes_per_token`` is ``kv_bytes_per_token`` by the name
+    the decoder issue gave it."""
 
     name: str
     config: ModelConfig = field(repr=False)
@@ -320,11 +343,26 @@ class Description:
     tied_embeddings: bool
     active_convention: str = ACTIVE_CONVENTION
 
+    @property
+    def kv_cache_bytes_per_token(self) -> float:
+        return self.kv_bytes_per_token
+
     def to_dict(self) -> dict[str, Any]:
         """The figures as plain JSON types (the config itself is left out)."""
-        d = asdict(self)
-        d.pop("config")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config"}
+        d["params_by_part"], d["weight_bytes"] = dict(self.params_by_part), dict(self.weight_bytes)
+        d["kv_cache_bytes_per_token"] = self.kv_bytes_per_token
         return d
+
+    # the Mapping view: every figure by name
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
 
 
 def resolve(name_or_path: str | Path) -> tuple[str, ModelConfig]:
@@ -382,6 +420,18 @@ def describe(config_or_name: ModelConfig | str | Path, context: int = CONTEXT_4K
         max_context=c.max_position_embeddings,
         tied_embeddings=c.tie_word_embeddings,
     )
+
+
+class _CallableModule(types.ModuleType):
+    """``rung.describe`` is this module's name and its function's: importing the module (``rung arch``
+    does) binds the package attribute ``rung.describe`` to the module, so the module answers a call
+    as the function does and ``rung.describe("gpt2")`` works however often it is called."""
+
+    def __call__(self, config_or_name: ModelConfig | str | Path, context: int = CONTEXT_4K) -> Description:
+        return describe(config_or_name, context)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 __all__ = [

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from rung.config import ModelConfig, MoEConfig, preset_names
-from rung.describe import describe, kv_cache_bytes, total_params, weight_bytes
+from rung.describe import describe, kv_cache_bytes, total_params, weight_bytes, weights
 
 MiB = 2**20
 
@@ -174,11 +174,24 @@ def test_int8_stores_a_byte_per_linear_weight_and_a_scale_per_row():
     assert weight_bytes(c, "int8") == 2 * per_layer + rest + head
 
 
-def test_int4_is_four_and_a_half_bits_per_linear_weight():
+def test_int4_is_five_bits_per_linear_weight_and_keeps_the_tied_table_int8():
+    # rung's q4: 4-bit values with an fp16 scale and offset per 32 inputs; the head (here the tied
+    # table) in q8 with a scale per row, as pack_model stores it
     c = tiny(tie_word_embeddings=True)
     linear = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 2 + 64 * 128)
-    other = total_params(c) - linear
-    assert weight_bytes(c, "int4") == linear * 4.5 / 8 + other * 2
+    table = 100 * 64
+    other = total_params(c) - linear - table
+    assert weight_bytes(c, "int4") == linear * 5 / 8 + (table + 100 * 2) + other * 2
+
+
+def test_int8_and_int4_keep_moe_layers_as_they_are():
+    moe = MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=32, router_bias=True, expert_bias=True)
+    c = tiny(moe=moe)
+    sparse = sum(w.size * w.count for w in weights(c) if w.name.startswith("sparse_layers.mlp"))
+    assert sparse == 2 * (8 * 64 + 8 + 8 * (3 * 64 * 32 + 2 * 32 + 64))  # router and experts, biases
+    dense = tiny()  # the same model with a dense MLP: attention, head and norms pack alike
+    dense_mlp = 2 * (3 * 64 * 128 + (128 + 128 + 64) * 2)  # int8 values + an fp16 scale per row
+    assert weight_bytes(c, "int8") - sparse * 2 == weight_bytes(dense, "int8") - dense_mlp
 
 
 def test_mxfp4_packs_only_the_feed_forward_matrices():
@@ -215,3 +228,27 @@ def test_describe_and_cli_do_not_import_torch():
     code = "import sys, rung.describe, rung.cli; rung.describe.describe('gpt-oss-20b'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_rung_describe_answers_every_call_in_a_fresh_process():
+    # importing the submodule rung/describe.py binds the package attribute rung.describe to the module:
+    # the second call used to raise "'module' object is not callable"
+    code = ("import rung\n"
+            "a = rung.describe('gpt2'); b = rung.describe('gpt2', context=1024)\n"
+            "import rung.describe\n"
+            "from rung import describe\n"
+            "c = rung.describe('smollm2-135m'); d = describe('gpt2')\n"
+            "print(type(a).__name__, a.total_params, b.kv_bytes, c.total_params, d == a)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["Description", "124439808", str(12 * 2 * 768 * 2 * 1024), "134515008", "True"]
+
+
+def test_description_is_an_object_and_a_mapping_with_the_decoder_issues_names():
+    d = describe("gpt2", context=1024)
+    assert d.kv_cache_bytes_per_token == d.kv_bytes_per_token == 12 * 2 * 768 * 2
+    assert d["kv_cache_bytes_per_token"] == d["kv_bytes_per_token"] == d.kv_bytes_per_token
+    assert d["total_params"] == d.total_params and d["weight_bytes"] == d.weight_bytes
+    assert dict(d) == d.to_dict() and "config" not in d and set(d) >= {"active_params", "kv_bytes", "family"}
+    with pytest.raises(KeyError):
+        d["no_such_figure"]

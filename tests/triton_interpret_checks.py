@@ -164,6 +164,17 @@ def moe_checks(g) -> None:
                     os.environ["RUNG_MOE_GEMV"] = "0"
                 check(name + " GEMM", triton_moe.triton_fused_moe(x, weights, experts, w, act), want, 1e-4)
                 os.environ.pop("RUNG_MOE_GEMV", None)
+    # the tiny Qwen3-MoE that overflowed an H200's shared memory in float32 (hidden 48, experts 20 wide,
+    # 6 experts, top-3): tiles clamped to the problem, decode and prefill
+    e, h, i = 6, 48, 20
+    w = fm.ExpertWeights(*(torch.randn(*shape, generator=g) * 0.2 for shape in ((e, i, h), (e, i, h), (e, h, i))))
+    for n in (1, 50):
+        x = torch.randn(n, h, generator=g)
+        top, experts = torch.topk(torch.randn(n, e, generator=g), 3, dim=-1)
+        weights = torch.softmax(top, -1)
+        want = fm.fused_moe_ref(x, weights, experts, w, fm.Activation("silu"))
+        check(f"fused MoE dense small silu tokens={n} GEMM",
+              triton_moe.triton_fused_moe(x, weights, experts, w, fm.Activation("silu")), want, 1e-4)
 
 
 def routing_checks(g) -> None:

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from rung.kernels.fused_moe import Activation, ExpertWeights, moe_align, moe_slot_layout
+from rung.kernels.moe_tiles import HOPPER_SMEM_BYTES, MoETile, choose_tile, device_smem_limit
 
 log = logging.getLogger(__name__)
 
@@ -362,12 +363,13 @@ def triton_moe_gemv(x, weights, experts, w: ExpertWeights, act: Activation) -> t
     return combine(y, n, k)
 
 
-def _config(slots: int):
-    """(block_m, block_n, block_k, warps): small blocks while few slots share an expert (decode,
-    where a block holds one slot and the job is streaming weights), GEMM-sized ones for prefill."""
-    if slots <= 128:  # a long K step keeps more bytes in flight per program: decode is latency-bound
-        return 16, 32, 256, 4
-    return 64, 128, 64, 8
+def _tile(x: torch.Tensor, w: ExpertWeights, slots: int) -> MoETile:
+    """moe_gemm's tile for this layer and batch, within the device's shared memory (kernels/moe_tiles.py)."""
+    inter, hidden = w.gate.shape[1], x.shape[1]
+    # Triton's interpreter (x on the CPU) has no shared memory: it checks the tiles a Hopper GPU gets
+    limit = device_smem_limit(x.device.index or 0) if x.is_cuda else HOPPER_SMEM_BYTES
+    return choose_tile(slots, [(inter, hidden, 2), (hidden, inter, 1)], x.element_size(),
+                       w.gate.element_size(), w.packed, limit)
 
 
 def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:
@@ -375,7 +377,8 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
     s = n * k
     if w.packed and s <= GEMV_MAX and os.environ.get("RUNG_MOE_GEMV") != "0":
         return triton_moe_gemv(x, weights, experts, w, act)
-    block_m, block_n, block_k, warps = _config(s)
+    tile = _tile(x, w, s)
+    block_m, block_n, block_k = tile.block_m, tile.block_n, tile.block_k
     layout = moe_slot_layout if s <= SLOT_LAYOUT_MAX else moe_align
     sorted_ids, block_expert, total = layout(experts, w.num_experts, block_m)
     x = x.contiguous()
@@ -399,7 +402,7 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
             out.stride(0), float(act.limit), float(act.alpha),
             X_DIV=x_div, TWO=two, ACT=act_code, HAS_BIAS=b1 is not None, MUL_ROUTE=mul_route, PACKED=w.packed,
             DOT_SCALED=dot_scaled, LHS_FMT="bf16" if xin.dtype == torch.bfloat16 else "fp16",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tile.warps, num_stages=tile.stages,
         )
 
     def run(dot_scaled):
@@ -411,7 +414,7 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
 
     if not w.packed:
         return run(False)
-    key = (block_m, block_n, block_k, x.dtype, act_id, has_bias)
+    key = (tile, x.dtype, act_id, has_bias)
     if key not in DOT_SCALED_OK:  # first (eager) call of this variant: prove tl.dot_scaled right here, once
         DOT_SCALED_OK[key] = _dot_scaled_agrees(run)
     return run(DOT_SCALED_OK[key])
