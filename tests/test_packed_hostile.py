@@ -78,6 +78,25 @@ def test_the_valid_packed_folder_loads_with_the_logits_of_the_model_it_was_writt
     run_bounded(LOAD_AND_RUN.format(folder=str(packed / "q")), seconds=30).assert_ok()
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
+def test_tied_models_packed_in_every_format_reload_with_the_same_logits(fmt, tmp_path):
+    """A tied float32 head is stored once, as the embedding table (rung_tied_head): the loader
+    takes its data from there (on main an fp32 folder of a tied model did not load)."""
+    from oracle import tiny_chat_model
+
+    from rung.cli import main
+
+    (tmp_path / "hf").mkdir()
+    hf = tiny_chat_model(tmp_path / "hf", hidden_size=64, intermediate_size=128, head_dim=16, tie_word_embeddings=True)
+    assert main(["quantize", str(hf), "--to", fmt, "--out", str(tmp_path / "q")]) == 0
+    original = rung.load_model(str(hf) + ("" if fmt == "fp32" else f"@{fmt}"), fast=True)
+    reloaded = rung.load_model(str(tmp_path / "q"))
+    ids = torch.arange(1, 21)[None]
+    with torch.inference_mode():
+        for rows in (ids, ids[:, :3]):
+            assert torch.equal(original(rows), reloaded(rows))
+
+
 def test_int8_layer_without_its_scale_is_refused(packed, tmp_path):
     folder = corrupted(packed, tmp_path, tensors=lambda t: t.pop("lm_head.scale"))
     refused(folder, "model.safetensors", "'lm_head.scale'", "F16 [", "q8 packed layer lm_head")
