@@ -162,7 +162,7 @@ def nbytes(t: torch.Tensor | np.ndarray | None) -> int:
         return 0
     if isinstance(t, np.ndarray):
         return t.nbytes if t.flags.c_contiguous else 0
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         return 0
     return t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
 
@@ -205,7 +205,7 @@ def bind_gemv(fmt: str, weight: torch.Tensor, out_features: int, in_features: in
     def call(x: torch.Tensor, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
         if out is None:
             out = torch.empty(x.shape[0], n_out)
-        if x.dtype != torch.float32 or out.dtype != torch.float32:
+        if x.dtype is not torch.float32 or out.dtype is not torch.float32:
             raise NativeError(f"rung_gemv: x and out must be float32 (got {x.dtype}, {out.dtype})")
         # contiguous rows of float32 (the callers' case): numel * 4 bytes from data_ptr
         err = fn(ref, x.data_ptr(), x.nbytes if x.is_contiguous() else 0, x.shape[0], out.data_ptr(),
@@ -223,16 +223,11 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _f32(*tensors: torch.Tensor | None) -> None:
+def _expect(dtype: torch.dtype, *tensors: torch.Tensor | None) -> None:
+    """CPU tensors of ``dtype`` (or None): what the kernel reads through their pointers."""
     for t in tensors:
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise NativeError(f"a native kernel reads float32 CPU tensors, got {t.dtype} on {t.device}")
-
-
-def _i64(*tensors: torch.Tensor | None) -> None:
-    for t in tensors:
-        if t is not None and (t.dtype != torch.int64 or t.device.type != "cpu"):
-            raise NativeError(f"a native kernel reads int64 CPU indices, got {t.dtype} on {t.device}")
+        if t is not None and (t.dtype is not dtype or not t.is_cpu):
+            raise NativeError(f"a native kernel reads {dtype} CPU tensors, got {t.dtype} on {t.device}")
 
 
 def decode_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, idx: torch.Tensor,
@@ -247,18 +242,18 @@ def decode_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor
     out = torch.empty(b, hq, d)
     nk = new_k if new_k is not None else q  # unused without write_slots
     nv = new_v if new_v is not None else q
-    _f32(q, pool_k, pool_v, new_k, new_v, sinks)
-    _i64(idx, lengths, write_slots)
+    _expect(torch.float32, q, pool_k, pool_v, new_k, new_v, sinks)
+    _expect(torch.int64, idx, lengths, write_slots)
     if (q.stride(2) != 1 or nk.stride(2) != 1 or nk.stride()[:2] != nv.stride()[:2] or not idx.is_contiguous()
             or pool_k.shape != pool_v.shape or not pool_k.is_contiguous() or not pool_v.is_contiguous()):
         raise NativeError("rung_decode_attention: unit last strides, k and v with the same strides, contiguous "
                           "pools of one shape and indices expected")
     check(library().rung_decode_attention(
         q.data_ptr(), nbytes(q), q.stride(0), q.stride(1), pool_k.data_ptr(), pool_v.data_ptr(),
-        min(nbytes(pool_k), nbytes(pool_v)), _ptr(new_k), _ptr(new_v), min(nbytes(nk), nbytes(nv)), nk.stride(0),
-        nk.stride(1), _ptr(write_slots), nbytes(write_slots), idx.data_ptr(), nbytes(idx), lengths.data_ptr(),
+        min(pool_k.nbytes, pool_v.nbytes), _ptr(new_k), _ptr(new_v), min(nbytes(nk), nbytes(nv)), nk.stride(0),
+        nk.stride(1), _ptr(write_slots), nbytes(write_slots), idx.data_ptr(), idx.nbytes, lengths.data_ptr(),
         nbytes(lengths), b, idx.shape[1], hq, pool_k.shape[1], d, scale, _ptr(sinks), nbytes(sinks), out.data_ptr(),
-        nbytes(out), torch.get_num_threads()), "rung_decode_attention")
+        out.nbytes, torch.get_num_threads()), "rung_decode_attention")
     return out
 
 
@@ -266,22 +261,22 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0
     """x [..., K] float32 contiguous → x / rms(x) * (offset + weight)."""
     out = torch.empty_like(x)
     k = x.shape[-1]
-    _f32(x, weight)
+    _expect(torch.float32, x, weight)
     if not x.is_contiguous() or not weight.is_contiguous():
         raise NativeError("rung_rmsnorm: contiguous x and weight expected")
-    check(library().rung_rmsnorm(x.data_ptr(), nbytes(x), weight.data_ptr(), weight.numel() * 4, out.data_ptr(),
-                                 nbytes(out), x.numel() // k, k, eps, offset), "rung_rmsnorm")
+    check(library().rung_rmsnorm(x.data_ptr(), x.nbytes, weight.data_ptr(), weight.nbytes, out.data_ptr(), out.nbytes,
+                                 x.numel() // k, k, eps, offset), "rung_rmsnorm")
     return out
 
 
 def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
     """In place: RoPE on the first ``heads`` heads of each row of x [M, row] float32 contiguous;
     cos, signed_sin [M, head_dim] contiguous (model/rope.py's tables)."""
-    _f32(x, cos, signed_sin)
+    _expect(torch.float32, x, cos, signed_sin)
     if not (x.is_contiguous() and cos.is_contiguous() and signed_sin.is_contiguous()):
         raise NativeError("rung_rope: contiguous x and tables expected")
-    check(library().rung_rope(x.data_ptr(), nbytes(x), x.shape[0], x.shape[1], heads, head_dim, cos.data_ptr(),
-                              signed_sin.data_ptr(), min(cos.numel(), signed_sin.numel()) * 4), "rung_rope")
+    check(library().rung_rope(x.data_ptr(), x.nbytes, x.shape[0], x.shape[1], heads, head_dim, cos.data_ptr(),
+                              signed_sin.data_ptr(), min(cos.nbytes, signed_sin.nbytes)), "rung_rope")
 
 
 # ---- a whole decode step (kernels.c: rung_decode_step; engine/cpu_decode.py fills these) ----------
