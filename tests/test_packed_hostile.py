@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import rung
-from hostile import run_bounded
+from hostile import run_bounded, run_cli_bounded
 
 # the child loads the folder and runs one forward pass: 3 rows take the native kernels
 LOAD_AND_RUN = """
@@ -203,6 +203,13 @@ def test_malformed_layer_metadata_is_refused(packed, tmp_path):
         layers["layers.0.mlp.down_proj"]["shape"] = [64, "128"]
 
     refused(corrupted(packed, tmp_path, layers=break_shape), "model.safetensors", "rung_layers[", "malformed")
+
+
+def test_rung_generate_refuses_a_packed_folder_without_a_scale_in_one_line(packed, tmp_path):
+    """What `rung generate` and `rung serve` load: the CLI's usage exit, not a crash on the first token."""
+    folder = corrupted(packed, tmp_path, tensors=lambda t: t.pop("layers.0.attn.qkv_proj.scale"))
+    res = run_cli_bounded("generate", "-m", str(folder), "--max-tokens", "2", "hi", seconds=30, memory_bytes=3 << 30)
+    res.assert_refused("rung: error:", "'layers.0.attn.qkv_proj.scale'")
 
 
 def test_quantization_config_that_is_not_an_object_is_not_a_packed_folder(packed, tmp_path):
