@@ -63,9 +63,10 @@ def check_group(fmt: str, in_features: int, group: int | None) -> int:
 
 def packed_tensors(fmt: str, shape: tuple[int, int], group: int | None) -> dict[str, tuple[torch.dtype, tuple]]:
     """The tensors a weight of format ``fmt``, shape (out, in) and ``group`` is made of: part name →
-    (dtype, shape). The one statement of each layout: ``quantize`` produces it, ``check_packed``
-    holds every PackedLinear to it, and a packed checkpoint's tensors are checked against it
-    before any kernel reads them. ValueError for an unknown format or a group it cannot have."""
+    (dtype, shape). The one statement of each layout: ``check_packed`` holds every PackedLinear
+    (whatever made it: quantize, GGUF blocks, a checkpoint) and every layer ``save_packed`` writes
+    to it, and ``plan_packed`` checks a packed checkpoint's tensors against it before any kernel
+    reads them. ValueError for an unknown format or a group it cannot have."""
     n, k = shape
     if fmt == "f32":
         if group is not None:
