@@ -69,9 +69,11 @@ class _Buffers:
         self.att = torch.empty(b, c.num_heads * c.head_dim)
         self.gu = torch.empty(b, model.layers[0].mlp.gate_up.out_features // 2)
         self.logits = torch.empty(b, c.vocab_size)
-        self.step = native.Step(b)  # the step's constant fields; run() sets the rest
-        self.step.x, self.step.h, self.step.qkv = self.x.data_ptr(), self.h.data_ptr(), self.qkv.data_ptr()
-        self.step.att, self.step.gu, self.step.logits = self.att.data_ptr(), self.gu.data_ptr(), self.logits.data_ptr()
+        self.step = st = native.Step(b)  # the step's constant fields; run() sets the rest
+        st.x, st.h, st.qkv = self.x.data_ptr(), self.h.data_ptr(), self.qkv.data_ptr()
+        st.att, st.gu, st.logits = self.att.data_ptr(), self.gu.data_ptr(), self.logits.data_ptr()
+        st.x_bytes, st.h_bytes, st.qkv_bytes = self.x.nbytes, self.h.nbytes, self.qkv.nbytes
+        st.att_bytes, st.gu_bytes, st.logits_bytes = self.att.nbytes, self.gu.nbytes, self.logits.nbytes
 
 
 def _head(model):
@@ -127,18 +129,19 @@ class CpuDecode:
                 self.kinds) > native.MAX_ROPES:
             raise ValueError("cpu_decode: norms with different eps, or too many KV groups or RoPE tables")
         keep, layers = [], []
-        ptr = lambda n: None if n is None else n.weight.data_ptr()  # noqa: E731
         for i, layer in enumerate(model.layers):
             a, m = layer.attn, layer.mlp
             projections = [p.bound() for p in (a.qkv_proj, a.o_proj, m.gate_up, m.down_proj)]
             keep += projections
+            sizes = (c.hidden_size, c.hidden_size, c.head_dim, c.head_dim, c.hidden_size, c.hidden_size)
+            gains = [_gain(n, size, f"layer {i}") for n, size in zip(_norms(layer), sizes)]
             layers.append(native.Layer(
-                layer.attn_norm.weight.data_ptr(), layer.mlp_norm.weight.data_ptr(), *(f.struct for f in projections),
-                pool.keys[i].data_ptr(), pool.values[i].data_ptr(), pool.group_of[i],
-                self.kinds.index(c.layer_types[i]), a.scale, *(ptr(n) for n in _norms(layer)[2:])))
+                *gains[:2], *(f.struct for f in projections), pool.keys[i].data_ptr(), pool.values[i].data_ptr(),
+                pool.group_of[i], self.kinds.index(c.layer_types[i]), a.scale, *gains[2:],
+                min(native.nbytes(pool.keys[i]), native.nbytes(pool.values[i]))))
         array = (native.Layer * len(layers))(*layers)
         head = _head(model)
-        final = model.final_norm.weight.data_ptr() if head is not None else None
+        final = _gain(model.final_norm, c.hidden_size, "final norm") if head is not None else None
         keep += [array, head]
         widths = [p.in_features for layer in model.layers
                   for p in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
@@ -165,13 +168,14 @@ class CpuDecode:
         starts = np.array([ch.start for ch in chunks], dtype=np.int64)
         tables = [_table([ch.tables[g] for ch in chunks]) for g in range(len(pool.groups))]
         rope = [self._rope(kind, int(starts.max()) + 1) for kind in self.kinds]
-        tokens = ids.numpy().astype(np.int64, copy=False)  # the engine asks this path for CPU models only
+        tokens = np.ascontiguousarray(ids.numpy(), dtype=np.int64)  # the engine asks this path for CPU models only
         st = buf.step
         st.ids, st.starts = tokens.ctypes.data, starts.ctypes.data
+        st.ids_bytes, st.starts_bytes = tokens.nbytes, starts.nbytes
         for g, table in enumerate(tables):
-            st.tables[g], st.width[g] = table.ctypes.data, table.shape[1]
+            st.tables[g], st.width[g], st.tables_bytes[g] = table.ctypes.data, table.shape[1], table.nbytes
         for r, (cos, sin) in enumerate(rope):
-            st.cos[r], st.sin[r] = cos.ctypes.data, sin.ctypes.data
+            st.cos[r], st.sin[r], st.rope_bytes[r] = cos.ctypes.data, sin.ctypes.data, min(cos.nbytes, sin.nbytes)
         with torch.no_grad():
             if not self.struct.embed.w:  # a table the kernel does not read: embedded here
                 buf.x.copy_(model.embed(ids[None])[0])
@@ -179,8 +183,7 @@ class CpuDecode:
                     buf.x.mul_(model.config.embedding_scale)
             err = self.lib.rung_decode_step(ctypes.byref(self.struct), ctypes.byref(st), torch.get_num_threads())
             if err:
-                raise ValueError(f"native decode step: {STEP_ERRORS.get(err, err)} "
-                                 f"(tokens {tokens.tolist()}, positions {starts.tolist()})")
+                native.check(err, f"native decode step (tokens {tokens.tolist()}, positions {starts.tolist()})")
             self.steps += 1
             if self.struct.final_norm:
                 return buf.logits.clone()
@@ -205,8 +208,16 @@ class CpuDecode:
         return cos, sin
 
 
-STEP_ERRORS = {-1: "a token id outside the embedding table", -2: "out of memory",
-               -3: "a block table that does not reach its row's position"}
+def _gain(norm, size: int, where: str) -> int | None:
+    """The pointer to a norm's gain (None: the family has no such norm), checked to be the float32
+    vector of ``size`` the step reads (its size does not travel to the C side)."""
+    if norm is None:
+        return None
+    w = norm.weight
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or w.shape != (size,):
+        raise native.NativeError(f"cpu_decode: {where}: a norm's gain is {w.dtype} {list(w.shape)}, expected "
+                                 f"float32 [{size}]")
+    return w.data_ptr()
 
 
 def _table(rows: list[list[int | None]]) -> np.ndarray:

@@ -22,6 +22,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -99,15 +100,16 @@ def library() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(str(path))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.rung_gemv.argtypes = [p, p, i64, p, i32, i32]
-    lib.rung_decode_attention.argtypes = [p, i64, i64, p, p, p, p, i64, i64, p, p, p, i64, i64, i64, i64, i64,
-                                          ctypes.c_float, p, p, i32]
-    lib.rung_rmsnorm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_float]
-    lib.rung_rope.argtypes = [p, i64, i64, i64, i64, p, p]
+    # every buffer's pointer travels with the bytes behind it (i64), which the C side checks the
+    # shapes against; each returns 0 or an error of ERRORS
+    lib.rung_gemv.argtypes = [p, p, i64, i64, p, i64, i32, i32]
+    lib.rung_decode_attention.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, i64, p, i64, p, i64,
+                                          i64, i64, i64, i64, i64, ctypes.c_float, p, i64, p, i64, i32]
+    lib.rung_rmsnorm.argtypes = [p, i64, p, i64, p, i64, i64, i64, ctypes.c_float, ctypes.c_float]
+    lib.rung_rope.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64]
     lib.rung_decode_step.argtypes = [p, p, i32]
-    for f in (lib.rung_gemv, lib.rung_decode_attention, lib.rung_rmsnorm, lib.rung_rope):
-        f.restype = None
-    lib.rung_decode_step.restype = ctypes.c_int  # 0, or what was wrong with the step (kernels.c)
+    for f in (lib.rung_gemv, lib.rung_decode_attention, lib.rung_rmsnorm, lib.rung_rope, lib.rung_decode_step):
+        f.restype = ctypes.c_int
     lib.rung_read_plan.argtypes = [p, i64, i64, p, i64, p, p]
     lib.rung_read_plan.restype = i64
     lib.rung_vnni.restype = ctypes.c_int
@@ -133,20 +135,59 @@ def isa() -> str | None:
 
 FORMATS = {"f32": 0, "q8": 1, "q4": 2}
 
+# kernels.c's error codes (its enum), in words
+ERRORS = {-1: "a token id outside the embedding table", -2: "out of memory",
+          -3: "a block table that does not reach its row's position", -4: "an index buffer too narrow",
+          -5: "a KV slot or block outside the pool", -6: "a weight layout the kernels do not know",
+          -7: "a weight buffer smaller than its shape", -8: "a scale buffer smaller than its shape",
+          -9: "an offset buffer smaller than its shape", -10: "a bias buffer smaller than its shape",
+          -11: "an input smaller than its shape", -12: "an output smaller than its shape",
+          -13: "sizes that disagree with each other", -14: "a step buffer smaller than the batch needs",
+          -15: "a position past the RoPE table"}
+
+
+class NativeError(ValueError):
+    """A native kernel refused its arguments (kernels.c checks every buffer against its shape)."""
+
+
+def check(code: int, what: str) -> None:
+    if code:
+        raise NativeError(f"{what}: {ERRORS.get(code, f'error {code}')}")
+
+
+def nbytes(t: torch.Tensor | np.ndarray | None) -> int:
+    """The bytes a kernel may read from ``t``'s first element on: to the end of its storage (a
+    strided view reaches that far at most), 0 for None or a tensor not on the CPU."""
+    if t is None:
+        return 0
+    if isinstance(t, np.ndarray):
+        return t.nbytes if t.flags.c_contiguous else 0
+    if not t.is_cpu:
+        return 0
+    return t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+
 
 class Linear(ctypes.Structure):
-    """kernels.c's Linear: one projection's weight and constants."""
+    """kernels.c's Linear: one projection's weight and constants, and the bytes behind each pointer."""
     _fields_ = [("format", ctypes.c_int64), ("gated", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
                 ("group", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("offset", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("offset", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("w_bytes", ctypes.c_int64),
+                ("scale_bytes", ctypes.c_int64), ("offset_bytes", ctypes.c_int64), ("bias_bytes", ctypes.c_int64)]
 
 
 def linear_struct(fmt: str, weight: torch.Tensor, out_features: int, in_features: int, *, group: int | None = None,
                   scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None, gated: str | None = None) -> Linear:
-    """The struct for a layer's buffers (which must outlive it: the caller keeps them)."""
-    return Linear(FORMATS[fmt], GATED[gated], out_features, in_features, group or in_features, weight.data_ptr(),
-                  _ptr(scale), _ptr(offset), _ptr(bias))
+    """The struct for a layer's buffers (which must outlive it: the caller keeps them). The
+    buffers' dtypes are checked here, their sizes by the kernels on every call."""
+    for t, dtype in ((weight, {"f32": torch.float32, "q8": torch.int8, "q4": torch.uint8}.get(fmt)),
+                     (scale, torch.float16), (offset, torch.float16), (bias, torch.float32)):
+        if t is not None and t.dtype != dtype:
+            raise NativeError(f"{fmt} layer [{out_features}, {in_features}]: a {t.dtype} buffer where the kernels "
+                              f"read {dtype}")
+    return Linear(FORMATS.get(fmt, -1), GATED.get(gated, -1), out_features, in_features, group or in_features,
+                  weight.data_ptr(), _ptr(scale), _ptr(offset), _ptr(bias), nbytes(weight), nbytes(scale),
+                  nbytes(offset), nbytes(bias))
 
 
 def bind_gemv(fmt: str, weight: torch.Tensor, out_features: int, in_features: int, *, group: int | None = None,
@@ -164,7 +205,13 @@ def bind_gemv(fmt: str, weight: torch.Tensor, out_features: int, in_features: in
     def call(x: torch.Tensor, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
         if out is None:
             out = torch.empty(x.shape[0], n_out)
-        fn(ref, x.data_ptr(), x.shape[0], out.data_ptr(), add, torch.get_num_threads())
+        if x.dtype is not torch.float32 or out.dtype is not torch.float32:
+            raise NativeError(f"rung_gemv: x and out must be float32 (got {x.dtype}, {out.dtype})")
+        # contiguous rows of float32 (the callers' case): numel * 4 bytes from data_ptr
+        err = fn(ref, x.data_ptr(), x.nbytes if x.is_contiguous() else 0, x.shape[0], out.data_ptr(),
+                 out.nbytes if out.is_contiguous() else 0, add, torch.get_num_threads())
+        if err:
+            check(err, f"rung_gemv ({fmt} [{out_features}, {in_features}], x {list(x.shape)}, out {list(out.shape)})")
         return out
 
     call.keep = (weight, scale, offset, bias, lin)  # the buffers outlive the bound call
@@ -174,6 +221,13 @@ def bind_gemv(fmt: str, weight: torch.Tensor, out_features: int, in_features: in
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
+
+
+def _expect(dtype: torch.dtype, *tensors: torch.Tensor | None) -> None:
+    """CPU tensors of ``dtype`` (or None): what the kernel reads through their pointers."""
+    for t in tensors:
+        if t is not None and (t.dtype is not dtype or not t.is_cpu):
+            raise NativeError(f"a native kernel reads {dtype} CPU tensors, got {t.dtype} on {t.device}")
 
 
 def decode_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, idx: torch.Tensor,
@@ -188,10 +242,18 @@ def decode_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor
     out = torch.empty(b, hq, d)
     nk = new_k if new_k is not None else q  # unused without write_slots
     nv = new_v if new_v is not None else q
-    library().rung_decode_attention(
-        q.data_ptr(), q.stride(0), q.stride(1), pool_k.data_ptr(), pool_v.data_ptr(), _ptr(new_k), _ptr(new_v),
-        nk.stride(0), nk.stride(1), _ptr(write_slots), idx.data_ptr(), lengths.data_ptr(), b, idx.shape[1], hq,
-        pool_k.shape[1], d, scale, _ptr(sinks), out.data_ptr(), torch.get_num_threads())
+    _expect(torch.float32, q, pool_k, pool_v, new_k, new_v, sinks)
+    _expect(torch.int64, idx, lengths, write_slots)
+    if (q.stride(2) != 1 or nk.stride(2) != 1 or nk.stride()[:2] != nv.stride()[:2] or not idx.is_contiguous()
+            or pool_k.shape != pool_v.shape or not pool_k.is_contiguous() or not pool_v.is_contiguous()):
+        raise NativeError("rung_decode_attention: unit last strides, k and v with the same strides, contiguous "
+                          "pools of one shape and indices expected")
+    check(library().rung_decode_attention(
+        q.data_ptr(), nbytes(q), q.stride(0), q.stride(1), pool_k.data_ptr(), pool_v.data_ptr(),
+        min(pool_k.nbytes, pool_v.nbytes), _ptr(new_k), _ptr(new_v), min(nbytes(nk), nbytes(nv)), nk.stride(0),
+        nk.stride(1), _ptr(write_slots), nbytes(write_slots), idx.data_ptr(), idx.nbytes, lengths.data_ptr(),
+        nbytes(lengths), b, idx.shape[1], hq, pool_k.shape[1], d, scale, _ptr(sinks), nbytes(sinks), out.data_ptr(),
+        out.nbytes, torch.get_num_threads()), "rung_decode_attention")
     return out
 
 
@@ -199,14 +261,22 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0
     """x [..., K] float32 contiguous → x / rms(x) * (offset + weight)."""
     out = torch.empty_like(x)
     k = x.shape[-1]
-    library().rung_rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, eps, offset)
+    _expect(torch.float32, x, weight)
+    if not x.is_contiguous() or not weight.is_contiguous():
+        raise NativeError("rung_rmsnorm: contiguous x and weight expected")
+    check(library().rung_rmsnorm(x.data_ptr(), x.nbytes, weight.data_ptr(), weight.nbytes, out.data_ptr(), out.nbytes,
+                                 x.numel() // k, k, eps, offset), "rung_rmsnorm")
     return out
 
 
 def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
     """In place: RoPE on the first ``heads`` heads of each row of x [M, row] float32 contiguous;
     cos, signed_sin [M, head_dim] contiguous (model/rope.py's tables)."""
-    library().rung_rope(x.data_ptr(), x.shape[0], x.shape[1], heads, head_dim, cos.data_ptr(), signed_sin.data_ptr())
+    _expect(torch.float32, x, cos, signed_sin)
+    if not (x.is_contiguous() and cos.is_contiguous() and signed_sin.is_contiguous()):
+        raise NativeError("rung_rope: contiguous x and tables expected")
+    check(library().rung_rope(x.data_ptr(), x.nbytes, x.shape[0], x.shape[1], heads, head_dim, cos.data_ptr(),
+                              signed_sin.data_ptr(), min(cos.nbytes, signed_sin.nbytes)), "rung_rope")
 
 
 # ---- a whole decode step (kernels.c: rung_decode_step; engine/cpu_decode.py fills these) ----------
@@ -216,7 +286,7 @@ class Layer(ctypes.Structure):
                 ("gate_up", Linear), ("down", Linear), ("kpool", ctypes.c_void_p), ("vpool", ctypes.c_void_p),
                 ("group", ctypes.c_int64), ("rope", ctypes.c_int64), ("scale", ctypes.c_float),
                 ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("post_attn_norm", ctypes.c_void_p),
-                ("post_mlp_norm", ctypes.c_void_p)]
+                ("post_mlp_norm", ctypes.c_void_p), ("pool_bytes", ctypes.c_int64)]
 
 
 class Model(ctypes.Structure):
@@ -233,7 +303,10 @@ class Step(ctypes.Structure):
                 ("window", ctypes.c_int64 * MAX_GROUPS),
                 ("cos", ctypes.c_void_p * MAX_ROPES), ("sin", ctypes.c_void_p * MAX_ROPES), ("x", ctypes.c_void_p),
                 ("h", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("att", ctypes.c_void_p), ("gu", ctypes.c_void_p),
-                ("logits", ctypes.c_void_p)]
+                ("logits", ctypes.c_void_p), ("ids_bytes", ctypes.c_int64), ("starts_bytes", ctypes.c_int64),
+                ("tables_bytes", ctypes.c_int64 * MAX_GROUPS), ("rope_bytes", ctypes.c_int64 * MAX_ROPES),
+                ("x_bytes", ctypes.c_int64), ("h_bytes", ctypes.c_int64), ("qkv_bytes", ctypes.c_int64),
+                ("att_bytes", ctypes.c_int64), ("gu_bytes", ctypes.c_int64), ("logits_bytes", ctypes.c_int64)]
 
 
 def read_plan(step: Step, groups: int, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,6 +321,5 @@ def read_plan(step: Step, groups: int, g: int) -> tuple[torch.Tensor, torch.Tens
         if got == -4:
             cap *= 2
             continue
-        if got < 0:
-            raise ValueError(f"rung_read_plan: error {got}")
+        check(min(got, 0), "rung_read_plan")
         return idx[:, :got], lengths, slots

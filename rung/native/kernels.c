@@ -362,13 +362,62 @@ static inline float activate(float g, int gated) {
     return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
 }
 
-/* One projection's constants (rung/native/__init__.py builds these as ctypes Structures). */
+/* One projection's constants (rung/native/__init__.py builds these as ctypes Structures), with
+ * the bytes each buffer holds from its pointer on: linear_check refuses a layout the kernels do
+ * not know or a buffer smaller than the shape says, once per call, before a byte is read. */
 typedef struct {
     int64_t format, gated, N, K, group;
     const void *w;
     const uint16_t *scale, *offset;
     const float *bias;
+    int64_t w_bytes, scale_bytes, offset_bytes, bias_bytes;
 } Linear;
+
+/* The entry points' errors (rung/native/__init__.py: ERRORS says each in words). Nothing is
+ * written when one is returned. */
+enum {
+    E_TOKEN = -1,   /* a token id outside the embedding table */
+    E_MEMORY = -2,  /* out of memory */
+    E_TABLE = -3,   /* a block table that does not reach its row's position */
+    E_CAP = -4,     /* rung_read_plan: the caller's idx is too narrow */
+    E_SLOT = -5,    /* a KV slot or block outside the pool */
+    E_LAYOUT = -6,  /* a weight layout the kernels do not know (format, group, gated rows, sizes) */
+    E_WEIGHTS = -7, /* a weight buffer smaller than its shape */
+    E_SCALES = -8,
+    E_OFFSETS = -9,
+    E_BIAS = -10,
+    E_X = -11,      /* an input smaller than its shape */
+    E_OUT = -12,    /* an output smaller than its shape */
+    E_SHAPE = -13,  /* sizes that disagree with each other (a decode step's layers, heads, widths) */
+    E_BUFFER = -14, /* a decode step's buffer smaller than the batch needs */
+    E_ROPE = -15,   /* a position past the RoPE table */
+};
+
+#define MAX_DIM ((int64_t)1 << 40) /* bounds every size, so the products below cannot overflow */
+
+/* `count` items of `size` bytes fit in `bytes` (no multiplication: count may be absurd). */
+static inline int fits(int64_t bytes, __int128 count, int64_t size) { return count >= 0 && bytes >= 0 && bytes / size >= count; }
+
+/* The floats of a strided view (element (row r, head h, k) at r * row + h * head + k) fit in `bytes`. */
+static inline int strided_fits(int64_t bytes, int64_t rows, int64_t row, int64_t heads, int64_t head, int64_t d) {
+    if (rows == 0 || heads == 0) return 1;
+    if (rows < 0 || heads < 0 || row < 0 || head < 0 || d < 1) return 0;
+    return fits(bytes, (__int128)(rows - 1) * row + (__int128)(heads - 1) * head + d, 4);
+}
+
+static int linear_check(const Linear *L) {
+    const int64_t N = L->N, K = L->K, group = L->group;
+    if (L->format < F32 || L->format > Q4 || L->gated < 0 || L->gated > 2 || N < 1 || K < 1 || N > MAX_DIM ||
+        K > MAX_DIM || (L->gated && N % BLOCK))
+        return E_LAYOUT;
+    if (L->format != F32 && (K % 32 || group < 32 || group % 32 || K % group)) return E_LAYOUT;
+    const int64_t row_bytes = L->format == F32 ? 4 * K : L->format == Q8 ? K : K / 2, groups = K / group;
+    if (!L->w || !fits(L->w_bytes, N, row_bytes)) return E_WEIGHTS;
+    if (L->format != F32 && (!L->scale || !fits(L->scale_bytes, N, 2 * groups))) return E_SCALES;
+    if (L->format == Q4 && (!L->offset || !fits(L->offset_bytes, N, 2 * groups))) return E_OFFSETS;
+    if (L->bias && !fits(L->bias_bytes, N, 4)) return E_BIAS;
+    return 0;
+}
 
 /* y[m, :] (+)= W x[m, :] for this thread's share of the row blocks; call inside a parallel region
  * (or outside one: then serially). q: x rounded (q8, q4). Ends with the for-loop's barrier. */
@@ -421,26 +470,34 @@ static inline void round_for(const Linear *L, const float *x, int64_t M, Rounded
     if (L->format != F32) round_rows(x, M, L->K, L->group, L->format == Q4, q);
 }
 
-static void gemv(const Linear *L, const float *x, int64_t M, float *y, int accumulate, int threads) {
+static int gemv(const Linear *L, const float *x, int64_t M, float *y, int accumulate, int threads) {
     Rounded q = {0};
     if (L->format != F32) {
-        if (!rounded_alloc(&q, M, L->K)) return;
+        if (!rounded_alloc(&q, M, L->K)) return E_MEMORY;
         round_for(L, x, M, &q);
     }
 #pragma omp parallel num_threads(threads)
     gemv_rows(L, x, &q, M, y, accumulate);
     free(q.dx);
+    return 0;
 }
 
-/* ---- the exported entry points (called through ctypes; shapes checked in Python) ---------- */
+/* ---- the exported entry points (called through ctypes) ----------------------------------
+ * Each takes the bytes every buffer holds beside its pointer and checks the shapes it is given
+ * fit them before reading anything: a few comparisons a call, none per element of a weight. */
 
 int rung_max_m(void) { return MAX_M; }
 
 int rung_vnni(void) { return RUNG_VNNI; }
 
 /* y [M, N] (or N / 2 gated) = W x, or += with accumulate; x [M, K] float32, M <= MAX_M. */
-void rung_gemv(const Linear *L, const float *x, int64_t M, float *y, int accumulate, int threads) {
-    gemv(L, x, M, y, accumulate, threads);
+int rung_gemv(const Linear *L, const float *x, int64_t x_bytes, int64_t M, float *y, int64_t y_bytes, int accumulate,
+              int threads) {
+    const int bad = linear_check(L);
+    if (bad) return bad;
+    if (M < 0 || M > MAX_M || !x || !fits(x_bytes, (__int128)M * L->K, 4)) return E_X;
+    if (!y || !fits(y_bytes, (__int128)M * (L->gated ? L->N / 2 : L->N), 4)) return E_OUT;
+    return gemv(L, x, M, y, accumulate, threads);
 }
 
 /* ---- decode attention over the paged KV pool ----------------------------------------------
@@ -698,24 +755,61 @@ static void prefetch_attention(const float *kpool, const float *vpool, const int
 
 static inline size_t attention_part_floats(int64_t B, int64_t hq, int64_t d) { return (size_t)B * hq * MAX_SPLIT * (d + 2); }
 
-void rung_decode_attention(const float *q, int64_t q_tok, int64_t q_head, float *kpool, float *vpool,
-                           const float *knew, const float *vnew, int64_t new_tok, int64_t new_head,
-                           const int64_t *write_slots, const int64_t *idx, const int64_t *lengths, int64_t B,
-                           int64_t L, int64_t hq, int64_t hkv, int64_t d, float scale, const float *sinks, float *out,
-                           int threads) {
+/* Every size rung_decode_attention is given against the bytes behind each pointer, and every
+ * slot it will read or write against the pool (the pools hold pool_bytes / (4 hkv d) slots). */
+static int attention_check(const float *q, int64_t q_bytes, int64_t q_tok, int64_t q_head, int64_t pool_bytes,
+                           const float *knew, const float *vnew, int64_t new_bytes, int64_t new_tok, int64_t new_head,
+                           const int64_t *write_slots, int64_t write_bytes, const int64_t *idx, int64_t idx_bytes,
+                           const int64_t *lengths, int64_t lengths_bytes, int64_t B, int64_t L, int64_t hq, int64_t hkv,
+                           int64_t d, const float *sinks, int64_t sinks_bytes, int64_t out_bytes) {
+    if (B < 0 || B > MAX_DIM || L < 1 || L > MAX_DIM || hkv < 1 || hq < hkv || hq % hkv || hq > MAX_DIM || d < 1 ||
+        d > MAX_DIM)
+        return E_SHAPE;
+    if (!q || !strided_fits(q_bytes, B, q_tok, hq, q_head, d)) return E_X;
+    if (!idx || !lengths || !fits(idx_bytes, (__int128)B * L, 8) || !fits(lengths_bytes, B, 8)) return E_X;
+    if (sinks && !fits(sinks_bytes, hq, 4)) return E_X;
+    if (!fits(out_bytes, (__int128)B * hq * d, 4)) return E_OUT;
+    const int64_t slots = pool_bytes / 4 / hkv / d;
+    for (int64_t b = 0; b < B; b++) {
+        if (lengths[b] < 0 || lengths[b] > L) return E_SLOT;
+        for (int64_t j = 0; j < lengths[b]; j++)
+            if (idx[b * L + j] < 0 || idx[b * L + j] >= slots) return E_SLOT;
+    }
+    if (write_slots) {
+        if (!knew || !vnew || !fits(write_bytes, B, 8) || !strided_fits(new_bytes, B, new_tok, hkv, new_head, d))
+            return E_X;
+        for (int64_t b = 0; b < B; b++)
+            if (write_slots[b] < 0 || write_slots[b] >= slots) return E_SLOT;
+    }
+    return 0;
+}
+
+/* pool_bytes: the smaller of the two pools' bytes; new_bytes: the smaller of knew's and vnew's. */
+int rung_decode_attention(const float *q, int64_t q_bytes, int64_t q_tok, int64_t q_head, float *kpool, float *vpool,
+                          int64_t pool_bytes, const float *knew, const float *vnew, int64_t new_bytes, int64_t new_tok,
+                          int64_t new_head, const int64_t *write_slots, int64_t write_bytes, const int64_t *idx,
+                          int64_t idx_bytes, const int64_t *lengths, int64_t lengths_bytes, int64_t B, int64_t L,
+                          int64_t hq, int64_t hkv, int64_t d, float scale, const float *sinks, int64_t sinks_bytes,
+                          float *out, int64_t out_bytes, int threads) {
+    if (!kpool || !vpool) return E_SLOT;
+    const int bad = attention_check(q, q_bytes, q_tok, q_head, pool_bytes, knew, vnew, new_bytes, new_tok, new_head,
+                                    write_slots, write_bytes, idx, idx_bytes, lengths, lengths_bytes, B, L, hq, hkv, d,
+                                    sinks, sinks_bytes, out_bytes);
+    if (bad) return bad;
+    float *part = malloc(sizeof(float) * attention_part_floats(B, hq, d));
+    if (!part) return E_MEMORY;
     if (write_slots) /* this step's keys and values into their slots first (strided views, no copies) */
         write_kv(kpool, vpool, knew, vnew, new_tok, new_head, write_slots, B, hkv, d);
-    float *part = malloc(sizeof(float) * attention_part_floats(B, hq, d));
-    if (!part) return;
 #pragma omp parallel num_threads(threads)
     attention_rows(q, q_tok, q_head, kpool, vpool, idx, lengths, B, L, hq, hkv, d, scale, sinks, out, part);
     free(part);
+    return 0;
 }
 
 /* ---- small per-token ops of a decode step, one call each instead of several torch ops ------- */
 
 /* RMSNorm over rows: out = x / sqrt(mean(x^2) + eps) * (offset + w), in float32. */
-void rung_rmsnorm(const float *x, const float *w, float *out, int64_t M, int64_t K, float eps, float offset) {
+static void rmsnorm_rows(const float *x, const float *w, float *out, int64_t M, int64_t K, float eps, float offset) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         float s = dot_f32(xm, xm, K);
@@ -724,10 +818,19 @@ void rung_rmsnorm(const float *x, const float *w, float *out, int64_t M, int64_t
     }
 }
 
+int rung_rmsnorm(const float *x, int64_t x_bytes, const float *w, int64_t w_bytes, float *out, int64_t out_bytes,
+                 int64_t M, int64_t K, float eps, float offset) {
+    if (M < 0 || K < 1 || K > MAX_DIM || M > MAX_DIM) return E_SHAPE;
+    if (!x || !fits(x_bytes, (__int128)M * K, 4) || !w || !fits(w_bytes, K, 4)) return E_X;
+    if (!out || !fits(out_bytes, (__int128)M * K, 4)) return E_OUT;
+    rmsnorm_rows(x, w, out, M, K, eps, offset);
+    return 0;
+}
+
 /* RoPE in place on the first `heads` heads of each row of x [M, row] (q heads then k heads of a
  * fused q|k|v row), with the model's tables cos, signed sin [M, d] (rotate_half layout: pairs
  * (j, j + d/2); signed sin = [-sin, sin]), the same arithmetic as rope.py's apply_rotary. */
-void rung_rope(float *x, int64_t M, int64_t row, int64_t heads, int64_t d, const float *cos, const float *ssin) {
+static void rope_rows(float *x, int64_t M, int64_t row, int64_t heads, int64_t d, const float *cos, const float *ssin) {
     const int64_t half = d / 2;
     for (int64_t m = 0; m < M; m++)
         for (int64_t h = 0; h < heads; h++) {
@@ -739,6 +842,17 @@ void rung_rope(float *x, int64_t M, int64_t row, int64_t heads, int64_t d, const
                 v[j + half] = b * c[j + half] + a * s[j + half];
             }
         }
+}
+
+/* table_bytes: the smaller of cos's and ssin's bytes. */
+int rung_rope(float *x, int64_t x_bytes, int64_t M, int64_t row, int64_t heads, int64_t d, const float *cos,
+              const float *ssin, int64_t table_bytes) {
+    if (M < 0 || M > MAX_DIM || d < 2 || d % 2 || d > MAX_DIM || heads < 0 || heads > MAX_DIM || row > MAX_DIM ||
+        (__int128)heads * d > row)
+        return E_SHAPE;
+    if (!x || !fits(x_bytes, (__int128)M * row, 4) || !cos || !ssin || !fits(table_bytes, (__int128)M * d, 4)) return E_X;
+    rope_rows(x, M, row, heads, d, cos, ssin);
+    return 0;
 }
 
 /* ---- a whole decode step in one call ---------------------------------------------------------
@@ -761,6 +875,7 @@ typedef struct {
     float scale;         /* attention scale */
     const float *q_norm, *k_norm; /* RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3), or NULL */
     const float *post_attn_norm, *post_mlp_norm; /* Gemma's sandwich norms on each branch's output, or NULL */
+    int64_t pool_bytes; /* the smaller of kpool's and vpool's bytes: pool_bytes / (4 hkv d) slots */
 } Layer;
 
 typedef struct {
@@ -785,6 +900,9 @@ typedef struct {
     int64_t width[MAX_GROUPS], window[MAX_GROUPS]; /* window 0: none */
     const float *cos[MAX_ROPES], *sin[MAX_ROPES]; /* RoPE tables [positions, d], row p for position p */
     float *x, *h, *qkv, *att, *gu, *logits; /* x: the embedded tokens (or the caller's), the last hidden state on exit */
+    /* the bytes behind the pointers above (rope: the smaller of cos's and sin's), checked by step_check */
+    int64_t ids_bytes, starts_bytes, tables_bytes[MAX_GROUPS], rope_bytes[MAX_ROPES];
+    int64_t x_bytes, h_bytes, qkv_bytes, att_bytes, gu_bytes, logits_bytes;
 } Step;
 
 int rung_decode_step_limits(int64_t *groups, int64_t *ropes, int64_t *step_size) {
@@ -823,22 +941,35 @@ static inline int64_t first_needed(int64_t start, int64_t window) {
     return window > 0 && start >= window ? start - window + 1 : 0;
 }
 
-/* The read plans of every group (see Step). 0, or -3 when a table does not reach a row's position. */
-static int build_plans(int64_t groups, const Step *st, Plans *p) {
+/* The step's positions and block tables against the bytes behind them (every plan reads these). */
+static int tables_check(int64_t groups, const Step *st) {
+    if (st->B < 1 || st->B > MAX_M || st->block < 1 || st->block > MAX_DIM || groups < 1 || groups > MAX_GROUPS)
+        return E_SHAPE;
+    if (!st->starts || !fits(st->starts_bytes, st->B, 8)) return E_BUFFER;
+    for (int64_t g = 0; g < groups; g++)
+        if (!st->tables[g] || st->width[g] < 1 || !fits(st->tables_bytes[g], (__int128)st->B * st->width[g], 8))
+            return E_TABLE;
+    return 0;
+}
+
+/* The read plans of every group (see Step). 0, or E_TABLE when a table does not reach a row's
+ * position, or E_SLOT when it names a block past the group's pool (blocks[g] whole blocks; NULL:
+ * unchecked, for rung_read_plan). */
+static int build_plans(int64_t groups, const Step *st, const int64_t *blocks, Plans *p) {
     const int64_t B = st->B, bs = st->block;
     int64_t total = 0;
     for (int64_t g = 0; g < groups; g++) {
         int64_t L = 1;
         for (int64_t b = 0; b < B; b++) {
             const int64_t start = st->starts[b], lo = first_needed(start, st->window[g]);
-            if (start < 0 || start / bs >= st->width[g]) return -3;
+            if (start < 0 || start / bs >= st->width[g]) return E_TABLE;
             L = start + 1 - lo > L ? start + 1 - lo : L;
         }
         p->L[g] = L;
         total += B * L + 2 * B;
     }
     p->mem = malloc(sizeof(int64_t) * total);
-    if (!p->mem) return -2;
+    if (!p->mem) return E_MEMORY;
     int64_t *at = p->mem;
     for (int64_t g = 0; g < groups; g++) {
         const int64_t L = p->L[g];
@@ -849,8 +980,12 @@ static int build_plans(int64_t groups, const Step *st, Plans *p) {
             const int64_t *table = st->tables[g] + b * st->width[g];
             int64_t *row = p->idx[g] + b * L;
             for (int64_t j = 0; j < L; j++) {
-                const int64_t pos = lo + j;
-                row[j] = pos <= start ? table[pos / bs] * bs + pos % bs : 0;
+                const int64_t pos = lo + j, block = pos <= start ? table[pos / bs] : 0;
+                if (block < 0 || (blocks && block >= blocks[g])) {
+                    free(p->mem);
+                    return E_SLOT;
+                }
+                row[j] = pos <= start ? block * bs + pos % bs : 0;
             }
             p->lengths[g][b] = start + 1 - lo;
             p->slots[g][b] = row[start - lo];
@@ -864,7 +999,8 @@ static int build_plans(int64_t groups, const Step *st, Plans *p) {
 int64_t rung_read_plan(const Step *st, int64_t groups, int64_t g, int64_t *idx, int64_t cap, int64_t *lengths,
                        int64_t *slots) {
     Plans p;
-    const int bad = build_plans(groups, st, &p);
+    int bad = g < 0 || g >= groups ? E_SHAPE : tables_check(groups, st);
+    if (!bad) bad = build_plans(groups, st, NULL, &p);
     if (bad) return bad;
     const int64_t L = p.L[g];
     if (L <= cap) {
@@ -879,28 +1015,82 @@ int64_t rung_read_plan(const Step *st, int64_t groups, int64_t g, int64_t *idx, 
 
 /* x += rmsnorm(h) (h overwritten): a sandwich norm on a branch's output before the residual add. */
 static void add_normed(float *x, float *h, const float *w, int64_t B, int64_t H, float eps, float off) {
-    rung_rmsnorm(h, w, h, B, H, eps, off);
+    rmsnorm_rows(h, w, h, B, H, eps, off);
     for (int64_t i = 0; i < B * H; i++) x[i] += h[i];
 }
 
-/* 0, or: -1 a token id outside the embedding table, -2 out of memory, -3 a block table too short
- * for its row's position. Nothing is written on an error. */
+/* Everything a step will read or write through a pointer, against the sizes beside it: each
+ * layer's projections (their layouts and buffers, and widths that chain: hidden → q|k|v, heads →
+ * hidden, hidden → gate|up → down → hidden), the pools (blocks[g]: whole blocks every layer of
+ * group g holds), the RoPE rows of the step's positions, and the step's buffers for B rows. */
+static int step_check(const Model *m, const Step *st, int64_t *blocks) {
+    const int64_t B = st->B, hq = m->hq, hkv = m->hkv, d = m->d, H = m->hidden;
+    int bad = tables_check(m->groups, st);
+    if (bad) return bad;
+    if (m->layers < 0 || (m->layers && !m->layer) || hkv < 1 || hq < hkv || hq % hkv || hq > MAX_DIM || d < 2 ||
+        d % 2 || d > MAX_DIM || H < 1 || H > MAX_DIM)
+        return E_SHAPE;
+    const int64_t row = (hq + 2 * hkv) * d;
+    int64_t widest = H, gu = 0;
+    for (int64_t g = 0; g < m->groups; g++) blocks[g] = INT64_MAX;
+    for (int64_t l = 0; l < m->layers; l++) {
+        const Layer *L = m->layer + l;
+        const Linear *p[4] = {&L->qkv, &L->o, &L->gate_up, &L->down};
+        for (int i = 0; i < 4; i++) {
+            if ((bad = linear_check(p[i]))) return bad;
+            widest = p[i]->K > widest ? p[i]->K : widest;
+        }
+        if (L->qkv.K != H || L->qkv.N != row || L->qkv.gated || L->o.K != hq * d || L->o.N != H || L->o.gated ||
+            L->gate_up.K != H || !L->gate_up.gated || L->down.K != L->gate_up.N / 2 || L->down.N != H || L->down.gated)
+            return E_SHAPE;
+        gu = L->gate_up.N / 2 > gu ? L->gate_up.N / 2 : gu;
+        if (!L->attn_norm || !L->mlp_norm || L->group < 0 || L->group >= m->groups || L->rope < 0 || L->rope >= MAX_ROPES)
+            return E_SHAPE;
+        if (!L->kpool || !L->vpool) return E_SLOT;
+        const int64_t held = L->pool_bytes / 4 / hkv / d / st->block;
+        blocks[L->group] = held < blocks[L->group] ? held : blocks[L->group];
+        if (!st->cos[L->rope] || !st->sin[L->rope]) return E_ROPE;
+        for (int64_t b = 0; b < B; b++)
+            if (st->starts[b] < 0 || !fits(st->rope_bytes[L->rope], (__int128)(st->starts[b] + 1) * d, 4)) return E_ROPE;
+    }
+    if (m->max_k < widest) return E_SHAPE;
+    if (m->final_norm) {
+        if ((bad = linear_check(&m->head))) return bad;
+        if (m->head.K != H || m->head.gated) return E_SHAPE;
+        if (!st->logits || !fits(st->logits_bytes, (__int128)B * m->head.N, 4)) return E_BUFFER;
+    }
+    if (m->embed.w) {
+        if ((bad = linear_check(&m->embed))) return bad;
+        if (m->embed.K != H || m->embed.gated) return E_SHAPE;
+        if (!st->ids || !fits(st->ids_bytes, B, 8)) return E_BUFFER;
+    }
+    if (!st->x || !st->h || !st->qkv || !st->att || !st->gu || !fits(st->x_bytes, (__int128)B * H, 4) ||
+        !fits(st->h_bytes, (__int128)B * H, 4) || !fits(st->qkv_bytes, (__int128)B * row, 4) ||
+        !fits(st->att_bytes, (__int128)B * hq * d, 4) || !fits(st->gu_bytes, (__int128)B * gu, 4))
+        return E_BUFFER;
+    return 0;
+}
+
+/* 0, or one of the errors above (E_TOKEN, E_MEMORY, E_TABLE, E_SLOT, or step_check's). Nothing is
+ * written on an error. */
 int rung_decode_step(const Model *m, const Step *st, int threads) {
     const int64_t B = st->B, hq = m->hq, hkv = m->hkv, d = m->d, row = (hq + 2 * hkv) * d, H = m->hidden;
     const float eps = m->eps, off = m->norm_offset;
     float *x = st->x, *h = st->h;
+    int64_t blocks[MAX_GROUPS];
+    int bad = step_check(m, st, blocks);
+    if (bad) return bad;
     if (m->embed.w)
         for (int64_t b = 0; b < B; b++)
-            if (st->ids[b] < 0 || st->ids[b] >= m->embed.N) return -1;
+            if (st->ids[b] < 0 || st->ids[b] >= m->embed.N) return E_TOKEN;
     Plans plans;
-    const int bad = build_plans(m->groups, st, &plans);
-    if (bad) return bad;
+    if ((bad = build_plans(m->groups, st, blocks, &plans))) return bad;
     Rounded q = {0};
     float *part = malloc(sizeof(float) * attention_part_floats(B, hq, d));
     if (!part || !rounded_alloc(&q, B, m->max_k)) {
         free(plans.mem);
         free(part);
-        return -2;
+        return E_MEMORY;
     }
     if (m->embed.w)
         for (int64_t b = 0; b < B; b++) {
@@ -915,7 +1105,7 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
             const int64_t g = L->group;
 #pragma omp single
             {
-                rung_rmsnorm(x, L->attn_norm, h, B, H, eps, off);
+                rmsnorm_rows(x, L->attn_norm, h, B, H, eps, off);
                 round_for(&L->qkv, h, B, &q);
             }
             prefetch_attention(L->kpool, L->vpool, plans.idx[g], plans.lengths[g], B, plans.L[g], hkv, d);
@@ -924,11 +1114,11 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
             {
                 if (L->q_norm)
                     for (int64_t b = 0; b < B; b++) {
-                        rung_rmsnorm(st->qkv + b * row, L->q_norm, st->qkv + b * row, hq, d, eps, off);
-                        rung_rmsnorm(st->qkv + b * row + hq * d, L->k_norm, st->qkv + b * row + hq * d, hkv, d, eps, off);
+                        rmsnorm_rows(st->qkv + b * row, L->q_norm, st->qkv + b * row, hq, d, eps, off);
+                        rmsnorm_rows(st->qkv + b * row + hq * d, L->k_norm, st->qkv + b * row + hq * d, hkv, d, eps, off);
                     }
                 for (int64_t b = 0; b < B; b++)
-                    rung_rope(st->qkv + b * row, 1, row, hq + hkv, d, st->cos[L->rope] + st->starts[b] * d,
+                    rope_rows(st->qkv + b * row, 1, row, hq + hkv, d, st->cos[L->rope] + st->starts[b] * d,
                               st->sin[L->rope] + st->starts[b] * d);
                 write_kv(L->kpool, L->vpool, st->qkv + hq * d, st->qkv + (hq + hkv) * d, row, d, plans.slots[g], B, hkv, d);
             }
@@ -944,7 +1134,7 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
                 gemv_rows(&L->o, st->att, &q, B, x, 1);
 #pragma omp single
             {
-                rung_rmsnorm(x, L->mlp_norm, h, B, H, eps, off);
+                rmsnorm_rows(x, L->mlp_norm, h, B, H, eps, off);
                 round_for(&L->gate_up, h, B, &q);
             }
             gemv_rows(&L->gate_up, h, &q, B, st->gu, 0);
@@ -960,7 +1150,7 @@ int rung_decode_step(const Model *m, const Step *st, int threads) {
         if (m->final_norm) {
 #pragma omp single
             {
-                rung_rmsnorm(x, m->final_norm, h, B, H, eps, off);
+                rmsnorm_rows(x, m->final_norm, h, B, H, eps, off);
                 round_for(&m->head, h, B, &q);
             }
             gemv_rows(&m->head, h, &q, B, st->logits, 0);

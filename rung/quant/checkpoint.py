@@ -9,24 +9,41 @@
   ``quantization_config`` (``quant_method: rung``, format, group size, head format);
 - the tokenizer: ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, chat template),
   ``generation_config.json`` (end-of-turn ids).
+
+Such a folder is input like any other: the packed layers' raw buffers go to the native kernels by
+pointer, so a layer stored without its scales or declared larger than its data would have them
+read past the end. ``plan_packed`` therefore checks everything against config.json and the
+safetensors header alone, before any tensor is read or any module is built: every size in the
+config is confirmed by the file, each packed layer sits where the config has a linear layer of its
+shape, and every tensor is present with exactly the dtype and shape its layer's format implies
+(formats.packed_tensors), with nothing extra. Any mismatch is one CheckpointError naming the file
+and the tensor or field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from rung.config import ModelConfig, MoEConfig, RopeConfig
 from rung.model.decoder import Decoder, meta_decoder
-from rung.quant.formats import Packed
-from rung.quant.linear import PackedEmbedding, PackedLinear
+from rung.quant.formats import Packed, check_packed, packed_tensors
+from rung.quant.linear import GATE_BLOCK, PackedEmbedding, PackedLinear
+from rung.weights.safetensors_io import CheckpointError, read_header
 
 METHOD = "rung"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+                      torch.uint8: "U8"}
+# config sizes that shape a tensor: each must be confirmed by the file before a module is built
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
 
 
 def is_packed_checkpoint(folder: Path) -> bool:
@@ -37,7 +54,8 @@ def is_packed_checkpoint(folder: Path) -> bool:
         raw = json.loads(config.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(raw, dict) and (raw.get("quantization_config") or {}).get("quant_method") == METHOD
+    quantization = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == METHOD
 
 
 def config_to_dict(config: ModelConfig) -> dict:
@@ -68,6 +86,7 @@ def save_packed(model: Decoder, folder: str | Path, tokenizer=None, quantization
     layers, tensors, seen = [], {}, {}
     for path, module in model.named_modules():
         if isinstance(module, PackedLinear):
+            check_packed(module.packed)  # what the loader will hold the file to (formats.packed_tensors)
             layers.append(dict(path=path, fmt=module.fmt, group=module.group, gated=module.gated,
                                shape=[module.out_features, module.in_features], bias=module.bias is not None))
     for name, t in model.state_dict().items():
@@ -98,50 +117,240 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(tokenizer.eos_token_ids)}))
 
 
+# ---- loading: plan from the headers, then read ----------------------------------------------
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One entry of the file's ``rung_layers``: a linear layer stored in a packed format."""
+    path: str
+    fmt: str
+    group: int | None
+    gated: str | None
+    shape: tuple[int, int]  # (out, in)
+    bias: bool
+
+
+@dataclass
+class PackedPlan:
+    file: Path
+    config: ModelConfig
+    layers: list[PackedLayer]
+    tied_head: bool  # a float32 LM head stored once, as the embedding table
+
+
 def load_packed(folder: str | Path, device: str | torch.device = "cpu") -> Decoder:
-    folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    config = config_from_dict(raw["rung_config"])
-    file = folder / "model.safetensors"
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if "rung_layers" not in meta:
-            raise ValueError(f"{file}: no rung_layers metadata (not written by rung quantize)")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    model = meta_decoder(config).to_empty(device=device)  # derived tables (rotary) are plain attributes, computed at build
-    for layer in json.loads(meta["rung_layers"]):
-        p = layer["path"]
-        take = lambda part: tensors.get(f"{p}.{part}")  # noqa: E731
-        data = take("data")
-        if data is None:
-            raise ValueError(f"{file}: packed layer {p} has no tensor {p}.data")
-        packed = Packed(layer["fmt"], data.to(device), tuple(layer["shape"]), layer["group"],
-                        _to(take("scale"), device), _to(take("offset"), device))
-        bias = take("bias")
-        _set_module(model, p, PackedLinear(packed, _to(bias, device), gated=layer["gated"]))
-        owner, _, attr = p.rpartition(".")
-        parent = model.get_submodule(owner) if owner else model
-        if attr == "qkv_proj":
-            parent.q_proj = parent.k_proj = parent.v_proj = None
-        elif attr == "gate_up":
-            parent.gate_proj = parent.up_proj = None
-    if json.loads(meta.get("rung_tied_head", "false")):
-        model.lm_head = PackedLinear(Packed("f32", None, (config.vocab_size, config.hidden_size)))  # filled below
-    elif model.lm_head is not None and config.tie_word_embeddings and "embed.weight" not in tensors:
-        model.embed = PackedEmbedding(model.lm_head, torch.float32)
-    missing = [n for n in model.state_dict() if n not in tensors and not n.startswith("lm_head.")]
-    if missing:
-        raise ValueError(f"{file}: no tensor {missing[0]!r}")
+    plan = plan_packed(folder)
+    with safe_open(str(plan.file), framework="pt", device="cpu") as f:
+        tensors = {name: f.get_tensor(name).to(device) for name in f.keys()}
+    model = meta_decoder(plan.config)  # shapes only: every tensor below is assigned, none allocated twice
+    for layer in plan.layers:
+        take = lambda part: tensors.pop(f"{layer.path}.{part}", None)  # noqa: E731
+        data = tensors["embed.weight"] if plan.tied_head and layer.path == "lm_head" else take("data")
+        packed = Packed(layer.fmt, data, layer.shape, layer.group, take("scale"), take("offset"))
+        _install(model, layer.path, PackedLinear(packed, take("bias"), gated=layer.gated))
+    if (model.config.tie_word_embeddings and isinstance(model.lm_head, PackedLinear)
+            and "embed.weight" not in tensors):
+        model.embed = PackedEmbedding(model.lm_head, torch.float32)  # the packed head's table, shared
     model.load_state_dict(tensors, strict=False, assign=True)
-    if json.loads(meta.get("rung_tied_head", "false")):
-        model.lm_head.data = model.embed.weight.data  # the shared float32 table
+    left = next((n for n, t in model.state_dict().items() if t.is_meta), None)
+    if left is not None:  # plan_packed expects every tensor the model holds: a gap here is rung's own bug
+        raise CheckpointError(f"{plan.file}: no tensor {left!r}")
     return model.requires_grad_(False).eval()
 
 
-def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
-    return None if t is None else t.to(device)
+def plan_packed(folder: str | Path) -> PackedPlan:
+    """What ``load_packed`` will build, checked from config.json and the safetensors header alone
+    (no tensor data read, nothing allocated but the header): the layer count and every size in the
+    config against the file's tensors, then each packed layer against the place the config gives it,
+    then every tensor's dtype and shape against what its layer needs. CheckpointError otherwise."""
+    folder = Path(folder)
+    config_file, file = folder / "config.json", folder / "model.safetensors"
+    raw = _json_object(config_file)
+    header = read_header(file)  # every entry's dtype, shape and byte range checked against the file
+    rung_config = raw.get("rung_config")
+    if not isinstance(rung_config, dict):
+        raise CheckpointError(f"{config_file}: no rung_config object (not written by rung quantize)")
+    _check_sizes(config_file, rung_config, file, header)
+    try:
+        config = config_from_dict(rung_config)
+        model = meta_decoder(config)  # every module's shape, on the meta device: no data
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{config_file}: rung_config does not describe a model rung can build ({e})") from None
+    meta = _metadata(file)
+    layers = _layers(file, meta)
+    tied_head = _flag(file, meta, "rung_tied_head")
+    _check_tensors(file, header, _expected_tensors(file, model, layers, tied_head))
+    return PackedPlan(file, config, layers, tied_head)
 
 
-def _set_module(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+def _json_object(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return raw
+
+
+def _metadata(file: Path) -> dict:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:  # the header only (read_header checked it)
+            return f.metadata() or {}
+    except Exception as e:  # the library's error type varies across versions
+        raise CheckpointError(f"{file}: cannot open ({e})") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_sizes(config_file: Path, rung_config: dict, file: Path, header: dict) -> None:
+    """The layer count is the file's, and no size in the config exceeds the file's largest tensor:
+    a config asking for hidden_size 10**9 or 10**6 layers is refused before anything is built."""
+    layers = {int(m.group(1)) for name in header if (m := re.match(r"layers\.(\d+)\.", name))}
+    n = rung_config.get("num_layers")
+    if not _is_int(n) or set(range(n)) != layers:
+        held = f"layers 0..{max(layers)}" if layers and layers == set(range(max(layers) + 1)) else \
+            f"{len(layers)} layers" if layers else "no layers"
+        raise CheckpointError(f"{config_file}: rung_config.num_layers is {n!r}, but {file.name} holds {held}")
+    largest = max((_numel(e["shape"]) for e in header.values()), default=0)
+    for name in SIZE_FIELDS:
+        v = rung_config.get(name)
+        if not _is_int(v) or not 1 <= v <= largest:
+            raise CheckpointError(f"{config_file}: rung_config.{name} is {v!r}; expected a positive integer no larger "
+                                  f"than the largest tensor of {file.name} ({largest} elements)")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _flag(file: Path, meta: dict, key: str) -> bool:
+    try:
+        value = json.loads(meta.get(key, "false"))
+    except ValueError:
+        value = None
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{file}: metadata {key} is {meta.get(key)!r}, expected true or false")
+    return value
+
+
+def _layers(file: Path, meta: dict) -> list[PackedLayer]:
+    """``rung_layers``, each entry's fields of the right types (their values are checked against
+    the config and the tensors in _expected_tensors)."""
+    if "rung_layers" not in meta:
+        raise CheckpointError(f"{file}: no rung_layers metadata (not written by rung quantize)")
+    try:
+        entries = json.loads(meta["rung_layers"])
+    except ValueError:
+        entries = None
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{file}: metadata rung_layers is not a JSON list")
+    layers = []
+    for i, e in enumerate(entries):
+        ok = (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("fmt"), str)
+              and (e.get("group") is None or _is_int(e.get("group")))
+              and (e.get("gated") is None or isinstance(e.get("gated"), str))
+              and isinstance(e.get("shape"), list) and len(e["shape"]) == 2 and all(_is_int(d) for d in e["shape"])
+              and isinstance(e.get("bias", False), bool))
+        if not ok:
+            raise CheckpointError(f"{file}: rung_layers[{i}] is malformed (expected path, fmt, group, gated, "
+                                  f"shape [out, in], bias)")
+        layers.append(PackedLayer(e["path"], e["fmt"], e.get("group"), e.get("gated"), tuple(e["shape"]),
+                                  e.get("bias", False)))
+    return layers
+
+
+def _expected_tensors(file: Path, model: Decoder, layers: list[PackedLayer],
+                      tied_head: bool) -> dict[str, tuple[torch.dtype, tuple, str]]:
+    """Every tensor the file must hold: name → (dtype, shape, what it is for). The meta model's
+    own parameters, except those a packed layer replaces, which hold the parts of its format."""
+    expected = {name: (t.dtype, tuple(t.shape), "") for name, t in model.state_dict().items()}
+    seen = set()
+    for layer in layers:
+        p = layer.path
+        if p in seen:
+            raise CheckpointError(f"{file}: rung_layers lists {p} twice")
+        seen.add(p)
+        shape, bias, gated, replaced = _slot(file, model, p)
+        what = f"packed layer {p}"
+        if layer.shape != shape:
+            raise CheckpointError(f"{file}: {what} is declared {list(layer.shape)}, but rung_config makes it "
+                                  f"{list(shape)} [out, in]")
+        if layer.bias != bias or layer.gated != gated:
+            raise CheckpointError(f"{file}: {what} is declared with bias={layer.bias}, gated={layer.gated}; the "
+                                  f"config's layer has bias={bias}, gated={gated}")
+        try:
+            parts = packed_tensors(layer.fmt, layer.shape, layer.group)
+        except ValueError as e:
+            raise CheckpointError(f"{file}: {what}: {e}") from None
+        for name in replaced:
+            expected.pop(name, None)
+        if tied_head and p == "lm_head":
+            if layer.fmt != "f32" or "embed.weight" not in expected:
+                raise CheckpointError(f"{file}: rung_tied_head, but {what} is {layer.fmt} or the model has no "
+                                      "embedding table to share")
+            parts.pop("data")  # the float32 embedding table, stored once as embed.weight
+        expected.update({f"{p}.{part}": (dtype, s, f"{layer.fmt} {what}") for part, (dtype, s) in parts.items()})
+        if bias:
+            expected[f"{p}.bias"] = (torch.float32, (shape[0],), f"bias of {what}")
+    if tied_head and "lm_head" not in seen:
+        raise CheckpointError(f"{file}: rung_tied_head, but rung_layers has no lm_head")
+    if model.lm_head is None and "lm_head" in seen and not tied_head:
+        expected.pop("embed.weight", None)  # a tied packed head: the embedding reads its table
+    return expected
+
+
+def _slot(file: Path, model: Decoder, path: str) -> tuple[tuple[int, int], bool, str | None, list[str]]:
+    """What the config puts where a packed layer says it goes: its (out, in), whether it has a
+    bias, its gated activation, and the float parameters it replaces."""
+    c = model.config
+    if path == "lm_head":
+        return (c.vocab_size, c.hidden_size), False, None, ["lm_head.weight"]
     owner, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, attr, module)
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}.get(attr)
+    try:
+        parts = [model.get_submodule(f"{owner}.{a}") for a in fused] if fused else [model.get_submodule(path)]
+    except AttributeError:
+        parts = []
+    if not parts or not all(isinstance(m, nn.Linear) for m in parts):
+        raise CheckpointError(f"{file}: rung_layers names {path!r}, which is not a linear layer of this "
+                              f"{c.model_type} config")
+    names = [f"{owner}.{a}" for a in fused] if fused else [path]
+    replaced = [f"{n}.{t}" for n in names for t in ("weight", "bias")]
+    shape = (sum(m.out_features for m in parts), parts[0].in_features)
+    gated = c.activation if attr == "gate_up" else None
+    if gated is not None and shape[0] % (2 * GATE_BLOCK):
+        raise CheckpointError(f"{file}: packed layer {path}: a gated layer needs a multiple of {2 * GATE_BLOCK} rows")
+    return shape, parts[0].bias is not None, gated, replaced
+
+
+def _check_tensors(file: Path, header: dict, expected: dict[str, tuple[torch.dtype, tuple, str]]) -> None:
+    for name, (dtype, shape, what) in expected.items():
+        want = f"{SAFETENSORS_DTYPES.get(dtype, dtype)} {list(shape)}" + (f" ({what})" if what else "")
+        entry = header.get(name)
+        if entry is None:
+            raise CheckpointError(f"{file}: no tensor {name!r}; expected {want}")
+        if entry["dtype"] != SAFETENSORS_DTYPES.get(dtype) or tuple(entry["shape"]) != shape:
+            raise CheckpointError(f"{file}: tensor {name!r} is {entry['dtype']} {entry['shape']}; expected {want}")
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{file}: unexpected tensor {extra[0]!r}{more}")
+
+
+def _install(model: nn.Module, path: str, layer: PackedLinear) -> None:
+    """A packed layer in place of the float ones it stands for (q|k|v and gate|up fused)."""
+    owner, _, attr = path.rpartition(".")
+    parent = model.get_submodule(owner) if owner else model
+    setattr(parent, attr, layer)
+    if attr == "qkv_proj":
+        parent.q_proj = parent.k_proj = parent.v_proj = None
+    elif attr == "gate_up":
+        parent.gate_proj = parent.up_proj = None

@@ -15,6 +15,7 @@ Dequantization is the reference every kernel is tested against.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,9 +56,55 @@ class Packed:
 
 def check_group(fmt: str, in_features: int, group: int | None) -> int:
     group = in_features if group is None else group
-    if group % 32 or in_features % group:
+    if isinstance(group, bool) or not isinstance(group, int) or group <= 0 or group % 32 or in_features % group:
         raise ValueError(f"{fmt}: group size {group} must be a multiple of 32 dividing the input width {in_features}")
     return group
+
+
+def packed_tensors(fmt: str, shape: tuple[int, int], group: int | None) -> dict[str, tuple[torch.dtype, tuple]]:
+    """The tensors a weight of format ``fmt``, shape (out, in) and ``group`` is made of: part name →
+    (dtype, shape). The one statement of each layout: ``check_packed`` holds every PackedLinear
+    (whatever made it: quantize, GGUF blocks, a checkpoint) and every layer ``save_packed`` writes
+    to it, and ``plan_packed`` checks a packed checkpoint's tensors against it before any kernel
+    reads them. ValueError for an unknown format or a group it cannot have."""
+    n, k = shape
+    if fmt == "f32":
+        if group is not None:
+            raise ValueError(f"f32: no group size (got {group})")
+        return {"data": (torch.float32, (n, k))}
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if group is None:
+        raise ValueError(f"{fmt}: needs a group size")
+    groups = k // check_group(fmt, k, group)
+    parts = {"data": (torch.int8, (n, k)) if fmt == "q8" else (torch.uint8, (n, k // 2)),
+             "scale": (torch.float16, (n, groups))}
+    if fmt == "q4":
+        parts["offset"] = (torch.float16, (n, groups))
+    return parts
+
+
+def check_packed(p: "Packed") -> None:
+    """ValueError unless ``p``'s tensors are exactly the ones ``packed_tensors`` gives its format:
+    a kernel trusts these shapes and reads that many bytes through raw pointers."""
+    try:
+        n, k = (operator.index(d) for d in p.shape)
+    except (TypeError, ValueError):
+        n = k = 0
+    if n <= 0 or k <= 0:
+        raise ValueError(f"{p.fmt}: shape {p.shape} is not a positive (out, in)")
+    parts = packed_tensors(p.fmt, (n, k), p.group)
+    for name in ("data", "scale", "offset"):
+        t = getattr(p, name)
+        if name not in parts:
+            if t is not None:
+                raise ValueError(f"{p.fmt} [{n}, {k}]: has a {name} tensor, which the format has none of")
+            continue
+        dtype, want = parts[name]
+        if t is None or t.dtype != dtype or tuple(t.shape) != want or not t.is_contiguous():
+            got = "none" if t is None else f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+            raise ValueError(f"{p.fmt} [{n}, {k}] group {p.group}: {name} is {got}, expected contiguous "
+                             f"{str(dtype).removeprefix('torch.')} {list(want)}")
 
 
 def quantize(weight: torch.Tensor, fmt: str, group: int | None = None) -> Packed:

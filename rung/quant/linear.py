@@ -20,7 +20,7 @@ from torch import nn
 
 from rung import native
 from rung.model.mlp import ACTIVATIONS
-from rung.quant.formats import Packed, dequantize
+from rung.quant.formats import Packed, check_packed, dequantize
 
 GATE_BLOCK = 8  # rows of gate (then of up) per block of a gated weight; kernels.c's BLOCK / 2
 NATIVE_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -37,6 +37,10 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class PackedLinear(nn.Module):
     def __init__(self, packed: Packed, bias: torch.Tensor | None = None, gated: str | None = None):
         super().__init__()
+        check_packed(packed)  # the kernels read these buffers through raw pointers, by this shape
+        if bias is not None and tuple(bias.shape) != (packed.shape[0],):
+            raise ValueError(f"{packed.fmt} [{packed.shape[0]}, {packed.shape[1]}]: bias of shape {list(bias.shape)}, "
+                             f"expected [{packed.shape[0]}]")
         self.fmt, self.group = packed.fmt, packed.group
         self.out_features, self.in_features = packed.shape
         self.register_buffer("data", packed.data)
