@@ -269,3 +269,23 @@ def test_header_nested_too_deeply_is_refused(folder):
     header = b"[" * 100_000 + b"]" * 100_000
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     load_bounded(folder).assert_refused("model.safetensors", "nests JSON too deeply")
+
+
+def test_header_that_is_not_json_is_refused(folder):
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", 5) + b"hello" + bytes(64))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: safetensors header is not valid JSON"):
+        rung.load_model(folder)
+
+
+def test_empty_tensor_with_an_absurd_dimension_is_refused(folder):
+    """Zero bytes pass the size check whatever the other dimensions claim; torch cannot hold 2^70."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'w' has a malformed header entry"):
+        rung.load_model(folder)
+
+
+def test_too_many_heads_names_the_field(folder):
+    edit_config(folder, num_attention_heads=10**9)
+    load_bounded(folder).assert_refused("'model.layers.0.self_attn.q_proj.weight' has shape [32, 32]",
+                                        "num_attention_heads 1000000000")

@@ -178,8 +178,10 @@ def _fields_behind(config: ModelConfig, need: torch.Size, have: torch.Size) -> s
              "max_position_embeddings": config.max_position_embeddings}
     if config.moe is not None:
         sizes.update(num_experts=config.moe.num_experts, moe_intermediate_size=config.moe.expert_intermediate_size)
+    heads = {"num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads}
     wrong = set(need) - set(have)
     named = [f"{field} {size}" for field, size in sizes.items() if size in wrong]
+    named += [f"{field} {n}" for field, n in heads.items() if n * config.head_dim in wrong]  # q, k, v rows
     return f" (from config.json's {', '.join(named)})" if named else ""
 
 
@@ -188,7 +190,7 @@ def _check_head_dim(config: ModelConfig, checkpoint: SafetensorsFolder) -> None:
     so a head wider than any tensor is refused before it is built; the plan checks the exact shape."""
     largest = max((checkpoint.numel(n) for n in checkpoint.names()), default=0)
     if config.head_dim > largest:
-        raise CheckpointError(f"{checkpoint.folder}: head_dim {config.head_dim} is larger than any tensor in the "
+        raise CheckpointError(f"{checkpoint.folder / 'config.json'}: head_dim {config.head_dim} is larger than any tensor in the "
                               f"checkpoint (the largest holds {largest} values)")
 
 

@@ -73,7 +73,8 @@ def read_header(path: Path) -> dict[str, dict]:
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if dtype not in DTYPE_BYTES or not isinstance(shape, list) or not all(
+                    type(d) is int and 0 <= d < 2**63 for d in shape):  # an empty tensor may claim any other size
                 raise ValueError
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
