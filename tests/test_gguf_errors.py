@@ -9,6 +9,7 @@ import struct
 import time
 import tracemalloc
 
+import numpy as np
 import pytest
 import transformers as tf
 from gguf import GGMLQuantizationType as Q
@@ -19,6 +20,7 @@ from oracle import hf_model
 from rung.weights.gguf import GGUFError, read_gguf
 from rung.weights.resolve import resolve_model
 from rung.weights.safetensors_io import CheckpointError
+from hostile import run_bounded
 from test_gguf_convert import write_gguf
 from test_model_parity import LLAMA_BASE
 
@@ -90,6 +92,65 @@ def test_huge_tensor_count(tmp_path):
 
 def test_huge_metadata_count(tmp_path):
     refused(tmp_path, head(kvs=2**40) + bytes(64), r"declares 1099511627776 metadata entries")
+
+
+def many_tensors_file(path, count: int, kvs: bytes = b"", n_kv: int = 0) -> None:
+    """A GGUF whose table really holds ``count`` one-value F32 tensors (so no count exceeds what the
+    file's size allows), built with numpy (a Python loop takes seconds); the data is left sparse."""
+    entry = np.dtype([("name_len", "<u8"), ("name", "u1", 8), ("n_dims", "<u4"), ("dim", "<u8"),
+                      ("type", "<u4"), ("offset", "<u8")])  # packed, as GGUF lays it out
+    table = np.zeros(count, entry)
+    index = np.arange(count, dtype=np.uint64)
+    table["name_len"], table["n_dims"], table["dim"], table["type"] = 8, 1, 1, Q.F32
+    table["name"] = np.frombuffer(b"0123456789abcdef", np.uint8)[(index[:, None] >> np.arange(28, -4, -4, dtype=np.uint64)) & 15]
+    table["offset"] = 32 * index
+    body = head(count, n_kv) + kvs + table.tobytes()
+    with path.open("wb") as f:
+        f.write(body)
+        f.truncate(len(body) + -len(body) % 32 + 32 * count)
+
+
+def test_gguf_declaring_2_20_tensors_is_refused_before_reading_them(tmp_path):
+    """2^20 tensor entries, all present: rung used to walk the table and hand it to gguf's reader
+    (about 85 s) before looking at the metadata. The count alone refuses it now."""
+    path = tmp_path / "many.gguf"
+    many_tensors_file(path, 1 << 20, kvs=gstr("general.architecture") + struct.pack("<I", STRING) + gstr("llama"),
+                      n_kv=1)
+    res = run_bounded(f"import rung; rung.load_model({str(path)!r})", seconds=30)
+    res.assert_refused("many.gguf", "declares 1048576 tensors; rung reads at most 65536")
+
+
+def test_huge_but_possible_metadata_count_is_refused_at_once(tmp_path):
+    kvs = b"".join(gstr(f"k{i}") + struct.pack("<IB", 0, 1) for i in range(1 << 17))
+    refused(tmp_path, head(kvs=1 << 17) + kvs, "declares 131072 metadata entries; rung reads at most 65536")
+
+
+def test_counts_share_the_file(tmp_path):
+    """Each count fits the file alone, both together do not."""
+    refused(tmp_path, head(tensors=4, kvs=8) + bytes(4 * 24 + 4 * 13),
+            "declares 4 tensors and 8 metadata entries, impossible in a file of 172 bytes")
+
+
+def test_nested_arrays_are_bounded(tmp_path):
+    """Millions of empty arrays inside an array, each its own Python call (4M took 9 s)."""
+    n = (1 << 16) + 1
+    content = head(kvs=1) + gstr("a") + struct.pack("<IIQ", ARRAY, ARRAY, n) + struct.pack("<IQ", 0, 0) * n
+    refused(tmp_path, content, r"metadata 'a' brings the metadata to 65537 nested arrays \(at most 65536")
+
+
+def test_tensor_table_is_mapped_only_after_the_model_checks(llama, monkeypatch):
+    """gguf's reader (0.1 ms a tensor) first sees a file once its metadata and plan have passed;
+    reading metadata alone never runs it."""
+    import rung.weights.gguf as g
+
+    calls = []
+    monkeypatch.setattr(g, "GGUFReader", lambda *a, **k: calls.append(a) or pytest.fail("gguf's reader ran"))
+    monkeypatch.setattr(g, "_TensorTableReader", g.GGUFReader)
+    path = llama(metadata={"llama.block_count": (3, V.UINT32)})
+    assert read_gguf(path).metadata["llama.block_count"] == 3
+    with pytest.raises(GGUFError, match=r"llama\.block_count is 3 but the file holds blocks 0\.\.1"):
+        rung.load_model(path)
+    assert calls == []
 
 
 def test_huge_key_length(tmp_path):

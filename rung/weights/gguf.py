@@ -49,8 +49,10 @@ class GGUFError(CheckpointError):
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # version 1 counted in 32 bits; llama.cpp has written 3 since 2023
-MAX_TENSORS = 1 << 20  # the largest real files hold a few thousand
-MAX_KV = 1 << 20
+# counts each entry of which Python walks one at a time: the largest real files hold about a thousand
+# tensors (DeepSeek-V3: 1,025) and a hundred metadata keys, and a count of 2^20 takes a minute or more
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
 MAX_KEY_BYTES = 65_535  # the GGUF spec's limit on key names
 MAX_NAME_BYTES = 4096  # tensor names (ggml allows 64; be lenient, stay bounded)
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -58,6 +60,9 @@ MAX_ARRAY_DEPTH = 4
 # metadata array elements, all arrays together: each becomes a Python object. Gemma 3 holds 786,432
 # (tokens, scores, types), gpt-oss about 850,000 (with merges); ten times that is ample
 MAX_ARRAY_ELEMENTS = 1 << 23
+# arrays nested in arrays, all of them together: each is its own Python call (2 µs), and a 50 MB
+# file can nest millions; no file llama.cpp writes nests arrays at all
+MAX_NESTED_ARRAYS = 1 << 16
 MAX_ALIGNMENT = 1 << 20
 DEFAULT_ALIGNMENT = 32
 HEADER_BYTES = 24  # magic, version, tensor count, kv count
@@ -98,6 +103,7 @@ class _Cursor:
     def __init__(self, buf, path: Path):
         self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
         self.elements = 0  # array elements read so far
+        self.nested = 0  # arrays read inside arrays so far
 
     def error(self, msg: str) -> GGUFError:
         return GGUFError(f"{self.path}: {msg}")
@@ -185,6 +191,10 @@ class _Cursor:
         if itype == _ARRAY:
             if n > left // 12:
                 raise self.error(f"truncated or corrupt file: {what} declares {n} arrays, only {left} bytes remain")
+            self.nested += n
+            if self.nested > MAX_NESTED_ARRAYS:
+                raise self.error(f"{what} brings the metadata to {self.nested} nested arrays "
+                                 f"(at most {MAX_NESTED_ARRAYS} allowed)")
             return [self.array(what, depth + 1) for _ in range(n)]
         raise self.error(f"{what} has unknown element type {itype}")
 
@@ -204,12 +214,17 @@ def _parse_header(buf, path: Path) -> _Header:
             raise cur.error("big-endian GGUF files are not supported")
         raise cur.error(f"GGUF version {version} is not supported (rung reads versions 2 and 3)")
     tensor_count, kv_count = cur.u64("tensor count"), cur.u64("metadata count")
-    if tensor_count > MAX_TENSORS or tensor_count > (size - HEADER_BYTES) // MIN_TENSOR_INFO_BYTES:
-        raise cur.error(f"header declares {tensor_count} tensors, impossible in a file of {size} bytes "
-                        f"(limit {MAX_TENSORS})")
-    if kv_count > MAX_KV or kv_count > (size - HEADER_BYTES) // MIN_KV_BYTES:
-        raise cur.error(f"header declares {kv_count} metadata entries, impossible in a file of {size} bytes "
-                        f"(limit {MAX_KV})")
+    # checked before either table is walked: each entry takes at least its fixed-size fields
+    room = size - HEADER_BYTES
+    for count, what, each, limit in ((tensor_count, "tensors", MIN_TENSOR_INFO_BYTES, MAX_TENSORS),
+                                     (kv_count, "metadata entries", MIN_KV_BYTES, MAX_KV)):
+        if count > room // each:
+            raise cur.error(f"header declares {count} {what}, impossible in a file of {size} bytes")
+        if count > limit:
+            raise cur.error(f"header declares {count} {what}; rung reads at most {limit}")
+    if tensor_count * MIN_TENSOR_INFO_BYTES + kv_count * MIN_KV_BYTES > room:
+        raise cur.error(f"header declares {tensor_count} tensors and {kv_count} metadata entries, impossible "
+                        f"in a file of {size} bytes")
 
     metadata: dict[str, Any] = {}
     for _ in range(kv_count):
@@ -305,13 +320,27 @@ class GGUFFile:
     ``metadata``: every key → a plain value (str, int, float, bool, or a list of those), e.g.
     ``metadata["tokenizer.ggml.tokens"]`` is a list of str. ``tensors``: name → (shape in torch
     order, ggml type). ``read(name)`` dequantizes one tensor to float32.
+
+    gguf's reader maps the tensors on the first ``read``/``raw``, not here: it costs about 0.1 ms a
+    tensor, so a model's metadata and its plan against the checked table come first (a file that
+    is not a model rung can build is refused before gguf walks it), and a caller that wants only
+    the metadata (the tokenizer, the chat template) never pays for it.
     """
 
     def __init__(self, path: Path, header: _Header):
         self.path, self.version, self.metadata = path, header.version, header.metadata
         self.entries = header.tensors
         self.tensors = {name: (e.shape, e.ggml_type) for name, e in header.tensors.items()}
-        self._data = self._map_tensors(header)
+        self._header: _Header | None = header
+        self._mapped: dict[str, np.ndarray] | None = None
+
+    @property
+    def _data(self) -> dict[str, np.ndarray]:
+        if self._mapped is None:
+            if self._header is None:
+                raise GGUFError(f"{self.path}: read after close")
+            self._mapped = self._map_tensors(self._header)
+        return self._mapped
 
     @property
     def architecture(self) -> str:
@@ -346,7 +375,7 @@ class GGUFFile:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, dequantized by gguf to float32, in torch order."""
-        if name not in self._data:
+        if name not in self.tensors:
             raise GGUFError(f"{self.path}: no tensor {name!r}")
         shape, ggml_type = self.tensors[name]
         try:
@@ -361,12 +390,12 @@ class GGUFFile:
 
     def raw(self, name: str) -> tuple[str, np.ndarray]:
         """One tensor's type name and its bytes as stored (uint8, blocks in order), not dequantized."""
-        if name not in self._data:
+        if name not in self.tensors:
             raise GGUFError(f"{self.path}: no tensor {name!r}")
         return self.tensors[name][1].name, np.asarray(self._data[name]).view(np.uint8).reshape(-1)
 
     def close(self) -> None:
-        self._data = {}
+        self._header, self._mapped = None, None
 
     def __enter__(self) -> "GGUFFile":
         return self

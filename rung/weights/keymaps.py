@@ -7,6 +7,7 @@ q/k/v interleave, gpt-oss's interleaved gate/up and MXFP4 blocks, Qwen3-MoE's pe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +22,7 @@ class Rule:
     target: str  # rung parameter
     sources: tuple[str, ...]  # checkpoint tensors
     convert: Callable[..., torch.Tensor] | None = None  # (*tensors) -> tensor; None: the one source as is
+    source_dtype: torch.dtype | None = None  # what the conversion decodes (MXFP4: uint8); None: any float
 
 
 def converted(rule: Rule, tensors: list, target_shape: torch.Size, where: str, family: str, error: type) -> torch.Tensor:
@@ -35,6 +37,22 @@ def converted(rule: Rule, tensors: list, target_shape: torch.Size, where: str, f
         raise error(f"{where} has shape {list(tensors[0].shape)}; {family} parameter {rule.target} "
                     f"needs {list(target_shape)}")
     return value
+
+
+# Where a layer's or an expert's index sits in a Hugging Face tensor name, for every prefix the key
+# maps below accept (GPT-2 and BLOOM: [transformer.]h.N.; the Llama family: model.[language_model.]layers.N.)
+_LAYER = re.compile(r"(?:model\.(?:language_model\.)?layers|(?:transformer\.)?h)\.(\d{1,9})\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d{1,9})\.")  # Qwen3-MoE's hub layout: one tensor per expert
+
+
+def layer_indices(names) -> set[int]:
+    """The layer numbers the checkpoint's tensors hold."""
+    return {int(m.group(1)) for n in names if (m := _LAYER.match(n))}
+
+
+def expert_indices(names) -> set[int]:
+    """The expert numbers of per-expert tensors (none for a fused layout)."""
+    return {int(m.group(1)) for n in names if (m := _EXPERT.search(n))}
 
 
 def copy(source: str, target: str) -> Rule:
@@ -145,10 +163,11 @@ def _gpt_oss_expert_rules(c: ModelConfig, s: str, t: str, names: set[str]) -> li
     ]
     if e + "gate_up_proj_blocks" in names:  # MXFP4, output-major: [E, 2I, H/32, 16] → [E, 2I, H]
         gate_up = (e + "gate_up_proj_blocks", e + "gate_up_proj_scales")
+        u8 = torch.uint8  # FP4 code pairs and E8M0 exponents, stored as bytes
         rules += [
-            Rule(t + "mlp.gate_proj", gate_up, lambda b, sc: dequantize_mxfp4(b, sc)[:, 0::2]),
-            Rule(t + "mlp.up_proj", gate_up, lambda b, sc: dequantize_mxfp4(b, sc)[:, 1::2]),
-            Rule(t + "mlp.down_proj", (e + "down_proj_blocks", e + "down_proj_scales"), dequantize_mxfp4),
+            Rule(t + "mlp.gate_proj", gate_up, lambda b, sc: dequantize_mxfp4(b, sc)[:, 0::2], u8),
+            Rule(t + "mlp.up_proj", gate_up, lambda b, sc: dequantize_mxfp4(b, sc)[:, 1::2], u8),
+            Rule(t + "mlp.down_proj", (e + "down_proj_blocks", e + "down_proj_scales"), dequantize_mxfp4, u8),
         ]
     else:  # transformers' save_pretrained: input-major gate_up [E, H, 2I], down [E, I, H]
         rules += [

@@ -1,24 +1,28 @@
 """load_model: a built-in model name, a .gguf file or a Hugging Face folder → a rung Decoder.
 
-Names and paths are resolved by weights/resolve.py; GGUF files are read by weights/gguf.py. The
-model of a Hugging Face folder (config.json + safetensors) is built on the meta device (no random
-init, no double allocation), materialised once on the target device, and every parameter is filled
-by exactly one key-map rule. Any tensor the checkpoint lacks, has in the wrong shape, or has in
-excess is an error naming file and tensor.
+Names and paths are resolved by weights/resolve.py; GGUF files are read by weights/gguf.py. A
+Hugging Face folder (config.json + safetensors) is planned before anything is allocated: every
+safetensors header is checked against its file, config.json's layer count against the layers the
+tensors hold, and then the model the config describes is built on the meta device and every
+parameter is matched, by its key-map rule, with tensors of the right shape and kind (no tensor
+data is read). A missing, misshaped or excess tensor is an error naming file and tensor. Only then
+is the model materialised on the target device and filled, each parameter by exactly one rule.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
 
 from rung.config import ModelConfig
 from rung.model import Decoder
 from rung.model.decoder import meta_decoder
-from rung.weights.keymaps import converted, keymap
+from rung.weights.keymaps import Rule, converted, expert_indices, keymap, layer_indices
 from rung.weights.resolve import resolve_model
-from rung.weights.safetensors_io import CheckpointError, SafetensorsFolder
+from rung.weights.safetensors_io import CheckpointError, SafetensorsFolder, torch_dtype
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -80,38 +84,81 @@ def _load(path: Path, dtype, device, progress) -> Decoder:
         from rung.weights.gguf import load_gguf_model
 
         return load_gguf_model(path, dtype, device, progress)
+    checkpoint = SafetensorsFolder(path)  # every header checked against its file; no tensor data read
+    check_declared_layers(path, checkpoint)
     config = ModelConfig.from_hf(path)
-    checkpoint = SafetensorsFolder(path)
-    model = empty_model(config, resolve_dtype(dtype), device)
-    fill_parameters(model, config, checkpoint, progress)
+    rules = plan(config, checkpoint)
+    model = empty_model(config, resolve_dtype(dtype), device)  # the first allocation the config sizes
+    fill_parameters(model, rules, checkpoint, progress)
     checkpoint.close()
     return model.requires_grad_(False).eval()
 
 
-def fill_parameters(model: Decoder, config: ModelConfig, checkpoint: SafetensorsFolder, progress=None) -> None:
+def _span(indices: set[int], what: str) -> str:
+    return f"{what}s 0..{max(indices)} ({len(indices)} distinct)" if indices else f"no {what} tensors"
+
+
+def _check_count(declared: int, indices: set[int], field: str, what: str, where) -> None:
+    """``declared`` layers (experts) must be exactly the ones numbered 0..declared-1 in the tensors."""
+    if len(indices) != declared or (indices and max(indices) != declared - 1):
+        raise CheckpointError(f"{where}: {field} is {declared} but the checkpoint holds {_span(indices, what)}")
+
+
+def check_declared_layers(folder: Path, checkpoint: SafetensorsFolder) -> None:
+    """config.json's layer count against the layers the tensors hold, read from the raw JSON before
+    ModelConfig builds anything per layer: a config claiming 10^6 layers over 2 layers of tensors is
+    refused at once (ModelConfig.from_hf names any other fault of the file)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(raw, dict):
+        return
+    if raw.get("model_type") == "gemma3" and isinstance(raw.get("text_config"), dict):
+        raw = raw["text_config"]  # the multimodal config: from_hf reads the text model's fields
+    found = layer_indices(checkpoint.names())
+    for field in ("num_hidden_layers", "n_layer"):
+        declared = raw.get(field)
+        if isinstance(declared, int) and not isinstance(declared, bool):
+            _check_count(declared, found, field, "layer", folder / "config.json")
+
+
+def plan(config: ModelConfig, checkpoint: SafetensorsFolder) -> list[Rule]:
+    """The key map's rules for ``config``, checked against the safetensors headers on the meta
+    device: every parameter filled once, by tensors that exist, hold what the rule reads (floats,
+    or MXFP4's bytes) and convert to the parameter's shape. No tensor data is read and nothing the
+    config sizes is allocated; the counts that size the plan itself (layers, experts) come first."""
     names = set(checkpoint.names())
+    config_file = checkpoint.folder / "config.json"
+    _check_count(config.num_layers, layer_indices(names), "num_hidden_layers", "layer", config_file)
+    experts = expert_indices(names)
+    if config.moe is not None and experts:  # one tensor per expert: the key map lists each one
+        _check_count(config.moe.num_experts, experts, "num_experts", "expert", config_file)
+    _check_head_dim(config, checkpoint)
+    params = dict(meta_decoder(config).named_parameters())
     rules, ignored = keymap(config, names)
-    params = dict(model.named_parameters())
     used: set[str] = set()
     filled: set[str] = set()
-    for done, rule in enumerate(rules, 1):
+    for rule in rules:
         for source in rule.sources:
             if source not in checkpoint:
-                raise CheckpointError(
-                    f"{checkpoint.folder}: tensor {source!r} is missing (needed for {config.model_type} parameter {rule.target})"
-                )
-        tensors = [checkpoint.read(s) for s in rule.sources]
+                raise CheckpointError(f"{checkpoint.folder}: tensor {source!r} is missing "
+                                      f"(needed for {config.model_type} parameter {rule.target})")
         where = f"{checkpoint.file_of[rule.sources[0]]}: tensor {rule.sources[0]!r}"
         target = params.get(rule.target)
         if target is None:
             raise CheckpointError(f"{where}: maps to unknown parameter {rule.target} (key map out of date)")
-        value = converted(rule, tensors, target.shape, where, config.model_type, CheckpointError)
-        with torch.no_grad():
-            target.copy_(value)
+        metas = [_meta_tensor(checkpoint, s, rule, config) for s in rule.sources]
+
+        def misfit(message: str, have=metas[0].shape, need=target.shape) -> CheckpointError:
+            return CheckpointError(message + _fields_behind(config, need, have))
+
+        value = converted(rule, metas, target.shape, where, config.model_type, misfit)
+        if not value.dtype.is_floating_point:
+            raise CheckpointError(f"{where}: converts to {value.dtype}; {config.model_type} parameter "
+                                  f"{rule.target} needs floating-point values")
         used.update(rule.sources)
         filled.add(rule.target)
-        if progress:
-            progress(done, len(rules))
     unexpected = sorted(n for n in names - used if not ignored(n))
     if unexpected:
         first = unexpected[0]
@@ -120,3 +167,55 @@ def fill_parameters(model: Decoder, config: ModelConfig, checkpoint: Safetensors
     unfilled = sorted(set(params) - filled)
     if unfilled:
         raise CheckpointError(f"{checkpoint.folder}: no checkpoint tensor for parameter {unfilled[0]}")
+    return rules
+
+
+def _fields_behind(config: ModelConfig, need: torch.Size, have: torch.Size) -> str:
+    """The config.json fields a parameter's mismatched sizes come from, for the error to name
+    (``hidden_size: 10**9`` shows up as an embedding table that needs 10^9 columns)."""
+    sizes = {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+             "intermediate_size": config.intermediate_size, "head_dim": config.head_dim,
+             "max_position_embeddings": config.max_position_embeddings}
+    if config.moe is not None:
+        sizes.update(num_experts=config.moe.num_experts, moe_intermediate_size=config.moe.expert_intermediate_size)
+    heads = {"num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads}
+    wrong = set(need) - set(have)
+    named = [f"{field} {size}" for field, size in sizes.items() if size in wrong]
+    named += [f"{field} {n}" for field, n in heads.items() if n * config.head_dim in wrong]  # q, k, v rows
+    return f" (from config.json's {', '.join(named)})" if named else ""
+
+
+def _check_head_dim(config: ModelConfig, checkpoint: SafetensorsFolder) -> None:
+    """The meta model's rotary tables are real (model/rope.py: head_dim / 2 frequencies on the CPU),
+    so a head wider than any tensor is refused before it is built; the plan checks the exact shape."""
+    largest = max((checkpoint.numel(n) for n in checkpoint.names()), default=0)
+    if config.head_dim > largest:
+        raise CheckpointError(f"{checkpoint.folder / 'config.json'}: head_dim {config.head_dim} is larger than any tensor in the "
+                              f"checkpoint (the largest holds {largest} values)")
+
+
+def _meta_tensor(checkpoint: SafetensorsFolder, name: str, rule: Rule, config: ModelConfig) -> torch.Tensor:
+    """A shape-and-dtype stand-in for a stored tensor, once its dtype is one the rule can read."""
+    stored = checkpoint.entries[name]["dtype"]
+    dtype = torch_dtype(stored)
+    wanted = rule.source_dtype
+    if wanted is None and not dtype.is_floating_point or wanted is not None and dtype != wanted:
+        kind = "floating-point values" if wanted is None else str(wanted).removeprefix("torch.")
+        raise CheckpointError(f"{checkpoint.file_of[name]}: tensor {name!r} is stored as {stored}; "
+                              f"{config.model_type} parameter {rule.target} reads {kind}")
+    return torch.empty(checkpoint.shape(name), dtype=dtype, device="meta")
+
+
+def fill_parameters(model: Decoder, rules: list[Rule], checkpoint: SafetensorsFolder, progress=None) -> None:
+    """Copy each planned rule's tensors into its parameter (``plan`` has checked them all)."""
+    params = dict(model.named_parameters())
+    family = model.config.model_type
+    for done, rule in enumerate(rules, 1):
+        tensors = [checkpoint.read(s) for s in rule.sources]
+        where = f"{checkpoint.file_of[rule.sources[0]]}: tensor {rule.sources[0]!r}"
+        target = params[rule.target]
+        value = converted(rule, tensors, target.shape, where, family, CheckpointError)
+        with torch.no_grad():
+            target.copy_(value)
+        if progress:
+            progress(done, len(rules))
