@@ -264,3 +264,14 @@ def test_sampling_params_changed_after_construction_are_refused_by_the_engine(ll
     with pytest.raises(RequestError, match="stop_token_ids must be in"):
         engine.add_request([1, 2, 3], SamplingParams(stop_token_ids=[10**6]))
     assert not engine.has_unfinished() and all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["numpy-argmax", "torch-max"])
+def test_the_batched_greedy_argmax_leaves_nan_and_inf_rows_to_the_sampler(llama, dtype):
+    from types import SimpleNamespace
+
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[0.0, 2.0, 1.0], [nan, 0.0, 1.0], [0.0, inf, 1.0], [-inf, -inf, -inf]], dtype=dtype)
+    seq = SimpleNamespace(params=GREEDY, output_ids=[], constraint=None)
+    engine = engine_for(llama)
+    assert engine._batched_greedy([(seq, row, 1) for row in range(4)], logits) == [1, -1, -1, -1]
