@@ -25,10 +25,11 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length"
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[dict[int, float]] | None = None  # per token: chosen (and top) token → logprob
     cumulative_logprob: float | None = None
+    error: str | None = None  # finish_reason "error": why this sample failed (the other prompts' went on)
 
 
 @dataclass
@@ -201,7 +202,7 @@ def _apply(out: RequestOutput, d, start: float) -> None:
     if d.logprobs is not None:
         s.logprobs += d.logprobs
     if d.finish_reason:
-        s.finish_reason, s.stop_reason = d.finish_reason, d.stop_reason
+        s.finish_reason, s.stop_reason, s.error = d.finish_reason, d.stop_reason, d.error
 
 def _tokenizer_for(path: Path):
     """The tokenizer of a Hugging Face folder, or the one a GGUF file carries in its metadata."""

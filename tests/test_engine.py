@@ -161,3 +161,117 @@ def test_requests_that_cannot_fit_are_refused_with_a_reason(llama):
         engine.add_request([1] * 300)
     with pytest.raises(RequestError, match="empty"):
         engine.add_request([])
+
+
+# ---- a failure is as small as its cause -----------------------------------------------------------
+
+
+class Grammar:
+    """A constraint factory whose grammar allows nothing (``broken=False``) or raises (``broken=True``)."""
+
+    def __init__(self, vocab: int, broken: bool):
+        self.vocab, self.broken = vocab, broken
+
+    def __call__(self):
+        return self
+
+    def allowed(self, output_ids):
+        if self.broken:
+            raise ValueError("the grammar broke")
+        return torch.zeros(self.vocab, dtype=torch.bool)
+
+
+def test_a_sequence_with_nan_logits_fails_alone_and_the_batch_goes_on(llama):
+    vocab = llama[0].config.vocab_size
+    ps = prompts(3, vocab)
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)
+    engine = engine_for(llama, cpu_decode=False)
+    sample = engine._sample  # the poisoned request's rows are NaN, as from a model that overflowed
+    engine._sample = lambda seq, row: sample(seq, torch.full_like(row, float("nan")) if seq.request_id == "bad" else row)
+    good = engine.add_request(ps[0], GREEDY)
+    other = engine.add_request(ps[1], sampled)
+    engine.add_request(ps[2], SamplingParams(temperature=0.8, max_tokens=10), request_id="bad")
+    deltas = []
+    while engine.has_unfinished():
+        deltas += engine.step()
+    [failed] = [d for d in deltas if d.request_id == "bad"]
+    assert failed.finish_reason == "error" and "every logit is -inf or NaN" in failed.error
+    tokens = {rid: [t for d in deltas if d.request_id == rid for t in d.token_ids] for rid in (good, other)}
+    assert tokens[good] == alone(llama, ps[0]) and tokens[other] == alone(llama, ps[1], sampled)
+    assert all_blocks_free(engine) and engine.failed_steps == 0
+
+
+def test_a_greedy_batch_of_nan_rows_fails_its_sequences_not_the_engine(llama):
+    engine = engine_for(llama, cpu_decode=False)
+    model = engine.model
+    logits = model.logits
+    model.logits = lambda hidden: torch.full_like(logits(hidden), float("nan"))  # the batched argmax would pick a NaN
+    ps = prompts(3, llama[0].config.vocab_size)
+    out = engine.run([(p, GREEDY) for p in ps[:2]])
+    assert [seqs[0].finish_reason for seqs in out.values()] == ["error", "error"]
+    assert all(not seqs[0].output_ids for seqs in out.values()) and all_blocks_free(engine)
+    del model.logits  # the model recovers: the same engine serves the next request as a fresh one would
+    [seqs] = engine.run([(ps[2], GREEDY)]).values()
+    assert seqs[0].output_ids == alone(llama, ps[2]) and all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["allows-nothing", "raises"])
+def test_a_grammar_that_fails_ends_its_sequence_only(llama, broken):
+    vocab = llama[0].config.vocab_size
+    ps = prompts(2, vocab)
+    engine = engine_for(llama)
+    for params in (SamplingParams(temperature=0, max_tokens=10), SamplingParams(temperature=1.0, max_tokens=10)):
+        out = engine.run([(ps[0], GREEDY), (ps[1], SamplingParams(**{**vars(params), "constraint": Grammar(vocab, broken)}))])
+        good, bad = (seqs[0] for seqs in out.values())
+        assert good.output_ids == alone(llama, ps[0]) and good.finish_reason == "length"
+        assert bad.finish_reason == "error" and not bad.output_ids
+        assert all_blocks_free(engine)
+
+
+def test_a_failed_forward_pass_fails_its_step_and_the_engine_serves_on(llama):
+    engine = engine_for(llama, cpu_decode=False)
+    ps = prompts(3, llama[0].config.vocab_size)
+    model, calls = engine.model, []
+    forward = model.hidden_states
+
+    def fails_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return forward(*args)
+
+    model.hidden_states = fails_third
+    a, b = engine.add_request(ps[0], GREEDY), engine.add_request(ps[1], GREEDY)
+    deltas = []
+    while engine.has_unfinished():
+        deltas += engine.step()
+        assert engine.failed_steps <= 1
+    ends = {d.request_id: d for d in deltas if d.finish_reason}
+    assert ends[a].finish_reason == ends[b].finish_reason == "error" and "illegal memory access" in ends[a].error
+    assert engine.failed_steps == 1 and all_blocks_free(engine)
+    [seqs] = engine.run([(ps[2], GREEDY)]).values()
+    assert seqs[0].output_ids == alone(llama, ps[2]) and engine.failed_steps == 0
+
+
+def test_sampling_params_changed_after_construction_are_refused_by_the_engine(llama):
+    from rung.engine.sampling_params import SamplingParamsError
+
+    engine = engine_for(llama)
+    params = SamplingParams(max_tokens=4)
+    params.repetition_penalty = 1e-38
+    with pytest.raises(SamplingParamsError, match="repetition_penalty"):
+        engine.add_request([1, 2, 3], params)
+    with pytest.raises(RequestError, match="stop_token_ids must be in"):
+        engine.add_request([1, 2, 3], SamplingParams(stop_token_ids=[10**6]))
+    assert not engine.has_unfinished() and all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["numpy-argmax", "torch-max"])
+def test_the_batched_greedy_argmax_leaves_nan_and_inf_rows_to_the_sampler(llama, dtype):
+    from types import SimpleNamespace
+
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[0.0, 2.0, 1.0], [nan, 0.0, 1.0], [0.0, inf, 1.0], [-inf, -inf, -inf]], dtype=dtype)
+    seq = SimpleNamespace(params=GREEDY, output_ids=[], constraint=None)
+    engine = engine_for(llama)
+    assert engine._batched_greedy([(seq, row, 1) for row in range(4)], logits) == [1, -1, -1, -1]

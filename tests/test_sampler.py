@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rung.engine.sampler import apply_penalties, filtered_probs, sample
-from rung.engine.sampling_params import SamplingParams
+from rung.engine.sampler import NoTokenError, apply_penalties, filtered_probs, next_token_probs, sample
+from rung.engine.sampling_params import SamplingParams, SamplingParamsError
 from rung.engine.stops import StopStrings
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, 3.0, 0.0])
@@ -48,7 +48,7 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_best():
 
 def test_temperature_sharpens_and_flattens():
     sharp = filtered_probs(LOGITS, SamplingParams(temperature=0.25))
-    flat = filtered_probs(LOGITS, SamplingParams(temperature=4.0))
+    flat = filtered_probs(LOGITS, SamplingParams(temperature=2.0))
     assert sharp[4] > torch.softmax(LOGITS, -1)[4] > flat[4]
 
 
@@ -81,6 +81,62 @@ def test_logprobs_are_of_the_raw_distribution():
 def test_invalid_params_are_refused(bad):
     with pytest.raises(ValueError, match="SamplingParams"):
         SamplingParams(**bad)
+
+
+ABSURD = [("repetition_penalty", 1e-38), ("repetition_penalty", 0.0), ("repetition_penalty", float("inf")),
+          ("repetition_penalty", 1e6), ("temperature", float("nan")), ("temperature", 1e9), ("temperature", float("inf")),
+          ("top_p", 1.5), ("top_p", float("nan")), ("min_p", -0.1), ("presence_penalty", float("-inf")),
+          ("frequency_penalty", 2.5), ("n", 10**9), ("n", 2.0), ("top_k", 1.5), ("max_tokens", -1),
+          ("min_tokens", 20), ("logprobs", 10**6), ("logprobs", True), ("seed", 2**64), ("stop", ["x"] * 10_000),
+          ("stop", ["x" * 10**6]), ("stop", [3]), ("stop_token_ids", list(range(10**5))), ("stop_token_ids", [-1])]
+
+
+@pytest.mark.parametrize("field, value", ABSURD, ids=[f"{f}={str(v)[:12]}" for f, v in ABSURD])
+def test_absurd_sampling_params_are_refused_naming_the_field(field, value):
+    with pytest.raises(SamplingParamsError, match=f"^SamplingParams: {field} ") as info:
+        SamplingParams(**{"max_tokens": 16, field: value})
+    assert info.value.param == field and isinstance(info.value, ValueError)
+
+
+def test_sampling_params_changed_after_construction_are_checked_again():
+    params = SamplingParams()
+    params.repetition_penalty = 1e-38
+    with pytest.raises(SamplingParamsError, match="repetition_penalty must be in \\[0.01, 10\\], got 1e-38"):
+        params.verify()
+
+
+def test_the_bounds_keep_the_values_people_use():
+    SamplingParams(temperature=2.0, top_p=1.0, top_k=-1, min_p=1.0, repetition_penalty=0.5, presence_penalty=-2,
+                   frequency_penalty=2, max_tokens=None, n=128, logprobs=20, seed=-(2**63), stop=["s"] * 16)
+    assert SamplingParams(repetition_penalty=1.3, top_k=-1, stop="x").top_k == 0
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_nan_logits_are_never_drawn_and_a_row_of_nan_fails_alone():
+    logits = torch.tensor([NAN, 1.0, NAN, 2.0])
+    assert set(draws(SamplingParams(temperature=1.0), n=200, logits=logits)) == {1, 3}
+    assert sample(logits, SamplingParams(temperature=0)).token == 3  # argmax alone would pick the NaN
+    for row in (torch.full((4,), NAN), torch.full((4,), -INF), torch.tensor([NAN, -INF, NAN, -INF])):
+        for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9)):
+            with pytest.raises(NoTokenError, match="every logit is -inf or NaN"):
+                sample(row, params)
+
+
+def test_infinite_logits_share_the_draw_and_their_logprobs_stay_finite():
+    logits = torch.tensor([INF, 1.0, INF, NAN, -INF])
+    assert set(draws(SamplingParams(temperature=1.0), n=200, logits=logits)) == {0, 2}
+    s = sample(logits, SamplingParams(temperature=1.0, logprobs=5), torch.Generator().manual_seed(0))
+    assert s.token in (0, 2) and s.logprob == pytest.approx(-0.6931, abs=1e-4)
+    assert all(v == v and abs(v) < float("inf") for v in s.top_logprobs.values())  # JSON has no NaN or inf
+
+
+def test_tiny_temperature_and_the_smallest_repetition_penalty_do_not_overflow():
+    logits = torch.tensor([3e36, 2.9e36, -1e30, 0.0])
+    probs = next_token_probs(logits, SamplingParams(temperature=1e-5, repetition_penalty=0.01), prompt=[0, 1])
+    assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)
+    assert probs[0].item() == pytest.approx(1.0)
 
 
 def test_stop_string_across_token_boundaries_is_never_emitted():

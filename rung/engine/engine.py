@@ -14,6 +14,12 @@ target's come back in one Delta. The output distribution is the non-speculative 
 On the CUDA-graph path a decode-only batch of plain-greedy sequences runs one step ahead of the
 host (engine/overlap.py): ``step`` enqueues step n + 1 from step n's tokens on the device, then
 reads step n's tokens and returns their deltas.
+
+A failure is as small as its cause. Sampling, a grammar, the detokenizer or stop strings failing
+for one sequence end that sequence alone, with finish_reason "error" and the reason in
+``Delta.error``; a failed forward pass ends the sequences of that step. Their blocks are freed at
+once and the engine goes on with the rest. ``failed_steps`` counts the steps in a row that failed
+as a whole: a model that fails every forward pass is broken, one bad request is not.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rung.engine.overlap import PendingTokens
 from rung.engine.paged import KVPool, PagedStep
-from rung.engine.sampler import Sampled, next_token_probs, sample, token_logprobs
+from rung.engine.sampler import NoTokenError, Sampled, next_token_probs, sample, token_logprobs
 from rung.engine.sampling_params import SamplingParams
 from rung.engine.scheduler import Scheduler
 from rung.engine.sequence import Sequence, Status
@@ -62,10 +69,15 @@ class Delta:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
+    error: str | None = None  # finish_reason "error": why this sequence failed (the others went on)
 
 
 class RequestError(ValueError):
     """A request the engine refuses (empty, too long for the context or the cache)."""
+
+
+class GenerationError(RuntimeError):
+    """A request that failed inside the engine (its sampling or its forward pass); the engine goes on."""
 
 
 class Engine:
@@ -91,6 +103,9 @@ class Engine:
         self.graphs = self._graphs()
         self.cpu_decode = self._cpu_decode()
         self._ahead: PendingTokens | None = None  # a decode step enqueued, its tokens not yet read
+        self._stepping: list[Sequence] = []  # the sequences of the step under way: a failed step fails them
+        self.failed_steps = 0  # steps in a row that failed as a whole (0 after any step that ran)
+        self.step_error: Exception | None = None  # why the last failed step failed
         self.stats = dict(steps=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
                           draft_tokens=0, accepted_tokens=0, acceptance_rate=0.0, steps_ahead=0)
 
@@ -143,6 +158,7 @@ class Engine:
         from rung.text.detok import IncrementalDetokenizer
 
         params = params or SamplingParams()
+        params.verify()  # a dataclass may have been changed since it was built
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -150,6 +166,8 @@ class Engine:
             raise RequestError("the prompt is empty")
         if any(not 0 <= t < self.model.config.vocab_size for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        if any(t >= self.model.config.vocab_size for t in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {self.model.config.vocab_size})")
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise RequestError(f"prompt of {len(prompt_ids)} tokens does not fit the model's context of "
@@ -203,12 +221,19 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        self._propose()
+        self._stepping = []
         try:
-            return self._step()
+            self._propose()
+            deltas = self._step()
+        except Exception as e:  # the step as a whole failed (its forward pass): its sequences end, not the engine
+            self.failed_steps += 1
+            self.step_error = e
+            return self._fail_step(e)
         finally:
             for seq in self.scheduler.running:  # guesses live for one step
                 seq.draft_ids, seq.draft_probs = [], None
+        self.failed_steps = 0
+        return deltas
 
     def _step(self) -> list[Delta]:
         if self._ahead is not None:
@@ -218,8 +243,9 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running and not self.scheduler.swapped:
-                raise RuntimeError("the KV cache cannot hold the next waiting sequence")
+                return [self._fail(self.scheduler.waiting[0], "the KV cache cannot hold this sequence")]
             return []
+        self._stepping = [seq for seq, _ in batch]
         self.stats["steps"] += 1
         ids = torch.tensor([[t for seq, n in batch
                              for t in (seq.all_ids + seq.draft_ids)[seq.num_computed: seq.num_computed + n]]],
@@ -259,13 +285,16 @@ class Engine:
             for seq, row, count in sampling:
                 if seq.cached_tokens and not seq.output_ids:
                     self.stats["cached_prompt_tokens"] += seq.cached_tokens
-                if count == 1:
-                    sampled = Sampled(argmax[row]) if argmax is not None and self._plain_greedy(seq) else None
-                    delta = self._advance(seq, [sampled or self._sample(seq, logits[row])])
-                else:
-                    delta = self._verify(seq, logits[row: row + count])
-                if delta.finish_reason:
-                    self._finish(seq)
+                try:
+                    if count == 1:
+                        greedy = argmax is not None and argmax[row] >= 0 and self._plain_greedy(seq)
+                        delta = self._advance(seq, [Sampled(argmax[row]) if greedy else self._sample(seq, logits[row])])
+                    else:
+                        delta = self._verify(seq, logits[row: row + count])
+                    if delta.finish_reason:
+                        self._finish(seq)
+                except Exception as e:  # its sampling, grammar, detokenizer or stop strings: it alone fails
+                    delta = self._fail(seq, e)
                 deltas.append(delta)
         self._release_held()
         return deltas
@@ -302,6 +331,7 @@ class Engine:
     def _step_ahead(self) -> list[Delta]:
         """Enqueue step n + 1 if it can run, then read step n's tokens and append them."""
         ahead, self._ahead = self._ahead, None
+        self._stepping = list(ahead.seqs)
         # its input tokens are on the host by now (appended by the call that read the step before),
         # and the step has written their keys: count them, as a synchronous step does after its forward
         for seq in ahead.seqs:
@@ -332,12 +362,18 @@ class Engine:
                 and not p.frequency_penalty and not self._banned(seq) and getattr(seq, "constraint", None) is None)
 
     def _batched_greedy(self, sampling, logits: torch.Tensor) -> list[int] | None:
-        """One argmax and one device → host copy for all plain-greedy rows, instead of one per sequence."""
+        """One argmax and one device → host copy for all plain-greedy rows, instead of one per
+        sequence. A row whose largest logit is not finite (NaN wins an argmax) gets -1: the sampler,
+        which handles NaN and inf, takes it instead."""
         if not any(count == 1 and self._plain_greedy(seq) for seq, _, count in sampling):
             return None
         if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            return logits.numpy().argmax(-1).tolist()  # NumPy's: ~5 us a 50K-row against torch's ~45
-        return logits.argmax(-1).tolist()
+            rows = logits.numpy()
+            best = rows.argmax(-1)  # NumPy's: ~5 us a 50K-row against torch's ~45
+            finite = np.isfinite(rows[np.arange(len(rows)), best])
+            return np.where(finite, best, -1).tolist()
+        values, best = logits.max(-1)
+        return best.masked_fill(~torch.isfinite(values), -1).tolist()
 
     def _banned(self, seq: Sequence, ahead: int = 0) -> list[int]:
         """Tokens masked for the token ``ahead`` places after the current end: EOS before min_tokens."""
@@ -359,7 +395,10 @@ class Engine:
             # a grammar-constrained sequence is not guessed for: its mask depends on every token before
             if seq.status is Status.RUNNING and seq.remaining == 1 and seq.constraint is None:
                 room = self._max_new(seq) - len(seq.output_ids) - 1  # the verified step adds one token more
-                proposal = self.proposer.propose(seq, room)
+                try:
+                    proposal = self.proposer.propose(seq, room)
+                except NoTokenError:  # the draft model has nothing to offer here: no guesses, the target decides
+                    continue
                 seq.draft_ids, seq.draft_probs = proposal.tokens, proposal.probs
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> Delta:
@@ -421,6 +460,26 @@ class Engine:
                 break
         seq.finish_reason, seq.stop_reason = finish, stop_reason
         return Delta(seq.request_id, seq.index, text, ids, finish, stop_reason, logprobs)
+
+    def _fail(self, seq: Sequence, error: Exception | str) -> Delta:
+        """End one sequence on an error: its blocks go back now, its Delta says why."""
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        seq.finish_reason, seq.stop_reason = "error", None
+        self._finish(seq)
+        return Delta(seq.request_id, seq.index, "", [], "error", error=message)
+
+    def _fail_step(self, error: Exception) -> list[Delta]:
+        """A step that failed as a whole fails its sequences (every queued one when it failed before
+        it had any: a step that cannot start must not repeat for ever)."""
+        self._ahead = None  # its tokens, if any, belong to the failed sequences
+        seqs = [s for s in self._stepping if not s.finished] or self.scheduler.all_sequences()
+        return [self._fail(seq, error) for seq in seqs]
+
+    def abort_all(self) -> None:
+        """Cancel every request (the async engine's last resort when a step escapes its own handling)."""
+        for request_id in list(self._sequences):
+            self.abort(request_id)
+        self._ahead = None
 
     def _finish(self, seq: Sequence) -> None:
         """Free a finished or cancelled sequence's blocks and draft state."""

@@ -1,5 +1,12 @@
 """From one row of logits to the next token: penalties, temperature, top-k, top-p, min-p, a
-seeded draw, and the logprobs a caller asked for."""
+seeded draw, and the logprobs a caller asked for.
+
+A row may hold NaN or inf (a model that overflowed, a broken checkpoint): NaN counts as -inf (never
+drawn), tokens at +inf share the draw (the limit of logits growing without bound), and a row with
+nothing left to draw raises NoTokenError, which the engine turns into the end of that sequence
+alone. Temperature divides logits after the largest is subtracted, so a tiny temperature cannot
+overflow either.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,24 @@ class Sampled:
     token: int
     logprob: float | None = None  # of the chosen token under the model's raw distribution
     top_logprobs: dict[int, float] | None = None
+
+
+class NoTokenError(ValueError):
+    """Every token's logit is -inf or NaN (after masks and penalties): nothing can be drawn."""
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """logits [vocab] float32 with no NaN and no +inf: NaN → -inf; when some are +inf, those
+    tokens become 0 and the rest -inf. Raises NoTokenError when every one is -inf or NaN."""
+    top = logits.max()
+    if bool(torch.isfinite(top)):  # the common case: one reduction and no copy (a NaN makes max NaN)
+        return logits
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    if bool(torch.isposinf(logits).any()):
+        return torch.where(torch.isposinf(logits), 0.0, float("-inf"))
+    if not bool(torch.isfinite(logits).any()):
+        raise NoTokenError("no token can be sampled: every logit is -inf or NaN")
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
@@ -33,7 +58,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, as probabilities [vocab]."""
-    logits = logits / params.temperature
+    logits = finite_logits(logits)
+    logits = (logits - logits.max()) / params.temperature  # all <= 0: no overflow whatever the temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -70,13 +96,14 @@ def next_token_probs(
         if allowed is None or bool(torch.isfinite(kept).any()):  # a grammar that must end outranks min_tokens
             logits = kept
     if params.greedy:
-        return torch.zeros_like(logits).index_fill_(0, torch.argmax(logits).reshape(1), 1.0)
+        return torch.zeros_like(logits).index_fill_(0, torch.argmax(finite_logits(logits)).reshape(1), 1.0)
     return filtered_probs(logits, params)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int | None) -> Sampled:
-    """The chosen token's logprob under the raw distribution, and the ``top`` most likely."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    """The chosen token's logprob under the raw distribution, and the ``top`` most likely. -inf
+    (a token the raw logits rule out) is reported as -9999.0, as vLLM does: JSON has no infinity."""
+    logprobs = torch.log_softmax(finite_logits(logits.float()), dim=-1).clamp(min=-9999.0)
     best = None
     if top:
         values, ids = torch.topk(logprobs, top)

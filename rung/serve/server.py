@@ -336,8 +336,8 @@ class Server:
                 include_stop_str_in_output=req.include_stop_str_in_output, seed=req.seed, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens and self.family.skip_special_tokens,
                 constraint=grammar)
-        except ValueError as e:
-            raise bad_request(str(e).removeprefix("SamplingParams: ")) from None
+        except ValueError as e:  # SamplingParamsError names the field
+            raise bad_request(str(e).removeprefix("SamplingParams: "), getattr(e, "param", None)) from None
 
     # ---- one engine request -----------------------------------------------------------------------
 

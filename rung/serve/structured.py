@@ -34,7 +34,8 @@ class Grammars:
         self.vocab_size = vocab_size
         self.eos = sorted(tokenizer.eos_token_ids)
         # the Rust tokenizer's own JSON, added and special tokens included (what llguidance.hf does)
-        self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=self.eos)
+        self.tokenizer = _ll_tokenizer(llguidance, tokenizer.backend.to_str(), vocab_size, self.eos,
+                                       tokenizer.eos_token_id)
         # llguidance treats every added token as a token grammars name (`<think>`), never as its text
         self.added = frozenset(t.content for t in tokenizer.backend.get_added_tokens_decoder().values())
 
@@ -63,6 +64,17 @@ class Grammars:
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         return ConstraintFactory(matcher, self.vocab_size, self.eos)
+
+
+def _ll_tokenizer(llguidance, tokenizer_json: str, vocab_size: int, eos: list[int], primary: int | None):
+    """llguidance's tokenizer with every EOS id (1.7 and later); llguidance before 1.7 takes one
+    id (a list is a TypeError), so it gets the tokenizer's own EOS, and ``Constraint`` allows the
+    other EOS ids wherever it allows that one."""
+    try:
+        return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
+    except TypeError:
+        one = primary if primary in eos else (eos[0] if eos else None)
+        return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=one)
 
 
 class ConstraintFactory:
@@ -101,6 +113,8 @@ class Constraint:
         fill_next_token_bitmask(self.matcher, self._bitmask)
         # bit j of word w allows token 32 * w + j
         mask = ((self._bitmask[0, :, None] >> _SHIFTS) & 1).reshape(-1)[: self.vocab_size].bool()
+        if self.eos and bool(mask[self.eos].any()):  # llguidance < 1.7 knows one EOS id: an end allows every one
+            mask[self.eos] = True
         return mask if bool(mask.any()) else self._only_eos()
 
     def _only_eos(self) -> torch.Tensor:
