@@ -181,6 +181,34 @@ def test_a_tool_schema_nested_deep_or_invalid_is_a_400_naming_the_tool(served):
     assert status == 200, reply
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_number_that_is_not_finite_is_a_400_naming_the_field(served, value):
+    client, _ = served
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": %s}' % value
+    error = refused(client, "/v1/chat/completions", body.encode())
+    assert error["param"] == "repetition_penalty" and "repetition_penalty" in error["message"]
+    error = refused(client, "/v1/completions", ('{"model": "tiny", "prompt": "hi", "stop_token_ids": [1], '
+                                                '"logit_bias": {"7": %s}}' % value).encode())
+    assert error["param"] == "logit_bias.7"
+    still_serving(client)
+
+
+def test_a_sampling_params_error_is_a_400_naming_its_field(served, monkeypatch):
+    """SamplingParams' own bounds (the engine's, which may be tighter than the schema's) reach the
+    client as a 400 whose param is the field its message starts with."""
+    from rung.engine.sampling_params import SamplingParams
+
+    def refuse(self):
+        raise ValueError("SamplingParams: repetition_penalty must be in [0.01, 100]")
+
+    client, _ = served
+    monkeypatch.setattr(SamplingParams, "__post_init__", refuse)
+    error = refused(client, "/v1/chat/completions", {**CHAT, "repetition_penalty": 1e-38})
+    assert error["param"] == "repetition_penalty" and error["message"].startswith("repetition_penalty must be")
+    monkeypatch.undo()
+    still_serving(client)
+
+
 # ---- stream and stream_options are named -----------------------------------------------------------
 
 
@@ -344,6 +372,7 @@ BAD_BODIES = {
     "NaN": b'{"model": "tiny", "prompt": "hi", "messages": [], "temperature": NaN}',
     "Infinity": b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}',
     "a number out of range": b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+    "-Infinity in a list": b'{"model": "tiny", "prompt": "hi", "logit_bias": {"5": -Infinity}}',
     "an integer of 5000 digits": b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": '
                                  + b"9" * 5000 + b"}",
     "trailing garbage": b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]} {}',

@@ -8,13 +8,14 @@ Ranges follow OpenAI's documentation; what the model's context allows is checked
 prompt is tokenized.
 
 ``parse_body`` turns the bytes of a body into one of these requests, or into a 400 naming the field
-(the JSON's nesting, lone UTF-16 surrogates and non-finite numbers included). It is CPU work on up
+(the JSON's nesting, lone UTF-16 surrogates and numbers that are not finite included). It is CPU work on up
 to --max-request-bytes: the server runs it off the event loop.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Literal, Union
 
@@ -203,7 +204,7 @@ class CompletionRequest(SamplingFields):
 def parse_body(raw: bytes, schema: type[SamplingFields]) -> SamplingFields:
     """The request in ``raw``, or a 400 (invalid_request_error) naming the field. Blocking."""
     try:
-        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        data = json.loads(raw)
     except RecursionError:  # deeper than the interpreter's stack, before MAX_JSON_DEPTH could be checked
         field = _deep_field(raw)
         raise bad_request(f"{field or 'the body'} nests more than {MAX_JSON_DEPTH} levels of objects and arrays",
@@ -249,25 +250,15 @@ def _deep_field(raw: bytes) -> str | None:
     return field if isinstance(field, str) and not _SURROGATE.search(field) else None
 
 
-def _not_json(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
-
-
 def _json_type(value) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
 def _check_values(data: dict) -> None:
-    """A 400 for the first value no field can hold: nesting deeper than MAX_JSON_DEPTH, or a string
-    (or a key) with a lone UTF-16 surrogate (``"\\ud800"``: valid JSON, but no text; tokenizers
-    and the UTF-8 of every reply choke on it)."""
+    """A 400 for the first value no field can hold: nesting deeper than MAX_JSON_DEPTH; a string (or
+    a key) with a lone UTF-16 surrogate (``"\\ud800"``: valid JSON, but no text; tokenizers and the
+    UTF-8 of every reply choke on it); a number that is not finite (Python's json reads NaN,
+    Infinity and 1e999, which JSON has not)."""
     found = _first_bad(data, 0)
     if found is None:
         return
@@ -275,14 +266,18 @@ def _check_values(data: dict) -> None:
     if why == "depth":  # the top-level field: the path down is as long as the limit
         raise bad_request(f"{path[0]} nests more than {MAX_JSON_DEPTH} levels of objects and arrays", path[0])
     param = ".".join(_printable(str(p)) for p in path)
+    if why == "number":
+        raise bad_request(f"{param}: NaN and infinite numbers are not JSON numbers", param)
     raise bad_request(f"{param}: a lone UTF-16 surrogate (\\ud800-\\udfff) is not text", param)
 
 
 def _first_bad(value, depth: int) -> tuple[list, str] | None:
-    """(the path to the first bad value, "depth" | "surrogate"), or None. Recursion is bounded by
-    MAX_JSON_DEPTH; the work by the size of the body."""
+    """(the path to the first bad value, "depth" | "surrogate" | "number"), or None. Recursion is
+    bounded by MAX_JSON_DEPTH; the work by the size of the body."""
     if isinstance(value, str):
         return ([], "surrogate") if _SURROGATE.search(value) else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ([], "number")
     if not isinstance(value, (dict, list)):
         return None
     if depth >= MAX_JSON_DEPTH:

@@ -27,7 +27,7 @@ from rung.serve.structured import GrammarError, check_json_schema
 # A JSON schema (a response format or a tool's parameters) is checked by jsonschema and compiled by
 # llguidance, both by recursion and both in time that grows faster than the schema: bound its
 # nesting (objects and arrays inside one another: 31 nested objects with their "properties") and
-# its size (objects and arrays in all; ~2000 properties, which take seconds to check and compile).
+# its size (objects and arrays in all: ~4000 one-line properties, seconds to check and compile).
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_NODES = 4096
 
@@ -373,9 +373,9 @@ class Server:
                 include_stop_str_in_output=req.include_stop_str_in_output, seed=req.seed, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens and self.family.skip_special_tokens,
                 constraint=grammar)
-        except ValueError as e:  # SamplingParams' own bounds: "top_k must be ..." names its field
+        except ValueError as e:  # SamplingParams' own bounds: the field is e.param, or the word the message starts with
             message = str(e).removeprefix("SamplingParams: ")
-            field = message.split(" ", 1)[0]
+            field = getattr(e, "param", None) or message.split(" ", 1)[0]
             raise bad_request(message, field if field in type(req).model_fields else None) from None
 
     # ---- one engine request -----------------------------------------------------------------------
