@@ -195,11 +195,14 @@ def test_a_number_that_is_not_finite_is_a_400_naming_the_field(served, value):
 
 def test_a_sampling_params_error_is_a_400_naming_its_field(served, monkeypatch):
     """SamplingParams' own bounds (the engine's, which may be tighter than the schema's) reach the
-    client as a 400 whose param is the field its message starts with."""
+    client as a 400 whose param is the field the error names (its ``param``)."""
     from rung.engine.sampling_params import SamplingParams
 
+    class Refused(ValueError):
+        param = "repetition_penalty"
+
     def refuse(self):
-        raise ValueError("SamplingParams: repetition_penalty must be in [0.01, 100]")
+        raise Refused("SamplingParams: repetition_penalty must be in [0.01, 10]")
 
     client, _ = served
     monkeypatch.setattr(SamplingParams, "__post_init__", refuse)

@@ -373,10 +373,8 @@ class Server:
                 include_stop_str_in_output=req.include_stop_str_in_output, seed=req.seed, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens and self.family.skip_special_tokens,
                 constraint=grammar)
-        except ValueError as e:  # SamplingParams' own bounds: the field is e.param, or the word the message starts with
-            message = str(e).removeprefix("SamplingParams: ")
-            field = getattr(e, "param", None) or message.split(" ", 1)[0]
-            raise bad_request(message, field if field in type(req).model_fields else None) from None
+        except ValueError as e:  # SamplingParamsError names the field
+            raise bad_request(str(e).removeprefix("SamplingParams: "), getattr(e, "param", None)) from None
 
     # ---- one engine request -----------------------------------------------------------------------
 
