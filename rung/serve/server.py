@@ -228,6 +228,9 @@ class Server:
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        if sum(_shape(t["function"].get("parameters"))[1] for t in tools or []) > MAX_SCHEMA_NODES:
+            raise bad_request(f"tools: their parameters hold more than {MAX_SCHEMA_NODES} objects and arrays in all",
+                              "tools", "invalid_json_schema")
         for i, t in enumerate(tools or []):
             if "parameters" in t["function"]:
                 _check_schema(t["function"]["parameters"], f"tools.{i}.function.parameters")
