@@ -70,7 +70,8 @@ def _run(args: argparse.Namespace) -> int:
 
     resolve_model(args.model)  # an unknown name or path fails here, in one line, before the port opens
     rag = open_rag(args)  # so does a missing, damaged or hostile --rag index
-    for name in ("max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size"):
+    for name in ("max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size",
+                 "max_request_bytes"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
     policy = None

@@ -9,17 +9,15 @@ line and one set of metric updates, whether it finished, failed, timed out or it
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
 from rung.govern.policy import Principal
 from rung.serve import logs
-from rung.serve.errors import APIError, bad_request, pydantic_errors
+from rung.serve.errors import APIError
 from rung.serve.grounding import add_rung, choice_fields, reply_fields
 from rung.serve.governance import VERIFIER_REFUSAL, ToolGate, sources_of
 from rung.serve.metrics import CONTENT_TYPE
@@ -27,7 +25,7 @@ from rung.serve.reasoning import Event
 from rung.serve.responses import (DONE, Choice, TokenText, call_json, chat_logprobs, completion_logprobs, sse,
                                   usage)
 from rung.serve.redaction import RequestRedaction, redaction_for
-from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
+from rung.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from rung.serve.server import Prepared, Server, wait_disconnect
 
 
@@ -77,7 +75,8 @@ def create_app(server: Server) -> FastAPI:
             raise refused
         return Principal("default", policy.default) if policy is not None else None
 
-    async def body_of(request: Request, schema):
+    async def body_of(request: Request) -> bytes:
+        """The raw body, a 413 past --max-request-bytes (read as it arrives: no CPU work here)."""
         limit = server.config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -88,16 +87,7 @@ def create_app(server: Server) -> FastAPI:
             raw += chunk
             if len(raw) > limit:
                 raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise bad_request("the body must be a JSON object", code="invalid_json")
-        try:
-            return schema.model_validate(data)
-        except ValidationError as e:
-            raise pydantic_errors(e) from None
+        return bytes(raw)
 
     # ---- routes ---------------------------------------------------------------------------------
 
@@ -136,16 +126,21 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(name)
         return {"id": name, "object": "model", "created": server.started, "owned_by": "rung"}
 
+    # A request's CPU work (parsing and validating the body, rendering the template, tokenizing,
+    # compiling a grammar) runs on the server's prepare threads, inside its admission slot: the
+    # event loop only moves bytes, so /health and the streams of others never wait on a big request.
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         principal = authorize(request)
-        req = await body_of(request, ChatCompletionRequest)
-        server.check_model(req.model)
-        server.check_ready()
+        raw = await body_of(request)
         with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
+            req = await server.off_loop(parse_body, raw, ChatCompletionRequest)
+            server.check_model(req.model)
+            server.check_ready()
             redaction = await redaction_for(server, req)  # before the template: the model sees placeholders
             req = redaction.request if redaction else req
-            prepared = server.prepare_chat(req, principal)
+            prepared = await server.off_loop(server.prepare_chat, req, principal)
             run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal,
                       redaction=redaction)
             return await run.respond(request)
@@ -153,13 +148,14 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        req = await body_of(request, CompletionRequest)
-        server.check_model(req.model)
-        server.check_ready()
+        raw = await body_of(request)
         with server.admit():
+            req = await server.off_loop(parse_body, raw, CompletionRequest)
+            server.check_model(req.model)
+            server.check_ready()
             redaction = await redaction_for(server, req)
             req = redaction.request if redaction else req
-            prepared = server.prepare_completion(req)
+            prepared = await server.off_loop(server.prepare_completion, req)
             run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared],
                       redaction=redaction)
             return await run.respond(request)
@@ -254,7 +250,7 @@ class Run:
         self._open += 1
         self._tasks.append(asyncio.ensure_future(pump()))
 
-    def retry(self, choice: Choice, extra: list[dict]) -> None:
+    async def retry(self, choice: Choice, extra: list[dict]) -> None:
         """Another round for one choice: its conversation plus ``extra`` (the denied calls and their
         errors), one sample, what is left of max_tokens. Raises APIError when it cannot be prepared."""
         from rung.serve.schemas import Message
@@ -267,7 +263,7 @@ class Run:
             if left < 1:
                 raise APIError(400, "no tokens left of max_tokens for another round")
             update["max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"] = left
-        p = self.server.prepare_chat(req.model_copy(update=update), self.principal)
+        p = await self.server.off_loop(self.server.prepare_chat, req.model_copy(update=update), self.principal)
         self.extra_prompt_tokens += len(p.prompt_ids)
         choice.parser = self.server.family.parser(p.tools, p.prompt_text)
         self._spawn(p, f"{self.id}-c{choice.index}-r{len(self._tasks)}", lambda _, c=choice.index: c)
@@ -305,13 +301,13 @@ class Run:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _feed(self, d) -> tuple[Choice, list, bool]:
+    async def _feed(self, d) -> tuple[Choice, list, bool]:
         """One delta into its choice: (the choice, the events to emit, whether the choice finished)."""
         choice = self.choices[d.index]
         events = choice.feed(d)
         if self.gate is None:
             return choice, events, bool(d.finish_reason)
-        events, finished = self.gate.feed(choice, events, d.finish_reason)
+        events, finished = await self.gate.feed(choice, events, d.finish_reason)
         return choice, events, finished
 
     async def _verify(self, choice: Choice) -> bool:
@@ -347,7 +343,7 @@ class Run:
         deltas = self._deltas()
         try:
             async for d in deltas:
-                self._feed(d)
+                await self._feed(d)
             for c in self.choices:
                 await self._verify(c)
         except BaseException as e:
@@ -418,7 +414,7 @@ class Run:
     async def _chunks(self, d) -> list[str]:
         choice = self.choices[d.index]
         before = len(choice.token_ids)
-        choice, events, finished = self._feed(d)
+        choice, events, finished = await self._feed(d)
         lp = self._logprobs(choice, before)
         out = []
         if self.kind == "chat" and self.verification is not None:

@@ -85,7 +85,7 @@ class ToolGate:
         self.refused = 0
         self.rules_fired: list[str] = []
 
-    def feed(self, choice, events: list[Event], finish: str | None) -> tuple[list[Event], bool]:
+    async def feed(self, choice, events: list[Event], finish: str | None) -> tuple[list[Event], bool]:
         """The events to emit for one delta, and whether the choice finished (False while another
         round runs)."""
         events = [e for e in events if e.kind != "tool_call"]
@@ -108,7 +108,7 @@ class ToolGate:
             return events + self._refuse(choice, first), True
         history = (state.extra or []) + _round_messages(content, calls, decisions)
         try:
-            self.run.retry(choice, history)
+            await self.run.retry(choice, history)
         except APIError as e:  # the longer conversation no longer fits, ...: end here
             return events + self._refuse(choice, Decision(False, first.rule, f"{first.reason} ({e.message})")), True
         state.retries += 1

@@ -3,15 +3,32 @@
 Fields are OpenAI's, plus the extras vLLM accepts (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, chat_template_kwargs, ...), so a client written for vLLM works here.
 Unknown fields are refused (``extra="forbid"``): a misspelt ``max_token`` would otherwise be ignored
-without a word. Ranges follow OpenAI's documentation; what the model's context allows is checked
-later, once the prompt is tokenized.
+without a word. Types are strict, as OpenAI's are: ``"stream": "yes"`` is a 400, not ``True``.
+Ranges follow OpenAI's documentation; what the model's context allows is checked later, once the
+prompt is tokenized.
+
+``parse_body`` turns the bytes of a body into one of these requests, or into a 400 naming the field
+(the JSON's nesting, lone UTF-16 surrogates and numbers that are not finite included). It is CPU work on up
+to --max-request-bytes: the server runs it off the event loop.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+
+from rung.serve.errors import bad_request, pydantic_errors
+
+# objects and arrays inside one another in a body: what Python's json, the templates and the schema
+# checks after it all walk by recursion
+MAX_JSON_DEPTH = 128
+# render()'s own parameters: the request's fields set them, chat_template_kwargs may not
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt", "self"})
+_SURROGATE = re.compile("[\ud800-\udfff]")  # one left alone by json.loads: not text, not encodable
 
 
 class Strict(BaseModel):
@@ -157,6 +174,15 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     rag: StrictBool | RagOptions | None = None  # rung: ground in the --rag index (false: not this request)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_reserved(cls, v):
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(v or ()))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} may not be set here (the request's own fields set "
+                             f"{'it' if len(reserved) == 1 else 'them'})")
+        return v
     # accepted for compatibility; they change nothing here
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -170,3 +196,101 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+
+# ---- a body → a request ---------------------------------------------------------------------------
+
+
+def parse_body(raw: bytes, schema: type[SamplingFields]) -> SamplingFields:
+    """The request in ``raw``, or a 400 (invalid_request_error) naming the field. Blocking."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:  # deeper than the interpreter's stack, before MAX_JSON_DEPTH could be checked
+        field = _deep_field(raw)
+        raise bad_request(f"{field or 'the body'} nests more than {MAX_JSON_DEPTH} levels of objects and arrays",
+                          field, "invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the body must be a JSON object, not {_json_type(data)}", code="invalid_json")
+    _check_values(data)
+    try:
+        req = schema.model_validate(data, strict=True)
+    except ValidationError as e:
+        raise pydantic_errors(e, data) from None
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    return req
+
+
+# a JSON string (with the colon after it, if it is a key), or a bracket
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{}]', re.DOTALL)
+
+
+def _deep_field(raw: bytes) -> str | None:
+    """The top-level field holding the first value nested deeper than MAX_JSON_DEPTH, read from the
+    raw body (one json.loads could not parse); None if it cannot be told."""
+    depth, key = 0, None
+    for token in _TOKENS.finditer(raw):
+        t = token.group()
+        if t in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                break
+        elif t in (b"]", b"}"):
+            depth -= 1
+        elif depth == 1 and t.endswith(b":"):
+            key = t
+    else:
+        return None
+    try:
+        field = json.loads(key.rstrip(b": \t\r\n")) if key else None
+    except ValueError:
+        return None
+    return field if isinstance(field, str) and not _SURROGATE.search(field) else None
+
+
+def _json_type(value) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _check_values(data: dict) -> None:
+    """A 400 for the first value no field can hold: nesting deeper than MAX_JSON_DEPTH; a string (or
+    a key) with a lone UTF-16 surrogate (``"\\ud800"``: valid JSON, but no text; tokenizers and the
+    UTF-8 of every reply choke on it); a number that is not finite (Python's json reads NaN,
+    Infinity and 1e999, which JSON has not)."""
+    found = _first_bad(data, 0)
+    if found is None:
+        return
+    path, why = found
+    if why == "depth":  # the top-level field: the path down is as long as the limit
+        raise bad_request(f"{path[0]} nests more than {MAX_JSON_DEPTH} levels of objects and arrays", path[0])
+    param = ".".join(_printable(str(p)) for p in path)
+    if why == "number":
+        raise bad_request(f"{param}: NaN and infinite numbers are not JSON numbers", param)
+    raise bad_request(f"{param}: a lone UTF-16 surrogate (\\ud800-\\udfff) is not text", param)
+
+
+def _first_bad(value, depth: int) -> tuple[list, str] | None:
+    """(the path to the first bad value, "depth" | "surrogate" | "number"), or None. Recursion is
+    bounded by MAX_JSON_DEPTH; the work by the size of the body."""
+    if isinstance(value, str):
+        return ([], "surrogate") if _SURROGATE.search(value) else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ([], "number")
+    if not isinstance(value, (dict, list)):
+        return None
+    if depth >= MAX_JSON_DEPTH:
+        return [], "depth"
+    for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return [key], "surrogate"
+        found = _first_bad(item, depth + 1)
+        if found is not None:
+            found[0].insert(0, key)
+            return found
+    return None
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -2,9 +2,10 @@
 engine front, the limits, and the translation of one validated request into engine work: prompt
 token ids, SamplingParams (with the grammar constraint, if any) and the reply parser.
 
-Checks run in the order a client can act on: the body (400), the model name (404), readiness
-(503), what only the tokenized prompt can tell (400: too long, max_tokens too large, a bad schema),
-then admission (429).
+Checks run in this order: the body's size (413), admission (429, before any CPU work is spent), the
+body (400), the model name (404), readiness (503), then what only the rendered and tokenized prompt
+can tell (400: too long, max_tokens too large, a bad schema). Everything after admission that costs
+CPU runs on a few prepare threads (``off_loop``), never on the event loop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,13 @@ from rung.serve.family import Family, family_for
 from rung.serve.grounding import ground_chat
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
 from rung.serve.structured import GrammarError, check_json_schema
+
+# A JSON schema (a response format or a tool's parameters) is checked by jsonschema and compiled by
+# llguidance, both by recursion and both in time that grows faster than the schema: bound its
+# nesting (objects and arrays inside one another: 31 nested objects with their "properties") and
+# its size (objects and arrays in all: ~4000 one-line properties, seconds to check and compile).
+MAX_SCHEMA_DEPTH = 64
+MAX_SCHEMA_NODES = 4096
 
 
 @dataclass
@@ -33,6 +42,7 @@ class ServeConfig:
     max_model_len: int | None = None  # default: the model's context
     max_tokens: int | None = None  # the most a request may ask for (default: what the context leaves)
     max_request_bytes: int = 8 * 2**20  # bigger bodies get 413
+    prepare_threads: int = 4  # threads that parse, render, tokenize and compile requests (off the event loop)
     log_prompts: bool = False
     dtype: str = "float32"
     device: str = "cpu"
@@ -87,6 +97,7 @@ class Server:
         self.verification = None  # a rung.serve.governance.Verification once loaded
         self.redactor = None  # a rung.govern.redact.Redactor with --redact, loaded with the model
         self._redactors: dict = {}  # those requests asked for, by entity types
+        self._prepare = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="rung-prepare")
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -107,6 +118,8 @@ class Server:
                 from rung.serve.structured import Grammars
 
                 self.grammars = Grammars(llm.tokenizer, llm.config.vocab_size)
+                # imported now, not by the first constrained request's Constraint (seconds, on the event loop)
+                import llguidance.torch  # noqa: F401
             except Exception as e:  # a tokenizer llguidance cannot read: no structured output, the rest works
                 self.grammar_error = f"{type(e).__name__}: {e}"
             if c.verifier:
@@ -138,6 +151,7 @@ class Server:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        self._prepare.shutdown(wait=False, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
@@ -147,7 +161,8 @@ class Server:
 
     def check_model(self, name: str) -> None:
         if name != self.config.name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.config.name}'",
+            shown = name if len(name) <= 200 else name[:200] + "..."
+            raise APIError(404, f"The model '{shown}' does not exist; this server serves '{self.config.name}'",
                            "model", "model_not_found")
 
     def check_ready(self) -> None:
@@ -175,6 +190,24 @@ class Server:
         finally:
             self.release()
 
+    async def off_loop(self, work, *args):
+        """``work(*args)`` on a prepare thread, so the event loop keeps answering (/health, streams)
+        while a big request is parsed, rendered, tokenized or compiled. Call it inside ``admit()``.
+        If the caller is cancelled (its client left), the work still holds a slot until it ends:
+        abandoned requests cannot queue more work than --max-concurrent."""
+        future = asyncio.get_running_loop().run_in_executor(self._prepare, work, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.in_flight += 1
+            future.add_done_callback(self._release_after)
+            raise
+
+    def _release_after(self, future) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved: an abandoned request's error is no one's
+        self.release()
+
     # ---- requests → engine work -------------------------------------------------------------------
 
     def prepare_chat(self, req: ChatCompletionRequest, principal=None) -> Prepared:
@@ -195,6 +228,12 @@ class Server:
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        if sum(_shape(t["function"].get("parameters"))[1] for t in tools or []) > MAX_SCHEMA_NODES:
+            raise bad_request(f"tools: their parameters hold more than {MAX_SCHEMA_NODES} objects and arrays in all",
+                              "tools", "invalid_json_schema")
+        for i, t in enumerate(tools or []):
+            if "parameters" in t["function"]:
+                _check_schema(t["function"]["parameters"], f"tools.{i}.function.parameters")
         choice = req.tool_choice
         if isinstance(choice, str) and choice != "none" and not tools and choice == "required":
             raise bad_request("tool_choice 'required' needs tools", "tool_choice")
@@ -219,6 +258,9 @@ class Server:
             raise bad_request(f"the chat template refused the messages: {e}", "messages") from None
         except ValueError as e:  # harmony's renderer: an unknown role, an unanswerable tool message
             raise bad_request(str(e), "messages") from None
+        except Exception as e:  # the template met values it cannot handle (a TypeError in a filter, ...)
+            param = "chat_template_kwargs" if req.chat_template_kwargs else "messages"
+            raise bad_request(f"the chat template failed on this request: {type(e).__name__}: {e}", param) from None
         prompt_ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
         grammar = None
         self._check_grammars(tools and (choice == "required" or named), req.response_format)
@@ -283,17 +325,15 @@ class Server:
             raise bad_request("response_format of type json_schema needs json_schema.schema",
                               "response_format.json_schema.schema")
         schema = fmt.json_schema.schema_
-        try:
-            check_json_schema(schema, "response_format.json_schema.schema")
-        except GrammarError as e:
-            raise bad_request(str(e), "response_format.json_schema.schema", "invalid_json_schema") from None
+        _check_schema(schema, "response_format.json_schema.schema")
         return schema
 
     def _compile(self, build, param: str):
         try:
             return self.grammars.compile(build())
         except GrammarError as e:
-            raise bad_request(f"{param}: the grammar engine cannot enforce this: {e}", param,
+            why = str(e).strip().splitlines()[0] if str(e).strip() else "no reason given"  # llguidance adds the grammar
+            raise bad_request(f"{param}: the grammar engine cannot enforce this: {why}", param,
                               "invalid_json_schema" if param == "response_format" else None) from None
 
     def _params(self, req, prompt_ids: list[int], max_tokens: int | None, param: str, grammar, logprobs):
@@ -361,6 +401,36 @@ class Server:
 
     def engine_stats(self) -> dict:
         return self.engine.stats() if self.engine is not None else {}
+
+
+def _check_schema(schema, param: str) -> None:
+    """A 400 naming ``param`` unless ``schema`` is a valid JSON Schema within the bounds above."""
+    depth, nodes = _shape(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise bad_request(f"{param} nests more than {MAX_SCHEMA_DEPTH} levels of objects and arrays",
+                          param, "invalid_json_schema")
+    if nodes > MAX_SCHEMA_NODES:
+        raise bad_request(f"{param} is too large: more than {MAX_SCHEMA_NODES} objects and arrays",
+                          param, "invalid_json_schema")
+    try:
+        check_json_schema(schema, param)
+    except GrammarError as e:
+        raise bad_request(str(e), param, "invalid_json_schema") from None
+
+
+def _shape(value) -> tuple[int, int]:
+    """(levels, count) of the objects and arrays in ``value``; the walk stops past either bound."""
+    nodes = 0
+
+    def depth(v, level: int) -> int:
+        nonlocal nodes
+        if not isinstance(v, (dict, list)) or level > MAX_SCHEMA_DEPTH or nodes > MAX_SCHEMA_NODES:
+            return 0
+        nodes += 1
+        items = v.values() if isinstance(v, dict) else v
+        return 1 + max((depth(x, level + 1) for x in items), default=0)
+
+    return depth(value, 0), nodes
 
 
 def _message(m) -> dict:
