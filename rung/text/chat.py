@@ -203,6 +203,29 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
+def encode_chat(tokenizer, template, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None, **kwargs) -> tuple[str, list[int]]:
+    """The one place a chat becomes token ids (LLM.chat, Tokenizer.encode_chat and `rung serve` all
+    come here): `template` (a ChatTemplate or HarmonyTemplate) renders the chat, and special tokens
+    come only from the template: one a user writes in a message, a tool result or a template variable
+    is encoded as text (rung.text.user_text). The template writes BOS itself where the model wants it,
+    so none is added on top (as transformers' `apply_chat_template(tokenize=True)`).
+
+    Returns the rendered text and its ids."""
+    guard = tokenizer.special_token_guard
+    try:
+        inputs = _plain({"messages": list(messages) if isinstance(messages, (list, tuple)) else messages,
+                         "tools": tools, "kwargs": kwargs})
+    except RecursionError:
+        raise ChatTemplateError("messages are nested too deeply") from None
+    if not isinstance(inputs["messages"], list) or not all(isinstance(m, dict) for m in inputs["messages"]):
+        raise ChatTemplateError("messages must be a list of dicts with 'role' and 'content'")
+    marked, sentinels = guard.mark(inputs, also_avoid=getattr(template, "source", None) or "")
+    text = template.render(marked["messages"], add_generation_prompt=add_generation_prompt, tools=marked["tools"],
+                           **marked["kwargs"])
+    return guard.encode(text, sentinels)
+
+
 def chat_template_for(tokenizer_or_model_type) -> "ChatTemplate":
     """The template to render a model's chats with.
 

@@ -88,6 +88,7 @@ class Tokenizer:
             if token_id is not None and token_id in self._added_ids:
                 stops.add(token_id)
         self._eos_token_ids = frozenset(stops)
+        self._guard = None
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -111,14 +112,20 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
                     **kwargs) -> list[int]:
-        """Render `messages` with the model's chat template and encode the result. The template writes
-        BOS itself where the model wants it, so no special tokens are added on top (as transformers'
-        `apply_chat_template(tokenize=True)` does)."""
-        from rung.text.chat import chat_template_for
+        """Render `messages` with the model's chat template and encode the result (rung.text.chat's
+        encode_chat: special tokens come from the template only, never from the messages)."""
+        from rung.text.chat import chat_template_for, encode_chat
 
-        text = chat_template_for(self).render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                              **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return encode_chat(self, chat_template_for(self), messages, add_generation_prompt, tools, **kwargs)[1]
+
+    @property
+    def special_token_guard(self):
+        """Keeps special-token strings in user text from becoming control tokens (rung.text.user_text)."""
+        if self._guard is None:
+            from rung.text.user_text import SpecialTokenGuard
+
+            self._guard = SpecialTokenGuard(self.backend, self._special_ids)
+        return self._guard
 
     # -- vocabulary ---------------------------------------------------------------------------------
 
