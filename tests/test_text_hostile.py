@@ -48,6 +48,16 @@ QUICK_HOSTILE_TEMPLATES = {
     "batch fill": "{{ [1]|batch(1000000000, 'x')|list }}",
     "output size": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
     "deep nesting": "{{ " + "(" * 100000 + "1" + ")" * 100000 + " }}",
+    "nested str.format width": "{{ '{:{}}'.format('x', '1000000000') }}",
+    # each value within bounds, but a loop keeps a thousand of them alive (16 GB)
+    "accumulated strings": ("{% set s = 'x' * 16000000 %}{% set ns = namespace(l=[]) %}{% for i in range(1000) %}"
+                            "{% set ns.l = ns.l + [s ~ i] %}{% endfor %}"),
+    "accumulated slices": ("{% set s = 'x' * 16000000 %}{% set ns = namespace(l=[]) %}{% for i in range(1000) %}"
+                           "{% set ns.l = ns.l + [s[i:]] %}{% endfor %}"),
+    "accumulated dict": ("{% set s = 'x' * 16000000 %}{% set ns = namespace(d={}) %}{% for i in range(1000) %}"
+                         "{% set ns.d = dict(ns.d, **{('k' ~ i): s ~ i}) %}{% endfor %}"),
+    "accumulated lists": ("{% set ns = namespace(l=[]) %}{% for i in range(1000) %}"
+                          "{% set ns.l = ns.l + [[0] * 16000000] %}{% endfor %}"),
 }
 SLOW_HOSTILE_TEMPLATES = {
     "nested ranges": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
@@ -82,7 +92,7 @@ def _bounded(code: str, seconds: float):
 
 def test_hostile_templates_are_refused_quickly_in_one_line_under_a_memory_bound():
     """Every quick case in one child (4 GB, 60 s in all): each refused in one ChatTemplateError line
-    naming the model, within 2 s."""
+    naming the model, within 3 s."""
     code = """
 import time
 from rung.text import ChatTemplateError, Tokenizer
@@ -104,7 +114,7 @@ for name, source in QUICK_HOSTILE_TEMPLATES.items():
     assert set(lines) == set(QUICK_HOSTILE_TEMPLATES)
     for name, result in lines.items():
         seconds, message = result.split("\t")
-        assert float(seconds) < 2.0, (name, seconds)
+        assert float(seconds) < 3.0, (name, seconds)
         assert message.startswith("chat template of GGUF Hostile") and "\n" not in message, (name, message)
 
 

@@ -13,7 +13,8 @@ string forty times. Here:
   what the value would print as (a list repeating one long string prints it each time).
 - `range()` holds at most MAX_RANGE items, and each loop iteration, call and intercepted operator
   checks the render's deadline (RENDER_SECONDS), so no loop, however nested, runs for long.
-- The rendered text is at most MAX_CHARS.
+- The rendered text is at most MAX_CHARS, and all a render builds at most MAX_BUILT (so a loop cannot
+  keep many distinct large strings alive).
 
 Every refusal is a TemplateLimitError (a jinja SecurityError); rung.text.chat turns it, like any other
 template failure, into one ChatTemplateError line.
@@ -41,10 +42,20 @@ MAX_INT_BITS = 1 << 16      # integers of ~20,000 digits; a template counts and 
 MAX_RANGE = 100_000         # jinja's own sandbox limit for one range()
 MAX_ITEMS = 1 << 20         # lists batch() and slice() may create
 MAX_JSON_INDENT = 64
+MAX_BUILT = 16 * MAX_CHARS  # what one render may build in all (strings in characters, lists at 8 per item)
 RENDER_SECONDS = 5.0        # real templates render in milliseconds, even for long chats
 
-# the deadline of the render in progress on this thread (None outside a render: compile-time folding)
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("rung_template_deadline", default=None)
+
+class _Render:
+    """The render in progress on this thread: its deadline and what it has built so far."""
+
+    def __init__(self):
+        self.deadline = time.monotonic() + RENDER_SECONDS
+        self.built = 0
+
+
+# None outside a render (compile-time folding, which the sandbox leaves nothing to do)
+_RENDER: contextvars.ContextVar[_Render | None] = contextvars.ContextVar("rung_template_render", default=None)
 
 
 class TemplateLimitError(jinja2.exceptions.SecurityError):
@@ -52,14 +63,28 @@ class TemplateLimitError(jinja2.exceptions.SecurityError):
 
 
 def _tick() -> None:
-    deadline = _DEADLINE.get()
-    if deadline is not None and time.monotonic() > deadline:
+    render = _RENDER.get()
+    if render is not None and time.monotonic() > render.deadline:
         raise TemplateLimitError(f"rendering took longer than {RENDER_SECONDS:g} s")
+
+
+def _built(value: Any) -> Any:
+    """Count a value a template just built against the render's budget: each value is bounded, and so
+    is their sum, so a loop cannot keep millions of distinct large strings alive."""
+    render = _RENDER.get()
+    if render is not None:
+        if isinstance(value, str):
+            render.built += len(value)
+        elif isinstance(value, (list, tuple, dict)):
+            render.built += 8 * len(value)
+        if render.built > MAX_BUILT:
+            raise TemplateLimitError(f"the template built more than {MAX_BUILT} characters in all")
+    return value
 
 
 def render_bounded(template: jinja2.Template, variables: dict) -> str:
     """Render under the deadline and the output bound."""
-    token = _DEADLINE.set(time.monotonic() + RENDER_SECONDS)
+    token = _RENDER.set(_Render())
     try:
         parts, total = [], 0
         for chunk in template.generate(**variables):
@@ -69,7 +94,7 @@ def render_bounded(template: jinja2.Template, variables: dict) -> str:
             parts.append(chunk)
         return "".join(parts)
     finally:
-        _DEADLINE.reset(token)
+        _RENDER.reset(token)
 
 
 # -- sizes --------------------------------------------------------------------------------------------
@@ -123,7 +148,7 @@ def _check_size(value: Any, what: str) -> Any:
         raise TemplateLimitError(f"{what} holds more than {MAX_CHARS} items")
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
         raise TemplateLimitError(f"{what} is an integer of more than {MAX_INT_BITS} bits")
-    return value
+    return _built(value)
 
 
 def _check_count(n: Any, limit: int, what: str) -> None:
@@ -134,6 +159,7 @@ def _check_count(n: Any, limit: int, what: str) -> None:
 # `%`-formatting widths and precisions, and str.format's: each allocates that many characters
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _DIGITS = re.compile(r"\d+")
+_NESTED_SPEC = re.compile(r"\{[^{}]*\{")
 
 
 def _check_percent_format(fmt: str, args: Any) -> None:
@@ -147,12 +173,15 @@ def _check_percent_format(fmt: str, args: Any) -> None:
 
 
 def _check_brace_format(fmt: str, args: tuple, kwargs: dict) -> None:
+    nested = _NESTED_SPEC.search(fmt) is not None  # '{:{}}': a width may come from an argument
     for n in _DIGITS.findall(fmt):
         if len(n) > 7 or int(n) > MAX_CHARS:
             raise TemplateLimitError(f"a str.format width of {n} is above {MAX_CHARS}")
     for arg in (*args, *kwargs.values()):
         _check_count(arg, MAX_CHARS, "a str.format argument")
         _check_printed(arg, "a str.format argument")
+        if nested and isinstance(arg, str) and any(len(n) > 7 or int(n) > MAX_CHARS for n in _DIGITS.findall(arg)):
+            raise TemplateLimitError(f"a str.format width above {MAX_CHARS}")
 
 
 # -- operators ----------------------------------------------------------------------------------------
@@ -284,8 +313,9 @@ def _runtime_filter(name: str, func):
 
 
 class _BoundedCodeGenerator(CodeGenerator):
-    """Two hooks jinja has no setting for: every for loop iterates through environment.bounded_iter
-    (checking the deadline each item), and `~` joins through environment.bounded_concat."""
+    """Hooks jinja has no setting for: every for loop iterates through environment.bounded_iter
+    (checking the deadline each item), slices are counted by environment.bounded_slice, and `~` joins
+    through environment.bounded_concat."""
 
     def visit_For(self, node: nodes.For, frame) -> None:
         if not getattr(node, "_rung_bounded", False):
@@ -293,6 +323,14 @@ class _BoundedCodeGenerator(CodeGenerator):
                                    lineno=node.lineno)
             node._rung_bounded = True
         super().visit_For(node, frame)
+
+    def visit_Getitem(self, node: nodes.Getitem, frame) -> None:
+        if isinstance(node.arg, nodes.Slice):  # jinja slices directly, bypassing environment.getitem
+            self.write("environment.bounded_slice(")
+            super().visit_Getitem(node, frame)
+            self.write(")")
+        else:
+            super().visit_Getitem(node, frame)
 
     def visit_Concat(self, node: nodes.Concat, frame) -> None:
         self.write("environment.bounded_concat((")
@@ -328,7 +366,12 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context, operator, left, right):
         _tick()
         _check_binop(operator, left, right)
-        return self.binop_table[operator](left, right)
+        return _built(self.binop_table[operator](left, right))
+
+    @staticmethod
+    def bounded_slice(value):
+        _tick()
+        return _built(value)  # a slice is a copy
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 -- jinja's own signature
         _tick()
@@ -351,7 +394,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             total += len(v) if isinstance(v, str) else printed_size(v)
             if total > MAX_CHARS:
                 raise TemplateLimitError(f"'~' would build more than {MAX_CHARS} characters")
-        return "".join(map(str, values))
+        return _built("".join(map(str, values)))
 
     @staticmethod
     def concat(chunks) -> str:
@@ -362,7 +405,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             if total > MAX_CHARS:
                 raise TemplateLimitError(f"a block renders more than {MAX_CHARS} characters")
             parts.append(chunk)
-        return "".join(parts)
+        return _built("".join(parts))
 
 
 def _finalize(value):
