@@ -126,6 +126,21 @@ def test_templates_that_would_render_for_hours_stop_at_the_deadline(name):
     assert float(took["load"]) < 1 and float(took["render"]) < RENDER_SECONDS + 1, took
 
 
+def test_rung_generate_chat_with_a_hostile_template_is_refused_in_one_line(tmp_path):
+    """A Hugging Face folder whose template folds 10**(10**9): `rung generate --chat` loads it quickly
+    and refuses the chat in one line (before, loading never returned)."""
+    import json
+
+    from hostile import run_cli_bounded
+    from oracle import tiny_chat_model
+
+    folder = tiny_chat_model(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 10**(10**9) }}"}))
+    res = run_cli_bounded("generate", "-m", str(folder), "--chat", "hi", "--max-tokens", "2", seconds=60)
+    res.assert_refused("chat template of", "10 ** 1000000000")
+
+
 def test_compiling_a_template_evaluates_nothing():
     """jinja folds constant expressions and filters while compiling; in the sandbox nothing a template
     controls runs before the render (measured: compiling allocates no 100 MB string), so loading a
