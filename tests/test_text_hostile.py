@@ -48,6 +48,8 @@ QUICK_HOSTILE_TEMPLATES = {
     "batch fill": "{{ [1]|batch(1000000000, 'x')|list }}",
     "output size": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
     "deep nesting": "{{ " + "(" * 100000 + "1" + ")" * 100000 + " }}",
+    "wordwrap blow-up": "{{ ('x' * 1000000)|wordwrap(1, wrapstring='y' * 1000) }}",
+    "sum of repeated lists": "{{ [[0] * 1000000] * 1000000|sum(start=[]) }}",
     "nested str.format width": "{{ '{:{}}'.format('x', '1000000000') }}",
     # each value within bounds, but a loop keeps a thousand of them alive (16 GB)
     "accumulated strings": ("{% set s = 'x' * 16000000 %}{% set ns = namespace(l=[]) %}{% for i in range(1000) %}"

@@ -42,7 +42,8 @@ MAX_INT_BITS = 1 << 16      # integers of ~20,000 digits; a template counts and 
 MAX_RANGE = 100_000         # jinja's own sandbox limit for one range()
 MAX_ITEMS = 1 << 20         # lists batch() and slice() may create
 MAX_JSON_INDENT = 64
-MAX_BUILT = 16 * MAX_CHARS  # what one render may build in all (strings in characters, lists at 8 per item)
+MAX_BUILT = 16 * MAX_CHARS  # what one render may build in all (strings in characters, lists at 32 per item:
+                            # a list of distinct small strings costs ~60 bytes an item)
 RENDER_SECONDS = 5.0        # real templates render in milliseconds, even for long chats
 
 
@@ -76,7 +77,7 @@ def _built(value: Any) -> Any:
         if isinstance(value, str):
             render.built += len(value)
         elif isinstance(value, (list, tuple, dict)):
-            render.built += 8 * len(value)
+            render.built += 32 * len(value)
         if render.built > MAX_BUILT:
             raise TemplateLimitError(f"the template built more than {MAX_BUILT} characters in all")
     return value
@@ -256,7 +257,7 @@ def bounded_range(*args: int) -> range:
 # filters that print their input (and arguments) into a new string
 _PRINTING_FILTERS = {"string", "tojson", "join", "format", "pprint", "center", "indent", "wordwrap", "truncate",
                      "replace", "trim", "upper", "lower", "title", "capitalize", "striptags", "urlize", "urlencode",
-                     "xmlattr", "escape", "e", "forceescape", "safe", "list", "unique", "sort"}
+                     "xmlattr", "escape", "e", "forceescape", "safe", "list", "unique", "sort", "sum"}
 
 
 def _check_filter_args(name: str, args: tuple, kwargs: dict) -> None:
@@ -272,6 +273,12 @@ def _check_filter_args(name: str, args: tuple, kwargs: dict) -> None:
             width = len(width)
         if isinstance(width, int) and width * lines > MAX_CHARS:
             raise TemplateLimitError(f"indent would exceed {MAX_CHARS} characters")
+    elif name == "wordwrap":
+        width = rest[0] if rest else kwargs.get("width", 79)
+        wrap = rest[2] if len(rest) > 2 else kwargs.get("wrapstring")
+        if isinstance(value, str) and isinstance(width, int) and isinstance(wrap, str):
+            if len(value) + (len(value) // max(width, 1) + 1) * len(wrap) > MAX_CHARS:
+                raise TemplateLimitError(f"wordwrap would exceed {MAX_CHARS} characters")
     elif name in ("batch", "slice") and rest:
         _check_count(rest[0], MAX_ITEMS, f"{name}'s count")
     elif name == "tojson":
