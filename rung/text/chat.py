@@ -221,8 +221,8 @@ def encode_chat(tokenizer, template, messages: list[dict], add_generation_prompt
     if not isinstance(inputs["messages"], list) or not all(isinstance(m, dict) for m in inputs["messages"]):
         raise ChatTemplateError("messages must be a list of dicts with 'role' and 'content'")
     names = list(inputs["kwargs"])  # variable names are the caller's, not text: only values are marked
-    (chat, tools, values), sentinels = guard.mark((inputs["messages"], inputs["tools"], list(inputs["kwargs"].values())),
-                                                  also_avoid=getattr(template, "source", None) or "")
+    data = (inputs["messages"], inputs["tools"], list(inputs["kwargs"].values()))
+    (chat, tools, values), sentinels = guard.mark(data, also_avoid=getattr(template, "source", None) or "")
     text = template.render(chat, add_generation_prompt=add_generation_prompt, tools=tools, **dict(zip(names, values)))
     return guard.encode(text, sentinels)
 

@@ -287,7 +287,7 @@ def _check_filter_args(name: str, args: tuple, kwargs: dict) -> None:
             indent = len(indent)
         _check_count(indent, MAX_JSON_INDENT, "tojson's indent")
     elif name == "join":
-        _check_join(list(value) if isinstance(value, (list, tuple)) else value, rest[0] if rest else kwargs.get("d", ""))
+        _check_join(value, rest[0] if rest else kwargs.get("d", ""))
     elif name == "replace" and len(rest) >= 2:
         _check_replace(value, rest[0], rest[1])
     elif name == "format" and isinstance(value, str):
