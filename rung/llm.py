@@ -88,11 +88,23 @@ class LLM:
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **template_kwargs) -> str:
+        return self._chat_template().render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                            **template_kwargs)
+
+    def _chat_template(self):
         from rung.text.chat import chat_template_for
 
         # gpt-oss speaks harmony whatever template its folder ships; others use their own template
-        template = chat_template_for("gpt_oss" if self.config.model_type == "gpt_oss" else self.tokenizer)
-        return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs)
+        return chat_template_for("gpt_oss" if self.config.model_type == "gpt_oss" else self.tokenizer)
+
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    **template_kwargs) -> tuple[str, list[int]]:
+        """The rendered chat and its token ids; special tokens come from the template only, a user's
+        `<|im_start|>` is text (rung.text.chat.encode_chat)."""
+        from rung.text.chat import encode_chat
+
+        return encode_chat(self.tokenizer, self._chat_template(), messages, add_generation_prompt, tools,
+                           **template_kwargs)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -121,8 +133,8 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         requests = []
         for conversation in conversations:
-            text = self.apply_chat_template(conversation, add_generation_prompt, tools, **(chat_template_kwargs or {}))
-            requests.append((self.encode_prompt(text, chat=True), sampling_params or SamplingParams(), text))
+            text, ids = self.encode_chat(conversation, add_generation_prompt, tools, **(chat_template_kwargs or {}))
+            requests.append((ids, sampling_params or SamplingParams(), text))
         return self._run_all(requests)
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
@@ -130,8 +142,8 @@ class LLM:
 
     def chat_stream(self, messages: list[Message], sampling_params: SamplingParams | None = None,
                     tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> Iterator[StreamDelta]:
-        text = self.apply_chat_template(messages, True, tools, **(chat_template_kwargs or {}))
-        yield from self._stream(self.encode_prompt(text, chat=True), sampling_params or SamplingParams())
+        _, ids = self.encode_chat(messages, True, tools, **(chat_template_kwargs or {}))
+        yield from self._stream(ids, sampling_params or SamplingParams())
 
     def _complete(self, prompt: str | list[int], params: SamplingParams, chat: bool = False) -> RequestOutput:
         return self._run_all([(self.encode_prompt(prompt, chat=chat), params, prompt)])[0]

@@ -115,19 +115,22 @@ class ModelVerifier:
     def fingerprint(self) -> dict:
         return fingerprint(self.name)
 
-    def prompt(self, question: str, answer: str, sources: list[str]) -> str:
+    def messages(self, question: str, answer: str, sources: list[str]) -> list[dict]:
         text = "\n".join(f"[{i + 1}] {s.strip()}" for i, s in enumerate(sources)) or "(none)"
         if len(text) > MAX_SOURCE_CHARS:
             text = text[:MAX_SOURCE_CHARS] + " ..."
-        messages = [{"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": QUESTION.format(sources=text, question=question.strip(),
-                                                                answer=answer.strip())}]
-        return self.llm.apply_chat_template(messages)
+        return [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": QUESTION.format(sources=text, question=question.strip(),
+                                                            answer=answer.strip())}]
+
+    def prompt(self, question: str, answer: str, sources: list[str]) -> str:
+        return self.llm.apply_chat_template(self.messages(question, answer, sources))
 
     def score(self, question: str, answer: str, sources: list[str]) -> float:
         import torch
 
-        ids = self.llm.encode_prompt(self.prompt(question, answer, sources), chat=True)
+        # sources and answers are untrusted text: a special token in them stays text (LLM.encode_chat)
+        _, ids = self.llm.encode_chat(self.messages(question, answer, sources))
         ids = ids[-self.llm.max_model_len:]
         with torch.inference_mode():
             logits = self.llm.model(torch.tensor([ids], device=self.llm.device))[0, -1].float()  # [vocab]

@@ -212,7 +212,7 @@ class Server:
 
     def prepare_chat(self, req: ChatCompletionRequest, principal=None) -> Prepared:
         from rung.serve.governance import allowed_tools
-        from rung.text.chat import ChatTemplateError
+        from rung.text.chat import ChatTemplateError, encode_chat
 
         family = self.family
         for i, m in enumerate(req.messages):
@@ -251,9 +251,10 @@ class Server:
         sent = [_message(m) for m in req.messages]
         grounded, grounding = ground_chat(self, req, sent)  # --rag: the passages go into the system message
         messages = family.messages(grounded, tools)
-        try:
-            text = self.template.render(messages, add_generation_prompt=req.add_generation_prompt,
-                                        tools=tools if family.name != "json" else None, **kwargs)
+        try:  # special tokens come from the template only: a user's "<|im_start|>" is text
+            text, prompt_ids = encode_chat(self.llm.tokenizer, self.template, messages,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           tools=tools if family.name != "json" else None, **kwargs)
         except ChatTemplateError as e:
             raise bad_request(f"the chat template refused the messages: {e}", "messages") from None
         except ValueError as e:  # harmony's renderer: an unknown role, an unanswerable tool message
@@ -261,7 +262,6 @@ class Server:
         except Exception as e:  # the template met values it cannot handle (a TypeError in a filter, ...)
             param = "chat_template_kwargs" if req.chat_template_kwargs else "messages"
             raise bad_request(f"the chat template failed on this request: {type(e).__name__}: {e}", param) from None
-        prompt_ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
         grammar = None
         self._check_grammars(tools and (choice == "required" or named), req.response_format)
         opened = text.rstrip().endswith("<think>")  # a thinking-only template opened the block itself
@@ -301,6 +301,8 @@ class Server:
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
+                # a raw prompt is the caller's whole text, template included: special tokens written in it
+                # are parsed, as vLLM does (chat messages are not: see prepare_chat)
                 ids, text = self.llm.tokenizer.encode(p, add_special_tokens=True), p
             else:
                 vocab = self.llm.config.vocab_size

@@ -6,15 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rung.text.chat import ChatTemplate, ChatTemplateError, chat_template_for
+from rung.text.chat import ChatTemplate, ChatTemplateError, chat_template_for, encode_chat
 from rung.text.detok import IncrementalDetokenizer
 from rung.text.harmony import (HarmonyEvent, HarmonyMessage, HarmonyStreamParser, HarmonyTemplate, parse_harmony,
                                render_harmony, to_chat_message)
 from rung.text.tokenizer import Tokenizer
 
 __all__ = ["ChatTemplate", "ChatTemplateError", "HarmonyEvent", "HarmonyMessage", "HarmonyStreamParser",
-           "HarmonyTemplate", "IncrementalDetokenizer", "Tokenizer", "chat_template_for", "load_tokenizer",
-           "parse_harmony", "render_harmony", "to_chat_message"]
+           "HarmonyTemplate", "IncrementalDetokenizer", "Tokenizer", "chat_template_for", "encode_chat",
+           "load_tokenizer", "parse_harmony", "render_harmony", "to_chat_message"]
 
 
 def load_tokenizer(path_or_gguf_metadata: str | Path | dict[str, Any]) -> Tokenizer:

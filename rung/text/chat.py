@@ -21,8 +21,8 @@ from typing import Any, Callable
 import jinja2
 import jinja2.ext
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from rung.text.sandbox import BoundedSandbox, render_bounded
 from rung.text.templates import CHATML_TEMPLATE, GEMMA3_TEMPLATE, QWEN3_TEMPLATE
 
 # model_type (config.json) or general.architecture (GGUF) → a template for files that ship none
@@ -91,18 +91,10 @@ class _GenerationTag(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """jinja's sandbox turns an unsafe attribute into an Undefined that renders as "" (and only fails
-    when used further); here the access itself fails, so a probing template stops at once."""
-
-    def unsafe_undefined(self, obj, attribute):
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed")
-
-
-def _environment(now: Callable[[], datetime]) -> ImmutableSandboxedEnvironment:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+def _environment(now: Callable[[], datetime]) -> BoundedSandbox:
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
+    env.wrap_filters()
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: now().strftime(fmt)
     env.globals["dict"] = _TemplateDict()
@@ -148,12 +140,19 @@ def _alias_reasoning(message: dict) -> dict:
 
 class ChatTemplate:
     """A model's Jinja chat template. `render(messages, ...)` equals transformers'
-    `apply_chat_template(messages, tokenize=False, ...)` for the same template and special tokens."""
+    `apply_chat_template(messages, tokenize=False, ...)` for the same template and special tokens.
+
+    Compiling is quick whatever the template (nothing is evaluated while compiling), so a template
+    that does not parse is refused at load; one that misbehaves is refused when it renders (it may do
+    so only for some messages), within rung.text.sandbox's time and size bounds. Either way the error
+    is one ChatTemplateError line naming the model (`name`)."""
 
     def __init__(self, source: str, bos_token: str | None = None, eos_token: str | None = None,
-                 special_tokens: dict[str, str] | None = None, now: Callable[[], datetime] | None = None):
+                 special_tokens: dict[str, str] | None = None, now: Callable[[], datetime] | None = None,
+                 name: str | None = None):
+        self.name = name
         if not isinstance(source, str) or not source:
-            raise ChatTemplateError("a chat template must be a non-empty string")
+            raise ChatTemplateError(f"{self._what}: must be a non-empty string")
         self.source = source
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         if bos_token is not None:
@@ -163,7 +162,15 @@ class ChatTemplate:
         try:
             self._template = _compile(source) if now is None else _environment(now).from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from None
+            raise ChatTemplateError(f"{self._what} does not parse (line {e.lineno}): {e.message}") from None
+        except RecursionError:
+            raise ChatTemplateError(f"{self._what} does not parse: nested too deeply") from None
+        except Exception as e:  # noqa: BLE001 -- any other failure of jinja's compiler on hostile source
+            raise ChatTemplateError(f"{self._what} does not compile: {_one_line(e)}") from None
+
+    @property
+    def _what(self) -> str:
+        return f"chat template of {self.name}" if self.name else "chat template"
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
                documents: list[dict] | None = None, **kwargs) -> str:
@@ -174,17 +181,50 @@ class ChatTemplate:
         # as apply_chat_template: keys set to None (OpenAI's `content: null` beside tool calls) are
         # dropped, so templates see them as undefined rather than rendering "None"
         chat = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in _plain(list(messages))]
-        variables = {**self.special_tokens, **_plain(kwargs)}
+        variables = {**self.special_tokens, **_plain(kwargs), "messages": chat, "tools": _plain(tools),
+                     "documents": _plain(documents), "add_generation_prompt": add_generation_prompt}
         try:
-            return self._template.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                                         add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.exceptions.SecurityError as e:
-            raise ChatTemplateError(f"chat template tried an operation the sandbox forbids: {e}") from None
+            return render_bounded(self._template, variables)
+        except jinja2.exceptions.SecurityError as e:  # the sandbox's and rung's bounds
+            raise ChatTemplateError(f"{self._what} refused: {_one_line(e)}") from None
         except jinja2.exceptions.TemplateError as e:  # raise_exception(...) and undefined errors
-            raise ChatTemplateError(f"chat template failed: {e}") from None
+            raise ChatTemplateError(f"{self._what} failed: {_one_line(e)}") from None
+        except RecursionError:
+            raise ChatTemplateError(f"{self._what} refused: it recurses too deeply") from None
+        except Exception as e:  # noqa: BLE001 -- a template's own bug: a bad filter argument, 1/0, ...
+            raise ChatTemplateError(f"{self._what} failed: {type(e).__name__}: {_one_line(e)}") from None
 
     def __repr__(self) -> str:
         return f"ChatTemplate({len(self.source)} chars)"
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def encode_chat(tokenizer, template, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None, **kwargs) -> tuple[str, list[int]]:
+    """The one place a chat becomes token ids (LLM.chat, Tokenizer.encode_chat and `rung serve` all
+    come here): `template` (a ChatTemplate or HarmonyTemplate) renders the chat, and special tokens
+    come only from the template: one a user writes in a message, a tool result or a template variable
+    is encoded as text (rung.text.user_text). The template writes BOS itself where the model wants it,
+    so none is added on top (as transformers' `apply_chat_template(tokenize=True)`).
+
+    Returns the rendered text and its ids."""
+    guard = tokenizer.special_token_guard
+    try:
+        inputs = _plain({"messages": list(messages) if isinstance(messages, (list, tuple)) else messages,
+                         "tools": tools, "kwargs": kwargs})
+    except RecursionError:
+        raise ChatTemplateError("messages are nested too deeply") from None
+    if not isinstance(inputs["messages"], list) or not all(isinstance(m, dict) for m in inputs["messages"]):
+        raise ChatTemplateError("messages must be a list of dicts with 'role' and 'content'")
+    names = list(inputs["kwargs"])  # variable names are the caller's, not text: only values are marked
+    data = (inputs["messages"], inputs["tools"], list(inputs["kwargs"].values()))
+    (chat, tools, values), sentinels = guard.mark(data, also_avoid=getattr(template, "source", None) or "")
+    text = template.render(chat, add_generation_prompt=add_generation_prompt, tools=tools, **dict(zip(names, values)))
+    return guard.encode(text, sentinels)
 
 
 def chat_template_for(tokenizer_or_model_type) -> "ChatTemplate":
@@ -206,5 +246,5 @@ def chat_template_for(tokenizer_or_model_type) -> "ChatTemplate":
         return HarmonyTemplate()
     specials = tokenizer.special_tokens_map if tokenizer is not None else {}
     if tokenizer is not None and tokenizer.chat_template:
-        return ChatTemplate(tokenizer.chat_template, special_tokens=specials)
+        return ChatTemplate(tokenizer.chat_template, special_tokens=specials, name=tokenizer.source or None)
     return ChatTemplate(FALLBACK_TEMPLATES.get(model_type, CHATML_TEMPLATE), special_tokens=specials)

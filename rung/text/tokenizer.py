@@ -88,6 +88,7 @@ class Tokenizer:
             if token_id is not None and token_id in self._added_ids:
                 stops.add(token_id)
         self._eos_token_ids = frozenset(stops)
+        self._guard = None
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -113,14 +114,20 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
                     **kwargs) -> list[int]:
-        """Render `messages` with the model's chat template and encode the result. The template writes
-        BOS itself where the model wants it, so no special tokens are added on top (as transformers'
-        `apply_chat_template(tokenize=True)` does)."""
-        from rung.text.chat import chat_template_for
+        """Render `messages` with the model's chat template and encode the result (rung.text.chat's
+        encode_chat: special tokens come from the template only, never from the messages)."""
+        from rung.text.chat import chat_template_for, encode_chat
 
-        text = chat_template_for(self).render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                              **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return encode_chat(self, chat_template_for(self), messages, add_generation_prompt, tools, **kwargs)[1]
+
+    @property
+    def special_token_guard(self):
+        """Keeps special-token strings in user text from becoming control tokens (rung.text.user_text)."""
+        if self._guard is None:
+            from rung.text.user_text import SpecialTokenGuard
+
+            self._guard = SpecialTokenGuard(self.backend, self._special_ids)
+        return self._guard
 
     # -- vocabulary ---------------------------------------------------------------------------------
 
@@ -269,17 +276,22 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
     Same list as transformers' `generate_merges(vocab, vocab_scores)` (tokenization_utils_base.py).
     It also orders each token's splits by the ids of their parts before its final stable sort, but
     that cannot matter: two splits of one token differ in the length of their left part.
+
+    A cut is only sliced where both halves have the length of some vocabulary entry: slicing every cut
+    is quadratic in a token's length, and one crafted token of a million characters took minutes.
     """
+    lengths = {len(t) for t in vocab}
     merges = []
     append = merges.append
     for merged, score in scores.items():
         n = len(merged)
         for cut in range(1, n):
-            left = merged[:cut]
-            if left in vocab:
-                right = merged[cut:]
-                if right in vocab:
-                    append((score, cut, n - cut, left, right))
+            if cut in lengths and n - cut in lengths:
+                left = merged[:cut]
+                if left in vocab:
+                    right = merged[cut:]
+                    if right in vocab:
+                        append((score, cut, n - cut, left, right))
     merges.sort(key=itemgetter(0, 1, 2), reverse=True)  # stable: ties keep the vocabulary's order
     return [(m[3], m[4]) for m in merges]
 
@@ -291,9 +303,73 @@ def _metadata_field(metadata: dict, key: str, required: bool = False):
     return value
 
 
-def _file_merges(metadata: dict) -> list[tuple[str, ...]] | None:
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_array(metadata: dict, key: str, kind: str, ok, n: int | None) -> None:
+    """`key`, when present, is a list of `n` items that each pass `ok`."""
+    value = metadata.get(key)
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"GGUF metadata: {key!r} must be an array of {kind}, not {type(value).__name__}")
+    if n is not None and len(value) != n:
+        raise ValueError(f"GGUF metadata: {key!r} has {len(value)} entries for {n} tokens")
+    for i, item in enumerate(value):
+        if not ok(item):
+            raise ValueError(f"GGUF metadata: {key!r}[{i}] must be {kind}, not {type(item).__name__}")
+
+
+def check_tokenizer_metadata(metadata: dict) -> None:
+    """Every tokenizer key rung reads has the type and length llama.cpp writes, so a malformed file is
+    one line naming its key rather than a TypeError deep in the tokenizers library."""
+    model = _metadata_field(metadata, "tokenizer.ggml.model", required=True)
+    if not isinstance(model, str):
+        raise ValueError(f"GGUF metadata: 'tokenizer.ggml.model' must be a string, not {type(model).__name__}")
+    _metadata_field(metadata, "tokenizer.ggml.tokens", required=True)
+    _check_array(metadata, "tokenizer.ggml.tokens", "strings", lambda t: isinstance(t, str), None)
+    n = len(metadata["tokenizer.ggml.tokens"])
+    if n == 0:
+        raise ValueError("GGUF metadata: 'tokenizer.ggml.tokens' is empty")
+    _check_array(metadata, "tokenizer.ggml.scores", "numbers",
+                 lambda s: isinstance(s, (int, float)) and not isinstance(s, bool), n)
+    _check_array(metadata, "tokenizer.ggml.token_type", "integers", _is_int, n)
+    _check_array(metadata, "tokenizer.ggml.merges", "strings 'left right'",
+                 lambda m: isinstance(m, str) and m.find(" ", 1) > 0, None)
+    for key in ("bos_token_id", "eos_token_id"):
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and not (_is_int(token_id) and 0 <= token_id < n):
+            raise ValueError(f"GGUF metadata: 'tokenizer.ggml.{key}' is {token_id!r}, not a token id "
+                             f"in [0, {n})")
+    for key in ("unknown_token_id", "padding_token_id"):  # out of range: absent, as transformers reads it
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and not _is_int(token_id):
+            raise ValueError(f"GGUF metadata: 'tokenizer.ggml.{key}' must be an integer, not {type(token_id).__name__}")
+    for key in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"):
+        if metadata.get(key) is not None and not isinstance(metadata[key], (bool, int)):
+            raise ValueError(f"GGUF metadata: {key!r} must be a boolean, not {type(metadata[key]).__name__}")
+    for key in ("tokenizer.ggml.pre", "tokenizer.chat_template", "general.architecture", "general.name"):
+        if metadata.get(key) is not None and not isinstance(metadata[key], str):
+            raise ValueError(f"GGUF metadata: {key!r} must be a string, not {type(metadata[key]).__name__}")
+
+
+def _file_merges(metadata: dict, vocab: dict[str, int]) -> list[tuple[str, str]] | None:
+    """`tokenizer.ggml.merges` as pairs: each entry splits at its first space after the first character
+    (llama.cpp's llm_tokenizer_bpe: a merge's left part may itself start with a space). Both parts and
+    their merge must be tokens: the tokenizers library panics on a merge whose result is not."""
     merges = metadata.get("tokenizer.ggml.merges")
-    return None if merges is None else [tuple(m.split(" ")) for m in merges]
+    if merges is None:
+        return None
+    pairs = []
+    for i, m in enumerate(merges):
+        cut = m.find(" ", 1)
+        left, right = m[:cut], m[cut + 1:]
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise ValueError(f"GGUF metadata: 'tokenizer.ggml.merges'[{i}] ({m!r}) merges tokens that are not "
+                             f"all in 'tokenizer.ggml.tokens'")
+        pairs.append((left, right))
+    return pairs
 
 
 def _byte_level_bpe(tokens: list[str], metadata: dict) -> Backend:
@@ -304,7 +380,7 @@ def _byte_level_bpe(tokens: list[str], metadata: dict) -> Backend:
     # fine, it is ASCII) is respelled byte by byte, as transformers does
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
              for i, t in enumerate(tokens)}
-    merges = _file_merges(metadata)
+    merges = _file_merges(metadata, vocab)
     if merges is None:
         raise ValueError("GGUF metadata: a byte-level ('gpt2') vocabulary needs 'tokenizer.ggml.merges'")
     backend = Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
@@ -322,7 +398,7 @@ def _sentencepiece_bpe(tokens: list[str], metadata: dict, *, gemma: bool, scores
     GemmaTokenizer's (spaces become ▁ in a normalizer, no prefix space). Merges come from the file,
     or are recovered from the scores."""
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = _file_merges(metadata)
+    merges = _file_merges(metadata, vocab)
     if merges is None:
         if scores is None:
             file_scores = _metadata_field(metadata, "tokenizer.ggml.scores", required=True)
@@ -378,7 +454,8 @@ def _build_gguf_backend(metadata: dict, tokens: list[str]) -> tuple[Backend, boo
 
 
 def _from_gguf_metadata(metadata: dict[str, Any]) -> Tokenizer:
-    tokens = list(_metadata_field(metadata, "tokenizer.ggml.tokens", required=True))
+    check_tokenizer_metadata(metadata)
+    tokens = list(metadata["tokenizer.ggml.tokens"])
     types = list(metadata.get("tokenizer.ggml.token_type") or ())
     backend, byte_level = _build_gguf_backend(metadata, tokens)
 
