@@ -20,15 +20,20 @@ from rung.bench.records import CandidateRun, CaseOutcome
 from rung.bench.stats import case_rate, pass_at_k, percentile_ci, percentile_label, wilson_interval  # noqa: F401
 
 
+def tail_percentile(values: list[float], q: float) -> float | None:
+    """A latency percentile as the report prints it: with fewer than 100 / (100 − q) values (20 for a
+    p95) the maximum, which is all such a sample can say (``percentile_label`` names it so)."""
+    xs = [v for v in values if v is not None]
+    if xs and percentile_label(q, len(xs)) != f"p{q:g}":
+        return max(xs)
+    return percentile(xs, q)
+
+
 def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile with linear interpolation between order statistics (numpy's default); with
-    fewer than 100 / (100 − q) values (20 for a p95) the maximum, which is all such a sample can say
-    (``percentile_label`` names it so)."""
+    """The q-th percentile with linear interpolation between order statistics (numpy's default)."""
     xs = sorted(v for v in values if v is not None)
     if not xs:
         return None
-    if percentile_label(q, len(xs)) != f"p{q:g}":
-        return xs[-1]
     pos = (len(xs) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
@@ -152,8 +157,8 @@ def summarize(run: CandidateRun, pricing: Pricing | None = None, confidence: flo
         accuracy_ci=accuracy["ci"], unsupported=len(run.cases) - len(scored),
         by_check={k: v["rate"] for k, v in checks.items()}, by_tag={k: v["rate"] for k, v in tags.items()},
         schema_fidelity=fidelity["rate"],
-        ttft_p50_ms=percentile(ttft, 50), ttft_p95_ms=percentile(ttft, 95),
-        e2e_p50_ms=percentile(e2e, 50), e2e_p95_ms=percentile(e2e, 95),
+        ttft_p50_ms=percentile(ttft, 50), ttft_p95_ms=tail_percentile(ttft, 95),
+        e2e_p50_ms=percentile(e2e, 50), e2e_p95_ms=tail_percentile(e2e, 95),
         decode_tokens_per_s=percentile(decode, 50), throughput_tokens_per_s=throughput, output_tokens=output_tokens,
         prompt_tokens_p50=percentile(prompts, 50), prompt_tokens_p95=percentile(prompts, 95),
         peak_memory_bytes=run.info.peak_memory_bytes, model_memory_bytes=run.info.model_memory_bytes,

@@ -126,11 +126,18 @@ def _cost(x: float | None) -> str:
     return "—" if x is None else f"${x:.4f}" if x < 1 else f"${x:,.2f}"
 
 
-def _latency(m: dict[str, Any], key: str) -> str:
-    """A p95 in ms, or 'max (n=18)' when too few requests make it their maximum."""
+def _latency(m: dict[str, Any], key: str, label: str | None = None) -> str:
+    """A p95 in ms, or '812 (max, n=18)' when too few requests make it their maximum (unless the
+    column's ``label`` already says so)."""
     value = _ms(m[key])
-    label = m.get("latency_label", "p95")
-    return value if label == "p95" or m[key] is None else f"{value} {label}"
+    own = m.get("latency_label", "p95")
+    return value if own in ("p95", label) or m[key] is None else f"{value} ({own.replace(' (', ', ').rstrip(')')})"
+
+
+def latency_label(cands: list[dict]) -> str:
+    """The p95 columns' label: 'p95', or 'max (n=18)' when every candidate's is that."""
+    labels = {c["metrics"].get("latency_label", "p95") for c in cands if not c["metrics"]["error"]}
+    return labels.pop() if len(labels) == 1 else "p95"
 
 
 def _interval(ci, fmt=lambda x: f"{x * 100:.0f}") -> str:
@@ -173,16 +180,17 @@ def _verdict_text(c: dict[str, Any]) -> str:
     return "; ".join(c["verdict"]["reasons"])
 
 
-VERDICT_WORDS = {"reliable": "passes reliably", "provisional": "within noise", "fails": "fails"}
+VERDICT_WORDS = {"reliable": "reliable", "provisional": "within noise", "fails": "fails"}
 
 
 def _verdict_word(c: dict[str, Any]) -> str:
+    """'reliable' (passes reliably), 'within noise' (passes on the point estimate only), 'fails (n)'."""
     if c["status"] == "error":
         return "error"
     word = VERDICT_WORDS[c["verdict"]["verdict"]]
     if c["verdict"]["verdict"] == "fails":
         word += f" ({len(c['verdict']['reasons'])})"
-    return ("chosen: " if c["status"] == "chosen" else "") + word
+    return ("→ " if c["status"] == "chosen" else "") + word  # → marks the answer
 
 
 # ---- terminal ----------------------------------------------------------------------------------
@@ -199,21 +207,26 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
     decision = report["decision"]
     level = f"{decision.get('confidence', 0.95):.0%}"
     repeats = max((c["metrics"].get("repeats", 1) for c in cands), default=1)
+    tail = latency_label(cands)
+    few = f"; max = the largest of {tail[5:-1]} requests, too few for a p95" if tail != "p95" else ""
     table = Table(title=f"{suite['name']}: {suite['cases']} cases{f' × up to {repeats} runs' if repeats > 1 else ''}, "
-                        f"{suite['hash']}, {s.get('concurrency')} requests in flight (latency in ms, intervals at {level})",
-                  title_justify="left")
+                        f"{suite['hash']}, {s.get('concurrency')} requests in flight (latency in ms, [{level} interval]"
+                        f"{few})", title_justify="left")
     table.add_column("candidate", no_wrap=True, min_width=min(width, 48))
-    for col in ("params", "weights", "accuracy", level + " CI", "schema", "TTFT p50", "TTFT p95", "tok/s", "e2e p95",
-                "peak mem", "load peak", "$/1K out", "verdict"):
+    short = tail.split(" ")[0]  # "p95" or "max"
+    for col in ("params", "weights", "accuracy", "schema", "TTFT p50", f"TTFT {short}", "tok/s",
+                f"e2e {short}", "peak mem", "load peak", "$/1K out", "verdict"):
         table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
     for c in cands:
         m = c["metrics"]
         color = {"reliable": "green", "provisional": "yellow"}.get(c["verdict"]["verdict"], "red")
         verdict = f"[{color}]{escape_rich(_verdict_word(c))}[/{color}]"
         name = m["name"] + (" (cached)" if m["cached"] else "")
-        table.add_row(escape_rich(name), _params(m["total_params"]), _bytes(m["weight_bytes"]), _pct(m["accuracy"]),
-                      _interval(m.get("accuracy_ci")), _pct(m["schema_fidelity"]), _ms(m["ttft_p50_ms"]),
-                      _latency(m, "ttft_p95_ms"), _num(m["decode_tokens_per_s"]), _latency(m, "e2e_p95_ms"),
+        ci = m.get("accuracy_ci")
+        table.add_row(escape_rich(name), _params(m["total_params"]), _bytes(m["weight_bytes"]),
+                      _pct(m["accuracy"]) + (f" [{_interval(ci)}]" if ci else ""), _pct(m["schema_fidelity"]),
+                      _ms(m["ttft_p50_ms"]),
+                      _latency(m, "ttft_p95_ms", tail), _num(m["decode_tokens_per_s"]), _latency(m, "e2e_p95_ms", tail),
                       _bytes(m["peak_memory_bytes"]), _bytes(m.get("load_peak_bytes")),
                       _cost(m["cost_per_1k_output_tokens"]), verdict,
                       style="bold" if c["status"] == "chosen" else "dim" if c["status"] == "error" else "")
@@ -263,7 +276,7 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
                 console.print(f"      [dim]{escape_rich(note)}[/dim]")
         elif c["status"] == "pass":
             console.print(f"  [blue]✓[/blue] {escape_rich(c['metrics']['name'])}: {escape_rich('; '.join(c['verdict']['notes'][:1]))}")
-        for why in c["verdict"].get("within_noise") or []:
+        for why in c["verdict"].get("within_noise") or [] if c["verdict"]["passed"] else []:
             console.print(f"      [yellow]~[/yellow] [dim]{escape_rich(why)}[/dim]")
     for label, path in (paths or {}).items():
         console.print(f"{label}: {path}")
@@ -360,7 +373,7 @@ def render_html(report: dict[str, Any]) -> str:
             notes = "".join(f"<div class=dim>{escape(n)}</div>" for n in c["verdict"]["notes"])
             out.append(f"<li><span class=fail>✗</span> <b>{name}</b>: {escape('; '.join(c['verdict']['reasons']))}{notes}</li>")
     out.append("</ul>")
-    noisy = [(c["metrics"]["name"], w) for c in cands for w in c["verdict"].get("within_noise") or []]
+    noisy = [(c["metrics"]["name"], w) for c in cands if c["verdict"]["passed"] for w in c["verdict"].get("within_noise") or []]
     if noisy:
         out.append("<ul class=why>" + "".join(f"<li class=noise>~ <b>{escape(n)}</b>: {escape(w)}</li>" for n, w in noisy)
                    + "</ul>")
@@ -374,8 +387,9 @@ def render_html(report: dict[str, Any]) -> str:
     # the table: figures only; pass rates per check live in the heat map below
     types = check_types(report)
     level = f"{decision.get('confidence', 0.95):.0%}"
-    head = ["candidate", "params", "weights", f"accuracy ({level} CI)", "schema fidelity", "TTFT p50 / p95", "decode tok/s",
-            "e2e p95", "throughput tok/s", "peak memory serving / loading", "$ per 1K output tokens", "verdict"]
+    tail = latency_label(cands)
+    head = ["candidate", "params", "weights", f"accuracy ({level} CI)", "schema fidelity", f"TTFT p50 / {tail}",
+            "decode tok/s", f"e2e {tail}", "throughput tok/s", "peak memory serving / loading", "$ per 1K output tokens", "verdict"]
     out.append("<h2>Candidates, smallest first</h2><table class=figures><tr>" +
                "".join(f"<th class={'l' if h in ('candidate', 'verdict') else 'r'}>{escape(h)}</th>" for h in head) + "</tr>")
     for c in cands:
@@ -385,8 +399,8 @@ def render_html(report: dict[str, Any]) -> str:
         cells = [f"<td class=l><b>{escape(mm['name'])}</b>{' <span class=dim>(cached)</span>' if mm['cached'] else ''}</td>",
                  f"<td>{_params(mm['total_params'])}</td>", f"<td>{_bytes(mm['weight_bytes'])}</td>",
                  f"<td>{_pct(mm['accuracy'])}{_ci(mm.get('accuracy_ci'))}</td>", f"<td>{_pct(mm['schema_fidelity'])}</td>",
-                 f"<td>{_ms(mm['ttft_p50_ms'])} / {_latency(mm, 'ttft_p95_ms')} ms</td>",
-                 f"<td>{_num(mm['decode_tokens_per_s'])}</td>", f"<td>{_latency(mm, 'e2e_p95_ms')} ms</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
+                 f"<td>{_ms(mm['ttft_p50_ms'])} / {_latency(mm, 'ttft_p95_ms', tail)} ms</td>",
+                 f"<td>{_num(mm['decode_tokens_per_s'])}</td>", f"<td>{_latency(mm, 'e2e_p95_ms', tail)} ms</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
                  f"<td>{_bytes(mm['peak_memory_bytes'])} / {_bytes(mm.get('load_peak_bytes'))}</td>",
                  f"<td title='{escape(mm['cost_basis'])}'>{_cost(mm['cost_per_1k_output_tokens'])}</td>",
                  f"<td class='l {vcls}'>{escape(verdict)}</td>"]

@@ -42,7 +42,7 @@ def wilson_interval(passed: float, n: float, confidence: float = 0.95) -> tuple[
     p = min(1.0, max(0.0, passed / n))
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if p == 0 else max(0.0, centre - half)), (1.0 if p == 1 else min(1.0, centre + half))
 
 
 def _log_pmf(k: int, n: int, p: float) -> float:
@@ -196,6 +196,9 @@ def percentile_ci(values: list[float], q: float, confidence: float = 0.95) -> tu
     the report says so (``percentile_label``)."""
     import numpy as np
 
+    n = sum(v is not None for v in values)
+    if percentile_label(q, n) != f"p{q:g}":  # the figure is the maximum: bootstrap the maximum
+        return bootstrap_ci(values, lambda rows: rows.max(axis=1), confidence)
     return bootstrap_ci(values, lambda rows: np.percentile(rows, q, axis=1), confidence)
 
 
