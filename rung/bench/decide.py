@@ -61,7 +61,7 @@ from typing import Any
 
 from rung.bench.measure import Metrics, Pricing
 from rung.bench.records import CandidateRun
-from rung.bench.stats import (cases_for_lower_bound, cases_for_paired_difference, mcnemar_exact, paired_bootstrap,
+from rung.bench.stats import (cases_for_lower_bound, cases_for_paired_difference, paired_bootstrap,
                               paired_difference_ci, sign_test)
 from rung.bench.suite import SuiteError
 
@@ -274,7 +274,7 @@ def decide(metrics: list[Metrics], runs: list[CandidateRun], req: Requirements,
     comparisons = [compare(by_run[a.name], by_run[b.name], confidence) for a, b in zip(ran, ran[1:])]
     decision = Decision(None, verdicts, "", [], "none", confidence, comparisons)
 
-    def worse(v: Verdict, than: Verdict) -> dict:
+    def against(v: Verdict, than: Verdict) -> dict:
         return compare(by_run[v.name], by_run[than.name], confidence)
 
     chosen = next((v for v in verdicts if v.reliable), None)
@@ -284,7 +284,7 @@ def decide(metrics: list[Metrics], runs: list[CandidateRun], req: Requirements,
                             f"({_size(by_name[chosen.name])})")
         for v in verdicts[:verdicts.index(chosen)]:
             if v.eligible and not by_name[v.name].error:
-                c = worse(v, chosen)
+                c = against(v, chosen)
                 if not c["significant"]:
                     decision.notes.append(
                         f"{v.name} is smaller and not significantly worse than {chosen.name} ({_pair(c)}), but does "
@@ -297,11 +297,11 @@ def decide(metrics: list[Metrics], runs: list[CandidateRun], req: Requirements,
             best = max(point, key=lambda v: (_accuracy(by_name[v.name]), -verdicts.index(v)))
             answer = best
             for v in verdicts[:verdicts.index(best)]:
-                if v.eligible and not by_name[v.name].error and not _significantly_worse(worse(v, best)):
+                if v.eligible and not by_name[v.name].error and not _significantly_worse(against(v, best)):
                     answer = v
                     break
             decision.chosen, decision.status = answer.name, PROVISIONAL
-            decision.against_best = worse(answer, best) if answer is not best else None
+            decision.against_best = against(answer, best) if answer is not best else None
             decision.cases_to_decide = _cases_to_decide(answer, best, decision.against_best, confidence)
             decision.summary = _provisional_summary(answer, best, decision, by_name)
     names = [v.name for v in verdicts]
@@ -392,13 +392,15 @@ def _provisional_summary(answer: Verdict, best: Verdict, decision: Decision, by_
         why = f"the smallest not significantly worse than {best.name}, the best on the point estimate ({_pair(decision.against_best)})"
     need = []
     cases = decision.cases_to_decide
-    for who in ("answer", "best"):
-        for req, n in cases[who]["lower_bound"].items():
-            if who == "best" and answer is best:
-                continue
-            name = cases[who]["name"]
-            need.append(f"{req} of {name}: " + (f"~{n:,} cases at its observed rate for the lower bound to clear the "
-                                                "threshold" if n else "no number of cases at its observed rate"))
+    for who, v in (("answer", answer), ("best", best)):
+        if who == "best" and answer is best:
+            continue
+        for r in v.noisy_rates:
+            n = cases[who]["lower_bound"][r["requirement"]]
+            got = f"{v.name}'s {r['requirement']} {r['rate']:.0%} against {r['threshold']:.0%}: "
+            need.append(got + (f"~{n:,} cases at that rate for its lower bound to clear the threshold" if n else
+                               "no number of cases at that rate" if r["rate"] <= r["threshold"] else
+                               "more than 10 million cases at that rate"))
     if decision.against_best is not None:
         n = cases["paired"]
         need.append(f"{answer.name} against {best.name}: " + (f"~{n:,} cases to detect the observed difference at "
