@@ -399,8 +399,9 @@ def render_html(report: dict[str, Any]) -> str:
         cells = [f"<td class=l><b>{escape(mm['name'])}</b>{' <span class=dim>(cached)</span>' if mm['cached'] else ''}</td>",
                  f"<td>{_params(mm['total_params'])}</td>", f"<td>{_bytes(mm['weight_bytes'])}</td>",
                  f"<td>{_pct(mm['accuracy'])}{_ci(mm.get('accuracy_ci'))}</td>", f"<td>{_pct(mm['schema_fidelity'])}</td>",
-                 f"<td>{_ms(mm['ttft_p50_ms'])} / {_latency(mm, 'ttft_p95_ms', tail)} ms</td>",
-                 f"<td>{_num(mm['decode_tokens_per_s'])}</td>", f"<td>{_latency(mm, 'e2e_p95_ms', tail)} ms</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
+                 f"<td>{_ms(mm['ttft_p50_ms'])} / {_latency(mm, 'ttft_p95_ms', tail)} ms"
+                 f"{_ms_ci(mm.get('ttft_p95_ci'))}</td>", f"<td>{_num(mm['decode_tokens_per_s'])}</td>",
+                 f"<td>{_latency(mm, 'e2e_p95_ms', tail)} ms{_ms_ci(mm.get('e2e_p95_ci'))}</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
                  f"<td>{_bytes(mm['peak_memory_bytes'])} / {_bytes(mm.get('load_peak_bytes'))}</td>",
                  f"<td title='{escape(mm['cost_basis'])}'>{_cost(mm['cost_per_1k_output_tokens'])}</td>",
                  f"<td class='l {vcls}'>{escape(verdict)}</td>"]
@@ -497,6 +498,10 @@ def _ci(ci) -> str:
     return f" <span class=dim title='Wilson interval'>({ci[0] * 100:.0f}–{ci[1] * 100:.0f})</span>"
 
 
+def _ms_ci(ci) -> str:
+    return "" if not ci else f" <span class=dim title='bootstrap interval'>({ci[0]:,.0f}–{ci[1]:,.0f})</span>"
+
+
 def _requirements_html(req: dict[str, Any]) -> str:
     s = req.get("success") or {}
     items = []
@@ -523,6 +528,7 @@ def _requirements_html(req: dict[str, Any]) -> str:
         items.append("licenses: " + ", ".join(req["licenses"]))
     if req.get("redaction"):
         items.append("redaction on")
+    items.append(f"confidence {req.get('confidence', 0.95):.0%}")
     source = f" ({escape(req['source'])})" if req.get("source") else ""
     return f"<div class=meta><b>Requirements{source}:</b> {escape(' · '.join(items) or 'none given')}</div>"
 
