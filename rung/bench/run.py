@@ -138,9 +138,10 @@ def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: Resul
     key_settings = settings.key(suite)
     fingerprint = candidate.fingerprint() if cache else None
     plan = [_repeat_cases(suite, settings, r) for r in range(max(settings.repeats_of(c) for c in suite.cases))]
+    plan = [cases for cases in plan if cases]
     keys = [_repeat_key(fingerprint, suite, key_settings, r, cases) for r, cases in enumerate(plan)] if cache else None
     progress.start(candidate.name, sum(_work(cases) for cases in plan))
-    runs: list[CandidateRun | None] = [cache.get(key) if cache else None for key in (keys or plan)]
+    runs: list[CandidateRun | None] = [cache.get(key) for key in keys] if cache else [None] * len(plan)
     for hit, cases in zip(runs, plan):
         if hit is not None:
             progress.advance(_work(cases))
@@ -183,8 +184,9 @@ def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: Resul
 
 
 def _repeat_cases(suite: Suite, settings: BenchSettings, repeat: int) -> list[Case]:
-    """The cases run ``repeat`` covers: those with more than ``repeat`` repeats (run 0 covers them all)."""
-    return [c for c in suite.cases if settings.repeats_of(c) > repeat]
+    """The cases run ``repeat`` covers: run 0 all of them, a later run those with more repeats that
+    generate (a perplexity is the same every time)."""
+    return [c for c in suite.cases if repeat == 0 or (c.generates and settings.repeats_of(c) > repeat)]
 
 
 def _repeat_key(fingerprint: dict, suite: Suite, key_settings: dict, repeat: int, cases: list[Case]) -> str:
