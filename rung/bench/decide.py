@@ -392,19 +392,19 @@ def _provisional_summary(answer: Verdict, best: Verdict, decision: Decision, by_
         why = f"the smallest not significantly worse than {best.name}, the best on the point estimate ({_pair(decision.against_best)})"
     need = []
     cases = decision.cases_to_decide
-    for who, v in (("answer", answer), ("best", best)):
-        if who == "best" and answer is best:
-            continue
-        for r in v.noisy_rates:
-            n = cases[who]["lower_bound"][r["requirement"]]
-            got = f"{v.name}'s {r['requirement']} {r['rate']:.0%} against {r['threshold']:.0%}: "
-            need.append(got + (f"~{n:,} cases at that rate for its lower bound to clear the threshold" if n else
-                               "no number of cases at that rate" if r["rate"] <= r["threshold"] else
-                               "more than 10 million cases at that rate"))
     if decision.against_best is not None:
         n = cases["paired"]
-        need.append(f"{answer.name} against {best.name}: " + (f"~{n:,} cases to detect the observed difference at "
-                                                              f"{POWER:.0%} power" if n else "no difference observed"))
+        need.append(f"~{n:,} cases to tell {answer.name} from {best.name} at {POWER:.0%} power" if n else
+                    f"no difference between {answer.name} and {best.name} to detect")
+    for who, v in (("answer", answer), ("best", best))[:1 if answer is best else 2]:
+        bounds = cases[who]["lower_bound"]
+        never = [r for r in v.noisy_rates if bounds[r["requirement"]] is None]
+        if never:
+            shown = ", ".join(f"{r['requirement']} {r['rate']:.0%} against {r['threshold']:.0%}" for r in never[:2])
+            need.append(f"{v.name}'s {shown}{' …' if len(never) > 2 else ''}: no number of cases clears that at the "
+                        "observed rate")
+        elif bounds:
+            need.append(f"{v.name} would pass reliably at ~{max(bounds.values()):,} cases if its rates held")
     return f"{head}, {why}. What would decide it: {'; '.join(need) or 'more cases'}"
 
 

@@ -269,14 +269,19 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
         if c["status"] == "chosen":
             for note in c["verdict"]["notes"]:
                 console.print(f"      [dim]{escape_rich(note)}[/dim]")
+            if c["verdict"].get("within_noise"):
+                console.print(f"  [yellow]→[/yellow] {escape_rich(c['metrics']['name'])}: within noise")
     for c in cands:
-        if c["status"] != "chosen" and not c["verdict"]["passed"]:
+        if c["status"] == "chosen":
+            pass
+        elif not c["verdict"]["passed"]:
             console.print(f"  [red]✗[/red] {escape_rich(c['metrics']['name'])}: {escape_rich(_verdict_text(c))}")
             for note in c["verdict"]["notes"]:
                 console.print(f"      [dim]{escape_rich(note)}[/dim]")
         elif c["status"] == "pass":
             console.print(f"  [blue]✓[/blue] {escape_rich(c['metrics']['name'])}: {escape_rich('; '.join(c['verdict']['notes'][:1]))}")
-        for why in c["verdict"].get("within_noise") or [] if c["verdict"]["passed"] else []:
+        shown = c["verdict"]["passed"] or c["status"] == "chosen"  # a plain fail's near misses would only clutter
+        for why in c["verdict"].get("within_noise") or [] if shown else []:
             console.print(f"      [yellow]~[/yellow] [dim]{escape_rich(why)}[/dim]")
     for label, path in (paths or {}).items():
         console.print(f"{label}: {path}")
@@ -373,7 +378,8 @@ def render_html(report: dict[str, Any]) -> str:
             notes = "".join(f"<div class=dim>{escape(n)}</div>" for n in c["verdict"]["notes"])
             out.append(f"<li><span class=fail>✗</span> <b>{name}</b>: {escape('; '.join(c['verdict']['reasons']))}{notes}</li>")
     out.append("</ul>")
-    noisy = [(c["metrics"]["name"], w) for c in cands if c["verdict"]["passed"] for w in c["verdict"].get("within_noise") or []]
+    noisy = [(c["metrics"]["name"], w) for c in cands if c["verdict"]["passed"] or c["status"] == "chosen"
+             for w in c["verdict"].get("within_noise") or []]
     if noisy:
         out.append("<ul class=why>" + "".join(f"<li class=noise>~ <b>{escape(n)}</b>: {escape(w)}</li>" for n, w in noisy)
                    + "</ul>")
@@ -499,7 +505,7 @@ def _ci(ci) -> str:
 
 
 def _ms_ci(ci) -> str:
-    return "" if not ci else f" <span class=dim title='bootstrap interval'>({ci[0]:,.0f}–{ci[1]:,.0f})</span>"
+    return "" if not ci else f"<br><span class=dim title='bootstrap interval'>({ci[0]:,.0f}–{ci[1]:,.0f})</span>"
 
 
 def _requirements_html(req: dict[str, Any]) -> str:
