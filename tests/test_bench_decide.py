@@ -339,3 +339,17 @@ def test_compare_with_repeats_uses_per_case_rates():
     c = compare(small, large)
     assert (c["smaller_only"], c["larger_only"], c["cases"]) == (0, 10, 20) and c["p_value"] == pytest.approx(2 / 2**10)
     assert c["difference"] == pytest.approx(0.25) and c["difference_ci"][0] > 0 and "bootstrap" in c["method"]
+
+
+def test_repeats_are_bounded_whole_numbers_and_leave_the_hash_alone():
+    from rung.bench.suite import SuiteError
+
+    case = {"id": "a", "prompt": "hi", "expect": {"contains": "x"}}
+    assert suite_from_dict({"cases": [case]}).cases[0].repeats == 1
+    assert suite_from_dict({"defaults": {"repeats": 5}, "cases": [case]}).cases[0].repeats == 5
+    assert suite_from_dict({"defaults": {"repeats": 5}, "cases": [{**case, "repeats": 2}]}).cases[0].repeats == 2
+    assert (suite_from_dict({"defaults": {"repeats": 5}, "cases": [case]}).hash
+            == suite_from_dict({"cases": [case]}).hash)
+    for bad, message in [(0, "at least 1"), (101, "at most 100"), (2.5, "whole number"), ("3", "whole number")]:
+        with pytest.raises(SuiteError, match=f"case 'a': 'repeats' must be.*{message}"):
+            suite_from_dict({"cases": [{**case, "repeats": bad}]})

@@ -166,17 +166,3 @@ def test_the_starter_suite_covers_what_the_readme_promises():
     req = starter_requirements()
     assert set(req.domains) <= suite.tag_values("domain") and req.languages == ["en"]
     assert any("@int4" in c for c in req.candidates) and any("@int8" in c for c in req.candidates)
-
-
-def test_repeats_are_bounded_whole_numbers_and_leave_the_hash_alone():
-    from rung.bench.suite import suite_from_dict
-
-    case = {"id": "a", "prompt": "hi", "expect": {"contains": "x"}}
-    assert suite_from_dict({"cases": [case]}).cases[0].repeats == 1
-    assert suite_from_dict({"defaults": {"repeats": 5}, "cases": [case]}).cases[0].repeats == 5
-    assert suite_from_dict({"defaults": {"repeats": 5}, "cases": [{**case, "repeats": 2}]}).cases[0].repeats == 2
-    assert (suite_from_dict({"defaults": {"repeats": 5}, "cases": [case]}).hash
-            == suite_from_dict({"cases": [case]}).hash)
-    for bad, message in [(0, "at least 1"), (101, "at most 100"), (2.5, "whole number"), ("3", "whole number")]:
-        with pytest.raises(SuiteError, match=f"case 'a': 'repeats' must be.*{message}"):
-            suite_from_dict({"cases": [{**case, "repeats": bad}]})

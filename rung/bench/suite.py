@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any
 
 CASE_KEYS = {"id", "prompt", "messages", "system", "choices", "tools", "text", "expect", "max_tokens",
-             "temperature", "samples", "vote", "stop", "tags", "repeats"}
-DEFAULT_KEYS = {"max_tokens", "temperature", "system", "samples", "vote", "stop", "repeats"}
-MAX_REPEATS = 100
+             "temperature", "samples", "vote", "stop", "tags"}
+DEFAULT_KEYS = {"max_tokens", "temperature", "system", "samples", "vote", "stop"}
 SUITE_KEYS = {"name", "version", "description", "defaults", "judge", "cases", "rag"}
 RAG_KEYS = {"index", "k", "max_chars"}
 VOTES = ("majority", "best")
+# `repeats: k`, on a case or in the defaults: runs of each case with seeds apart, to measure noise
+MAX_REPEATS = 100
+CASE_KEYS = CASE_KEYS | {"repeats"}
+DEFAULT_KEYS = DEFAULT_KEYS | {"repeats"}
 
 
 class SuiteError(ValueError):
