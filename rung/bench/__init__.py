@@ -6,8 +6,8 @@
     print(result.decision.summary, result.paths["html"])
 
 Modules: suite (files, hashing), scorers (checks), candidates (local / endpoint), worker (a local
-model in its own process), run (generate, score, cache), measure (figures), decide (requirements →
-choice), cache, report and plots (terminal, HTML, JSON).
+model in its own process), run (generate, score, cache), measure (figures), stats (intervals, paired
+tests, power), decide (requirements → choice), cache, report and plots (terminal, HTML, JSON).
 """
 
 from __future__ import annotations
