@@ -120,7 +120,10 @@ def test_no_arguments_runs_the_starter_and_skips_variants_that_cannot_load(monke
     out = capsys.readouterr().out
     assert seen["suite"].name == "starter" and len(seen["candidates"]) == 4
     assert "skipped smollm2-135m@int8: unknown format 'int8'" in out
-    assert "recommendation: smollm2-135m@int4: the smallest candidate that passes" in out
+    # every case right, but the summary domain has 2 cases: 18 cases cannot make it reliable, and the report says so
+    assert "recommendation: no candidate passes reliably" in out and "provisional answer: smollm2-135m@int4" in out
+    assert out.rstrip().splitlines()[-3:-1] == ["deploy: rung serve -m smollm2-135m@int4 --max-concurrent 4 "
+                                                "--kv-cache-mb 20", "requirements file: chosen: smollm2-135m@int4"]
     assert (tmp_path / "rung-bench" / "starter.html").is_file()
     report = json.loads((tmp_path / "rung-bench" / "starter.json").read_text())
     assert [c["metrics"]["name"] for c in report["candidates"]] == ["smollm2-135m@int4", "smollm2-135m@fp32", "gemma3-270m"]
@@ -153,3 +156,51 @@ def test_a_local_judge_model_grades_in_process(folder, tmp_path):
     [run] = run_bench([folder], suite, BenchSettings(isolate=False, concurrency=1))
     [check] = run.cases[0].checks
     assert run.error is None and check.type == "judge" and f"judge {folder}" in check.detail
+
+
+def test_check_exits_0_reliable_1_failing_2_provisional(monkeypatch, files, capsys):
+    """--check's exit codes: 0 the chosen model passes reliably, 1 it fails, 2 it passes only on the
+    point estimate (its interval straddles a threshold): a CI job can tell "worse" from "unproven"."""
+    import rung.bench as rb
+
+    real = rb.run_bench
+    right = {"hello": "the", "count": "3", "json": "{}", "vote": "o", "ppl": ""}
+    monkeypatch.setattr(rb, "run_bench", lambda candidates, suite, settings, cache, progress: real(
+        [Scripted(spec, {**right, "count": "4"}) for spec in candidates], suite, settings, cache, progress))
+    req = files / "req.yaml"
+    for accuracy, code, said in [(0.1, 0, "check passed: m still passes reliably"),  # 80% [38%, 96%] ≥ 10%
+                                 (0.7, 2, "check provisional: m passes only on the point estimate: accuracy 80% is "
+                                          "within noise of 70%"),
+                                 (0.9, 1, "check failed: m no longer passes: accuracy 80% < 90%")]:
+        req.write_text(f"success: {{accuracy: {accuracy}}}\nchosen: m\n")
+        assert main(bench(files, "-r", str(req), "--check", "--no-cache")) == code
+        assert said in capsys.readouterr().out
+    req.write_text("success: {accuracy: 0.7}\n")  # no chosen model: the decision itself is guarded
+    assert main(bench(files, "-r", str(req), "-m", "m", "--check", "--no-cache")) == 2
+    assert "check provisional: no candidate passes reliably" in capsys.readouterr().out
+
+
+def test_repeats_flag_is_checked_and_reaches_the_report(monkeypatch, files, capsys):
+    import rung.bench as rb
+
+    real = rb.run_bench
+    monkeypatch.setattr(rb, "run_bench", lambda candidates, suite, settings, cache, progress: real(
+        [Scripted(spec, {"hello": "the"}) for spec in candidates], suite, settings, cache, progress))
+    assert main(bench(files, "-m", "m", "--repeats", "3")) == 0
+    out = capsys.readouterr().out
+    assert "5 cases × up to 3 runs" in out and "pass@k" in out
+    [c] = json.loads((files / "out" / "tiny.json").read_text())["candidates"]
+    assert c["metrics"]["repeats"] == 3 and c["metrics"]["pass_hat_k"] is not None
+    for bad in ("0", "101"):
+        assert main(bench(files, "-m", "m", "--repeats", bad)) == 2
+        assert "--repeats must be between 1 and 100" in capsys.readouterr().err
+
+
+def test_the_deploy_lines_model_spec_is_one_rung_serve_accepts(capsys):
+    """The deploy line serves NAME@int4 as benched: `rung serve` used to refuse the spec before loading
+    ("no such file or folder"); here it gets as far as the next check."""
+    assert main(["serve", "-m", "smollm2-135m@int4", "--max-concurrent", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-concurrent must be at least 1" in err and "no such file" not in err
+    assert main(["serve", "-m", "smollm2-135m@int3"]) == 2
+    assert "unknown format 'int3'" in capsys.readouterr().err

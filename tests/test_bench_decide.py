@@ -37,13 +37,18 @@ def test_smallest_passing_candidate_wins_and_the_others_say_why():
                     Scripted("small", answers(7), params=360_000_000)], {"success": {"accuracy": 0.8}})
     assert d.chosen == "small" and [v.name for v in d.verdicts] == ["tiny", "small", "big"]
     assert d.verdict("tiny").reasons == ["accuracy 55% < 80%"]  # 3 English + 2 German + the JSON case of 11
-    assert d.verdict("big").passed and d.verdict("big").notes[0] == "passes, but small is smaller"
-    assert "small: the smallest candidate that passes" in d.summary and "360M params" in d.summary
+    # 11 cases: 10/11 and 11/11 pass on the point estimate, neither reliably (lower bounds 62% and 74%)
+    assert d.status == "provisional" and d.verdict("big").passed and not d.verdict("big").reliable
+    assert d.verdict("big").notes[0] == "passes on the point estimate, but small is smaller"
+    d = decide_for([Scripted("big", answers(8), params=7_000_000_000), Scripted("tiny", answers(3), params=135_000_000),
+                    Scripted("small", answers(7), params=360_000_000)], {"success": {"accuracy": 0.6}})
+    assert d.chosen == "small" and d.status == "reliable" and d.verdict("big").notes[0] == "passes, but small is smaller"
+    assert "small: the smallest candidate that passes every requirement reliably" in d.summary and "360M params" in d.summary
 
 
 def test_no_candidate_passes():
     d = decide_for([Scripted("a", answers(0)), Scripted("b", answers(1))], {"success": {"accuracy": 0.9}})
-    assert d.chosen is None and d.summary == "no candidate passes every requirement"
+    assert d.chosen is None and d.status == "none" and d.summary.startswith("no candidate passes reliably")
     assert all(not v.passed and v.reasons for v in d.verdicts)
 
 
@@ -155,3 +160,196 @@ def test_requirements_file_and_sizes(tmp_path):
                          ({"governance": {"vpn": True}}, "governance: takes")]:
         with pytest.raises(RequirementsError, match=message):
             requirements_from_dict(bad)
+
+
+# ---- the statistical rule, on crafted outcome tables (rung/bench/decide.py's docstring) ----------
+
+from rung.bench.candidates import case_seed  # noqa: E402
+from rung.bench.decide import compare, decide  # noqa: E402
+from rung.bench.measure import summarize  # noqa: E402
+from rung.bench.records import CandidateInfo, CandidateRun, CaseOutcome, CheckOutcome, Sample  # noqa: E402
+
+
+def crafted(name: str, outcomes: list, params: int) -> CandidateRun:
+    """A run whose case i passed outcomes[i] (a bool, or a list of bools: its repeats)."""
+    cases = []
+    for i, o in enumerate(outcomes):
+        runs = [CaseOutcome(f"c{i}", p, [CheckOutcome("contains", p, float(p))],
+                            [Sample(text="x", output_tokens=8, ttft_s=0.05, latency_s=0.5)])
+                for p in (o if isinstance(o, list) else [o])]
+        runs[0].repeats = runs[1:]
+        cases.append(runs[0])
+    return CandidateRun(CandidateInfo(name, "local", total_params=params, weight_bytes=params, kv_bytes_per_token=1000,
+                                      license="mit"), cases, 1.0, {"concurrency": 1}, "sha256:test")
+
+
+def paired(both: int, smaller_only: int, larger_only: int, neither: int) -> tuple[list[bool], list[bool]]:
+    """Two outcome columns over the same cases, from the four cells of the paired table."""
+    small = [True] * both + [True] * smaller_only + [False] * larger_only + [False] * neither
+    large = [True] * both + [False] * smaller_only + [True] * larger_only + [False] * neither
+    return small, large
+
+
+def decide_runs(runs: list[CandidateRun], requirements: dict):
+    req = requirements_from_dict(requirements)
+    return decide([summarize(r, req.pricing(), req.confidence) for r in runs], runs, req, {})
+
+
+def test_indistinguishable_candidates_the_smaller_is_chosen_provisionally_never_the_larger():
+    """The starter run of issue 17: int8 10/18 against int4's and fp32's 9/18 at 55%, one case apart."""
+    int4, int8 = paired(9, 0, 1, 8)
+    runs = [crafted("int8", int8, 135_000_001), crafted("fp32", int4, 135_000_002), crafted("int4", int4, 135_000_000)]
+    d = decide_runs(runs, {"success": {"accuracy": 0.55}})
+    assert d.chosen == "int4" and d.status == "provisional"
+    assert d.summary.startswith("no candidate passes reliably") and "provisional answer: int4" in d.summary
+    assert [v.verdict for v in d.verdicts] == ["fails", "provisional", "fails"]  # int4, int8, fp32 by size
+    a = d.against_best
+    assert (a["smaller"], a["larger"], a["differ"], a["smaller_only"], a["larger_only"]) == ("int4", "int8", 1, 0, 1)
+    assert a["p_value"] == 1.0 and not a["significant"] and a["difference_ci"][0] < 0 < a["difference_ci"][1]
+    # what would decide it: Connor's McNemar sample size for 1 discordant case in 18 at 80% power; at
+    # int8's 55.6% its lower bound clears 55% only after tens of thousands of cases; int4's 50% never
+    assert d.cases_to_decide["paired"] == 139
+    assert d.cases_to_decide["best"]["lower_bound"]["accuracy"] > 10_000
+    assert d.cases_to_decide["answer"]["lower_bound"]["accuracy"] is None
+    # with enough cases the same rule picks the smaller reliable one
+    small, large = paired(180, 2, 3, 15)
+    d = decide_runs([crafted("large", large, 2), crafted("small", small, 1)], {"success": {"accuracy": 0.8}})
+    assert d.chosen == "small" and d.status == "reliable" and all(v.reliable for v in d.verdicts)
+    assert not d.comparisons[0]["significant"] and d.comparisons[0]["differ"] == 5
+
+
+def test_a_significantly_better_larger_candidate_beats_a_smaller_one_failing_the_threshold():
+    # within noise of 70% both, but the larger wins 7 cases and loses none: McNemar p = 2/2^7
+    small, large = paired(40, 0, 7, 13)
+    d = decide_runs([crafted("small", small, 1), crafted("large", large, 2)], {"success": {"accuracy": 0.7}})
+    assert d.verdict("small").verdict == "fails" and d.verdict("small").eligible  # 67%, its interval holds 70%
+    assert d.chosen == "large" and d.status == "provisional"
+    [c] = d.comparisons
+    assert c["p_value"] == pytest.approx(2 / 2**7) and c["significant"] and c["difference"] == pytest.approx(7 / 60)
+    assert c["difference_ci"][0] > 0
+    # and when the larger clears the threshold's interval it is the reliable answer
+    small, large = paired(30, 0, 28, 2)
+    d = decide_runs([crafted("small", small, 1), crafted("large", large, 2)], {"success": {"accuracy": 0.8}})
+    assert d.chosen == "large" and d.status == "reliable" and d.comparisons[0]["significant"]
+    assert d.summary.startswith("large: the smallest candidate that passes every requirement reliably")
+
+
+def test_nobody_reliably_passes():
+    small, large = paired(16, 0, 1, 3)  # 80% and 85% of 20 against 75%: both within noise
+    d = decide_runs([crafted("small", small, 1), crafted("large", large, 2)], {"success": {"accuracy": 0.75}})
+    assert d.status == "provisional" and d.chosen == "small" and not any(v.reliable for v in d.verdicts)
+    assert d.summary.startswith("no candidate passes reliably")
+    assert "accuracy 80% is within noise of 75%" in d.verdict("small").within_noise[0]
+    d = decide_runs([crafted("small", small, 1), crafted("large", large, 2)], {"success": {"accuracy": 0.95}})
+    assert d.status == "none" and d.chosen is None and d.summary.startswith("no candidate passes reliably")
+
+
+def test_a_smaller_candidate_that_fails_a_hard_requirement_is_never_the_provisional_answer():
+    small, large = paired(9, 0, 1, 8)
+    runs = [crafted("small", small, 1), crafted("large", large, 2)]
+    runs[0].info.license = "gemma"
+    d = decide_runs(runs, {"success": {"accuracy": 0.55}, "governance": {"licenses": ["mit"]}})
+    assert d.chosen == "large" and d.status == "provisional" and not d.verdict("small").eligible
+
+
+def test_repeats_turn_a_flaky_pass_into_a_fail():
+    """18 of 30 cases pass only on their first seed: one run passes them all; four show them flaky."""
+    suite = suite_from_dict({"defaults": {"temperature": 0.7}, "cases": [
+        {"id": f"q{i}", "prompt": f"{i}+1?", "expect": {"numeric": i + 1}} for i in range(30)]})
+
+    def answer(i: int):
+        return lambda req: str(i + 1) if i < 12 or req.seed == case_seed(f"q{i}", 0) else "0"
+
+    answers_ = {f"q{i}": answer(i) for i in range(30)}
+    req = requirements_from_dict({"success": {"accuracy": 0.6}})
+    once = finish(suite, run_bench([Scripted("m", answers_)], suite, SETTINGS), req, SETTINGS)
+    assert once.decision.chosen == "m" and once.decision.status == "reliable" and once.metrics[0].accuracy == 1.0
+    four = BenchSettings(concurrency=1, isolate=False, repeats=4)
+    result = finish(suite, run_bench([Scripted("m", answers_)], suite, four), req, four)
+    m = result.metrics[0]
+    assert m.accuracy == pytest.approx((12 + 18 / 4) / 30) and m.repeats == 4
+    assert m.pass_at_k == 1.0 and m.pass_hat_k == pytest.approx(12 / 30)
+    assert len(m.flaky_cases) == 18 and m.flake_rate == pytest.approx(18 / 30)
+    assert result.decision.chosen is None and result.decision.verdict("m").reasons == ["accuracy 55% < 60%"]
+    # the suite's `repeats:` does the same as --repeats
+    suite4 = suite_from_dict({"defaults": {"temperature": 0.7, "repeats": 4}, "cases": [
+        {"id": f"q{i}", "prompt": f"{i}+1?", "expect": {"numeric": i + 1}} for i in range(30)]})
+    assert suite4.hash == suite.hash  # how often a case is measured, not what
+    [run] = run_bench([Scripted("m", answers_)], suite4, SETTINGS)
+    assert summarize(run).accuracy == pytest.approx(m.accuracy)
+    report = finish(suite4, [run], req, SETTINGS).report
+    assert report["cases"][12]["repeats"]["m"] == {"runs": 4, "passed": 1, "pass_at_k": 1.0, "pass_hat_k": 0.0,
+                                                   "flaky": True}
+
+
+def test_every_repeat_is_a_new_sample_cached_under_its_own_key(tmp_path):
+    from rung.bench.cache import ResultCache
+
+    suite = suite_from_dict({"cases": [{"id": f"q{i}", "prompt": "?", "expect": {"contains": "a"}, "temperature": 1.0,
+                                        "repeats": 3 if i < 2 else 1} for i in range(4)]})
+    cache = ResultCache(tmp_path)
+    first = Scripted("m", {})
+    [run] = run_bench([first], suite, SETTINGS, cache)
+    assert first.generated == 4 + 2 + 2  # repeats 2 and 3 of q0 and q1
+    seeds = {(r.case_id, r.seed) for r in first.requests}
+    assert len(seeds) == 8  # every run its own seed
+    assert [len(c.runs) for c in run.cases] == [3, 3, 1, 1] and len(list(tmp_path.glob("*.json"))) == 3
+    again = Scripted("m", {})
+    [cached] = run_bench([again], suite, SETTINGS, cache)
+    assert again.generated == 0 and cached.cached and [len(c.runs) for c in cached.cases] == [3, 3, 1, 1]
+    # --repeats: runs 1-3 of every case, then a fourth: only the fourth is new work, with new seeds
+    three = Scripted("m", {})
+    run_bench([three], suite, BenchSettings(concurrency=1, isolate=False, repeats=3), cache)
+    assert three.generated == 4 + 4  # run 1 of every case is cached; runs 2-3 now cover q2 and q3 too
+    four = Scripted("m", {})
+    [run4] = run_bench([four], suite, BenchSettings(concurrency=1, isolate=False, repeats=4), cache)
+    assert four.generated == 4 and [len(c.runs) for c in run4.cases] == [4, 4, 4, 4]
+    assert not {(r.case_id, r.seed) for r in four.requests} & {(r.case_id, r.seed) for r in first.requests + three.requests}
+
+
+def test_confidence_is_a_requirements_setting_between_0_and_1():
+    assert requirements_from_dict({}).confidence == 0.95
+    assert requirements_from_dict({"confidence": 0.8}).confidence == 0.8
+    for bad in (0, 1, 1.5, "high", True):
+        with pytest.raises(RequirementsError, match="confidence must be a number between 0 and 1"):
+            requirements_from_dict({"confidence": bad})
+    # a lower confidence narrows the interval: 16/20 against 65% is reliable at 80% (66%–88%), not at 95% (58%–92%)
+    small, _ = paired(16, 0, 1, 3)
+    assert decide_runs([crafted("m", small, 1)], {"success": {"accuracy": 0.65}}).status == "provisional"
+    assert decide_runs([crafted("m", small, 1)], {"success": {"accuracy": 0.65}, "confidence": 0.8}).status == "reliable"
+
+
+def test_latency_percentiles_reliably_under_the_limit_use_the_bootstrap_upper_bound():
+    runs = [crafted("m", [True] * 40, 1)]
+    for i, case in enumerate(runs[0].cases):  # 38 fast requests and two slow ones
+        case.samples[0].latency_s = 2.0 if i in (3, 17) else 0.5
+    m = summarize(runs[0])
+    assert m.latency_label == "p95" and m.e2e_p95_ms == pytest.approx(575.0)  # 0.05 of the way from 0.5 s to 2 s
+    assert m.e2e_p95_ci[1] == pytest.approx(2000.0)  # a resample with three slow ones puts p95 at 2 s
+    d = decide_runs(runs, {"success": {"e2e_p95_ms": 1000}})
+    assert d.status == "provisional" and "end-to-end p95 575 ms is within noise" in d.verdicts[0].within_noise[0]
+    short = crafted("m", [True] * 18, 1)
+    m = summarize(short)
+    assert m.latency_label == "max (n=18)" and m.e2e_p95_ms == 500.0
+
+
+def test_compare_with_repeats_uses_per_case_rates():
+    small = crafted("s", [[True, False]] * 10 + [[True, True]] * 10, 1)
+    large = crafted("l", [[True, True]] * 20, 2)
+    c = compare(small, large)
+    assert (c["smaller_only"], c["larger_only"], c["cases"]) == (0, 10, 20) and c["p_value"] == pytest.approx(2 / 2**10)
+    assert c["difference"] == pytest.approx(0.25) and c["difference_ci"][0] > 0 and "bootstrap" in c["method"]
+
+
+def test_repeats_are_bounded_whole_numbers_and_leave_the_hash_alone():
+    from rung.bench.suite import SuiteError
+
+    case = {"id": "a", "prompt": "hi", "expect": {"contains": "x"}}
+    assert suite_from_dict({"cases": [case]}).cases[0].repeats == 1
+    assert suite_from_dict({"defaults": {"repeats": 5}, "cases": [case]}).cases[0].repeats == 5
+    assert suite_from_dict({"defaults": {"repeats": 5}, "cases": [{**case, "repeats": 2}]}).cases[0].repeats == 2
+    assert (suite_from_dict({"defaults": {"repeats": 5}, "cases": [case]}).hash
+            == suite_from_dict({"cases": [case]}).hash)
+    for bad, message in [(0, "at least 1"), (101, "at most 100"), (2.5, "whole number"), ("3", "whole number")]:
+        with pytest.raises(SuiteError, match=f"case 'a': 'repeats' must be.*{message}"):
+            suite_from_dict({"cases": [{**case, "repeats": bad}]})

@@ -6,8 +6,8 @@
     print(result.decision.summary, result.paths["html"])
 
 Modules: suite (files, hashing), scorers (checks), candidates (local / endpoint), worker (a local
-model in its own process), run (generate, score, cache), measure (figures), decide (requirements →
-choice), cache, report and plots (terminal, HTML, JSON).
+model in its own process), run (generate, score, cache), measure (figures), stats (intervals, paired
+tests, power), decide (requirements → choice), cache, report and plots (terminal, HTML, JSON).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rung.bench.cache import ResultCache
-from rung.bench.decide import Decision, Requirements, decide, load_requirements, requirements_from_dict
+from rung.bench.decide import Decision, Requirements, decide, deploy, load_requirements, requirements_from_dict
 from rung.bench.measure import Metrics, summarize
 from rung.bench.records import CandidateRun
 from rung.bench.run import BenchSettings, run_bench
@@ -61,10 +61,12 @@ def finish(suite: Suite, runs: list[CandidateRun], requirements: Requirements, s
     from rung.bench.report import build_report, write_html, write_json
 
     pricing = requirements.pricing()
-    metrics = [summarize(r, pricing) for r in runs]
+    metrics = [summarize(r, pricing, requirements.confidence) for r in runs]
     tags = {tag: suite.tag_values(tag) for tag in ("language", "domain")}
     decision = decide(metrics, runs, requirements, tags)
-    report = build_report(suite, runs, metrics, decision, requirements, settings.key(suite), wall_s)
+    key = settings.key(suite)
+    report = build_report(suite, runs, metrics, decision, requirements, key, wall_s,
+                          deploy(decision, runs, requirements, key))
     paths: dict[str, Path] = {}
     if out_dir is not None:
         out = Path(out_dir)

@@ -508,8 +508,11 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
 
 
-def requests_for(cases: Iterable, seed: int) -> list[Request]:
+def requests_for(cases: Iterable, seed: int, repeat: int = 0) -> list[Request]:
+    """One request per generating case; run ``repeat`` of a case (`repeats: k`) gets a seed of its own,
+    so a repeat at the case's temperature is a new sample."""
     return [Request(case_id=c.id, messages=c.chat_messages(), max_tokens=c.max_tokens, temperature=c.temperature,
-                    n=c.samples, seed=case_seed(c.id, seed), tools=[dict(t) for t in c.tools] if c.tools else None,
+                    n=c.samples, seed=case_seed(c.id if repeat == 0 else f"{c.id}#repeat{repeat}", seed),
+                    tools=[dict(t) for t in c.tools] if c.tools else None,
                     stop=list(c.stop) or None)
             for c in cases if c.generates]

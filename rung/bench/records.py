@@ -48,10 +48,22 @@ class CaseOutcome:
     chosen: int = 0  # the sample the outcome is from (self-consistency)
     tags: dict[str, str] = field(default_factory=dict)
     verifier: dict | None = None  # --verifier's verdict on the chosen answer: {score, passed} (rung/bench/verification.py)
+    # `repeats: k`: the outcomes of runs 2..k of this case (distinct seeds); this one is run 1
+    repeats: list["CaseOutcome"] = field(default_factory=list)
 
     @property
     def unsupported(self) -> bool:
         return any(c.unsupported for c in self.checks)
+
+    @property
+    def runs(self) -> list["CaseOutcome"]:
+        """Every run of the case: this one and its repeats."""
+        return [self, *self.repeats]
+
+    @property
+    def pass_rate(self) -> float:
+        """Share of the case's runs that passed (0 or 1 without repeats)."""
+        return sum(r.passed for r in self.runs) / len(self.runs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +72,8 @@ class CaseOutcome:
     def from_dict(cls, d: dict[str, Any]) -> "CaseOutcome":
         return cls(case_id=d["case_id"], passed=d["passed"], checks=[_make(CheckOutcome, c) for c in d["checks"]],
                    samples=[_make(Sample, s) for s in d["samples"]], chosen=d.get("chosen", 0),
-                   tags=d.get("tags") or {}, verifier=d.get("verifier"))
+                   tags=d.get("tags") or {}, verifier=d.get("verifier"),
+                   repeats=[cls.from_dict(r) for r in d.get("repeats") or []])
 
 
 @dataclass

@@ -39,14 +39,19 @@ def machine() -> dict[str, Any]:
 
 
 def build_report(suite: Suite, runs: list[CandidateRun], metrics: list[Metrics], decision: Decision,
-                 requirements: Requirements, settings: dict[str, Any], wall_s: float | None = None) -> dict[str, Any]:
+                 requirements: Requirements, settings: dict[str, Any], wall_s: float | None = None,
+                 deploy: dict | None = None) -> dict[str, Any]:
+    """Everything, as JSON-ready data. ``candidates[].verdict.verdict`` is "reliable" | "provisional" |
+    "fails"; ``decision.status`` is "reliable" | "provisional" | "none"; ``decision.comparisons`` pairs
+    each candidate with the next smaller one; ``deploy`` (last) holds the serve command and `chosen:` line."""
     by_name = {r.info.name: r for r in runs}
     candidates = []
     for m in metrics:
         v = decision.verdict(m.name)
         status = "error" if m.error else "chosen" if m.name == decision.chosen else "pass" if v.passed else "fail"
         candidates.append({"metrics": m.to_dict(), "info": by_name[m.name].to_dict()["info"], "status": status,
-                           "verdict": {"passed": v.passed, "reasons": v.reasons, "notes": v.notes,
+                           "verdict": {"verdict": v.verdict, "passed": v.passed, "reasons": v.reasons,
+                                       "within_noise": v.within_noise, "notes": v.notes,
                                        "memory_needed_bytes": v.memory_needed_bytes}})
     order = {v.name: i for i, v in enumerate(decision.verdicts)}
     candidates.sort(key=lambda c: order[c["metrics"]["name"]])
@@ -58,6 +63,8 @@ def build_report(suite: Suite, runs: list[CandidateRun], metrics: list[Metrics],
             outcome = next((o for o in r.cases if o.case_id == case.id), None)
             if outcome is not None:
                 row["outcomes"][r.info.name] = outcome.to_dict()
+                if len(outcome.runs) > 1:
+                    row.setdefault("repeats", {})[r.info.name] = _repeats(outcome)
         cases.append(row)
     return {
         "rung": rung.__version__,
@@ -68,10 +75,20 @@ def build_report(suite: Suite, runs: list[CandidateRun], metrics: list[Metrics],
                   "description": suite.description, "cases": len(suite.cases)},
         "settings": settings,
         "requirements": requirements.to_dict(),
-        "decision": {"chosen": decision.chosen, "summary": decision.summary, "notes": decision.notes},
+        "decision": {"chosen": decision.chosen, "status": decision.status, "summary": decision.summary,
+                     "notes": decision.notes, "confidence": decision.confidence, "comparisons": decision.comparisons,
+                     "against_best": decision.against_best, "cases_to_decide": decision.cases_to_decide},
         "candidates": candidates,
         "cases": cases,
+        "deploy": deploy,
     }
+
+
+def _repeats(outcome) -> dict[str, Any]:
+    """A case's runs: how many passed, pass@k (any), pass^k (all), flaky (some but not all)."""
+    k, passed = len(outcome.runs), sum(r.passed for r in outcome.runs)
+    return {"runs": k, "passed": passed, "pass_at_k": float(passed > 0), "pass_hat_k": float(passed == k),
+            "flaky": 0 < passed < k}
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -109,6 +126,48 @@ def _cost(x: float | None) -> str:
     return "—" if x is None else f"${x:.4f}" if x < 1 else f"${x:,.2f}"
 
 
+def _latency(m: dict[str, Any], key: str, label: str | None = None) -> str:
+    """A p95 in ms, or '812 (max, n=18)' when too few requests make it their maximum (unless the
+    column's ``label`` already says so)."""
+    value = _ms(m[key])
+    own = m.get("latency_label", "p95")
+    return value if own in ("p95", label) or m[key] is None else f"{value} ({own.replace(' (', ', ').rstrip(')')})"
+
+
+def latency_label(cands: list[dict]) -> str:
+    """The p95 columns' label: 'p95', or 'max (n=18)' when every candidate's is that."""
+    labels = {c["metrics"].get("latency_label", "p95") for c in cands if not c["metrics"]["error"]}
+    return labels.pop() if len(labels) == 1 else "p95"
+
+
+def _interval(ci, fmt=lambda x: f"{x * 100:.0f}") -> str:
+    return "" if not ci else f"{fmt(ci[0])}–{fmt(ci[1])}"
+
+
+def _signed_pct(x: float) -> str:
+    return f"{x * 100:+.0f} pts" if abs(x) >= 0.005 else "0 pts"
+
+
+def comparison_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """The pairwise comparisons, formatted: one row per candidate and the next smaller one."""
+    rows = []
+    for c in report["decision"].get("comparisons") or []:
+        ci = c["difference_ci"]
+        e2e = c.get("e2e_ms") or {}
+        rows.append({
+            "pair": f"{c['smaller']} → {c['larger']}", "cases": str(c["cases"]),
+            "differ": f"{c['differ']} ({c['smaller_only']} / {c['larger_only']})",
+            "difference": _signed_pct(c["difference"]) + (f" [{ci[0] * 100:+.0f}, {ci[1] * 100:+.0f}]" if ci else ""),
+            "p": f"{c['p_value']:.2g}" + (" *" if c["significant"] else ""),
+            "e2e": (f"{e2e['mean_difference']:+,.0f} [{e2e['ci'][0]:+,.0f}, {e2e['ci'][1]:+,.0f}]"
+                    if e2e and e2e.get("ci") else "—")})
+    return rows
+
+
+COMPARISON_HEAD = ["smaller → larger", "cases", "differ (only smaller / only larger)", "pass-rate difference [CI]",
+                   "McNemar p", "e2e latency Δ ms [CI]"]
+
+
 def check_types(report: dict[str, Any]) -> list[str]:
     return sorted({t for c in report["candidates"] for t in c["metrics"]["by_check"]})
 
@@ -119,6 +178,19 @@ def _verdict_text(c: dict[str, Any]) -> str:
     if c["verdict"]["passed"]:
         return "passes"
     return "; ".join(c["verdict"]["reasons"])
+
+
+VERDICT_WORDS = {"reliable": "reliable", "provisional": "within noise", "fails": "fails"}
+
+
+def _verdict_word(c: dict[str, Any]) -> str:
+    """'reliable' (passes reliably), 'within noise' (passes on the point estimate only), 'fails (n)'."""
+    if c["status"] == "error":
+        return "error"
+    word = VERDICT_WORDS[c["verdict"]["verdict"]]
+    if c["verdict"]["verdict"] == "fails":
+        word += f" ({len(c['verdict']['reasons'])})"
+    return ("→ " if c["status"] == "chosen" else "") + word  # → marks the answer
 
 
 # ---- terminal ----------------------------------------------------------------------------------
@@ -132,24 +204,43 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
     s = report["settings"]
     cands = report["candidates"]
     width = max(len(c["metrics"]["name"]) + 9 * c["metrics"]["cached"] for c in cands)  # " (cached)"
-    table = Table(title=f"{suite['name']}: {suite['cases']} cases, {suite['hash']}, {s.get('concurrency')} requests "
-                        "in flight (latency in ms)", title_justify="left")
+    decision = report["decision"]
+    level = f"{decision.get('confidence', 0.95):.0%}"
+    repeats = max((c["metrics"].get("repeats", 1) for c in cands), default=1)
+    tail = latency_label(cands)
+    few = f"; max = the largest of {tail[5:-1]} requests, too few for a p95" if tail != "p95" else ""
+    table = Table(title=f"{suite['name']}: {suite['cases']} cases{f' × up to {repeats} runs' if repeats > 1 else ''}, "
+                        f"{suite['hash']}, {s.get('concurrency')} requests in flight (latency in ms, [{level} interval]"
+                        f"{few})", title_justify="left")
     table.add_column("candidate", no_wrap=True, min_width=min(width, 48))
-    for col in ("params", "weights", "accuracy", "schema", "TTFT p50", "TTFT p95", "tok/s", "e2e p95",
-                "peak mem", "load peak", "$/1K out", "verdict"):
+    short = tail.split(" ")[0]  # "p95" or "max"
+    for col in ("params", "weights", "accuracy", "schema", "TTFT p50", f"TTFT {short}", "tok/s",
+                f"e2e {short}", "peak mem", "load peak", "$/1K out", "verdict"):
         table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
     for c in cands:
         m = c["metrics"]
-        n = len(c["verdict"]["reasons"])
-        verdict = ("[green]chosen[/green]" if c["status"] == "chosen" else "[green]passes[/green]" if c["verdict"]["passed"]
-                   else "[red]error[/red]" if c["status"] == "error" else f"[red]fails ({n})[/red]")
+        color = {"reliable": "green", "provisional": "yellow"}.get(c["verdict"]["verdict"], "red")
+        verdict = f"[{color}]{escape_rich(_verdict_word(c))}[/{color}]"
         name = m["name"] + (" (cached)" if m["cached"] else "")
-        table.add_row(escape_rich(name), _params(m["total_params"]), _bytes(m["weight_bytes"]), _pct(m["accuracy"]),
-                      _pct(m["schema_fidelity"]), _ms(m["ttft_p50_ms"]), _ms(m["ttft_p95_ms"]),
-                      _num(m["decode_tokens_per_s"]), _ms(m["e2e_p95_ms"]), _bytes(m["peak_memory_bytes"]),
-                      _bytes(m.get("load_peak_bytes")), _cost(m["cost_per_1k_output_tokens"]), verdict,
+        ci = m.get("accuracy_ci")
+        table.add_row(escape_rich(name), _params(m["total_params"]), _bytes(m["weight_bytes"]),
+                      _pct(m["accuracy"]) + (f" [{_interval(ci)}]" if ci else ""), _pct(m["schema_fidelity"]),
+                      _ms(m["ttft_p50_ms"]),
+                      _latency(m, "ttft_p95_ms", tail), _num(m["decode_tokens_per_s"]), _latency(m, "e2e_p95_ms", tail),
+                      _bytes(m["peak_memory_bytes"]), _bytes(m.get("load_peak_bytes")),
+                      _cost(m["cost_per_1k_output_tokens"]), verdict,
                       style="bold" if c["status"] == "chosen" else "dim" if c["status"] == "error" else "")
     console.print(table)
+    if repeats > 1:
+        flakes = Table(title="repeats: pass@k (any run passed), pass^k (every run), flaky cases", title_justify="left")
+        for col in ("candidate", "runs", "pass@k", "pass^k", "flaky"):
+            flakes.add_column(col, justify="left" if col in ("candidate", "flaky") else "right")
+        for c in cands:
+            m = c["metrics"]
+            if not m["error"]:
+                flakes.add_row(escape_rich(m["name"]), str(m.get("repeats", 1)), _pct(m.get("pass_at_k")),
+                               _pct(m.get("pass_hat_k")), escape_rich(", ".join(m.get("flaky_cases") or []) or "none"))
+        console.print(flakes)
     types = check_types(report)
     if types:
         checks = Table(title="pass rate per check", title_justify="left")
@@ -161,24 +252,44 @@ def print_report(report: dict[str, Any], console, paths: dict[str, Path] | None 
                 checks.add_row(escape_rich(c["metrics"]["name"]), *[_pct(c["metrics"]["by_check"].get(t)) for t in types])
         console.print(checks)
     _print_verifier(cands, console)
-    decision = report["decision"]
+    rows = comparison_rows(report)
+    if rows:
+        pairs = Table(title=f"paired, each against the next smaller (exact McNemar; * = significant at {level})",
+                      title_justify="left")
+        for col in COMPARISON_HEAD:
+            pairs.add_column(col, justify="left" if col.startswith("smaller") else "right", no_wrap=True)
+        for row in rows:
+            pairs.add_row(*(escape_rich(v) for v in row.values()))
+        console.print(pairs)
     for note in decision["notes"]:
         console.print(f"[yellow]note:[/yellow] {escape_rich(note)}")
-    color = "green" if decision["chosen"] else "red"
+    color = {"reliable": "green", "provisional": "yellow"}.get(decision.get("status"), "red")
     console.print(f"[bold {color}]recommendation:[/bold {color}] {escape_rich(decision['summary'])}")
     for c in cands:
         if c["status"] == "chosen":
             for note in c["verdict"]["notes"]:
                 console.print(f"      [dim]{escape_rich(note)}[/dim]")
+            if c["verdict"].get("within_noise"):
+                console.print(f"  [yellow]→[/yellow] {escape_rich(c['metrics']['name'])}: within noise")
     for c in cands:
-        if c["status"] != "chosen" and not c["verdict"]["passed"]:
+        if c["status"] == "chosen":
+            pass
+        elif not c["verdict"]["passed"]:
             console.print(f"  [red]✗[/red] {escape_rich(c['metrics']['name'])}: {escape_rich(_verdict_text(c))}")
             for note in c["verdict"]["notes"]:
                 console.print(f"      [dim]{escape_rich(note)}[/dim]")
         elif c["status"] == "pass":
             console.print(f"  [blue]✓[/blue] {escape_rich(c['metrics']['name'])}: {escape_rich('; '.join(c['verdict']['notes'][:1]))}")
+        shown = c["verdict"]["passed"] or c["status"] == "chosen"  # a plain fail's near misses would only clutter
+        for why in c["verdict"].get("within_noise") or [] if shown else []:
+            console.print(f"      [yellow]~[/yellow] [dim]{escape_rich(why)}[/dim]")
     for label, path in (paths or {}).items():
         console.print(f"{label}: {path}")
+    deploy = report.get("deploy")
+    if deploy:
+        if deploy.get("command"):
+            console.print(f"[bold]deploy:[/bold] {escape_rich(deploy['command'])}")
+        console.print(f"[bold]requirements file:[/bold] {escape_rich(deploy['chosen_line'])}")
 
 
 def _print_verifier(cands: list[dict], console) -> None:
@@ -213,7 +324,8 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;color:#1f2328;ma
 h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
 .meta{color:#57606a;font-size:12px} code{background:#f6f8fa;padding:1px 4px;border-radius:4px}
 .rec{border:1px solid #4ac26b;background:#dafbe1;border-radius:8px;padding:12px 16px;margin:16px 0;font-size:15px}
-.rec.none{border-color:#ff8182;background:#ffebe9}
+.rec.none{border-color:#ff8182;background:#ffebe9} .rec.provisional{border-color:#d4a72c;background:#fff8c5}
+.noise{color:#9a6700} pre.deploy{font-size:13px;background:#f6f8fa;border:1px solid #d0d7de}
 table{border-collapse:collapse;width:100%;font-size:12.5px} th,td{border-bottom:1px solid #eaeef2;padding:5px 7px;text-align:right;vertical-align:top}
 th{background:#f6f8fa;font-weight:600} td.l,th.l{text-align:left}
 tr.row-chosen td{background:#f0fff4} tr.row-error td{color:#8c959f} .fail{color:#cf222e} .pass{color:#1a7f37} .dim{color:#8c959f}
@@ -248,8 +360,10 @@ def render_html(report: dict[str, Any]) -> str:
                f"{escape(str(m.get('platform')))}, {m.get('cpus')} CPUs{', ' + escape(m['gpu']) if m.get('gpu') else ''}, "
                f"torch {escape(str(m.get('torch')))} · rung {escape(report['rung'])} · {escape(report['created'])}"
                f"{wall}</div>")
-    cls = "rec" if decision["chosen"] else "rec none"
-    out.append(f"<div class='{cls}'><b>Recommendation:</b> {escape(decision['summary'])}")
+    status = decision.get("status", "reliable" if decision["chosen"] else "none")
+    cls = {"reliable": "rec", "provisional": "rec provisional"}.get(status, "rec none")
+    out.append(f"<div class='{cls}'><b>Recommendation{' (provisional)' if status == 'provisional' else ''}:</b> "
+               f"{escape(decision['summary'])}")
     for c in cands:
         if c["status"] == "chosen":
             out.extend(f"<div class=dim>{escape(n)}</div>" for n in c["verdict"]["notes"])
@@ -264,28 +378,36 @@ def render_html(report: dict[str, Any]) -> str:
             notes = "".join(f"<div class=dim>{escape(n)}</div>" for n in c["verdict"]["notes"])
             out.append(f"<li><span class=fail>✗</span> <b>{name}</b>: {escape('; '.join(c['verdict']['reasons']))}{notes}</li>")
     out.append("</ul>")
+    noisy = [(c["metrics"]["name"], w) for c in cands if c["verdict"]["passed"] or c["status"] == "chosen"
+             for w in c["verdict"].get("within_noise") or []]
+    if noisy:
+        out.append("<ul class=why>" + "".join(f"<li class=noise>~ <b>{escape(n)}</b>: {escape(w)}</li>" for n, w in noisy)
+                   + "</ul>")
     for note in decision["notes"]:
         out.append(f"<div class=meta>note: {escape(note)}</div>")
+    out.append(_deploy_html(report.get("deploy")))
     out.append("</div>")
     out.append(_requirements_html(req))
+    out.append(_comparisons_html(report))
 
     # the table: figures only; pass rates per check live in the heat map below
     types = check_types(report)
-    head = ["candidate", "params", "weights", "accuracy (95% CI)", "schema fidelity", "TTFT p50 / p95", "decode tok/s",
-            "e2e p95", "throughput tok/s", "peak memory serving / loading", "$ per 1K output tokens", "verdict"]
+    level = f"{decision.get('confidence', 0.95):.0%}"
+    tail = latency_label(cands)
+    head = ["candidate", "params", "weights", f"accuracy ({level} CI)", "schema fidelity", f"TTFT p50 / {tail}",
+            "decode tok/s", f"e2e {tail}", "throughput tok/s", "peak memory serving / loading", "$ per 1K output tokens", "verdict"]
     out.append("<h2>Candidates, smallest first</h2><table class=figures><tr>" +
                "".join(f"<th class={'l' if h in ('candidate', 'verdict') else 'r'}>{escape(h)}</th>" for h in head) + "</tr>")
     for c in cands:
         mm = c["metrics"]
-        verdict = ("chosen" if c["status"] == "chosen" else "passes" if c["verdict"]["passed"]
-                   else "did not run" if c["status"] == "error" else f"fails {len(c['verdict']['reasons'])} requirement"
-                   + ("s" if len(c["verdict"]["reasons"]) > 1 else ""))
-        vcls = "pass" if c["verdict"]["passed"] else "fail"
+        verdict = "did not run" if c["status"] == "error" else _verdict_word(c)
+        vcls = {"reliable": "pass", "provisional": "noise"}.get(c["verdict"].get("verdict"), "fail")
         cells = [f"<td class=l><b>{escape(mm['name'])}</b>{' <span class=dim>(cached)</span>' if mm['cached'] else ''}</td>",
                  f"<td>{_params(mm['total_params'])}</td>", f"<td>{_bytes(mm['weight_bytes'])}</td>",
                  f"<td>{_pct(mm['accuracy'])}{_ci(mm.get('accuracy_ci'))}</td>", f"<td>{_pct(mm['schema_fidelity'])}</td>",
-                 f"<td>{_ms(mm['ttft_p50_ms'])} / {_ms(mm['ttft_p95_ms'])} ms</td>", f"<td>{_num(mm['decode_tokens_per_s'])}</td>",
-                 f"<td>{_ms(mm['e2e_p95_ms'])} ms</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
+                 f"<td>{_ms(mm['ttft_p50_ms'])} / {_latency(mm, 'ttft_p95_ms', tail)} ms"
+                 f"{_ms_ci(mm.get('ttft_p95_ci'))}</td>", f"<td>{_num(mm['decode_tokens_per_s'])}</td>",
+                 f"<td>{_latency(mm, 'e2e_p95_ms', tail)} ms{_ms_ci(mm.get('e2e_p95_ci'))}</td>", f"<td>{_num(mm['throughput_tokens_per_s'])}</td>",
                  f"<td>{_bytes(mm['peak_memory_bytes'])} / {_bytes(mm.get('load_peak_bytes'))}</td>",
                  f"<td title='{escape(mm['cost_basis'])}'>{_cost(mm['cost_per_1k_output_tokens'])}</td>",
                  f"<td class='l {vcls}'>{escape(verdict)}</td>"]
@@ -325,8 +447,37 @@ def render_html(report: dict[str, Any]) -> str:
     out.append("<div class=meta>" + " · ".join(f"{i + 1} = {escape(n)}" for i, n in enumerate(names)) + "</div>")
     for case in report["cases"]:
         out.append(_case_html(case, names))
-    out.append("</div></body></html>")
+    out.append("</div>")
+    if report.get("deploy"):
+        out.append(f"<h2>Deploy</h2>{_deploy_html(report['deploy'])}")
+    out.append("</body></html>")
     return "".join(out)
+
+
+def _deploy_html(deploy: dict | None) -> str:
+    if not deploy:
+        return ""
+    lines = ([f"# serve it the way it was measured\n{deploy['command']}"] if deploy.get("command") else []) + [
+        f"# in the requirements file, for rung bench --check\n{deploy['chosen_line']}"]
+    return f"<pre class=deploy>{escape(chr(10).join(lines))}</pre>"
+
+
+def _comparisons_html(report: dict[str, Any]) -> str:
+    rows = comparison_rows(report)
+    if not rows:
+        return ""
+    level = f"{report['decision'].get('confidence', 0.95):.0%}"
+    out = [f"<h2>Paired comparisons: each candidate against the next smaller</h2><div class=meta>Both answer the same "
+           f"cases: the exact McNemar test on the cases where they differ, the difference in pass rate (larger − smaller) "
+           f"with its {level} interval (Newcombe; a case bootstrap with repeats), and the paired bootstrap of per-case "
+           f"latency. * = significant at {level}.</div><table class=figures><tr>"
+           + "".join(f"<th class={'l' if h.startswith('smaller') else 'r'}>{escape(h)}</th>" for h in COMPARISON_HEAD)
+           + "</tr>"]
+    for row in rows:
+        cells = list(row.values())
+        out.append(f"<tr><td class=l><b>{escape(cells[0])}</b></td>" + "".join(f"<td>{escape(v)}</td>" for v in cells[1:])
+                   + "</tr>")
+    return "".join(out) + "</table>"
 
 
 def _verifier_html(cands: list[dict]) -> str:
@@ -350,7 +501,11 @@ def _verifier_html(cands: list[dict]) -> str:
 def _ci(ci) -> str:
     if not ci:
         return ""
-    return f" <span class=dim title='95% Wilson interval'>({ci[0] * 100:.0f}–{ci[1] * 100:.0f})</span>"
+    return f" <span class=dim title='Wilson interval'>({ci[0] * 100:.0f}–{ci[1] * 100:.0f})</span>"
+
+
+def _ms_ci(ci) -> str:
+    return "" if not ci else f"<br><span class=dim title='bootstrap interval'>({ci[0]:,.0f}–{ci[1]:,.0f})</span>"
 
 
 def _requirements_html(req: dict[str, Any]) -> str:
@@ -379,6 +534,7 @@ def _requirements_html(req: dict[str, Any]) -> str:
         items.append("licenses: " + ", ".join(req["licenses"]))
     if req.get("redaction"):
         items.append("redaction on")
+    items.append(f"confidence {req.get('confidence', 0.95):.0%}")
     source = f" ({escape(req['source'])})" if req.get("source") else ""
     return f"<div class=meta><b>Requirements{source}:</b> {escape(' · '.join(items) or 'none given')}</div>"
 
@@ -411,6 +567,11 @@ def _case_html(case: dict[str, Any], names: list[str]) -> str:
             cells.append("<span class='cell na'>·</span>")
         elif any(c.get("unsupported") for c in o["checks"]):
             cells.append("<span class='cell na' title='unsupported'>n/a</span>")
+        elif n in (case.get("repeats") or {}):
+            r = case["repeats"][n]
+            cls = "ok" if r["pass_hat_k"] else "no" if not r["pass_at_k"] else "na"
+            cells.append(f"<span class='cell {cls}' title='passed {r['passed']} of {r['runs']} runs'>"
+                         f"{r['passed']}/{r['runs']}</span>")
         else:
             cells.append(f"<span class='cell {'ok' if o['passed'] else 'no'}'>{'✓' if o['passed'] else '✗'}</span>")
     tags = " ".join(f"{k}={v}" for k, v in case["tags"].items())

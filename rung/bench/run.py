@@ -17,7 +17,7 @@ from rung.bench.cache import ResultCache
 from rung.bench.candidates import EndpointCandidate, LocalCandidate, Request, case_seed, is_endpoint, requests_for
 from rung.bench.records import CandidateInfo, CandidateRun, CaseOutcome, CheckOutcome, Sample
 from rung.bench.scorers import judge_messages, score_check, score_judge, score_perplexity, vote
-from rung.bench.suite import Case, Suite
+from rung.bench.suite import Case, Suite, canonical_json
 
 
 @dataclass
@@ -36,6 +36,11 @@ class BenchSettings:
     verifier: str | None = None
     verify_threshold: float = 0.5
     _verifier: Any = field(default=None, repr=False, compare=False)
+    # --repeats: runs of every case (overrides the suite's `repeats:`); not in the key, each repeat has its own
+    repeats: int | None = None
+
+    def repeats_of(self, case: Case) -> int:
+        return self.repeats or case.repeats
 
     def key(self, suite: Suite) -> dict[str, Any]:
         """The settings that change results: part of every cache key."""
@@ -128,69 +133,120 @@ def run_bench(candidates: list, suite: Suite, settings: BenchSettings | None = N
 
 def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: ResultCache | None, progress: Progress,
                   judges: dict) -> CandidateRun:
+    """Every run of every case (`repeats:`), each repeat cached under its own key: a cached repeat is
+    reused, a missing one is generated with the candidate opened once."""
     key_settings = settings.key(suite)
-    key = ResultCache.key(candidate.fingerprint(), suite.hash, key_settings) if cache else None
-    generating = [c for c in suite.cases if c.generates]
-    progress.start(candidate.name, sum(c.samples for c in generating) + len(suite.cases) - len(generating))
-    if cache:
-        hit = cache.get(key)
+    fingerprint = candidate.fingerprint() if cache else None
+    plan = [_repeat_cases(suite, settings, r) for r in range(max(settings.repeats_of(c) for c in suite.cases))]
+    plan = [cases for cases in plan if cases]
+    keys = [_repeat_key(fingerprint, suite, key_settings, r, cases) for r, cases in enumerate(plan)] if cache else None
+    progress.start(candidate.name, sum(_work(cases) for cases in plan))
+    runs: list[CandidateRun | None] = [cache.get(key) for key in keys] if cache else [None] * len(plan)
+    for hit, cases in zip(runs, plan):
         if hit is not None:
-            progress.advance(sum(c.samples for c in generating) + len(suite.cases) - len(generating))
-            progress.finish(hit)
-            return hit
+            progress.advance(_work(cases))
+    if all(runs):
+        merged = _merge(runs, key_settings, suite.hash, cached=True)
+        progress.finish(merged)
+        return merged
 
-    samples: dict[str, list[Sample]] = {}
-    perplexities: dict[str, tuple[float | None, str]] = {}
     info = CandidateInfo(name=candidate.name, kind=getattr(candidate, "kind", "local"))
-    wall = 0.0
+    fresh: dict[int, tuple[dict, dict, list, float]] = {}
     try:
         info = candidate.open()
-        requests = requests_for(suite.cases, settings.seed)
-        retrieval = settings.retrieval(suite)
-        if retrieval is not None:  # --rag: the passages each case's question retrieves, in its system message
-            from rung.rag import ground
-
-            index, k, max_chars = retrieval
-            requests = [replace(r, messages=ground(index, r.messages, k, max_chars)[0]) for r in requests]
-
-        def done(index: int, got: list[Sample]) -> None:
-            samples[requests[index].case_id] = got
-            progress.advance(len(got))
-
-        wall = candidate.generate(requests, settings.concurrency, done)
-        for case in suite.cases:
-            if not case.generates:
-                perplexities[case.id] = candidate.perplexity(case.text)
-                progress.advance()
+        for r, cases in enumerate(plan):
+            if runs[r] is None:
+                fresh[r] = _generate(candidate, suite, cases, settings, progress, r)
         candidate.measure_memory()
         info = candidate.info
     except Exception as e:  # a candidate that cannot run is reported, and the others still run
-        run = CandidateRun(info=info, cases=[], wall_s=wall, settings=key_settings, suite_hash=suite.hash,
+        run = CandidateRun(info=info, cases=[], wall_s=0.0, settings=key_settings, suite_hash=suite.hash,
                            error=" ".join(str(e).split()) or type(e).__name__)
         progress.finish(run)
         return run
     finally:
         candidate.close()
 
-    outcomes = score_cases(suite, samples, perplexities, judges, settings)
-    if settings.verifier:
-        from rung.bench.verification import verify_outcomes
+    for r, (samples, perplexities, requests, wall) in fresh.items():
+        outcomes = score_cases(suite, samples, perplexities, judges, settings, plan[r])
+        if settings.verifier:
+            from rung.bench.verification import verify_outcomes
 
-        verify_outcomes(settings.loaded_verifier(), settings.verify_threshold, outcomes,
-                        {r.case_id: r.messages for r in requests})
-    run = CandidateRun(info=info, cases=outcomes, wall_s=wall, settings=key_settings, suite_hash=suite.hash)
-    # a failed request may be transient (a server restarting, a timeout): such runs are measured again
-    if cache and not any(s.error for case in outcomes for s in case.samples):
-        cache.put(key, run)
-    progress.finish(run)
-    return run
+            verify_outcomes(settings.loaded_verifier(), settings.verify_threshold, outcomes,
+                            {q.case_id: q.messages for q in requests})
+        runs[r] = CandidateRun(info=info, cases=outcomes, wall_s=wall, settings=key_settings, suite_hash=suite.hash)
+        # a failed request may be transient (a server restarting, a timeout): such runs are measured again
+        if cache and not any(s.error for case in outcomes for s in case.samples):
+            cache.put(keys[r], runs[r])
+    merged = _merge(runs, key_settings, suite.hash, cached=False, info=info)
+    progress.finish(merged)
+    return merged
+
+
+def _repeat_cases(suite: Suite, settings: BenchSettings, repeat: int) -> list[Case]:
+    """The cases run ``repeat`` covers: run 0 all of them, a later run those with more repeats that
+    generate (a perplexity is the same every time)."""
+    return [c for c in suite.cases if repeat == 0 or (c.generates and settings.repeats_of(c) > repeat)]
+
+
+def _repeat_key(fingerprint: dict, suite: Suite, key_settings: dict, repeat: int, cases: list[Case]) -> str:
+    """Run 0 has the key a run without repeats always had; run r adds its index and the cases it covers."""
+    if repeat == 0:
+        return ResultCache.key(fingerprint, suite.hash, key_settings)
+    ids = canonical_json(sorted(c.id for c in cases))
+    return ResultCache.key(fingerprint, suite.hash, {**key_settings, "repeat": repeat, "cases": ids})
+
+
+def _work(cases: list[Case]) -> int:
+    return sum(c.samples if c.generates else 1 for c in cases)
+
+
+def _generate(candidate, suite: Suite, cases: list[Case], settings: BenchSettings, progress: Progress, repeat: int):
+    """Run ``repeat`` of ``cases``: (samples per case, perplexities, requests, generation wall time)."""
+    samples: dict[str, list[Sample]] = {}
+    perplexities: dict[str, tuple[float | None, str]] = {}
+    requests = requests_for(cases, settings.seed, repeat)
+    retrieval = settings.retrieval(suite)
+    if retrieval is not None:  # --rag: the passages each case's question retrieves, in its system message
+        from rung.rag import ground
+
+        index, k, max_chars = retrieval
+        requests = [replace(q, messages=ground(index, q.messages, k, max_chars)[0]) for q in requests]
+
+    def done(index: int, got: list[Sample]) -> None:
+        samples[requests[index].case_id] = got
+        progress.advance(len(got))
+
+    wall = candidate.generate(requests, settings.concurrency, done)
+    for case in cases:
+        if not case.generates:
+            perplexities[case.id] = candidate.perplexity(case.text)
+            progress.advance()
+    return samples, perplexities, requests, wall
+
+
+def _merge(runs: list[CandidateRun], key_settings: dict, suite_hash: str, cached: bool,
+           info: CandidateInfo | None = None) -> CandidateRun:
+    """One run whose case outcomes carry their repeats (run 0's outcome first)."""
+    first = runs[0]
+    later: dict[str, list[CaseOutcome]] = {}
+    for run in runs[1:]:
+        for outcome in run.cases:
+            later.setdefault(outcome.case_id, []).append(outcome)
+    cases = [replace(o, repeats=later.get(o.case_id, [])) for o in first.cases]
+    merged = CandidateRun(info=info or first.info, cases=cases, wall_s=sum(r.wall_s for r in runs),
+                          settings=key_settings, suite_hash=suite_hash)
+    merged.cached = cached
+    return merged
 
 
 def score_cases(suite: Suite, samples: dict[str, list[Sample]], perplexities: dict, judges: dict,
-                settings: BenchSettings) -> list[CaseOutcome]:
+                settings: BenchSettings, cases: list[Case] | None = None) -> list[CaseOutcome]:
+    """The outcome of each of ``cases`` (default: the suite's) from its samples."""
+    cases = list(suite.cases) if cases is None else cases
     per_case: dict[str, list[list[CheckOutcome]]] = {}
     judged: list[tuple[Case, int, int, Any]] = []  # (case, sample, check index, check)
-    for case in suite.cases:
+    for case in cases:
         if not case.generates:
             value, why = perplexities.get(case.id, (None, "not run"))
             per_case[case.id] = [[score_perplexity(check, value, why) for check in case.checks]]
@@ -212,7 +268,7 @@ def score_cases(suite: Suite, samples: dict[str, list[Sample]], perplexities: di
         _judge(suite, judged, samples, per_case, judges, settings)
 
     out = []
-    for case in suite.cases:
+    for case in cases:
         rows = per_case[case.id]
         chosen = vote(rows, case.vote) if len(rows) > 1 else 0
         checks = rows[chosen]

@@ -50,6 +50,10 @@ DEFAULT_KEYS = {"max_tokens", "temperature", "system", "samples", "vote", "stop"
 SUITE_KEYS = {"name", "version", "description", "defaults", "judge", "cases", "rag", "provenance", "license"}
 RAG_KEYS = {"index", "k", "max_chars"}
 VOTES = ("majority", "best")
+# `repeats: k`, on a case or in the defaults: runs of each case with seeds apart, to measure noise
+MAX_REPEATS = 100
+CASE_KEYS = CASE_KEYS | {"repeats"}
+DEFAULT_KEYS = DEFAULT_KEYS | {"repeats"}
 
 
 class SuiteError(ValueError):
@@ -81,6 +85,9 @@ class Case:
     vote: str = "majority"
     stop: tuple[str, ...] = ()  # stop strings, as lm-evaluation-harness's `until`: the answer ends there
     tags: dict[str, str] = field(default_factory=dict)
+    # runs of the case, each with its own seed, to measure noise (pass^k, flakiness); how often a case
+    # is measured, not what: left out of the content hash (each repeat is cached under its own key)
+    repeats: int = 1
 
     @property
     def generates(self) -> bool:
@@ -307,6 +314,9 @@ def _case(raw: Any, defaults: dict, where: str, index: int) -> Case:
     max_tokens = _number(raw, defaults, "max_tokens", 64, int, at, minimum=1)
     temperature = _number(raw, defaults, "temperature", 0.0, float, at, minimum=0)
     samples = _number(raw, defaults, "samples", 1, int, at, minimum=1)
+    repeats = _number(raw, defaults, "repeats", 1, int, at, minimum=1)
+    if repeats > MAX_REPEATS:
+        raise SuiteError(f"{at}: 'repeats' must be at most {MAX_REPEATS}, got {repeats}")
     vote = raw.get("vote", defaults.get("vote", "majority"))
     if vote not in VOTES:
         raise SuiteError(f"{at}: 'vote' is one of {', '.join(VOTES)}, got {vote!r}")
@@ -324,7 +334,7 @@ def _case(raw: Any, defaults: dict, where: str, index: int) -> Case:
     return Case(id=case_id, checks=checks, prompt=prompt, messages=tuple(messages) if messages else None,
                 system=system, choices=tuple(choices) if choices else None, tools=tuple(tools) if tools else None,
                 text=text, max_tokens=max_tokens, temperature=temperature, samples=samples, vote=vote,
-                stop=tuple(stop), tags={str(k): v for k, v in tags.items()})
+                stop=tuple(stop), tags={str(k): v for k, v in tags.items()}, repeats=repeats)
 
 
 def _number(raw: dict, defaults: dict, key: str, default, kind, at: str, minimum):

@@ -14,7 +14,8 @@ from pathlib import Path
 from rung.cli import Command, CommandError
 from rung.commands.index import open_rag, rag_arguments
 
-EXIT_FAILED_CHECK = 1
+EXIT_FAILED_CHECK = 1  # --check: the guarded model fails a requirement (even on the point estimate)
+EXIT_PROVISIONAL = 2  # --check: it passes only on the point estimate (within noise), not reliably
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +28,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="the five questions as YAML: thresholds, context p95, languages/domains, where it runs, "
                         "governance (default with the starter suite: its example requirements)")
     p.add_argument("--check", nargs="?", const=True, default=None, metavar="MODEL",
-                   help="CI guard: exit 1 unless MODEL (default: the requirements' `chosen`, else any candidate) "
-                        "passes; with `chosen` and no -m, only that model runs")
+                   help="CI guard on MODEL (default: the requirements' `chosen`, else the decision): exit 0 when it "
+                        "passes reliably, 1 when it fails, 2 when it passes only on the point estimate (provisional); "
+                        "with `chosen` and no -m, only that model runs")
+    p.add_argument("--repeats", type=int, default=None, metavar="K",
+                   help="run every case K times with distinct seeds at its temperature (overrides the suite's "
+                        "`repeats:`): pass@k, pass^k and flaky cases, intervals over cases")
     p.add_argument("--out", default="rung-bench", metavar="DIR", help="where the HTML and JSON reports go (default rung-bench/)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="result cache (default ~/.cache/rung/bench)")
     p.add_argument("--no-cache", action="store_true", help="measure everything again (and cache nothing)")
@@ -60,6 +65,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         raise CommandError("--concurrency must be at least 1")
+    from rung.bench.suite import MAX_REPEATS
+
+    if args.repeats is not None and not 1 <= args.repeats <= MAX_REPEATS:
+        raise CommandError(f"--repeats must be between 1 and {MAX_REPEATS}, got {args.repeats}")
     if not 0.0 <= args.verify_threshold <= 1.0:
         raise CommandError(f"--verify-threshold must be in [0, 1], got {args.verify_threshold}")
     if args.verifier:
@@ -100,7 +109,7 @@ def _bench(args: argparse.Namespace) -> int:
     settings = rb.BenchSettings(concurrency=args.concurrency, seed=args.seed, device=args.device, dtype=args.dtype,
                                 isolate=not args.in_process, rag=open_rag(args), rag_k=args.rag_k,
                                 rag_max_chars=args.rag_max_chars, verifier=args.verifier,
-                                verify_threshold=args.verify_threshold)
+                                verify_threshold=args.verify_threshold, repeats=args.repeats)
     retrieval = settings.retrieval(suite)  # a suite's `rag:` index is opened (and checked) here
     cache = ResultCache(args.cache_dir, enabled=not args.no_cache)
     console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -148,17 +157,27 @@ def _redacted_twins(candidates: list[str], requirements, redact: bool) -> list[s
 
 
 def _check(result, guarded: str | None, console) -> int:
+    """0: the guarded model (or, with no `chosen`, the decision) passes reliably; 1: it fails (or no
+    candidate passes even on the point estimate); 2: it passes only on the point estimate."""
     decision = result.decision
     if guarded is None:
         if decision.chosen is None:
             console.print("[bold red]check failed[/bold red]: no candidate passes")
             return EXIT_FAILED_CHECK
-        console.print(f"[green]check passed[/green]: {decision.chosen} passes")
+        if decision.provisional:
+            console.print(f"[bold yellow]check provisional[/bold yellow]: no candidate passes reliably; "
+                          f"{decision.chosen} is only a provisional answer")
+            return EXIT_PROVISIONAL
+        console.print(f"[green]check passed[/green]: {decision.chosen} passes reliably")
         return 0
     verdict = decision.verdict(guarded)
-    if verdict.passed:
-        console.print(f"[green]check passed[/green]: {guarded} still passes")
+    if verdict.reliable:
+        console.print(f"[green]check passed[/green]: {guarded} still passes reliably")
         return 0
+    if verdict.passed:
+        console.print(f"[bold yellow]check provisional[/bold yellow]: {guarded} passes only on the point estimate: "
+                      f"{'; '.join(verdict.within_noise)}")
+        return EXIT_PROVISIONAL
     console.print(f"[bold red]check failed[/bold red]: {guarded} no longer passes: {'; '.join(verdict.reasons)}")
     return EXIT_FAILED_CHECK
 
@@ -195,7 +214,7 @@ class _Progress:
         self.bar.update(self.task, advance=n, stage="cases")
 
     def finish(self, run) -> None:
-        passed = sum(c.passed for c in run.cases)
+        passed = sum(c.passed for c in run.cases)  # first runs (with repeats, the report has the rest)
         if run.error:
             stage = "failed"
         elif run.cached:

@@ -66,9 +66,14 @@ def _run(args: argparse.Namespace) -> int:
     from rung.serve import logs
     from rung.serve.app import create_app
     from rung.serve.server import ServeConfig, Server
+    from rung.quant.spec import parse_spec
     from rung.weights.resolve import resolve_model
 
-    resolve_model(args.model)  # an unknown name or path fails here, in one line, before the port opens
+    try:  # NAME@int4 serves NAME quantized, as `rung bench` measured it
+        spec = parse_spec(args.model)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    resolve_model(spec.model)  # an unknown name or path fails here, in one line, before the port opens
     rag = open_rag(args)  # so does a missing, damaged or hostile --rag index
     for name in ("max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size",
                  "max_request_bytes"):
