@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hostile import run_cli_bounded
 
 from rung.cli import main
@@ -78,6 +79,10 @@ def test_rung_arch_refusal_is_bounded_in_a_child(case, tmp_path):
 
 
 def test_rung_generate_refuses_zero_heads_before_reading_any_tensor(tmp_path):
+    # a weights file is there (the loader reads headers before the config), but only its header is read
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.zeros(100, 64)}, str(tmp_path / "model.safetensors"))
     run_cli_bounded("generate", "-m", _folder(tmp_path, REFUSED["zero_heads"][0]), "hi",
                     seconds=30).assert_refused("num_attention_heads")
 

@@ -85,8 +85,8 @@ def _load(path: Path, dtype, device, progress) -> Decoder:
 
         return load_gguf_model(path, dtype, device, progress)
     checkpoint = SafetensorsFolder(path)  # every header checked against its file; no tensor data read
+    config = ModelConfig.from_hf(path)  # every field checked first (rung/config.py), layers capped at MAX_LAYERS
     check_declared_layers(path, checkpoint)
-    config = ModelConfig.from_hf(path)
     rules = plan(config, checkpoint)
     model = empty_model(config, resolve_dtype(dtype), device)  # the first allocation the config sizes
     fill_parameters(model, rules, checkpoint, progress)
