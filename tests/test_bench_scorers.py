@@ -313,3 +313,11 @@ def test_check_shorthand_and_errors():
         parse_check({"type": "contains", "value": "x", "colour": "red"}, "t")
     with pytest.raises(SuiteError, match="needs 'type'"):
         parse_check({"value": "x"}, "t")
+
+
+def test_hostile_json_in_an_answer_fails_the_case_instead_of_crashing_the_bench():
+    from rung.bench.scorers import extract_json
+
+    for answer in ['{"n": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000]:
+        value, why = extract_json(answer)
+        assert value is None and why

@@ -220,9 +220,11 @@ def extract_json(text: str) -> tuple[Any, str | None]:
     error = "no JSON object in the answer"
     for chunk in candidates:
         stripped = chunk.strip()
+        # a model's answer is untrusted: integers past Python's digit limit raise ValueError, deep
+        # nesting RecursionError; either is an answer without usable JSON, never a crash of the bench
         try:
             return json.loads(stripped), None
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             pass
         for m in re.finditer(r"[\[{]", chunk):
             try:
@@ -231,6 +233,9 @@ def extract_json(text: str) -> tuple[Any, str | None]:
                     return value, None
             except json.JSONDecodeError as e:
                 error = f"invalid JSON ({e.msg} at char {e.pos})"
+            except (ValueError, RecursionError) as e:
+                error = f"unusable JSON ({type(e).__name__})"
+                break  # every later start lies inside the same value
     return None, error
 
 
