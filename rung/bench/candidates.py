@@ -147,7 +147,7 @@ class LocalCandidate:
             while pending and len(live) < concurrency:
                 index, req = pending.pop()
                 try:
-                    ids = llm.encode_prompt(render_prompt(llm, req.messages, req.tools), chat=True)
+                    ids = encode_case(llm, req.messages, req.tools)
                     params = SamplingParams(n=req.n, temperature=req.temperature, max_tokens=req.max_tokens,
                                             seed=req.seed, stop=req.stop, skip_special_tokens=not harmony)
                     rid = engine.add_request(ids, params)
@@ -194,7 +194,7 @@ class LocalCandidate:
     def _pool_bytes(self, requests: list[Request], concurrency: int) -> int:
         """KV for the ``concurrency`` longest requests (prompt + max_tokens, n samples), 1.5× headroom."""
         llm = self.llm
-        tokens = sorted(((len(llm.tokenizer.encode(render_prompt(llm, r.messages, r.tools))) + r.max_tokens + 16) * r.n
+        tokens = sorted(((len(encode_case(llm, r.messages, r.tools)) + r.max_tokens + 16) * r.n
                          for r in requests), reverse=True)
         need = sum(tokens[:max(1, concurrency)]) * self.info.kv_bytes_per_token * 1.5
         return int(max(need, 8 * 2**20))
@@ -230,21 +230,20 @@ class LocalCandidate:
         self.llm = None
 
 
-def render_prompt(llm, messages: list[dict], tools: list[dict] | None) -> str:
-    """The model's chat template; tools it ignores are described in the system prompt instead."""
-    if not tools:
-        return llm.apply_chat_template(messages)
-    with_tools = llm.apply_chat_template(messages, tools=tools)
-    if with_tools != llm.apply_chat_template(messages):
-        return with_tools
-    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    note = TOOL_SYSTEM.format(tools=listing)
-    messages = [dict(m) for m in messages]
-    if messages and messages[0].get("role") == "system":
-        messages[0]["content"] = f"{messages[0]['content']}\n\n{note}"
-    else:
-        messages.insert(0, {"role": "system", "content": note})
-    return llm.apply_chat_template(messages)
+def encode_case(llm, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """A case's prompt ids through the model's chat template, as `rung serve` encodes a chat: special
+    tokens come from the template only (a case's `<|im_start|>` is text). Tools the template ignores
+    are described in the system prompt instead."""
+    if tools and llm.apply_chat_template(messages, tools=tools) == llm.apply_chat_template(messages):
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        note = TOOL_SYSTEM.format(tools=listing)
+        messages = [dict(m) for m in messages]
+        if messages and messages[0].get("role") == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{note}"
+        else:
+            messages.insert(0, {"role": "system", "content": note})
+        tools = None
+    return llm.encode_chat(messages, tools=tools or None)[1]
 
 
 def _harmony_answer(s: Sample) -> None:
