@@ -494,19 +494,26 @@ def in_background(work) -> tuple[threading.Thread, threading.Event, list]:
     return thread, done, out
 
 
+def slow_template(server, seconds: float) -> threading.Event:
+    """The server's template renders ``seconds`` slower (a stand-in for a huge prompt's CPU work);
+    the event is set once a render has begun."""
+    render, busy = server.template.render, threading.Event()
+
+    def slow_render(*args, **kwargs):
+        busy.set()
+        time.sleep(seconds)
+        return render(*args, **kwargs)
+
+    server.template.render = slow_render
+    return busy
+
+
 def test_health_answers_while_a_slow_template_render_runs(qwen3_folder):
     """A render that takes 2 s (standing in for a 7 MB prompt) no longer stops the event loop: /health
     answers within 0.5 s all the while; before, it waited for the render."""
     client, server = start(qwen3_folder)
     try:
-        render, busy = server.template.render, threading.Event()
-
-        def slow_render(*args, **kwargs):
-            busy.set()
-            time.sleep(2.0)
-            return render(*args, **kwargs)
-
-        server.template.render = slow_render
+        busy = slow_template(server, 2.0)
         thread, done, out = in_background(lambda: post(client, "/v1/chat/completions", CHAT))
         times = health_latencies(client, busy, done)
         thread.join(30)
@@ -520,14 +527,7 @@ def test_the_slot_is_held_while_a_request_is_prepared(qwen3_folder):
     """--max-concurrent 1: while one request's template renders, the next is a 429 at once."""
     client, server = start(qwen3_folder, max_concurrent=1)
     try:
-        render, busy = server.template.render, threading.Event()
-
-        def slow_render(*args, **kwargs):
-            busy.set()
-            time.sleep(1.0)
-            return render(*args, **kwargs)
-
-        server.template.render = slow_render
+        busy = slow_template(server, 1.0)
         thread, done, out = in_background(lambda: post(client, "/v1/chat/completions", CHAT))
         assert busy.wait(30)
         start_ = time.perf_counter()

@@ -193,17 +193,24 @@ def _read_yaml(path: Path, text: str) -> dict:
     return data
 
 
-def _read_jsonl(path: Path, text: str) -> dict:
-    data: dict[str, Any] = {"cases": []}
+def json_lines(path, text: str, error: type[Exception] = SuiteError):
+    """(line number, object) for each non-blank line of a JSON Lines text; a line that is not a JSON
+    object is an ``error`` naming the file and the line."""
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SuiteError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            raise error(f"{path}: line {number}: not valid JSON ({e.msg})") from None
         if not isinstance(item, dict):
-            raise SuiteError(f"{path}: line {number}: expected a JSON object")
+            raise error(f"{path}: line {number}: expected a JSON object")
+        yield number, item
+
+
+def _read_jsonl(path: Path, text: str) -> dict:
+    data: dict[str, Any] = {"cases": []}
+    for number, item in json_lines(path, text):
         if set(item) == {"suite"}:
             if not isinstance(item["suite"], dict):
                 raise SuiteError(f"{path}: line {number}: 'suite' must be an object")

@@ -105,9 +105,10 @@ def _check_count(declared: int, indices: set[int], field: str, what: str, where)
 
 
 def check_declared_layers(folder: Path, checkpoint: SafetensorsFolder) -> None:
-    """config.json's layer count against the layers the tensors hold, read from the raw JSON before
-    ModelConfig builds anything per layer: a config claiming 10^6 layers over 2 layers of tensors is
-    refused at once (ModelConfig.from_hf names any other fault of the file)."""
+    """config.json's layer count against the layers the tensors hold, named by the file's own field
+    (`n_layer` for GPT-2): a config claiming 10^6 layers over 2 layers of tensors is refused before
+    anything is planned. ModelConfig.from_hf runs first, so a malformed field (zero heads) is named
+    as such rather than as a layer mismatch; it caps layers at MAX_LAYERS."""
     try:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):

@@ -9,9 +9,10 @@ and nothing is read from the network.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from rung.bench.suite import json_lines
 
 
 class SuiteImportError(ValueError):
@@ -43,18 +44,7 @@ class Package:
 
     def read_jsonl(self, inside: str) -> list[dict]:
         """One JSON object per line (BFCL's .json files are JSON Lines too)."""
-        rows = []
-        for number, line in enumerate(self.read_text(inside).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SuiteImportError(f"{self.path(inside)}: line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SuiteImportError(f"{self.path(inside)}: line {number}: expected a JSON object")
-            rows.append(row)
-        return rows
+        return [row for _, row in json_lines(self.path(inside), self.read_text(inside), SuiteImportError)]
 
 
 def installed(name: str) -> Package:
