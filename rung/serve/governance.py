@@ -146,6 +146,91 @@ def _round_messages(content: str, calls, decisions) -> list[dict]:
     return out
 
 
+# ---- one run ----------------------------------------------------------------------------------------
+
+
+class RunGovernance:
+    """The governance of one run (rung/serve/run.py): its key's tool gate over the model's calls,
+    the verifier over its answers (a streamed answer is held until verified), the tools the key
+    lost; and what the response headers and the log line say of them."""
+
+    def __init__(self, run, principal: Principal | None, verification: "Verification | None"):
+        self.run, self.principal, self.verification = run, principal, verification
+        prepared = run.prepared
+        self.gate = (ToolGate(run, principal, run.server.policy.max_rounds)
+                     if principal is not None and principal.rules is not None and any(p.tools for p in prepared)
+                     else None)
+        self.removed_tools = sorted({t for p in prepared for t in p.removed_tools})
+        if self.removed_tools:
+            run.server.metrics.tools_removed(principal.name, len(self.removed_tools))
+        self._held: dict[int, list] = {}  # streamed (event, logprobs) pairs waiting for the verifier, per choice
+
+    async def gate_events(self, choice, events: list[Event], finish: str | None) -> tuple[list[Event], bool]:
+        """One delta's events past the tool gate, and whether the choice finished."""
+        if self.gate is None:
+            return events, bool(finish)
+        return await self.gate.feed(choice, events, finish)
+
+    async def verify(self, choice) -> bool:
+        """Score a finished answer (not a tool call, not a refusal); True when it was replaced by a refusal."""
+        if self.verification is None or choice.calls or choice.refusal or choice.finish_reason is None:
+            return False
+        answer = "".join(choice.content).strip()
+        if not answer:
+            return False
+        run = self.run
+        p = run.prepared[choice.index // run.req.n]
+        passages = p.grounding.texts if getattr(p, "grounding", None) is not None else None  # --rag: what it saw
+        question, sources = sources_of(p.messages or [], passages)
+        verdict = await self.verification.check(question, answer, sources, run.server.metrics)
+        choice.verdict = verdict.json()
+        if verdict.action == "refused":
+            choice.refuse(VERIFIER_REFUSAL, replace=True)
+            return True
+        return False
+
+    async def release(self, choice, pairs: list, finished: bool) -> list:
+        """The streamed (event, logprobs) pairs to send now: with a verifier, none until the answer
+        is finished and verified, then all of them as they came, or the refusal instead."""
+        if self.verification is None:
+            return pairs
+        held = self._held.setdefault(choice.index, [])
+        held += pairs
+        if not finished:
+            return []
+        self._held[choice.index] = []
+        if await self.verify(choice):
+            return [(Event("content", choice.content[0]), None)]
+        return held
+
+    def headers(self, choices) -> dict:
+        out = {}
+        if self.removed_tools:
+            out["X-Rung-Policy-Removed-Tools"] = ",".join(self.removed_tools)
+        verdicts = [c.verdict for c in choices if c.verdict]
+        if verdicts:
+            worst = min(verdicts, key=lambda v: (v["passed"], v["score"] if v["score"] is not None else -1))
+            out["X-Rung-Verifier"] = worst["action"]
+            if worst["score"] is not None:
+                out["X-Rung-Verifier-Score"] = f"{worst['score']:.4f}"
+        return out
+
+    def log_fields(self, choices) -> dict:
+        """The request log line's fields: the key, the tools it lost, the calls denied, the verdicts."""
+        out = {}
+        if self.principal is not None:
+            out["key"] = self.principal.name
+        if self.removed_tools:
+            out["tools_removed"] = self.removed_tools
+        if self.gate is not None and self.gate.denied:
+            out.update(policy_denied=self.gate.denied, policy_rules=self.gate.rules_fired,
+                       policy_refused=self.gate.refused)
+        verdicts = [c.verdict for c in choices if c.verdict]
+        if verdicts:
+            out["verifier"] = [{k: v[k] for k in ("score", "action")} for v in verdicts]
+        return out
+
+
 # ---- the verifier ---------------------------------------------------------------------------------
 
 

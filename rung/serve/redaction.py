@@ -76,6 +76,12 @@ class RequestRedaction:
     def text(self, text: str) -> str:
         return self.vault.restore(text)
 
+    def choice(self, choice: dict) -> dict:
+        """A whole reply's choice, restored: its message (chat) or its text (completions)."""
+        if "message" in choice:
+            return {**choice, "message": self.message(choice["message"])}
+        return {**choice, "text": self.text(choice["text"])}
+
     def delta(self, index: int, delta: dict | None, text: str | None, finish: bool):
         """One stream chunk's delta (chat) or text (completions) of choice ``index``, restored; a
         placeholder cut between chunks is held back and sent whole, the rest flushed at the finish."""

@@ -152,3 +152,81 @@ def _finite(x: float) -> float:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- one run's objects ----------------------------------------------------------------------------
+
+
+class OpenAIReply:
+    """The OpenAI objects of one run: stream chunks and the whole reply, shaped from its choices.
+
+    Shaping only: the run restores redacted values before a chunk is shaped and passes in the
+    ``rung`` fields (the verifier's verdict, the citations) that governance and grounding add."""
+
+    def __init__(self, kind: str, id: str, created: int, model: str, req, prepared: list, text: TokenText):
+        self.kind, self.id, self.created, self.model = kind, id, created, model
+        self.req, self.prepared, self.text = req, prepared, text
+
+    def envelope(self) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def prompt_text(self, choice_index: int) -> str:
+        """The prompt a choice continues (echo=true puts it before a completion's text)."""
+        return self.prepared[choice_index // self.req.n].prompt_text or ""
+
+    def chunk(self, choice: Choice, delta: dict | None = None, finish: bool = False, logprobs=None,
+              text: str | None = None, rung: dict | None = None) -> dict:
+        if self.kind == "chat":
+            c = {"index": choice.index, "delta": delta or {}, "logprobs": logprobs,
+                 "finish_reason": choice.openai_finish_reason if finish else None}
+        else:
+            c = {"index": choice.index, "text": text or "", "logprobs": logprobs,
+                 "finish_reason": choice.openai_finish_reason if finish else None}
+        if rung:
+            c["rung"] = rung
+        if finish and choice.stop_reason is not None:
+            c["stop_reason"] = choice.stop_reason
+        return {**self.envelope(), "choices": [c]}
+
+    def logprobs(self, choice: Choice, start: int):
+        """The logprobs of the choice's tokens from ``start`` on, or None when none were asked for."""
+        want = self.req.logprobs
+        if want is None or want is False or start == len(choice.token_ids):
+            return None
+        ids, lps = choice.token_ids[start:], choice.logprobs[start:]
+        if self.kind == "chat":
+            return {"content": chat_logprobs(ids, lps, self.req.top_logprobs or 0, self.text)}
+        offset = sum(len(self.text(t)[0]) for t in choice.token_ids[:start])
+        return completion_logprobs(ids, lps, want, self.text, offset)
+
+    def choice(self, c: Choice) -> dict:
+        """One finished choice of the whole reply."""
+        if self.kind == "chat":
+            lp = ({"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0, self.text)}
+                  if self.req.logprobs else None)
+            return {"index": c.index, "message": c.message(), "logprobs": lp,
+                    "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason}
+        completion = "".join(c.content)
+        if self.req.echo:
+            completion = self.prompt_text(c.index) + completion
+        lp = (completion_logprobs(c.token_ids, c.logprobs, self.req.logprobs, self.text)
+              if self.req.logprobs is not None else None)
+        return {"index": c.index, "text": completion, "logprobs": lp,
+                "finish_reason": c.openai_finish_reason, "stop_reason": c.stop_reason}
+
+    def whole(self, choices: list[dict], usage: dict) -> dict:
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage}
+
+
+def event_delta(choice: Choice, e: Event) -> dict:
+    """A chat chunk's delta for one reply event."""
+    if e.kind == "tool_call":
+        return {"tool_calls": [call_json(e.call, choice.calls.index(e.call))]}
+    if e.kind == "reasoning":
+        return {"reasoning_content": e.text}
+    if choice.refusal and e.text.strip() == choice.refusal:
+        return {"content": e.text, "refusal": choice.refusal}
+    return {"content": e.text}
