@@ -1,8 +1,9 @@
 """rung's command line.
 
-Each subcommand is a ``Command``: a name, a help line, a function that adds its arguments, and a
-function that runs it and returns the exit status. ``COMMANDS`` lists them; ``main`` only dispatches.
-Heavy imports (torch, the engine) belong inside a command's ``run``, so ``rung arch`` starts fast.
+Each subcommand is a ``Command`` (rung/commands/base.py): a name, a help line, a function that adds
+its arguments, and a function that runs it and returns the exit status. ``COMMANDS`` lists them;
+``main`` only dispatches. Heavy imports (torch, the engine) belong inside a command's ``run``, so
+``rung arch`` starts fast.
 
 User errors (an unknown preset, a missing file, an unsupported model_type) print one line
 ``rung: error: ...`` to stderr and exit 2, never a traceback.
@@ -12,42 +13,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
-from typing import Callable
 
+from rung.commands.arch import ARCH
+from rung.commands.base import Command, CommandError
+from rung.commands.bench import BENCH
+from rung.commands.fit import FIT
+from rung.commands.generate import CHAT, GENERATE
+from rung.commands.index import INDEX
+from rung.commands.policy import POLICY
+from rung.commands.quantize import QUANTIZE
+from rung.commands.serve import SERVE
+from rung.commands.suite import SUITE
 from rung.config import ConfigError
 
 EXIT_USAGE = 2
 
-
-class CommandError(Exception):
-    """A user error a command reports as one line (the message names what was wrong)."""
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
-# ---- the commands ------------------------------------------------------------------------------
-
-
-def _commands() -> tuple[Command, ...]:
-    # imported here: the command modules import Command from this one
-    from rung.commands.arch import ARCH
-    from rung.commands.bench import BENCH
-    from rung.commands.fit import FIT
-    from rung.commands.generate import CHAT, GENERATE
-    from rung.commands.index import INDEX
-    from rung.commands.policy import POLICY
-    from rung.commands.quantize import QUANTIZE
-    from rung.commands.serve import SERVE
-    from rung.commands.suite import SUITE
-
-    return (ARCH, GENERATE, CHAT, SERVE, BENCH, SUITE, FIT, QUANTIZE, INDEX, POLICY)
+COMMANDS: tuple[Command, ...] = (ARCH, GENERATE, CHAT, SERVE, BENCH, SUITE, FIT, QUANTIZE, INDEX, POLICY)
 
 
 # ---- dispatch ----------------------------------------------------------------------------------
@@ -56,7 +37,7 @@ def _commands() -> tuple[Command, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rung", description="rung: one readable decoder, a fast engine, a bench.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for cmd in _commands():
+    for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
         p.set_defaults(run=cmd.run)

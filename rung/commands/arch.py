@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from rung.cli import Command
+from rung.commands.base import Command
 
 
 def _positive_int(text: str) -> int:

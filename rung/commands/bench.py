@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from rung.cli import Command, CommandError
+from rung.commands.base import Command, CommandError
 from rung.commands.index import open_rag, rag_arguments
 
 EXIT_FAILED_CHECK = 1  # --check: the guarded model fails a requirement (even on the point estimate)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from rung.cli import Command, CommandError
+from rung.commands.base import Command, CommandError
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from rung.cli import Command
+from rung.commands.base import Command
 from rung.commands.index import open_rag, rag_arguments
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from rung.cli import Command, CommandError
+from rung.commands.base import Command, CommandError
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

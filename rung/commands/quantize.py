@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from rung.cli import Command, CommandError
+from rung.commands.base import Command, CommandError
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

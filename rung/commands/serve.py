@@ -11,7 +11,7 @@ import argparse
 import sys
 import threading
 
-from rung.cli import Command, CommandError
+from rung.commands.base import Command, CommandError
 from rung.commands.index import open_rag, rag_arguments
 
 DEFAULT_MODEL = "smollm2-135m"
