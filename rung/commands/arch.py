@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 from rung.commands.base import Command
+from rung.commands import display
 
 
 def _positive_int(text: str) -> int:
@@ -49,33 +49,6 @@ def _arch(args: argparse.Namespace) -> int:
     else:
         _print_table(descriptions)
     return 0
-
-
-# Units: parameters in B / M (10^9, 10^6); weight bytes in GB (10^9) beside GiB (2^30);
-# KV cache in MiB / KiB (2^20, 2^10), the unit the gpt-oss doc and most serving tools use.
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def _kv(n: float) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.2f} KiB"
-
-
-def _console():
-    from rich.console import Console
-
-    # A pipe or a test capture gets a fixed width, so wide tables do not fold into 80 columns.
-    return Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 def _yes(flag: bool) -> str:
@@ -120,8 +93,9 @@ def _print_presets(as_json: bool) -> None:
     for col in ("preset", "family", "params", "active", "from"):
         table.add_column(col, justify="right" if col in ("params", "active") else "left")
     for r in rows:
-        table.add_row(r["name"], r["family"], _params(r["total_params"]), _params(r["active_params"]), r["source"])
-    _console().print(table)
+        table.add_row(r["name"], r["family"], display.params(r["total_params"]), display.params(r["active_params"]),
+                      r["source"])
+    display.console().print(table)
 
 
 def _print_report(d) -> None:
@@ -129,7 +103,7 @@ def _print_report(d) -> None:
 
     from rung.describe import CONTEXT_128K, FORMAT_SCOPE, FORMATS
 
-    console = _console()
+    console = display.console()
     arch = Table(title=f"{d.name}", show_header=False, title_justify="left")
     arch.add_column(style="bold")
     arch.add_column()
@@ -141,14 +115,14 @@ def _print_report(d) -> None:
     params.add_column(style="bold")
     params.add_column(justify="right")
     params.add_column(justify="right")
-    params.add_row("total", f"{d.total_params:,}", _params(d.total_params))
-    params.add_row("active per token", f"{d.active_params:,}", _params(d.active_params))
+    params.add_row("total", f"{d.total_params:,}", display.params(d.total_params))
+    params.add_row("active per token", f"{d.active_params:,}", display.params(d.active_params))
     for part, n in d.params_by_part.items():
         label = part.replace("_", "-")
         if part == "embeddings" and d.tied_embeddings:
             label += " (tied: also the LM head, so active)"
         if n:
-            params.add_row(f"  {label}", f"{n:,}", _params(n))
+            params.add_row(f"  {label}", f"{n:,}", display.params(n))
     console.print(params)
     console.print(f"[dim]{d.active_convention}[/dim]\n")
 
@@ -156,11 +130,11 @@ def _print_report(d) -> None:
     kv.add_column(style="bold")
     kv.add_column(justify="right")
     kv.add_column(justify="right")
-    kv.add_row(f"at {d.context:,} tokens", f"{d.kv_bytes:,} B", _kv(d.kv_bytes))
-    kv.add_row(f"per token at {d.context:,}", f"{d.kv_bytes_per_token:,.0f} B", _kv(d.kv_bytes_per_token))
+    kv.add_row(f"at {d.context:,} tokens", f"{d.kv_bytes:,} B", display.gib(d.kv_bytes))
+    kv.add_row(f"per token at {d.context:,}", f"{d.kv_bytes_per_token:,.0f} B", display.gib(d.kv_bytes_per_token))
     beyond = " (beyond max context)" if d.max_context and CONTEXT_128K > d.max_context else ""
     kv.add_row(f"per token at {CONTEXT_128K:,}{beyond}", f"{d.kv_bytes_per_token_128k:,.0f} B",
-               _kv(d.kv_bytes_per_token_128k))
+               display.gib(d.kv_bytes_per_token_128k))
     console.print(kv)
     if d.sliding_window:
         console.print(f"[dim]sliding layers hold at most their window: {d.sliding_window}[/dim]\n")
@@ -181,7 +155,7 @@ def _print_table(ds) -> None:
 
     def kv_cell(d, per_token: float, context: int) -> str:
         beyond = d.max_context is not None and context > d.max_context
-        return _kv(per_token) + (" †" if beyond else "")
+        return display.gib(per_token) + (" †" if beyond else "")
 
     table = Table(caption=None)
     table.add_column("")
@@ -189,17 +163,17 @@ def _print_table(ds) -> None:
         table.add_column(d.name, justify="left")
     rows = [(key, [dict(_lineage_rows(d))[key] for d in ds]) for key, _ in _lineage_rows(ds[0])]
     rows += [
-        ("total params", [_params(d.total_params) for d in ds]),
-        ("active params", [_params(d.active_params) for d in ds]),
+        ("total params", [display.params(d.total_params) for d in ds]),
+        ("active params", [display.params(d.active_params) for d in ds]),
         ("KV / token @ 4K", [kv_cell(d, d.kv_bytes_per_token_4k, CONTEXT_4K) for d in ds]),
         ("KV / token @ 128K", [kv_cell(d, d.kv_bytes_per_token_128k, CONTEXT_128K) for d in ds]),
         (f"KV cache @ {ds[0].context:,} tok", [kv_cell(d, d.kv_bytes, d.context) for d in ds]),
     ]
-    rows += [(f"weights {fmt}", [_gb(d.weight_bytes[fmt]) for d in ds])
+    rows += [(f"weights {fmt}", [display.gb(d.weight_bytes[fmt], mb=".1f") for d in ds])
              for fmt in ("bf16", "int8", "int4", "mxfp4")]
     for key, cells in rows:
         table.add_row(key, *cells)
-    console = _console()
+    console = display.console()
     console.print(table)
     console.print(
         "[dim]KV: bf16 K and V, sliding layers capped at their window; † beyond the model's max context. "

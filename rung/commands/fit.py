@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from rung.commands.base import Command, CommandError
+from rung.commands import display
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -35,11 +35,10 @@ def _fit(args: argparse.Namespace) -> int:
         print(json.dumps([f.to_dict(budget, args.context) for f in fits], indent=2))
         return 0
 
-    from rich.console import Console
     from rich.table import Table
 
     shown = [f for f in fits if args.all or f.fits(budget, args.context)]
-    title = (f"fits in {_gb(budget)} at {args.context:,} tokens × {args.concurrency} "
+    title = (f"fits in {display.gb(budget)} at {args.context:,} tokens × {args.concurrency} "
              f"sequence{'s' if args.concurrency > 1 else ''}")
     table = Table(title=title, title_justify="left")
     for col in ("preset", "format", "params", "weights", "KV cache", "overhead", "needed", "headroom", "fits"):
@@ -47,30 +46,21 @@ def _fit(args: argparse.Namespace) -> int:
     for f in shown:
         ok = f.fits(budget, args.context)
         why = "yes" if ok else "beyond max context" if f.beyond_context(args.context) else "no"
-        table.add_row(f.model, f.format, _params(f.total_params), _gb(f.weight_bytes), _gb(f.kv_bytes),
-                      _gb(f.overhead_bytes), _gb(f.needed_bytes), _gb(budget - f.needed_bytes),
+        sizes = (f.weight_bytes, f.kv_bytes, f.overhead_bytes, f.needed_bytes, budget - f.needed_bytes)
+        table.add_row(f.model, f.format, display.params(f.total_params, m=".0f"), *map(display.gb, sizes),
                       f"[green]{why}[/green]" if ok else f"[red]{why}[/red]", style=None if ok else "dim")
-    console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 140)
+    console = display.console()
     if shown:
         console.print(table)
     else:
-        console.print(f"nothing fits in {_gb(budget)} at {args.context:,} tokens × {args.concurrency}")
+        console.print(f"nothing fits in {display.gb(budget)} at {args.context:,} tokens × {args.concurrency}")
     left_out = len(fits) - len(shown)
-    console.print(f"[dim]needed = weights + KV cache (bf16; fp32 rows fp32) + overhead ({_gb(RUNTIME_BYTES)} runtime + "
+    console.print(f"[dim]needed = weights + KV cache (bf16; fp32 rows fp32) + overhead "
+                  f"({display.gb(RUNTIME_BYTES)} runtime + "
                   f"activations). An estimate: `rung bench` measures the real peak."
                   + (f" {left_out} more (preset, format) pairs do not fit: --all lists them." if left_out else "")
                   + "[/dim]")
     return 0
-
-
-def _gb(n: float) -> str:
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    return f"{sign}{n / 1e9:.2f} GB" if n >= 1e9 else f"{sign}{n / 1e6:,.0f} MB"
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.0f} M"
 
 
 FIT = Command("fit", "which presets and formats fit a memory budget (weights + KV cache + overhead)", _arguments, _fit)
