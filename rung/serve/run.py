@@ -230,7 +230,9 @@ class Run:
         out = []
         if self.kind == "chat":
             # the delta's logprobs go with its first event, or alone
-            pairs = [(e, lp if i == 0 else None) for i, e in enumerate(events)] or ([(None, lp)] if lp is not None else [])
+            pairs = [(e, lp if i == 0 else None) for i, e in enumerate(events)]
+            if not events and lp is not None:
+                pairs = [(None, lp)]
             for e, e_lp in await self.governance.release(choice, pairs, finished):
                 out.append(self._chunk(choice, event_delta(choice, e) if e is not None else {}, logprobs=e_lp))
             if finished:

@@ -1,13 +1,16 @@
 """load_model: a built-in model name, a .gguf file or a Hugging Face folder → a rung Decoder.
 
-Names and paths are resolved by weights/resolve.py. A GGUF file is read by weights/gguf.py, its
-ModelConfig comes from weights/gguf_config.py and its key map from keymaps.gguf_rules; it is
-planned and filled here (``load_gguf_model``) as a folder is. A Hugging Face folder (config.json + safetensors) is planned before anything is allocated: every
+Names and paths are resolved by weights/resolve.py.
+
+A Hugging Face folder (config.json + safetensors) is planned before anything is allocated: every
 safetensors header is checked against its file, config.json's layer count against the layers the
 tensors hold, and then the model the config describes is built on the meta device and every
 parameter is matched, by its key-map rule, with tensors of the right shape and kind (no tensor
 data is read). A missing, misshaped or excess tensor is an error naming file and tensor. Only then
 is the model materialised on the target device and filled, each parameter by exactly one rule.
+
+A GGUF file goes the same way (``load_gguf_model``): weights/gguf.py reads it, its ModelConfig
+comes from weights/gguf_config.py and its key map from keymaps.gguf_rules.
 """
 
 from __future__ import annotations
