@@ -154,7 +154,7 @@ class RunGovernance:
     the verifier over its answers (a streamed answer is held until verified), the tools the key
     lost; and what the response headers and the log line say of them."""
 
-    def __init__(self, run, principal: Principal | None, verification: "Verification | None"):
+    def __init__(self, run, principal: Principal | None, verification: Verification | None):
         self.run, self.principal, self.verification = run, principal, verification
         prepared = run.prepared
         self.gate = (ToolGate(run, principal, run.server.policy.max_rounds)
