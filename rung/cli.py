@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rung.config import ConfigError
+from rung.extras import MissingExtra
 
 EXIT_USAGE = 2
 
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
+    except MissingExtra as e:  # the message names the command, the extra and the pip command
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, CommandError, OSError, ValueError) as e:
         # bad names, paths, checkpoints and requests (CheckpointError, RequestError are ValueErrors)
         print(f"rung: error: {e}", file=sys.stderr)
