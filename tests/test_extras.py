@@ -117,7 +117,8 @@ def test_redact_without_the_pii_extra_exits_2_naming_it(command):
     res = without({"presidio_analyzer", "spacy"}, cli_exit(argv))
     line = res.assert_refused()
     assert res.returncode == 2 and res.stderr.strip() == line
-    assert line == f"rung {command} --redact: needs the pii extra (presidio_analyzer is not installed): pip install 'rung[pii]'"
+    assert line == (f"rung {command} --redact: needs the pii extra (presidio_analyzer is not installed): "
+                    "pip install 'rung[pii]'")
 
 
 def test_the_python_api_of_an_extra_raises_an_import_error_naming_it():
@@ -222,7 +223,8 @@ def test_extras_are_serve_bench_rag_pii_all_peers_and_test_includes_all():
     assert {_name(r) for r in extras["peers"]} == {"transformers", "accelerate", "llama-cpp-python"}
     for extra, modules in EXTRAS.items():  # each module require() checks comes with its extra
         listed = {_name(r) for r in extras[extra]}
-        pulled = listed | {_name(r) for d in listed for r in importlib.metadata.requires(d) or [] if "extra ==" not in r}
+        pulled = listed | {_name(r) for d in listed for r in importlib.metadata.requires(d) or []
+                           if "extra ==" not in r}  # and what those require
         for module in modules:
             assert _distributions(module) & pulled, f"{module} ({_distributions(module)}) is not in rung[{extra}]"
 
@@ -234,9 +236,9 @@ def test_every_module_level_import_outside_an_extra_is_a_core_dependency():
         allowed = core | ({_name(r) for r in _pyproject()["optional-dependencies"][extra]} if extra else set())
         for module in _imports(path, top_level_only=True) - NOT_DEPENDENCIES:
             dists = _distributions(module)
+            where = f"rung[{extra}]" if extra else "the core"
             assert dists & allowed, (f"{path.relative_to(ROOT)} imports {module} ({dists or 'not installed'}) at module "
-                                     f"level: not a core dependency{f' nor in rung[{extra}]' if extra else ''}; import it "
-                                     f"where it is used, after rung.extras.require")
+                                     f"level, not in {where}: import it where it is used, after rung.extras.require")
 
 
 def test_every_package_rung_imports_anywhere_is_core_or_an_extras():
@@ -245,4 +247,4 @@ def test_every_package_rung_imports_anywhere_is_core_or_an_extras():
     known |= {"tldextract"}
     for path in sorted((ROOT / "rung").rglob("*.py")):
         unknown = _imports(path, top_level_only=False) - known
-        assert not unknown, f"{path.relative_to(ROOT)} imports {sorted(unknown)}: neither core nor in an extra (rung/extras.py)"
+        assert not unknown, f"{path.relative_to(ROOT)} imports {sorted(unknown)}: not core, nor in rung/extras.py's EXTRAS"

@@ -63,6 +63,7 @@ def _bench(args: argparse.Namespace) -> int:
     import rung.bench as rb
     from rung.bench.cache import ResultCache
     from rung.bench.decide import RequirementsError
+    from rung.bench.redaction import is_redacted
     from rung.bench.suite import SuiteError
 
     if args.concurrency < 1:
@@ -99,8 +100,6 @@ def _bench(args: argparse.Namespace) -> int:
     if not candidates:
         raise CommandError("no candidates: pass -m MODEL (repeatable) or list `candidates:` in the requirements file")
     candidates = _redacted_twins(candidates, requirements, args.redact)
-    from rung.bench.redaction import is_redacted
-
     if any(is_redacted(spec) for spec in candidates):  # --redact, NAME+redact, or requirements that demand it
         require("pii", what="rung bench --redact")
     if guarded and guarded not in candidates:
