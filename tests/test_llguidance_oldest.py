@@ -23,10 +23,10 @@ from hostile import ROOT, run_bounded
 
 
 def declared_minimum() -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
     spec = next(d for d in deps if d.startswith("llguidance"))
     found = re.fullmatch(r"llguidance\s*>=\s*([0-9.]+)", spec.split(";")[0].strip())
-    assert found, f"pyproject.toml should declare llguidance>=VERSION, not {spec!r}"
+    assert found, f"pyproject.toml's serve extra should declare llguidance>=VERSION, not {spec!r}"
     return found.group(1)
 
 

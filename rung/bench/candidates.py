@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 from urllib.parse import urlparse
 
 from rung.bench.records import CandidateInfo, Sample
+from rung.extras import require
 
 ENDPOINT_PREFIX = "openai:"
 
@@ -375,6 +376,7 @@ class EndpointCandidate:
         return {"spec": self.name}
 
     def open(self) -> CandidateInfo:
+        require("bench", "openai", what="rung.bench")  # an endpoint candidate; local ones need no client
         import openai
 
         self.client = openai.OpenAI(base_url=self.url, api_key=self.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",

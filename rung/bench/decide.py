@@ -64,6 +64,7 @@ from rung.bench.records import CandidateRun
 from rung.bench.stats import (cases_for_lower_bound, cases_for_paired_difference, paired_bootstrap,
                               paired_difference_ci, sign_test)
 from rung.bench.suite import SuiteError
+from rung.extras import require
 
 POWER = 0.8  # of the paired-difference sample size the provisional answer states
 
@@ -121,6 +122,7 @@ def parse_bytes(text: str | int | float) -> int:
 
 
 def load_requirements(path: str | Path) -> Requirements:
+    require("bench", "yaml", what="rung.bench")
     import yaml
 
     path = Path(path)

@@ -38,6 +38,7 @@ from typing import Any
 
 from rung.bench.records import CheckOutcome, Sample
 from rung.bench.suite import Check, SuiteError
+from rung.extras import require
 
 CHECK_OPTIONS = {
     "exact": {"value", "ignore_case", "strip_punctuation"},
@@ -109,6 +110,7 @@ def _validate(kind: str, o: dict, at: str) -> None:
         if "schema" not in o and "fields" not in o:
             raise SuiteError(f"{at}: needs 'schema' and/or 'fields'")
         if "schema" in o:
+            require("bench", "jsonschema", what="rung.bench")
             from jsonschema import SchemaError
             from jsonschema.validators import validator_for
 

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rung.extras import require
+
 CASE_KEYS = {"id", "prompt", "messages", "system", "choices", "tools", "text", "expect", "max_tokens",
              "temperature", "samples", "vote", "stop", "tags"}
 DEFAULT_KEYS = {"max_tokens", "temperature", "system", "samples", "vote", "stop"}
@@ -178,6 +180,7 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def _read_yaml(path: Path, text: str) -> dict:
+    require("bench", "yaml", what="rung.bench")
     import yaml
 
     try:

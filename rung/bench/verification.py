@@ -22,7 +22,7 @@ from typing import Any
 
 def verify_outcomes(verifier, threshold: float, outcomes: list, messages: dict[str, list[dict]]) -> None:
     """Score each outcome's chosen answer; ``messages``: case id → the conversation sent."""
-    from rung.serve.governance import sources_of
+    from rung.govern.verify import sources_of
 
     for outcome in outcomes:
         if outcome.case_id not in messages or not outcome.samples:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rung.commands.base import Command, CommandError
 from rung.commands.index import open_rag, rag_arguments
+from rung.extras import require
 
 EXIT_FAILED_CHECK = 1  # --check: the guarded model fails a requirement (even on the point estimate)
 EXIT_PROVISIONAL = 2  # --check: it passes only on the point estimate (within noise), not reliably
@@ -56,11 +57,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    require("bench", what="rung bench")
     from rich.console import Console
 
     import rung.bench as rb
     from rung.bench.cache import ResultCache
     from rung.bench.decide import RequirementsError
+    from rung.bench.redaction import is_redacted
     from rung.bench.suite import SuiteError
 
     if args.concurrency < 1:
@@ -97,6 +100,8 @@ def _bench(args: argparse.Namespace) -> int:
     if not candidates:
         raise CommandError("no candidates: pass -m MODEL (repeatable) or list `candidates:` in the requirements file")
     candidates = _redacted_twins(candidates, requirements, args.redact)
+    if any(is_redacted(spec) for spec in candidates):  # --redact, NAME+redact, or requirements that demand it
+        require("pii", what="rung bench --redact")
     if guarded and guarded not in candidates:
         guarded += "+redact"  # the requirements demand redaction: --check guards the redacted run
     for spec in candidates:

@@ -11,6 +11,7 @@ import sys
 import time
 
 from rung.commands.base import Command, CommandError
+from rung.extras import require
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    require("rag", what="rung index")
     from rung.rag import build_index, load_index
     from rung.rag.chunk import DEFAULT_MAX_CHARS
 
@@ -77,12 +79,13 @@ def rag_arguments(p: argparse.ArgumentParser) -> None:
 def open_rag(args: argparse.Namespace):
     """The index --rag names, checked before any model loads (a stale one is a warning), or None;
     fills in --rag-k and --rag-max-chars."""
-    from rung.rag import DEFAULT_K, DEFAULT_MAX_CHARS, load_index
-
     if args.rag is None:
         if args.rag_k is not None or args.rag_max_chars is not None:
             raise CommandError("--rag-k and --rag-max-chars need --rag INDEX")
         return None
+    require("rag", what="--rag")
+    from rung.rag import DEFAULT_K, DEFAULT_MAX_CHARS, load_index
+
     if (args.rag_k is not None and args.rag_k < 1) or (args.rag_max_chars is not None and args.rag_max_chars < 100):
         raise CommandError("--rag-k must be at least 1 and --rag-max-chars at least 100")
     args.rag_k = args.rag_k or DEFAULT_K

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from rung.commands.base import Command, CommandError
+from rung.extras import require
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,7 @@ def _run(args: argparse.Namespace) -> int:
             raise CommandError("no key on stdin")
         print(hash_key(key))
         return 0
+    require("serve", "yaml", what="rung policy check")  # YAML (or JSON), read as `rung serve --policy` reads it
     policy = load_policy(args.file)
     if args.tool is None:
         print(f"{args.file}: ok (unknown keys: {policy.unknown_keys}, max_rounds: {policy.max_rounds})")

@@ -13,6 +13,7 @@ import threading
 
 from rung.commands.base import Command, CommandError
 from rung.commands.index import open_rag, rag_arguments
+from rung.extras import require
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -61,6 +62,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     import os
 
+    require("serve", what="rung serve")
+    if args.redact:
+        require("pii", what="rung serve --redact")
     import uvicorn
 
     from rung.serve import logs

@@ -11,6 +11,7 @@ import argparse
 import shlex
 
 from rung.commands.base import Command, CommandError
+from rung.extras import require
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    require("bench", what="rung suite")
     from rung.bench.importers import import_suite, write_suite
 
     if args.action != "import":

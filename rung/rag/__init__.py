@@ -11,6 +11,11 @@ which sources they cite and use.
 This package imports nothing of the engine, the server or the bench: they import it.
 """
 
+from rung.extras import require
+
+require("rag", what="rung.rag")  # bm25s and its stemmer, imported where BM25 runs (rung/rag/lexical.py)
+
+
 from rung.rag.chunk import Passage, chunk_document
 from rung.rag.cite import check_answer, cited_labels, format_sources
 from rung.rag.documents import DocumentError, find_documents, read_document

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 from rung.govern.policy import Decision, Principal
+from rung.govern.verify import sources_of  # noqa: F401 (app.py imports it from here)
 from rung.serve import logs
 from rung.serve.errors import APIError
 from rung.serve.reasoning import Event
@@ -275,25 +276,3 @@ class Verification:
         if metrics is not None:
             metrics.verified(action, value, time.perf_counter() - start)
         return verdict
-
-
-def sources_of(messages: list[dict], passages: list[str] | None = None) -> tuple[str, list[str]]:
-    """(question, sources) of a conversation: the question is the last user message; the sources
-    are the passages retrieval added (when the server retrieved), else every system, developer and
-    tool message and every earlier user message (where a client puts its retrieved text); with none
-    of those, the last user message itself."""
-    def text(m) -> str:
-        c = m.get("content")
-        if isinstance(c, list):
-            return "".join(p.get("text") or "" for p in c if isinstance(p, dict))
-        return c or ""
-
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    question = text(messages[last]) if last is not None else ""
-    if passages:
-        return question, list(passages)
-    sources = [text(m) for i, m in enumerate(messages)
-               if (m.get("role") in ("system", "developer", "tool") or (m.get("role") == "user" and i != last))
-               and text(m).strip()]
-    # one message holding both the text and the question ("Context: ... Question: ..."): it is the source
-    return question, sources or ([question] if question.strip() else [])

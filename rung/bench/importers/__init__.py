@@ -21,6 +21,7 @@ from typing import Callable
 
 from rung.bench.importers import bfcl, openai_evals
 from rung.bench.importers.package import Package, SuiteImportError, installed
+from rung.extras import require
 
 __all__ = ["PUBLIC_SUITES", "SuiteImportError", "import_suite", "write_suite"]
 
@@ -93,6 +94,7 @@ def _dumper():
 def write_suite(suite: dict, out: str | Path, force: bool = False):
     """Write the suite as YAML, checked by rung's own loader first; refuses to replace a file unless force
     (an imported suite is often trimmed or edited by hand afterwards). Returns the loaded Suite."""
+    require("bench", "yaml", what="rung.bench")
     import yaml
 
     from rung.bench.suite import SuiteError, load_suite
