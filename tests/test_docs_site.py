@@ -22,6 +22,7 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE_CODE = re.compile(r"`+[^`]*`+")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+HTML_ANCHOR = re.compile(r'<a (?:id|name)="([^"]+)"></a>')
 
 
 def prose_lines(text: str):
@@ -51,7 +52,7 @@ def toc_slug(heading: str) -> str:
 
 
 def anchors(path: Path) -> set[str]:
-    """Anchors that GitHub and the site both give the file's headings."""
+    """Anchors that GitHub and the site both give the file's headings, and its <a id="..."></a>."""
     seen: dict[str, int] = {}
     found = set()
     in_fence = False
@@ -59,6 +60,8 @@ def anchors(path: Path) -> set[str]:
         if FENCE.match(line):
             in_fence = not in_fence
             continue
+        if not in_fence:
+            found.update(HTML_ANCHOR.findall(line))
         m = None if in_fence else HEADING.match(line)
         if m:
             slug = github_slug(m.group(2))
