@@ -30,13 +30,13 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/rung bench
 
+# The docs site (mkdocs.yml) into site/; any warning (a broken link or anchor) fails it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 test: install
 	$(PY) -m pytest -n 2 -p no:cacheprovider
 
 # Benchmark peers (llama-cpp-python compiles for several minutes): kept out of the test install.
 bench-deps: install
 	$(PY) -m pip install -q -e ".[bench]"
-
-# The docs site (mkdocs.yml) into site/; any warning (a broken link or anchor) fails it.
-docs: install
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
