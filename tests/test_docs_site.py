@@ -117,6 +117,18 @@ def test_every_docs_page_is_in_the_site_nav():
     assert {"index.md", "results.md"} <= nav  # README.md and benchmarks/RESULTS.md, through docs/hooks.py
 
 
+def test_results_start_with_a_current_section_for_every_benchmark_script_in_the_history():
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert sections[:2] == ["Current", "History"], sections
+    current, history = text.split("\n## History\n")
+    in_history = {name for heading in re.findall(r"^### (20\d\d-.+)$", history, flags=re.M)
+                  for name in re.findall(r"\b(\w+\.py)\b", heading) if (ROOT / "benchmarks" / name).exists()}
+    in_current = set(re.findall(r"^### (\w+\.py)$", current, flags=re.M))
+    assert in_history and in_history <= in_current, f"no current figures for {sorted(in_history - in_current)}"
+    assert all((ROOT / "benchmarks" / name).exists() for name in in_current)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None,
                     reason="mkdocs-material is not installed (pip install 'rung[docs]')")
 def test_docs_site_builds_strict_without_warnings(tmp_path):
