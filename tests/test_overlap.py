@@ -125,3 +125,13 @@ def test_static_inputs_follow_rows_that_change_sequence_or_grow(llama):
     step([a, b], [8, 15])
     step([c, a], [2, 9])  # both rows change sequence
     step([b, c, a], [15, 3, 10])  # three rows in the 4-row bucket
+
+
+def test_a_prompt_chunk_of_one_token_is_not_run_ahead_as_a_decode(llama):
+    """A token budget of 2 schedules a decode beside a prompt's one-token chunk: a batch of one
+    token per sequence, but the prompt is not caught up, and its chunk samples nothing."""
+    ps = prompts(3, llama[0].config.vocab_size)
+    reqs = [(p, GREEDY) for p in ps]
+    want = outputs(static_engine(llama, overlap=False, max_batch_tokens=2), reqs)
+    assert outputs(static_engine(llama, overlap=True, max_batch_tokens=2), reqs) == want
+    assert want == outputs(static_engine(llama, overlap=False), reqs)  # the budget changes no token

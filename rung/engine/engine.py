@@ -319,9 +319,11 @@ class Engine:
     # ---- decode one step ahead (engine/overlap.py, the runner's ``ahead``) ----------------------
 
     def _may_run_ahead(self, seqs: list[Sequence]) -> bool:
-        """The runner can, every sequence is greedy on the argmax alone, and nothing else waits to be scheduled."""
+        """The runner can, nothing else waits to be scheduled, and every sequence decodes (a step
+        ahead samples every row: a prompt's chunk must not run there), greedy on the argmax alone."""
+        # remaining: 1 before a step, 0 while the token of the step just run is on its way
         return (self.runner.runs_ahead and self.proposer is None and not self._held
-                and all(self._plain_greedy(seq) for seq in seqs))
+                and all(seq.remaining <= 1 and self._plain_greedy(seq) for seq in seqs))
 
     def _run_next_ahead(self, ahead: PendingTokens) -> bool:
         """Before ``ahead``'s tokens are read: launch the step after it for the same sequences, its
