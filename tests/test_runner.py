@@ -66,7 +66,7 @@ def test_cpu_runner_decodes_natively_and_prefills_eagerly_with_the_eager_logits(
     assert got.shape == (2, packed.config.vocab_size) and torch.equal(got, want)
     # decode-only: one native call on the CPU runner, the eager forward on the other
     tokens = got.argmax(-1)
-    got, want = native.run(tokens, DECODE, [0, 1]), eager.run(tokens, DECODE, [0, 1])
+    got, want = native.run(tokens, DECODE), eager.run(tokens, DECODE, [0, 1])  # no rows: every row
     assert len(forwards) == 3 and native.cpu_decode.steps == 1
     assert got.shape == want.shape == (2, packed.config.vocab_size)
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
@@ -83,8 +83,10 @@ def test_a_model_not_packed_for_the_native_kernels_runs_eagerly(llama, monkeypat
     assert runner.cpu_decode is None and runner.graphs is None
     forwards = counting_forward(model, monkeypatch)
     ids = prefill_ids(model.config.vocab_size)
-    runner.run(ids, PREFILL, [9, 16])
-    assert runner.run(ids[:2], DECODE, [0, 1]).shape == (2, model.config.vocab_size) and len(forwards) == 2
+    every = runner.run(ids, PREFILL)  # no rows: every row's logits
+    assert every.shape == (17, model.config.vocab_size) and len(forwards) == 1
+    torch.testing.assert_close(runner_for(model).run(ids, PREFILL, [9, 16]), every[[9, 16]], atol=1e-5, rtol=1e-5)
+    assert runner.run(ids[:2], DECODE, [0, 1]).shape == (2, model.config.vocab_size) and len(forwards) == 3
 
 
 @torch.inference_mode()

@@ -58,19 +58,19 @@ class ModelRunner:
             return None
         return CpuDecode(self.model, self.pool) if unsupported(self.model) is None else None
 
-    def run(self, ids: torch.Tensor, chunks: list[Chunk], rows: list[int]) -> torch.Tensor:
-        """ids [N] (the chunks' tokens, in order) → logits [len(rows), vocab] float32 of the
-        given rows. Every chunk's keys and values are written to the pool, whatever ``rows`` is."""
+    def run(self, ids: torch.Tensor, chunks: list[Chunk], rows: list[int] | None = None) -> torch.Tensor:
+        """ids [N] (the chunks' tokens, in order) → logits [len(rows), vocab] float32 of the given
+        rows (None: every row). Every chunk's keys and values are written to the pool either way."""
         fast = self.graphs if self.graphs is not None else self.cpu_decode  # one exists per device at most
         logits = None
         if fast is not None and all(ch.count == 1 for ch in chunks):
             logits = fast.run(ids, chunks)  # [N, vocab]; None: not this batch (too large, graphs off)
         if logits is None:
             hidden = self.model.hidden_states(ids[None], PagedStep(self.pool, chunks, self.device))[0]  # [N, hidden]
-            if not rows:  # prefill chunks only: no logits wanted
+            if rows == []:  # prefill chunks only: no logits wanted
                 return torch.empty(0, self.model.config.vocab_size)
-            return self.model.logits(hidden[rows])
-        return logits if len(rows) == len(logits) else logits[rows]  # decode-only: row i is chunk i's
+            return self.model.logits(hidden if rows is None else hidden[rows])
+        return logits if rows is None or len(rows) == len(logits) else logits[rows]  # decode-only: row i is chunk i's
 
     # ---- one step ahead (engine/overlap.py) ---------------------------------------------------
 
