@@ -242,8 +242,8 @@ class Engine:
         return deltas
 
     def _step(self) -> list[Delta]:
-        ahead = self.runner.take_ahead()  # a step the last call launched ahead: its tokens come first
-        if ahead is not None and any(seq.status is Status.RUNNING for seq in ahead.seqs):
+        ahead = self.runner.take_ahead()  # a step the last call launched ahead: its tokens come first,
+        if ahead is not None and any(seq.status is Status.RUNNING for seq in ahead.seqs):  # unless all ended
             return self._step_ahead(ahead)
         batch = self.scheduler.schedule()
         if not batch:
