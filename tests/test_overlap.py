@@ -41,7 +41,7 @@ def test_decoding_ahead_gives_the_synchronous_tokens(which, request):
     assert [len(o) for o in got] == [3, 5, 7, 9, 11]
     assert sync.stats["steps_ahead"] == 0 and ahead.stats["steps_ahead"] >= 6
     assert ahead.stats["generated_tokens"] == sync.stats["generated_tokens"]
-    assert all_blocks_free(ahead) and ahead._ahead is None
+    assert all_blocks_free(ahead) and ahead.runner.ahead is None
 
 
 def test_a_sequence_stopped_by_a_token_costs_one_wasted_step_and_no_block(llama):
@@ -62,10 +62,10 @@ def test_abort_and_pause_while_a_step_is_in_flight(llama):
     engine = static_engine(llama, overlap=True)
     ids = [engine.add_request(p, GREEDY) for p in ps]
     seqs = [engine._sequences[r][0] for r in ids]
-    while engine._ahead is None:
+    while engine.runner.ahead is None:
         engine.step()
     engine.step()
-    assert engine._ahead is not None  # still ahead: the abort lands between two enqueued steps
+    assert engine.runner.ahead is not None  # still ahead: the abort lands between two enqueued steps
     engine.abort(ids[1])
     engine.pause(ids[2])
     for _ in range(3):
@@ -83,7 +83,7 @@ def test_a_request_joining_mid_flight_gets_its_tokens(llama):
     want = outputs(static_engine(llama, overlap=False), [(p, GREEDY) for p in ps])
     engine = static_engine(llama, overlap=True)
     first = [engine.add_request(p, GREEDY) for p in ps[:2]]
-    while engine._ahead is None:
+    while engine.runner.ahead is None:
         engine.step()
     late = [engine.add_request(p, GREEDY) for p in ps[2:]]
     seqs = [engine._sequences[r][0] for r in first + late]
@@ -125,3 +125,13 @@ def test_static_inputs_follow_rows_that_change_sequence_or_grow(llama):
     step([a, b], [8, 15])
     step([c, a], [2, 9])  # both rows change sequence
     step([b, c, a], [15, 3, 10])  # three rows in the 4-row bucket
+
+
+def test_a_prompt_chunk_of_one_token_is_not_run_ahead_as_a_decode(llama):
+    """A token budget of 2 schedules a decode beside a prompt's one-token chunk: a batch of one
+    token per sequence, but the prompt is not caught up, and its chunk samples nothing."""
+    ps = prompts(3, llama[0].config.vocab_size)
+    reqs = [(p, GREEDY) for p in ps]
+    want = outputs(static_engine(llama, overlap=False, max_batch_tokens=2), reqs)
+    assert outputs(static_engine(llama, overlap=True, max_batch_tokens=2), reqs) == want
+    assert want == outputs(static_engine(llama, overlap=False), reqs)  # the budget changes no token

@@ -1,10 +1,17 @@
 """The engine: requests in, a stream of token deltas out, many sequences per model step.
 
-``Engine.add_request`` queues a prompt; each ``step`` runs one batched forward pass over the
-scheduled chunks (model/cache.py's seam with a ``PagedStep``), samples every sequence whose
-prompt is fully computed, and returns the new text per sequence. ``abort`` cancels a request and
-frees its blocks at once. ``AsyncEngine`` drives steps on a background thread and streams per
-request, for the server.
+``Engine.add_request`` queues a prompt; ``abort`` cancels a request and frees its blocks at once.
+Each ``step`` is four moves:
+
+1. schedule: the scheduler (engine/scheduler.py) picks the sequences and how many of their tokens
+   run, decodes first, prompts in chunks;
+2. run: the model runner (engine/runner.py) runs them as one forward pass and returns the logits
+   of the rows to sample (whether eagerly, as a CUDA graph or as a native CPU call is its choice);
+3. sample: every sequence whose prompt is fully computed gets its next token;
+4. append: the tokens go through EOS, stop tokens, stop strings and max_tokens, and come back as
+   the new text per sequence (``Delta``).
+
+``AsyncEngine`` drives steps on a background thread and streams per request, for the server.
 
 With ``EngineConfig.speculative`` ("ngram", or "draft" with a ``draft_model``) each decoding
 sequence first gets up to ``num_speculative_tokens`` guesses (engine/speculative.py); the step
@@ -12,8 +19,8 @@ runs its last token and the guesses as one chunk, and the accepted guesses plus 
 target's come back in one Delta. The output distribution is the non-speculative one.
 
 On the CUDA-graph path a decode-only batch of plain-greedy sequences runs one step ahead of the
-host (engine/overlap.py): ``step`` enqueues step n + 1 from step n's tokens on the device, then
-reads step n's tokens and returns their deltas.
+host (engine/overlap.py): ``step`` has the runner launch step n + 1 from step n's tokens on the
+device, then reads step n's tokens and appends them.
 
 A failure is as small as its cause. Sampling, a grammar, the detokenizer or stop strings failing
 for one sequence end that sequence alone, with finish_reason "error" and the reason in
@@ -33,7 +40,8 @@ import numpy as np
 import torch
 
 from rung.engine.overlap import PendingTokens
-from rung.engine.paged import KVPool, PagedStep
+from rung.engine.paged import KVPool
+from rung.engine.runner import ModelRunner
 from rung.engine.sampler import NoTokenError, Sampled, next_token_probs, sample, token_logprobs
 from rung.engine.sampling_params import SamplingParams
 from rung.engine.scheduler import Scheduler
@@ -100,9 +108,7 @@ class Engine:
         self._sequences: dict[str, list[Sequence]] = {}
         self._paused: dict[str, list[Sequence]] = {}
         self.proposer = self._proposer(draft_model)
-        self.graphs = self._graphs()
-        self.cpu_decode = self._cpu_decode()
-        self._ahead: PendingTokens | None = None  # a decode step enqueued, its tokens not yet read
+        self.runner = ModelRunner(model, self.pool, self.config, self.max_model_len)
         self._stepping: list[Sequence] = []  # the sequences of the step under way: a failed step fails them
         self.failed_steps = 0  # steps in a row that failed as a whole (0 after any step that ran)
         self.step_error: Exception | None = None  # why the last failed step failed
@@ -128,23 +134,23 @@ class Engine:
                              f"target's {self.model.config.vocab_size}; it must share the target's tokenizer")
         return DraftModelProposer(draft_model, k)
 
-    def _graphs(self):
-        from rung.engine.cuda_graphs import DecodeGraphs, fuse_projections, unsupported
-        from rung.kernels import triton_available
+    @property
+    def graphs(self):
+        """The runner's CUDA graphs (engine/cuda_graphs.py), None where decode steps do not replay them."""
+        return self.runner.graphs
 
-        if not (self.config.cuda_graphs and self.device.type == "cuda" and triton_available()):
-            return None
-        if unsupported(self.model) is not None:
-            return None
-        fuse_projections(self.model)  # fewer, larger GEMVs; parameters stay as they are (views)
-        return DecodeGraphs(self.model, self.pool, self.max_model_len, self.config.max_seqs)
+    @graphs.setter
+    def graphs(self, graphs) -> None:
+        self.runner.graphs = graphs
 
-    def _cpu_decode(self):
-        from rung.engine.cpu_decode import CpuDecode, unsupported
+    @property
+    def cpu_decode(self):
+        """The runner's native CPU decode (engine/cpu_decode.py), None where decode steps run eagerly."""
+        return self.runner.cpu_decode
 
-        if not (self.config.cpu_decode and self.device.type == "cpu" and self.dtype == torch.float32):
-            return None
-        return CpuDecode(self.model, self.pool) if unsupported(self.model) is None else None
+    @cpu_decode.setter
+    def cpu_decode(self, cpu_decode) -> None:
+        self.runner.cpu_decode = cpu_decode
 
     @property
     def acceptance_rate(self) -> float:
@@ -236,116 +242,120 @@ class Engine:
         return deltas
 
     def _step(self) -> list[Delta]:
-        if self._ahead is not None:
-            if any(seq.status is Status.RUNNING for seq in self._ahead.seqs):
-                return self._step_ahead()
-            self._ahead = None  # every sequence in it ended or paused since: nothing to read
+        ahead = self.runner.take_ahead()  # a step the last call launched ahead: its tokens come first,
+        if ahead is not None and any(seq.status is Status.RUNNING for seq in ahead.seqs):  # unless all ended
+            return self._step_ahead(ahead)
         batch = self.scheduler.schedule()
         if not batch:
-            if self.scheduler.waiting and not self.scheduler.running and not self.scheduler.swapped:
-                return [self._fail(self.scheduler.waiting[0], "the KV cache cannot hold this sequence")]
-            return []
-        self._stepping = [seq for seq, _ in batch]
+            return self._nothing_scheduled()
+        seqs = self._stepping = [seq for seq, _ in batch]
         self.stats["steps"] += 1
-        ids = torch.tensor([[t for seq, n in batch
-                             for t in (seq.all_ids + seq.draft_ids)[seq.num_computed: seq.num_computed + n]]],
-                           device=self.device)
-        chunks = self.scheduler.chunks(batch)
-        step_logits = None  # a decode-only batch on CUDA (the graph) or the CPU (native calls): every row's logits
-        decode_only = all(n == 1 and not seq.draft_ids for seq, n in batch)
-        if self.graphs is not None and decode_only:
-            if self._may_run_ahead([seq for seq, _ in batch]):
-                self._ahead = self._enqueue([seq for seq, _ in batch], ids[0])
-                if self._ahead is not None:
-                    return self._step_ahead()
-            step_logits = self.graphs.run(ids[0], chunks)
-        elif self.cpu_decode is not None and decode_only:
-            step_logits = self.cpu_decode.run(ids[0], chunks)
-        if step_logits is None:
-            hidden = self.model.hidden_states(ids, PagedStep(self.pool, chunks, self.device))[0]  # [N, hidden]
-        rows, sampling, offset = [], [], 0  # sampling: (sequence, its first row in rows, rows)
+        ids, chunks = self._input_ids(batch), self.scheduler.chunks(batch)
+        if self._may_run_ahead(seqs) and self.runner.run_ahead(ids, chunks, seqs):
+            return self._step_ahead(self.runner.take_ahead())
+        rows, sampling = self._sampled_rows(batch)
+        logits = self.runner.run(ids, chunks, rows)
+        self._computed(batch)
+        return self._sample_and_append(sampling, logits)
+
+    def _nothing_scheduled(self) -> list[Delta]:
+        """No step can run: a waiting sequence that alone does not fit the cache fails (it would wait for ever)."""
+        if self.scheduler.waiting and not self.scheduler.running and not self.scheduler.swapped:
+            return [self._fail(self.scheduler.waiting[0], "the KV cache cannot hold this sequence")]
+        return []
+
+    def _input_ids(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """The step's tokens [N]: each sequence's next n, its guesses included."""
+        return torch.tensor([t for seq, n in batch
+                             for t in (seq.all_ids + seq.draft_ids)[seq.num_computed: seq.num_computed + n]],
+                            device=self.device)
+
+    @staticmethod
+    def _sampled_rows(batch: list[tuple[Sequence, int]]) -> tuple[list[int], list[tuple[Sequence, int, int]]]:
+        """The step's rows whose logits are sampled, and per sampled sequence (sequence, its first
+        row among them, rows): every row of a chunk with guesses (its last token and each guess),
+        else the last row of a sequence this step catches up (a decode, or a prompt's last chunk)."""
+        rows, sampling, offset = [], [], 0
         for seq, n in batch:
             offset += n
-            if seq.draft_ids:  # its last token and n - 1 guesses: the logits at every position
+            if seq.draft_ids:
                 sampling.append((seq, len(rows), n))
                 rows.extend(range(offset - n, offset))
-                continue
-            seq.num_computed += n
-            self.scheduler.register_full_blocks(seq)
-            if seq.num_computed == seq.num_tokens:  # caught up: the last row's logits give a token
+            elif seq.num_computed + n == seq.num_tokens:
                 sampling.append((seq, len(rows), 1))
                 rows.append(offset - 1)
+        return rows, sampling
+
+    def _computed(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Count the tokens the forward pass wrote to the cache (a chunk with guesses counts what
+        ``_verify`` accepts) and offer the blocks it filled to the prefix cache."""
+        for seq, n in batch:
+            if not seq.draft_ids:
+                seq.num_computed += n
+                self.scheduler.register_full_blocks(seq)
+
+    def _sample_and_append(self, sampling: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> list[Delta]:
+        """Each sampled sequence's token (or accepted guesses) from its rows of ``logits``, appended;
+        a sequence whose sampling, grammar, detokenizer or stop strings fail ends alone."""
         deltas = []
-        if rows:
-            if step_logits is not None:  # a decode-only batch: row i is sequence i's
-                logits = step_logits if len(rows) == len(step_logits) else step_logits[rows]
-            else:
-                logits = self.model.logits(hidden[rows])  # [rows, vocab] float32
-            argmax = self._batched_greedy(sampling, logits)
-            for seq, row, count in sampling:
-                if seq.cached_tokens and not seq.output_ids:
-                    self.stats["cached_prompt_tokens"] += seq.cached_tokens
-                try:
-                    if count == 1:
-                        greedy = argmax is not None and argmax[row] >= 0 and self._plain_greedy(seq)
-                        delta = self._advance(seq, [Sampled(argmax[row]) if greedy else self._sample(seq, logits[row])])
-                    else:
-                        delta = self._verify(seq, logits[row: row + count])
-                    if delta.finish_reason:
-                        self._finish(seq)
-                except Exception as e:  # its sampling, grammar, detokenizer or stop strings: it alone fails
-                    delta = self._fail(seq, e)
-                deltas.append(delta)
+        argmax = self._batched_greedy(sampling, logits)
+        for seq, row, count in sampling:
+            if seq.cached_tokens and not seq.output_ids:
+                self.stats["cached_prompt_tokens"] += seq.cached_tokens
+            try:
+                if count == 1:
+                    greedy = argmax is not None and argmax[row] >= 0 and self._plain_greedy(seq)
+                    delta = self._advance(seq, [Sampled(argmax[row]) if greedy else self._sample(seq, logits[row])])
+                else:
+                    delta = self._verify(seq, logits[row: row + count])
+                if delta.finish_reason:
+                    self._finish(seq)
+            except Exception as e:  # it alone fails
+                delta = self._fail(seq, e)
+            deltas.append(delta)
         self._release_held()
         return deltas
 
-    # ---- decode one step ahead (engine/overlap.py) ---------------------------------------------
+    # ---- decode one step ahead (engine/overlap.py, the runner's ``ahead``) ----------------------
 
     def _may_run_ahead(self, seqs: list[Sequence]) -> bool:
-        """Every sequence greedy on the argmax alone, and nothing else to schedule."""
-        return (self.config.overlap and self.proposer is None and not self._held
-                and all(self._plain_greedy(seq) for seq in seqs))
+        """The runner can, nothing else waits to be scheduled, and every sequence decodes (a step
+        ahead samples every row: a prompt's chunk must not run there), greedy on the argmax alone."""
+        # remaining: 1 before a step, 0 while the token of the step just run is on its way
+        return (self.runner.runs_ahead and self.proposer is None and not self._held
+                and all(seq.remaining <= 1 and self._plain_greedy(seq) for seq in seqs))
 
-    def _enqueue(self, seqs: list[Sequence], ids: torch.Tensor) -> PendingTokens | None:
-        """Launch one decode step of ``seqs`` at their positions (num_computed) with input ``ids``
-        [n] (on the device: the previous step's tokens) and leave its tokens on the device; None
-        when the graphs cannot run this batch (nothing launched)."""
-        logits = self.graphs.run(ids, self.scheduler.chunks([(seq, 1) for seq in seqs]))
-        return None if logits is None else PendingTokens(seqs, logits.argmax(-1))
-
-    def _next_ahead(self, ahead: PendingTokens) -> PendingTokens | None:
-        """Before ``ahead``'s tokens are read: enqueue the step after it for the same sequences,
-        if the batch would not change (no sequence at its end, nothing else waiting, a block for
-        every next position without preempting anyone)."""
+    def _run_next_ahead(self, ahead: PendingTokens) -> bool:
+        """Before ``ahead``'s tokens are read: launch the step after it for the same sequences, its
+        input ids ``ahead``'s tokens on the device, if the batch would not change (no sequence at
+        its end, nothing else waiting, a block for every next position without preempting anyone)."""
         s = self.scheduler
         seqs = ahead.seqs
         if (s.waiting or s.swapped or len(s.running) != len(seqs) or not self._may_run_ahead(seqs)
                 or any(seq.status is not Status.RUNNING or len(seq.output_ids) + 1 >= self._max_new(seq)
                        for seq in seqs)):
-            return None
+            return False
         # the position of the next step is num_computed (step n's token is not appended yet)
-        if not all(s._reserve(seq, 1) for seq in seqs):
-            return None  # blocks already taken stay with their sequence: its next step needs them
-        return self._enqueue(seqs, ahead.tokens)
+        if not all(s.reserve(seq, 1) for seq in seqs):
+            return False  # blocks already taken stay with their sequence: its next step needs them
+        return self.runner.run_ahead(ahead.tokens, s.chunks([(seq, 1) for seq in seqs]), seqs)
 
-    def _step_ahead(self) -> list[Delta]:
-        """Enqueue step n + 1 if it can run, then read step n's tokens and append them."""
-        ahead, self._ahead = self._ahead, None
+    def _step_ahead(self, ahead: PendingTokens) -> list[Delta]:
+        """Launch step n + 1 if it can run, then read step n's tokens (``ahead``) and append them."""
         self._stepping = list(ahead.seqs)
         # its input tokens are on the host by now (appended by the call that read the step before),
         # and the step has written their keys: count them, as a synchronous step does after its forward
         for seq in ahead.seqs:
-            if seq.status is Status.RUNNING:  # not finished, aborted or paused since it was enqueued
+            if seq.status is Status.RUNNING:  # not finished, aborted or paused since it was launched
                 seq.num_computed += 1
                 self.scheduler.register_full_blocks(seq)
-        self._ahead = self._next_ahead(ahead)
-        if self._ahead is not None:
+        if self._run_next_ahead(ahead):
             self.stats["steps"] += 1
             self.stats["steps_ahead"] += 1
         deltas = []
         for seq, token in zip(ahead.seqs, ahead.wait()):
             if seq.finished or seq.status is not Status.RUNNING:
-                continue  # finished, aborted or paused after this step was enqueued: the token is dropped
+                continue  # finished, aborted or paused after this step was launched: the token is dropped
             if seq.cached_tokens and not seq.output_ids:
                 self.stats["cached_prompt_tokens"] += seq.cached_tokens
             delta = self._advance(seq, [Sampled(token)])
@@ -471,7 +481,7 @@ class Engine:
     def _fail_step(self, error: Exception) -> list[Delta]:
         """A step that failed as a whole fails its sequences (every queued one when it failed before
         it had any: a step that cannot start must not repeat for ever)."""
-        self._ahead = None  # its tokens, if any, belong to the failed sequences
+        self.runner.ahead = None  # its tokens, if any, belong to the failed sequences
         seqs = [s for s in self._stepping if not s.finished] or self.scheduler.all_sequences()
         return [self._fail(seq, error) for seq in seqs]
 
@@ -479,7 +489,7 @@ class Engine:
         """Cancel every request (the async engine's last resort when a step escapes its own handling)."""
         for request_id in list(self._sequences):
             self.abort(request_id)
-        self._ahead = None
+        self.runner.ahead = None
 
     def _finish(self, seq: Sequence) -> None:
         """Free a finished or cancelled sequence's blocks and draft state."""

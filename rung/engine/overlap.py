@@ -4,14 +4,15 @@ A batch-1 decode step on a GPU replays its CUDA graph in 1.5–5 ms, and the hos
 scheduler, filling the graph's inputs, reading the tokens back, appending them, detokenizing)
 is 0.3–0.5 ms of Python. Read back at once, the two add up. Instead, a decode-only batch of
 plain-greedy sequences takes its argmax on the device, the tokens go to the host by a
-non-blocking copy behind a CUDA event, and the engine enqueues the next step, whose input ids
-are those device tokens, before it waits for that copy: the GPU runs step n + 1 while the host
-appends step n's tokens (what vLLM calls async scheduling). A sequence that stops on step n's
-token (EOS, a stop string, an abort) has had step n + 1 computed for nothing: its token is
-dropped, its blocks are freed as usual, and the key it wrote went to a block it still owned
-(stream order puts that write before anything a later owner of the block runs). The engine
-never runs ahead past a known end (max_tokens, the context), and falls back to its usual step
-whenever the batch would change (a request waiting, swapped or held, a sequence gone).
+non-blocking copy behind a CUDA event, and the model runner (engine/runner.py) launches the
+next step, whose input ids are those device tokens, before the engine waits for that copy: the
+GPU runs step n + 1 while the host appends step n's tokens (what vLLM calls async scheduling). A
+sequence that stops on step n's token (EOS, a stop string, an abort) has had step n + 1 computed
+for nothing: its token is dropped, its blocks are freed as usual, and the key it wrote went to a
+block it still owned (stream order puts that write before anything a later owner of the block
+runs). The engine never runs ahead past a known end (max_tokens, the context), and falls back to
+its usual step whenever the batch would change (a request waiting, swapped or held, a sequence
+gone) or holds a prompt's chunk.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class Scheduler:
             n = min(seq.remaining + len(seq.draft_ids), budget)
             if seq.status is not Status.RUNNING or n == 0:
                 continue  # preempted while making room for an earlier one, or no budget left
-            if seq.draft_ids and n > 1 and not self._reserve(seq, n):
+            if seq.draft_ids and n > 1 and not self.reserve(seq, n):
                 n = 1  # no free blocks for the guesses: decode one token (guesses never preempt)
             if not self._make_room(seq, n):
                 continue
@@ -70,7 +70,7 @@ class Scheduler:
         while self.swapped and running < self.max_seqs and self._swap_in(self.swapped[0]):
             seq = self.swapped.popleft()
             n = min(seq.remaining, budget)
-            if n and self._reserve(seq, n):
+            if n and self.reserve(seq, n):
                 (decodes if n == 1 else prefills).append((seq, n))
                 budget -= n
             running += 1
@@ -79,7 +79,7 @@ class Scheduler:
             if seq.num_computed == 0 and not any(seq.tables):
                 self._take_cached_prefix(seq)
             n = min(seq.remaining, budget)
-            if not self._reserve(seq, n):
+            if not self.reserve(seq, n):
                 # keep nothing while waiting (the prefix cache still holds the blocks it matched)
                 self._free(seq)
                 seq.num_computed, seq.hashes, seq.cached_tokens = 0, [], 0
@@ -100,7 +100,7 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Reserve blocks for ``n`` more tokens of a running sequence, preempting later arrivals."""
-        while not self._reserve(seq, n):
+        while not self.reserve(seq, n):
             victims = [s for s in self.running if s.status is Status.RUNNING and s is not seq]
             victim = max(victims, key=lambda s: s.arrival, default=None)
             if victim is None or victim.arrival < seq.arrival:
@@ -109,9 +109,12 @@ class Scheduler:
             self.preempt(victim)
         return True
 
-    def _reserve(self, seq: Sequence, n: int) -> bool:
-        """Blocks for positions up to num_computed + n - 1 in every group; sliding groups first
-        release the blocks that fell out of their window. All or nothing."""
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Take blocks so that ``seq``'s positions up to num_computed + n - 1 have a slot in every
+        group, without preempting anyone; sliding groups first release the blocks that fell out of
+        their window. All or nothing: False (and no block taken) when the pool runs out. Blocks
+        already there are kept, so asking again for the same positions takes nothing. ``schedule``
+        calls it for each chunk; the engine calls it for a step it launches ahead of the schedule."""
         last = seq.num_computed + n - 1
         taken: list[tuple[int, int]] = []
         try:
