@@ -40,6 +40,7 @@ from rung.engine.scheduler import Scheduler
 from rung.engine.sequence import Sequence, Status
 from rung.engine.speculative import DraftModelProposer, NgramProposer, accept
 from rung.engine.stops import StopStrings
+from rung.kernels.rewrite import attach_kernels
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Engine:
         mc = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        attach_kernels(model)  # the fast modules for its device (a loaded model has them: idempotent)
         num_blocks = self.config.num_blocks or KVPool.blocks_for(mc, self.config.kv_cache_bytes,
                                                                  self.config.block_size, self.dtype)
         self.pool = KVPool(mc, num_blocks, self.config.block_size, self.dtype, self.device)
@@ -129,14 +131,13 @@ class Engine:
         return DraftModelProposer(draft_model, k)
 
     def _graphs(self):
-        from rung.engine.cuda_graphs import DecodeGraphs, fuse_projections, unsupported
+        from rung.engine.cuda_graphs import DecodeGraphs, unsupported
         from rung.kernels import triton_available
 
         if not (self.config.cuda_graphs and self.device.type == "cuda" and triton_available()):
             return None
         if unsupported(self.model) is not None:
             return None
-        fuse_projections(self.model)  # fewer, larger GEMVs; parameters stay as they are (views)
         return DecodeGraphs(self.model, self.pool, self.max_model_len, self.config.max_seqs)
 
     def _cpu_decode(self):

@@ -1,8 +1,13 @@
 """One readable key map per family: checkpoint tensor names → rung parameter names.
 
 A ``Rule`` fills one rung parameter from one or more checkpoint tensors, with the conversion
-spelled out where the layouts differ (GPT-2's Conv1D transposes, fused q/k/v, BLOOM's per-head
-q/k/v interleave, gpt-oss's interleaved gate/up and MXFP4 blocks, Qwen3-MoE's per-expert tensors).
+spelled out where the layouts differ (GPT-2's Conv1D transposes, BLOOM's per-head q/k/v
+interleave, gpt-oss's interleaved gate/up and MXFP4 blocks, Qwen3-MoE's per-expert tensors).
+
+rung's attention holds q, k and v as one projection (rows [q | k | v]) and a gated MLP its gate
+and up as one (rows [gate | up]), as gpt-fast's wqkv and nano-vllm's packed modules do: a
+checkpoint's separate tensors are stacked here, once, at load (``fused``), and a checkpoint that
+stores them fused already (GPT-2's c_attn) is taken as it is.
 """
 
 from __future__ import annotations
@@ -23,19 +28,47 @@ class Rule:
     sources: tuple[str, ...]  # checkpoint tensors
     convert: Callable[..., torch.Tensor] | None = None  # (*tensors) -> tensor; None: the one source as is
     source_dtype: torch.dtype | None = None  # what the conversion decodes (MXFP4: uint8); None: any float
+    parts: tuple[tuple[str, int], ...] = ()  # a fused parameter: (name, rows) of each source, stacked in order
 
 
-def converted(rule: Rule, tensors: list, target_shape: torch.Size, where: str, family: str, error: type) -> torch.Tensor:
+def fused(target: str, sources: tuple[str, ...], parts: tuple[tuple[str, int], ...],
+          each: Callable[[torch.Tensor], torch.Tensor] | None = None, source_dtype: torch.dtype | None = None) -> Rule:
+    """One parameter from several tensors stacked along the rows (q|k|v, gate|up), each first
+    converted by ``each`` (a per-part function) when given."""
+    def stack(*tensors: torch.Tensor) -> torch.Tensor:
+        return torch.cat([each(t) if each else t for t in tensors])
+    return Rule(target, sources, stack, source_dtype, parts)
+
+
+def part_misfit(rule: Rule, shapes: list, target_shape: torch.Size) -> tuple[int, tuple[int, ...]] | None:
+    """For a fused rule: the first source whose shape is not its rows of the parameter, and the
+    shape it should have; None when all fit (or the rule is not fused)."""
+    for i, ((_, rows), shape) in enumerate(zip(rule.parts, shapes)):
+        need = (rows, *target_shape[1:])
+        if tuple(shape) != need:
+            return i, need
+    return None
+
+
+def converted(rule: Rule, tensors: list, target_shape: torch.Size, where: Callable[[str], str], family: str,
+              error: Callable[..., Exception]) -> torch.Tensor:
     """Apply a rule to its source tensors (real or meta) and check the result fits the parameter.
-    ``where`` names the file and first source; ``error`` is the loader's exception type."""
+    ``where(source)`` names the file and tensor; ``error(message, have, need)`` makes the loader's
+    exception (``have`` and ``need``: the misfit shapes)."""
+    bad = part_misfit(rule, [t.shape for t in tensors], target_shape)
+    if bad is not None:  # name the one tensor that is wrong, not the stack
+        i, need = bad
+        raise error(f"{where(rule.sources[i])} has shape {list(tensors[i].shape)}; {family} parameter {rule.target} "
+                    f"({rule.parts[i][0]} rows) needs {list(need)}", tensors[i].shape, need)
+    first = where(rule.sources[0])
     try:
         value = rule.convert(*tensors) if rule.convert else tensors[0]
     except (RuntimeError, ValueError, IndexError) as e:
-        raise error(f"{where} has shape {list(tensors[0].shape)}, which does not fit "
-                    f"{rule.target} {list(target_shape)} ({e})") from None
+        raise error(f"{first} has shape {list(tensors[0].shape)}, which does not fit "
+                    f"{rule.target} {list(target_shape)} ({e})", tensors[0].shape, target_shape) from None
     if value.shape != target_shape:
-        raise error(f"{where} has shape {list(tensors[0].shape)}; {family} parameter {rule.target} "
-                    f"needs {list(target_shape)}")
+        raise error(f"{first} has shape {list(tensors[0].shape)}; {family} parameter {rule.target} "
+                    f"needs {list(target_shape)}", tensors[0].shape, target_shape)
     return value
 
 
@@ -77,19 +110,14 @@ def _prefix(names: set[str], *candidates: str) -> str:
 
 def gpt2_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     p = _prefix(names, "transformer.", "")
-    h = c.hidden_size
-
-    def part(i: int):  # c_attn packs q | k | v along the output (Conv1D: last) axis
-        return lambda t: t[..., i * h:(i + 1) * h].t() if t.dim() == 2 else t[i * h:(i + 1) * h]
-
     rules = [copy(p + "wte.weight", "embed.weight"), copy(p + "wpe.weight", "pos_embed.weight")]
     rules += [copy(p + f"ln_f.{w}", f"final_norm.{w}") for w in ("weight", "bias")]
     for i in range(c.num_layers):
         s, t = f"{p}h.{i}.", f"layers.{i}."
         for w in ("weight", "bias"):
             rules += [copy(s + f"ln_1.{w}", t + f"attn_norm.{w}"), copy(s + f"ln_2.{w}", t + f"mlp_norm.{w}")]
-            rules += [Rule(t + f"attn.{n}_proj.{w}", (s + f"attn.c_attn.{w}",), part(j)) for j, n in enumerate("qkv")]
-        rules += [
+        rules += [  # c_attn is q | k | v already, along the output (Conv1D: last) axis
+            transposed(s + "attn.c_attn.weight", t + "attn.qkv_proj.weight"), copy(s + "attn.c_attn.bias", t + "attn.qkv_proj.bias"),
             transposed(s + "attn.c_proj.weight", t + "attn.o_proj.weight"), copy(s + "attn.c_proj.bias", t + "attn.o_proj.bias"),
             transposed(s + "mlp.c_fc.weight", t + "mlp.up_proj.weight"), copy(s + "mlp.c_fc.bias", t + "mlp.up_proj.bias"),
             transposed(s + "mlp.c_proj.weight", t + "mlp.down_proj.weight"), copy(s + "mlp.c_proj.bias", t + "mlp.down_proj.bias"),
@@ -109,8 +137,8 @@ def bloom_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     p = _prefix(names, "transformer.", "")
     heads, d = c.num_heads, c.head_dim
 
-    def part(i: int):  # query_key_value rows are laid out (head, {q,k,v}, head_dim), not q|k|v
-        return lambda t: t.reshape(heads, 3, d, *t.shape[1:])[:, i].reshape(heads * d, *t.shape[1:])
+    def q_k_v(t: torch.Tensor) -> torch.Tensor:  # query_key_value rows are (head, {q,k,v}, head_dim): → q | k | v
+        return t.reshape(heads, 3, d, *t.shape[1:]).transpose(0, 1).reshape(3 * heads * d, *t.shape[1:])
 
     rules = [copy(p + "word_embeddings.weight", "embed.weight")]
     for w in ("weight", "bias"):
@@ -123,9 +151,8 @@ def bloom_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
                 copy(s + f"self_attention.dense.{w}", t + f"attn.o_proj.{w}"),
                 copy(s + f"mlp.dense_h_to_4h.{w}", t + f"mlp.up_proj.{w}"),
                 copy(s + f"mlp.dense_4h_to_h.{w}", t + f"mlp.down_proj.{w}"),
+                Rule(t + f"attn.qkv_proj.{w}", (s + f"self_attention.query_key_value.{w}",), q_k_v),
             ]
-            rules += [Rule(t + f"attn.{n}_proj.{w}", (s + f"self_attention.query_key_value.{w}",), part(j))
-                      for j, n in enumerate("qkv")]
     return rules
 
 
@@ -182,7 +209,8 @@ def _gpt_oss_expert_rules(c: ModelConfig, s: str, t: str, names: set[str]) -> li
 def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     p = _prefix(names, "model.language_model.", "model.")
     rules = [copy(p + "embed_tokens.weight", "embed.weight"), copy(p + "norm.weight", "final_norm.weight")]
-    biases = {"q": c.qkv_bias, "k": c.qkv_bias, "v": c.qkv_bias, "o": c.o_bias}
+    qkv = (("q", c.q_width), ("k", c.kv_width), ("v", c.kv_width))
+    gate_up = (("gate", c.intermediate_size), ("up", c.intermediate_size))
     for i in range(c.num_layers):
         s, t = f"{p}layers.{i}.", f"layers.{i}."
         rules.append(copy(s + "input_layernorm.weight", t + "attn_norm.weight"))
@@ -194,10 +222,10 @@ def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
             ]
         else:
             rules.append(copy(s + "post_attention_layernorm.weight", t + "mlp_norm.weight"))
-        for n, bias in biases.items():
-            rules.append(copy(s + f"self_attn.{n}_proj.weight", t + f"attn.{n}_proj.weight"))
-            if bias:
-                rules.append(copy(s + f"self_attn.{n}_proj.bias", t + f"attn.{n}_proj.bias"))
+        for w in ("weight", "bias") if c.qkv_bias else ("weight",):
+            rules.append(fused(t + f"attn.qkv_proj.{w}", tuple(s + f"self_attn.{n}_proj.{w}" for n, _ in qkv), qkv))
+        for w in ("weight", "bias") if c.o_bias else ("weight",):
+            rules.append(copy(s + f"self_attn.o_proj.{w}", t + f"attn.o_proj.{w}"))
         if c.qk_norm:
             rules += [copy(s + "self_attn.q_norm.weight", t + "attn.q_norm.weight"),
                       copy(s + "self_attn.k_norm.weight", t + "attn.k_norm.weight")]
@@ -207,10 +235,9 @@ def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
             expert_rules = _gpt_oss_expert_rules if c.moe.router == "topk_softmax" else _qwen3_moe_expert_rules
             rules += expert_rules(c, s, t, names)
         else:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                rules.append(copy(s + f"mlp.{proj}.weight", t + f"mlp.{proj}.weight"))
-                if c.mlp_bias:
-                    rules.append(copy(s + f"mlp.{proj}.bias", t + f"mlp.{proj}.bias"))
+            for w in ("weight", "bias") if c.mlp_bias else ("weight",):
+                rules += [fused(t + f"mlp.gate_up_proj.{w}", (s + f"mlp.gate_proj.{w}", s + f"mlp.up_proj.{w}"), gate_up),
+                          copy(s + f"mlp.down_proj.{w}", t + f"mlp.down_proj.{w}")]
     return rules
 
 

@@ -49,7 +49,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
 
     ``fast``: a float32 model on the CPU gets fused projections and rung's native kernels
     (rung/quant/rewrite.py; the same logits up to float rounding), as ``LLM`` asks for; by default
-    the model keeps the plain layout, one parameter per checkpoint tensor."""
+    the model keeps the plain layout (q|k|v and gate|up fused at load). Either way the kernels for
+    its device are attached (rung/kernels/rewrite.py: the same function, computed faster)."""
+    from rung.kernels.rewrite import attach_kernels
     from rung.quant.rewrite import pack_model, packed_targets
     from rung.quant.spec import parse_spec
 
@@ -62,7 +64,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     if path.is_dir() and is_packed_checkpoint(path):  # written by rung quantize: loads as it was saved
         if spec is not None and spec.weights:
             raise ValueError(f"{path}: already a packed checkpoint; load it without @{spec.format_name}")
-        return load_packed(path, device)
+        return attach_kernels(load_packed(path, device))
     if spec is not None and spec.weights and path.is_file():
         # a GGUF keeps its blocks where rung's format holds them; nothing is expanded to float first
         from rung.weights.gguf import load_gguf_model, read_gguf, config_from_gguf
@@ -70,13 +72,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         with read_gguf(path) as gf:
             targets = packed_targets(meta_decoder(config_from_gguf(gf)), spec.weights, spec.group)
         model, packed = load_gguf_model(path, dtype, device, progress, packed_formats=targets)
-        return pack_model(model, spec.weights, spec.group, packed=packed)
+        return attach_kernels(pack_model(model, spec.weights, spec.group, packed=packed))
     model = _load(path, dtype, device, progress)
     if spec is not None and spec.weights:
         pack_model(model, spec.weights, spec.group)
     elif fast and resolve_dtype(dtype) == torch.float32 and torch.device(device).type == "cpu":
         pack_model(model, "f32")
-    return model
+    return attach_kernels(model)
 
 
 def _load(path: Path, dtype, device, progress) -> Decoder:
@@ -151,10 +153,10 @@ def plan(config: ModelConfig, checkpoint: SafetensorsFolder) -> list[Rule]:
             raise CheckpointError(f"{where}: maps to unknown parameter {rule.target} (key map out of date)")
         metas = [_meta_tensor(checkpoint, s, rule, config) for s in rule.sources]
 
-        def misfit(message: str, have=metas[0].shape, need=target.shape) -> CheckpointError:
+        def misfit(message: str, have, need) -> CheckpointError:
             return CheckpointError(message + _fields_behind(config, need, have))
 
-        value = converted(rule, metas, target.shape, where, config.model_type, misfit)
+        value = converted(rule, metas, target.shape, checkpoint.where, config.model_type, misfit)
         if not value.dtype.is_floating_point:
             raise CheckpointError(f"{where}: converts to {value.dtype}; {config.model_type} parameter "
                                   f"{rule.target} needs floating-point values")
@@ -213,9 +215,8 @@ def fill_parameters(model: Decoder, rules: list[Rule], checkpoint: SafetensorsFo
     family = model.config.model_type
     for done, rule in enumerate(rules, 1):
         tensors = [checkpoint.read(s) for s in rule.sources]
-        where = f"{checkpoint.file_of[rule.sources[0]]}: tensor {rule.sources[0]!r}"
         target = params[rule.target]
-        value = converted(rule, tensors, target.shape, where, family, CheckpointError)
+        value = converted(rule, tensors, target.shape, checkpoint.where, family, lambda message, *_: CheckpointError(message))
         with torch.no_grad():
             target.copy_(value)
         if progress:
