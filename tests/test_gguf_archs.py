@@ -18,7 +18,9 @@ from gguf.quants import dequantize
 
 import rung
 from oracle import TOL, cached_decode_diff, hf_model, max_logit_diff
-from rung.weights.gguf import _unpermute, config_from_gguf, read_gguf
+from rung.weights.gguf import read_gguf
+from rung.weights.gguf_config import config_from_gguf
+from rung.weights.keymaps import _unpermute
 from test_gguf_convert import default_quant, hf_from_gguf, one_thread, write_gguf  # noqa: F401 (fixture)
 from test_model_parity import GPT_OSS_BASE, LLAMA_BASE
 

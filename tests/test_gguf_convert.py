@@ -23,7 +23,8 @@ import transformers as tf
 from gguf import GGMLQuantizationType as Q
 from gguf.constants import GGML_QUANT_SIZES
 
-from rung.weights.gguf import _unpermute, read_gguf
+from rung.weights.gguf import read_gguf
+from rung.weights.keymaps import _unpermute
 from rung.weights.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "gpt2": "gpt2",

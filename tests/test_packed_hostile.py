@@ -103,8 +103,8 @@ def test_int8_layer_without_its_scale_is_refused(packed, tmp_path):
 
 
 def test_int4_layer_without_its_offset_is_refused(packed, tmp_path):
-    folder = corrupted(packed, tmp_path, tensors=lambda t: t.pop("layers.1.mlp.gate_up.offset"))
-    refused(folder, "model.safetensors", "'layers.1.mlp.gate_up.offset'", "q4 packed layer")
+    folder = corrupted(packed, tmp_path, tensors=lambda t: t.pop("layers.1.mlp.gate_up_proj.offset"))
+    refused(folder, "model.safetensors", "'layers.1.mlp.gate_up_proj.offset'", "q4 packed layer")
 
 
 def test_layer_declared_larger_than_its_data_is_refused(packed, tmp_path):
@@ -118,8 +118,8 @@ def test_layer_declared_larger_than_its_data_is_refused(packed, tmp_path):
 def test_layer_declared_larger_than_its_data_with_a_config_that_agrees_is_refused(packed, tmp_path):
     """The metadata and the config both say the MLP is 4x wider; the stored tensors are not."""
     def grow(layers):
-        layers["layers.0.mlp.gate_up"]["shape"] = [1024, 64]
-        layers["layers.1.mlp.gate_up"]["shape"] = [1024, 64]
+        layers["layers.0.mlp.gate_up_proj"]["shape"] = [1024, 64]
+        layers["layers.1.mlp.gate_up_proj"]["shape"] = [1024, 64]
         layers["layers.0.mlp.down_proj"]["shape"] = [64, 512]
         layers["layers.1.mlp.down_proj"]["shape"] = [64, 512]
 
@@ -163,10 +163,10 @@ def test_extra_tensor_is_refused(packed, tmp_path):
 
 def test_a_float_projection_beside_its_packed_layer_is_refused(packed, tmp_path):
     def add(t):
-        t["layers.0.attn.q_proj.weight"] = torch.zeros(64, 64)
+        t["layers.0.attn.qkv_proj.weight"] = torch.zeros(64, 64)
 
     refused(corrupted(packed, tmp_path, tensors=add), "model.safetensors",
-            "unexpected tensor 'layers.0.attn.q_proj.weight'")
+            "unexpected tensor 'layers.0.attn.qkv_proj.weight'")
 
 
 @pytest.mark.parametrize("field,value,needle", [("num_heads", 8, "packed layer layers.0.attn."),

@@ -4,10 +4,13 @@ A ``Rule`` fills one rung parameter from one or more checkpoint tensors, with th
 spelled out where the layouts differ (GPT-2's Conv1D transposes, BLOOM's per-head q/k/v
 interleave, gpt-oss's interleaved gate/up and MXFP4 blocks, Qwen3-MoE's per-expert tensors).
 
+Two sets of names: Hugging Face's (``keymap``, for safetensors folders) and llama.cpp's
+(``gguf_rules``, for GGUF files), the second undoing what llama.cpp's converter changed.
+
 rung's attention holds q, k and v as one projection (rows [q | k | v]) and a gated MLP its gate
 and up as one (rows [gate | up]), as gpt-fast's wqkv and nano-vllm's packed modules do: a
 checkpoint's separate tensors are stacked here, once, at load (``fused``), and a checkpoint that
-stores them fused already (GPT-2's c_attn) is taken as it is.
+stores them fused already (GPT-2's c_attn, llama.cpp's attn_qkv) is taken as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Callable
 import torch
 
 from rung.config import ModelConfig
+from rung.weights.gguf import GGUFFile
 from rung.weights.mxfp4 import dequantize_mxfp4
 
 
@@ -32,12 +36,12 @@ class Rule:
 
 
 def fused(target: str, sources: tuple[str, ...], parts: tuple[tuple[str, int], ...],
-          each: Callable[[torch.Tensor], torch.Tensor] | None = None, source_dtype: torch.dtype | None = None) -> Rule:
-    """One parameter from several tensors stacked along the rows (q|k|v, gate|up), each first
-    converted by ``each`` (a per-part function) when given."""
+          each: tuple[Callable[[torch.Tensor], torch.Tensor] | None, ...] = ()) -> Rule:
+    """One parameter from several tensors stacked along the rows (q|k|v, gate|up), source i first
+    converted by ``each[i]`` where that is given (llama.cpp's Q/K row permutation)."""
     def stack(*tensors: torch.Tensor) -> torch.Tensor:
-        return torch.cat([each(t) if each else t for t in tensors])
-    return Rule(target, sources, stack, source_dtype, parts)
+        return torch.cat([f(t) if f else t for t, f in zip(tensors, each or (None,) * len(tensors))])
+    return Rule(target, sources, stack, parts=parts)
 
 
 def part_misfit(rule: Rule, shapes: list, target_shape: torch.Size) -> tuple[int, tuple[int, ...]] | None:
@@ -267,3 +271,105 @@ def keymap(config: ModelConfig, names: set[str]) -> tuple[list[Rule], Callable[[
         return rules + [copy("lm_head.weight", "lm_head.weight")], ignored
     # a tied head that some exports still write out is the embedding table again: skip it
     return rules, lambda n: ignored(n) or n == "lm_head.weight"
+
+
+# ---- GGUF: llama.cpp's tensor names, every family ------------------------------------------
+# llama.cpp's converter (convert_hf_to_gguf.py) renames every tensor and changes a few: the Q/K row
+# permutation of the ``llama`` architecture, Gemma's ``+ 1`` on norm weights, gpt-oss's split of
+# the interleaved gate/up experts. These rules undo it, as transformers'
+# modeling_gguf_pytorch_utils.py does (the oracle in tests).
+
+# The llama.cpp converter permutes Q/K rows for its interleaved rotation only in LlamaModel
+# (undo_permute); Qwen3, Qwen3-MoE, gpt-oss and Gemma 3 use NeoX rotation and are stored as is.
+PERMUTED_QK = ("llama",)
+
+
+def _unpermute(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Inverse of llama.cpp's LlamaModel.permute, which reorders each head's rows from the half-split
+    rotary layout to adjacent pairs: [heads * d, ...] → the same rows, (j, j + d/2) pairs restored."""
+    def undo(w: torch.Tensor) -> torch.Tensor:
+        return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return undo
+
+
+def _rows(start: int, stop: int, dim: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: w.narrow(dim, start, stop - start)
+
+
+def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
+    arch, names = gf.architecture, set(gf.tensors)
+    offset = c.norm_weight_offset  # Gemma: the converter stored 1 + w, rung keeps w
+
+    def norm(source: str, target: str) -> Rule:
+        return Rule(target, (source,), (lambda w: w - offset) if offset else None)
+
+    permute = arch in PERMUTED_QK
+    qkv = (("q", c.q_width), ("k", c.kv_width), ("v", c.kv_width))
+    gate_up = (("gate", c.intermediate_size), ("up", c.intermediate_size))
+    rules = [copy("token_embd.weight", "embed.weight"), norm("output_norm.weight", "final_norm.weight")]
+    for i in range(c.num_layers):
+        s, t = f"blk.{i}.", f"layers.{i}."
+        rules.append(norm(s + "attn_norm.weight", t + "attn_norm.weight"))
+        if arch == "gpt-oss":  # HF's post_attention_layernorm (the pre-MLP norm) keeps its name here
+            rules.append(norm(s + "post_attention_norm.weight", t + "mlp_norm.weight"))
+        elif c.sandwich_norms:
+            rules += [norm(s + "post_attention_norm.weight", t + "post_attn_norm.weight"),
+                      norm(s + "ffn_norm.weight", t + "mlp_norm.weight"),
+                      norm(s + "post_ffw_norm.weight", t + "post_mlp_norm.weight")]
+        else:
+            rules.append(norm(s + "ffn_norm.weight", t + "mlp_norm.weight"))
+        undo = (_unpermute(c.num_heads), _unpermute(c.num_kv_heads), None) if permute else ()
+        for kind in ("weight", "bias") if c.qkv_bias else ("weight",):
+            sources = tuple(f"{s}{src}.{kind}" for src in ("attn_q", "attn_k", "attn_v"))
+            rules.append(fused(f"{t}attn.qkv_proj.{kind}", sources, qkv, undo))
+        for kind in ("weight", "bias") if c.o_bias else ("weight",):
+            rules.append(copy(f"{s}attn_output.{kind}", f"{t}attn.o_proj.{kind}"))
+        if c.qk_norm:
+            rules += [norm(s + "attn_q_norm.weight", t + "attn.q_norm.weight"),
+                      norm(s + "attn_k_norm.weight", t + "attn.k_norm.weight")]
+        if c.attn_sinks:
+            rules.append(copy(s + "attn_sinks.weight", t + "attn.sinks"))
+        if c.moe_layers[i]:
+            rules.append(copy(s + "ffn_gate_inp.weight", t + "mlp.router.weight"))
+            if c.moe.router_bias:
+                rules.append(copy(s + "ffn_gate_inp.bias", t + "mlp.router.bias"))
+            n = c.moe.expert_intermediate_size
+            targets = {"weight": ("gate_proj", "up_proj", "down_proj"), "bias": ("gate_bias", "up_bias", "down_bias")}
+            for kind in ("weight", "bias") if c.moe.expert_bias else ("weight",):
+                gate, up, down = (f"{t}mlp.{p}" for p in targets[kind])
+                fused = f"{s}ffn_gate_up_exps.{kind}"
+                if fused in names:  # --fuse-gate-up-exps: each expert's gate rows, then its up rows
+                    rules += [Rule(gate, (fused,), _rows(0, n, 1)), Rule(up, (fused,), _rows(n, 2 * n, 1))]
+                else:
+                    rules += [copy(f"{s}ffn_gate_exps.{kind}", gate), copy(f"{s}ffn_up_exps.{kind}", up)]
+                rules.append(copy(f"{s}ffn_down_exps.{kind}", down))
+        else:
+            for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
+                rules += [fused(f"{t}mlp.gate_up_proj.{kind}", (f"{s}ffn_gate.{kind}", f"{s}ffn_up.{kind}"), gate_up),
+                          copy(f"{s}ffn_down.{kind}", f"{t}mlp.down_proj.{kind}")]
+    return rules
+
+
+def _gguf_gpt2_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
+    rules = [copy("token_embd.weight", "embed.weight"), copy("position_embd.weight", "pos_embed.weight")]
+    for kind in ("weight", "bias"):
+        rules.append(copy(f"output_norm.{kind}", f"final_norm.{kind}"))
+        for i in range(c.num_layers):
+            s, t = f"blk.{i}.", f"layers.{i}."
+            rules += [copy(f"{s}attn_norm.{kind}", f"{t}attn_norm.{kind}"),
+                      copy(f"{s}ffn_norm.{kind}", f"{t}mlp_norm.{kind}")]
+            # attn_qkv holds q | k | v along its rows; the converter already transposed GPT-2's Conv1D
+            rules += [copy(f"{s}attn_qkv.{kind}", f"{t}attn.qkv_proj.{kind}"),
+                      copy(f"{s}attn_output.{kind}", f"{t}attn.o_proj.{kind}"),
+                      copy(f"{s}ffn_up.{kind}", f"{t}mlp.up_proj.{kind}"),
+                      copy(f"{s}ffn_down.{kind}", f"{t}mlp.down_proj.{kind}")]
+    return rules
+
+
+def gguf_rules(config: ModelConfig, gf: GGUFFile) -> list[Rule]:
+    """One rule per rung parameter: which GGUF tensor fills it, and how."""
+    rules = (_gguf_gpt2_rules if gf.architecture == "gpt2" else _gguf_llama_family_rules)(config, gf)
+    if not config.tie_word_embeddings:
+        rules.append(copy("output.weight", "lm_head.weight"))
+    return rules
+

@@ -1,7 +1,8 @@
 """load_model: a built-in model name, a .gguf file or a Hugging Face folder → a rung Decoder.
 
-Names and paths are resolved by weights/resolve.py; GGUF files are read by weights/gguf.py. A
-Hugging Face folder (config.json + safetensors) is planned before anything is allocated: every
+Names and paths are resolved by weights/resolve.py. A GGUF file is read by weights/gguf.py, its
+ModelConfig comes from weights/gguf_config.py and its key map from keymaps.gguf_rules; it is
+planned and filled here (``load_gguf_model``) as a folder is. A Hugging Face folder (config.json + safetensors) is planned before anything is allocated: every
 safetensors header is checked against its file, config.json's layer count against the layers the
 tensors hold, and then the model the config describes is built on the meta device and every
 parameter is matched, by its key-map rule, with tensors of the right shape and kind (no tensor
@@ -20,7 +21,9 @@ import torch
 from rung.config import ModelConfig
 from rung.model import Decoder
 from rung.model.decoder import meta_decoder
-from rung.weights.keymaps import Rule, converted, expert_indices, keymap, layer_indices
+from rung.weights.gguf import GGUFError, GGUFFile, read_gguf
+from rung.weights.gguf_config import config_from_gguf
+from rung.weights.keymaps import Rule, converted, expert_indices, gguf_rules, keymap, layer_indices
 from rung.weights.resolve import resolve_model
 from rung.weights.safetensors_io import CheckpointError, SafetensorsFolder, torch_dtype
 
@@ -67,8 +70,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         return attach_kernels(load_packed(path, device))
     if spec is not None and spec.weights and path.is_file():
         # a GGUF keeps its blocks where rung's format holds them; nothing is expanded to float first
-        from rung.weights.gguf import load_gguf_model, read_gguf, config_from_gguf
-
         with read_gguf(path) as gf:
             targets = packed_targets(meta_decoder(config_from_gguf(gf)), spec.weights, spec.group)
         model, packed = load_gguf_model(path, dtype, device, progress, packed_formats=targets)
@@ -83,8 +84,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
 
 def _load(path: Path, dtype, device, progress) -> Decoder:
     if path.is_file():
-        from rung.weights.gguf import load_gguf_model
-
         return load_gguf_model(path, dtype, device, progress)
     checkpoint = SafetensorsFolder(path)  # every header checked against its file; no tensor data read
     config = ModelConfig.from_hf(path)  # every field checked first (rung/config.py), layers capped at MAX_LAYERS
@@ -221,3 +220,116 @@ def fill_parameters(model: Decoder, rules: list[Rule], checkpoint: SafetensorsFo
             target.copy_(value)
         if progress:
             progress(done, len(rules))
+
+
+# ---- GGUF files ---------------------------------------------------------------------------------
+
+
+def _check_plan(model: Decoder, gf: GGUFFile, rules: list[Rule], consumed: set[str]) -> None:
+    """Every parameter filled once, every tensor used, every shape right: checked on the meta
+    device (the conversions run on shapes only) before any memory is allocated."""
+    arch = gf.architecture
+    params = dict(model.named_parameters())
+    used, filled = set(consumed), set()
+    for rule in rules:
+        for source in rule.sources:
+            if source not in gf.tensors:
+                raise GGUFError(f"{gf.path}: tensor {source!r} is missing "
+                                f"(needed for {arch} parameter {rule.target})")
+        target = params.get(rule.target)
+        where = f"{gf.path}: tensor {rule.sources[0]!r}"
+        if target is None:
+            raise GGUFError(f"{where} maps to unknown parameter {rule.target} (key map out of date)")
+        metas = [torch.empty(gf.tensors[s][0], device="meta") for s in rule.sources]
+        converted(rule, metas, target.shape, lambda s: f"{gf.path}: tensor {s!r}", arch,  # shapes checked before any read
+                  lambda message, *_: GGUFError(message))
+        used.update(rule.sources)
+        filled.add(rule.target)
+    unexpected = sorted(set(gf.tensors) - used)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise GGUFError(f"{gf.path}: unexpected tensor {unexpected[0]!r}{more} for {arch}")
+    unfilled = sorted(set(params) - filled)
+    if unfilled:
+        raise GGUFError(f"{gf.path}: no tensor for parameter {unfilled[0]}")
+
+
+GGUF_KEPT = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}  # GGUF block types rung's formats hold exactly
+
+
+def _kept(gf: GGUFFile, rule: Rule, fmt: str, group: int | None, shape: torch.Size):
+    """The packed weight of ``rule`` straight from its GGUF blocks, when every source is already
+    in ``fmt`` (Q4_0/Q4_1 → q4, Q8_0 → q8, groups of 32) and the rule only stacks and reorders
+    rows (q|k|v and gate|up fused, llama.cpp's Q/K permutation); else None (the caller quantizes
+    the converted float values: a fused projection whose parts differ in type is re-quantized as a
+    whole, one format for all of its rows, as the separate parts' packed layers were before)."""
+    from rung.quant.formats import cat_rows, from_gguf_blocks
+
+    if group not in (None, 32):
+        return None
+    parts = []
+    for source in rule.sources:
+        kind, raw = gf.raw(source)
+        source_shape = tuple(gf.tensors[source][0])
+        if GGUF_KEPT.get(kind) != fmt or len(source_shape) != 2 or source_shape[1] != shape[1]:
+            return None
+        parts.append(from_gguf_blocks(kind, raw, source_shape))
+    packed = cat_rows(parts)
+    if packed.shape != tuple(shape):
+        return None
+    if rule.convert is None:
+        return packed
+    # the rows' order is found by running the conversion on the (stacked) row numbers
+    starts = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
+    order = rule.convert(*(torch.arange(a, a + p.shape[0], dtype=torch.float32)[:, None] for a, p in zip(starts, parts)))
+    if order.shape != (shape[0], 1):
+        return None
+    return packed.permute_rows(order[:, 0].long())
+
+
+def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
+                    device: str | torch.device = "cpu", progress=None,
+                    packed_formats: dict[str, tuple[str, int | None]] | None = None):
+    """A GGUF file → a rung Decoder in eval mode, dequantized tensor by tensor into ``dtype``.
+    ``progress(done, total)`` is called after each parameter (for a progress bar).
+
+    ``packed_formats`` (rung parameter → (format, group), from rung.quant's packed_targets):
+    those weights come back packed instead, in a dict beside the model, GGUF blocks kept as they
+    are where rung's format holds them exactly; their float parameters are never written (and
+    never take memory). Returns (model, packed) then."""
+    torch_dtype = resolve_dtype(dtype)
+    with read_gguf(path) as gf:
+        config = config_from_gguf(gf)
+        rules = gguf_rules(config, gf)
+        consumed = {"rope_freqs.weight"} & set(gf.tensors)  # already folded into config.rope
+        _check_plan(meta_decoder(config), gf, rules, consumed)
+        model = empty_model(config, torch_dtype, device)
+        params = dict(model.named_parameters())
+        packed = {}
+        last_name, last = None, None  # gpt2's attn_qkv and fused experts feed several parameters in a row
+        for done, rule in enumerate(rules, 1):
+            if packed_formats and rule.target in packed_formats:
+                from rung.quant.formats import quantize
+
+                fmt, group = packed_formats[rule.target]
+                kept = _kept(gf, rule, fmt, group, params[rule.target].shape)
+                if kept is None:
+                    tensors = [gf.read(s) for s in rule.sources]
+                    kept = quantize(rule.convert(*tensors) if rule.convert else tensors[0], fmt, group)
+                packed[rule.target] = kept
+                if progress:
+                    progress(done, len(rules))
+                continue
+            tensors = []
+            for source in rule.sources:
+                if source != last_name:
+                    last_name, last = source, None  # drop the previous tensor before reading the next
+                    last = gf.read(source)
+                tensors.append(last)
+            value = rule.convert(*tensors) if rule.convert else tensors[0]
+            with torch.no_grad():
+                params[rule.target].copy_(value)
+            if progress:
+                progress(done, len(rules))
+    model = model.requires_grad_(False).eval()
+    return (model, packed) if packed_formats is not None else model
