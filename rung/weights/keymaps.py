@@ -337,9 +337,9 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
             targets = {"weight": ("gate_proj", "up_proj", "down_proj"), "bias": ("gate_bias", "up_bias", "down_bias")}
             for kind in ("weight", "bias") if c.moe.expert_bias else ("weight",):
                 gate, up, down = (f"{t}mlp.{p}" for p in targets[kind])
-                fused = f"{s}ffn_gate_up_exps.{kind}"
-                if fused in names:  # --fuse-gate-up-exps: each expert's gate rows, then its up rows
-                    rules += [Rule(gate, (fused,), _rows(0, n, 1)), Rule(up, (fused,), _rows(n, 2 * n, 1))]
+                both = f"{s}ffn_gate_up_exps.{kind}"
+                if both in names:  # --fuse-gate-up-exps: each expert's gate rows, then its up rows
+                    rules += [Rule(gate, (both,), _rows(0, n, 1)), Rule(up, (both,), _rows(n, 2 * n, 1))]
                 else:
                     rules += [copy(f"{s}ffn_gate_exps.{kind}", gate), copy(f"{s}ffn_up_exps.{kind}", up)]
                 rules.append(copy(f"{s}ffn_down_exps.{kind}", down))
