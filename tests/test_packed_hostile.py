@@ -220,3 +220,20 @@ def test_quantization_config_that_is_not_an_object_is_not_a_packed_folder(packed
     (folder / "config.json").write_text(json.dumps({"quantization_config": ["rung"]}))
     assert not is_packed_checkpoint(folder)
     assert is_packed_checkpoint(packed / "q")
+
+
+def test_a_folder_written_before_gate_up_was_named_gate_up_proj_still_loads(packed, tmp_path):
+    """rung quantize wrote a gated MLP's packed layer as ``mlp.gate_up`` before q|k|v and gate|up
+    were fused at load; such a folder loads to the same model."""
+    def rename_tensors(t):
+        for name in [n for n in t if ".mlp.gate_up_proj." in n]:
+            t[name.replace(".gate_up_proj.", ".gate_up.")] = t.pop(name)
+
+    def rename_layers(layers):
+        for entry in layers.values():
+            entry["path"] = entry["path"].replace(".mlp.gate_up_proj", ".mlp.gate_up")
+
+    old = corrupted(packed, tmp_path, tensors=rename_tensors, layers=rename_layers)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        assert torch.equal(rung.load_model(old)(ids), rung.load_model(packed / "q")(ids))
