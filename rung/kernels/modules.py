@@ -87,7 +87,8 @@ class FusedQKAttention(Attention):
             return super().heads(qkv, rotary, context)
         b, t, _ = qkv.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        norms = [None if n is None else (n.weight, n.eps, n.offset, n.weight_in_float32) for n in (self.q_norm, self.k_norm)]
+        norms = [None if n is None else (n.weight, n.eps, n.offset, n.weight_in_float32)
+                 for n in (self.q_norm, self.k_norm)]
         store = getattr(context, "kv_destination", None)
         dest = store(self.layer) if store is not None else None
         q, k = qk_norm_rope(qkv, hq, hkv, d, *norms, *(rotary if rotary is not None else (None, None)), kv_dest=dest)

@@ -97,7 +97,8 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
         pack(mlp, "down_proj", prefix + "mlp.", inter)
         if isinstance(mlp.gate_up_proj, nn.Linear) and _fits(fmt, h, group):
             kept = packed.get(prefix + "mlp.gate_up_proj.weight")
-            weight, bias = kept if kept is not None else _packed(mlp.gate_up_proj.weight, fmt, group), mlp.gate_up_proj.bias
+            weight = kept if kept is not None else _packed(mlp.gate_up_proj.weight, fmt, group)
+            bias = mlp.gate_up_proj.bias
             if inter % GATE_BLOCK == 0:  # act(gate)·up inside the layer's kernel
                 order = interleave_gate_up(torch.arange(inter), torch.arange(inter, 2 * inter))
                 mlp.gate_up_proj = PackedLinear(weight.permute_rows(order), None if bias is None else bias[order],

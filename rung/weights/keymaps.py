@@ -40,7 +40,11 @@ def fused(target: str, sources: tuple[str, ...], parts: tuple[tuple[str, int], .
     """One parameter from several tensors stacked along the rows (q|k|v, gate|up), source i first
     converted by ``each[i]`` where that is given (llama.cpp's Q/K row permutation)."""
     def stack(*tensors: torch.Tensor) -> torch.Tensor:
-        return torch.cat([f(t) if f else t for t, f in zip(tensors, each or (None,) * len(tensors))])
+        converted = [f(t) if f else t for t, f in zip(tensors, each or (None,) * len(tensors))]
+        if converted[0].is_meta:  # a plan's shapes only: torch.cat on meta tensors would import torch._dynamo
+            rows = sum(t.shape[0] for t in converted)
+            return torch.empty((rows, *converted[0].shape[1:]), dtype=converted[0].dtype, device="meta")
+        return torch.cat(converted)
     return Rule(target, sources, stack, parts=parts)
 
 
@@ -240,7 +244,8 @@ def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
             rules += expert_rules(c, s, t, names)
         else:
             for w in ("weight", "bias") if c.mlp_bias else ("weight",):
-                rules += [fused(t + f"mlp.gate_up_proj.{w}", (s + f"mlp.gate_proj.{w}", s + f"mlp.up_proj.{w}"), gate_up),
+                sources = (s + f"mlp.gate_proj.{w}", s + f"mlp.up_proj.{w}")
+                rules += [fused(t + f"mlp.gate_up_proj.{w}", sources, gate_up),
                           copy(s + f"mlp.down_proj.{w}", t + f"mlp.down_proj.{w}")]
     return rules
 

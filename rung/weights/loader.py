@@ -215,7 +215,7 @@ def fill_parameters(model: Decoder, rules: list[Rule], checkpoint: SafetensorsFo
     for done, rule in enumerate(rules, 1):
         tensors = [checkpoint.read(s) for s in rule.sources]
         target = params[rule.target]
-        value = converted(rule, tensors, target.shape, checkpoint.where, family, lambda message, *_: CheckpointError(message))
+        value = converted(rule, tensors, target.shape, checkpoint.where, family, lambda msg, *_: CheckpointError(msg))
         with torch.no_grad():
             target.copy_(value)
         if progress:
@@ -241,8 +241,8 @@ def _check_plan(model: Decoder, gf: GGUFFile, rules: list[Rule], consumed: set[s
         if target is None:
             raise GGUFError(f"{where} maps to unknown parameter {rule.target} (key map out of date)")
         metas = [torch.empty(gf.tensors[s][0], device="meta") for s in rule.sources]
-        converted(rule, metas, target.shape, lambda s: f"{gf.path}: tensor {s!r}", arch,  # shapes checked before any read
-                  lambda message, *_: GGUFError(message))
+        # shapes checked before any read
+        converted(rule, metas, target.shape, lambda s: f"{gf.path}: tensor {s!r}", arch, lambda msg, *_: GGUFError(msg))
         used.update(rule.sources)
         filled.add(rule.target)
     unexpected = sorted(set(gf.tensors) - used)
