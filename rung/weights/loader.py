@@ -19,6 +19,7 @@ import json
 import torch
 
 from rung.config import ModelConfig
+from rung.kernels.rewrite import attach_kernels
 from rung.model import Decoder
 from rung.model.decoder import meta_decoder
 from rung.weights.gguf import GGUFError, GGUFFile, read_gguf
@@ -54,7 +55,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     (rung/quant/rewrite.py; the same logits up to float rounding), as ``LLM`` asks for; by default
     the model keeps the plain layout (q|k|v and gate|up fused at load). Either way the kernels for
     its device are attached (rung/kernels/rewrite.py: the same function, computed faster)."""
-    from rung.kernels.rewrite import attach_kernels
     from rung.quant.rewrite import pack_model, packed_targets
     from rung.quant.spec import parse_spec
 
@@ -332,4 +332,6 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
             if progress:
                 progress(done, len(rules))
     model = model.requires_grad_(False).eval()
-    return (model, packed) if packed_formats is not None else model
+    if packed_formats is not None:
+        return model, packed  # load_model packs it, then attaches the kernels
+    return attach_kernels(model)
