@@ -377,7 +377,7 @@ def rung_bench(name: str, args, bw: float) -> dict:
     engine = Engine(model, NullTokenizer(), EngineConfig(block_size=16, num_blocks=tokens // 16 + 64,
                                                          max_batch_tokens=8192, max_seqs=64, prefix_caching=False),
                     max_model_len=max(long + 1024, 4096))
-    # checked as it will be timed: the engine has fused the model's projections on CUDA
+    # checked as it will be timed: the engine has attached the kernels (kernels/rewrite.py)
     r["check_prefill"], r["check_graph_decode"] = check_model(model)
     log(name, "rung built", f"{r['bytes'] / 1e9:.2f} GB/step", "checks", r["check_prefill"], r["check_graph_decode"])
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731

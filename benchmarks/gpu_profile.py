@@ -19,13 +19,14 @@ import math
 import torch
 
 import gpu  # benchmarks/gpu.py: its random models
-from rung.engine.cuda_graphs import DecodeGraphs, fuse_projections
+from rung.engine.cuda_graphs import DecodeGraphs
+from rung.kernels.rewrite import attach_kernels
 from rung.engine.paged import Chunk, KVPool
 
 
 def profile(name: str, steps: int, top: int) -> None:
     model = gpu.rung_model(name)
-    fuse_projections(model)
+    attach_kernels(model)
     c = model.config
     pool = KVPool(c, 16, 16, torch.bfloat16, "cuda")
     table = list(range(9))

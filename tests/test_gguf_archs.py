@@ -187,7 +187,8 @@ def test_llama_gguf_quant_type_dequantizes_into_the_right_parameters(qtype, tmp_
 
     assert torch.equal(params["embed.weight"], decoded("token_embd.weight"))
     assert torch.equal(params["layers.0.mlp.down_proj.weight"], decoded("blk.0.ffn_down.weight"))
-    assert torch.equal(params["layers.1.attn.k_proj.weight"], _unpermute(2)(decoded("blk.1.attn_k.weight")))
+    k_rows = params["layers.1.attn.qkv_proj.weight"].split((256, 128, 128))[1]  # rows [q | k | v]
+    assert torch.equal(k_rows, _unpermute(2)(decoded("blk.1.attn_k.weight")))
     assert torch.equal(params["lm_head.weight"], decoded("output.weight"))
     assert max_logit_diff(hf_from_gguf(path), model, ((2, 11),)) < TOL
 

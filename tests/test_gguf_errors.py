@@ -276,7 +276,7 @@ def llama(tmp_path):
 def test_missing_tensor_is_named(llama):
     path = llama(edit=lambda ts: [(n, a) for n, a in ts if n != "blk.1.ffn_up.weight"])
     with pytest.raises(GGUFError, match=r"model\.gguf: tensor 'blk\.1\.ffn_up\.weight' is missing "
-                                        r"\(needed for llama parameter layers\.1\.mlp\.up_proj\.weight\)"):
+                                        r"\(needed for llama parameter layers\.1\.mlp\.gate_up_proj\.weight\)"):
         rung.load_model(path)
 
 
@@ -289,7 +289,7 @@ def test_unexpected_tensor_is_named(llama):
 def test_misshaped_tensor_is_named(llama):
     path = llama(edit=lambda ts: [(n, a[:, :32] if n == "blk.1.attn_v.weight" else a) for n, a in ts])
     with pytest.raises(GGUFError, match=r"tensor 'blk\.1\.attn_v\.weight' has shape \[32, 32\]; llama parameter "
-                                        r"layers\.1\.attn\.v_proj\.weight needs \[32, 64\]"):
+                                        r"layers\.1\.attn\.qkv_proj\.weight \(v rows\) needs \[32, 64\]"):
         rung.load_model(path)
 
 

@@ -103,8 +103,8 @@ def test_int8_layer_without_its_scale_is_refused(packed, tmp_path):
 
 
 def test_int4_layer_without_its_offset_is_refused(packed, tmp_path):
-    folder = corrupted(packed, tmp_path, tensors=lambda t: t.pop("layers.1.mlp.gate_up.offset"))
-    refused(folder, "model.safetensors", "'layers.1.mlp.gate_up.offset'", "q4 packed layer")
+    folder = corrupted(packed, tmp_path, tensors=lambda t: t.pop("layers.1.mlp.gate_up_proj.offset"))
+    refused(folder, "model.safetensors", "'layers.1.mlp.gate_up_proj.offset'", "q4 packed layer")
 
 
 def test_layer_declared_larger_than_its_data_is_refused(packed, tmp_path):
@@ -118,8 +118,8 @@ def test_layer_declared_larger_than_its_data_is_refused(packed, tmp_path):
 def test_layer_declared_larger_than_its_data_with_a_config_that_agrees_is_refused(packed, tmp_path):
     """The metadata and the config both say the MLP is 4x wider; the stored tensors are not."""
     def grow(layers):
-        layers["layers.0.mlp.gate_up"]["shape"] = [1024, 64]
-        layers["layers.1.mlp.gate_up"]["shape"] = [1024, 64]
+        layers["layers.0.mlp.gate_up_proj"]["shape"] = [1024, 64]
+        layers["layers.1.mlp.gate_up_proj"]["shape"] = [1024, 64]
         layers["layers.0.mlp.down_proj"]["shape"] = [64, 512]
         layers["layers.1.mlp.down_proj"]["shape"] = [64, 512]
 
@@ -163,10 +163,10 @@ def test_extra_tensor_is_refused(packed, tmp_path):
 
 def test_a_float_projection_beside_its_packed_layer_is_refused(packed, tmp_path):
     def add(t):
-        t["layers.0.attn.q_proj.weight"] = torch.zeros(64, 64)
+        t["layers.0.attn.qkv_proj.weight"] = torch.zeros(64, 64)
 
     refused(corrupted(packed, tmp_path, tensors=add), "model.safetensors",
-            "unexpected tensor 'layers.0.attn.q_proj.weight'")
+            "unexpected tensor 'layers.0.attn.qkv_proj.weight'")
 
 
 @pytest.mark.parametrize("field,value,needle", [("num_heads", 8, "packed layer layers.0.attn."),
@@ -220,3 +220,20 @@ def test_quantization_config_that_is_not_an_object_is_not_a_packed_folder(packed
     (folder / "config.json").write_text(json.dumps({"quantization_config": ["rung"]}))
     assert not is_packed_checkpoint(folder)
     assert is_packed_checkpoint(packed / "q")
+
+
+def test_a_folder_written_before_gate_up_was_named_gate_up_proj_still_loads(packed, tmp_path):
+    """rung quantize wrote a gated MLP's packed layer as ``mlp.gate_up`` before q|k|v and gate|up
+    were fused at load; such a folder loads to the same model."""
+    def rename_tensors(t):
+        for name in [n for n in t if ".mlp.gate_up_proj." in n]:
+            t[name.replace(".gate_up_proj.", ".gate_up.")] = t.pop(name)
+
+    def rename_layers(layers):
+        for entry in layers.values():
+            entry["path"] = entry["path"].replace(".mlp.gate_up_proj", ".mlp.gate_up")
+
+    old = corrupted(packed, tmp_path, tensors=rename_tensors, layers=rename_layers)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        assert torch.equal(rung.load_model(old)(ids), rung.load_model(packed / "q")(ids))

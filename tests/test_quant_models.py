@@ -39,7 +39,7 @@ def test_q4_1_gguf_blocks_are_kept_and_give_the_dequantized_models_logits(smollm
     assert isinstance(qkv, PackedLinear) and qkv.fmt == "q4" and qkv.group == 32
     # the fused q|k|v packed weight is exactly the dequantized file's (Q/K rows unpermuted)
     a = smollm2_float.layers[0].attn
-    assert torch.equal(dequantize(qkv.packed), torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+    assert torch.equal(dequantize(qkv.packed), a.qkv_proj.weight)
     assert torch.equal(dequantize(model.lm_head.packed), smollm2_float.embed.weight)  # Q8_0 kept as int8
     with torch.inference_mode():  # 20 rows: the dequantizing reference path
         ref, out = smollm2_float(IDS), model(IDS)
@@ -48,7 +48,7 @@ def test_q4_1_gguf_blocks_are_kept_and_give_the_dequantized_models_logits(smollm
 
 def test_float32_fused_layout_matches_the_plain_model_prefill_and_decode(smollm2_float):
     model = rung.load_model("smollm2-135m", fast=True)
-    assert model.layers[0].mlp.gate_up is not None and model.layers[0].attn.qkv_proj is not None
+    assert model.layers[0].mlp.gate_up_proj.gated == "silu" and isinstance(model.layers[0].attn.qkv_proj, PackedLinear)
     with torch.inference_mode():
         ref = smollm2_float(IDS)
         cache = model.new_cache()

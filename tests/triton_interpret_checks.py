@@ -204,11 +204,12 @@ def write_kv_checks(g) -> None:
 
 
 def model_checks(g) -> None:
-    """Whole tiny models (float16) through the kernels' seams (fused q|k|v with the one-kernel
-    norm + RoPE, fused MoE) against the same models with Triton off (the model's plain chains)."""
-    import rung.kernels as kernels
+    """Whole tiny models (float16) with the kernels attached (kernels/rewrite.py: the one-kernel
+    q/k norm + RoPE, the fused norms and MoE, the GEMV) against the same models left plain."""
+    import copy
+
     from rung.config import ModelConfig
-    from rung.engine.cuda_graphs import fuse_projections
+    from rung.kernels.rewrite import attach_kernels
     from rung.model import Decoder
 
     base = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -222,15 +223,11 @@ def model_checks(g) -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        model = model.half()
-        fuse_projections(model)
+        plain = model.half()
+        model = attach_kernels(copy.deepcopy(plain))
         ids = torch.randint(0, 96, (2, 7), generator=g)
         with torch.no_grad():
-            os.environ["RUNG_NO_TRITON"] = "1"
-            kernels.triton_available.cache_clear()
-            want = model(ids)
-            os.environ["RUNG_NO_TRITON"] = "0"
-            kernels.triton_available.cache_clear()
+            want = plain(ids)
             calls = []
             fused_qk = triton_elementwise.triton_qk_norm_rope
             triton_elementwise.triton_qk_norm_rope = lambda *a: calls.append(1) or fused_qk(*a)
@@ -241,11 +238,7 @@ def model_checks(g) -> None:
         check(f"model {raw['model_type']} float16, kernels against the plain chains", got, want, 2e-3)
         # one token (a decode step's row count): the projections take the GEMV (kernels/linear.py)
         with torch.no_grad():
-            os.environ["RUNG_NO_TRITON"] = "1"
-            kernels.triton_available.cache_clear()
-            want = model(ids[:1, :1])
-            os.environ["RUNG_NO_TRITON"] = "0"
-            kernels.triton_available.cache_clear()
+            want = plain(ids[:1, :1])
             gemvs = []
             gemv = triton_gemv.triton_gemv
             triton_gemv.triton_gemv = lambda *a, **k: gemvs.append(1) or gemv(*a, **k)

@@ -43,8 +43,10 @@ def unsupported(model) -> str | None:
             return f"partial rotary ({kind} layers)"
     for i, layer in enumerate(model.layers):
         a, m = layer.attn, layer.mlp
-        if not all(isinstance(p, PackedLinear) and p._native for p in (a.qkv_proj, a.o_proj, m.gate_up, m.down_proj)):
+        if not all(isinstance(p, PackedLinear) and p._native for p in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)):
             return f"layer {i}: projections not packed for the native kernels"
+        if m.gate_up_proj.gated is None:
+            return f"layer {i}: gate|up not packed as one gated layer"
         if not all(isinstance(n, RMSNorm) for n in _norms(layer) if n is not None):
             return f"layer {i}: not RMSNorm"
         if a.slopes is not None or a.sinks is not None or a.head_dim % 8:
@@ -67,7 +69,7 @@ class _Buffers:
         self.h = torch.empty(b, c.hidden_size)  # its normed copy
         self.qkv = torch.empty(b, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
         self.att = torch.empty(b, c.num_heads * c.head_dim)
-        self.gu = torch.empty(b, model.layers[0].mlp.gate_up.out_features // 2)
+        self.gu = torch.empty(b, model.layers[0].mlp.gate_up_proj.out_features // 2)
         self.logits = torch.empty(b, c.vocab_size)
         self.step = st = native.Step(b)  # the step's constant fields; run() sets the rest
         st.x, st.h, st.qkv = self.x.data_ptr(), self.h.data_ptr(), self.qkv.data_ptr()
@@ -131,7 +133,7 @@ class CpuDecode:
         keep, layers = [], []
         for i, layer in enumerate(model.layers):
             a, m = layer.attn, layer.mlp
-            projections = [p.bound() for p in (a.qkv_proj, a.o_proj, m.gate_up, m.down_proj)]
+            projections = [p.bound() for p in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
             keep += projections
             sizes = (c.hidden_size, c.hidden_size, c.head_dim, c.head_dim, c.hidden_size, c.hidden_size)
             gains = [_gain(n, size, f"layer {i}") for n, size in zip(_norms(layer), sizes)]
@@ -144,7 +146,7 @@ class CpuDecode:
         final = _gain(model.final_norm, c.hidden_size, "final norm") if head is not None else None
         keep += [array, head]
         widths = [p.in_features for layer in model.layers
-                  for p in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+                  for p in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         embed = _embedding(model)
         keep += [embed]
         struct = native.Model(len(layers), c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,

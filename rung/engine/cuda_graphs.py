@@ -20,11 +20,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from rung.engine.paged import Chunk, KVPool
-from rung.kernels.linear import gated_linear, linear
 from rung.kernels.paged_attention import decode_tiles, paged_attention, write_kv
 
 log = logging.getLogger(__name__)
@@ -42,71 +39,6 @@ def unsupported(model) -> str | None:
     return None
 
 
-class _Projection:
-    """x @ wᵀ + b over a fused matrix. A plain callable, not a module: the model's parameters (now
-    views into ``weight``) keep their names, and state_dict does not grow. A decode step's few
-    rows run the Triton GEMV (kernels/linear.py) where it beats cuBLAS, SwiGLU's product inside it."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act=None):
-        self.weight, self.bias, self.act = weight, bias, act
-
-    def __call__(self, x):
-        if self.act is F.silu:  # SwiGLU: the product in the GEMV's epilogue, or one kernel after it
-            return gated_linear(x, self.weight, self.bias)
-        y = linear(x, self.weight, self.bias)
-        if self.act is None:
-            return y
-        gate, up = y.chunk(2, dim=-1)  # a gated MLP: act(gate) * up, one GEMV instead of two
-        return self.act(gate) * up
-
-
-class _Linear:
-    """An nn.Linear's forward through kernels/linear.py (the module, its parameters and its
-    state_dict unchanged): set as the instance's ``forward`` by ``fuse_projections``."""
-
-    def __init__(self, module: nn.Linear):
-        self.module = module
-
-    def __call__(self, x):
-        return linear(x, self.module.weight, self.module.bias)
-
-
-def fuse_projections(model) -> int:
-    """q/k/v as one projection and a gated MLP's gate/up as one, through the model's own hooks
-    (Attention.qkv_proj, MLP.gate_up): small GEMVs run far below the memory bandwidth on a GPU,
-    and three and two of them become one. The separate layers' weights become views into the
-    fused matrices, so no memory is added and the parameters keep their names and values (the
-    engine applies this once the model is on its device). The blocks' other plain nn.Linear
-    layers (o_proj, down_proj, a router) go through the same GEMV dispatch. Returns how many
-    projections were fused."""
-    fused = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if getattr(module, "qkv_proj", "absent") is None:
-                module.qkv_proj = _fuse((module.q_proj, module.k_proj, module.v_proj))
-                fused += 1
-            if getattr(module, "gate_up", "absent") is None and module.gate_proj is not None:
-                module.gate_up = _fuse((module.gate_proj, module.up_proj), module.act)
-                fused += 1
-        for layer in model.layers:
-            for module in layer.modules():
-                if type(module) is nn.Linear and not isinstance(module.__dict__.get("forward"), _Linear):
-                    module.forward = _Linear(module)  # q/k/v, gate/up: now inside the fused ones, never called
-    return fused
-
-
-def _fuse(parts, act=None) -> _Projection:
-    """Concatenate ``parts`` (nn.Linear) and make their parameters views of the result."""
-    sizes = [p.out_features for p in parts]
-    weight = torch.cat([p.weight for p in parts])
-    bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
-    for i, p in enumerate(parts):
-        p.weight = nn.Parameter(weight.split(sizes)[i], requires_grad=False)
-        if bias is not None:
-            p.bias = nn.Parameter(bias.split(sizes)[i], requires_grad=False)
-    return _Projection(weight, bias, act)
-
-
 class StaticDecode:
     """The cache seam over preallocated tensors for a batch of ``size`` rows (the first rows of
     ``DecodeGraphs``' buffers)."""
@@ -122,8 +54,8 @@ class StaticDecode:
         pass
 
     def kv_destination(self, layer: int):
-        """(k_pool, v_pool, slots [B]) of this layer: the model's one-kernel q/k path writes the
-        step's keys and values there itself and hands ``attend`` None for them."""
+        """(k_pool, v_pool, slots [B]) of this layer: the one-kernel q/k attention (kernels/modules.py's
+        FusedQKAttention) writes the step's keys and values there itself and hands ``attend`` None."""
         o = self.owner
         pool = o.pool
         return pool.keys[layer], pool.values[layer], o.slots[pool.group_of[layer], : self.size]

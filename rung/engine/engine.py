@@ -48,6 +48,7 @@ from rung.engine.scheduler import Scheduler
 from rung.engine.sequence import Sequence, Status
 from rung.engine.speculative import DraftModelProposer, NgramProposer, accept
 from rung.engine.stops import StopStrings
+from rung.kernels.rewrite import attach_kernels
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Engine:
         mc = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        attach_kernels(model)  # the fast modules for its device (a loaded model has them: idempotent)
         num_blocks = self.config.num_blocks or KVPool.blocks_for(mc, self.config.kv_cache_bytes,
                                                                  self.config.block_size, self.dtype)
         self.pool = KVPool(mc, num_blocks, self.config.block_size, self.dtype, self.device)

@@ -41,14 +41,13 @@ class ModelRunner:
         self.ahead: PendingTokens | None = None  # a decode step launched ahead, its tokens not yet read
 
     def _graphs(self, config: EngineConfig, max_model_len: int):
-        from rung.engine.cuda_graphs import DecodeGraphs, fuse_projections, unsupported
+        from rung.engine.cuda_graphs import DecodeGraphs, unsupported
         from rung.kernels import triton_available
 
         if not (config.cuda_graphs and self.device.type == "cuda" and triton_available()):
             return None
         if unsupported(self.model) is not None:
             return None
-        fuse_projections(self.model)  # fewer, larger GEMVs; parameters stay as they are (views)
         return DecodeGraphs(self.model, self.pool, max_model_len, config.max_seqs)
 
     def _cpu_decode(self, config: EngineConfig):

@@ -3,7 +3,9 @@
 Every kernel here has a reference function with the same signature that runs anywhere (CPU
 included) and defines what the kernel computes; tests compare the two, and CI runs the references
 against the model's plain path. Triton is optional: without it, or off CUDA, callers use the
-reference. Nothing here imports the rest of rung.
+reference. Kernels may build on the model's plain pieces (fused_moe's reference routing is
+model/moe.py's), never the reverse: modules.py holds the model's modules with the kernels inside,
+and rewrite.py's ``attach_kernels`` swaps them into a model; rung/model/ knows nothing of devices.
 """
 
 from __future__ import annotations

@@ -25,39 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from rung.kernels import use_triton
-from rung.kernels.mxfp4 import dequantize_mxfp4
+from rung.model.moe import ExpertWeights, route as route_ref  # the reference: the model's own routing
 
-
-@dataclass
-class ExpertWeights:
-    """Stacked, output-major experts: gate/up [E, I, H], down [E, H, I] (dense); packed MXFP4 keeps
-    bytes [E, rows, cols / 2] and scales [E, rows, cols / 32] instead, as uint8."""
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    gate_scales: torch.Tensor | None = None
-    up_scales: torch.Tensor | None = None
-    down_scales: torch.Tensor | None = None
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-    @property
-    def packed(self) -> bool:
-        return self.gate_scales is not None
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate.shape[0]
-
-    def expert(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """One expert's matrix [rows, cols] in ``dtype`` (dequantized on the fly when packed)."""
-        w = getattr(self, name)[e]
-        if not self.packed:
-            return w.to(dtype)
-        scales = getattr(self, name + "_scales")[e]
-        return dequantize_mxfp4(w.view(w.shape[0], -1, 16), scales, dtype)
+__all__ = ["Activation", "ExpertWeights", "fused_moe", "fused_moe_ref", "moe_align", "moe_slot_layout", "route",
+           "route_ref"]
 
 
 @dataclass(frozen=True)
@@ -75,19 +46,6 @@ class Activation:
 
 
 KERNEL_ACTIVATIONS = ("silu", "swiglu_clamped")
-
-
-def route_ref(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [n, E] → weights [n, k] (logits' dtype), expert ids [n, k]."""
-    if router == "topk_softmax":  # gpt-oss: top-k of the raw logits, softmax over those k
-        top, idx = torch.topk(logits, top_k, dim=-1)
-        return torch.softmax(top, dim=-1), idx
-    # Qwen3-MoE: softmax over all experts in float32, top-k, optional renormalisation
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    top, idx = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        top = top / top.sum(dim=-1, keepdim=True)
-    return top.to(logits.dtype), idx
 
 
 def route(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rung import native
 from rung.config import ModelConfig
-from rung.kernels import use_triton
-from rung.kernels.elementwise import qk_norm_rope
-from rung.model.norm import RMSNorm, make_norm
+from rung.model.norm import make_norm
 from rung.model.rope import apply_rotary
 
 
@@ -91,12 +88,9 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.q_width, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.kv_width, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.kv_width, bias=c.qkv_bias)
+        # q, k and v as one projection, rows [q | k | v] (the loaders fuse the checkpoint's tensors)
+        self.qkv_proj = nn.Linear(c.hidden_size, c.q_width + 2 * c.kv_width, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.q_width, c.hidden_size, bias=c.o_bias)
-        self.qkv_proj = None  # q, k and v as one projection, set by rung.quant's rewrite (one GEMV instead of three)
-        self.split = (c.q_width, c.kv_width, c.kv_width)
         self.q_norm = make_norm(c, c.head_dim) if c.qk_norm else None
         self.k_norm = make_norm(c, c.head_dim) if c.qk_norm else None
         self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attn_sinks else None
@@ -106,58 +100,27 @@ class Attention(nn.Module):
         with torch.device("cpu"):  # float32, like the rotary tables; not a buffer, so never rounded
             self.slopes = alibi_slopes(c.num_heads) if c.positions == "alibi" else None
 
-    def _native_rope(self, qkv: torch.Tensor, rotary) -> bool:
-        return (rotary is not None and self.q_norm is None and qkv.shape[0] == 1 and qkv.shape[1] <= 16
-                and qkv.dtype == torch.float32 and qkv.device.type == "cpu" and qkv.is_contiguous()
-                and rotary[0].shape[-1] == self.head_dim and rotary[0].dtype == torch.float32
-                and rotary[0][0].is_contiguous() and rotary[1][0].is_contiguous() and native.available())
-
-    def _one_kernel_qk(self, qkv: torch.Tensor, rotary) -> bool:
-        if qkv.dtype == torch.float32 or not use_triton(qkv) or (self.q_norm is None and rotary is None):
-            return False
-        return (self.q_norm is None or isinstance(self.q_norm, RMSNorm)) and (rotary is None or rotary[0].dtype == qkv.dtype)
-
     def forward(self, x, rotary, context) -> torch.Tensor:
         """x [b, t, hidden]; rotary (cos, signed sin) [b, t, rot] or None; ``context`` stores this
         step's keys and values and runs the attention over everything the queries may see (the
         seam between the model and a KV cache, contiguous or paged: see model/cache.py)."""
         b, t, _ = x.shape
-        shape = b, t, -1, self.head_dim
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
-            if self._one_kernel_qk(qkv, rotary):  # CUDA, 16-bit: both norms and both rotations in one kernel
-                norms = [None if n is None else (n.weight, n.eps, n.offset, n.weight_in_float32)
-                         for n in (self.q_norm, self.k_norm)]
-                # a context that lets the kernel store this step's keys and values itself (the CUDA
-                # graphs' decode step: engine/cuda_graphs.py) says where; attend then gets None for them
-                store = getattr(context, "kv_destination", None)
-                dest = store(self.layer) if store is not None else None
-                q, k = qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *norms,
-                                    *(rotary if rotary is not None else (None, None)), kv_dest=dest)
-                if dest is not None:
-                    return self._attend(q.transpose(1, 2), None, None, context, x)
-                v = qkv[..., self.split[0] + self.split[1]:].view(shape)
-                return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), context, x)
-            if self._native_rope(qkv, rotary):  # a decode step: RoPE in place, one call for q and k
-                native.rope_(qkv.view(t, -1), self.num_heads + self.num_kv_heads, self.head_dim,
-                             rotary[0][0], rotary[1][0])
-                rotary = None
-            q, k, v = qkv.split(self.split, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(shape).transpose(1, 2)  # [b, hq, t, d]
-        k = k.view(shape).transpose(1, 2)  # [b, hkv, t, d]
-        v = v.view(shape).transpose(1, 2)
+        q, k, v = self.heads(self.qkv_proj(x), rotary, context)
+        if self.slopes is not None and self.slopes.device != x.device:
+            self.slopes = self.slopes.to(x.device)
+        out = context.attend(self.layer, q, k, v, self.window, self.scale, self.sinks, self.slopes)  # [b, hq, t, d]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def heads(self, qkv: torch.Tensor, rotary, context):
+        """qkv [b, t, (hq + 2·hkv)·d] → q [b, hq, t, d], k and v [b, hkv, t, d], q and k normed and
+        rotated. The seam where a kernel module does all of this in one kernel, and may store k
+        and v in the context's cache itself (they come back None then): rung/kernels/modules.py."""
+        b, t, _ = qkv.shape
+        q, k, v = qkv.view(b, t, -1, self.head_dim).transpose(1, 2).split(
+            (self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
         if self.q_norm is not None:  # Qwen3 / Gemma 3: RMSNorm over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             cos, sin = (r[:, None] for r in rotary)  # broadcast over heads
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self._attend(q, k, v, context, x)
-
-    def _attend(self, q, k, v, context, x) -> torch.Tensor:
-        b, t = q.shape[0], q.shape[2]
-        if self.slopes is not None and self.slopes.device != x.device:
-            self.slopes = self.slopes.to(x.device)
-        out = context.attend(self.layer, q, k, v, self.window, self.scale, self.sinks, self.slopes)  # [b, hq, t, d]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return q, k, v

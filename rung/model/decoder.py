@@ -10,7 +10,7 @@ from rung.model.attention import Attention
 from rung.model.cache import KVCache
 from rung.model.mlp import MLP
 from rung.model.moe import MoE
-from rung.model.norm import add_norm, make_norm
+from rung.model.norm import make_norm
 from rung.model.rope import Rotary
 
 
@@ -29,19 +29,19 @@ class Block(nn.Module):
         self.residual_from_norm = config.residual_from_norm
 
     def forward(self, x, rotary, context, normed=None, next_norm=None):
-        """``normed``: attn_norm(x) when the block before computed it with its last add (one kernel
-        on CUDA: model/norm.py's add_norm); with ``next_norm`` (the next block's attn_norm, or the
-        final norm) the block returns (its output, next_norm(its output)) the same way."""
+        """``normed``: attn_norm(x) when the block before computed it with its last add (a norm's
+        ``add_norm``, which a kernel module fuses); with ``next_norm`` (the next block's attn_norm,
+        or the final norm) the block returns (its output, next_norm(its output)) the same way."""
         h = self.attn_norm(x) if normed is None else normed
         a = self.attn(h, rotary, context)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
-        x, h = add_norm(self.mlp_norm, h if self.residual_from_norm else x, a)
+        x, h = self.mlp_norm.add_norm(h if self.residual_from_norm else x, a)
         m = self.mlp(h)
         if self.post_mlp_norm is not None:
             m = self.post_mlp_norm(m)
         x = h if self.residual_from_norm else x
-        return x + m if next_norm is None else add_norm(next_norm, x, m)
+        return x + m if next_norm is None else next_norm.add_norm(x, m)
 
 
 class Decoder(nn.Module):
@@ -91,7 +91,7 @@ class Decoder(nn.Module):
 
         rotary = {kind: tuple(r[None].expand(b, -1, -1) for r in rot(q_pos, x.dtype))
                   for kind, rot in self.rotaries.items()}
-        h = None  # each block's output comes with the next norm applied (one kernel with the add on CUDA)
+        h = None  # each block's output comes with the next norm applied (add_norm: one kernel on CUDA)
         for i, layer in enumerate(self.layers):
             after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
             x, h = layer(x, rotary.get(c.layer_types[i]), context, h, after)

@@ -17,21 +17,34 @@ ACTIVATIONS = {
 }
 
 
+class ActAndMul(nn.Module):
+    """y [.., 2·I] = [gate | up] → act(gate) · up [.., I]: a gated MLP's activation over its one
+    fused projection (rung.quant's gated layers apply it themselves and set this to Identity)."""
+
+    def __init__(self, activation: str):
+        super().__init__()
+        self.activation, self.act = activation, ACTIVATIONS[activation]
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        gate, up = y.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
 class MLP(nn.Module):
-    """plain: down(act(up(x))); gated: down(act(gate(x)) * up(x))."""
+    """plain: down(act(up(x))); gated: down(act(gate) · up), gate and up as one projection whose
+    rows are [gate | up] (the loaders fuse the checkpoint's two tensors)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias) if config.mlp == "gated" else None
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        gated = config.mlp == "gated"
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias) if gated else None
+        self.up_proj = None if gated else nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.act = ACTIVATIONS[config.activation]
-        self.gate_up = None  # act(gate) * up as one gated projection, set by rung.quant's rewrite
+        self.act_and_mul = ActAndMul(config.activation) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            return self.down_proj(self.gate_up(x))
-        if self.gate_proj is None:
+        if self.gate_up_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))

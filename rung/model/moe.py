@@ -5,22 +5,68 @@ gpt-oss's fused, interleaved gate_up is split at load time (weights/keymaps.py),
 serves both routers. gpt-oss's MXFP4 experts may stay packed (``keep_packed``): uint8 bytes
 [E, rows, cols / 2] and scales [E, rows, cols / 32] in place of the dense matrices.
 
-Two paths compute the same function: on CUDA with Triton, the fused kernels (kernels/fused_moe.py:
-routing and grouping on the device, no host synchronisation, only the chosen experts read, packed
-weights decoded in registers); elsewhere the plain loop below over the experts some token chose,
-which dequantizes a packed expert when it is visited.
+The forward is the reference: a loop over the experts some token chose, which dequantizes a packed
+expert when it is visited. On CUDA, rung/kernels/modules.py's MoE overrides its two steps
+(``choose``, ``mix``) with the fused kernels: routing and grouping on the device, no host
+synchronisation, only the chosen experts read, packed weights decoded in registers.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rung.config import ModelConfig
-from rung.kernels import use_triton
-from rung.kernels.fused_moe import KERNEL_ACTIVATIONS, Activation, ExpertWeights, fused_moe, route  # noqa: F401
 from rung.model.mlp import ACTIVATIONS
+from rung.model.mxfp4 import dequantize_mxfp4
+
+
+@dataclass
+class ExpertWeights:
+    """Stacked, output-major experts: gate/up [E, I, H], down [E, H, I] (dense); packed MXFP4 keeps
+    bytes [E, rows, cols / 2] and scales [E, rows, cols / 32] instead, as uint8."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_scales: torch.Tensor | None = None
+    up_scales: torch.Tensor | None = None
+    down_scales: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.gate_scales is not None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    def expert(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """One expert's matrix [rows, cols] in ``dtype`` (dequantized on the fly when packed)."""
+        w = getattr(self, name)[e]
+        if not self.packed:
+            return w.to(dtype)
+        scales = getattr(self, name + "_scales")[e]
+        return dequantize_mxfp4(w.view(w.shape[0], -1, 16), scales, dtype)
+
+
+def route(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, E] → weights [n, k] (logits' dtype), expert ids [n, k]."""
+    if router == "topk_softmax":  # gpt-oss: top-k of the raw logits, softmax over those k
+        top, idx = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(top, dim=-1), idx
+    # Qwen3-MoE: softmax over all experts in float32, top-k, optional renormalisation
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    top, idx = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return top.to(logits.dtype), idx
 
 
 class MoE(nn.Module):
@@ -77,17 +123,21 @@ class MoE(nn.Module):
         return F.linear(hidden, w.expert("down", e, x.dtype), None if self.down_bias is None else self.down_bias[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # [n, H]
-        weights, experts = route(self.router(flat), self.top_k, self.router_kind, self.norm_topk_prob)
+        flat = x.reshape(-1, x.shape[-1])  # [n, H]
+        weights, experts = self.choose(self.router(flat))  # [n, k] each
+        return self.mix(flat, weights, experts).view(x.shape)
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's logits [n, E] → each token's expert weights and ids [n, k]."""
+        return route(logits, self.top_k, self.router_kind, self.norm_topk_prob)
+
+    def mix(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Σ_k weight · expert(x) per token: flat [n, H] → [n, H]."""
         w = self.expert_weights()
-        kind = "swiglu_clamped" if self.clamped else self.activation_name
-        if use_triton(flat) and kind in KERNEL_ACTIVATIONS:
-            return fused_moe(flat, weights, experts, w, Activation(kind, self.limit, self.alpha)).view(shape)
         out = torch.zeros_like(flat)
         # visit only the experts some token chose; the expert bias sits inside the weighted sum
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
             y = self.expert(e, flat[token], w) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
-        return out.view(shape)
+        return out

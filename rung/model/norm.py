@@ -1,17 +1,27 @@
-"""LayerNorm and RMSNorm, computed in float32 and cast back (as transformers does)."""
+"""LayerNorm and RMSNorm, computed in float32 and cast back (as transformers does).
+
+Both offer ``add_norm(x, residual)``: a block's residual add and the norm after it, the seam
+where a kernel module fuses the two (rung/kernels/modules.py); here it is the two plain ops.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rung import native
 from rung.config import ModelConfig
-from rung.kernels import use_triton
-from rung.kernels.elementwise import add_rms_norm, rms_norm
 
 
-class RMSNorm(nn.Module):
+class AddNorm:
+    """The residual-add seam shared by the norms (a mixin: ``self`` is the norm module)."""
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, norm(x + residual))."""
+        total = x + residual
+        return total, self(total)
+
+
+class RMSNorm(AddNorm, nn.Module):
     """y = x / rms(x) * (offset + w). Llama-style: the weight is applied after the cast back.
 
     Gemma stores w around zero and scales by (1 + w) (``offset``); Gemma and gpt-oss apply the
@@ -25,15 +35,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] % 8 == 0 and native.available():
-            # a decode step's few rows: one native call (torch's CPU rms_norm is about ten ops)
-            if x.numel() <= 16 * x.shape[-1] and x.is_contiguous() and not torch.is_grad_enabled():
-                return native.rmsnorm(x, self.weight, self.eps, self.offset)
         if dtype == torch.float32:  # no casts to order: torch's fused kernel, one op instead of seven
             weight = self.weight + self.offset if self.offset else self.weight
             return nn.functional.rms_norm(x, self.weight.shape, weight, self.eps)
-        if x.is_cuda:  # the same chain as one kernel (kernels/elementwise.py): a decode step is mostly tiny kernels
-            return rms_norm(x, self.weight, self.eps, self.offset, self.weight_in_float32)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_in_float32:
@@ -41,16 +45,7 @@ class RMSNorm(nn.Module):
         return (self.offset + self.weight) * x32.to(dtype)
 
 
-def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + residual, norm(x + residual)): a block's residual add and the norm after it. On CUDA in
-    16 bits an RMSNorm takes both in one kernel (kernels/elementwise.py); elsewhere the two ops."""
-    if isinstance(norm, RMSNorm) and x.dtype != torch.float32 and use_triton(x):
-        return add_rms_norm(x, residual, norm.weight, norm.eps, norm.offset, norm.weight_in_float32)
-    total = x + residual
-    return total, norm(total)
-
-
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(AddNorm, nn.LayerNorm):
     """torch's LayerNorm with the statistics in float32 for low-precision inputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

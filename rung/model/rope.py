@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from rung.config import RopeConfig
-from rung.kernels.elementwise import rotary
 
 
 def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
@@ -121,8 +120,6 @@ class Rotary(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [batch, heads, seq, head_dim]; tables [.., seq, rotary_dim] from ``Rotary``.
     Rotates pairs (j, j + d/2): (a, b) → (a cos - b sin, b cos + a sin)."""
-    if x.is_cuda:  # one kernel instead of four (kernels/elementwise.py), same roundings
-        return rotary(x, cos, signed_sin)
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + x.roll(rot // 2, dims=-1) * signed_sin

@@ -283,9 +283,9 @@ def _expected_tensors(file: Path, model: Decoder, layers: list[PackedLayer],
         if layer.shape != shape:
             raise CheckpointError(f"{file}: {what} is declared {list(layer.shape)}, but rung_config makes it "
                                   f"{list(shape)} [out, in]")
-        if layer.bias != bias or layer.gated != gated:
+        if layer.bias != bias or layer.gated not in gated:
             raise CheckpointError(f"{file}: {what} is declared with bias={layer.bias}, gated={layer.gated}; the "
-                                  f"config's layer has bias={bias}, gated={gated}")
+                                  f"config's layer has bias={bias}, gated={' or '.join(map(str, gated))}")
         try:
             parts = packed_tensors(layer.fmt, layer.shape, layer.group)
         except ValueError as e:
@@ -307,28 +307,31 @@ def _expected_tensors(file: Path, model: Decoder, layers: list[PackedLayer],
     return expected
 
 
-def _slot(file: Path, model: Decoder, path: str) -> tuple[tuple[int, int], bool, str | None, list[str]]:
+# folders written before q|k|v and gate|up were fused at load named the gated layer ``mlp.gate_up``
+LEGACY_NAMES = {"gate_up": "gate_up_proj"}
+
+
+def _slot(file: Path, model: Decoder, path: str) -> tuple[tuple[int, int], bool, tuple[str | None, ...], list[str]]:
     """What the config puts where a packed layer says it goes: its (out, in), whether it has a
-    bias, its gated activation, and the float parameters it replaces."""
+    bias, the gated activations it may have, and the float parameters it replaces."""
     c = model.config
     if path == "lm_head":
-        return (c.vocab_size, c.hidden_size), False, None, ["lm_head.weight"]
+        return (c.vocab_size, c.hidden_size), False, (None,), ["lm_head.weight"]
     owner, _, attr = path.rpartition(".")
-    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}.get(attr)
+    attr = LEGACY_NAMES.get(attr, attr)
     try:
-        parts = [model.get_submodule(f"{owner}.{a}") for a in fused] if fused else [model.get_submodule(path)]
+        module = model.get_submodule(f"{owner}.{attr}")
     except AttributeError:
-        parts = []
-    if not parts or not all(isinstance(m, nn.Linear) for m in parts):
+        module = None
+    if not isinstance(module, nn.Linear):
         raise CheckpointError(f"{file}: rung_layers names {path!r}, which is not a linear layer of this "
                               f"{c.model_type} config")
-    names = [f"{owner}.{a}" for a in fused] if fused else [path]
-    replaced = [f"{n}.{t}" for n in names for t in ("weight", "bias")]
-    shape = (sum(m.out_features for m in parts), parts[0].in_features)
-    gated = c.activation if attr == "gate_up" else None
-    if gated is not None and shape[0] % (2 * GATE_BLOCK):
-        raise CheckpointError(f"{file}: packed layer {path}: a gated layer needs a multiple of {2 * GATE_BLOCK} rows")
-    return shape, parts[0].bias is not None, gated, replaced
+    shape = (module.out_features, module.in_features)
+    # a gated MLP's gate|up: act(gate)·up inside the layer (rows interleaved), or the plain projection
+    gated = (c.activation, None) if attr == "gate_up_proj" else (None,)
+    if gated[0] is not None and shape[0] % (2 * GATE_BLOCK):
+        gated = (None,)
+    return shape, module.bias is not None, gated, [f"{owner}.{attr}.weight", f"{owner}.{attr}.bias"]
 
 
 def _check_tensors(file: Path, header: dict, expected: dict[str, tuple[torch.dtype, tuple, str]]) -> None:
@@ -346,11 +349,10 @@ def _check_tensors(file: Path, header: dict, expected: dict[str, tuple[torch.dty
 
 
 def _install(model: nn.Module, path: str, layer: PackedLinear) -> None:
-    """A packed layer in place of the float ones it stands for (q|k|v and gate|up fused)."""
+    """A packed layer in place of the float one it stands for; a gated one applies the MLP's
+    activation itself."""
     owner, _, attr = path.rpartition(".")
     parent = model.get_submodule(owner) if owner else model
-    setattr(parent, attr, layer)
-    if attr == "qkv_proj":
-        parent.q_proj = parent.k_proj = parent.v_proj = None
-    elif attr == "gate_up":
-        parent.gate_proj = parent.up_proj = None
+    setattr(parent, LEGACY_NAMES.get(attr, attr), layer)
+    if layer.gated is not None:
+        parent.act_and_mul = nn.Identity()

@@ -54,6 +54,17 @@ class Packed:
         return p
 
 
+def cat_rows(parts: list[Packed]) -> Packed:
+    """Packed matrices of one format and group stacked along the output rows (a fused q|k|v or gate|up)."""
+    first = parts[0]
+    kind = lambda p: (p.fmt, p.group, p.shape[1], p.offset is None)  # noqa: E731
+    if any(kind(p) != kind(first) for p in parts):
+        raise ValueError("cat_rows: the parts differ in format, group, width or offsets")
+    cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return Packed(first.fmt, cat("data"), (sum(p.shape[0] for p in parts), first.shape[1]), first.group,
+                  cat("scale"), cat("offset"))
+
+
 def check_group(fmt: str, in_features: int, group: int | None) -> int:
     group = in_features if group is None else group
     if isinstance(group, bool) or not isinstance(group, int) or group <= 0 or group % 32 or in_features % group:

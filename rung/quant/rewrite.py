@@ -1,13 +1,13 @@
 """Rewrite a loaded Decoder for fast inference, from outside (as gpt-fast's quantize.py does).
 
-``pack_model(model, fmt)``: q/k/v become one projection and a gated MLP's gate and up one gated
-projection (one kernel call each instead of three and two plus the activation), and every dense
-linear layer, the LM head included, is stored as a ``PackedLinear`` in ``fmt`` ("f32", "q8",
-"q4"). A tied embedding shares the LM head's packed table. Mixture-of-experts layers keep their
-experts as they are.
+``pack_model(model, fmt)``: every dense linear layer, the LM head included, is stored as a
+``PackedLinear`` in ``fmt`` ("f32", "q8", "q4"): the fused q|k|v projection as it is, and a gated
+MLP's fused gate|up projection as one gated layer (its rows interleaved, the activation inside:
+one kernel call for both projections and act(gate)·up; the MLP's own ActAndMul becomes Identity).
+A tied embedding shares the LM head's packed table. Mixture-of-experts layers keep their experts
+as they are.
 
-The model's own forward is unchanged apart from two branches (Attention.qkv_proj, MLP.gate_up);
-a packed model gives the same logits as the original up to the format's rounding (exactly the
+A packed model gives the same logits as the original up to the format's rounding (exactly the
 dequantized weights' logits).
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from rung.model.decoder import Decoder
 from rung.model.mlp import MLP
-from rung.quant.formats import Packed, dequantize, quantize
+from rung.quant.formats import Packed, quantize
 from rung.quant.linear import GATE_BLOCK, PackedEmbedding, PackedLinear, interleave_gate_up
 
 
@@ -55,13 +55,13 @@ def packed_targets(model: Decoder, fmt: str, group: int | None = None,
     for i, block in enumerate(model.layers):
         t = f"layers.{i}."
         if _fits(fmt, c.hidden_size, group):
-            out.update({t + f"attn.{p}_proj.weight": (fmt, group) for p in "qkv"})
+            out[t + "attn.qkv_proj.weight"] = (fmt, group)
         if _fits(fmt, c.q_width, group):
             out[t + "attn.o_proj.weight"] = (fmt, group)
         if isinstance(block.mlp, MLP):
             if _fits(fmt, c.hidden_size, group):
-                out.update({t + f"mlp.{p}.weight": (fmt, group) for p in ("gate_proj", "up_proj")
-                            if getattr(block.mlp, p) is not None})
+                proj = "gate_up_proj" if block.mlp.gate_up_proj is not None else "up_proj"
+                out[t + f"mlp.{proj}.weight"] = (fmt, group)
             if _fits(fmt, c.intermediate_size, group):
                 out[t + "mlp.down_proj.weight"] = (fmt, group)
     head_group = group if head_fmt == fmt else None
@@ -79,36 +79,33 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
     packed = {name: _on(p, device) for name, p in (packed or {}).items()}  # GGUF blocks come in on the CPU
     head_fmt = head_fmt or default_head_format(fmt)
     c = model.config
+    h, inter = c.hidden_size, c.intermediate_size
+
+    def pack(owner: nn.Module, name: str, prefix: str, in_features: int) -> None:
+        layer = getattr(owner, name)
+        if layer is not None and _fits(fmt, in_features, group):
+            setattr(owner, name, _kept_or_packed(layer, packed.get(f"{prefix}{name}.weight"), fmt, group))
+
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}."
-        attn = block.attn
-        if attn.qkv_proj is None and _fits(fmt, c.hidden_size, group):
-            names = [prefix + f"attn.{p}_proj.weight" for p in ("q", "k", "v")]
-            layers = [attn.q_proj, attn.k_proj, attn.v_proj]
-            weight = _fused([packed.get(n) for n in names], layers, fmt, group)
-            bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-            attn.qkv_proj = PackedLinear(weight, bias)
-            attn.q_proj = attn.k_proj = attn.v_proj = None
-        if _fits(fmt, c.q_width, group):
-            attn.o_proj = _kept_or_packed(attn.o_proj, packed.get(prefix + "attn.o_proj.weight"), fmt, group)
+        pack(block.attn, "qkv_proj", prefix + "attn.", h)
+        pack(block.attn, "o_proj", prefix + "attn.", c.q_width)
         mlp = block.mlp
         if not isinstance(mlp, MLP):
             continue  # MoE: experts stay as they are
-        h, inter = c.hidden_size, c.intermediate_size
-        if mlp.gate_proj is not None and inter % GATE_BLOCK == 0 and _fits(fmt, h, group):
-            names = [prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"]
-            weight = _fused([packed.get(n) for n in names], [mlp.gate_proj, mlp.up_proj], fmt, group)
-            order = interleave_gate_up(torch.arange(inter), torch.arange(inter, 2 * inter))
-            bias = None if mlp.gate_proj.bias is None else interleave_gate_up(mlp.gate_proj.bias, mlp.up_proj.bias)
-            mlp.gate_up = PackedLinear(weight.permute_rows(order), bias, gated=c.activation)
-            mlp.gate_proj = mlp.up_proj = None
-        elif _fits(fmt, h, group):
-            for name in ("gate_proj", "up_proj"):
-                if getattr(mlp, name) is not None:
-                    setattr(mlp, name, _kept_or_packed(getattr(mlp, name), packed.get(prefix + f"mlp.{name}.weight"),
-                                                       fmt, group))
-        if _fits(fmt, inter, group):
-            mlp.down_proj = _kept_or_packed(mlp.down_proj, packed.get(prefix + "mlp.down_proj.weight"), fmt, group)
+        pack(mlp, "up_proj", prefix + "mlp.", h)
+        pack(mlp, "down_proj", prefix + "mlp.", inter)
+        if isinstance(mlp.gate_up_proj, nn.Linear) and _fits(fmt, h, group):
+            kept = packed.get(prefix + "mlp.gate_up_proj.weight")
+            weight = kept if kept is not None else _packed(mlp.gate_up_proj.weight, fmt, group)
+            bias = mlp.gate_up_proj.bias
+            if inter % GATE_BLOCK == 0:  # act(gate)·up inside the layer's kernel
+                order = interleave_gate_up(torch.arange(inter), torch.arange(inter, 2 * inter))
+                mlp.gate_up_proj = PackedLinear(weight.permute_rows(order), None if bias is None else bias[order],
+                                                gated=c.activation)
+                mlp.act_and_mul = nn.Identity()  # the layer applies it
+            else:
+                mlp.gate_up_proj = PackedLinear(weight, bias)
     _pack_head(model, head_fmt, group if head_fmt == fmt else None, packed)
     return model
 
@@ -123,25 +120,6 @@ def _kept_or_packed(layer, kept: Packed | None, fmt: str, group: int | None) -> 
     if kept is not None:
         return PackedLinear(kept, layer.bias)
     return _linear(layer, fmt, group)
-
-
-def _fused(parts: list[Packed | None], layers: list, fmt: str, group: int | None) -> Packed:
-    """Several projections of one input stacked along the output rows, in ``fmt``: kept packed
-    parts as they are when they agree in format and group, else re-quantized together (a part a
-    loader packed is never read back from its float parameter, which it did not fill)."""
-    if all(p is not None for p in parts):
-        if len({(p.fmt, p.group) for p in parts}) == 1:
-            return _cat_packed(parts)
-        return _packed(torch.cat([dequantize(p) for p in parts]), fmt, group)
-    weights = [dequantize(p) if p is not None else layer.weight for p, layer in zip(parts, layers)]
-    return _packed(torch.cat(weights), fmt, group)
-
-
-def _cat_packed(parts: list[Packed]) -> Packed:
-    """Packed matrices of one format stacked along the output rows."""
-    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    n = sum(p.shape[0] for p in parts)
-    return Packed(parts[0].fmt, cat("data"), (n, parts[0].shape[1]), parts[0].group, cat("scale"), cat("offset"))
 
 
 def _pack_head(model: Decoder, fmt: str, group: int | None, packed: dict[str, Packed]) -> None:

@@ -1,11 +1,16 @@
 """One readable key map per family: checkpoint tensor names → rung parameter names.
 
 A ``Rule`` fills one rung parameter from one or more checkpoint tensors, with the conversion
-spelled out where the layouts differ (GPT-2's Conv1D transposes, fused q/k/v, BLOOM's per-head
-q/k/v interleave, gpt-oss's interleaved gate/up and MXFP4 blocks, Qwen3-MoE's per-expert tensors).
+spelled out where the layouts differ (GPT-2's Conv1D transposes, BLOOM's per-head q/k/v
+interleave, gpt-oss's interleaved gate/up and MXFP4 blocks, Qwen3-MoE's per-expert tensors).
 
 Two sets of names: Hugging Face's (``keymap``, for safetensors folders) and llama.cpp's
 (``gguf_rules``, for GGUF files), the second undoing what llama.cpp's converter changed.
+
+rung's attention holds q, k and v as one projection (rows [q | k | v]) and a gated MLP its gate
+and up as one (rows [gate | up]), as gpt-fast's wqkv and nano-vllm's packed modules do: a
+checkpoint's separate tensors are stacked here, once, at load (``fused``), and a checkpoint that
+stores them fused already (GPT-2's c_attn, llama.cpp's attn_qkv) is taken as it is.
 """
 
 from __future__ import annotations
@@ -27,19 +32,51 @@ class Rule:
     sources: tuple[str, ...]  # checkpoint tensors
     convert: Callable[..., torch.Tensor] | None = None  # (*tensors) -> tensor; None: the one source as is
     source_dtype: torch.dtype | None = None  # what the conversion decodes (MXFP4: uint8); None: any float
+    parts: tuple[tuple[str, int], ...] = ()  # a fused parameter: (name, rows) of each source, stacked in order
 
 
-def converted(rule: Rule, tensors: list, target_shape: torch.Size, where: str, family: str, error: type) -> torch.Tensor:
+def fused(target: str, sources: tuple[str, ...], parts: tuple[tuple[str, int], ...],
+          each: tuple[Callable[[torch.Tensor], torch.Tensor] | None, ...] = ()) -> Rule:
+    """One parameter from several tensors stacked along the rows (q|k|v, gate|up), source i first
+    converted by ``each[i]`` where that is given (llama.cpp's Q/K row permutation)."""
+    def stack(*tensors: torch.Tensor) -> torch.Tensor:
+        converted = [f(t) if f else t for t, f in zip(tensors, each or (None,) * len(tensors))]
+        if converted[0].is_meta:  # a plan's shapes only: torch.cat on meta tensors would import torch._dynamo
+            rows = sum(t.shape[0] for t in converted)
+            return torch.empty((rows, *converted[0].shape[1:]), dtype=converted[0].dtype, device="meta")
+        return torch.cat(converted)
+    return Rule(target, sources, stack, parts=parts)
+
+
+def part_misfit(rule: Rule, shapes: list, target_shape: torch.Size) -> tuple[int, tuple[int, ...]] | None:
+    """For a fused rule: the first source whose shape is not its rows of the parameter, and the
+    shape it should have; None when all fit (or the rule is not fused)."""
+    for i, ((_, rows), shape) in enumerate(zip(rule.parts, shapes)):
+        need = (rows, *target_shape[1:])
+        if tuple(shape) != need:
+            return i, need
+    return None
+
+
+def converted(rule: Rule, tensors: list, target_shape: torch.Size, where: Callable[[str], str], family: str,
+              error: Callable[..., Exception]) -> torch.Tensor:
     """Apply a rule to its source tensors (real or meta) and check the result fits the parameter.
-    ``where`` names the file and first source; ``error`` is the loader's exception type."""
+    ``where(source)`` names the file and tensor; ``error(message, have, need)`` makes the loader's
+    exception (``have`` and ``need``: the misfit shapes)."""
+    bad = part_misfit(rule, [t.shape for t in tensors], target_shape)
+    if bad is not None:  # name the one tensor that is wrong, not the stack
+        i, need = bad
+        raise error(f"{where(rule.sources[i])} has shape {list(tensors[i].shape)}; {family} parameter {rule.target} "
+                    f"({rule.parts[i][0]} rows) needs {list(need)}", tensors[i].shape, need)
+    first = where(rule.sources[0])
     try:
         value = rule.convert(*tensors) if rule.convert else tensors[0]
     except (RuntimeError, ValueError, IndexError) as e:
-        raise error(f"{where} has shape {list(tensors[0].shape)}, which does not fit "
-                    f"{rule.target} {list(target_shape)} ({e})") from None
+        raise error(f"{first} has shape {list(tensors[0].shape)}, which does not fit "
+                    f"{rule.target} {list(target_shape)} ({e})", tensors[0].shape, target_shape) from None
     if value.shape != target_shape:
-        raise error(f"{where} has shape {list(tensors[0].shape)}; {family} parameter {rule.target} "
-                    f"needs {list(target_shape)}")
+        raise error(f"{first} has shape {list(tensors[0].shape)}; {family} parameter {rule.target} "
+                    f"needs {list(target_shape)}", tensors[0].shape, target_shape)
     return value
 
 
@@ -81,19 +118,14 @@ def _prefix(names: set[str], *candidates: str) -> str:
 
 def gpt2_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     p = _prefix(names, "transformer.", "")
-    h = c.hidden_size
-
-    def part(i: int):  # c_attn packs q | k | v along the output (Conv1D: last) axis
-        return lambda t: t[..., i * h:(i + 1) * h].t() if t.dim() == 2 else t[i * h:(i + 1) * h]
-
     rules = [copy(p + "wte.weight", "embed.weight"), copy(p + "wpe.weight", "pos_embed.weight")]
     rules += [copy(p + f"ln_f.{w}", f"final_norm.{w}") for w in ("weight", "bias")]
     for i in range(c.num_layers):
         s, t = f"{p}h.{i}.", f"layers.{i}."
         for w in ("weight", "bias"):
             rules += [copy(s + f"ln_1.{w}", t + f"attn_norm.{w}"), copy(s + f"ln_2.{w}", t + f"mlp_norm.{w}")]
-            rules += [Rule(t + f"attn.{n}_proj.{w}", (s + f"attn.c_attn.{w}",), part(j)) for j, n in enumerate("qkv")]
-        rules += [
+        rules += [  # c_attn is q | k | v already, along the output (Conv1D: last) axis
+            transposed(s + "attn.c_attn.weight", t + "attn.qkv_proj.weight"), copy(s + "attn.c_attn.bias", t + "attn.qkv_proj.bias"),
             transposed(s + "attn.c_proj.weight", t + "attn.o_proj.weight"), copy(s + "attn.c_proj.bias", t + "attn.o_proj.bias"),
             transposed(s + "mlp.c_fc.weight", t + "mlp.up_proj.weight"), copy(s + "mlp.c_fc.bias", t + "mlp.up_proj.bias"),
             transposed(s + "mlp.c_proj.weight", t + "mlp.down_proj.weight"), copy(s + "mlp.c_proj.bias", t + "mlp.down_proj.bias"),
@@ -113,8 +145,8 @@ def bloom_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     p = _prefix(names, "transformer.", "")
     heads, d = c.num_heads, c.head_dim
 
-    def part(i: int):  # query_key_value rows are laid out (head, {q,k,v}, head_dim), not q|k|v
-        return lambda t: t.reshape(heads, 3, d, *t.shape[1:])[:, i].reshape(heads * d, *t.shape[1:])
+    def q_k_v(t: torch.Tensor) -> torch.Tensor:  # query_key_value rows are (head, {q,k,v}, head_dim): → q | k | v
+        return t.reshape(heads, 3, d, *t.shape[1:]).transpose(0, 1).reshape(3 * heads * d, *t.shape[1:])
 
     rules = [copy(p + "word_embeddings.weight", "embed.weight")]
     for w in ("weight", "bias"):
@@ -127,9 +159,8 @@ def bloom_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
                 copy(s + f"self_attention.dense.{w}", t + f"attn.o_proj.{w}"),
                 copy(s + f"mlp.dense_h_to_4h.{w}", t + f"mlp.up_proj.{w}"),
                 copy(s + f"mlp.dense_4h_to_h.{w}", t + f"mlp.down_proj.{w}"),
+                Rule(t + f"attn.qkv_proj.{w}", (s + f"self_attention.query_key_value.{w}",), q_k_v),
             ]
-            rules += [Rule(t + f"attn.{n}_proj.{w}", (s + f"self_attention.query_key_value.{w}",), part(j))
-                      for j, n in enumerate("qkv")]
     return rules
 
 
@@ -186,7 +217,8 @@ def _gpt_oss_expert_rules(c: ModelConfig, s: str, t: str, names: set[str]) -> li
 def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     p = _prefix(names, "model.language_model.", "model.")
     rules = [copy(p + "embed_tokens.weight", "embed.weight"), copy(p + "norm.weight", "final_norm.weight")]
-    biases = {"q": c.qkv_bias, "k": c.qkv_bias, "v": c.qkv_bias, "o": c.o_bias}
+    qkv = (("q", c.q_width), ("k", c.kv_width), ("v", c.kv_width))
+    gate_up = (("gate", c.intermediate_size), ("up", c.intermediate_size))
     for i in range(c.num_layers):
         s, t = f"{p}layers.{i}.", f"layers.{i}."
         rules.append(copy(s + "input_layernorm.weight", t + "attn_norm.weight"))
@@ -198,10 +230,10 @@ def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
             ]
         else:
             rules.append(copy(s + "post_attention_layernorm.weight", t + "mlp_norm.weight"))
-        for n, bias in biases.items():
-            rules.append(copy(s + f"self_attn.{n}_proj.weight", t + f"attn.{n}_proj.weight"))
-            if bias:
-                rules.append(copy(s + f"self_attn.{n}_proj.bias", t + f"attn.{n}_proj.bias"))
+        for w in ("weight", "bias") if c.qkv_bias else ("weight",):
+            rules.append(fused(t + f"attn.qkv_proj.{w}", tuple(s + f"self_attn.{n}_proj.{w}" for n, _ in qkv), qkv))
+        for w in ("weight", "bias") if c.o_bias else ("weight",):
+            rules.append(copy(s + f"self_attn.o_proj.{w}", t + f"attn.o_proj.{w}"))
         if c.qk_norm:
             rules += [copy(s + "self_attn.q_norm.weight", t + "attn.q_norm.weight"),
                       copy(s + "self_attn.k_norm.weight", t + "attn.k_norm.weight")]
@@ -211,10 +243,10 @@ def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
             expert_rules = _gpt_oss_expert_rules if c.moe.router == "topk_softmax" else _qwen3_moe_expert_rules
             rules += expert_rules(c, s, t, names)
         else:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                rules.append(copy(s + f"mlp.{proj}.weight", t + f"mlp.{proj}.weight"))
-                if c.mlp_bias:
-                    rules.append(copy(s + f"mlp.{proj}.bias", t + f"mlp.{proj}.bias"))
+            for w in ("weight", "bias") if c.mlp_bias else ("weight",):
+                sources = (s + f"mlp.gate_proj.{w}", s + f"mlp.up_proj.{w}")
+                rules += [fused(t + f"mlp.gate_up_proj.{w}", sources, gate_up),
+                          copy(s + f"mlp.down_proj.{w}", t + f"mlp.down_proj.{w}")]
     return rules
 
 
@@ -277,6 +309,8 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
         return Rule(target, (source,), (lambda w: w - offset) if offset else None)
 
     permute = arch in PERMUTED_QK
+    qkv = (("q", c.q_width), ("k", c.kv_width), ("v", c.kv_width))
+    gate_up = (("gate", c.intermediate_size), ("up", c.intermediate_size))
     rules = [copy("token_embd.weight", "embed.weight"), norm("output_norm.weight", "final_norm.weight")]
     for i in range(c.num_layers):
         s, t = f"blk.{i}.", f"layers.{i}."
@@ -289,12 +323,12 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
                       norm(s + "post_ffw_norm.weight", t + "post_mlp_norm.weight")]
         else:
             rules.append(norm(s + "ffn_norm.weight", t + "mlp_norm.weight"))
-        attention = (("attn_q", "q", c.num_heads, c.qkv_bias), ("attn_k", "k", c.num_kv_heads, c.qkv_bias),
-                     ("attn_v", "v", None, c.qkv_bias), ("attn_output", "o", None, c.o_bias))
-        for src, proj, heads, bias in attention:
-            undo = _unpermute(heads) if permute and heads else None
-            for kind in ("weight", "bias") if bias else ("weight",):
-                rules.append(Rule(f"{t}attn.{proj}_proj.{kind}", (f"{s}{src}.{kind}",), undo))
+        undo = (_unpermute(c.num_heads), _unpermute(c.num_kv_heads), None) if permute else ()
+        for kind in ("weight", "bias") if c.qkv_bias else ("weight",):
+            sources = tuple(f"{s}{src}.{kind}" for src in ("attn_q", "attn_k", "attn_v"))
+            rules.append(fused(f"{t}attn.qkv_proj.{kind}", sources, qkv, undo))
+        for kind in ("weight", "bias") if c.o_bias else ("weight",):
+            rules.append(copy(f"{s}attn_output.{kind}", f"{t}attn.o_proj.{kind}"))
         if c.qk_norm:
             rules += [norm(s + "attn_q_norm.weight", t + "attn.q_norm.weight"),
                       norm(s + "attn_k_norm.weight", t + "attn.k_norm.weight")]
@@ -308,21 +342,20 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
             targets = {"weight": ("gate_proj", "up_proj", "down_proj"), "bias": ("gate_bias", "up_bias", "down_bias")}
             for kind in ("weight", "bias") if c.moe.expert_bias else ("weight",):
                 gate, up, down = (f"{t}mlp.{p}" for p in targets[kind])
-                fused = f"{s}ffn_gate_up_exps.{kind}"
-                if fused in names:  # --fuse-gate-up-exps: each expert's gate rows, then its up rows
-                    rules += [Rule(gate, (fused,), _rows(0, n, 1)), Rule(up, (fused,), _rows(n, 2 * n, 1))]
+                both = f"{s}ffn_gate_up_exps.{kind}"
+                if both in names:  # --fuse-gate-up-exps: each expert's gate rows, then its up rows
+                    rules += [Rule(gate, (both,), _rows(0, n, 1)), Rule(up, (both,), _rows(n, 2 * n, 1))]
                 else:
                     rules += [copy(f"{s}ffn_gate_exps.{kind}", gate), copy(f"{s}ffn_up_exps.{kind}", up)]
                 rules.append(copy(f"{s}ffn_down_exps.{kind}", down))
         else:
-            for src, proj in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
-                for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
-                    rules.append(copy(f"{s}{src}.{kind}", f"{t}mlp.{proj}.{kind}"))
+            for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
+                rules += [fused(f"{t}mlp.gate_up_proj.{kind}", (f"{s}ffn_gate.{kind}", f"{s}ffn_up.{kind}"), gate_up),
+                          copy(f"{s}ffn_down.{kind}", f"{t}mlp.down_proj.{kind}")]
     return rules
 
 
 def _gguf_gpt2_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
-    h = c.hidden_size
     rules = [copy("token_embd.weight", "embed.weight"), copy("position_embd.weight", "pos_embed.weight")]
     for kind in ("weight", "bias"):
         rules.append(copy(f"output_norm.{kind}", f"final_norm.{kind}"))
@@ -331,9 +364,8 @@ def _gguf_gpt2_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
             rules += [copy(f"{s}attn_norm.{kind}", f"{t}attn_norm.{kind}"),
                       copy(f"{s}ffn_norm.{kind}", f"{t}mlp_norm.{kind}")]
             # attn_qkv holds q | k | v along its rows; the converter already transposed GPT-2's Conv1D
-            rules += [Rule(f"{t}attn.{p}_proj.{kind}", (f"{s}attn_qkv.{kind}",), _rows(j * h, (j + 1) * h))
-                      for j, p in enumerate("qkv")]
-            rules += [copy(f"{s}attn_output.{kind}", f"{t}attn.o_proj.{kind}"),
+            rules += [copy(f"{s}attn_qkv.{kind}", f"{t}attn.qkv_proj.{kind}"),
+                      copy(f"{s}attn_output.{kind}", f"{t}attn.o_proj.{kind}"),
                       copy(f"{s}ffn_up.{kind}", f"{t}mlp.up_proj.{kind}"),
                       copy(f"{s}ffn_down.{kind}", f"{t}mlp.down_proj.{kind}")]
     return rules

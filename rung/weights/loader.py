@@ -22,6 +22,7 @@ import json
 import torch
 
 from rung.config import ModelConfig
+from rung.kernels.rewrite import attach_kernels
 from rung.model import Decoder
 from rung.model.decoder import meta_decoder
 from rung.weights.gguf import GGUFError, GGUFFile, read_gguf
@@ -55,7 +56,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
 
     ``fast``: a float32 model on the CPU gets fused projections and rung's native kernels
     (rung/quant/rewrite.py; the same logits up to float rounding), as ``LLM`` asks for; by default
-    the model keeps the plain layout, one parameter per checkpoint tensor."""
+    the model keeps the plain layout (q|k|v and gate|up fused at load). Either way the kernels for
+    its device are attached (rung/kernels/rewrite.py: the same function, computed faster)."""
     from rung.quant.rewrite import pack_model, packed_targets
     from rung.quant.spec import parse_spec
 
@@ -68,19 +70,19 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     if path.is_dir() and is_packed_checkpoint(path):  # written by rung quantize: loads as it was saved
         if spec is not None and spec.weights:
             raise ValueError(f"{path}: already a packed checkpoint; load it without @{spec.format_name}")
-        return load_packed(path, device)
+        return attach_kernels(load_packed(path, device))
     if spec is not None and spec.weights and path.is_file():
         # a GGUF keeps its blocks where rung's format holds them; nothing is expanded to float first
         with read_gguf(path) as gf:
             targets = packed_targets(meta_decoder(config_from_gguf(gf)), spec.weights, spec.group)
         model, packed = load_gguf_model(path, dtype, device, progress, packed_formats=targets)
-        return pack_model(model, spec.weights, spec.group, packed=packed)
+        return attach_kernels(pack_model(model, spec.weights, spec.group, packed=packed))
     model = _load(path, dtype, device, progress)
     if spec is not None and spec.weights:
         pack_model(model, spec.weights, spec.group)
     elif fast and resolve_dtype(dtype) == torch.float32 and torch.device(device).type == "cpu":
         pack_model(model, "f32")
-    return model
+    return attach_kernels(model)
 
 
 def _load(path: Path, dtype, device, progress) -> Decoder:
@@ -153,10 +155,10 @@ def plan(config: ModelConfig, checkpoint: SafetensorsFolder) -> list[Rule]:
             raise CheckpointError(f"{where}: maps to unknown parameter {rule.target} (key map out of date)")
         metas = [_meta_tensor(checkpoint, s, rule, config) for s in rule.sources]
 
-        def misfit(message: str, have=metas[0].shape, need=target.shape) -> CheckpointError:
+        def misfit(message: str, have, need) -> CheckpointError:
             return CheckpointError(message + _fields_behind(config, need, have))
 
-        value = converted(rule, metas, target.shape, where, config.model_type, misfit)
+        value = converted(rule, metas, target.shape, checkpoint.where, config.model_type, misfit)
         if not value.dtype.is_floating_point:
             raise CheckpointError(f"{where}: converts to {value.dtype}; {config.model_type} parameter "
                                   f"{rule.target} needs floating-point values")
@@ -215,9 +217,8 @@ def fill_parameters(model: Decoder, rules: list[Rule], checkpoint: SafetensorsFo
     family = model.config.model_type
     for done, rule in enumerate(rules, 1):
         tensors = [checkpoint.read(s) for s in rule.sources]
-        where = f"{checkpoint.file_of[rule.sources[0]]}: tensor {rule.sources[0]!r}"
         target = params[rule.target]
-        value = converted(rule, tensors, target.shape, where, family, CheckpointError)
+        value = converted(rule, tensors, target.shape, checkpoint.where, family, lambda msg, *_: CheckpointError(msg))
         with torch.no_grad():
             target.copy_(value)
         if progress:
@@ -243,7 +244,8 @@ def _check_plan(model: Decoder, gf: GGUFFile, rules: list[Rule], consumed: set[s
         if target is None:
             raise GGUFError(f"{where} maps to unknown parameter {rule.target} (key map out of date)")
         metas = [torch.empty(gf.tensors[s][0], device="meta") for s in rule.sources]
-        converted(rule, metas, target.shape, where, arch, GGUFError)  # shapes checked before any read
+        # shapes checked before any read
+        converted(rule, metas, target.shape, lambda s: f"{gf.path}: tensor {s!r}", arch, lambda msg, *_: GGUFError(msg))
         used.update(rule.sources)
         filled.add(rule.target)
     unexpected = sorted(set(gf.tensors) - used)
@@ -255,23 +257,34 @@ def _check_plan(model: Decoder, gf: GGUFFile, rules: list[Rule], consumed: set[s
         raise GGUFError(f"{gf.path}: no tensor for parameter {unfilled[0]}")
 
 
-def _kept(gf: GGUFFile, rule: Rule, fmt: str, group: int | None, shape: torch.Size):
-    """The packed weight of ``rule`` straight from its GGUF blocks, when they are already in
-    ``fmt`` (Q4_0/Q4_1 → q4, Q8_0 → q8, groups of 32) and the rule only reorders rows (llama.cpp's
-    Q/K permutation); else None."""
-    from rung.quant.formats import from_gguf_blocks
+GGUF_KEPT = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}  # GGUF block types rung's formats hold exactly
 
-    kind, raw = gf.raw(rule.sources[0])
-    if len(rule.sources) != 1 or {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8"}.get(kind) != fmt or group not in (None, 32):
+
+def _kept(gf: GGUFFile, rule: Rule, fmt: str, group: int | None, shape: torch.Size):
+    """The packed weight of ``rule`` straight from its GGUF blocks, when every source is already
+    in ``fmt`` (Q4_0/Q4_1 → q4, Q8_0 → q8, groups of 32) and the rule only stacks and reorders
+    rows (q|k|v and gate|up fused, llama.cpp's Q/K permutation); else None (the caller quantizes
+    the converted float values: a fused projection whose parts differ in type is re-quantized as a
+    whole, one format for all of its rows, as the separate parts' packed layers were before)."""
+    from rung.quant.formats import cat_rows, from_gguf_blocks
+
+    if group not in (None, 32):
         return None
-    source_shape = gf.tensors[rule.sources[0]][0]
-    if len(source_shape) != 2 or tuple(source_shape) != tuple(shape):
+    parts = []
+    for source in rule.sources:
+        kind, raw = gf.raw(source)
+        source_shape = tuple(gf.tensors[source][0])
+        if GGUF_KEPT.get(kind) != fmt or len(source_shape) != 2 or source_shape[1] != shape[1]:
+            return None
+        parts.append(from_gguf_blocks(kind, raw, source_shape))
+    packed = cat_rows(parts)
+    if packed.shape != tuple(shape):
         return None
-    packed = from_gguf_blocks(kind, raw, tuple(source_shape))
     if rule.convert is None:
         return packed
-    # a row permutation is found by running the conversion on the row numbers
-    order = rule.convert(torch.arange(shape[0], dtype=torch.float32)[:, None])
+    # the rows' order is found by running the conversion on the (stacked) row numbers
+    starts = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
+    order = rule.convert(*(torch.arange(a, a + p.shape[0], dtype=torch.float32)[:, None] for a, p in zip(starts, parts)))
     if order.shape != (shape[0], 1):
         return None
     return packed.permute_rows(order[:, 0].long())
@@ -322,4 +335,6 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
             if progress:
                 progress(done, len(rules))
     model = model.requires_grad_(False).eval()
-    return (model, packed) if packed_formats is not None else model
+    if packed_formats is not None:
+        return model, packed  # load_model packs it, then attaches the kernels
+    return attach_kernels(model)

@@ -1,5 +1,5 @@
 """MXFP4 (OCP microscaling FP4) as gpt-oss ships its expert weights: the format itself lives in
-kernels/mxfp4.py (the MoE decodes it on the fly); quantizing, for tests and for writing
+model/mxfp4.py (the MoE decodes it on the fly); quantizing, for tests and for writing
 checkpoints, lives here.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from rung.kernels.mxfp4 import FP4_VALUES, dequantize_mxfp4
+from rung.model.mxfp4 import FP4_VALUES, dequantize_mxfp4
 
 __all__ = ["FP4_VALUES", "dequantize_mxfp4", "quantize_mxfp4"]
 

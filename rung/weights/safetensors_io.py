@@ -154,6 +154,10 @@ class SafetensorsFolder:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    def where(self, name: str) -> str:
+        """A tensor as errors name it: its file and name."""
+        return f"{self.file_of[name]}: tensor {name!r}"
+
     def names(self) -> list[str]:
         return list(self.entries)
 

@@ -4,7 +4,8 @@ Blocks of 32 consecutive values along the last (input) axis share one E8M0 scale
 each byte of ``*_blocks`` holds two E2M1 values, the low nibble the even element and the high
 nibble the odd one. Every decoded value is m·2^k with at most two significant bits, so decoding to
 bfloat16 or float32 is exact. Here, below the model, because the MoE keeps experts packed and
-dequantizes them on the fly where no kernel does it for it.
+dequantizes them on the fly (model/moe.py's ExpertWeights); the fused MoE kernels decode the
+same bytes in registers (kernels/triton_moe.py).
 """
 
 from __future__ import annotations
