@@ -60,7 +60,7 @@ def tiny_folder(tmp_path_factory):
 
 def test_core_loads_generates_and_quantizes_with_no_extra_installed(tiny_folder, tmp_path):
     out = tmp_path / "int8"
-    res = without(EXTRA_MODULES, f"""
+    res = without(set(EXTRA_MODULES) - {"yaml"}, f"""  # yaml: the gguf package (core) imports it
 import rung
 from rung import LLM, SamplingParams
 text = LLM({str(tiny_folder)!r}).generate("Hello", SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].text
