@@ -5,7 +5,7 @@ each byte of ``*_blocks`` holds two E2M1 values, the low nibble the even element
 nibble the odd one. Every decoded value is m·2^k with at most two significant bits, so decoding to
 bfloat16 or float32 is exact. Here, below the model, because the MoE keeps experts packed and
 dequantizes them on the fly (model/moe.py's ExpertWeights); the fused MoE kernels decode the
-same bytes in registers (kernels/triton_moe.py).
+same bytes in registers (the fused MoE kernels under rung/kernels/).
 """
 
 from __future__ import annotations
