@@ -102,3 +102,21 @@ def test_shard_plan_replicates_kv_heads_when_fewer_than_ranks():
     assert plans[3].slice("embed.weight", embed).flatten().tolist() == [9.0, 10.0, 0.0]
     with pytest.raises(ShardError, match="one must divide the other"):
         ShardPlan(config.__class__(**{**config.__dict__, "num_kv_heads": 6, "num_heads": 24}), 0, 4)
+
+
+def test_rung_serve_with_two_ranks_answers_as_one_process(tmp_path):
+    from openai import OpenAI
+
+    from serve_helpers import rung_serve
+
+    folder = tiny_chat_model(tmp_path)
+    answers = []
+    for tp in ("1", "2"):
+        with rung_serve(["-m", str(folder), "--tensor-parallel-size", tp], tmp_path / f"serve{tp}.log",
+                        f"rung serve -tp {tp}") as (port, proc):
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+            reply = client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": "Hello"}],
+                                                   max_tokens=8, temperature=0)
+            answers.append(reply.choices[0].message.content)
+        assert proc.wait(timeout=30) is not None
+    assert answers[0] == answers[1]
