@@ -120,3 +120,32 @@ def test_rung_serve_with_two_ranks_answers_as_one_process(tmp_path):
             answers.append(reply.choices[0].message.content)
         assert proc.wait(timeout=30) is not None
     assert answers[0] == answers[1]
+
+
+def test_gguf_q4_blocks_kept_and_split_on_group_bounds_match_one_process(tmp_path):
+    """A GGUF's Q4_0 blocks are kept packed and each rank takes its rows (q|k|v, gate|up) or its
+    groups of columns (o, down); the 101-row vocabulary pads to 51 rows a rank."""
+    from gguf import GGMLQuantizationType as Q
+
+    from oracle import hf_model
+    from rung.distributed.workers import TensorParallelGroup
+    from rung.weights.loader import load_model
+    from test_gguf_convert import write_gguf
+
+    reference = hf_model(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=101, max_position_embeddings=64))
+    path = tmp_path / "tiny-q4_0.gguf"
+    write_gguf(path, reference, quant=lambda name, a: Q.Q4_0 if a.ndim == 2 and a.shape[1] % 32 == 0 else Q.F32)
+    spec = f"{path}@int4"
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 100]])
+    with torch.inference_mode():
+        expected = load_model(spec)(ids)
+    group, shard = TensorParallelGroup.start(spec, 2)
+    try:
+        assert shard.layers[0].attn.qkv_proj.fmt == "q4" and shard.layers[0].attn.o_proj.in_features == 32
+        with torch.inference_mode():
+            got = group.forward(shard, ids)
+    finally:
+        group.shutdown()
+    assert got.shape == expected.shape == (1, 8, 101)
+    assert (got - expected).abs().max().item() < 1e-5
