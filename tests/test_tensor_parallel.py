@@ -149,3 +149,21 @@ def test_gguf_q4_blocks_kept_and_split_on_group_bounds_match_one_process(tmp_pat
         group.shutdown()
     assert got.shape == expected.shape == (1, 8, 101)
     assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_rung_bench_runs_a_candidate_over_two_ranks_with_the_same_answers(tmp_path):
+    from rung.bench.run import BenchSettings, run_bench
+    from rung.bench.suite import suite_from_dict
+
+    folder = str(tiny_chat_model(tmp_path))
+    suite = suite_from_dict({"name": "t", "cases": [
+        {"id": "a", "prompt": "Hello world", "expect": {"contains": "x"}, "max_tokens": 6},
+        {"id": "b", "prompt": "the quick brown fox", "expect": {"contains": "y"}, "max_tokens": 6},
+        {"id": "ppl", "text": "The cat sat on the mat.", "expect": {"perplexity": 1e9}}]})
+    outputs = []
+    for tp in (1, 2):
+        settings = BenchSettings(concurrency=2, isolate=False, tensor_parallel_size=tp)
+        [run] = run_bench([folder], suite, settings)
+        outputs.append([(c.case_id, [s.text for s in c.samples]) for c in run.cases])
+        assert ("tensor_parallel_size" in settings.key(suite)) == (tp == 2)
+    assert outputs[0] == outputs[1]

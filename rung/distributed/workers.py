@@ -125,6 +125,7 @@ class TensorParallelGroup:
             _init(0, world, port, device, timeout_s)
             shard = load_model(model, dtype=dtype, device=_rank_device(device, 0), fast=fast, tensor_parallel=(0, world))
             group._wait_ready()
+            shard.register_forward_pre_hook(group._mirror_forward, with_kwargs=True)
         except BaseException:
             group.shutdown()
             raise
@@ -182,10 +183,18 @@ class TensorParallelGroup:
         return DriverRunner(runner, self)
 
     def forward(self, model, ids: torch.Tensor) -> torch.Tensor:
-        """A full forward pass (no cache) on every rank; rank 0's logits [b, t, vocab]."""
-        b, t = ids.shape
-        self.send(control(FORWARD, b, t) + ids.reshape(-1).to(torch.int64).numpy().tobytes())
+        """A full forward pass (no cache) on every rank; rank 0's logits [b, t, vocab]. The same as
+        calling rank 0's model: its pre-hook (``_mirror_forward``) sends the pass to the workers."""
         return self._guard(lambda: model(ids.to(_rank_device(self.device, 0))))
+
+    def _mirror_forward(self, model, args, kwargs):
+        """Rank 0's ``model(ids)`` (perplexity, a test) runs on every rank: the workers are sent the
+        ids first. The engine's steps do not come here (the runner calls hidden_states/logits)."""
+        ids = args[0] if args else kwargs["input_ids"]
+        if (args[1:] and args[1] is not None) or kwargs.get("cache") is not None:
+            raise ValueError("a tensor-parallel model runs cached steps through its engine only; call it without a cache")
+        b, t = ids.shape
+        self.send(control(FORWARD, b, t) + ids.reshape(-1).to(torch.int64).cpu().numpy().tobytes())
 
     def _guard(self, fn):
         try:
