@@ -100,11 +100,13 @@ class TensorParallelGroup:
 
     @classmethod
     def start(cls, model: str, world: int, dtype: str = "float32", device: str = "cpu", fast: bool = True,
-              timeout_s: float = DEFAULT_TIMEOUT_S):
-        """Start ranks 1..world-1, join the group as rank 0, load rank 0's shard. → (group, model)."""
-        import torch.multiprocessing as mp
+              timeout_s: float = DEFAULT_TIMEOUT_S, loader: str | None = None):
+        """Start ranks 1..world-1, join the group as rank 0, load rank 0's shard. → (group, model).
 
-        from rung.weights.loader import load_model
+        ``loader``: "module:function" called as function(model, dtype, device, rank, world) in every
+        rank instead of load_model (benchmarks/gpu_tp.py builds random shards at real shapes); it
+        returns the shard with its collectives attached."""
+        import torch.multiprocessing as mp
 
         if world < 2:
             raise ValueError(f"tensor_parallel_size must be at least 2 for a group, got {world}")
@@ -115,7 +117,8 @@ class TensorParallelGroup:
         port = free_port()
         for rank in range(1, world):
             ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(rank, world, port, str(model), dtype, device, fast, timeout_s, theirs),
+            p = ctx.Process(target=_worker_main,
+                            args=(rank, world, port, str(model), dtype, device, fast, timeout_s, theirs, loader),
                             daemon=True, name=f"rung-tp-rank{rank}")
             p.start()
             theirs.close()
@@ -123,7 +126,7 @@ class TensorParallelGroup:
             group.pipes.append(ours)
         try:
             _init(0, world, port, device, timeout_s)
-            shard = load_model(model, dtype=dtype, device=_rank_device(device, 0), fast=fast, tensor_parallel=(0, world))
+            shard = _load_shard(model, dtype, device, fast, 0, world, loader)
             group._wait_ready()
             shard.register_forward_pre_hook(group._mirror_forward, with_kwargs=True)
         except BaseException:
@@ -257,11 +260,11 @@ def _init(rank: int, world: int, port: int, device: str, timeout_s: float) -> No
                             world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
-def _worker_main(rank, world, port, model, dtype, device, fast, timeout_s, pipe) -> None:
+def _worker_main(rank, world, port, model, dtype, device, fast, timeout_s, pipe, loader=None) -> None:
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
         _init(rank, world, port, device, timeout_s)
-        shard = _load_shard(model, dtype, device, fast, rank, world)
+        shard = _load_shard(model, dtype, device, fast, rank, world, loader)
         pipe.send_bytes(b"ready")
         _serve(shard, _rank_device(device, rank), pipe)
     except (EOFError, OSError):
@@ -278,7 +281,12 @@ def _worker_main(rank, world, port, model, dtype, device, fast, timeout_s, pipe)
             dist.destroy_process_group()
 
 
-def _load_shard(model, dtype, device, fast, rank, world):
+def _load_shard(model, dtype, device, fast, rank, world, loader=None):
+    if loader is not None:
+        import importlib
+
+        module, _, function = loader.partition(":")
+        return getattr(importlib.import_module(module), function)(model, dtype, _rank_device(device, rank), rank, world)
     from rung.weights.loader import load_model
 
     return load_model(model, dtype=dtype, device=_rank_device(device, rank), fast=fast, tensor_parallel=(rank, world))
