@@ -167,3 +167,21 @@ def test_rung_bench_runs_a_candidate_over_two_ranks_with_the_same_answers(tmp_pa
         outputs.append([(c.case_id, [s.text for s in c.samples]) for c in run.cases])
         assert ("tensor_parallel_size" in settings.key(suite)) == (tp == 2)
     assert outputs[0] == outputs[1]
+
+
+def test_a_parameter_without_a_rule_is_refused_by_name():
+    """A family whose norm spans the whole q projection (OLMo 2's QK-norm) would be split wrongly
+    as a replicated head_dim vector: the plan names it instead."""
+    from torch import nn
+
+    from rung.config import ModelConfig
+    from rung.distributed.shard import check_shardable
+    from rung.model.decoder import meta_decoder
+
+    config = ModelConfig(model_type="llama", vocab_size=11, hidden_size=32, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=8, intermediate_size=8, qk_norm=True)
+    model = meta_decoder(config)
+    check_shardable(ShardPlan(config, 0, 2), model)  # per-head norms: fine
+    model.layers[0].attn.q_norm.weight = nn.Parameter(torch.empty(32, device="meta"))  # over all 4 heads
+    with pytest.raises(ShardError, match=r"layers.0.attn.q_norm.weight \[32\] has no tensor-parallel rule"):
+        check_shardable(ShardPlan(config, 0, 2), model)

@@ -179,6 +179,31 @@ class ShardPlan:
 
 
 ROW_PARALLEL_BIASES = ("attn.o_proj.bias", "mlp.down_proj.bias", "mlp.down_bias")
+SPLIT = {"embed.weight", "lm_head.weight", "attn.qkv_proj.weight", "attn.qkv_proj.bias", "attn.o_proj.weight",
+         "attn.sinks", "mlp.gate_up_proj.weight", "mlp.gate_up_proj.bias", "mlp.up_proj.weight", "mlp.up_proj.bias",
+         "mlp.down_proj.weight", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.gate_bias", "mlp.up_bias",
+         *ROW_PARALLEL_BIASES}
+# the same on every rank: norms over the hidden size, the router, learned positions
+REPLICATED = {"attn_norm.weight", "attn_norm.bias", "mlp_norm.weight", "mlp_norm.bias", "post_attn_norm.weight",
+              "post_mlp_norm.weight", "final_norm.weight", "final_norm.bias", "embed_norm.weight", "embed_norm.bias",
+              "mlp.router.weight", "mlp.router.bias", "pos_embed.weight"}
+PER_HEAD = {"attn.q_norm.weight", "attn.k_norm.weight"}  # replicated only while they are one head_dim vector
+
+
+def check_shardable(plan: ShardPlan, full_model) -> None:
+    """Every parameter of the full model has a rule here: a family added later whose parameter has
+    none (a norm over the whole q projection, a latent attention) is refused by name rather than
+    split wrongly."""
+    if plan.world == 1:
+        return
+    for name, p in full_model.named_parameters():
+        leaf = _leaf(name)
+        if leaf in SPLIT or leaf in REPLICATED:
+            continue
+        if leaf in PER_HEAD and tuple(p.shape) == (plan.config.head_dim,):
+            continue
+        raise ShardError(f"{plan.config.model_type}: parameter {name} {list(p.shape)} has no tensor-parallel rule; "
+                         "this family cannot be split over ranks yet")
 
 
 def _leaf(name: str) -> str:
@@ -211,6 +236,7 @@ def sharded_meta_decoder(plan: ShardPlan):
     from rung.model.attention import alibi_slopes
     from rung.model.decoder import meta_decoder
 
+    check_shardable(plan, meta_decoder(plan.config))
     local = plan.local_config()
     model = meta_decoder(dataclasses.replace(local, vocab_size=plan.vocab_rows))
     model.config = local
