@@ -67,17 +67,33 @@ class LLM:
     ``model``: a built-in name (``smollm2-135m``, ``gemma3-270m``), a .gguf file or a Hugging Face
     folder, optionally with a format: ``smollm2-135m@int4`` (rung/quant/spec.py). Nothing is downloaded. ``engine_options`` go to EngineConfig (kv_cache_bytes,
     block_size, max_batch_tokens, max_seqs, preempt, prefix_caching).
+
+    ``tensor_parallel_size``: split the model over that many processes on this host (vLLM's name;
+    rung/distributed/): this process is rank 0 and schedules and samples, ranks 1..N-1 are worker
+    processes, NCCL between GPUs (one per rank) and gloo on the CPU. ``shutdown()`` stops them.
     """
 
     def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", tokenizer: str | Path | None = None,
-                 seed: int = 0, max_model_len: int | None = None, progress=None, **engine_options):
+                 seed: int = 0, max_model_len: int | None = None, progress=None, tensor_parallel_size: int = 1,
+                 **engine_options):
         from rung.quant.spec import parse_spec
         from rung.weights.loader import load_model
         from rung.weights.resolve import resolve_model
 
         self.spec = parse_spec(str(model))
         self.path = resolve_model(self.spec.model)
-        self.model = load_model(str(model), dtype=dtype, device=device, progress=progress, fast=True)
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
+        self.tensor_parallel_size, self.tp_group = tensor_parallel_size, None
+        if tensor_parallel_size > 1:
+            from rung.distributed.workers import TensorParallelGroup
+
+            # the workers follow rank 0 step by step: no native whole-step decode, no graphs, no swap
+            engine_options = {**engine_options, "cpu_decode": False, "cuda_graphs": False, "overlap": False,
+                              "preempt": "recompute"}
+            self.tp_group, self.model = TensorParallelGroup.start(str(model), tensor_parallel_size, dtype, device)
+        else:
+            self.model = load_model(str(model), dtype=dtype, device=device, progress=progress, fast=True)
         self.device = torch.device(device)
         self.config = self.model.config
         self.tokenizer = _tokenizer_for(resolve_model(tokenizer) if tokenizer else self.path)
@@ -200,9 +216,24 @@ class LLM:
         if self._engine is None:
             from rung.engine.engine import Engine, EngineConfig
 
-            self._engine = Engine(self.model, self.tokenizer, EngineConfig(**self._engine_options),
-                                  seed=self._seed, max_model_len=self.max_model_len)
+            engine = Engine(self.model, self.tokenizer, EngineConfig(**self._engine_options),
+                            seed=self._seed, max_model_len=self.max_model_len)
+            if self.tp_group is not None:
+                engine.runner = self.tp_group.driver(engine.runner, engine.pool)
+            self._engine = engine
         return self._engine
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a one-process LLM has nothing to stop)."""
+        if self.tp_group is not None:
+            self.tp_group.shutdown()
+            self.tp_group = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
 
 def _apply(out: RequestOutput, d, start: float) -> None:

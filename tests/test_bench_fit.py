@@ -61,3 +61,22 @@ def test_bad_budget_is_a_one_line_error(capsys):
     assert main(["fit", "--memory", "lots"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rung: error: --memory:") and err.count("\n") == 1
+
+
+def test_gpus_give_the_per_rank_plan(capsys):
+    one = {f.format: f for f in plan(32768, 1, ["qwen3-235b-a22b"], ["bf16"])}["bf16"]
+    four = {f.format: f for f in plan(32768, 1, ["qwen3-235b-a22b"], ["bf16"], gpus=4)}["bf16"]
+    eight = {f.format: f for f in plan(32768, 1, ["qwen3-235b-a22b"], ["bf16"], gpus=8)}["bf16"]
+    # 4 KV heads: split 4 ways, and at 8 ranks each rank holds one head, replicated (1/4 of the cache)
+    assert four.kv_bytes == one.kv_bytes // 4 and eight.kv_bytes == one.kv_bytes // 4
+    # 94 layers × 2 × 4096 × 512 bf16 k/v projection bytes are replicated twice at 8 ranks
+    kv_proj = 94 * 2 * 4096 * 512 * 2
+    assert abs(four.weight_bytes - one.weight_bytes / 4) <= 1
+    assert abs(eight.weight_bytes - (one.weight_bytes / 8 + kv_proj * (1 / 4 - 1 / 8))) <= 1
+    assert not one.fits(141 * 10**9, 32768) and four.fits(141 * 10**9, 32768)
+    # 64 query heads do not split 3 ways
+    [three] = plan(4096, 1, ["qwen3-235b-a22b"], ["bf16"], gpus=3)
+    assert not three.splits and not three.fits(10**15, 4096)
+    rows = _fit_json(capsys, "--memory", "141GB", "--gpus", "4", "--context", "32768", "qwen3-235b-a22b", "--format", "bf16")
+    assert rows[0]["gpus"] == 4 and rows[0]["fits"]
+    assert main(["fit", "--memory", "141GB", "--gpus", "0"]) == 2

@@ -88,8 +88,9 @@ class LocalCandidate:
     kind = "local"
 
     def __init__(self, spec: str, device: str = "cpu", dtype: str | None = None, kv_cache_bytes: int | None = None,
-                 progress=None):
+                 progress=None, tensor_parallel_size: int = 1):
         self.name, self.device, self.dtype = spec, device, dtype
+        self.tensor_parallel_size = tensor_parallel_size
         self.kv_cache_bytes, self.progress = kv_cache_bytes, progress
         self.llm = None
         self.info: CandidateInfo | None = None
@@ -119,6 +120,8 @@ class LocalCandidate:
         options = {"dtype": self.dtype} if self.dtype else {}
         if self.kv_cache_bytes:
             options["kv_cache_bytes"] = self.kv_cache_bytes
+        if self.tensor_parallel_size > 1:  # rank 0 here, the other ranks in their own processes
+            options["tensor_parallel_size"] = self.tensor_parallel_size
         self.llm = LLM(self.name, device=self.device, progress=self.progress, **options)
         self._before = before
         self.info = describe_local(self.name, self.llm, time.perf_counter() - start, self.device)
@@ -228,6 +231,8 @@ class LocalCandidate:
         self.info.model_memory_bytes = max(0, peak - self._before) if peak else None
 
     def close(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
         self.llm = None
 
 

@@ -343,6 +343,8 @@ def deploy(decision: Decision, runs: list[CandidateRun], req: Requirements, sett
         parts += ["--dtype", str(settings["dtype"])]
     if settings.get("device") and settings["device"] != "cpu":
         parts += ["--device", str(settings["device"])]
+    if (settings.get("tensor_parallel_size") or 1) > 1:
+        parts += ["--tensor-parallel-size", str(settings["tensor_parallel_size"])]
     verifier = settings.get("verifier")
     if verifier:
         parts += ["--verifier", _quote(verifier["spec"]), "--verify-threshold", f"{verifier['threshold']:g}"]

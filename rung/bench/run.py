@@ -38,6 +38,8 @@ class BenchSettings:
     _verifier: Any = field(default=None, repr=False, compare=False)
     # --repeats: runs of every case (overrides the suite's `repeats:`); not in the key, each repeat has its own
     repeats: int | None = None
+    # --tensor-parallel-size: local candidates split over that many processes (rung/distributed/)
+    tensor_parallel_size: int = 1
 
     def repeats_of(self, case: Case) -> int:
         return self.repeats or case.repeats
@@ -48,6 +50,8 @@ class BenchSettings:
                          if c.type == "judge"})
         key = {"concurrency": self.concurrency, "seed": self.seed, "device": self.device, "dtype": self.dtype,
                "judges": judges, "rung": rung.__version__}
+        if self.tensor_parallel_size > 1:  # the same tokens, other timings and memory: its own results
+            key["tensor_parallel_size"] = self.tensor_parallel_size
         retrieval = self.retrieval(suite)
         if retrieval is not None:  # grounded and ungrounded runs are different results
             index, k, max_chars = retrieval
@@ -105,6 +109,8 @@ def make_candidate(spec: str, settings: BenchSettings, progress: Progress | None
     options: dict[str, Any] = {"device": settings.device}
     if settings.dtype:
         options["dtype"] = settings.dtype
+    if settings.tensor_parallel_size > 1:
+        options["tensor_parallel_size"] = settings.tensor_parallel_size
     loading = progress.loading if progress else None
     if settings.isolate:
         from rung.bench.worker import WorkerCandidate

@@ -42,6 +42,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 for local candidates (default: the spec's)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split each local candidate over N processes: N GPUs (NCCL) or CPU processes (gloo)")
     p.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
                    help="the price of the hardware local candidates run on (overrides the requirements)")
     p.add_argument("--in-process", action="store_true",
@@ -68,6 +70,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         raise CommandError("--concurrency must be at least 1")
+    if args.tensor_parallel_size < 1:
+        raise CommandError("--tensor-parallel-size must be at least 1")
     from rung.bench.suite import MAX_REPEATS
 
     if args.repeats is not None and not 1 <= args.repeats <= MAX_REPEATS:
@@ -114,7 +118,8 @@ def _bench(args: argparse.Namespace) -> int:
     settings = rb.BenchSettings(concurrency=args.concurrency, seed=args.seed, device=args.device, dtype=args.dtype,
                                 isolate=not args.in_process, rag=open_rag(args), rag_k=args.rag_k,
                                 rag_max_chars=args.rag_max_chars, verifier=args.verifier,
-                                verify_threshold=args.verify_threshold, repeats=args.repeats)
+                                verify_threshold=args.verify_threshold, repeats=args.repeats,
+                                tensor_parallel_size=args.tensor_parallel_size)
     retrieval = settings.retrieval(suite)  # a suite's `rag:` index is opened (and checked) here
     cache = ResultCache(args.cache_dir, enabled=not args.no_cache)
     console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160)

@@ -27,6 +27,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set RUNG_API_KEY)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N processes on this host: N GPUs (NCCL), or CPU processes (gloo)")
     p.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=None, help="the most tokens a request may ask for")
@@ -79,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     resolve_model(spec.model)  # an unknown name or path fails here, in one line, before the port opens
     rag = open_rag(args)  # so does a missing, damaged or hostile --rag index
-    for name in ("max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size",
+    for name in ("tensor_parallel_size", "max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size",
                  "max_request_bytes"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
@@ -122,6 +124,7 @@ def _run(args: argparse.Namespace) -> int:
                          max_model_len=args.max_model_len, max_tokens=args.max_tokens,
                          max_request_bytes=args.max_request_bytes, log_prompts=args.log_prompts, dtype=args.dtype,
                          device=args.device, seed=args.seed, engine=engine, rag=rag,
+                         tensor_parallel_size=args.tensor_parallel_size,
                          rag_k=args.rag_k or 4, rag_max_chars=args.rag_max_chars or 3000, policy=policy,
                          verifier=args.verifier, verify_threshold=args.verify_threshold,
                          verify_action=args.verify_action, redact=args.redact, redact_entities=redact_entities)

@@ -19,7 +19,7 @@ import threading
 import uuid
 from typing import AsyncIterator
 
-from rung.engine.engine import Delta, Engine, GenerationError
+from rung.engine.engine import Delta, Engine, EngineDeadError, GenerationError
 from rung.engine.sampling_params import SamplingParams
 
 BROKEN_AFTER = 3  # failed steps in a row (each failing its own requests) before the engine counts as broken
@@ -116,6 +116,8 @@ class AsyncEngine:
                     return
                 try:
                     deltas = self.engine.step()  # a failed sequence or step comes back as "error" deltas
+                except EngineDeadError:
+                    raise  # no step can run again (a tensor-parallel rank died): _loop fails every stream
                 except Exception as e:  # escaped the engine's own handling: fail every open stream, go on
                     self.engine.failed_steps += 1
                     self.engine.step_error = e

@@ -85,6 +85,11 @@ class RequestError(ValueError):
     """A request the engine refuses (empty, too long for the context or the cache)."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine cannot go on (vLLM's name): a tensor-parallel rank died, say. Unlike a failed
+    step, which fails its sequences and lets the engine go on, this propagates to the caller."""
+
+
 class GenerationError(RuntimeError):
     """A request that failed inside the engine (its sampling or its forward pass); the engine goes on."""
 
@@ -233,6 +238,8 @@ class Engine:
         try:
             self._propose()
             deltas = self._step()
+        except EngineDeadError:
+            raise
         except Exception as e:  # the step as a whole failed (its forward pass): its sequences end, not the engine
             self.failed_steps += 1
             self.step_error = e

@@ -46,6 +46,7 @@ class ServeConfig:
     log_prompts: bool = False
     dtype: str = "float32"
     device: str = "cpu"
+    tensor_parallel_size: int = 1  # ranks on this host (rung/distributed/): this process is rank 0
     seed: int = 0
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
     rag: Any = None  # a rung.rag.Index: chat requests are grounded in it (rung/serve/grounding.py)
@@ -111,7 +112,8 @@ class Server:
             c = self.config
             if c.redact:
                 self.redactor = self.request_redactor(c.redact_entities)
-            llm = LLM(c.model, dtype=c.dtype, device=c.device, seed=c.seed, max_model_len=c.max_model_len, **c.engine)
+            llm = LLM(c.model, dtype=c.dtype, device=c.device, seed=c.seed, max_model_len=c.max_model_len,
+                      tensor_parallel_size=c.tensor_parallel_size, **c.engine)
             self.template = chat_template_for("gpt_oss" if llm.config.model_type == "gpt_oss" else llm.tokenizer)
             self.family = family_for(llm.config.model_type, self.template)
             try:
@@ -151,6 +153,8 @@ class Server:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        if self.llm is not None:
+            self.llm.shutdown()  # tensor-parallel workers, if any
         self._prepare.shutdown(wait=False, cancel_futures=True)
 
     @property

@@ -22,6 +22,8 @@ import json
 import torch
 
 from rung.config import ModelConfig
+from rung.distributed.collectives import install_collectives
+from rung.distributed.shard import ShardPlan, sharded_meta_decoder
 from rung.kernels.rewrite import attach_kernels
 from rung.model import Decoder
 from rung.model.decoder import meta_decoder
@@ -49,7 +51,7 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               progress=None, fast: bool = False) -> Decoder:
+               progress=None, fast: bool = False, tensor_parallel: tuple[int, int] | None = None) -> Decoder:
     """Load a model: a built-in name (``smollm2-135m``, ``gemma3-270m``), a .gguf file or a Hugging
     Face folder, optionally with a format (``smollm2-135m@int4``: rung/quant/spec.py). Returns a
     Decoder in eval mode: model(ids [b, t]) → logits [b, t, vocab].
@@ -57,7 +59,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     ``fast``: a float32 model on the CPU gets fused projections and rung's native kernels
     (rung/quant/rewrite.py; the same logits up to float rounding), as ``LLM`` asks for; by default
     the model keeps the plain layout (q|k|v and gate|up fused at load). Either way the kernels for
-    its device are attached (rung/kernels/rewrite.py: the same function, computed faster)."""
+    its device are attached (rung/kernels/rewrite.py: the same function, computed faster).
+
+    ``tensor_parallel``: (rank, world) of a tensor-parallel group that has been initialised
+    (torch.distributed): this process builds and fills only its shard (rung/distributed/shard.py),
+    and the model's collectives are attached (rung/distributed/collectives.py)."""
     from rung.quant.rewrite import pack_model, packed_targets
     from rung.quant.spec import parse_spec
 
@@ -68,32 +74,65 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     from rung.quant.checkpoint import is_packed_checkpoint, load_packed
 
     if path.is_dir() and is_packed_checkpoint(path):  # written by rung quantize: loads as it was saved
+        if tensor_parallel is not None and tensor_parallel[1] > 1:
+            raise ValueError(f"{path}: a folder written by rung quantize cannot be split over ranks yet; load the "
+                             "original checkpoint with a format suffix (@int4, @int8) instead")
         if spec is not None and spec.weights:
             raise ValueError(f"{path}: already a packed checkpoint; load it without @{spec.format_name}")
         return attach_kernels(load_packed(path, device))
     if spec is not None and spec.weights and path.is_file():
         # a GGUF keeps its blocks where rung's format holds them; nothing is expanded to float first
         with read_gguf(path) as gf:
-            targets = packed_targets(meta_decoder(config_from_gguf(gf)), spec.weights, spec.group)
-        model, packed = load_gguf_model(path, dtype, device, progress, packed_formats=targets)
-        return attach_kernels(pack_model(model, spec.weights, spec.group, packed=packed))
-    model = _load(path, dtype, device, progress)
+            config = config_from_gguf(gf)
+            shard = _plan_for(config, tensor_parallel)
+            targets = packed_targets(meta_decoder(config) if shard is None else sharded_meta_decoder(shard),
+                                     spec.weights, spec.group)
+        model, packed = load_gguf_model(path, dtype, device, progress, packed_formats=targets,
+                                        tensor_parallel=tensor_parallel)
+        return _parallel(attach_kernels(pack_model(model, spec.weights, spec.group, packed=packed)), shard)
+    model = _load(path, dtype, device, progress, tensor_parallel)
     if spec is not None and spec.weights:
         pack_model(model, spec.weights, spec.group)
     elif fast and resolve_dtype(dtype) == torch.float32 and torch.device(device).type == "cpu":
         pack_model(model, "f32")
-    return attach_kernels(model)
+    return _parallel(attach_kernels(model), getattr(model, "_shard_plan", None))
 
 
-def _load(path: Path, dtype, device, progress) -> Decoder:
+def _plan_for(config: ModelConfig, tensor_parallel: tuple[int, int] | None):
+    """The rank's ShardPlan (None for one process)."""
+    if tensor_parallel is None or tensor_parallel[1] == 1:
+        return None
+    rank, world = tensor_parallel
+    return ShardPlan(config, rank, world)
+
+
+def _parallel(model: Decoder, shard) -> Decoder:
+    """The collectives, last (they hook the modules packing and kernels left in place)."""
+    if shard is None:
+        return model
+    model.__dict__.pop("_shard_plan", None)
+    return install_collectives(model, shard)
+
+
+def _empty(config: ModelConfig, dtype: torch.dtype, device, shard) -> Decoder:
+    """The whole model, or this rank's shard of it, with uninitialised parameters on ``device``."""
+    if shard is None:
+        return empty_model(config, dtype, device)
+    model = sharded_meta_decoder(shard).to(dtype).to_empty(device=device)
+    model._shard_plan = shard  # for load_model to attach the collectives after packing
+    return model
+
+
+def _load(path: Path, dtype, device, progress, tensor_parallel=None) -> Decoder:
     if path.is_file():
-        return load_gguf_model(path, dtype, device, progress)
+        return load_gguf_model(path, dtype, device, progress, tensor_parallel=tensor_parallel, _collectives=False)
     checkpoint = SafetensorsFolder(path)  # every header checked against its file; no tensor data read
     config = ModelConfig.from_hf(path)  # every field checked first (rung/config.py), layers capped at MAX_LAYERS
     check_declared_layers(path, checkpoint)
     rules = plan(config, checkpoint)
-    model = empty_model(config, resolve_dtype(dtype), device)  # the first allocation the config sizes
-    fill_parameters(model, rules, checkpoint, progress)
+    shard = _plan_for(config, tensor_parallel)
+    model = _empty(config, resolve_dtype(dtype), device, shard)  # the first allocation the config sizes
+    fill_parameters(model, rules, checkpoint, progress, shard)
     checkpoint.close()
     return model.requires_grad_(False).eval()
 
@@ -211,14 +250,20 @@ def _meta_tensor(checkpoint: SafetensorsFolder, name: str, rule: Rule, config: M
     return torch.empty(checkpoint.shape(name), dtype=dtype, device="meta")
 
 
-def fill_parameters(model: Decoder, rules: list[Rule], checkpoint: SafetensorsFolder, progress=None) -> None:
-    """Copy each planned rule's tensors into its parameter (``plan`` has checked them all)."""
+def fill_parameters(model: Decoder, rules: list[Rule], checkpoint: SafetensorsFolder, progress=None,
+                    shard=None) -> None:
+    """Copy each planned rule's tensors into its parameter (``plan`` has checked them all); with a
+    ShardPlan, only this rank's slice of each."""
     params = dict(model.named_parameters())
+    shapes = _full_shapes(model, shard)
     family = model.config.model_type
     for done, rule in enumerate(rules, 1):
         tensors = [checkpoint.read(s) for s in rule.sources]
         target = params[rule.target]
-        value = converted(rule, tensors, target.shape, checkpoint.where, family, lambda msg, *_: CheckpointError(msg))
+        value = converted(rule, tensors, shapes[rule.target], checkpoint.where, family,
+                          lambda msg, *_: CheckpointError(msg))
+        if shard is not None:
+            value = shard.slice(rule.target, value)
         with torch.no_grad():
             target.copy_(value)
         if progress:
@@ -292,22 +337,27 @@ def _kept(gf: GGUFFile, rule: Rule, fmt: str, group: int | None, shape: torch.Si
 
 def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
                     device: str | torch.device = "cpu", progress=None,
-                    packed_formats: dict[str, tuple[str, int | None]] | None = None):
+                    packed_formats: dict[str, tuple[str, int | None]] | None = None,
+                    tensor_parallel: tuple[int, int] | None = None, _collectives: bool = True):
     """A GGUF file → a rung Decoder in eval mode, dequantized tensor by tensor into ``dtype``.
     ``progress(done, total)`` is called after each parameter (for a progress bar).
 
     ``packed_formats`` (rung parameter → (format, group), from rung.quant's packed_targets):
     those weights come back packed instead, in a dict beside the model, GGUF blocks kept as they
     are where rung's format holds them exactly; their float parameters are never written (and
-    never take memory). Returns (model, packed) then."""
+    never take memory). Returns (model, packed) then.
+
+    ``tensor_parallel``: (rank, world): build and fill only this rank's shard (see load_model)."""
     torch_dtype = resolve_dtype(dtype)
     with read_gguf(path) as gf:
         config = config_from_gguf(gf)
         rules = gguf_rules(config, gf)
         consumed = {"rope_freqs.weight"} & set(gf.tensors)  # already folded into config.rope
         _check_plan(meta_decoder(config), gf, rules, consumed)
-        model = empty_model(config, torch_dtype, device)
+        shard = _plan_for(config, tensor_parallel)
+        model = _empty(config, torch_dtype, device, shard)
         params = dict(model.named_parameters())
+        shapes = _full_shapes(model, shard)
         packed = {}
         last_name, last = None, None  # gpt2's attn_qkv and fused experts feed several parameters in a row
         for done, rule in enumerate(rules, 1):
@@ -315,10 +365,13 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
                 from rung.quant.formats import quantize
 
                 fmt, group = packed_formats[rule.target]
-                kept = _kept(gf, rule, fmt, group, params[rule.target].shape)
+                kept = _kept(gf, rule, fmt, group, shapes[rule.target])
                 if kept is None:
                     tensors = [gf.read(s) for s in rule.sources]
-                    kept = quantize(rule.convert(*tensors) if rule.convert else tensors[0], fmt, group)
+                    value = rule.convert(*tensors) if rule.convert else tensors[0]
+                    kept = quantize(value if shard is None else shard.slice(rule.target, value), fmt, group)
+                elif shard is not None:
+                    kept = shard.slice_packed(rule.target, kept)
                 packed[rule.target] = kept
                 if progress:
                     progress(done, len(rules))
@@ -330,11 +383,20 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
                     last = gf.read(source)
                 tensors.append(last)
             value = rule.convert(*tensors) if rule.convert else tensors[0]
+            if shard is not None:
+                value = shard.slice(rule.target, value)
             with torch.no_grad():
                 params[rule.target].copy_(value)
             if progress:
                 progress(done, len(rules))
     model = model.requires_grad_(False).eval()
     if packed_formats is not None:
-        return model, packed  # load_model packs it, then attaches the kernels
-    return attach_kernels(model)
+        return model, packed  # load_model packs it, then attaches the kernels and collectives
+    model = attach_kernels(model)
+    return _parallel(model, shard) if _collectives else model
+
+
+def _full_shapes(model: Decoder, shard) -> dict[str, torch.Size]:
+    """The full model's parameter shapes (a shard's parameters hold slices of them)."""
+    source = model if shard is None else meta_decoder(shard.config)
+    return {name: p.shape for name, p in source.named_parameters()}
