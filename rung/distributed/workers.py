@@ -86,7 +86,11 @@ def free_port() -> int:
 
 
 def backend_for(device: str | torch.device) -> str:
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    """NCCL between GPUs, gloo on the CPU. ``RUNG_TP_BACKEND=gloo`` on CUDA lets ranks share GPUs
+    (rank r on GPU r mod count): slow, but it checks the GPU path of a split model on one card."""
+    if torch.device(device).type != "cuda":
+        return "gloo"
+    return os.environ.get("RUNG_TP_BACKEND", "nccl")
 
 
 class TensorParallelGroup:
@@ -110,7 +114,7 @@ class TensorParallelGroup:
 
         if world < 2:
             raise ValueError(f"tensor_parallel_size must be at least 2 for a group, got {world}")
-        if torch.device(device).type == "cuda" and torch.cuda.device_count() < world:
+        if backend_for(device) == "nccl" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs; {torch.cuda.device_count()} visible")
         group = cls(world, device, timeout_s)
         ctx = mp.get_context("spawn")
@@ -250,12 +254,12 @@ class DriverRunner:
 
 def _rank_device(device: str, rank: int) -> torch.device:
     d = torch.device(device)
-    return torch.device("cuda", rank) if d.type == "cuda" else d
+    return torch.device("cuda", rank % torch.cuda.device_count()) if d.type == "cuda" else d
 
 
 def _init(rank: int, world: int, port: int, device: str, timeout_s: float) -> None:
     if torch.device(device).type == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(_rank_device(device, rank))
     dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=timeout_s))
 
