@@ -105,7 +105,8 @@ def create_app(server: Server) -> FastAPI:
         if server.llm is not None:
             pool = server.llm.engine.pool
             total = pool.num_blocks * len(pool.groups)
-        body = server.metrics.render(stats, server.in_flight, not server.ready, total)
+        healthy = server.load_error is None and server.ready and server.engine.error is None
+        body = server.metrics.render(stats, server.in_flight, not server.ready, total, healthy)
         return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
