@@ -197,7 +197,7 @@ def _keep_evidence(run: CandidateRun, candidate, cache: ResultCache | None) -> N
 
     try:
         run.info.weights = weights_evidence(candidate.fingerprint(),
-                                            cache.directory / "sha256.json" if cache is not None else None)
+                                            cache.directory / "sha256.json" if cache is not None and cache.enabled else None)
     except (OSError, ValueError) as e:
         run.info.weights = {"sha256": None, "note": f"not hashed: {' '.join(str(e).split())}"}
 
