@@ -42,7 +42,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--speculative", choices=["ngram"], default=None, help="prompt-lookup speculative decoding")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
+    p.add_argument("--log-prompts", action="store_true",
+                   help="put prompt text in the request log lines (and in traces, as gen_ai.prompt)")
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="export one OpenTelemetry trace per request over OTLP/HTTP (e.g. http://localhost:4318; "
+                        "needs the otel extra)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (request lines are always logged)")
     rag_arguments(p)  # chat completions grounded in an index; replies carry rung.rag sources and citations
     g = p.add_argument_group("governance")
@@ -67,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     require("serve", what="rung serve")
     if args.redact:
         require("pii", what="rung serve --redact")
+    if args.otlp_traces_endpoint:
+        require("otel", what="rung serve --otlp-traces-endpoint")
     import uvicorn
 
     from rung.serve import logs
@@ -127,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
                          tensor_parallel_size=args.tensor_parallel_size,
                          rag_k=args.rag_k or 4, rag_max_chars=args.rag_max_chars or 3000, policy=policy,
                          verifier=args.verifier, verify_threshold=args.verify_threshold,
-                         verify_action=args.verify_action, redact=args.redact, redact_entities=redact_entities)
+                         verify_action=args.verify_action, redact=args.redact, redact_entities=redact_entities,
+                         otlp_traces_endpoint=args.otlp_traces_endpoint)
     logs.setup()
     server = Server(config)
     web = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port,

@@ -10,6 +10,8 @@ updates, whether it finished, failed, timed out or its client left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,6 +23,7 @@ from rung.serve.redaction import redaction_for
 from rung.serve.run import Run
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from rung.serve.server import Server
+from rung.serve.tracing import Trace
 
 
 def create_app(server: Server) -> FastAPI:
@@ -102,7 +105,8 @@ def create_app(server: Server) -> FastAPI:
         if server.llm is not None:
             pool = server.llm.engine.pool
             total = pool.num_blocks * len(pool.groups)
-        body = server.metrics.render(stats, server.in_flight, not server.ready, total)
+        healthy = server.load_error is None and server.ready and server.engine.error is None
+        body = server.metrics.render(stats, server.in_flight, not server.ready, total, healthy)
         return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -126,33 +130,57 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        principal = authorize(request)
-        raw = await body_of(request)
-        with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
-            req = await server.off_loop(parse_body, raw, ChatCompletionRequest)
-            server.check_model(req.model)
-            server.check_ready()
-            redaction = await redaction_for(server, req)  # before the template: the model sees placeholders
-            req = redaction.request if redaction else req
-            prepared = await server.off_loop(server.prepare_chat, req, principal)
-            run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal,
-                      redaction=redaction)
-            return await run.respond(request)
+        trace = Trace()
+        with traced_refusal(trace, "chat"):  # a request refused before it runs is a trace too (401, 429, 400)
+            principal = authorize(request)
+            raw = await body_of(request)
+            with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
+                req = await server.off_loop(parse_body, raw, ChatCompletionRequest)
+                server.check_model(req.model)
+                server.check_ready()
+                trace.add("admission", trace.start)
+                redaction = await redacted(req, trace)  # before the template: the model sees placeholders
+                req = redaction.request if redaction else req
+                prepared = await server.off_loop(server.prepare_chat, req, principal)
+                run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal,
+                          redaction=redaction, trace=trace)
+                return await run.respond(request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        raw = await body_of(request)
-        with server.admit():
-            req = await server.off_loop(parse_body, raw, CompletionRequest)
-            server.check_model(req.model)
-            server.check_ready()
-            redaction = await redaction_for(server, req)
-            req = redaction.request if redaction else req
-            prepared = await server.off_loop(server.prepare_completion, req)
-            run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared],
-                      redaction=redaction)
-            return await run.respond(request)
+        trace = Trace()
+        with traced_refusal(trace, "text_completion"):
+            authorize(request)
+            raw = await body_of(request)
+            with server.admit():
+                req = await server.off_loop(parse_body, raw, CompletionRequest)
+                server.check_model(req.model)
+                server.check_ready()
+                trace.add("admission", trace.start)
+                redaction = await redacted(req, trace)
+                req = redaction.request if redaction else req
+                prepared = await server.off_loop(server.prepare_completion, req)
+                run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared],
+                          redaction=redaction, trace=trace)
+                return await run.respond(request)
+
+    async def redacted(req, trace: Trace):
+        started = time.perf_counter()
+        redaction = await redaction_for(server, req)
+        if redaction is not None:
+            trace.add("redaction", started, entities=sum(redaction.counts.values()))
+        return redaction
+
+    @contextlib.contextmanager
+    def traced_refusal(trace: Trace, operation: str):
+        try:
+            yield
+        except APIError as e:
+            if server.tracing is not None and not trace.exported:  # a Run exports its own
+                server.tracing.export(trace, operation, server.config.name,
+                                      {"http.response.status_code": e.status, "error.type": e.code or str(e.status)},
+                                      error=e.message)
+            raise
 
     return app
 
