@@ -109,3 +109,42 @@ def test_the_flag_without_the_extra_is_one_line(monkeypatch, capsys):
     assert main(["serve", "--otlp-traces-endpoint", "http://localhost:4318"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("needs the otel extra (opentelemetry.sdk is not installed): pip install 'rung[otel]'")
+
+
+def test_rung_serve_exports_over_otlp_http_and_flushes_on_sigterm(folder, tmp_path):
+    """The flag end to end: a localhost sink stands in for the collector; the trace of a request
+    answered just before SIGTERM still arrives (uvicorn re-raises the signal after its shutdown,
+    so the flush happens in the app's lifespan)."""
+    import http.server
+    import json
+    import threading
+    import urllib.request
+
+    from serve_helpers import free_port, rung_serve
+
+    posts = []
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            posts.append((self.path, self.headers.get("content-type"), self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    sink = http.server.HTTPServer(("127.0.0.1", free_port()), Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        with rung_serve(["-m", str(folder), "--otlp-traces-endpoint", f"http://127.0.0.1:{sink.server_port}"],
+                        tmp_path / "serve.log", "rung serve with traces") as (port, proc):
+            body = json.dumps({"model": str(folder), "messages": [{"role": "user", "content": SECRET}],
+                               "max_tokens": 3}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            assert urllib.request.urlopen(req, timeout=60).status == 200
+        # rung_serve terminated it (SIGTERM) right after the answer
+    finally:
+        sink.shutdown()
+    assert [(p, t) for p, t, _ in posts] == [("/v1/traces", "application/x-protobuf")]
+    assert b"admission" in posts[0][2] and b"decode" in posts[0][2] and SECRET.encode() not in posts[0][2]

@@ -27,7 +27,15 @@ from rung.serve.tracing import Trace
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="rung", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn re-raises SIGTERM once it has shut down, so `rung serve` never returns to its own
+        # cleanup: the last spans are flushed here, during the graceful shutdown
+        if server.tracing is not None:
+            await asyncio.to_thread(server.tracing.flush)
+
+    app = FastAPI(title="rung", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
 
     @app.exception_handler(APIError)

@@ -127,6 +127,9 @@ class Tracing:
             span.end(end_time=self._ns(max(stop, start)))
         root.end(end_time=self._ns(end))
 
+    def flush(self, timeout_ms: int = 5000) -> None:
+        self.provider.force_flush(timeout_ms)
+
     def shutdown(self) -> None:
         self.provider.shutdown()  # flushes the batch
 
