@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
                          otlp_traces_endpoint=args.otlp_traces_endpoint)
     logs.setup()
     server = Server(config)
-    web = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port,
+    web = uvicorn.Server(uvicorn.Config(create_app(server, shutdown_with_app=True), host=args.host, port=args.port,
                                         log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5))
 
     def load() -> None:

@@ -26,13 +26,18 @@ from rung.serve.server import Server
 from rung.serve.tracing import Trace
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, shutdown_with_app: bool = False) -> FastAPI:
+    """``shutdown_with_app``: the app's shutdown (uvicorn's, on SIGTERM) also shuts the server down
+    (its engine, tensor-parallel workers, traces), as `rung serve` wants; tests that reuse one
+    server across several clients leave it off."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         # uvicorn re-raises SIGTERM once it has shut down, so `rung serve` never returns to its own
         # cleanup: the last spans are flushed here, during the graceful shutdown
-        if server.tracing is not None:
+        if shutdown_with_app:
+            await asyncio.to_thread(server.shutdown)
+        elif server.tracing is not None:
             await asyncio.to_thread(server.tracing.flush)
 
     app = FastAPI(title="rung", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)

@@ -160,6 +160,10 @@ class Server:
         return got
 
     def shutdown(self) -> None:
+        """Idempotent: the app's lifespan and `rung serve` may both call it."""
+        if getattr(self, "_shut", False):
+            return
+        self._shut = True
         if self.engine is not None:
             self.engine.shutdown()
         if self.llm is not None:
