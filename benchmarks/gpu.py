@@ -526,8 +526,9 @@ def rung_bench(name: str, args, bw: float) -> dict:
     for n in (128, 2048, long):
         if not n:
             continue
-        if n > 128:  # warm-up at this length once (kernel variants for longer tables)
-            engine.run([(prompt(c.vocab_size, min(n, 2048), next(seed)), greedy(1))])
+        if n > 128:  # warm-up once: kernel variants for longer tables, and past one step's chunk the
+            # flash kernel that continuing chunks take (kernels/paged_attention.py's prefill_kernel)
+            engine.run([(prompt(c.vocab_size, min(n, 2048 if n <= 8192 else 16384), next(seed)), greedy(1))])
         sync()
         t0 = time.perf_counter()
         engine.run([(prompt(c.vocab_size, n, next(seed)), greedy(1))])
@@ -570,7 +571,9 @@ def long_context_bench(args) -> dict:
                                                          max_batch_tokens=8192, max_seqs=4, prefix_caching=False),
                     max_model_len=n + new + 16)
     greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    engine.run([(prompt(config.vocab_size, min(4096, n // 2), 1), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))])
+    # warm-up: SDPA's first chunk, the flash kernel's continuing ones, the decode graphs
+    engine.run([(prompt(config.vocab_size, min(16384, n // 2), 1), SamplingParams(temperature=0, max_tokens=4,
+                                                                                 ignore_eos=True))])
     sync()
     t0 = time.perf_counter()
     rid = engine.add_request(prompt(config.vocab_size, n, 2), greedy)

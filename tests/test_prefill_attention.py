@@ -76,3 +76,10 @@ def test_flash_prefill_kernel_and_chunked_prefill_agree_with_references_under_th
     assert lines[-1] == "prefill kernels agree with their references"
     assert sum(line.startswith("flash prefill") for line in lines) == 12
     assert any(line.startswith("chunked prefill sdpa → flash → packed") for line in lines)
+
+
+def test_short_windows_keep_packed_tiles_until_chunks_are_long():
+    # gpt-oss's 128-key layers: a flash tile of 128 queries reaches 255 keys, mostly masked
+    assert prefill_kernel([900], [512], 128, True, sdpa=False) == "packed"
+    assert prefill_kernel([900], [8192], 128, True, sdpa=False) == "flash"
+    assert prefill_kernel([900], [512], 4096, False, sdpa=False) == "flash"

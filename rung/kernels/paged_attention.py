@@ -126,10 +126,16 @@ def tokens_per_tile(num_heads: int, num_kv_heads: int, head_dim: int, decode: bo
 #   "packed"  the paged kernel that packs a tile's rows with the group's query heads: chunks shorter
 #             than a flash tile (speculative chunks, the tail of a prompt), where BLOCK_M rows of one
 #             head would be mostly padding.
-# SDPA_MIN_TOKENS and FLASH_MIN_TOKENS were measured on an H200 (benchmarks/gpu.py's attention table).
+# Measured on an H200 (benchmarks/gpu.py's attention table, 2026-12-04, one layer, bf16, TFLOP/s of
+# the visible pairs, Qwen3-8B's heads): an 8K-token fresh prompt SDPA 610, flash 358, packed 193; the
+# last 8K chunk of a 32K prompt flash 352, packed 203, SDPA on keys gathered from the pool 340 (so
+# continuing chunks stay on the flash kernel, which needs no copy); a 64-token chunk at 32K flash 43,
+# packed 26. gpt-oss's 128-key sliding layers: 8K chunks flash 61-64, packed 51; 64-token chunks
+# packed 7.2, flash 2.8-7.1, so windowed layers keep packed tiles until chunks are long.
 
 FLASH_MIN_TOKENS = 64  # the longest chunk of the step; below it the packed tiles waste less
-SDPA_MIN_TOKENS = 1024  # fresh prompts this long go to SDPA (below it the kernels' launch costs are alike)
+FLASH_MIN_TOKENS_WINDOWED = 1024  # the same for a layer whose window is shorter than a flash tile's reach
+SDPA_MIN_TOKENS = 1024  # fresh prompts this long go to SDPA (below it launch costs dominate either way)
 
 
 def prefill_kernel(starts: list[int], counts: list[int], window: int | None, has_sinks: bool, sdpa: bool) -> str:
@@ -141,19 +147,21 @@ def prefill_kernel(starts: list[int], counts: list[int], window: int | None, has
     if (sdpa and fresh and not has_sinks and (window is None or window >= longest)
             and longest >= SDPA_MIN_TOKENS):
         return "sdpa"
-    return "flash" if longest >= FLASH_MIN_TOKENS else "packed"
+    short_window = window is not None and window <= 512
+    return "flash" if longest >= (FLASH_MIN_TOKENS_WINDOWED if short_window else FLASH_MIN_TOKENS) else "packed"
 
 
 def flash_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps, stages) of the flash prefill kernel: FlashAttention-2's tiles for 16
-    bits (measured on an H200, benchmarks/gpu.py), smaller ones where float32 tiles would not fit
-    in shared memory."""
+    """(BLOCK_M, BLOCK_N, warps, stages) of the flash prefill kernel: the best of benchmarks/gpu.py's
+    FLASH_CONFIGS on an H200 (head_dim 128: 128×128 tiles, 8 warps, 2 stages, 352-371 TFLOP/s
+    against 287-310 for 128×64; head_dim 64: 128×64, 4 warps, 3 stages, 305-309 against 187-267),
+    smaller tiles where float32 ones or wider heads would not fit in shared memory (not measured)."""
     if dtype == torch.float32:
         return 32, 32, 4, 1
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
-        return 128, 64, 8, 3
+        return 128, 128, 8, 2
     return 64, 32, 4, 2
 
 
