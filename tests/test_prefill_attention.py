@@ -83,3 +83,40 @@ def test_short_windows_keep_packed_tiles_until_chunks_are_long():
     assert prefill_kernel([900], [512], 128, True, sdpa=False) == "packed"
     assert prefill_kernel([900], [8192], 128, True, sdpa=False) == "flash"
     assert prefill_kernel([900], [512], 4096, False, sdpa=False) == "flash"
+
+
+def _pool_and_chunks(starts_counts, window=None):
+    from rung.config import ModelConfig
+    from rung.engine.paged import Chunk, KVPool
+
+    raw = dict(model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=8192,
+               rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+    if window:
+        raw.update(use_sliding_window=True, sliding_window=window, layer_types=["sliding_attention", "full_attention"])
+    config = ModelConfig.from_hf(raw)
+    pool = KVPool(config, 300, 16, torch.float16)
+    table = list(range(300))
+    return pool, [Chunk([table] * len(pool.groups), s, n) for s, n in starts_counts]
+
+
+def test_kernel_paths_store_prefill_keys_in_the_pool_and_sdpa_steps_keep_them():
+    from rung.engine.paged import PagedStep
+
+    pool, chunks = _pool_and_chunks([(0, SDPA_MIN_TOKENS)])
+    assert PagedStep(pool, chunks, "cpu").kv_destination(0) is None  # SDPA reads this step's own k and v
+    pool, chunks = _pool_and_chunks([(64, SDPA_MIN_TOKENS)])
+    k_pool, v_pool, slots = PagedStep(pool, chunks, "cpu").kv_destination(1)
+    assert k_pool is pool.keys[1] and v_pool is pool.values[1]
+    assert slots.tolist() == list(range(64, 64 + SDPA_MIN_TOKENS))  # blocks 4.. of an identity table
+    pool, chunks = _pool_and_chunks([(0, 3)])  # too short for SDPA: the kernel path, keys stored directly
+    assert PagedStep(pool, chunks, "cpu").kv_destination(0) is not None
+
+
+def test_a_window_shorter_than_the_prompt_sends_its_layers_to_the_kernel():
+    from rung.engine.paged import PagedStep
+
+    pool, chunks = _pool_and_chunks([(0, SDPA_MIN_TOKENS)], window=128)
+    step = PagedStep(pool, chunks, "cpu")
+    assert pool.groups[pool.group_of[0]].window == 128 and pool.groups[pool.group_of[1]].window is None
+    assert step.kv_destination(0) is not None and step.kv_destination(1) is None
