@@ -165,8 +165,8 @@ class PagedStep:
             write_kv(pool_k, pool_v, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [N, hkv, d] each
         if slopes is None and use_triton(q, pool_k):
             decode = self.n_decode == len(self.chunks)
-            kind = "decode" if decode else prefill_kernel([c.start for c in self.chunks], [c.count for c in self.chunks],
-                                                          window, sinks is not None, sdpa=k is not None)
+            starts, counts = [c.start for c in self.chunks], [c.count for c in self.chunks]
+            kind = "decode" if decode else prefill_kernel(starts, counts, window, sinks is not None, sdpa=k is not None)
             if kind == "sdpa":  # fresh prompts: SDPA on their own k and v (views), the pool written above
                 outs, offset = [], 0
                 for c in self.chunks:
@@ -176,7 +176,8 @@ class PagedStep:
                 return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
             tables, tiles = self._kernel_plan(g, q.shape[1], pool_k.shape[1], q.shape[3], kind, q.dtype)
             out = paged_attention(q[0].transpose(0, 1), pool_k, pool_v, tables, self._positions, tiles,
-                                  self.pool.block_size, window, sinks, scale, decode, flash=kind == "flash")  # [N, hq, d]
+                                  self.pool.block_size, window, sinks, scale, decode,
+                                  flash=kind == "flash")  # [N, hq, d]
             return out.transpose(0, 1)[None]
         reads = self._read_plan(g, sinks is not None, slopes, q.dtype)
         outs = []
