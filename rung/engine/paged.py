@@ -27,7 +27,8 @@ from rung import native
 from rung.config import ModelConfig
 from rung.engine.blocks import BlockAllocator
 from rung.kernels import use_triton
-from rung.kernels.paged_attention import chunk_tiles, decode_tiles, paged_attention, tokens_per_tile, write_kv
+from rung.kernels.paged_attention import (SDPA_MIN_TOKENS, chunk_tiles, decode_tiles, paged_attention, prefill_kernel,
+                                          sdpa_prefill, tokens_per_tile, write_kv)
 from rung.model.attention import attend, attention_bias
 
 
@@ -127,8 +128,26 @@ class PagedStep:
     def advance(self, t: int) -> None:
         pass  # the engine moves each sequence on
 
+    def kv_destination(self, layer: int):
+        """(k_pool, v_pool, slots [N]) where the one-kernel q/k path (kernels/modules.py's
+        FusedQKAttention) stores this step's keys and values itself, handing ``attend`` None for
+        them: the pool write is the keys' only copy. None (k and v come back) where the step may
+        attend fresh prompts through SDPA, which reads them where the projection left them."""
+        window = self.pool.groups[self.pool.group_of[layer]].window
+        if self._sdpa_possible(window):
+            return None
+        return self.pool.keys[layer], self.pool.values[layer], self._slots[self.pool.group_of[layer]]
+
+    def _sdpa_possible(self, window: int | None) -> bool:
+        """Whether ``prefill_kernel`` may answer "sdpa" for this step (sinks aside, which the
+        layer knows): prompts from position 0 only, each long enough, none outgrowing the window."""
+        counts = [c.count for c in self.chunks]
+        return (self.n_decode == 0 and all(c.start == 0 for c in self.chunks) and max(counts) >= SDPA_MIN_TOKENS
+                and (window is None or window >= max(counts)))
+
     def attend(self, layer, q, k, v, window, scale, sinks, slopes) -> torch.Tensor:
-        """q [1, hq, N, d], k/v [1, hkv, N, d] → [1, hq, N, d]."""
+        """q [1, hq, N, d], k/v [1, hkv, N, d] (None: already in the pool, see ``kv_destination``)
+        → [1, hq, N, d]."""
         g = self.pool.group_of[layer]
         pool_k, pool_v = self.pool.keys[layer], self.pool.values[layer]
         slots = self._slots[g]
@@ -142,11 +161,23 @@ class PagedStep:
             out = native.decode_attention(q[0].transpose(0, 1), pool_k, pool_v, idx, self._decode_lengths(g), scale,
                                           sink, k[0].transpose(0, 1), v[0].transpose(0, 1), slots)
             return out.transpose(0, 1)[None]  # [1, hq, B, d]
-        write_kv(pool_k, pool_v, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [N, hkv, d] each
+        if k is not None:
+            write_kv(pool_k, pool_v, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [N, hkv, d] each
         if slopes is None and use_triton(q, pool_k):
-            tables, tiles, decode = self._kernel_plan(g, q.shape[1], pool_k.shape[1], q.shape[3])
+            decode = self.n_decode == len(self.chunks)
+            starts, counts = [c.start for c in self.chunks], [c.count for c in self.chunks]
+            kind = "decode" if decode else prefill_kernel(starts, counts, window, sinks is not None, sdpa=k is not None)
+            if kind == "sdpa":  # fresh prompts: SDPA on their own k and v (views), the pool written above
+                outs, offset = [], 0
+                for c in self.chunks:
+                    part = slice(offset, offset + c.count)
+                    outs.append(sdpa_prefill(q[:, :, part], k[:, :, part], v[:, :, part], scale))
+                    offset += c.count
+                return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+            tables, tiles = self._kernel_plan(g, q.shape[1], pool_k.shape[1], q.shape[3], kind, q.dtype)
             out = paged_attention(q[0].transpose(0, 1), pool_k, pool_v, tables, self._positions, tiles,
-                                  self.pool.block_size, window, sinks, scale, decode)  # [N, hq, d]
+                                  self.pool.block_size, window, sinks, scale, decode,
+                                  flash=kind == "flash")  # [N, hq, d]
             return out.transpose(0, 1)[None]
         reads = self._read_plan(g, sinks is not None, slopes, q.dtype)
         outs = []
@@ -186,24 +217,26 @@ class PagedStep:
                                              for c in self.chunks[: self.n_decode]], dtype=torch.long)
         return self._reads[key]
 
-    def _kernel_plan(self, g: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    def _kernel_plan(self, g: int, num_heads: int, num_kv_heads: int, head_dim: int, kind: str, dtype):
         """Block tables [chunks, widest] (blocks a sliding group dropped read as 0, never visited)
-        and the kernel's tiles; once per step and group."""
-        if g not in self._kernel_reads:
+        and the tiles of the ``kind`` of kernel ("decode", "flash", "packed"); once per step, group
+        and kind."""
+        key = (g, kind)
+        if key not in self._kernel_reads:
             tables = [[b or 0 for b in c.tables[g]] for c in self.chunks]
             width = max(1, max(len(t) for t in tables))
             tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(self.device)
-            decode = self.n_decode == len(self.chunks)
-            if decode:
+            if kind == "decode":
                 tiles = decode_tiles(len(self.chunks), self.device)
             else:
                 layout, offset = [], 0
                 for row, c in enumerate(self.chunks):
                     layout.append((offset, c.count, row))
                     offset += c.count
-                tiles = chunk_tiles(layout, tokens_per_tile(num_heads, num_kv_heads, head_dim, False), self.device)
-            self._kernel_reads[g] = tables, tiles, decode
-        return self._kernel_reads[g]
+                per_tile = tokens_per_tile(num_heads, num_kv_heads, head_dim, False, flash=kind == "flash", dtype=dtype)
+                tiles = chunk_tiles(layout, per_tile, self.device)
+            self._kernel_reads[key] = tables, tiles
+        return self._kernel_reads[key]
 
     def _read_plan(self, g: int, exact: bool, slopes, dtype):
         """Per part of the batch (the decode batch, then each prefill chunk): the slots to gather
