@@ -74,3 +74,89 @@ V2_CASES = {
 @pytest.mark.parametrize("case", V2_CASES)
 def test_deepseek_v2_matches_transformers(case, tmp_path):
     check_family(v2_config(**V2_CASES[case]), tmp_path)
+
+
+# ---- the engine: the paged pool holds latents, decode attends in the absorbed form ------------
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """A tiny DeepSeek-V3 with a byte-level BPE tokenizer and a ChatML template (tests/oracle.py)."""
+    from oracle import tiny_chat_model
+    from rung.text import load_tokenizer
+
+    folder = tiny_chat_model(tmp_path_factory.mktemp("deepseek-v3"), tf.DeepseekV3Config, num_key_value_heads=4,
+                             kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                             n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, moe_intermediate_size=24,
+                             first_k_dense_replace=1, n_shared_experts=1, num_hidden_layers=3,
+                             max_position_embeddings=256)
+    return folder, rung.load_model(folder), load_tokenizer(folder)
+
+
+def test_absorbed_latent_attention_equals_the_expanded_form():
+    from rung.model.attention import attention_bias
+    from rung.model.mla import latent_attention_absorbed, latent_attention_expanded
+
+    g = torch.Generator().manual_seed(0)
+    b, h, t, s, dn, dr, dv, r = 2, 4, 3, 9, 12, 8, 10, 16
+    q_nope, q_rope = torch.randn(b, h, t, dn, generator=g), torch.randn(b, h, t, dr, generator=g)
+    latent, k_rope = torch.randn(b, 1, s, r, generator=g), torch.randn(b, 1, s, dr, generator=g)
+    w = torch.randn(h * (dn + dv), r, generator=g) * 0.3
+    bias = attention_bias(torch.arange(s - t, s), torch.arange(s), None, None, torch.float32, exact=True)
+    want = latent_attention_expanded(q_nope, q_rope, latent, k_rope, w, bias, 0.2)
+    got = latent_attention_absorbed(q_nope, q_rope, latent, k_rope, w, bias, 0.2)
+    assert got.shape == want.shape == (b, h, t, dv)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_paged_pool_holds_the_latent_and_the_paged_path_equals_the_full_pass(deepseek):
+    from oracle import ids_for
+    from rung.engine.paged import Chunk, KVPool, PagedStep
+
+    _, model, _ = deepseek
+    c = model.config
+    pool = KVPool(c, num_blocks=32, block_size=4, dtype=torch.float32)
+    # what DeepSeek caches: [slots, 1, kv_lora_rank] and [slots, 1, qk_rope_head_dim] per layer
+    assert pool.keys[0].shape == (32 * 4 + 1, 1, 16) and pool.values[0].shape == (32 * 4 + 1, 1, 8)
+    assert pool.bytes == (32 * 4 + 1) * c.num_layers * (16 + 8) * 4
+    a, b = ids_for(c.vocab_size, 1, 13, seed=3)[0], ids_for(c.vocab_size, 1, 9, seed=4)[0]
+    tables_a, tables_b = [[0, 1, 2, 3]], [[10, 12, 11]]
+    with torch.no_grad():
+        prefill = PagedStep(pool, [Chunk(tables_a, 0, 12), Chunk(tables_b, 0, 8)], torch.device("cpu"))
+        model.hidden_states(torch.cat([a[:12], b[:8]])[None], prefill)
+        decode = PagedStep(pool, [Chunk(tables_a, 12, 1), Chunk(tables_b, 8, 1)], torch.device("cpu"))
+        got = model.logits(model.hidden_states(torch.stack([a[12], b[8]])[None], decode))[0]
+        want = torch.stack([model(a[None])[0, -1], model(b[None])[0, -1]])
+    assert (got - want).abs().max() < TOL
+
+
+def test_engine_batch_equals_each_request_alone_and_decodes_through_the_absorbed_form(deepseek, monkeypatch):
+    from oracle import ids_for
+    from rung.engine.cpu_decode import unsupported
+    from rung.engine.engine import Engine, EngineConfig
+    from rung.engine.sampling_params import SamplingParams
+    from rung.model import mla
+
+    _, model, tokenizer = deepseek
+    assert "latent attention" in unsupported(model)  # the native CPU step says why it does not apply
+    absorbed, calls = mla.LatentAttention.absorbed, []
+    monkeypatch.setattr(mla.LatentAttention, "absorbed", lambda self, *a: calls.append(a[0].shape) or absorbed(self, *a))
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [ids_for(model.config.vocab_size, 1, n, seed=n)[0].tolist() for n in (3, 17, 9, 30, 5)]
+
+    def run(batch):
+        engine = Engine(model, tokenizer, EngineConfig(block_size=4, num_blocks=64, max_batch_tokens=24))
+        out = [seqs[0].output_ids for seqs in engine.run([(p, greedy) for p in batch]).values()]
+        return out, engine
+
+    together, engine = run(prompts)
+    assert engine.free_blocks() == [engine.pool.num_blocks]
+    assert calls and all(shape[2] == 1 for shape in calls)  # decode rows: one query each, absorbed
+    for p, out in zip(prompts, together):
+        assert out == run([p])[0][0]
+    # greedy tokens equal the argmax of full passes (no cache at all)
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        for token in together[1][:4]:
+            nxt = int(model(ids)[0, -1].argmax())
+            assert nxt == token
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
