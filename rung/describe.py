@@ -144,7 +144,9 @@ def _latent_attention(c: ModelConfig, p: str) -> list[Weight]:
              + _linear(f"{p}.q_b", "attention", h * m.qk_head_dim, m.q_lora_rank, False))
     return (q + _linear(f"{p}.kv_a", "attention", m.cache_width, H, c.qkv_bias)
             + [Weight(f"{p}.kv_a_norm", "attention", (m.kv_lora_rank,))]
-            + _linear(f"{p}.kv_b", "attention", h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank, False)
+            # kv_b stays unpacked under @int8 / @int4: the absorbed decode reads its two halves
+            + _linear(f"{p}.kv_b", "attention", h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank, False,
+                      packs=False)
             + _linear(f"{p}.o", "attention", H, h * m.v_head_dim, c.o_bias))
 
 

@@ -84,7 +84,8 @@ def deepseek(tmp_path_factory):
     from oracle import tiny_chat_model
     from rung.text import load_tokenizer
 
-    folder = tiny_chat_model(tmp_path_factory.mktemp("deepseek-v3"), tf.DeepseekV3Config, num_key_value_heads=4,
+    folder = tiny_chat_model(tmp_path_factory.mktemp("deepseek-v3"), tf.DeepseekV3Config, hidden_size=64,
+                             num_key_value_heads=4,
                              kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
                              n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, moe_intermediate_size=24,
                              first_k_dense_replace=1, n_shared_experts=1, num_hidden_layers=3,
@@ -160,3 +161,20 @@ def test_engine_batch_equals_each_request_alone_and_decodes_through_the_absorbed
             nxt = int(model(ids)[0, -1].argmax())
             assert nxt == token
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+
+
+def test_int8_packs_the_latent_attention_but_keeps_kv_b_float(deepseek):
+    from rung.quant.linear import PackedLinear
+
+    folder, model, _ = deepseek
+    packed = rung.load_model(f"{folder}@int8")
+    attn = packed.layers[1].attn
+    assert isinstance(attn.q_a_proj, PackedLinear) and isinstance(attn.kv_a_proj, PackedLinear)
+    assert isinstance(attn.kv_b_proj, torch.nn.Linear)
+    # the first block's attention agrees to int8's rounding (later, a flipped expert choice may not)
+    x = model.embed(torch.tensor([[5, 9, 2, 7, 1]]))
+    rotary = tuple(t[None] for t in model.rotaries["full"](torch.arange(5), x.dtype))
+    with torch.no_grad():
+        want = model.layers[0].attn(model.layers[0].attn_norm(x), rotary, model.new_cache())
+        got = packed.layers[0].attn(packed.layers[0].attn_norm(x), rotary, packed.new_cache())
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
