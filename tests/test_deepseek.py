@@ -178,3 +178,115 @@ def test_int8_packs_the_latent_attention_but_keeps_kv_b_float(deepseek):
         want = model.layers[0].attn(model.layers[0].attn_norm(x), rotary, model.new_cache())
         got = packed.layers[0].attn(packed.layers[0].attn_norm(x), rotary, packed.new_cache())
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+# ---- LLM, rung serve, rung bench on a tiny DeepSeek ------------------------------------------
+
+def greedy_reference(model, ids, steps):
+    ids = torch.tensor([ids])
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            out.append(int(model(ids)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+    return out
+
+
+def test_llm_greedy_generation_equals_argmax_of_full_passes(deepseek):
+    from rung.engine.sampling_params import SamplingParams
+    from rung.llm import LLM
+
+    folder, _, _ = deepseek
+    llm = LLM(str(folder))
+    [out] = llm.generate("Hello world, the quick", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert out.outputs[0].token_ids == greedy_reference(llm.model, out.prompt_token_ids, 10)
+    assert llm.engine.pool.keys[0].shape[1:] == (1, 16)  # the pool holds latents
+
+
+def test_rung_serve_answers_a_chat_completion_from_deepseek(deepseek):
+    from starlette.testclient import TestClient
+
+    from rung.serve.app import create_app
+    from rung.serve.server import ServeConfig, Server
+
+    folder, _, _ = deepseek
+    server = Server(ServeConfig(model=str(folder), served_model_name="tiny", engine=dict(num_blocks=128)))
+    server.load()
+    try:
+        assert server.load_error is None, server.load_error
+        client = TestClient(create_app(server))
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+        stream = client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert stream.status_code == 200 and "data: [DONE]" in stream.text
+    finally:
+        server.shutdown()
+
+
+def test_rung_bench_runs_a_local_deepseek(deepseek, tmp_path, capsys):
+    import json
+
+    from rung.cli import main
+
+    folder, _, _ = deepseek
+    (tmp_path / "suite.yaml").write_text(
+        "name: tiny\ncases:\n  - {id: hello, prompt: Hello world, expect: {contains: the}, max_tokens: 6}\n"
+        "  - {id: ppl, text: \"Hello world, the quick brown fox.\", expect: {perplexity: 1000000}}\n")
+    assert main(["bench", str(tmp_path / "suite.yaml"), "-m", str(folder), "--in-process", "--no-cache",
+                 "--out", str(tmp_path / "out")]) == 0
+    [c] = json.loads((tmp_path / "out" / "tiny.json").read_text())["candidates"]
+    assert c["metrics"]["error"] is None and c["metrics"]["output_tokens"] > 0 and c["metrics"]["perplexity"] > 1
+
+
+# ---- presets, rung arch ---------------------------------------------------------------------
+
+def test_deepseek_presets_match_the_published_sizes():
+    from rung.describe import describe
+
+    # DeepSeek-V3 technical report (arXiv 2412.19437): 671B total, 37B activated per token (the
+    # 14B multi-token-prediction module not counted). DeepSeek-V2 paper (arXiv 2405.04434),
+    # DeepSeek-V2-Lite: 15.7B total, 2.4B activated.
+    v3, lite = describe("deepseek-v3"), describe("deepseek-v2-lite")
+    assert v3.total_params == pytest.approx(671e9, rel=0.01)
+    assert lite.total_params == pytest.approx(15.7e9, rel=0.01)
+    # The activated figures are published to two digits only. rung's exact counts (input table left
+    # out, ACTIVE_CONVENTION) are 36.63B (1.0% under 37B) and 2.45B (2.1% over 2.4B; by hand: 27
+    # layers of 13.8M attention, 1 dense MLP of 67M, 26 of 6 routed + 2 shared experts and the
+    # router = 69.3M, the 210M head), so the tolerance is the published rounding, not 1%.
+    assert (v3.active_params, lite.active_params) == (36_625_603_584, 2_451_435_008)
+    assert v3.active_params == pytest.approx(37e9, rel=0.015)
+    assert lite.active_params == pytest.approx(2.4e9, rel=0.025)
+
+
+def test_mla_kv_bytes_per_token_are_the_latent_and_rope_key():
+    from rung.describe import describe
+
+    # 61 layers × (512 latent + 64 RoPE key) × 2 bytes; V2-Lite: 27 layers
+    assert describe("deepseek-v3").kv_bytes_per_token_4k == 61 * (512 + 64) * 2 == 70_272
+    assert describe("deepseek-v2-lite").kv_bytes_per_token_4k == 27 * (512 + 64) * 2
+    # GQA of Qwen3-235B-A22B: 94 layers × 2 × 4 kv heads × 128 × 2 bytes, 2.7 times as much
+    assert describe("qwen3-235b-a22b").kv_bytes_per_token_4k == 94 * 2 * 4 * 128 * 2
+
+
+def test_rung_arch_shows_mla_kv_cache_beside_gqa(capsys):
+    from rung.cli import main
+
+    assert main(["arch", "deepseek-v3", "qwen3-235b-a22b", "gpt-oss-120b"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("deepseek-v3", "MLA 128×(128+64), latent 512+64", "GQA 64/4×128", "GQA 64/8×64",
+                     "68.62 KiB", "188.00 KiB", "37.12 KiB", "671.03 B", "36.63 B", "256 (8 active)"):
+        assert expected in out, expected
+    assert "MLA" in out and "latent" in out.split("KV:")[-1]  # the footnote says what MLA caches
+
+
+def test_deepseek_config_errors_are_one_line():
+    from rung.config import ConfigError, ModelConfig, preset_dict
+
+    raw = preset_dict("deepseek-v3")
+    for change, needle in ((dict(n_group=7), "n_group"), (dict(topk_group=9), "topk_group"),
+                           (dict(qk_rope_head_dim=7), "qk_rope_head_dim"), (dict(kv_lora_rank=0), "kv_lora_rank"),
+                           (dict(model_type="deepseek_v2", topk_method="noaux_tc"), "topk_method")):
+        with pytest.raises(ConfigError, match=needle):
+            ModelConfig.from_hf({**raw, **change})
