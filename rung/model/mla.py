@@ -68,10 +68,11 @@ class LatentAttention(nn.Module):
         super().__init__()
         c, m = config, config.mla
         self.layer, self.num_heads = layer, c.num_heads
-        self.nope, self.rope, self.rank, self.v_dim = m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim
+        self.nope, self.rope, self.rank = m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank
         q_out = c.num_heads * m.qk_head_dim
         if m.q_lora_rank is None:  # V2-Lite: one projection
-            self.q_proj, self.q_a_proj, self.q_a_norm, self.q_b_proj = nn.Linear(c.hidden_size, q_out, bias=False), None, None, None
+            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+            self.q_a_proj, self.q_a_norm, self.q_b_proj = None, None, None
         else:  # a low-rank bottleneck with a norm in the middle
             self.q_proj = None
             self.q_a_proj = nn.Linear(c.hidden_size, m.q_lora_rank, bias=c.qkv_bias)

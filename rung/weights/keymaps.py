@@ -295,10 +295,11 @@ def deepseek_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
         rules += [Rule(ta + f"kv_a_proj.{w}", (a + f"kv_a_proj_with_mqa.{w}",), kv_rope) for w in biases]
         rules += [copy(a + "kv_a_layernorm.weight", ta + "kv_a_norm.weight"),
                   copy(a + "kv_b_proj.weight", ta + "kv_b_proj.weight")]
-        rules += [copy(a + f"o_proj.{w}", ta + f"o_proj.{w}") for w in (("weight", "bias") if c.o_bias else ("weight",))]
+        rules += [copy(a + f"o_proj.{w}", ta + f"o_proj.{w}") for w in ("weight", "bias")[: 1 + c.o_bias]]
         if not c.moe_layers[i]:  # first_k_dense_replace: dense layers first
             gate_up = (("gate", c.intermediate_size), ("up", c.intermediate_size))
-            rules += [fused(t + "mlp.gate_up_proj.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), gate_up),
+            gate_and_up = (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight")
+            rules += [fused(t + "mlp.gate_up_proj.weight", gate_and_up, gate_up),
                       copy(s + "mlp.down_proj.weight", t + "mlp.down_proj.weight")]
             continue
         rules += _qwen3_moe_expert_rules(c, s, t, names)  # router (mlp.gate) and per-expert tensors
