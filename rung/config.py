@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "bloom", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("gpt2", "bloom", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text",
+                         "deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 PRESET_DIR = Path(__file__).parent / "presets"
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "alibi")
 MLPS = ("gated", "plain")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
-ROUTERS = ("softmax_topk", "topk_softmax")
+ROUTERS = ("softmax_topk", "topk_softmax", "softmax_group_topk", "sigmoid_group_topk")
 
 # Bounds on what a config may ask for, far past any real model: widths, counts and token ids up to
 # 2^40 keep every product rung.describe forms exact and inside a float; the layer count sizes
@@ -157,6 +158,16 @@ class MoEConfig:
     norm_topk_prob: bool = False
     router_bias: bool = False
     expert_bias: bool = False
+    # ---- DeepSeek (V2, V3) ----
+    # "softmax_group_topk": DeepSeek-V2's group_limited_greedy: softmax, keep the ``topk_groups``
+    #   groups whose best expert scores highest, top-k within them (V2's greedy is softmax_topk).
+    # "sigmoid_group_topk": DeepSeek-V3's noaux_tc: sigmoid scores; the choice (not the weights)
+    #   adds ``e_score_correction_bias``; groups ranked by the sum of their two best experts.
+    num_groups: int = 1  # n_group: the experts split into this many equal groups
+    topk_groups: int = 1  # topk_group: groups a token may draw its experts from
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by this
+    score_correction_bias: bool = False  # V3's e_score_correction_bias, one per expert
+    shared_experts: int = 0  # n_shared_experts: always-on experts, one MLP of this many widths
 
     def __post_init__(self):
         _check_int("num_experts", self.num_experts)
@@ -165,7 +176,56 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ConfigError(f"{_label('top_k')} {self.top_k} exceeds num_experts {self.num_experts}")
         _check_choice("router", self.router, ROUTERS)
-        _check_flags(self, "norm_topk_prob", "router_bias", "expert_bias")
+        _check_flags(self, "norm_topk_prob", "router_bias", "expert_bias", "score_correction_bias")
+        _check_int("num_groups", self.num_groups)
+        _check_int("topk_groups", self.topk_groups)
+        _check_int("shared_experts", self.shared_experts, low=0)
+        _check_float("routed_scaling_factor", self.routed_scaling_factor, positive=True)
+        if self.num_experts % self.num_groups:
+            raise ConfigError(f"num_experts {self.num_experts} is not a multiple of n_group {self.num_groups}")
+        if self.topk_groups > self.num_groups:
+            raise ConfigError(f"topk_group {self.topk_groups} exceeds n_group {self.num_groups}")
+        if self.router == "sigmoid_group_topk" and self.num_experts // self.num_groups < 2:
+            raise ConfigError("sigmoid_group_topk ranks groups by their two best experts: each group needs two")
+        if self.top_k > self.topk_groups * (self.num_experts // self.num_groups):
+            raise ConfigError(f"top_k {self.top_k} exceeds the experts of topk_group {self.topk_groups} groups")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2/V3; transformers' modeling_deepseek_v3.py).
+
+    Keys and values come from one compressed latent per token (``kv_lora_rank`` wide, RMS-normed)
+    through ``kv_b_proj``, plus one RoPE key part (``qk_rope_head_dim``) shared by all heads: the
+    cache holds just these two per token. A head's query is [nope | rope] (qk_nope_head_dim +
+    qk_rope_head_dim), its value ``v_head_dim`` wide. The query may itself go through a low-rank
+    bottleneck (``q_lora_rank``; None in V2-Lite: one q_proj)."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    # The checkpoint's rope rows are interleaved pairs (x0, x1), (x2, x3)... (V2's complex rotation,
+    # V3's rope_interleave): the loader reorders them to rung's half-split layout once.
+    rope_interleave: bool = True
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _check_int(name, getattr(self, name))
+        _check_int("q_lora_rank", self.q_lora_rank, optional=True)
+        _check_flags(self, "rope_interleave")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim must be even for rotary pairs, got {self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_width(self) -> int:
+        """Values cached per token and layer: the latent and the RoPE key part."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -210,6 +270,7 @@ class ModelConfig:
     attn_sinks: bool = False  # gpt-oss: a learned per-head logit joins each softmax
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer: "full" | "sliding"
+    mla: MLAConfig | None = None  # DeepSeek: latent attention (head_dim is then its RoPE part)
 
     # feed-forward
     mlp: str = "gated"  # "gated" (down(act(gate) * up)) | "plain" (down(act(up)))
@@ -267,6 +328,8 @@ class ModelConfig:
                      "attn_sinks", "mlp_bias")
         self._check_positions()
         self._check_layers()
+        if self.mla is not None and not isinstance(self.mla, MLAConfig):
+            raise ConfigError(f"mla must be an MLAConfig, got {_show(self.mla)}")
         if not isinstance(self.dtype, str):
             raise ConfigError(f"dtype must be a string, got {_show(self.dtype)}")
         _check_int("bos_token_id", self.bos_token_id, low=0, optional=True)
@@ -351,6 +414,12 @@ class ModelConfig:
     @property
     def kv_width(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_cache_width(self) -> int:
+        """Values one token stores per layer in the KV cache: keys and values, or MLA's latent and
+        RoPE key part."""
+        return self.mla.cache_width if self.mla is not None else 2 * self.kv_width
 
     def layer_window(self, layer: int) -> int | None:
         """Keys a query of this layer may see (itself included), or None for full attention."""
@@ -756,6 +825,69 @@ def _gemma3(f: _Fields) -> ModelConfig:
     )
 
 
+# ---- DeepSeek-V2 / V3 (MLA, shared experts, group-limited routing) ------------------------------
+
+
+def _deepseek(f: _Fields, model_type: str) -> ModelConfig:
+    """transformers' configuration_deepseek_v2.py / _v3.py. head_dim is the RoPE part (as there),
+    the softmax scale (nope + rope)^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2."""
+    n = _num_layers(f)
+    heads = f.int("num_attention_heads", low=1)
+    v3 = model_type == "deepseek_v3"
+    mla = MLAConfig(
+        kv_lora_rank=f.int("kv_lora_rank", low=1),
+        qk_nope_head_dim=f.int("qk_nope_head_dim", low=1),
+        qk_rope_head_dim=f.int("qk_rope_head_dim", low=2),
+        v_head_dim=f.int("v_head_dim", low=1),
+        q_lora_rank=f.int("q_lora_rank", default=None, low=1),
+        rope_interleave=f.bool("rope_interleave", default=True) if v3 else True,  # V2: complex rotation
+    )
+    max_pos = f.int("max_position_embeddings", default=4096 if v3 else 2048)
+    rope = _rope(f, _rope_params(f), max_pos)
+    scale = mla.qk_head_dim**-0.5
+    mscale_all_dim = (_rope_params(f) or _Fields({})).float("mscale_all_dim", default=0.0)
+    if rope.type != "default" and mscale_all_dim and rope.factor > 1:  # yarn_apply_mscale
+        scale *= (0.1 * mscale_all_dim * math.log(rope.factor) + 1.0) ** 2
+    experts = f.int("n_routed_experts", low=1)
+    first_dense = f.int("first_k_dense_replace", default=3 if v3 else 0)
+    if v3:
+        router = "sigmoid_group_topk"
+    else:
+        method = f.str("topk_method", default="greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(f"field 'topk_method': {_show(method)} is not supported (greedy, group_limited_greedy)")
+        router = "softmax_topk" if method == "greedy" else "softmax_group_topk"
+    grouped = router != "softmax_topk"
+    moe = MoEConfig(
+        num_experts=experts,
+        top_k=f.int("num_experts_per_tok", low=1),
+        expert_intermediate_size=f.int("moe_intermediate_size", low=1),
+        router=router,
+        # V2's router never renormalises (its config's norm_topk_prob is not read by transformers)
+        norm_topk_prob=f.bool("norm_topk_prob", default=True) if v3 else False,
+        num_groups=f.int("n_group", default=1, low=1) if grouped else 1,
+        topk_groups=f.int("topk_group", default=1, low=1) if grouped else 1,
+        routed_scaling_factor=f.float("routed_scaling_factor", default=2.5 if v3 else 1.0),
+        score_correction_bias=v3,
+        shared_experts=f.int("n_shared_experts", default=1 if v3 else 2),
+    )
+    _check_top_k(moe, "n_routed_experts")
+    return _llama_like(
+        f, model_type,
+        num_kv_heads=heads,
+        head_dim=mla.qk_rope_head_dim,
+        max_position_embeddings=max_pos,
+        rope=rope,
+        attn_scale=scale,
+        # attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj (the up-projections have none)
+        qkv_bias=f.bool("attention_bias", default=False),
+        o_bias=f.bool("attention_bias", default=False),
+        mla=mla,
+        moe=moe,
+        moe_layers=tuple(i >= first_dense for i in range(n)),
+    )
+
+
 _PARSERS = {
     "gpt2": _gpt2,
     "bloom": _bloom,
@@ -764,4 +896,6 @@ _PARSERS = {
     "qwen3_moe": _qwen3_moe,
     "gpt_oss": _gpt_oss,
     "gemma3_text": _gemma3,
+    "deepseek_v2": lambda f: _deepseek(f, "deepseek_v2"),
+    "deepseek_v3": lambda f: _deepseek(f, "deepseek_v3"),
 }

@@ -15,6 +15,7 @@ EXPECTED = {
     "qwen3-30b-a3b", "qwen3-235b-a22b",
     "gpt-oss-20b", "gpt-oss-120b",
     "gemma3-270m", "gemma3-1b",
+    "deepseek-v3", "deepseek-v2-lite",
 }
 
 
@@ -26,7 +27,8 @@ def test_every_expected_preset_ships():
 def test_preset_is_a_json_config_with_a_source(name):
     raw = json.loads((PRESET_DIR / f"{name}.json").read_text())
     assert raw["_source"].endswith("config.json") and "/" in raw["_source"]
-    assert raw["model_type"] in ("gpt2", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text")
+    assert raw["model_type"] in ("gpt2", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text", "deepseek_v2",
+                                 "deepseek_v3")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -34,6 +34,8 @@ def unsupported(model) -> str | None:
     c = model.config
     if c.positions != "rope" or any(r.rope.type == "dynamic" for r in model.rotaries.values()):
         return f"{c.positions} positions"
+    if c.mla is not None:  # the native step's pool layout is per-head keys and values
+        return "multi-head latent attention (its pool holds latents; the native step reads per-head keys and values)"
     if c.residual_from_norm or c.embedding_norm or c.final_logit_softcap:
         return "a norm or a cap outside the pre-norm block"
     if any(c.moe_layers):

@@ -36,6 +36,8 @@ def unsupported(model) -> str | None:
         return f"{c.positions} positions"  # learned: a bounds check on the host; ALiBi: not in the kernel
     if any(r.rope.type == "dynamic" for r in model.rotaries.values()):
         return "dynamic RoPE recomputes its table from the longest position"
+    if c.mla is not None:
+        return "multi-head latent attention (its decode step runs the PyTorch absorbed form)"
     return None
 
 

@@ -13,6 +13,12 @@ sinks included (kernels/paged_attention.py); elsewhere it gathers every sequence
 and runs the model's attention: decode tokens (one per sequence) as one padded batch, prefill
 chunks one sequence at a time. One slot past the blocks (``scratch_slot``) takes the writes of
 padding rows (CUDA-graph batches are padded to a bucket size).
+
+Latent attention (DeepSeek's MLA, model/mla.py) keeps what DeepSeek caches: the pools of a layer
+hold its compressed latent ``[slots, 1, kv_lora_rank]`` (in place of keys) and its RoPE key part
+``[slots, 1, qk_rope_head_dim]`` (in place of values), so blocks, tables, swaps and offloads work
+unchanged and a token costs ``kv_lora_rank + qk_rope_head_dim`` values per layer. Decode tokens
+attend in the absorbed form over the gathered latents; prefill chunks expand them.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from rung.config import ModelConfig
 from rung.engine.blocks import BlockAllocator
 from rung.kernels import use_triton
 from rung.kernels.paged_attention import (SDPA_MIN_TOKENS, chunk_tiles, decode_tiles, paged_attention, prefill_kernel,
-                                          sdpa_prefill, tokens_per_tile, write_kv)
+                                          sdpa_prefill, tokens_per_tile, write_kv, write_kv_ref)
 from rung.model.attention import attend, attention_bias
 
 
@@ -64,14 +70,18 @@ class KVPool:
                              BlockAllocator(num_blocks, block_size)) for w in windows]
         self.group_of = {layer: g for g, group in enumerate(self.groups) for layer in group.layers}
         self.scratch_slot = num_blocks * block_size
-        shape = (num_blocks * block_size + 1, config.num_kv_heads, config.head_dim)
-        self.keys = [_zeros(shape, dtype, device) for _ in range(config.num_layers)]
-        self.values = [_zeros(shape, dtype, device) for _ in range(config.num_layers)]
+        slots = num_blocks * block_size + 1
+        if config.mla is not None:  # MLA: the latent where keys go, the RoPE key part where values go
+            key_shape, value_shape = (slots, 1, config.mla.kv_lora_rank), (slots, 1, config.mla.qk_rope_head_dim)
+        else:
+            key_shape = value_shape = (slots, config.num_kv_heads, config.head_dim)
+        self.keys = [_zeros(key_shape, dtype, device) for _ in range(config.num_layers)]
+        self.values = [_zeros(value_shape, dtype, device) for _ in range(config.num_layers)]
 
     @staticmethod
     def blocks_for(config: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
         """How many blocks per group fit in ``memory_bytes`` of KV cache."""
-        per_block = 2 * config.num_layers * block_size * config.kv_width * torch.tensor([], dtype=dtype).element_size()
+        per_block = config.num_layers * block_size * config.kv_cache_width * torch.tensor([], dtype=dtype).element_size()
         return max(1, memory_bytes // per_block)
 
     @property
@@ -200,6 +210,29 @@ class PagedStep:
             kc = pool_k[idx].transpose(0, 1)[None]  # [1, hkv, L, d]
             vc = pool_v[idx].transpose(0, 1)[None]
             outs.append(attend(qc, kc, vc, bias, scale, sinks))
+            offset += chunk.count
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def attend_latent(self, layer, q_nope, q_rope, latent, k_rope, mla) -> torch.Tensor:
+        """MLA: q_nope/q_rope [1, h, N, dn|dr], latent [1, 1, N, r], k_rope [1, 1, N, dr] → [1, h, N, dv].
+        The step's latents and RoPE keys go to the pools; decode tokens attend in the absorbed form
+        over their gathered latents (one padded batch), prefill chunks expand theirs."""
+        g = self.pool.group_of[layer]
+        pool_c, pool_r = self.pool.keys[layer], self.pool.values[layer]
+        write_kv_ref(pool_c, pool_r, self._slots[g], latent[0].transpose(0, 1), k_rope[0].transpose(0, 1))
+        reads = self._read_plan(g, False, None, q_nope.dtype)
+        outs = []
+        if self.n_decode:
+            idx, bias = reads[0]  # [B, L], [B, 1, 1, L]
+            rows = slice(0, self.n_decode)
+            qn, qr = (x[0, :, rows].transpose(0, 1)[:, :, None] for x in (q_nope, q_rope))  # [B, h, 1, d]
+            c, r = pool_c[idx].transpose(1, 2), pool_r[idx].transpose(1, 2)  # [B, 1, L, r|dr]
+            outs.append(mla.absorbed(qn, qr, c, r, bias)[:, :, 0].transpose(0, 1)[None])  # [1, h, B, dv]
+        offset = self.n_decode
+        for chunk, (idx, bias) in zip(self.chunks[self.n_decode:], reads[1 if self.n_decode else 0:]):
+            rows = slice(offset, offset + chunk.count)
+            c, r = pool_c[idx].transpose(0, 1)[None], pool_r[idx].transpose(0, 1)[None]  # [1, 1, L, r|dr]
+            outs.append(mla.expanded(q_nope[:, :, rows], q_rope[:, :, rows], c, r, bias))
             offset += chunk.count
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 

@@ -102,6 +102,10 @@ class FusedMoE(MoE):
     """Routing in one kernel, and only the chosen experts read, grouped on the device with no host
     synchronisation (kernels/fused_moe.py); packed MXFP4 experts are decoded in registers."""
 
+    @staticmethod
+    def fits(module: MoE) -> bool:  # the routing kernel knows neither DeepSeek's groups nor its scale
+        return module.router_kind in ("softmax_topk", "topk_softmax") and module.routed_scaling_factor == 1.0
+
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return route(logits, self.top_k, self.router_kind, self.norm_topk_prob)
 

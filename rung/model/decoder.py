@@ -8,6 +8,7 @@ from torch import nn
 from rung.config import ModelConfig
 from rung.model.attention import Attention
 from rung.model.cache import KVCache
+from rung.model.mla import LatentAttention
 from rung.model.mlp import MLP
 from rung.model.moe import MoE
 from rung.model.norm import make_norm
@@ -21,7 +22,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = Attention(config, layer)
+        self.attn = LatentAttention(config, layer) if config.mla is not None else Attention(config, layer)
         self.mlp_norm = make_norm(config)
         self.mlp = MoE(config) if config.moe_layers[layer] else MLP(config)
         self.post_attn_norm = make_norm(config) if config.sandwich_norms else None

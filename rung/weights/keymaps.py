@@ -250,6 +250,69 @@ def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     return rules
 
 
+# ---- DeepSeek-V2 / V3: latent attention, shared experts, the router's correction bias -----------
+
+
+def _deinterleave(rope: int) -> torch.Tensor:
+    """Row order that turns DeepSeek's interleaved rotary pairs (x0, x1), (x2, x3)... into rung's
+    half-split layout (x0, x2, ... | x1, x3, ...): the rows transformers' interleaved rotation
+    (apply_rotary_pos_emb_interleave, V2's complex rotation) reads as pairs land j and j + d/2 apart."""
+    return torch.cat((torch.arange(0, rope, 2), torch.arange(1, rope, 2)))
+
+
+def _rope_rows(first: int, period: int, rope: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reorder the rope rows [first, first + rope) of every ``period`` rows (one head's query, or
+    kv_a_proj's one block) with ``_deinterleave``; the other rows stay."""
+    order = _deinterleave(rope)
+
+    def reorder(w: torch.Tensor) -> torch.Tensor:
+        if w.is_meta:
+            return w
+        blocks = w.reshape(-1, period, *w.shape[1:]).clone()
+        blocks[:, first:first + rope] = blocks[:, first:first + rope][:, order]
+        return blocks.reshape(w.shape)
+    return reorder
+
+
+def deepseek_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
+    m = c.mla
+    p = "model."
+    rules = [copy(p + "embed_tokens.weight", "embed.weight"), copy(p + "norm.weight", "final_norm.weight")]
+    q_rope = _rope_rows(m.qk_nope_head_dim, m.qk_head_dim, m.qk_rope_head_dim) if m.rope_interleave else None
+    kv_rope = _rope_rows(m.kv_lora_rank, m.cache_width, m.qk_rope_head_dim) if m.rope_interleave else None
+    biases = ("weight", "bias") if c.qkv_bias else ("weight",)
+    for i in range(c.num_layers):
+        s, t = f"{p}layers.{i}.", f"layers.{i}."
+        a, ta = s + "self_attn.", t + "attn."
+        rules += [copy(s + "input_layernorm.weight", t + "attn_norm.weight"),
+                  copy(s + "post_attention_layernorm.weight", t + "mlp_norm.weight")]
+        if m.q_lora_rank is None:
+            rules.append(Rule(ta + "q_proj.weight", (a + "q_proj.weight",), q_rope))
+        else:
+            rules += [copy(a + f"q_a_proj.{w}", ta + f"q_a_proj.{w}") for w in biases]
+            rules += [copy(a + "q_a_layernorm.weight", ta + "q_a_norm.weight"),
+                      Rule(ta + "q_b_proj.weight", (a + "q_b_proj.weight",), q_rope)]
+        rules += [Rule(ta + f"kv_a_proj.{w}", (a + f"kv_a_proj_with_mqa.{w}",), kv_rope) for w in biases]
+        rules += [copy(a + "kv_a_layernorm.weight", ta + "kv_a_norm.weight"),
+                  copy(a + "kv_b_proj.weight", ta + "kv_b_proj.weight")]
+        rules += [copy(a + f"o_proj.{w}", ta + f"o_proj.{w}") for w in ("weight", "bias")[: 1 + c.o_bias]]
+        if not c.moe_layers[i]:  # first_k_dense_replace: dense layers first
+            gate_up = (("gate", c.intermediate_size), ("up", c.intermediate_size))
+            gate_and_up = (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight")
+            rules += [fused(t + "mlp.gate_up_proj.weight", gate_and_up, gate_up),
+                      copy(s + "mlp.down_proj.weight", t + "mlp.down_proj.weight")]
+            continue
+        rules += _qwen3_moe_expert_rules(c, s, t, names)  # router (mlp.gate) and per-expert tensors
+        if c.moe.score_correction_bias:
+            rules.append(copy(s + "mlp.gate.e_score_correction_bias", t + "mlp.score_correction"))
+        width = c.moe.shared_experts * c.moe.expert_intermediate_size
+        sh = s + "mlp.shared_experts."
+        rules += [fused(t + "mlp.shared.gate_up_proj.weight", (sh + "gate_proj.weight", sh + "up_proj.weight"),
+                        (("gate", width), ("up", width))),
+                  copy(sh + "down_proj.weight", t + "mlp.shared.down_proj.weight")]
+    return rules
+
+
 def llama_family_ignored(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq")
 
@@ -266,6 +329,8 @@ KEYMAPS = {
     "qwen3_moe": (llama_family_rules, llama_family_ignored),
     "gpt_oss": (llama_family_rules, llama_family_ignored),
     "gemma3_text": (llama_family_rules, llama_family_ignored),
+    "deepseek_v2": (deepseek_rules, llama_family_ignored),
+    "deepseek_v3": (deepseek_rules, llama_family_ignored),
 }
 
 
