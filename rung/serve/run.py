@@ -44,14 +44,15 @@ class Run:
         self.log_prompt = log_prompt
         n = req.n
         family = server.family
-        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text) if kind == "chat" else None)
+        chat = kind != "completion"  # "chat", or "responses" (responses_run.py): a chat reply in another shape
+        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text) if chat else None)
                         for i, p in enumerate(prepared) for j in range(n)]
         self.reply = OpenAIReply(kind, self.id, self.created, server.config.name, req, prepared,
                                  TokenText(server.llm.tokenizer, server.grammars))
         self.status = 200
         self.error: str | None = None
         # the tool policy's gate over the model's calls, the verifier over its answers
-        self.governance = RunGovernance(self, principal, server.verification if kind == "chat" else None)
+        self.governance = RunGovernance(self, principal, server.verification if chat else None)
         self.extra_prompt_tokens = 0  # prompts of the rounds after a denied call
         self._queue: asyncio.Queue | None = None
         self._tasks: list[asyncio.Task] = []

@@ -21,6 +21,7 @@ from typing import Any
 from rung.serve.errors import APIError, bad_request
 from rung.serve.family import Family, family_for
 from rung.serve.grounding import ground_chat
+from rung.serve.responses_store import ResponseStore
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
 from rung.serve.structured import GrammarError, check_json_schema
 
@@ -58,6 +59,10 @@ class ServeConfig:
     verify_action: str = "refuse"  # "refuse" | "flag"
     redact: bool = False  # redact PII of every request (rung/serve/redaction.py)
     redact_entities: tuple[str, ...] | None = None  # Presidio entity types (default: rung.govern.redact's)
+    # stored responses of POST /v1/responses (store: true), for previous_response_id (responses_store.py)
+    responses_store_size: int = 1000  # responses kept at most; the oldest go first
+    responses_store_ttl: float = 3600.0  # seconds a stored response is kept
+    responses_store_bytes: int = 256 * 2**20  # text of all stored responses at most
 
     @property
     def name(self) -> str:
@@ -99,6 +104,8 @@ class Server:
         self.redactor = None  # a rung.govern.redact.Redactor with --redact, loaded with the model
         self._redactors: dict = {}  # those requests asked for, by entity types
         self._prepare = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="rung-prepare")
+        self.responses = ResponseStore(config.responses_store_size, config.responses_store_ttl,
+                                       config.responses_store_bytes)
 
     # ---- loading ----------------------------------------------------------------------------------
 
