@@ -235,6 +235,13 @@ def test_the_store_keeps_only_the_newest_responses(served):
     ({"input": "x", "max_token": 5}, "max_token"),
     ({"input": "x", "stream": "yes"}, "stream"),
     ({}, "input"),
+    ({"input": [1]}, "input.0"),
+    ({"input": [{"role": "user", "content": [7]}]}, "input.0.content.0.type"),
+    ({"input": [{"type": "reasoning", "content": {"a": 1}}]}, "input.0.content"),
+    ({"input": [{"content": "no role"}]}, "input.0"),
+    ({"input": "x", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice.type"),
+    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include.0"),
+    ({"input": "x", "stream_options": {"include_obfuscation": False}}, "stream_options"),
 ])
 def test_malformed_requests_are_openai_shaped_400s(served, body, param):
     status, payload = served.raw({"model": MODEL, **body})
@@ -257,3 +264,13 @@ def test_auth_and_unknown_model_as_for_chat(served):
     assert status == 404 and payload["error"]["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         served.client.responses.create(model=MODEL, input="x", tools=[{"type": "file_search", "vector_store_ids": []}])
+
+
+def test_stored_response_reads_are_counted_by_route_not_by_id(served):
+    rid = respond(served, "Hi.", store=True, max_output_tokens=2).id
+    served.client.responses.retrieve(rid)
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    assert 'rung:http_requests_total{handler="/v1/responses/{response_id}",method="GET"' in text
+    assert rid not in text

@@ -50,8 +50,9 @@ def create_app(server: Server) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            server.metrics.http(request.url.path, request.method, response.status_code)
+        if request.url.path.startswith("/v1/"):  # labelled by route (/v1/responses/{response_id}), not by id
+            handler = getattr(request.scope.get("route"), "path", request.url.path)
+            server.metrics.http(handler, request.method, response.status_code)
         return response
 
     def authorize(request: Request):
