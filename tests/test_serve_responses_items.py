@@ -261,3 +261,60 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_response_failed(qwen3
     kinds = [e["type"] for e in lines]
     assert kinds[-2:] == ["error", "response.failed"] and "engine fell over" in lines[-2]["message"]
     assert lines[-1]["response"]["status"] == "failed" and server.in_flight == 0
+
+
+# ---- governance: the --policy tool gate, as for chat ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def governed(tmp_path_factory):
+    from govern_fakes import served, tiny_qwen3
+    from rung.govern.policy import hash_key, parse_policy
+
+    policy = {"max_rounds": 1, "default": {"tools": {"allow": ["get_*"], "deny": ["delete*"]}},
+              "keys": {"alice": {"sha256": hash_key("alice-key")}}}
+    client, server = served(tiny_qwen3(tmp_path_factory.mktemp("qwen3")), policy=parse_policy(policy, "policy.yaml"))
+    yield client, server
+    server.shutdown()
+
+
+DELETE = {"type": "function", "name": "delete_all", "parameters": {"type": "object", "properties": {}}}
+GET = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+
+
+def test_a_denied_call_never_leaves_and_the_model_answers_again(governed):
+    from govern_fakes import Scripted, call
+
+    client, server = governed
+    model = Scripted(server, lambda p: "I may not do that." if "denied by policy" in p else call("delete_all"))
+    body = {"model": "tiny", "input": "Delete everything.", "tools": [DELETE, GET], "tool_choice": "auto",
+            "max_output_tokens": 100}
+    r = client.post("/v1/responses", json=body, headers={"Authorization": "Bearer alice-key"})
+    assert r.status_code == 200, r.text
+    assert [o["type"] for o in r.json()["output"]] == ["message"]
+    assert r.json()["output"][0]["content"][0]["text"] == "I may not do that." and len(model.prompts) == 2
+    with client.stream("POST", "/v1/responses", json={**body, "stream": True},
+                       headers={"Authorization": "Bearer alice-key"}) as s:
+        kinds = [json.loads(line[6:])["type"] for line in s.iter_lines() if line.startswith("data: ")]
+    assert not any("function_call" in k for k in kinds) and kinds[-1] == "response.completed"
+
+
+def test_a_request_that_cannot_fit_names_max_output_tokens(governed):
+    client, _ = governed
+    r = client.post("/v1/responses", json={"model": "tiny", "input": "Hi."}, headers={"Authorization": "Bearer alice-key"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "max_output_tokens" and "max_output_tokens" in error["message"]
+
+
+def test_a_model_that_keeps_violating_ends_with_a_refusal_part(governed):
+    from govern_fakes import Scripted, call
+
+    client, server = governed
+    Scripted(server, lambda p: call("delete_all"))
+    r = client.post("/v1/responses", json={"model": "tiny", "input": "Delete.", "tools": [DELETE, GET],
+                                                "max_output_tokens": 100},
+                    headers={"Authorization": "Bearer alice-key"})
+    body = r.json()
+    assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "content_filter"}
+    part = body["output"][-1]["content"][-1]
+    assert part["type"] == "refusal" and "denied by policy" in part["refusal"]

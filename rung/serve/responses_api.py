@@ -236,7 +236,7 @@ def _response_format(fmt) -> dict:
 
 # ---- chat's errors in the Responses fields ----------------------------------------------------------
 
-_RENAMED = [("max_completion_tokens", "max_output_tokens"), ("response_format.json_schema.schema", "text.format.schema"),
+_RENAMED = [("max_completion_tokens", "max_output_tokens"), ("max_tokens", "max_output_tokens"), ("response_format.json_schema.schema", "text.format.schema"),
             ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort")]
 _TOOL_PARAMETERS = re.compile(r"tools\.(\d+)\.function\.")
 

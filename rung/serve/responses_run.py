@@ -146,8 +146,9 @@ class OutputItems:
             self._open_item(item)
         where = {"item_id": item["id"], "output_index": len(self.items) - 1}
         if piece is not None:
-            item["arguments"] += piece
-            self._emit("response.function_call_arguments.delta", **where, delta=piece)
+            if piece:  # a first piece may carry only the call's id and name
+                item["arguments"] += piece
+                self._emit("response.function_call_arguments.delta", **where, delta=piece)
             return
         sent = item["arguments"]
         rest = call.arguments[len(sent):] if call.arguments.startswith(sent) else call.arguments
