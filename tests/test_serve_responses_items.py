@@ -318,3 +318,24 @@ def test_a_model_that_keeps_violating_ends_with_a_refusal_part(governed):
     assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "content_filter"}
     part = body["output"][-1]["content"][-1]
     assert part["type"] == "refusal" and "denied by policy" in part["refusal"]
+
+
+# ---- governance: PII redaction, as for chat ----------------------------------------------------------
+
+
+def test_redacted_request_the_model_sees_placeholders_and_the_output_has_the_values(qwen3):
+    from test_govern_redact_serve import EMAIL, MARIA, MESSAGE, VALUES, Echo
+
+    client, server = qwen3
+    model = Echo(server, step=3)  # placeholders cut between deltas
+    body = {"model": "tiny", "input": MESSAGE, "redact": True, "max_output_tokens": 100}
+    r = client.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    assert not any(v in model.prompts[0] for v in VALUES) and "<EMAIL_ADDRESS_1>" in model.prompts[0]
+    text = r.json()["output"][0]["content"][0]["text"]
+    assert MARIA in text and EMAIL in text
+    with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert streamed == text == events[-1]["response"]["output"][0]["content"][0]["text"]
+    del server.generate  # back to the engine

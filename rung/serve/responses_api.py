@@ -53,7 +53,7 @@ def to_chat(req: ResponsesRequest, history: list[dict] | None = None) -> tuple[C
     if not messages:
         raise bad_request("input holds no messages", "input")
     body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": req.stream}
-    for field in ("temperature", "top_p", "user"):
+    for field in ("temperature", "top_p", "user", "redact"):
         if getattr(req, field) is not None:
             body[field] = getattr(req, field)
     if req.max_output_tokens is not None:

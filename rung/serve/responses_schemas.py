@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from rung.serve.schemas import Open, Strict
 
@@ -58,6 +58,7 @@ class ResponsesRequest(Strict):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     truncation: Literal["auto", "disabled"] | None = None
     max_tool_calls: int | None = Field(None, ge=1)
+    redact: StrictBool | list[str] | None = None  # rung: PII redaction of this request, as for chat
     # accepted, changing nothing here: routing and caching hints of OpenAI's service
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
