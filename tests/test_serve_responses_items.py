@@ -339,3 +339,13 @@ def test_redacted_request_the_model_sees_placeholders_and_the_output_has_the_val
     streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     assert streamed == text == events[-1]["response"]["output"][0]["content"][0]["text"]
     del server.generate  # back to the engine
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--responses-store-ttl", "0", "--responses-store-ttl above 0"),
+                                                 ("--responses-store-size", "-1", "--responses-store-size must be"),
+                                                 ("--responses-store-mb", "0", "--responses-store-mb must be at least 1")])
+def test_bad_store_flags_are_refused_before_the_port_opens(capsys, flag, value, needle):
+    from rung.cli import main
+
+    assert main(["serve", "-m", "smollm2-135m", flag, value]) == 2
+    assert needle in capsys.readouterr().err
