@@ -172,6 +172,20 @@ def test_json_schema_text_format_parses_and_validates(served):
     assert r.status == "completed" and r.text.format.type == "json_schema"
 
 
+def test_parse_with_a_pydantic_text_format(served):
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Pick(BaseModel):
+        colour: Literal["red", "green", "blue"]
+        count: Literal[1, 2, 3]
+
+    r = served.client.responses.parse(model=MODEL, input="Pick a colour and a count.", text_format=Pick,
+                                      max_output_tokens=40, **GREEDY)
+    assert isinstance(r.output_parsed, Pick) and r.output_parsed.colour in ("red", "green", "blue")
+
+
 # ---- stored responses --------------------------------------------------------------------------------
 
 

@@ -6,11 +6,10 @@ on a tiny Qwen3 whose engine is replaced by one that writes a scripted reply."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import openai
 import pytest
 
+from rung.engine.engine import Delta
 from rung.serve.family import Family
 from rung.serve.reasoning import Event, ToolCallOut
 from rung.serve.responses_api import input_messages
@@ -176,8 +175,7 @@ class ScriptedEngine:
         async def deltas():
             for i, piece in enumerate(self.pieces):
                 last = i == len(self.pieces) - 1
-                yield SimpleNamespace(index=0, text=piece, token_ids=[1], logprobs=None,
-                                      finish_reason="stop" if last else None, stop_reason=None)
+                yield Delta(request_id, 0, piece, [1], finish_reason="stop" if last else None)
 
         return deltas()
 
@@ -249,8 +247,7 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_response_failed(qwen3
     class Broken(ScriptedEngine):
         def generate(self, prompt_ids, params, request_id):
             async def deltas():
-                yield SimpleNamespace(index=0, text="Hel", token_ids=[1], logprobs=None, finish_reason=None,
-                                      stop_reason=None)
+                yield Delta(request_id, 0, "Hel", [1])
                 raise RuntimeError("engine fell over")
 
             return deltas()

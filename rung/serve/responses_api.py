@@ -236,8 +236,9 @@ def _response_format(fmt) -> dict:
 
 # ---- chat's errors in the Responses fields ----------------------------------------------------------
 
-_RENAMED = [("max_completion_tokens", "max_output_tokens"), ("max_tokens", "max_output_tokens"), ("response_format.json_schema.schema", "text.format.schema"),
-            ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort")]
+_RENAMED = [("max_completion_tokens", "max_output_tokens"), ("max_tokens", "max_output_tokens"),
+            ("response_format.json_schema.schema", "text.format.schema"), ("response_format", "text.format"),
+            ("reasoning_effort", "reasoning.effort")]
 _TOOL_PARAMETERS = re.compile(r"tools\.(\d+)\.function\.")
 
 
@@ -253,5 +254,4 @@ def renamed(e: APIError) -> APIError:
         param = _TOOL_PARAMETERS.sub(r"tools.\1.", param)
         if param == "messages" or param.startswith("messages."):
             param = "input"
-    out = APIError(e.status, message, param, e.code, e.headers)
-    return out
+    return APIError(e.status, message, param, e.code, e.headers)
