@@ -236,6 +236,12 @@ def test_qwen3_call_after_thinking_is_a_function_call_item_and_the_history_carri
     follow = client.responses.create(model="tiny", previous_response_id=r.id, tools=[WEATHER],
                                      input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
     assert follow.output_text == "It is sunny."
+    # stateless: the reply's own output items sent back as input give the same conversation
+    scripted(qwen3, "It is sunny.")
+    again = client.responses.create(model="tiny", tools=[WEATHER], input=[{"role": "user", "content": "Weather in Oslo?"},
+                                    *r.output, {"type": "function_call_output", "call_id": call.call_id,
+                                                "output": "sunny"}])
+    assert again.usage.input_tokens == follow.usage.input_tokens
     _, server = qwen3
     stored = server.responses.get(r.id).messages
     assert stored[-1]["tool_calls"][0]["id"] == call.call_id and stored[-1]["reasoning_content"] == "I need the tool."
