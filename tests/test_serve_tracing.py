@@ -148,3 +148,17 @@ def test_rung_serve_exports_over_otlp_http_and_flushes_on_sigterm(folder, tmp_pa
         sink.shutdown()
     assert [(p, t) for p, t, _ in posts] == [("/v1/traces", "application/x-protobuf")]
     assert b"admission" in posts[0][2] and b"decode" in posts[0][2] and SECRET.encode() not in posts[0][2]
+
+
+def test_a_responses_request_is_traced_as_a_chat(folder):
+    server, exporter = serve(folder)
+    with TestClient(create_app(server)) as client:
+        r = client.post("/v1/responses", json={"model": "tiny", "input": SECRET, "max_output_tokens": 4})
+        assert r.status_code == 200, r.text
+    server.engine.shutdown()
+    [spans] = spans_by_trace(exporter).values()
+    root = next(s for s in spans if s.parent is None)
+    names = [s.name for s in sorted(spans, key=lambda s: s.start_time) if s.parent is not None]
+    assert root.name == "chat tiny" and names == ["admission", "template", "queue", "prefill", "decode"]
+    assert root.attributes["gen_ai.usage.output_tokens"] == r.json()["usage"]["output_tokens"]
+    assert not any(SECRET in str(v) for s in spans for v in dict(s.attributes).values())

@@ -1,6 +1,7 @@
 """The HTTP app: OpenAI's routes over a ``Server``.
 
-GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (and GET / DELETE
+/v1/responses/{id} of stored ones), GET /health, GET /metrics.
 Every failure is an OpenAI-style JSON error (errors.py); an unexpected exception is a 500 with the
 exception's one-line summary, and the server goes on. A route checks the caller and the body; a
 generation is a ``Run`` (run.py), which ends in exactly one JSON log line and one set of metric
@@ -21,6 +22,8 @@ from rung.serve.errors import APIError
 from rung.serve.metrics import CONTENT_TYPE
 from rung.serve.redaction import redaction_for
 from rung.serve.run import Run
+from rung.serve import responses_run
+from rung.serve.responses_schemas import ResponsesRequest
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from rung.serve.server import Server
 from rung.serve.tracing import Trace
@@ -63,8 +66,9 @@ def create_app(server: Server, shutdown_with_app: bool = False) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            server.metrics.http(request.url.path, request.method, response.status_code)
+        if request.url.path.startswith("/v1/"):  # labelled by route (/v1/responses/{response_id}), not by id
+            handler = getattr(request.scope.get("route"), "path", request.url.path)
+            server.metrics.http(handler, request.method, response.status_code)
         return response
 
     def authorize(request: Request):
@@ -194,6 +198,38 @@ def create_app(server: Server, shutdown_with_app: bool = False) -> FastAPI:
                                       {"http.response.status_code": e.status, "error.type": e.code or str(e.status)},
                                       error=e.message)
             raise
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        trace = Trace()
+        with traced_refusal(trace, "chat"):
+            principal = authorize(request)
+            raw = await body_of(request)
+            with server.admit():
+                req = await server.off_loop(parse_body, raw, ResponsesRequest)
+                server.check_model(req.model)
+                server.check_ready()
+                trace.add("admission", trace.start)
+                return await responses_run.respond(server, request, req, principal, trace)
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str, request: Request):
+        authorize(request)
+        return stored(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request):
+        authorize(request)
+        stored(response_id)
+        server.responses.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    def stored(response_id: str):
+        entry = server.responses.get(response_id)
+        if entry is None:
+            raise APIError(404, f"Response with id '{response_id[:200]}' not found (unknown, expired, or not stored)",
+                           "response_id", "not_found")
+        return entry
 
     return app
 

@@ -50,14 +50,15 @@ class Run:
         self.log_prompt = log_prompt
         n = req.n
         family = server.family
-        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text) if kind == "chat" else None)
+        chat = kind != "completion"  # "chat", or "responses" (responses_run.py): a chat reply in another shape
+        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text) if chat else None)
                         for i, p in enumerate(prepared) for j in range(n)]
         self.reply = OpenAIReply(kind, self.id, self.created, server.config.name, req, prepared,
                                  TokenText(server.llm.tokenizer, server.grammars))
         self.status = 200
         self.error: str | None = None
         # the tool policy's gate over the model's calls, the verifier over its answers
-        self.governance = RunGovernance(self, principal, server.verification if kind == "chat" else None)
+        self.governance = RunGovernance(self, principal, server.verification if chat else None)
         self.extra_prompt_tokens = 0  # prompts of the rounds after a denied call
         self._queue: asyncio.Queue | None = None
         self._tasks: list[asyncio.Task] = []
@@ -289,7 +290,7 @@ class Run:
                       "http.response.status_code": self.status, "rung.stream": bool(req.stream)}
         if self.error is not None:
             attributes["error.type"] = str(self.status)
-        operation = "chat" if self.kind == "chat" else "text_completion"
+        operation = "text_completion" if self.kind == "completion" else "chat"  # a Responses run is a chat
         self.server.tracing.export(self.trace, operation, self.server.config.name, attributes, end=end,
                                    prompt=self.log_prompt, error=self.error)
 

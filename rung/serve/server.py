@@ -21,6 +21,7 @@ from typing import Any
 from rung.serve.errors import APIError, bad_request
 from rung.serve.family import Family, family_for
 from rung.serve.grounding import ground_chat
+from rung.serve.responses_store import ResponseStore
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
 from rung.serve.structured import GrammarError, check_json_schema
 
@@ -59,6 +60,10 @@ class ServeConfig:
     redact: bool = False  # redact PII of every request (rung/serve/redaction.py)
     redact_entities: tuple[str, ...] | None = None  # Presidio entity types (default: rung.govern.redact's)
     otlp_traces_endpoint: str | None = None  # OpenTelemetry traces (rung/serve/tracing.py), vLLM's flag
+    # stored responses of POST /v1/responses (store: true), for previous_response_id (responses_store.py)
+    responses_store_size: int = 1000  # responses kept at most; the oldest go first
+    responses_store_ttl: float = 3600.0  # seconds a stored response is kept
+    responses_store_bytes: int = 256 * 2**20  # text of all stored responses at most
 
     @property
     def name(self) -> str:
@@ -108,6 +113,8 @@ class Server:
 
             require("otel", what="rung serve --otlp-traces-endpoint")
             self.tracing = Tracing(config.otlp_traces_endpoint, log_prompts=config.log_prompts)
+        self.responses = ResponseStore(config.responses_store_size, config.responses_store_ttl,
+                                       config.responses_store_bytes)
 
     # ---- loading ----------------------------------------------------------------------------------
 
