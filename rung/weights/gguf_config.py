@@ -22,6 +22,8 @@ from rung.weights.gguf import GGUFError, GGUFFile
 ARCHITECTURES = {
     "llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "gpt2": "gpt2",
     "gemma3": "gemma3_text",
+    # issue 21 (families); llama.cpp writes Mistral and Mixtral as "llama" (Mixtral: with experts)
+    "qwen2": "qwen2", "gemma2": "gemma2", "olmo2": "olmo2", "smollm3": "smollm3",
 }
 # End-of-turn tokens that llama.cpp also stops at when they are control tokens (llama-vocab.cpp)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|return|>", "<|call|>",
@@ -302,5 +304,39 @@ def _config(gf: GGUFFile) -> ModelConfig:
             qk_norm=True, attn_scale=scalar**-0.5,
             layer_types=types, sliding_window=window or None, activation="gelu_tanh",
         )
+    _issue21_fields(m, fields, layers, hidden, heads, head_dim)
     return ModelConfig(**fields)
+
+
+# ---- issue 21 (families) -------------------------------------------------------------------------
+
+
+def _issue21_fields(m: _Meta, fields: dict, layers: int, hidden: int, heads: int, head_dim: int) -> None:
+    """What llama.cpp's qwen2, gemma2, olmo2 and smollm3 architectures (and a llama with experts,
+    Mixtral) add to the Llama-shaped fields, in place."""
+    arch = m.arch
+    if arch == "llama" and m.has("expert_count"):  # Mixtral: softmax over all experts, top-k renormalised
+        experts = m.int("expert_count")
+        moe = MoEConfig(num_experts=experts, top_k=m.int("expert_used_count"),
+                        expert_intermediate_size=m.int("expert_feed_forward_length", None) or fields["intermediate_size"],
+                        router="softmax_topk", norm_topk_prob=True)
+        if moe.top_k > experts:
+            raise m.error(f"expert_used_count {moe.top_k} exceeds expert_count {experts}")
+        fields.update(model_type="mixtral", moe=moe, moe_layers=(True,) * layers)
+    elif arch == "gemma2":
+        window = m.int("attention.sliding_window", 0, low=0)
+        # llama.cpp scales queries by head_dim^-0.5, except Gemma 2 27B (46 layers): (hidden/heads)^-0.5,
+        # transformers' query_pre_attn_scalar of each released size
+        scalar = hidden // heads if layers == 46 else head_dim
+        fields.update(
+            norm_weight_offset=1.0, norm_weight_in_float32=True, sandwich_norms=True,
+            embedding_scale=hidden**0.5, final_logit_softcap=m.float("final_logit_softcapping", None),
+            attn_logit_softcap=m.float("attn_logit_softcapping", None), attn_scale=scalar**-0.5,
+            layer_types=_window_layers(m, layers, 2) if window else ("full",) * layers, sliding_window=window or None,
+            activation="gelu_tanh",
+        )
+    elif arch == "olmo2":
+        fields.update(pre_norms=False, sandwich_norms=True, qk_norm=True, qk_norm_whole=True)
+    elif arch == "smollm3":  # llama.cpp hard-codes its NoPE step: every fourth layer
+        fields.update(rope_layers=tuple((i + 1) % 4 != 0 for i in range(layers)))
 

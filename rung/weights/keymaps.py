@@ -329,7 +329,7 @@ def keymap(config: ModelConfig, names: set[str]) -> tuple[list[Rule], Callable[[
 
 # The llama.cpp converter permutes Q/K rows for its interleaved rotation only in LlamaModel
 # (undo_permute); Qwen3, Qwen3-MoE, gpt-oss and Gemma 3 use NeoX rotation and are stored as is.
-PERMUTED_QK = ("llama",)
+PERMUTED_QK = ("llama", "smollm3")  # smollm3: SmolLM3Model is a LlamaModel in the converter
 
 
 def _unpermute(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -357,15 +357,19 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
     rules = [copy("token_embd.weight", "embed.weight"), norm("output_norm.weight", "final_norm.weight")]
     for i in range(c.num_layers):
         s, t = f"blk.{i}.", f"layers.{i}."
-        rules.append(norm(s + "attn_norm.weight", t + "attn_norm.weight"))
-        if arch == "gpt-oss":  # HF's post_attention_layernorm (the pre-MLP norm) keeps its name here
-            rules.append(norm(s + "post_attention_norm.weight", t + "mlp_norm.weight"))
-        elif c.sandwich_norms:
+        if not c.pre_norms:  # OLMo 2 (issue 21): only the norms after each sublayer
             rules += [norm(s + "post_attention_norm.weight", t + "post_attn_norm.weight"),
+                      norm(s + "post_ffw_norm.weight", t + "post_mlp_norm.weight")]
+        elif arch == "gpt-oss":  # HF's post_attention_layernorm (the pre-MLP norm) keeps its name here
+            rules += [norm(s + "attn_norm.weight", t + "attn_norm.weight"),
+                      norm(s + "post_attention_norm.weight", t + "mlp_norm.weight")]
+        elif c.sandwich_norms:
+            rules += [norm(s + "attn_norm.weight", t + "attn_norm.weight"),
+                      norm(s + "post_attention_norm.weight", t + "post_attn_norm.weight"),
                       norm(s + "ffn_norm.weight", t + "mlp_norm.weight"),
                       norm(s + "post_ffw_norm.weight", t + "post_mlp_norm.weight")]
         else:
-            rules.append(norm(s + "ffn_norm.weight", t + "mlp_norm.weight"))
+            rules += [norm(s + "attn_norm.weight", t + "attn_norm.weight"), norm(s + "ffn_norm.weight", t + "mlp_norm.weight")]
         undo = (_unpermute(c.num_heads), _unpermute(c.num_kv_heads), None) if permute else ()
         for kind in ("weight", "bias") if c.qkv_bias else ("weight",):
             sources = tuple(f"{s}{src}.{kind}" for src in ("attn_q", "attn_k", "attn_v"))
