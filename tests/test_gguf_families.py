@@ -5,6 +5,8 @@ tiny GGUF loads in rung with the logits of the transformers model it was written
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from test_gguf_convert import permute
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=101, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-ARCH = {"qwen2": "qwen2", "mistral": "llama", "mixtral": "llama", "gemma2": "gemma2", "olmo2": "olmo2",
+ARCH = {"phi3": "phi3", "qwen2": "qwen2", "mistral": "llama", "mixtral": "llama", "gemma2": "gemma2", "olmo2": "olmo2",
         "smollm3": "smollm3"}
 
 
@@ -41,6 +43,8 @@ def _tensors(cfg, sd: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
                     w = permute(w, cfg.num_attention_heads if h == "q_proj" else cfg.num_key_value_heads)
                 if w is not None:
                     out.append((f"{b}{g}.{kind}", w))
+        if p + "self_attn.qkv_proj.weight" in sd:  # Phi-3: fused as in the checkpoint
+            out.append((b + "attn_qkv.weight", sd[p + "self_attn.qkv_proj.weight"]))
         for h, g in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
             if f"{p}self_attn.{h}.weight" in sd:
                 out.append((f"{b}{g}.weight", sd[f"{p}self_attn.{h}.weight"]))
@@ -48,8 +52,14 @@ def _tensors(cfg, sd: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
             gate_up, n = sd[p + "mlp.experts.gate_up_proj"], cfg.intermediate_size
             out += [(b + "ffn_gate_inp.weight", sd[p + "mlp.gate.weight"]), (b + "ffn_gate_exps.weight", gate_up[:, :n]),
                     (b + "ffn_up_exps.weight", gate_up[:, n:]), (b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])]
+        elif p + "mlp.gate_up_proj.weight" in sd:  # Phi-3: gate|up stored as ffn_up
+            out += [(b + "ffn_up.weight", sd[p + "mlp.gate_up_proj.weight"]), (b + "ffn_down.weight", sd[p + "mlp.down_proj.weight"])]
         else:
             out += [(f"{b}ffn_{h}.weight", sd[f"{p}mlp.{h}_proj.weight"]) for h in ("gate", "up", "down")]
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "longrope":  # Phi3MiniModel.generate_extra_tensors
+        out += [("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32)),
+                ("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))]
     return out
 
 
@@ -74,6 +84,14 @@ def write(path, model) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
+    if arch == "phi3":  # Phi3MiniModel.set_gguf_parameters
+        rope = cfg.rope_parameters
+        w.add_rope_dimension_count(int(rope["partial_rotary_factor"] * head_dim))
+        original = rope["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(original)
+        scale = cfg.max_position_embeddings / original
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        w.add_sliding_window(cfg.sliding_window or 0)
     if cfg.model_type == "mixtral":
         w.add_expert_count(cfg.num_local_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -90,6 +108,11 @@ def write(path, model) -> None:
 
 
 CASES = {
+    # LongRoPE past a 16-token original context, partial rotary, a window of 6 on every layer
+    "phi3": (tf.Phi3Config, dict(sliding_window=6, original_max_position_embeddings=16, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 16, "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0],
+        "long_factor": [2.0, 3.0, 4.0, 5.0, 7.0, 9.0]})),
     "qwen2": (tf.Qwen2Config, {}),
     "mistral": (tf.MistralConfig, {}),  # llama.cpp writes no window for the llama architecture
     "mixtral": (tf.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),

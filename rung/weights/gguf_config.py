@@ -23,7 +23,7 @@ ARCHITECTURES = {
     "llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "gpt2": "gpt2",
     "gemma3": "gemma3_text",
     # issue 21 (families); llama.cpp writes Mistral and Mixtral as "llama" (Mixtral: with experts)
-    "qwen2": "qwen2", "gemma2": "gemma2", "olmo2": "olmo2", "smollm3": "smollm3",
+    "qwen2": "qwen2", "gemma2": "gemma2", "olmo2": "olmo2", "smollm3": "smollm3", "phi3": "phi3",
 }
 # End-of-turn tokens that llama.cpp also stops at when they are control tokens (llama-vocab.cpp)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|return|>", "<|call|>",
@@ -240,6 +240,8 @@ def _config(gf: GGUFFile) -> ModelConfig:
             mlp="plain", activation="gelu_tanh", mlp_bias=True,
         )
 
+    if arch == "phi3":
+        return ModelConfig(**_phi3_fields(m, common, layers, hidden, heads, kv_heads))
     q = _shape(gf, "blk.0.attn_q.weight")
     head_dim = m.int("attention.key_length", None) or (q[0] // heads if q else hidden // heads)
     if q is None or q[0] != heads * head_dim:
@@ -340,3 +342,40 @@ def _issue21_fields(m: _Meta, fields: dict, layers: int, hidden: int, heads: int
     elif arch == "smollm3":  # llama.cpp hard-codes its NoPE step: every fourth layer
         fields.update(rope_layers=tuple((i + 1) % 4 != 0 for i in range(layers)))
 
+
+
+def _phi3_fields(m: _Meta, common: dict, layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
+    """llama.cpp's phi3 (Phi3MiniModel): q|k|v in attn_qkv, gate|up in ffn_up, LongRoPE's factors as
+    the rope_factors_long / rope_factors_short tensors, its cos/sin scale as rope.scaling.attn_factor."""
+    gf = m.gf
+    head_dim = hidden // heads
+    qkv = _shape(gf, "blk.0.attn_qkv.weight")
+    if qkv is None or qkv[0] != (heads + 2 * kv_heads) * head_dim:
+        raise m.error(f"blk.0.attn_qkv.weight is {list(qkv) if qkv else 'missing'}; {heads} + 2 x {kv_heads} heads "
+                      f"of {head_dim} need {(heads + 2 * kv_heads) * head_dim} rows")
+    rot = m.int("rope.dimension_count", head_dim)
+    if rot > head_dim or rot % 2:
+        raise m.error(f"phi3.rope.dimension_count {rot} must be even and at most the head size {head_dim}")
+    theta, max_pos = m.float("rope.freq_base", 10_000.0), m.int("context_length", 4096)
+    rope = RopeConfig(theta=theta, partial_rotary_factor=rot / head_dim)
+    if "rope_factors_long.weight" in gf.tensors:
+        factors = {}
+        for kind in ("long", "short"):
+            name = f"rope_factors_{kind}.weight"
+            shape = _shape(gf, name)
+            if shape is None or math.prod(shape) != rot // 2:
+                raise m.error(f"{name} has shape {list(shape) if shape else 'missing'}; {rot // 2} factors needed")
+            factors[kind] = tuple(gf.read(name).double().flatten().tolist())
+        original = m.int("rope.scaling.original_context_length", max_pos)
+        rope = RopeConfig(theta=theta, type="longrope", factor=max_pos / original, original_max_position=original,
+                          attention_factor=m.float("rope.scaling.attn_factor", None), short_factor=factors["short"],
+                          long_factor=factors["long"], partial_rotary_factor=rot / head_dim)
+    window = m.int("attention.sliding_window", 0, low=0)
+    up = _shape(gf, "blk.0.ffn_up.weight")
+    return dict(
+        common, head_dim=head_dim, max_position_embeddings=max_pos,
+        intermediate_size=m.int("feed_forward_length", up[0] // 2 if up else None),
+        norm="rmsnorm", norm_eps=m.float("attention.layer_norm_rms_epsilon", 1e-5), positions="rope", rope=rope,
+        layer_types=(("sliding" if window else "full"),) * layers, sliding_window=window or None,
+        mlp="gated", activation="silu",
+    )

@@ -373,7 +373,10 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
         undo = (_unpermute(c.num_heads), _unpermute(c.num_kv_heads), None) if permute else ()
         for kind in ("weight", "bias") if c.qkv_bias else ("weight",):
             sources = tuple(f"{s}{src}.{kind}" for src in ("attn_q", "attn_k", "attn_v"))
-            rules.append(fused(f"{t}attn.qkv_proj.{kind}", sources, qkv, undo))
+            if arch == "phi3":  # issue 21: q|k|v fused as in the checkpoint
+                rules.append(copy(f"{s}attn_qkv.{kind}", f"{t}attn.qkv_proj.{kind}"))
+            else:
+                rules.append(fused(f"{t}attn.qkv_proj.{kind}", sources, qkv, undo))
         for kind in ("weight", "bias") if c.o_bias else ("weight",):
             rules.append(copy(f"{s}attn_output.{kind}", f"{t}attn.o_proj.{kind}"))
         if c.qk_norm:
@@ -397,8 +400,9 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
                 rules.append(copy(f"{s}ffn_down_exps.{kind}", down))
         else:
             for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
-                rules += [fused(f"{t}mlp.gate_up_proj.{kind}", (f"{s}ffn_gate.{kind}", f"{s}ffn_up.{kind}"), gate_up),
-                          copy(f"{s}ffn_down.{kind}", f"{t}mlp.down_proj.{kind}")]
+                gate_up_rule = (copy(f"{s}ffn_up.{kind}", f"{t}mlp.gate_up_proj.{kind}") if arch == "phi3"  # gate|up
+                                else fused(f"{t}mlp.gate_up_proj.{kind}", (f"{s}ffn_gate.{kind}", f"{s}ffn_up.{kind}"), gate_up))
+                rules += [gate_up_rule, copy(f"{s}ffn_down.{kind}", f"{t}mlp.down_proj.{kind}")]
     return rules
 
 
