@@ -69,3 +69,13 @@ def test_arch_words_name_each_family_quirk():
     assert "post only" in describe("olmo2-7b").norm
     assert "longrope" in describe("phi-3.5-mini").positions
     assert "4096 on all 32 layers" in describe("mistral-7b-v0.1").sliding_window
+
+
+def test_rung_arch_shows_the_new_families_side_by_side(capsys):
+    from rung.cli import main
+
+    assert main(["arch", "mixtral-8x7b", "gemma2-9b", "olmo2-7b", "smollm3-3b", "phi-3.5-mini", "qwen2.5-72b"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("8 (2 active)", "46.70 B", "12.75 B", "scores capped at 50", "post only", "NoPE on",
+                     "longrope ×32", "GQA 64/8×128", "MHA 32/32×96"):
+        assert expected in out, expected
