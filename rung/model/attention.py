@@ -146,7 +146,8 @@ class Attention(nn.Module):
         and v in the context's cache itself (they come back None then): rung/kernels/modules.py."""
         b, t, _ = qkv.shape
         if self.qk_norm_whole:  # OLMo 2: RMSNorm over each token's whole q and k, then the head split
-            q, k, v = qkv.split((self.q_norm.weight.shape[0], self.k_norm.weight.shape[0], self.k_norm.weight.shape[0]), -1)
+            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)  # [b, t, hq·d], [b, t, hkv·d] x 2
             qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
         q, k, v = qkv.view(b, t, -1, self.head_dim).transpose(1, 2).split(
             (self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
