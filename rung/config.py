@@ -145,6 +145,8 @@ class RopeConfig:
         if self.partial_rotary_factor > 1:
             raise ConfigError(f"partial_rotary_factor must be at most 1, got {_show(self.partial_rotary_factor)}")
         for name in ("short_factor", "long_factor"):
+            if isinstance(getattr(self, name), list):  # a config written back as JSON (rung quantize)
+                object.__setattr__(self, name, tuple(getattr(self, name)))
             factors = getattr(self, name)
             if not isinstance(factors, tuple) or not all(
                     not isinstance(x, bool) and isinstance(x, (int, float)) and _finite(x) and x > 0 for x in factors):

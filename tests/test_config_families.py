@@ -61,3 +61,12 @@ def test_a_vast_longrope_factor_list_is_refused_within_bounds(tmp_path):
     raw = longrope([1.0] * 8, [1.5] * 4_000_000)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     run_cli_bounded("arch", str(tmp_path), seconds=30).assert_refused("long_factor", "at most")
+
+
+def test_family_configs_survive_the_packed_checkpoints_json_round_trip():
+    """rung quantize writes the ModelConfig as JSON (lists for tuples); it must read back equal."""
+    from rung.quant.checkpoint import config_from_dict, config_to_dict
+
+    for name in ("phi-3.5-mini", "smollm3-3b", "olmo2-7b", "gemma2-2b", "mixtral-8x7b"):
+        c = ModelConfig.from_preset(name)
+        assert config_from_dict(json.loads(json.dumps(config_to_dict(c)))) == c, name
