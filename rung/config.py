@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "bloom", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text",
-                         "deepseek_v2", "deepseek_v3")
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+                         "deepseek_v2", "deepseek_v3",
+                         # issue 21 (families): the lineage, wider
+                         "qwen2", "mistral", "mixtral", "phi3", "gemma2", "olmo2", "smollm3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 PRESET_DIR = Path(__file__).parent / "presets"
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "alibi")
@@ -32,7 +34,8 @@ ROUTERS = ("softmax_topk", "topk_softmax", "softmax_group_topk", "sigmoid_group_
 # terabyte at once, and the loaders check the tensors before they allocate.
 MAX_SIZE = 2**40
 MAX_LAYERS = 1_000_000
-MAX_CONFIG_BYTES = 64 << 20  # a config.json past this is no config (a real one is a few KB)
+MAX_CONFIG_BYTES = 64 << 20
+MAX_FACTORS = 1 << 16  # LongRoPE factors: one per rotary frequency  # a config.json past this is no config (a real one is a few KB)
 
 
 class ConfigError(ValueError):
@@ -123,6 +126,10 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     partial_rotary_factor: float = 1.0
+    # longrope (Phi-3): per-frequency divisors, the short set up to original_max_position, the long
+    # set past it (chosen per call by its longest position, as transformers does)
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
     def __post_init__(self):
         _check_choice("rope type", self.type, ROPE_TYPES)
@@ -138,7 +145,16 @@ class RopeConfig:
         _check_float("partial_rotary_factor", self.partial_rotary_factor, positive=True)
         if self.partial_rotary_factor > 1:
             raise ConfigError(f"partial_rotary_factor must be at most 1, got {_show(self.partial_rotary_factor)}")
-        if self.type in ("yarn", "llama3") and self.original_max_position is None:
+        for name in ("short_factor", "long_factor"):
+            if isinstance(getattr(self, name), list):  # a config written back as JSON (rung quantize)
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+            factors = getattr(self, name)
+            if not isinstance(factors, tuple) or not all(
+                    not isinstance(x, bool) and isinstance(x, (int, float)) and _finite(x) and x > 0 for x in factors):
+                raise ConfigError(f"rope {name} must be a list of positive numbers")
+        if self.type == "longrope" and not (self.short_factor and self.long_factor):
+            raise ConfigError("rope type 'longrope' needs rope_scaling.short_factor and rope_scaling.long_factor")
+        if self.type in ("yarn", "llama3", "longrope") and self.original_max_position is None:
             raise ConfigError(f"rope type {self.type!r} needs {_label('original_max_position')}")
         if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError(f"rope high_freq_factor {self.high_freq_factor} must exceed low_freq_factor "
@@ -272,6 +288,13 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()  # per layer: "full" | "sliding"
     mla: MLAConfig | None = None  # DeepSeek: latent attention (head_dim is then its RoPE part)
 
+    # ---- issue 21 (families): Gemma 2, OLMo 2, SmolLM3 ----
+    attn_logit_softcap: float | None = None  # Gemma 2: scores → tanh(scores / cap) · cap before the mask
+    pre_norms: bool = True  # OLMo 2: False, no norm before a sublayer (only after it: sandwich_norms)
+    qk_norm_whole: bool = False  # OLMo 2: q_norm / k_norm over the whole projection, not per head
+    rope_layers: tuple[bool, ...] = ()  # per layer: RoPE applied (SmolLM3: False on its NoPE layers)
+    # ---- end issue 21 (families) ----
+
     # feed-forward
     mlp: str = "gated"  # "gated" (down(act(gate) * up)) | "plain" (down(act(up)))
     activation: str = "silu"  # "silu" | "gelu" | "gelu_tanh" | "relu" | "swiglu_clamped"
@@ -295,6 +318,9 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
         if not self.moe_layers:
             object.__setattr__(self, "moe_layers", (self.moe is not None,) * self.num_layers)
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
+        object.__setattr__(self, "rope_layers", tuple(self.rope_layers))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
         if isinstance(self.eos_token_id, list):
@@ -319,13 +345,15 @@ class ModelConfig:
         if self.norm_eps < 0:
             raise ConfigError(f"{_label('norm_eps')} must not be negative, got {self.norm_eps}")
         _check_float("norm_weight_offset", self.norm_weight_offset)
-        for name in ("embedding_scale", "final_logit_softcap", "attn_scale"):
+        for name in ("embedding_scale", "final_logit_softcap", "attn_scale", "attn_logit_softcap"):
             _check_float(name, getattr(self, name), positive=True, optional=True)
         _check_float("swiglu_limit", self.swiglu_limit, positive=True)
         _check_float("swiglu_alpha", self.swiglu_alpha)
         _check_flags(self, "norm_weight_in_float32", "embedding_norm", "sandwich_norms", "residual_from_norm",
                      "tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm", "attn_scale_by_inverse_layer",
-                     "attn_sinks", "mlp_bias")
+                     "attn_sinks", "mlp_bias", "pre_norms", "qk_norm_whole")
+        if not self.pre_norms and not self.sandwich_norms:
+            raise ConfigError("pre_norms=False needs sandwich_norms (the norms after each sublayer)")
         self._check_positions()
         self._check_layers()
         if self.mla is not None and not isinstance(self.mla, MLAConfig):
@@ -349,6 +377,9 @@ class ModelConfig:
             if rotary < 2 or rotary % 2:  # rotation pairs dimension i with i + d/2
                 raise ConfigError(f"head_dim {self.head_dim} x partial_rotary_factor {rope.partial_rotary_factor} "
                                   f"gives {rotary} rotary dimensions; rotary positions need an even number")
+            if rope and rope.type == "longrope" and not len(rope.short_factor) == len(rope.long_factor) == rotary // 2:
+                raise ConfigError(f"rope short_factor and long_factor need {rotary // 2} entries each (one per "
+                                  f"rotary frequency), got {len(rope.short_factor)} and {len(rope.long_factor)}")
 
     def _check_layers(self) -> None:
         n = self.num_layers
@@ -360,6 +391,8 @@ class ModelConfig:
         _check_int("sliding_window", self.sliding_window, optional=True)
         if "sliding" in self.layer_types and not self.sliding_window:
             raise ConfigError("sliding layers need a sliding_window")
+        if len(self.rope_layers) != n or not all(isinstance(r, bool) for r in self.rope_layers):
+            raise ConfigError(f"rope_layers (no_rope_layers) must be {n} true/false entries, one per layer")
         if len(self.moe_layers) != n or not all(isinstance(m, bool) for m in self.moe_layers):
             raise ConfigError(f"moe_layers must be {n} true/false entries, one per layer")
         if any(self.moe_layers) and not isinstance(self.moe, MoEConfig):
@@ -555,14 +588,15 @@ def _rope(f: _Fields, params: _Fields | None, max_pos: int | None) -> RopeConfig
     p = params or _Fields({}, "rope_scaling")
     theta = p.float("rope_theta", default=f.float("rope_theta", default=10_000.0))
     kind = p.str("rope_type", "type", default="default")
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's first checkpoints named LongRoPE "su"
     if kind not in ROPE_TYPES:
         raise ConfigError(f"rope type {_show(kind)} is not supported (supported: {', '.join(ROPE_TYPES)})")
     original = p.int("original_max_position_embeddings",
                      default=f.int("original_max_position_embeddings", default=None, low=1), low=1)
-    if kind in ("yarn", "llama3") and original is None:
+    if kind in ("yarn", "llama3", "longrope") and original is None:
         original = max_pos
     factor = p.float("factor", default=None)
-    if kind == "yarn" and factor is None and max_pos and original:
+    if kind in ("yarn", "longrope") and factor is None and max_pos and original:
         factor = max_pos / original
     if kind != "default" and factor is None:
         raise ConfigError(f"rope type {kind!r} needs a {p.name('factor')!r}")
@@ -581,7 +615,17 @@ def _rope(f: _Fields, params: _Fields | None, max_pos: int | None) -> RopeConfig
         high_freq_factor=p.float("high_freq_factor", default=4.0),
         partial_rotary_factor=p.float("partial_rotary_factor",
                                       default=f.float("partial_rotary_factor", default=1.0)),
+        short_factor=_factors(p, "short_factor"),
+        long_factor=_factors(p, "long_factor"),
     )
+
+
+def _factors(p: _Fields, name: str) -> tuple[float, ...]:
+    """LongRoPE's per-frequency list (at most MAX_FACTORS long: one per rotary frequency)."""
+    values = p.list(name, default=[])
+    if len(values) > MAX_FACTORS:
+        raise ConfigError(f"field {p.name(name)!r} has {len(values):,} entries (at most {MAX_FACTORS:,})")
+    return tuple(values)
 
 
 def _rope_params(f: _Fields) -> _Fields | None:
@@ -888,6 +932,97 @@ def _deepseek(f: _Fields, model_type: str) -> ModelConfig:
     )
 
 
+# ---- issue 21 (families): Qwen2.5, Mistral, Mixtral, Phi-3, Gemma 2, OLMo 2, SmolLM3 ------------
+
+
+def _window_everywhere(f: _Fields, n: int) -> dict:
+    """Mistral, Mixtral, Phi-3: one ``sliding_window`` (or null) for every layer."""
+    window = f.int("sliding_window", default=None, low=1)
+    return dict(layer_types=(("sliding" if window else "full"),) * n, sliding_window=window)
+
+
+def _qwen2(f: _Fields) -> ModelConfig:
+    # Qwen2 / Qwen2.5: Llama with biases on q, k and v (not on o); windows as Qwen3's
+    n = _num_layers(f)
+    window = _qwen3_window(f)
+    first_sliding = f.int("max_window_layers", default=28)
+    default = ["sliding_attention" if window and i >= first_sliding else "full_attention" for i in range(n)]
+    types = _layer_types(f, n, default)
+    return _llama_like(f, "qwen2", qkv_bias=True, o_bias=False, layer_types=types,
+                       sliding_window=window if "sliding" in types else None)
+
+
+def _mistral(f: _Fields) -> ModelConfig:
+    return _llama_like(f, "mistral", **_window_everywhere(f, _num_layers(f)))
+
+
+def _mixtral(f: _Fields) -> ModelConfig:
+    # Mixtral: every layer sparse; softmax over all experts in float32, top-k, renormalised
+    n = _num_layers(f)
+    moe = MoEConfig(
+        num_experts=f.int("num_local_experts", low=1),
+        top_k=f.int("num_experts_per_tok", low=1),
+        expert_intermediate_size=f.int("intermediate_size", low=1),
+        router="softmax_topk",
+        norm_topk_prob=True,
+    )
+    _check_top_k(moe, "num_local_experts")
+    return _llama_like(f, "mixtral", moe=moe, moe_layers=(True,) * n, **_window_everywhere(f, n))
+
+
+def _phi3(f: _Fields) -> ModelConfig:
+    # Phi-3 / 3.5: Llama maths; q|k|v and gate|up fused in the checkpoint (keymaps); LongRoPE
+    return _llama_like(f, "phi3", norm_eps=f.float("rms_norm_eps", default=1e-5),
+                       **_window_everywhere(f, _num_layers(f)))
+
+
+def _gemma2(f: _Fields) -> ModelConfig:
+    # Gemma 2: Gemma's (1 + w) norms and sandwich norms, no QK-norm; local/global alternate from the
+    # first layer; attention scores and final logits soft-capped (transformers' modeling_gemma2)
+    n = _num_layers(f)
+    hidden = f.int("hidden_size")
+    scalar = f.float("query_pre_attn_scalar", default=256)
+    if scalar <= 0:
+        raise ConfigError(f"field 'query_pre_attn_scalar' must be positive, got {_show(scalar)}")
+    default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    return _llama_like(
+        f, "gemma2",
+        norm_weight_offset=1.0,
+        norm_weight_in_float32=True,
+        sandwich_norms=True,
+        embedding_scale=hidden**0.5,
+        tie_word_embeddings=f.bool("tie_word_embeddings", default=True),
+        final_logit_softcap=f.float("final_logit_softcapping", default=None),
+        attn_logit_softcap=f.float("attn_logit_softcapping", default=None),
+        attn_scale=scalar**-0.5,
+        layer_types=_layer_types(f, n, default),
+        sliding_window=f.int("sliding_window", default=4096, low=1),
+        activation=_activation(f, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
+    )
+
+
+def _olmo2(f: _Fields) -> ModelConfig:
+    # OLMo 2: a norm after each sublayer and none before; RMSNorm over all of q's and k's heads at once
+    return _llama_like(f, "olmo2", norm_eps=f.float("rms_norm_eps", default=1e-5), pre_norms=False,
+                       sandwich_norms=True, qk_norm=True, qk_norm_whole=True)
+
+
+def _smollm3(f: _Fields) -> ModelConfig:
+    # SmolLM3: Llama with RoPE left out of some layers (NoPE). ``no_rope_layers[i]`` is 1 where layer
+    # i *uses* RoPE (the name says the opposite); by default every fourth layer is NoPE.
+    n = _num_layers(f)
+    interval = f.int("no_rope_layer_interval", default=4, low=1)
+    flags = f.list("no_rope_layers", default=[int((i + 1) % interval != 0) for i in range(n)])
+    if len(flags) != n or not all(x in (0, 1) and not isinstance(x, float) for x in flags):
+        raise ConfigError(f"field 'no_rope_layers' must be {n} entries of 0 or 1, got {_show(flags)}")
+    window = f.int("sliding_window", default=None, low=1) if f.bool("use_sliding_window", default=False) else None
+    types = _layer_types(f, n, ["full_attention"] * n) if window else ("full",) * n
+    return _llama_like(f, "smollm3", rope_layers=tuple(bool(x) for x in flags), layer_types=types,
+                       sliding_window=window if "sliding" in types else None)
+
+# ---- end issue 21 (families) --------------------------------------------------------------------
+
+
 _PARSERS = {
     "gpt2": _gpt2,
     "bloom": _bloom,
@@ -898,4 +1033,7 @@ _PARSERS = {
     "gemma3_text": _gemma3,
     "deepseek_v2": lambda f: _deepseek(f, "deepseek_v2"),
     "deepseek_v3": lambda f: _deepseek(f, "deepseek_v3"),
+    # issue 21 (families)
+    "qwen2": _qwen2, "mistral": _mistral, "mixtral": _mixtral, "phi3": _phi3,
+    "gemma2": _gemma2, "olmo2": _olmo2, "smollm3": _smollm3,
 }

@@ -113,8 +113,10 @@ def weights(config: ModelConfig) -> list[Weight]:
     for p, n, mlp in (("dense_layers", c.num_layers - sparse, _mlp), ("sparse_layers", sparse, _moe)):
         if n == 0:
             continue
-        layer = norm(f"{p}.input_norm") + _attention(c, f"{p}.attn")
-        if c.sandwich_norms:  # Gemma: post-attention, pre- and post-feed-forward
+        layer = (norm(f"{p}.input_norm") if c.pre_norms else []) + _attention(c, f"{p}.attn")
+        if c.sandwich_norms and not c.pre_norms:  # OLMo 2: post-attention and post-feed-forward only
+            layer += norm(f"{p}.post_attn_norm") + norm(f"{p}.post_ffn_norm")
+        elif c.sandwich_norms:  # Gemma: post-attention, pre- and post-feed-forward
             layer += norm(f"{p}.post_attn_norm") + norm(f"{p}.pre_ffn_norm") + norm(f"{p}.post_ffn_norm")
         else:
             layer += norm(f"{p}.post_attn_norm")  # the pre-MLP norm (GPT-2 ln_2)
@@ -160,7 +162,9 @@ def _attention(c: ModelConfig, p: str) -> list[Weight]:
         + _linear(f"{p}.v", "attention", c.kv_width, H, c.qkv_bias)
         + _linear(f"{p}.o", "attention", H, c.q_width, c.o_bias)
     )
-    if c.qk_norm:  # one RMSNorm over head_dim each for q and k, shared by all heads
+    if c.qk_norm_whole:  # OLMo 2: one RMSNorm over the whole q (and k) projection
+        out += [Weight(f"{p}.q_norm", "attention", (c.q_width,)), Weight(f"{p}.k_norm", "attention", (c.kv_width,))]
+    elif c.qk_norm:  # one RMSNorm over head_dim each for q and k, shared by all heads
         out += [Weight(f"{p}.q_norm", "attention", (c.head_dim,)), Weight(f"{p}.k_norm", "attention", (c.head_dim,))]
     if c.attn_sinks:  # gpt-oss: one learned logit per query head
         out.append(Weight(f"{p}.sinks", "attention", (c.num_heads,)))
@@ -258,7 +262,7 @@ def _norm_kind(c: ModelConfig) -> str:
     if c.norm_weight_offset:
         kind += " (1+w)"
     if c.sandwich_norms:
-        kind += ", pre+post"
+        kind += ", pre+post" if c.pre_norms else ", post only"
     if c.embedding_norm:
         kind += ", + embedding norm"
     return kind
@@ -283,6 +287,8 @@ def _position_kind(c: ModelConfig) -> str:
         kind += f", {r.type} ×{r.factor:g}"
     if c.local_rope is not None and "sliding" in c.layer_types and c.local_rope != r:
         kind += f"; local θ={_si(c.local_rope.theta)}"
+    if not all(c.rope_layers):  # SmolLM3
+        kind += f"; NoPE on {c.rope_layers.count(False)}/{c.num_layers} layers"
     return kind
 
 
@@ -296,7 +302,10 @@ def _attention_kind(c: ModelConfig) -> str:
         kind = "MQA"
     else:
         kind = "GQA"
-    return f"{kind} {c.num_heads}/{c.num_kv_heads}×{c.head_dim}"
+    kind = f"{kind} {c.num_heads}/{c.num_kv_heads}×{c.head_dim}"
+    if c.attn_logit_softcap:  # Gemma 2
+        kind += f", scores capped at {c.attn_logit_softcap:g}"
+    return kind
 
 
 def _sliding_kind(c: ModelConfig) -> str | None:

@@ -155,13 +155,15 @@ class PagedStep:
         return (self.n_decode == 0 and all(c.start == 0 for c in self.chunks) and max(counts) >= SDPA_MIN_TOKENS
                 and (window is None or window >= max(counts)))
 
-    def attend(self, layer, q, k, v, window, scale, sinks, slopes) -> torch.Tensor:
+    def attend(self, layer, q, k, v, window, scale, sinks, slopes, softcap=None) -> torch.Tensor:
         """q [1, hq, N, d], k/v [1, hkv, N, d] (None: already in the pool, see ``kv_destination``)
-        → [1, hq, N, d]."""
+        → [1, hq, N, d]. Soft-capped scores (Gemma 2) take the PyTorch path: neither the native nor
+        the Triton kernel caps them."""
         g = self.pool.group_of[layer]
         pool_k, pool_v = self.pool.keys[layer], self.pool.values[layer]
         slots = self._slots[g]
-        if (self.n_decode == len(self.chunks) and slopes is None and q.dtype == torch.float32
+        plain = slopes is None and softcap is None  # what the kernels cover
+        if (self.n_decode == len(self.chunks) and plain and q.dtype == torch.float32
                 and q.device.type == "cpu" and native.available() and q.stride(-1) == k.stride(-1) == 1
                 and k.stride() == v.stride()):
             # a pure decode step on the CPU: one native call writes this step's keys and values and
@@ -173,7 +175,7 @@ class PagedStep:
             return out.transpose(0, 1)[None]  # [1, hq, B, d]
         if k is not None:
             write_kv(pool_k, pool_v, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [N, hkv, d] each
-        if slopes is None and use_triton(q, pool_k):
+        if plain and use_triton(q, pool_k):
             decode = self.n_decode == len(self.chunks)
             starts, counts = [c.start for c in self.chunks], [c.count for c in self.chunks]
             kind = "decode" if decode else prefill_kernel(starts, counts, window, sinks is not None, sdpa=k is not None)
@@ -193,7 +195,7 @@ class PagedStep:
         outs = []
         if self.n_decode:
             idx, bias = reads[0]  # [B, L], [B, 1|H, 1, L]
-            if slopes is None and q.dtype == torch.float32 and q.device.type == "cpu" and native.available():
+            if plain and q.dtype == torch.float32 and q.device.type == "cpu" and native.available():
                 # rung's CPU kernel reads the pool through idx: no gathered copies, one call
                 qb = q[0, :, : self.n_decode].transpose(0, 1).contiguous()  # [B, hq, d]
                 sink = None if sinks is None else sinks.float().contiguous()
@@ -203,13 +205,13 @@ class PagedStep:
                 kb = pool_k[idx].permute(0, 2, 1, 3)  # [B, hkv, L, d]
                 vb = pool_v[idx].permute(0, 2, 1, 3)
                 qb = q[0, :, : self.n_decode].transpose(0, 1)[:, :, None]  # [B, hq, 1, d]
-                outs.append(attend(qb, kb, vb, bias, scale, sinks)[:, :, 0].transpose(0, 1)[None])  # [1, hq, B, d]
+                outs.append(attend(qb, kb, vb, bias, scale, sinks, softcap)[:, :, 0].transpose(0, 1)[None])  # [1, hq, B, d]
         offset = self.n_decode
         for chunk, (idx, bias) in zip(self.chunks[self.n_decode:], reads[1 if self.n_decode else 0:]):
             qc = q[:, :, offset: offset + chunk.count]
             kc = pool_k[idx].transpose(0, 1)[None]  # [1, hkv, L, d]
             vc = pool_v[idx].transpose(0, 1)[None]
-            outs.append(attend(qc, kc, vc, bias, scale, sinks))
+            outs.append(attend(qc, kc, vc, bias, scale, sinks, softcap))
             offset += chunk.count
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 

@@ -78,8 +78,8 @@ class FusedQKAttention(Attention):
     engine/cuda_graphs.py), the kernel stores them too and ``attend`` gets None for them."""
 
     @staticmethod
-    def fits(module: Attention) -> bool:
-        return module.q_norm is None or isinstance(module.q_norm, RMSNorm)
+    def fits(module: Attention) -> bool:  # per-head QK-norm only (not OLMo 2's whole-projection one)
+        return module.q_norm is None or (isinstance(module.q_norm, RMSNorm) and not module.qk_norm_whole)
 
     def heads(self, qkv: torch.Tensor, rotary, context):
         if (qkv.dtype == torch.float32 or (self.q_norm is None and rotary is None)
