@@ -65,8 +65,18 @@ def create_app(server: Server, shutdown_with_app: bool = False) -> FastAPI:
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):  # labelled by route (/v1/responses/{response_id}), not by id
+        """Every /v1/ response by status, labelled by route (/v1/responses/{response_id}), not by id. An
+        unexpected exception passes through here on its way to the outermost handler, which makes it
+        the 500 counted here (RungHigh5xxRate reads these)."""
+        api = request.url.path.startswith("/v1/")
+        try:
+            response = await call_next(request)
+        except Exception:
+            if api:
+                handler = getattr(request.scope.get("route"), "path", request.url.path)
+                server.metrics.http(handler, request.method, 500)
+            raise
+        if api:
             handler = getattr(request.scope.get("route"), "path", request.url.path)
             server.metrics.http(handler, request.method, response.status_code)
         return response
