@@ -1,6 +1,8 @@
 """The HTTP app: OpenAI's routes over a ``Server``.
 
-GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /tokenize, POST /detokenize,
+GET /health, GET /metrics. A route finds the request's model with ``models.get(name)`` (models.py):
+each model has its own engine, and a server may serve several.
 Every failure is an OpenAI-style JSON error (errors.py); an unexpected exception is a 500 with the
 exception's one-line summary, and the server goes on. A route checks the caller and the body; a
 generation is a ``Run`` (run.py), which ends in exactly one JSON log line and one set of metric
@@ -10,6 +12,7 @@ updates, whether it finished, failed, timed out or its client left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,15 +20,20 @@ from fastapi.responses import JSONResponse, Response
 from rung.govern.policy import Principal
 from rung.serve.errors import APIError
 from rung.serve.metrics import CONTENT_TYPE
+from rung.serve.models import Models
 from rung.serve.redaction import redaction_for
 from rung.serve.run import Run
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from rung.serve.server import Server
+from rung.serve.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(served: Server | Models) -> FastAPI:
+    """The app over one ``Server`` (a registry of one) or a ``Models`` registry."""
+    models = served if isinstance(served, Models) else Models.of(served)
+    config = models.config  # the server-wide settings: api key, policy, limits
     app = FastAPI(title="rung", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
+    app.state.models = models
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -47,14 +55,16 @@ def create_app(server: Server) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            server.metrics.http(request.url.path, request.method, response.status_code)
+        if request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize"):
+            name = request.scope.get("rung.model")  # set by the route once it found the model (one scope)
+            metrics = models.metrics.labelled(name) if name else models.metrics
+            metrics.http(request.url.path, request.method, response.status_code)
         return response
 
     def authorize(request: Request):
         """401 unless the bearer token is the --api-key or a key of the policy file; the caller's
         Principal (its name in the policy and its rules) when there is a policy."""
-        key, policy = server.config.api_key, server.policy
+        key, policy = config.api_key, config.policy
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else None
         refused = APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
@@ -71,7 +81,7 @@ def create_app(server: Server) -> FastAPI:
 
     async def body_of(request: Request) -> bytes:
         """The raw body, a 413 past --max-request-bytes (read as it arrives: no CPU work here)."""
-        limit = server.config.max_request_bytes
+        limit = config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
@@ -85,40 +95,51 @@ def create_app(server: Server) -> FastAPI:
 
     # ---- routes ---------------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def model_for(request: Request, name: str):
+        """``models.get(name)``, and the model's name on the request for the http metric."""
+        async with models.get(name) as server:
+            request.scope["rung.model"] = server.config.name
+            yield server
+
     @app.get("/health")
     async def health():
-        if server.load_error is not None:
-            return JSONResponse({"status": "failed", "error": str(server.load_error)}, status_code=503)
-        if not server.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        if server.engine.error is not None:
-            return JSONResponse({"status": "engine failed", "error": str(server.engine.error)}, status_code=503)
+        status, error = models.health()
+        if status != "ok":
+            return JSONResponse({"status": status, **({"error": error} if error else {})}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        stats = await asyncio.to_thread(server.engine_stats)  # waits for the engine's step: not on the loop
-        total = None
-        if server.llm is not None:
-            pool = server.llm.engine.pool
-            total = pool.num_blocks * len(pool.groups)
-        body = server.metrics.render(stats, server.in_flight, not server.ready, total)
-        return Response(body, media_type=CONTENT_TYPE)
+        for slot in list(models.slots.values()):
+            server = slot.server
+            loaded = server is not None and server.ready
+            stats = await asyncio.to_thread(server.engine_stats) if loaded else {}  # waits for the engine's step
+            total = None
+            if loaded and server.llm is not None:
+                pool = server.llm.engine.pool
+                total = pool.num_blocks * len(pool.groups)
+            in_flight = server.in_flight if server is not None else 0
+            models.metrics.labelled(slot.name).update(stats, in_flight, slot.starting and not loaded, total)
+        return Response(models.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    def card(slot) -> dict:
+        card = {"id": slot.name, "object": "model", "created": models.started, "owned_by": "rung",
+                "root": str(slot.config.model)}
+        server = slot.server
+        if server is not None and server.llm is not None:
+            card["max_model_len"] = server.llm.max_model_len
+        return card
 
     @app.get("/v1/models")
-    async def models(request: Request):
+    async def list_models(request: Request):
         authorize(request)
-        card = {"id": server.config.name, "object": "model", "created": server.started, "owned_by": "rung",
-                "root": str(server.config.model)}
-        if server.llm is not None:
-            card["max_model_len"] = server.llm.max_model_len
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card(slot) for slot in models.slots.values()]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
         authorize(request)
-        server.check_model(name)
-        return {"id": name, "object": "model", "created": server.started, "owned_by": "rung"}
+        return card(models.slot(name))
 
     # A request's CPU work (parsing and validating the body, rendering the template, tokenizing,
     # compiling a grammar) runs on the server's prepare threads, inside its admission slot: the
@@ -128,31 +149,47 @@ def create_app(server: Server) -> FastAPI:
     async def chat(request: Request):
         principal = authorize(request)
         raw = await body_of(request)
-        with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
-            req = await server.off_loop(parse_body, raw, ChatCompletionRequest)
-            server.check_model(req.model)
-            server.check_ready()
-            redaction = await redaction_for(server, req)  # before the template: the model sees placeholders
-            req = redaction.request if redaction else req
-            prepared = await server.off_loop(server.prepare_chat, req, principal)
-            run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal,
-                      redaction=redaction)
-            return await run.respond(request)
+        with models.admit():  # refused before any work is spent on it: a 429 costs next to nothing
+            req = await models.off_loop(parse_body, raw, ChatCompletionRequest)
+            async with model_for(request, req.model) as server:
+                redaction = await redaction_for(server, req)  # before the template: the model sees placeholders
+                req = redaction.request if redaction else req
+                prepared = await server.off_loop(server.prepare_chat, req, principal)
+                run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal,
+                          redaction=redaction)
+                return await run.respond(request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
         raw = await body_of(request)
-        with server.admit():
-            req = await server.off_loop(parse_body, raw, CompletionRequest)
-            server.check_model(req.model)
-            server.check_ready()
-            redaction = await redaction_for(server, req)
-            req = redaction.request if redaction else req
-            prepared = await server.off_loop(server.prepare_completion, req)
-            run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared],
-                      redaction=redaction)
-            return await run.respond(request)
+        with models.admit():
+            req = await models.off_loop(parse_body, raw, CompletionRequest)
+            async with model_for(request, req.model) as server:
+                redaction = await redaction_for(server, req)
+                req = redaction.request if redaction else req
+                prepared = await server.off_loop(server.prepare_completion, req)
+                run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared],
+                          redaction=redaction)
+                return await run.respond(request)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        principal = authorize(request)
+        raw = await body_of(request)
+        with models.admit():
+            req = await models.off_loop(parse_body, raw, TokenizeRequest)
+            async with model_for(request, req.model) as server:
+                return await server.off_loop(tokenize, server, req, principal)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        authorize(request)
+        raw = await body_of(request)
+        with models.admit():
+            req = await models.off_loop(parse_body, raw, DetokenizeRequest)
+            async with model_for(request, req.model) as server:
+                return await server.off_loop(detokenize, server, req)
 
     return app
 
