@@ -185,7 +185,7 @@ class Models:
         if free < need:
             busy = [s.name for s in loaded if s.server.in_flight]
             raise APIError(503, f"cannot load '{slot.name}' (about {mb(need)}) within the memory budget of "
-                                f"{mb(budget)}: the loaded models ({', '.join(busy)}) have requests in flight; "
+                                f"{mb(budget)}: the loaded models ({', '.join(repr(n) for n in busy)}) have requests in flight; "
                                 "retry later", code="model_memory_budget", headers={"Retry-After": "5"})
         servers = []
         for s in victims:
