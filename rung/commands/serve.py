@@ -146,7 +146,11 @@ def _run(args: argparse.Namespace) -> int:
                          verifier=args.verifier, verify_threshold=args.verify_threshold,
                          verify_action=args.verify_action, redact=args.redact, redact_entities=redact_entities)
     try:
-        models = Models(model_configs(config, specs, args.served_model_name), lazy=args.lazy, memory_budget=budget)
+        given = args.served_model_name or []
+        if len(given) > len(specs):
+            raise ValueError(f"{len(given)} --served-model-name for {len(specs)} --model")
+        names = [given[i] if i < len(given) else m for i, m in enumerate(args.model or [DEFAULT_MODEL])]  # as written
+        models = Models(model_configs(config, specs, names), lazy=args.lazy, memory_budget=budget)
     except ValueError as e:  # two models under one name, more names than models
         raise CommandError(str(e)) from None
     logs.setup()
