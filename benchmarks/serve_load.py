@@ -323,8 +323,10 @@ async def run_clients(base_url: str, api_key: str, model: str, clients: int, req
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=600)
     level = Level()
 
+    prompts = compare_messages(clients * requests)
+
     async def one_client(i: int) -> None:
-        for messages in compare_messages(requests)[i % len(QUESTIONS):][:requests] or compare_messages(requests):
+        for messages in prompts[i::clients]:  # round r: prompt r·clients + i, as run_engine's rounds
             sent, first, pieces, usage = time.perf_counter(), None, 0, None
             stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                           temperature=0, stream=True,
@@ -352,8 +354,9 @@ def run_engine(llm, clients: int, requests: int, max_tokens: int) -> Level:
     level = Level()
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     start = time.perf_counter()
+    messages = compare_messages(clients * requests)
     for r in range(requests):
-        prompts = [llm.encode_chat(m)[1] for m in compare_messages(clients * requests)[r * clients:(r + 1) * clients]]
+        prompts = [llm.encode_chat(m)[1] for m in messages[r * clients:(r + 1) * clients]]
         for out in llm.generate(prompts, params):
             level.tokens += len(out.outputs[0].token_ids)
             level.ttft.append(out.metrics.time_to_first_token)
