@@ -141,6 +141,7 @@ def test_tokenize_errors_are_openai_shaped_and_need_the_key(both):
     error("/detokenize", {"model": "a", "tokens": [1, 10**9]}, 400, "tokens.1")
     error("/detokenize", {"model": "a", "tokens": "12"}, 400, "tokens")
     error("/detokenize", {"model": "a", "tokens": [1], "extra": 1}, 400, "extra")
+    error("/detokenize", {"model": "a", "tokens": [0] * 1_000_001}, 400, "tokens")  # bounded, not decoded
     assert httpx.post(both.base + "/tokenize", json={"model": "a", "prompt": "x"}).status_code == 401
     assert httpx.post(both.base + "/detokenize", json={"model": "a", "tokens": [1]}).status_code == 401
 
