@@ -16,6 +16,18 @@ block free, resident memory back near its level after warm-up.
 
 Only 127.0.0.1 is ever contacted; every loop is bounded in time. Reports requests/s, tokens/s and
 p50/p95 of time to first token and of latency.
+
+    python benchmarks/serve_load.py --compare            # rung serve beside the engine alone
+    python benchmarks/serve_load.py --peer               # ... and beside llama.cpp's server, in one run
+    python benchmarks/serve_load.py --compare --levels 1,4 --requests 2 --max-tokens 8   # a quick smoke
+
+--compare (and --peer, which implies it) measures serving overhead instead: at each level of
+clients (1, 4, 16, 64) every client sends --requests greedy streamed chats in turn (the same prompts,
+all of at most 256 tokens), to rung serve and, with --peer, to llama-cpp-python's OpenAI server
+(``pip install 'llama-cpp-python[server]'``, part of the ``bench`` extra) started on the same GGUF
+file; the engine alone (``LLM.generate``, rung's own batching, no HTTP) runs the same prompts in
+rounds of as many prompts as there are clients. It prints tokens/s and TTFT p50/p95 of each, and
+the ratios rung serve / engine and rung serve / llama.cpp.
 """
 
 from __future__ import annotations
@@ -277,6 +289,185 @@ def summary(report: Report) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+# ---- serving overhead: rung serve beside the engine alone and llama.cpp's server (--compare, --peer) -----
+
+PEER_MISSING = ("serve_load: --peer needs llama-cpp-python's OpenAI server, which is not installed: "
+                "pip install 'llama-cpp-python[server]' (or 'rung[bench]'; it compiles llama.cpp, minutes)")
+
+
+@dataclass
+class Level:
+    """One server (or the engine) at one number of clients."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+def compare_messages(count: int) -> list[list[dict]]:
+    """``count`` chats cycling over the questions and the long passage (each prompt ≤ 256 tokens)."""
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    prompts.append([{"role": "user", "content": LONG + "\nSummarise this."}])
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+async def run_clients(base_url: str, api_key: str, model: str, clients: int, requests: int, max_tokens: int) -> Level:
+    """``clients`` clients, each sending ``requests`` greedy streamed chats in turn; tokens from the
+    usage chunk where the server sends one, else one per streamed piece of content."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=600)
+    level = Level()
+
+    prompts = compare_messages(clients * requests)
+
+    async def one_client(i: int) -> None:
+        for messages in prompts[i::clients]:  # round r: prompt r·clients + i, as run_engine's rounds
+            sent, first, pieces, usage = time.perf_counter(), None, 0, None
+            stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                          temperature=0, stream=True,
+                                                          stream_options={"include_usage": True})
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces += 1
+                    first = first or time.perf_counter()
+                usage = chunk.usage or usage
+            level.tokens += usage.completion_tokens if usage else pieces
+            if first is not None:
+                level.ttft.append(first - sent)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    level.seconds = time.perf_counter() - start
+    await client.close()
+    return level
+
+
+def run_engine(llm, clients: int, requests: int, max_tokens: int) -> Level:
+    """The same prompts through ``LLM.generate``, ``clients`` at a time, ``requests`` rounds."""
+    from rung.engine.sampling_params import SamplingParams
+
+    level = Level()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    start = time.perf_counter()
+    messages = compare_messages(clients * requests)
+    for r in range(requests):
+        prompts = [llm.encode_chat(m)[1] for m in messages[r * clients:(r + 1) * clients]]
+        for out in llm.generate(prompts, params):
+            level.tokens += len(out.outputs[0].token_ids)
+            level.ttft.append(out.metrics.time_to_first_token)
+    level.seconds = time.perf_counter() - start
+    return level
+
+
+def peer_available() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:
+        import llama_cpp.server.app  # noqa: F401  (the server extra: fastapi, sse-starlette, pydantic-settings)
+    except ImportError:
+        return False
+    return True
+
+
+def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path):
+    """llama-cpp-python's OpenAI server on ``gguf``, on a free loopback port: (process, base URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "peer",
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context)]
+    if threads:
+        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama.cpp's server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if http_get(base + "/v1/models")[0] == 200:
+                return proc, base
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama.cpp's server did not answer in 300 s")
+
+
+def compare(args) -> int:
+    """rung serve, the engine alone and (--peer) llama.cpp's server at each level of clients."""
+    from rung.commands.serve import _serving_spec
+    from rung.llm import LLM
+    from rung.weights.resolve import resolve_model
+
+    levels = [int(n) for n in args.levels.split(",")]
+    gguf = resolve_model(args.model.rpartition("@")[0] if "@int" in args.model else args.model)
+    if args.peer and gguf.suffix != ".gguf":
+        raise SystemExit(f"serve_load: --peer needs a GGUF file; {args.model} is {gguf}")
+    spec, fmt = _serving_spec(args.model, "cpu", None)  # what rung serve will run: the engine alone runs it too
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    print(f"serving overhead: {args.model} as {spec} ({fmt}), {args.requests} greedy chats per client, "
+          f"max_tokens {args.max_tokens}, levels {levels}", flush=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results: dict[str, dict[int, Level]] = {"engine": {}, "rung serve": {}, "llama.cpp server": {}}
+    llm = LLM(spec, max_seqs=max(levels), max_batch_tokens=max(512, 256 * max(levels)))
+    run_engine(llm, 1, 1, 2)  # warm-up
+    for n in levels:
+        results["engine"][n] = run_engine(llm, n, args.requests, args.max_tokens)
+    del llm
+    servers = [("rung serve", lambda: start_server(args.model, args.api_key, max(levels), args.threads,
+                                                    tmp / f"rung-serve-compare-{os.getpid()}.log",
+                                                    ["--max-num-seqs", str(max(levels))]), args.model)]
+    if args.peer:
+        servers.append(("llama.cpp server", lambda: start_peer(gguf, args.threads, 4096,
+                                                               tmp / f"llama-cpp-server-{os.getpid()}.log"), "peer"))
+    for name, start, model in servers:
+        proc, base = start()
+        try:
+            asyncio.run(run_clients(base, args.api_key, model, 1, 1, 2))  # warm-up
+            for n in levels:
+                results[name][n] = asyncio.run(run_clients(base, args.api_key, model, n, args.requests,
+                                                           args.max_tokens))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(compare_table(results, levels))
+    return 0
+
+
+def compare_table(results: dict[str, dict[int, Level]], levels: list[int]) -> str:
+    rows = [("clients", "", "tokens/s", "TTFT p50 (s)", "TTFT p95 (s)", "serve / engine", "serve / llama.cpp")]
+    for n in levels:
+        serve = results["rung serve"][n].tokens_per_s
+        for name, by_level in results.items():
+            if n not in by_level:
+                continue
+            r = by_level[n]
+            ratios = ("", "")
+            if name == "rung serve":
+                peer = results["llama.cpp server"].get(n)
+                ratios = (f"{serve / results['engine'][n].tokens_per_s:.2f}",
+                          f"{serve / peer.tokens_per_s:.2f}" if peer else "")
+            rows.append((str(n), name, f"{r.tokens_per_s:.1f}", f"{pct(r.ttft, 50):.3f}", f"{pct(r.ttft, 95):.3f}",
+                         *ratios))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="an already running server (default: start one)")
@@ -290,7 +481,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redact", action="store_true",
                    help="start the server with --redact --log-prompts, add PII messages to the mix, and fail if any "
                         "of their values reaches the server's log")
+    p.add_argument("--compare", action="store_true",
+                   help="serving overhead: rung serve beside the engine alone (LLM.generate) at each of --levels")
+    p.add_argument("--peer", action="store_true",
+                   help="--compare, and llama.cpp's OpenAI server (llama-cpp-python[server]) on the same GGUF too")
+    p.add_argument("--levels", default="1,4,16,64", help="numbers of clients for --compare (default 1,4,16,64)")
+    p.add_argument("--requests", type=int, default=4, help="chats per client per level in --compare (default 4)")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each chat in --compare (default 64)")
     args = p.parse_args(argv)
+    if args.peer and not peer_available():
+        raise SystemExit(PEER_MISSING)
+    if args.peer or args.compare:
+        return compare(args)
     if args.url and not re.match(r"^https?://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?$", args.url):
         raise SystemExit("serve_load: --url must be a loopback address (127.0.0.1, localhost, [::1])")
 

@@ -54,8 +54,10 @@ def served(tmp_path_factory):
     """One server per module and xdist worker: tests that fill every slot or count running requests
     need a server nobody else is using."""
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    # float32: the file's Q4 blocks would be served @int4 by default, whose greedy replies can change
+    # with how much of a prompt a prefix-cache hit spared (the stream-equals-whole and seed claims)
     args = ["-m", MODEL, "--api-key", KEY, "--threads", "1", "--max-concurrent", str(MAX_CONCURRENT),
-            "--max-request-bytes", "1000000", "--max-model-len", "4096"]
+            "--max-request-bytes", "1000000", "--max-model-len", "4096", "--dtype", "float32"]
     with rung_serve(args, log_path, "rung serve to load the model", timeout=240) as (port, proc):
         yield Served(port, proc, log_path)
 

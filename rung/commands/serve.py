@@ -1,8 +1,13 @@
-"""`rung serve`: an OpenAI-compatible server (rung/serve) for one model.
+"""`rung serve`: an OpenAI-compatible server (rung/serve) for one model or several.
 
-The port opens at once and the model loads behind it: /health and the API answer 503 until it is
-ready, as vLLM's do, so an orchestrator can tell "starting" from "down". A model that fails to load
-stops the server with a one-line error.
+The port opens at once and the models load behind it: /health and the API answer 503 until they
+are ready, as vLLM's do, so an orchestrator can tell "starting" from "down". A model that fails to
+load stops the server with a one-line error. ``-m A -m B`` serves both, routed by the request's
+``model``; with --lazy a model loads on its first request, and with --memory-budget the least
+recently used idle model is unloaded to make room (rung/serve/models.py).
+
+On the CPU a GGUF file with Q4 blocks is served ``@int4`` (its blocks kept packed) unless its spec
+or --dtype says otherwise; the startup line says which format each model runs in.
 """
 
 from __future__ import annotations
@@ -19,13 +24,21 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                   help=f"built-in name, .gguf file or Hugging Face folder (default {DEFAULT_MODEL})")
-    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model)")
+    p.add_argument("-m", "--model", action="append", default=None,
+                   help=f"built-in name, .gguf file or Hugging Face folder, optionally NAME@FORMAT (default "
+                        f"{DEFAULT_MODEL}); repeat it to serve several models, routed by the request's `model`")
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="the name clients send as `model` (default: --model); repeat it, one per --model in order")
+    p.add_argument("--lazy", action="store_true", help="load each model on its first request, not at start")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="bytes the loaded models may hold (weights and KV cache), e.g. 2GB, 512MB, 1GiB (KB/MB/GB "
+                        "are powers of 10, KiB/MiB/GiB of 2): the least recently used idle model is unloaded "
+                        "to make room for another")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set RUNG_API_KEY)")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="float32 (default; a Q4 GGUF on the CPU is served @int4 unless --dtype is given) or bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N processes on this host: N GPUs (NCCL), or CPU processes (gloo)")
@@ -84,15 +97,19 @@ def _run(args: argparse.Namespace) -> int:
 
     from rung.serve import logs
     from rung.serve.app import create_app
-    from rung.serve.server import ServeConfig, Server
-    from rung.quant.spec import parse_spec
+    from rung.serve.models import Models, model_configs, parse_size
+    from rung.serve.server import ServeConfig
     from rung.weights.resolve import resolve_model
 
-    try:  # NAME@int4 serves NAME quantized, as `rung bench` measured it
-        spec = parse_spec(args.model)
+    specs, formats = [], []
+    for model in args.model or [DEFAULT_MODEL]:
+        spec, fmt = _serving_spec(model, args.device, args.dtype)
+        specs.append(spec)
+        formats.append(fmt)
+    try:
+        budget = parse_size(args.memory_budget) if args.memory_budget is not None else None
     except ValueError as e:
-        raise CommandError(str(e)) from None
-    resolve_model(spec.model)  # an unknown name or path fails here, in one line, before the port opens
+        raise CommandError(f"--memory-budget: {e}") from None
     rag = open_rag(args)  # so does a missing, damaged or hostile --rag index
     for name in ("tensor_parallel_size", "max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size",
                  "max_request_bytes", "responses_store_mb"):
@@ -133,11 +150,11 @@ def _run(args: argparse.Namespace) -> int:
                   max_batch_tokens=args.max_batch_tokens, prefix_caching=not args.no_prefix_caching)
     if args.speculative:
         engine["speculative"] = args.speculative
-    config = ServeConfig(model=args.model, served_model_name=args.served_model_name,
+    config = ServeConfig(model=specs[0],
                          api_key=args.api_key or os.environ.get("RUNG_API_KEY") or None,
                          max_concurrent=args.max_concurrent, request_timeout=args.request_timeout,
                          max_model_len=args.max_model_len, max_tokens=args.max_tokens,
-                         max_request_bytes=args.max_request_bytes, log_prompts=args.log_prompts, dtype=args.dtype,
+                         max_request_bytes=args.max_request_bytes, log_prompts=args.log_prompts, dtype=args.dtype or "float32",
                          device=args.device, seed=args.seed, engine=engine, rag=rag,
                          tensor_parallel_size=args.tensor_parallel_size,
                          rag_k=args.rag_k or 4, rag_max_chars=args.rag_max_chars or 3000, policy=policy,
@@ -146,26 +163,68 @@ def _run(args: argparse.Namespace) -> int:
                          otlp_traces_endpoint=args.otlp_traces_endpoint,
                          responses_store_size=args.responses_store_size, responses_store_ttl=args.responses_store_ttl,
                          responses_store_bytes=args.responses_store_mb * 2**20)
+    try:
+        given = args.served_model_name or []
+        if len(given) > len(specs):
+            raise ValueError(f"{len(given)} --served-model-name for {len(specs)} --model")
+        names = [given[i] if i < len(given) else m for i, m in enumerate(args.model or [DEFAULT_MODEL])]  # as written
+        models = Models(model_configs(config, specs, names), lazy=args.lazy, memory_budget=budget)
+    except ValueError as e:  # two models under one name, more names than models
+        raise CommandError(str(e)) from None
     logs.setup()
-    server = Server(config)
-    web = uvicorn.Server(uvicorn.Config(create_app(server, shutdown_with_app=True), host=args.host, port=args.port,
+    web = uvicorn.Server(uvicorn.Config(create_app(models, shutdown_with_app=True), host=args.host, port=args.port,
                                         log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5))
+    failed: list[tuple[str, BaseException]] = []
+    described = ", ".join(f"{name} [{fmt}]" for name, fmt in zip(models.slots, formats))
 
     def load() -> None:
-        server.load()
-        if server.load_error is not None:
+        failure = models.load_at_start()
+        if failure is not None:
+            failed.append(failure)
             web.should_exit = True
         else:
-            print(f"rung serve: {config.name} ready on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+            lazy = " (loaded on first request)" if args.lazy else ""
+            print(f"rung serve: {described}{lazy} ready on http://{args.host}:{args.port}/v1", file=sys.stderr,
+                  flush=True)
 
     threading.Thread(target=load, name="rung-load", daemon=True).start()
     try:
         web.run()
     finally:
-        server.shutdown()
-    if server.load_error is not None:
-        raise CommandError(f"loading {args.model} failed: {server.load_error}")
+        models.shutdown()
+    if failed:
+        name, error = failed[0]
+        raise CommandError(f"loading {models.slots[name].config.model} failed: {error}")
     return 0
+
+
+def _serving_spec(model: str, device: str, dtype: str | None) -> tuple[str, str]:
+    """(the spec to load, its format in words for the startup line). NAME@int4 serves NAME quantized,
+    as `rung bench` measured it; a GGUF file with Q4 blocks is served @int4 on the CPU by default
+    (float32 would unpack every block to four bytes a weight), unless the spec or --dtype names a format."""
+    from rung.quant.spec import parse_spec
+    from rung.weights.resolve import resolve_model
+
+    try:
+        spec = parse_spec(model)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    path = resolve_model(spec.model)  # an unknown name or path fails here, in one line, before the port opens
+    if spec.dtype is not None or spec.weights is not None:
+        return model, spec.format_name
+    if dtype is None and device == "cpu" and _has_q4_blocks(path):
+        return f"{model}@int4", "int4: the GGUF's Q4 blocks, default on the CPU"
+    return model, dtype or "float32"
+
+
+def _has_q4_blocks(path) -> bool:
+    """Whether ``path`` is a GGUF file holding Q4 blocks (Q4_0, Q4_1, Q4_K)."""
+    if not str(path).endswith(".gguf") or not path.is_file():
+        return False
+    from rung.weights.gguf import read_gguf
+
+    with read_gguf(path) as f:
+        return any(kind.name.startswith("Q4") for _, kind in f.tensors.values())
 
 
 SERVE = Command("serve", "serve a model over an OpenAI-compatible HTTP API", _arguments, _run)

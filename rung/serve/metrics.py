@@ -3,10 +3,14 @@
 
 Counters and histograms are updated as requests finish; the engine gauges (running, waiting, KV
 cache usage, prefix-cache hits) are read from the engine when /metrics is scraped. Each server
-has its own registry, so several in one process (tests) do not collide.
+has its own registry, so several in one process (tests) do not collide; the models of one server
+share it, each through its own ``labelled(name)`` view, every sample labelled ``model_name`` as
+vLLM labels them.
 """
 
 from __future__ import annotations
+
+import copy
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -74,6 +78,12 @@ class Metrics:
         self.verifier_seconds = Histogram("rung:verifier_seconds", "Time to verify one answer", m,
                                           buckets=TTFT_BUCKETS, registry=r)
 
+    def labelled(self, model_name: str) -> "Metrics":
+        """The same registry and metrics, updated under another ``model_name``."""
+        view = copy.copy(self)
+        view.model_name = model_name
+        return view
+
     def redacted(self, counts: dict[str, int]) -> None:
         for kind, count in counts.items():
             self.redacted_entities.labels(self.model_name, kind).inc(count)
@@ -113,6 +123,15 @@ class Metrics:
     def render(self, stats: dict, in_flight: int, loading: bool, total_blocks: int | None,
                healthy: bool | None = None) -> bytes:
         """The exposition text, engine gauges read now."""
+        self.update(stats, in_flight, loading, total_blocks, healthy)
+        return self.exposition()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def update(self, stats: dict, in_flight: int, loading: bool, total_blocks: int | None,
+               healthy: bool | None = None) -> None:
+        """This model's engine gauges; an unloaded model's read zero."""
         n = self.model_name
         self.loading.labels(n).set(1 if loading else 0)
         if healthy is not None:
@@ -128,4 +147,6 @@ class Metrics:
             self.prefix_queries.labels(n).set(queries)
             self.prefix_hits.labels(n).set(hits)
             self.prefix_hit_rate.labels(n).set(hits / queries if queries else 0.0)
-        return generate_latest(self.registry)
+        else:
+            for gauge in (self.running, self.waiting, self.kv_usage, self.kv_blocks_free):
+                gauge.labels(n).set(0)

@@ -218,7 +218,7 @@ def parse_body(raw: bytes, schema: type[SamplingFields]) -> SamplingFields:
         req = schema.model_validate(data, strict=True)
     except ValidationError as e:
         raise pydantic_errors(e, data) from None
-    if req.stream_options is not None and not req.stream:
+    if getattr(req, "stream_options", None) is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     return req
 

@@ -85,12 +85,70 @@ class Prepared:
     phases: list = field(default_factory=list)  # (name, start, end): template and grammar, for the trace
 
 
+class Gate:
+    """Admission shared by every model of one server: --max-concurrent counts the requests to all
+    of them, and one pool of prepare threads serves them all."""
+
+    def __init__(self, limit: int, threads: int):
+        self.limit, self.in_flight = limit, 0
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="rung-prepare")
+
+    def acquire(self) -> None:
+        """A slot among --max-concurrent, or 429 at once (clients back off and retry)."""
+        if self.in_flight >= self.limit:
+            raise APIError(429, f"the server is at its limit of {self.limit} concurrent requests; "
+                                "retry later", code="too_many_requests", headers={"Retry-After": "1"})
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    @contextlib.contextmanager
+    def admit(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def off_loop(self, work, *args):
+        """``work(*args)`` on a prepare thread, so the event loop keeps answering (/health, streams)
+        while a big request is parsed, rendered, tokenized or compiled. Call it inside ``admit()``.
+        If the caller is cancelled (its client left), the work still holds a slot until it ends:
+        abandoned requests cannot queue more work than --max-concurrent."""
+        return await _shielded(self.pool, work, args, self)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _shielded(pool, work, args, holder):
+    future = asyncio.get_running_loop().run_in_executor(pool, work, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        holder.in_flight += 1
+
+        def release_after(f) -> None:
+            if not f.cancelled():
+                f.exception()  # retrieved: an abandoned request's error is no one's
+            holder.release()
+
+        future.add_done_callback(release_after)
+        raise
+
+
 class Server:
-    def __init__(self, config: ServeConfig, metrics=None):
+    """One model: its engine, template, grammars and limits. Several share a ``Gate`` when one
+    server serves several models (rung/serve/models.py)."""
+
+    def __init__(self, config: ServeConfig, metrics=None, gate: Gate | None = None):
         from rung.serve.metrics import Metrics
 
         self.config = config
         self.metrics = metrics or Metrics(config.name)
+        self.gate = gate or Gate(config.max_concurrent, config.prepare_threads)
+        self._in_flight = 0  # this model's requests: handlers, streams, abandoned prepare work
         self.llm = None
         self.engine = None  # AsyncEngine
         self.family: Family | None = None
@@ -99,13 +157,11 @@ class Server:
         self.grammar_error: str | None = None
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
-        self.in_flight = 0
         self.started = int(time.time())
         self.policy = config.policy
         self.verification = None  # a rung.serve.governance.Verification once loaded
         self.redactor = None  # a rung.govern.redact.Redactor with --redact, loaded with the model
         self._redactors: dict = {}  # those requests asked for, by entity types
-        self._prepare = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="rung-prepare")
         self.tracing = None  # a rung.serve.tracing.Tracing with --otlp-traces-endpoint
         if config.otlp_traces_endpoint:
             from rung.extras import require
@@ -166,22 +222,38 @@ class Server:
                 raise bad_request(str(e), "redact") from None
         return got
 
+    def unload(self) -> None:
+        """Stop the engine and drop the model (blocking; only when no request uses it)."""
+        engine, llm = self.engine, self.llm
+        self.engine = self.llm = self.grammars = self.verification = None
+        if engine is not None:
+            engine.shutdown()
+        if llm is not None:
+            llm.shutdown()  # tensor-parallel workers, if any
+
     def shutdown(self) -> None:
         """Idempotent: the app's lifespan and `rung serve` may both call it."""
         if getattr(self, "_shut", False):
             return
         self._shut = True
-        if self.engine is not None:
-            self.engine.shutdown()
-        if self.llm is not None:
-            self.llm.shutdown()  # tensor-parallel workers, if any
+        self.unload()  # engine, tensor-parallel workers
         if self.tracing is not None:
             self.tracing.shutdown()  # the last spans go out
-        self._prepare.shutdown(wait=False, cancel_futures=True)
+        self.gate.shutdown()
 
     @property
     def ready(self) -> bool:
         return self.llm is not None
+
+    def memory_bytes(self) -> int:
+        """What the loaded model holds: its weights and buffers (each storage once) and its KV cache."""
+        seen, total = set(), 0
+        for t in [*self.llm.model.parameters(), *self.llm.model.buffers()]:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total + self.llm.engine.pool.bytes
 
     # ---- checks -----------------------------------------------------------------------------------
 
@@ -198,12 +270,22 @@ class Server:
             raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
                            headers={"Retry-After": "5"})
 
+    # A request holds a slot of the shared gate (--max-concurrent, all models) and counts in its
+    # model's ``in_flight``: a model with requests in flight is never unloaded (models.py).
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:  # this model's count and the gate's move together
+        self.gate.in_flight += value - self._in_flight
+        self._in_flight = value
+
     def acquire(self) -> None:
         """A slot among --max-concurrent, or 429 at once (clients back off and retry)."""
-        if self.in_flight >= self.config.max_concurrent:
-            raise APIError(429, f"the server is at its limit of {self.config.max_concurrent} concurrent requests; "
-                                "retry later", code="too_many_requests", headers={"Retry-After": "1"})
-        self.in_flight += 1
+        self.gate.acquire()
+        self._in_flight += 1
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -216,23 +298,16 @@ class Server:
         finally:
             self.release()
 
-    async def off_loop(self, work, *args):
-        """``work(*args)`` on a prepare thread, so the event loop keeps answering (/health, streams)
-        while a big request is parsed, rendered, tokenized or compiled. Call it inside ``admit()``.
-        If the caller is cancelled (its client left), the work still holds a slot until it ends:
-        abandoned requests cannot queue more work than --max-concurrent."""
-        future = asyncio.get_running_loop().run_in_executor(self._prepare, work, *args)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            self.in_flight += 1
-            future.add_done_callback(self._release_after)
-            raise
+    def claim(self) -> None:
+        """Count a request the gate already admitted (models.py) as this model's too."""
+        self._in_flight += 1
 
-    def _release_after(self, future) -> None:
-        if not future.cancelled():
-            future.exception()  # retrieved: an abandoned request's error is no one's
-        self.release()
+    def unclaim(self) -> None:
+        self._in_flight -= 1
+
+    async def off_loop(self, work, *args):
+        """``Gate.off_loop`` for this model: abandoned work keeps the model busy until it ends."""
+        return await _shielded(self.gate.pool, work, args, self)
 
     # ---- requests → engine work -------------------------------------------------------------------
 
