@@ -46,7 +46,7 @@ from rung.quant.linear import PackedLinear  # noqa: E402
 from rung.quant.rewrite import pack_model, packed_bytes  # noqa: E402
 
 MODELS = ["qwen3-8b", "qwen3-0.6b"]
-FORMATS = {"bf16": None, "int8": ("q8", None), "int4": ("q4", 32)}
+FORMATS = {"bf16": None, "int8": ("q8", None), "int4": ("q4", 32), "fp8": ("f8", None)}
 ROTATE_BYTES = 256 << 20  # weight copies per timing: more than four times the L2
 
 
@@ -70,7 +70,27 @@ def event_ms(fn, n: int = 5) -> float:
     return a.elapsed_time(b) / n
 
 
+def _paths(fmt: str):
+    """(kernel path, reference, tuned-config key prefix, GEMV sweep) for a packed format."""
+    from rung.kernels import triton_fp8 as tf
+    from rung.kernels import triton_quant as tq
+
+    if fmt == "f8":
+        return (lambda x, q, act: tf.fp8_linear(x, q.data, q.scale, None, act),
+                lambda x, q, act: tf.fp8_linear_ref(x, q.data, q.scale, None, act),
+                lambda n, k, act: tq._TUNED.get(("fp8-gemv", n, k, 1, act is not None, torch.bfloat16)),
+                lambda n_out, k: tf.gemv_configs(n_out, k),
+                lambda x, q, act, c: tf.gemv(x, q.data, q.scale, None, act, config=c))
+    args = lambda q, act: (q.fmt, q.data, q.scale, q.offset, q.group, None, act)  # noqa: E731
+    return (lambda x, q, act: tq.quant_linear(x, *args(q, act)),
+            lambda x, q, act: tq.quant_linear_ref(x, *args(q, act)),
+            lambda n, k, act: tq._TUNED.get(("gemv", fmt, n, k, 1, act is not None, torch.bfloat16)),
+            lambda n_out, k: tq.gemv_configs(fmt, n_out, k),
+            lambda x, q, act, c: tq.gemv(x, *args(q, act), config=c))
+
+
 def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]:
+    from rung.kernels import triton_fp8 as tf
     from rung.kernels import triton_quant as tq
 
     rows, batch_rows = [], []
@@ -89,26 +109,25 @@ def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]
                 cublas = graph_us([lambda w_=w_: silu_mul(F.linear(x, w_)) for w_ in copies_bf16], reps=4)
             del copies_bf16
             free()
-            fmts = [("int8", "q8", None)] + ([] if layer == "lm_head" else [("int4", "q4", 32)])
+            fmts = [("int8", "q8", None)] + ([] if layer == "lm_head" else [("int4", "q4", 32)]) + [("fp8", "f8", None)]
             for label, fmt, group in fmts:
                 p = quantize(w, fmt, group)
                 nbytes = p.nbytes
-                args = lambda q: (q.fmt, q.data, q.scale, q.offset, q.group, None, act)  # noqa: E731
+                call, ref, tuned, configs, gemv_with = _paths(fmt)
                 r = dict(shape=name, layer=layer, N=n, K=k, fmt=label, MB=nbytes / 1e6, cublas_bf16_us=cublas,
                          cublas_bf16_TBps=wb / cublas / 1e6)
                 try:
                     for m in (1, 16, 64):
                         xm = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
-                        r[f"err_M{m}"] = rel_err(tq.quant_linear(xm, *args(p)), tq.quant_linear_ref(xm.float(), *args(p)))
+                        r[f"err_M{m}"] = rel_err(call(xm, p, act), ref(xm.float(), p, act))
                     copies = [p] + [quantize(w, fmt, group) for _ in range(max(0, math.ceil(ROTATE_BYTES / nbytes) - 1))]
-                    tq.quant_linear(x, *args(p))  # tuned here, once
-                    us = graph_us([lambda q=q: tq.quant_linear(x, *args(q)) for q in copies], reps=4)
-                    r.update(us=us, TBps=nbytes / us / 1e6, config=str(tq._TUNED.get(
-                        ("gemv", fmt, n, k, 1, act is not None, torch.bfloat16))))
+                    call(x, p, act)  # tuned here, once
+                    us = graph_us([lambda q=q: call(x, q, act) for q in copies], reps=4)
+                    r.update(us=us, TBps=nbytes / us / 1e6, config=str(tuned(n, k, act)))
                     if sweep and name == names[0] and layer != "lm_head":
-                        for cfg in tq.gemv_configs(fmt, n // 2 if act else n, k):
+                        for cfg in configs(n // 2 if act else n, k):
                             try:
-                                t = graph_us([lambda q=q, c=cfg: tq.gemv(x, *args(q), config=c) for q in copies], reps=2)
+                                t = graph_us([lambda q=q, c=cfg: gemv_with(x, q, act, c) for q in copies], reps=2)
                                 r[f"sweep {cfg}"] = round(nbytes / t / 1e6, 3)
                             except Exception as exc:
                                 r[f"sweep {cfg}"] = f"{type(exc).__name__}"
@@ -125,10 +144,14 @@ def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]
                         b = dict(shape=name, layer=layer, fmt=label, M=m)
                         try:
                             b["bf16_cublas_ms"] = event_ms(lambda: F.linear(xm, w))
-                            b["dequant_cublas_ms"] = event_ms(lambda: tq.dequant_linear(xm, *args(p)))
-                            if m <= 64:
-                                tq.skinny(xm, *args(p))
-                                b["skinny_ms"] = event_ms(lambda: tq.skinny(xm, *args(p)))
+                            if fmt == "f8":  # torch._scaled_mm (x rounded to e4m3 per row)
+                                b["dequant_cublas_ms"] = event_ms(lambda: tf.fp8_linear(xm, p.data, p.scale, None, act))
+                            else:
+                                args = (p.fmt, p.data, p.scale, p.offset, p.group, None, act)
+                                b["dequant_cublas_ms"] = event_ms(lambda: tq.dequant_linear(xm, *args))
+                                if m <= 64:
+                                    tq.skinny(xm, *args)
+                                    b["skinny_ms"] = event_ms(lambda: tq.skinny(xm, *args))
                         except Exception as exc:
                             b["error"] = f"{type(exc).__name__}: {exc}"[:300]
                         log("batch", json.dumps(b))
@@ -158,16 +181,42 @@ def decode_bytes(model, config: ModelConfig) -> int:
     return total
 
 
+BF16_LOGITS: dict = {}  # model name → the bf16 model's (prefill, decode) logits, the formats' reference
+
+
+def logits_pair(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-position logits of a 64-token prefill (the batched path: M = 64) and of one decode row
+    after 63 cached tokens (the GEMV path), float32 on the CPU."""
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (1, 64), generator=torch.Generator().manual_seed(5)).to(gpu.DEV)
+    with torch.inference_mode():
+        prefill = model(ids)[0, -1].float().cpu()
+        cache = model.new_cache()
+        model(ids[:, :63], cache)
+        decode = model(ids[:, 63:], cache)[0, -1].float().cpu()
+    return prefill, decode
+
+
 def model_bench(name: str, fmt: str, args, bw: float) -> dict:
     free()
     reset_peak()
     t = time.perf_counter()
+    torch.manual_seed(0)  # the same random weights for every format: logit errors against bf16
     model = gpu.rung_model(name, args.layers)
     c = model.config
     if FORMATS[fmt] is not None:
         pack_model(model, *FORMATS[fmt])
         free()
     r = dict(build_s=time.perf_counter() - t, weights_gb=packed_bytes(model) / 1e9, bytes=decode_bytes(model, c))
+    try:
+        pair = logits_pair(model)
+        if fmt == "bf16":
+            BF16_LOGITS[name] = pair
+        if name in BF16_LOGITS:
+            r["err_vs_bf16_prefill"] = rel_err(pair[0], BF16_LOGITS[name][0])
+            r["err_vs_bf16_decode"] = rel_err(pair[1], BF16_LOGITS[name][1])
+    except Exception as exc:
+        r["err_vs_bf16"] = f"{type(exc).__name__}: {exc}"[:200]
     reset_peak()
     engine = Engine(model, NullTokenizer(), EngineConfig(block_size=16, num_blocks=(4096 + 512) // 16 + 64,
                                                          max_batch_tokens=8192, max_seqs=4, prefix_caching=False),
@@ -314,9 +363,9 @@ def main():
         for b in batches:
             print(f"  {b['shape']} {b['layer']} {b['fmt']} M={b['M']}: {fmt(b.get('bf16_cublas_ms'), '.3f')} · "
                   f"{fmt(b.get('dequant_cublas_ms'), '.3f')} · {fmt(b.get('skinny_ms'), '.3f')} {b.get('error', '')}")
-    print("| shape | format | decode b=1 tok/s | % roofline | roofline tok/s | GB/step | TTFT 2K ms | peak GB | "
-          "check prefill / graph decode |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | format | decode b=1 tok/s | vs bf16 | achieved GB/s | % roofline | GB/step | TTFT 2K ms | "
+          "peak GB | logit err vs bf16 prefill / decode | check prefill / graph decode |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rs in results.items():
         for f, r in rs.items():
             if "error" in r:
@@ -324,9 +373,13 @@ def main():
                 continue
             checks = (f"{fmt(r.get('check_prefill'), '.1e')} / {fmt(r.get('check_graph_decode'), '.1e')}"
                       if "check_prefill" in r else "")
-            print(f"| {name} | {f} | {fmt(r['decode_tok_s'])} | {fmt(r['pct_roofline'], '.0f')}% | "
-                  f"{fmt(r['roofline_tok_s'], '.0f')} | {r['bytes'] / 1e9:.2f} | {fmt(1e3 * r['ttft_2048'], '.0f')} | "
-                  f"{fmt(r['peak_gb'])} | {checks} |")
+            base = rs.get("bf16", {}).get("decode_tok_s")
+            ratio = r["decode_tok_s"] / base if base else None
+            errs = (f"{fmt(r.get('err_vs_bf16_prefill'), '.1e')} / {fmt(r.get('err_vs_bf16_decode'), '.1e')}"
+                    if "err_vs_bf16_prefill" in r else r.get("err_vs_bf16", ""))
+            print(f"| {name} | {f} | {fmt(r['decode_tok_s'])} | {fmt(ratio, '.2f')} | "
+                  f"{fmt(r['decode_tok_s'] * r['bytes'] / 1e9, '.0f')} | {fmt(r['pct_roofline'], '.0f')}% | "
+                  f"{r['bytes'] / 1e9:.2f} | {fmt(1e3 * r['ttft_2048'], '.0f')} | {fmt(r['peak_gb'])} | {errs} | {checks} |")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,26 @@ def test_bf16_on_the_h200_keeps_the_tuned_tiles():
 def test_float32_at_real_widths_drops_a_stage_rather_than_fail():
     tile = choose_tile(4, _layer(2048, 768), 4, 4, False, H200)
     assert (tile.block_m, tile.block_n, tile.block_k, tile.stages) == (16, 32, 256, 2)
+
+
+# The quantized layers' dequantizing matmul (kernels/triton_quant.py ``skinny``): its configs are
+# checked against the device's shared memory the same way before any launch.
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("limit", [232_448, 166_912, 101_376, 49_152, 20_000])
+@pytest.mark.parametrize("x_bytes", [2, 4])
+def test_every_skinny_config_offered_fits_the_limit(fmt, limit, x_bytes):
+    tq = pytest.importorskip("rung.kernels.triton_quant")
+    for bm in (16, 32, 64):
+        configs = tq.fitting_skinny_configs(tq.skinny_configs(bm), fmt, x_bytes, limit)
+        assert configs and all(tq.skinny_smem_bytes(c, fmt, x_bytes) <= limit for c in configs)
+
+
+def test_skinny_keeps_every_config_on_the_h200_and_drops_the_widest_on_a_99_kb_gpu():
+    tq = pytest.importorskip("rung.kernels.triton_quant")
+    if tq.INTERPRET:
+        pytest.skip("the interpreter offers one config")
+    h200 = tq.fitting_skinny_configs(tq.skinny_configs(64), "q8", 2, 232_448)
+    assert h200 == tq.skinny_configs(64)
+    small = tq.fitting_skinny_configs(tq.skinny_configs(64), "q8", 2, 101_376)
+    assert (64, 64, 256, 8, 3) not in small and (64, 32, 128, 4, 3) in small

@@ -498,7 +498,11 @@ def skinny(x, fmt, data, scale, offset, group, bias=None, act=None, config=None,
     if config is not None:
         return launch(config)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    return _tuned(("skinny", fmt, n, k, bm, act is not None, x.dtype), skinny_configs(bm), launch)
+    from rung.kernels.moe_tiles import HOPPER_SMEM_BYTES, device_smem_limit
+
+    limit = device_smem_limit(x.device.index or 0) if x.is_cuda else HOPPER_SMEM_BYTES
+    configs = fitting_skinny_configs(skinny_configs(bm), fmt, x.element_size(), limit)
+    return _tuned(("skinny", fmt, n, k, bm, act is not None, x.dtype), configs, launch)
 
 
 def skinny_configs(bm: int) -> list[tuple]:
@@ -506,6 +510,38 @@ def skinny_configs(bm: int) -> list[tuple]:
         return [(16, 16, 64, 4, 1)]
     return [(bm, 32, 128, 4, 3), (bm, 64, 128, 4, 3), (bm, 32, 256, 4, 3), (bm, 64, 256, 8, 3),
             (bm, 16, 256, 4, 4)]
+
+
+def skinny_smem_bytes(cfg: tuple, fmt: str, x_bytes: int) -> int:
+    """Shared memory ``skinny_kernel`` asks for with ``cfg``: the pipeliner keeps ``stages`` copies
+    of the x tile and the packed weight bytes of one K step, and the dequantized weight tile goes
+    through shared memory once more on its way into ``tl.dot`` (as moe_tiles.smem_bytes counts)."""
+    bm, bn, bk, _, stages = cfg
+    packed = bn * bk if fmt == "q8" else bn * bk // 2  # int8 bytes, or two nibbles a byte
+    scales = bn * max(1, bk // 32) * 2 * (1 if fmt == "q8" else 2)  # fp16 scales (and q4's offsets), groups ≥ 32
+    return stages * (bm * bk * x_bytes + packed + scales) + bn * bk * x_bytes
+
+
+def fitting_skinny_configs(configs: list[tuple], fmt: str, x_bytes: int, limit: int) -> list[tuple]:
+    """The configs whose shared memory fits ``limit`` (a launch past it raises OutOfResources,
+    inside a CUDA-graph capture too, where nothing is tuned and the first config runs), in order;
+    if none fits, the first shrunk (stages, then K step, then N) until it does."""
+    fit = [c for c in configs if skinny_smem_bytes(c, fmt, x_bytes) <= limit]
+    if fit:
+        return fit
+    bm, bn, bk, warps, stages = configs[0]
+    for _ in range(16):  # bounded: every step drops a stage or halves a block, down to 16 x 16 x 32, one stage
+        if skinny_smem_bytes((bm, bn, bk, warps, stages), fmt, x_bytes) <= limit:
+            break
+        if stages > 1:
+            stages -= 1
+        elif bk > 32:
+            bk //= 2
+        elif bn > 16:
+            bn //= 2
+        elif bm > 16:
+            bm //= 2
+    return [(bm, bn, bk, warps, stages)]
 
 
 def dequantize(fmt, data, scale, offset, group, dtype=torch.bfloat16, rows: slice | None = None):

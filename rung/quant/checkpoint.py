@@ -41,7 +41,7 @@ from rung.weights.safetensors_io import CheckpointError, read_header
 
 METHOD = "rung"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
-                      torch.uint8: "U8"}
+                      torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
 # config sizes that shape a tensor: each must be confirmed by the file before a module is built
 SIZE_FIELDS = ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
 

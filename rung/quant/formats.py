@@ -1,6 +1,7 @@
 """Weight formats: quantize float weights, dequantize for reference, map GGUF blocks.
 
-A ``Packed`` weight is a 2-D [out, in] matrix in one of three layouts (rung/native/kernels.c):
+A ``Packed`` weight is a 2-D [out, in] matrix in one of four layouts (the first three are
+rung/native/kernels.c's):
 
 - ``f32``: float32 as is.
 - ``q8``: int8 values, one float16 scale per group along ``in``: w = scale * q. Symmetric,
@@ -9,6 +10,9 @@ A ``Packed`` weight is a 2-D [out, in] matrix in one of three layouts (rung/nati
   q in [0, 15]. Each run of 32 values is 16 bytes, byte j = value j | value j + 16 << 4: GGUF's
   Q4_0 / Q4_1 block layout, so those blocks map byte for byte (Q4_0's w = d * (q - 8) is
   scale d, offset -8d).
+- ``f8``: float8 e4m3 values, one float32 scale per output row (``group == in``): w = scale * q,
+  the row's largest |w| mapped to e4m3's 448. Hopper's ``torch._scaled_mm`` takes these bytes and
+  scales as they are (rung/kernels/triton_fp8.py); the CPU dequantizes them (this file).
 
 Dequantization is the reference every kernel is tested against.
 """
@@ -21,16 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-FORMATS = ("f32", "q8", "q4")
+FORMATS = ("f32", "q8", "q4", "f8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
 
 
 @dataclass
 class Packed:
     fmt: str
-    data: torch.Tensor  # f32 [N, K] | int8 [N, K] | uint8 [N, K / 2]
+    data: torch.Tensor  # f32 [N, K] | int8 [N, K] | uint8 [N, K / 2] | float8_e4m3fn [N, K]
     shape: tuple[int, int]  # (out, in)
     group: int | None = None
-    scale: torch.Tensor | None = None  # float16 [N, K / group]
+    scale: torch.Tensor | None = None  # float16 [N, K / group] (float32 [N, 1] for f8)
     offset: torch.Tensor | None = None  # float16 [N, K / group] (q4)
 
     @property
@@ -88,6 +94,10 @@ def packed_tensors(fmt: str, shape: tuple[int, int], group: int | None) -> dict[
     if group is None:
         raise ValueError(f"{fmt}: needs a group size")
     groups = k // check_group(fmt, k, group)
+    if fmt == "f8":
+        if group != k:
+            raise ValueError(f"f8: one scale per output row (group {k}), got group {group}")
+        return {"data": (FP8, (n, k)), "scale": (torch.float32, (n, 1))}
     parts = {"data": (torch.int8, (n, k)) if fmt == "q8" else (torch.uint8, (n, k // 2)),
              "scale": (torch.float16, (n, groups))}
     if fmt == "q4":
@@ -119,7 +129,8 @@ def check_packed(p: "Packed") -> None:
 
 
 def quantize(weight: torch.Tensor, fmt: str, group: int | None = None) -> Packed:
-    """weight [N, K] (any float dtype) → Packed. q8 defaults to per-channel, q4 to groups of 32."""
+    """weight [N, K] (any float dtype) → Packed. q8 defaults to per-channel, q4 to groups of 32;
+    f8 is always per-channel."""
     w = weight.detach().float().contiguous()
     n, k = w.shape
     if fmt == "f32":
@@ -127,6 +138,8 @@ def quantize(weight: torch.Tensor, fmt: str, group: int | None = None) -> Packed
     if fmt == "q4" and group is None:
         group = 32
     group = check_group(fmt, k, group)
+    if fmt == "f8":
+        return quantize_fp8(w, group)
     g = w.view(n, k // group, group)
     if fmt == "q8":
         scale = (g.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
@@ -137,6 +150,16 @@ def quantize(weight: torch.Tensor, fmt: str, group: int | None = None) -> Packed
         q = torch.round((g - offset.float()[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
         return Packed("q4", pack_nibbles(q.view(n, k)), (n, k), group, scale, offset)
     raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def quantize_fp8(w: torch.Tensor, group: int) -> Packed:
+    """w [N, K] float32 → f8: per output row, scale = max|w| / 448 and q = e4m3(w / scale)."""
+    n, k = w.shape
+    if group != k:
+        raise ValueError(f"f8: one scale per output row (group {k}), got group {group}")
+    scale = (w.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return Packed("f8", q.contiguous(), (n, k), k, scale.contiguous())
 
 
 # 4-bit grids tried per group: the min-max grid and grids of 15 +- STRIDE * (1..ROUNDS) steps over
@@ -214,6 +237,8 @@ def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, k = p.shape
     if p.fmt == "f32":
         return p.data.to(dtype)
+    if p.fmt == "f8":
+        return p.data.float().mul_(p.scale.float()).to(dtype)
     # scales broadcast over each group (no [N, K] copies of them: prefill dequantizes every layer)
     g = k // p.group
     scale = p.scale.float().view(n, g, 1)

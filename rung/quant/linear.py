@@ -4,7 +4,8 @@
 safetensors see them). A call with at most ``MAX_M`` rows of float32 on the CPU (a decode step)
 runs rung's native GEMV (rung/native), which reads each weight byte once; on CUDA a q8 / q4 layer
 runs rung's Triton kernels over the same buffers (rung/kernels/triton_quant.py: a GEMV for decode
-rows, a dequantizing matmul for small batches, dequantize + cuBLAS for prefill); anything else
+rows, a dequantizing matmul for small batches, dequantize + cuBLAS for prefill) and an f8 layer
+rung/kernels/triton_fp8.py's (a GEMV for decode rows, ``torch._scaled_mm`` above); anything else
 dequantizes and calls ``F.linear``, the reference the kernels are tested against.
 
 ``gated``: the weight holds a gated MLP's gate and up rows interleaved in blocks of 8 (8 gate rows,
@@ -50,7 +51,7 @@ class PackedLinear(nn.Module):
         if gated is not None and (gated not in ACTIVATIONS or self.out_features % (2 * GATE_BLOCK)):
             raise ValueError(f"a gated layer needs a known activation and a multiple of {2 * GATE_BLOCK} rows")
         self.gated = gated
-        self._native = (native.available() and self.in_features % 32 == 0 and self.data is not None
+        self._native = (native.available() and self.fmt in native.FORMATS and self.in_features % 32 == 0 and self.data is not None
                         and self.data.device.type == "cpu" and (gated is None or gated in NATIVE_ACTIVATIONS))
         self._call = None  # the kernel bound to this layer's buffers (rebound if they move)
 
@@ -92,11 +93,15 @@ class PackedLinear(nn.Module):
     def _triton_ok(self, x: torch.Tensor) -> bool:
         from rung.kernels import use_triton
 
-        return (self.fmt in ("q8", "q4") and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return (self.fmt in ("q8", "q4", "f8") and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
                 and self.gated in (None, "silu", "gelu_tanh", "gelu", "relu") and use_triton(x, self.data))
 
     def triton(self, rows: torch.Tensor) -> torch.Tensor:
         """The Triton path (CUDA, or anywhere under TRITON_INTERPRET=1): the same function as ``reference``."""
+        if self.fmt == "f8":
+            from rung.kernels.triton_fp8 import fp8_linear
+
+            return fp8_linear(rows, self.data, self.scale, self.bias, self.gated)
         from rung.kernels.triton_quant import quant_linear
 
         return quant_linear(rows, self.fmt, self.data, self.scale, self.offset, self.group, self.bias, self.gated)

@@ -1,0 +1,173 @@
+"""fp8 (e4m3) weight-only linear layers on CUDA, beside their PyTorch reference.
+
+Layout (rung/quant/formats.py ``f8``): float8_e4m3fn [N, K], one float32 scale per output row,
+w = scale · q. A gated layer's rows hold gate and up interleaved in blocks of 8, as q8 / q4.
+
+Two paths, by the number of activation rows M:
+
+- ``gemv`` (M ≤ ``GEMV_M``, a decode step): one program per ``BLOCK_N`` outputs and x row streams
+  the rows' bytes once. A byte becomes a float without a conversion table: its 7 low bits shifted
+  into a float16's exponent and mantissa are e4m3's value / 256 (the two formats share the
+  mantissa's top bits; e4m3's bias is 7, float16's 15, so 2^-8 apart, subnormals included), and
+  the 256 goes into the row's scale, applied once after the loop. Works on any GPU (no fp8 unit
+  needed) and under the interpreter.
+- larger M (prefill, batched steps): ``torch._scaled_mm`` on Hopper / Ada (the tensor cores' fp8
+  path): x quantized per row to e4m3 (scale max|x| / 448), the weight's bytes and scales as they
+  are, bf16 out. Elsewhere, or for shapes it refuses: dequantize + ``F.linear``.
+
+``fp8_linear_ref`` (dequantize + F.linear + the gated epilogue) is what the GEMV is tested
+against; ``scaled_mm_ref`` restates ``_scaled_mm``'s function (x rounded to e4m3 per row first).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from rung.kernels.triton_quant import ACTS, INTERPRET, _epilogue, _rows, _tuned, gated_ref
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+GEMV_M = 4
+
+
+# ---- references ---------------------------------------------------------------------------------
+
+def fp8_dequantize_ref(data: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """float8_e4m3fn [N, K], float32 scale [N, 1] → [N, K] (rung.quant.formats.dequantize, restated)."""
+    return (data.float() * scale.float()).to(dtype)
+
+
+def fp8_linear_ref(x, data, scale, bias=None, act: str | None = None):
+    """x [M, K] → x @ dequantize(W)ᵀ + bias, then act(gate) · up for a gated layer."""
+    y = F.linear(x, fp8_dequantize_ref(data, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+    return y if act is None else gated_ref(y, act)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] → (e4m3 [M, K], float32 scale [M, 1]): per row, max|x| onto 448."""
+    s = (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (x.float() / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def scaled_mm_ref(x, data, scale, bias=None, act: str | None = None):
+    """``scaled_linear``'s function in plain PyTorch: x rounded to e4m3 per row, then the reference."""
+    xq, sx = quantize_rows_fp8(x)
+    return fp8_linear_ref((xq.float() * sx).to(x.dtype), data, scale, bias, act)
+
+
+# ---- decode: GEMV --------------------------------------------------------------------------------
+
+@triton.jit
+def _e4m3_over_256(b):
+    """uint8 codes (int32) → their e4m3 values / 256, float32: the bits moved into a float16."""
+    h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+    return h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr):
+    kk = k0 + tl.arange(0, BLOCK_K)
+    k_in = kk < K
+    x = tl.load(xr + kk, mask=k_in, other=0.0).to(tl.float32)
+    b = tl.load(D + row[:, None].to(tl.int64) * K + kk[None, :], mask=n_in[:, None] & k_in[None, :], other=0)
+    return acc + _e4m3_over_256(b.to(tl.int32)) * x[None, :]
+
+
+@triton.jit
+def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym,
+                    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One x row (program_id 1) against BLOCK_N weight rows: products summed per element over the
+    K loop, reduced once, scaled by the row's scale · 256."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = n < NOUT
+    row = _rows(n, GATED)
+    xr = X + tl.program_id(1).to(tl.int64) * sxm
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc1 = _fp8_row_dots(xr, D, acc1, row, n_in, k0, K, BLOCK_K)
+        if GATED:
+            acc2 = _fp8_row_dots(xr, D, acc2, row + 8, n_in, k0, K, BLOCK_K)
+    r1 = tl.sum(acc1, 1) * (tl.load(S + row, mask=n_in, other=0.0) * 256.0)
+    r2 = tl.sum(acc2, 1)
+    if GATED:
+        r2 = r2 * (tl.load(S + row + 8, mask=n_in, other=0.0) * 256.0)
+    m = tl.program_id(1) + tl.arange(0, 1)
+    _epilogue(r1[None, :], r2[None, :], B, Y, m, m < m + 1, row, n, n_in, sym, GATED, ACT, HAS_BIAS)
+
+
+def gemv_configs(n_out: int, k: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_N, BLOCK_K, num_warps) candidates, the default first (timed once per shape, cold L2)."""
+    if INTERPRET:
+        return [(8, 64, 4)]
+    bk = min(1024, triton.next_power_of_2(k))
+    return [(4, min(512, bk), 4), (8, min(256, bk), 4), (4, bk, 8), (16, min(256, bk), 8), (2, bk, 4),
+            (8, min(512, bk), 8)]
+
+
+def gemv(x, data, scale, bias=None, act=None, config=None):
+    """x [M ≤ GEMV_M, K] rows through an f8 weight [N, K]; [M, N] (or [M, N / 2] gated)."""
+    n, k = data.shape
+    n_out = n // 2 if act else n
+    m = x.shape[0]
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    codes = data.view(torch.uint8)
+    scale = scale.reshape(-1)
+
+    def launch(cfg):
+        bn, bk, warps = cfg
+        fp8_gemv_kernel[(triton.cdiv(n_out, bn), m)](
+            x, codes, scale, bias if bias is not None else scale, y, n_out, k, x.stride(0), y.stride(0),
+            GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps)
+        return y
+
+    if config is not None:
+        return launch(config)
+    return _tuned(("fp8-gemv", n, k, m, act is not None, x.dtype), gemv_configs(n_out, k), launch)
+
+
+# ---- prefill and batches: torch._scaled_mm --------------------------------------------------------
+
+_SCALED_MM_OK: dict = {}  # device index → whether _scaled_mm with per-row scales ran there
+
+
+def scaled_mm_available(x: torch.Tensor, n: int, k: int) -> bool:
+    """Hopper / Ada (compute capability ≥ 8.9) and the shapes _scaled_mm takes (multiples of 16)."""
+    if not x.is_cuda or n % 16 or k % 16:
+        return False
+    idx = x.device.index or 0
+    if idx not in _SCALED_MM_OK:
+        _SCALED_MM_OK[idx] = torch.cuda.get_device_capability(idx) >= (8, 9) and hasattr(torch, "_scaled_mm")
+    return _SCALED_MM_OK[idx]
+
+
+def scaled_linear(x, data, scale, bias=None, act=None):
+    """x [M, K] → ``scaled_mm_ref``'s function through the tensor cores' fp8 path."""
+    xq, sx = quantize_rows_fp8(x)
+    y = torch._scaled_mm(xq, data.t(), scale_a=sx, scale_b=scale.reshape(1, -1), out_dtype=torch.bfloat16)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    y = y.to(x.dtype)
+    return y if act is None else gated_ref(y, act)
+
+
+def fp8_linear(x, data, scale, bias=None, act=None):
+    """x [M, K] through an f8 weight: the GEMV for decode rows, _scaled_mm for more (where it runs),
+    else the reference."""
+    m = x.shape[0]
+    if x.stride(-1) != 1 or (m > 1 and x.stride(0) != x.shape[1]):
+        x = x.contiguous()
+    if m <= GEMV_M:
+        return gemv(x, data, scale, bias, act)
+    n, k = data.shape
+    if scaled_mm_available(x, n, k):
+        try:
+            return scaled_linear(x, data, scale, bias, act)
+        except RuntimeError:  # a torch build or shape _scaled_mm refuses: remember, use the reference
+            _SCALED_MM_OK[x.device.index or 0] = False
+    return fp8_linear_ref(x, data, scale, bias, act)
