@@ -88,16 +88,19 @@ class Family:
     # ---- reply side -------------------------------------------------------------------------------
 
     def parser(self, tools: list[dict] | None, prompt: str | None = None):
-        """The streaming parser of this family's replies (reasoning, content, tool calls). A prompt
-        that ends inside an open ``<think>`` (thinking-only templates) starts the reply in reasoning."""
+        """The streaming parser of this family's replies (reasoning, content, tool calls whose
+        arguments stream: rung/serve/tools.py documents its events). Only ``tools`` can be called. A
+        prompt that ends inside an open ``<think>`` (thinking-only templates) starts the reply in
+        reasoning."""
+        names = {_function(t)["name"] for t in tools or []}  # a call to any other tool is content
         if self.name == "harmony":
-            return HarmonyReply(tools=bool(tools))
+            return HarmonyReply(tools=bool(tools), names=names)
         stages = []
         if self.thinks:
             opened = prompt is not None and prompt.rstrip().endswith("<think>")
             stages.append(ThinkSplitter(thinking=opened))
         if tools:
-            stages.append(HermesTools() if self.name == "hermes" else JsonTools({_function(t)["name"] for t in tools}))
+            stages.append(HermesTools(names) if self.name == "hermes" else JsonTools(names))
         return Pipeline(*stages)
 
     @property
