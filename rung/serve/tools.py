@@ -382,11 +382,11 @@ class JsonTools:
                 self.buffer = self.block.rest
                 events += self._end_object()
                 continue
-            if not self._start(final):
+            if not self._start(final, events):
                 break
         return [e for e in events if e.kind != "content" or e.text]
 
-    def _start(self, final: bool) -> bool:
+    def _start(self, final: bool, events: list[Event]) -> bool:
         """Read what comes before an object; False when more text is needed."""
         head = self.buffer.lstrip(" \t\r\n" + (",;]" if self.calls else ""))
         skipped = self.buffer[:len(self.buffer) - len(head)]
@@ -409,8 +409,10 @@ class JsonTools:
             return True
         if not final and (PYTHON_TAG.startswith(head) or "```".startswith(head)):
             return False
-        # not a call: everything from here on is content
-        self.buffer, self.held, self.mode = self.held + self.buffer, "", "text"
+        # not a call: everything from here on is content (what was held goes out as it is: a
+        # <|python_tag|> in it is not read again)
+        events.append(Event("content", self.held))
+        self.held, self.mode = "", "text"
         return True
 
     def _end_object(self) -> list[Event]:
@@ -420,9 +422,8 @@ class JsonTools:
             self.calls += 1
             self.held, self.mode = "", "start"
             return events
-        self.buffer = self.held + block.raw + self.buffer
-        self.held, self.mode = "", "text"
-        return []
+        text, self.held, self.mode = self.held + block.raw, "", "text"
+        return [Event("content", text)]
 
 
 # ---- composition -----------------------------------------------------------------------------------
