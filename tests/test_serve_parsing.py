@@ -241,3 +241,24 @@ ROUND_TRIP = [
                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
 ]
+
+
+@pytest.mark.parametrize("make, text", [
+    (qwen3_parser, '<tool_call>\n{"name": "rm_rf", "arguments": {"path": "/"}}\n</tool_call>'),
+    (lambda: HarmonyReply(names={"get_weather"}),
+     '<|channel|>commentary to=functions.rm_rf <|constrain|>json<|message|>{"path": "/"}'),
+    (lambda: JsonTools({"get_weather"}), '<|python_tag|>{"name": "rm_rf", "parameters": {"path": "/"}}'),
+])
+def test_a_call_to_a_tool_the_request_did_not_declare_is_content(make, text):
+    reasoning, content, calls = all_splits_agree(make, text)
+    assert calls == [] and '"/"' in content
+
+
+def test_a_streamed_call_sends_its_arguments_in_pieces_that_add_up():
+    parser = qwen3_parser()
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
+    events = [e for i in range(0, len(text), 4) for e in parser.push(text[i:i + 4])] + parser.finish()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "call_start" and kinds[-1] == "call_end" and kinds.count("call_args") > 3
+    assert events[0].call.name == "get_weather" and events[0].call.id
+    assert "".join(e.text for e in events if e.kind == "call_args") == '{"city": "Paris", "days": [1, 2]}'
