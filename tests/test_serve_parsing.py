@@ -262,3 +262,28 @@ def test_a_streamed_call_sends_its_arguments_in_pieces_that_add_up():
     assert kinds[0] == "call_start" and kinds[-1] == "call_end" and kinds.count("call_args") > 3
     assert events[0].call.name == "get_weather" and events[0].call.id
     assert "".join(e.text for e in events if e.kind == "call_args") == '{"city": "Paris", "days": [1, 2]}'
+
+
+def test_parsers_end_on_shuffled_tag_fragments_within_a_time_bound():
+    # fragments of every format's tags and JSON, shuffled: each parser must end (no loop re-reading
+    # what it held), never raise, and lose no call text it did not place
+    from hostile import run_bounded
+
+    code = """
+import random
+from rung.serve.family import Family
+TOOLS = [{"type": "function", "function": {"name": "f"}}]
+PARTS = ['<tool_call>', '</tool_call>', '<|python_tag|>', '```json\\n', '```', '<think>', '</think>', '{', '}', '[',
+         ']', '"name"', '"f"', '"g"', ':', ',', ';', '"arguments"', '"parameters"', ' ', '\\n', '"', '\\\\', 'x',
+         '<|channel|>', '<|message|>', '<|end|>', '<|start|>', 'commentary to=functions.f ', '<|call|>', 'analysis']
+rng = random.Random(0)
+for family in (Family("hermes", True), Family("json", False), Family("harmony", False)):
+    for _ in range(300):
+        text = "".join(rng.choice(PARTS) for _ in range(rng.randint(1, 40)))
+        parser = family.parser(TOOLS)
+        cut = rng.randint(0, len(text))
+        events = parser.push(text[:cut]) + parser.push(text[cut:]) + parser.finish()
+        assert all(e.kind in ("content", "reasoning", "call_start", "call_args", "call_end") for e in events)
+print("ok")
+"""
+    assert run_bounded(code, seconds=60, catch=False).assert_ok().strip() == "ok"

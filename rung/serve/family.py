@@ -6,8 +6,9 @@ Three families:
 - ``hermes`` (Qwen3 and any template that writes ``<tool_call>``): the template renders tools and
   tool results itself; ``<think>`` reasoning when the template knows it, switched off with
   ``enable_thinking: false``.
-- ``json`` (templates without tools, e.g. SmolLM2): rung describes the tools in a system message and
-  asks for one JSON object ``{"name", "arguments"}``; calls in history are written back as that
+- ``json`` (templates without tools, e.g. SmolLM2, Gemma 3, and Llama 3.x, whose JSON calls with
+  ``"parameters"`` and ``<|python_tag|>`` parse the same way): rung describes the tools in a system
+  message and asks for one JSON object ``{"name", "arguments"}``; calls in history are written back as that
   JSON and tool results as user turns, so any template (even one that insists on alternating
   user/assistant turns) renders them.
 
