@@ -231,7 +231,8 @@ class CallStream:
         if self.call is not None:
             if self.state == "value" and self.string_value:  # a string cut off: its raw text
                 self.call.arguments += self.raw[self.value_at:]
-                return [Event("call_args", self.raw[self.value_at:], self.call), Event("call_end", call=self.call)], True
+                rest = self.raw[self.value_at:]
+                return [Event("call_args", rest, self.call), Event("call_end", call=self.call)], True
             return [Event("call_end", call=self.call)], True
         if self.state in ("held", "header"):
             call = call_from_json(_loads(self.raw.strip()), self.names)

@@ -1,6 +1,6 @@
-"""Conformance: gpt-oss harmony: analysis reasoning, calls addressed to functions.NAME. Every row of cases.HARMONY through the
-streaming parser (whole, one character at a time, split at every byte) and the chat endpoint (whole
-and streamed; forced rows also with tool_choice "required")."""
+"""Conformance: gpt-oss harmony: analysis reasoning, calls addressed to functions.NAME. Every row of
+cases.HARMONY through the streaming parser (whole, one character at a time, split at every byte) and
+the chat endpoint (whole and streamed; forced rows also with tool_choice "required")."""
 
 from __future__ import annotations
 

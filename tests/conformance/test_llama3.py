@@ -1,6 +1,6 @@
-"""Conformance: Llama 3.x JSON tool calls: <|python_tag|> and the plain JSON form ("parameters"). Every row of cases.LLAMA3 through the
-streaming parser (whole, one character at a time, split at every byte) and the chat endpoint (whole
-and streamed; forced rows also with tool_choice "required")."""
+"""Conformance: Llama 3.x JSON tool calls: <|python_tag|> and the plain JSON form ("parameters"). Every
+row of cases.LLAMA3 through the streaming parser (whole, one character at a time, split at every
+byte) and the chat endpoint (whole and streamed; forced rows also with tool_choice "required")."""
 
 from __future__ import annotations
 
