@@ -1,6 +1,7 @@
 """CUDA check: the decoder and the engine give on the GPU what they give on the CPU.
 
-Tiny random models (Llama, gpt-oss with windows and sinks, Qwen3-MoE), float32: logits against
+Tiny random models (Llama, gpt-oss with windows and sinks, Qwen3-MoE; issue 21's Qwen2.5, Mistral,
+Mixtral, Phi-3 with LongRoPE, Gemma 2 with soft-capping, OLMo 2 and SmolLM3), float32: logits against
 transformers on the GPU, engine greedy tokens (a batch of 8, chunked prefill, prefix cache) against
 the CPU engine. Prints a short table; exits non-zero on a mismatch. The Qwen3-MoE (hidden 48,
 experts 20 wide, 6 experts, top-3) is the shape whose float32 MoE tile once needed 240 KB of
@@ -53,6 +54,17 @@ def main():
                   intermediate_size=32, sliding_window=5),
             check("qwen3-moe", tf.Qwen3MoeConfig, head_dim=12, moe_intermediate_size=20, num_experts=6,
                   num_experts_per_tok=3, norm_topk_prob=True)]
+    # issue 21 (families): windows of 6 are shorter than most of the prompts
+    rows += [check("qwen2.5", tf.Qwen2Config),
+             check("mistral", tf.MistralConfig, sliding_window=6),
+             check("mixtral", tf.MixtralConfig, num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
+             check("phi3", tf.Phi3Config, pad_token_id=0, rope_parameters={
+                 "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                 "original_max_position_embeddings": 32, "short_factor": [1.0, 1.5, 2.0], "long_factor": [2.0, 4.0, 6.0]}),
+             check("gemma2", tf.Gemma2Config, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+                   attn_logit_softcapping=3.0, final_logit_softcapping=10.0, num_hidden_layers=3),
+             check("olmo2", tf.Olmo2Config, pad_token_id=0),
+             check("smollm3", tf.SmolLM3Config, num_hidden_layers=4, pad_token_id=0)]
     print(f"{'model':<10}{'max |Δlogit| vs transformers (cuda)':>38}{'engine cuda == cpu':>20}")
     for name, diff, same, n in rows:
         print(f"{name:<10}{diff:>38.2e}{same:>15}/{n}")

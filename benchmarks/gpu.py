@@ -7,7 +7,11 @@ at a time. First the kernels are checked against their references (relative erro
 shape: batch-1 decode tok/s, time to first token at 128 / 2K / 32K prompt tokens, throughput of
 64 concurrent requests (rung's engine) against transformers' batch of 16, peak memory, and the
 roofline: weight bytes a batch-1 decode step must read over the device-to-device copy bandwidth
-measured here.
+measured here. Prefill: each kind of prefill attention (SDPA, the flash kernel under a few tile
+configs, the packed kernel) timed per shape at 32K context (the table that kernels/paged_attention.py's
+``prefill_kernel`` rule and ``flash_config`` come from), prefill MFU (the prompt's matrix FLOPs over
+TTFT, against the peak of a large bf16 matmul measured in the same run), and Qwen3-8B with YaRN
+factor 4 at 128K tokens (TTFT and decode speed at that context). The short prefill table comes last.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu.py [--models qwen3-0.6b ...] [--out DIR]
 """
@@ -129,6 +133,46 @@ def copy_bandwidth() -> float:
     del src, dst
     torch.cuda.empty_cache()
     return bw
+
+
+def matmul_peak() -> float:
+    """bf16 FLOP/s of an 8192³ matrix product on random data (median of 10): MFU's denominator."""
+    if DEV != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn_like(a)
+    times = []
+    for i in range(13):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        a @ b
+        e1.record()
+        sync()
+        if i >= 3:
+            times.append(e0.elapsed_time(e1) / 1e3)
+    del a, b
+    return 2 * 8192**3 / sorted(times)[len(times) // 2]
+
+
+def prefill_flops(c: ModelConfig, n: int) -> float:
+    """Matrix FLOPs of one n-token prompt from position 0: 2 per weight per token for the blocks'
+    projections (experts at top_k, plus the router), the LM head once (the last token only), and
+    attention's QKᵀ and PV: 4·head_dim per query head per visible (query, key) pair (a sliding
+    layer's queries see at most its window)."""
+    per_token = 0
+    for layer in range(c.num_layers):
+        per_token += c.hidden_size * (2 * c.q_width + 2 * c.kv_width)
+        if c.moe and c.moe_layers[layer]:
+            per_token += c.moe.top_k * 3 * c.moe.expert_intermediate_size * c.hidden_size
+            per_token += c.moe.num_experts * c.hidden_size
+        else:
+            per_token += 3 * c.intermediate_size * c.hidden_size
+    flops = 2 * per_token * n + 2 * c.vocab_size * c.hidden_size
+    for layer in range(c.num_layers):
+        w = c.layer_window(layer)
+        pairs = n * (n + 1) / 2 if w is None or w >= n else w * (w + 1) / 2 + (n - w) * w
+        flops += 4 * c.head_dim * c.num_heads * pairs
+    return flops
 
 
 # ---- kernel checks ----------------------------------------------------------------------------------
@@ -280,6 +324,79 @@ def moe_kernel_timing() -> list[dict]:
     return out
 
 
+ATTN_SHAPES = (("qwen3-8b", 32, 8, 128, None, False), ("qwen3-0.6b", 16, 8, 128, None, False),
+               ("qwen3-30b-a3b", 32, 4, 128, None, False), ("gpt-oss-20b", 64, 8, 64, None, True),
+               ("gpt-oss-20b sliding", 64, 8, 64, 128, True))
+FLASH_CONFIGS = {128: ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)),
+                 64: ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3))}
+
+
+def prefill_attention_timing(context: int = 32768, chunk: int = 8192) -> list[dict]:
+    """One layer's prefill attention for an ``chunk``-token chunk at the start of a prompt and at
+    its end (keys [0, context)), per kind: SDPA on the chunk's own k/v (fresh prompts only; and, for
+    the last chunk, SDPA's flash kernel on keys gathered from the pool, the gather timed with it),
+    the flash kernel under each of FLASH_CONFIGS, the packed kernel; and a 64-token chunk at the end
+    (speculative / tail chunks: flash against packed). TFLOP/s of the visible (query, key) pairs."""
+    from rung.kernels.paged_attention import chunk_tiles, flash_config, sdpa_prefill, tokens_per_tile
+    from rung.kernels.triton_attention import flash_prefill_attention, triton_paged_attention
+
+    if DEV != "cuda":
+        return []
+    import triton.testing
+
+    rows = []
+    g = torch.Generator(device=DEV).manual_seed(7)
+    dt, bs = torch.bfloat16, 16
+    for name, hq, hkv, d, window, has_sinks in ATTN_SHAPES:
+        kp = torch.randn(context + bs, hkv, d, device=DEV, dtype=dt, generator=g)
+        vp = torch.randn_like(kp)
+        tables = torch.arange(context // bs + 1, device=DEV, dtype=torch.int32)[None]
+        sinks = torch.randn(hq, device=DEV, dtype=dt, generator=g) if has_sinks else None
+        for start, n in ((0, chunk), (context - chunk, chunk), (context - 64, 64)):
+            pos = torch.arange(start, start + n, device=DEV)
+            q = torch.randn(n, hq, d, device=DEV, dtype=dt, generator=g)
+            pairs = sum(min(p + 1, window or p + 1) for p in range(start, start + n))
+            flop = 4 * d * hq * pairs
+            row = dict(shape=name, start=start, tokens=n)
+            fns = {}
+            for cfg in FLASH_CONFIGS[d]:
+                tiles = chunk_tiles([(0, n, 0)], cfg[0], DEV)
+                fns[f"flash{cfg}"] = (lambda tiles=tiles, cfg=cfg: flash_prefill_attention(
+                    q, kp, vp, tables, pos, tiles, bs, window, sinks, d**-0.5, config=cfg))
+            packed_tiles = chunk_tiles([(0, n, 0)], tokens_per_tile(hq, hkv, d, False), DEV)
+            fns["packed"] = lambda: triton_paged_attention(q, kp, vp, tables, pos, packed_tiles, bs, window, sinks,
+                                                           d**-0.5, False)
+            if sinks is None and window is None:
+                qs = q.transpose(0, 1)[None]  # [1, hq, n, d] as the model has it
+                if start == 0:
+                    ks, vs = kp[:n].transpose(0, 1)[None], vp[:n].transpose(0, 1)[None]
+                    fns["sdpa"] = lambda: sdpa_prefill(qs, ks, vs, d**-0.5)
+                elif n > 64:
+                    def gathered():  # bottom-right causal: flash's is_causal with fewer queries than keys
+                        idx = torch.arange(start + n, device=DEV)
+                        kg, vg = kp[idx].transpose(0, 1)[None], vp[idx].transpose(0, 1)[None]
+                        return torch.ops.aten._scaled_dot_product_flash_attention(qs, kg, vg, 0.0, is_causal=True,
+                                                                                  scale=d**-0.5)[0]
+                    fns["sdpa_gathered"] = gathered
+            ref = None
+            for label, fn in fns.items():
+                try:
+                    out = fn()
+                    if label.startswith("flash") or label == "packed":
+                        ref = out if ref is None else ref
+                        row[f"{label}_err"] = rel_err(out, ref)
+                    ms = triton.testing.do_bench(fn, warmup=5, rep=40)
+                    row[label] = flop / (ms * 1e-3) / 1e12
+                except Exception as exc:
+                    row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:160]
+            row["rule"] = flash_config(d, dt)
+            log("prefill attention TFLOP/s", json.dumps(row, default=str))
+            rows.append(row)
+        del kp, vp
+        free()
+    return rows
+
+
 # ---- models -----------------------------------------------------------------------------------------
 
 def model_config(name: str, layers: int | None) -> dict:
@@ -409,13 +526,16 @@ def rung_bench(name: str, args, bw: float) -> dict:
     for n in (128, 2048, long):
         if not n:
             continue
-        if n > 128:  # warm-up at this length once (kernel variants for longer tables)
-            engine.run([(prompt(c.vocab_size, min(n, 2048), next(seed)), greedy(1))])
+        if n > 128:  # warm-up once: kernel variants for longer tables, and past one step's chunk the
+            # flash kernel that continuing chunks take (kernels/paged_attention.py's prefill_kernel)
+            engine.run([(prompt(c.vocab_size, min(n, 2048 if n <= 8192 else 16384), next(seed)), greedy(1))])
         sync()
         t0 = time.perf_counter()
         engine.run([(prompt(c.vocab_size, n, next(seed)), greedy(1))])
         sync()
         r[f"ttft_{n}"] = time.perf_counter() - t0
+    if long:
+        r["prefill_tflops"] = prefill_flops(c, long) / r[f"ttft_{long}"] / 1e12
     # 64 concurrent requests
     engine.run([(prompt(c.vocab_size, args.prompt, next(seed)), greedy(4)) for _ in range(64)])  # 64-row graph
     reqs = [(prompt(c.vocab_size, args.prompt, next(seed)), greedy(args.new64)) for _ in range(64)]
@@ -426,6 +546,49 @@ def rung_bench(name: str, args, bw: float) -> dict:
     r["peak_gb"] = peak_gb()
     r["roofline_tok_s"] = bw / r["bytes"]
     r["kv_pool_gb"] = engine.pool.bytes / 1e9
+    del engine, model
+    free()
+    return r
+
+
+def long_context_bench(args) -> dict:
+    """Qwen3-8B with YaRN factor 4 (``rope_scaling`` as Qwen documents it for 131,072 tokens) on one
+    GPU: TTFT of an ``args.ctx128`` -token prompt (chunked prefill: 8K tokens a step bound the
+    activations; the paged pool holds the whole context), then greedy decode tok/s at that context."""
+    reset_peak()
+    raw = dict(model_config("qwen3-8b", args.layers), max_position_embeddings=131072,
+               rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    config = ModelConfig.from_hf(raw)
+    with torch.device("meta"):
+        model = Decoder(config).to(torch.bfloat16)
+    model = model.to_empty(device=DEV)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in pname else p.normal_(0.0, 0.02)
+    model.requires_grad_(False).eval()
+    n, new = args.ctx128, 65
+    engine = Engine(model, NullTokenizer(), EngineConfig(block_size=16, num_blocks=(n + new) // 16 + 64,
+                                                         max_batch_tokens=8192, max_seqs=4, prefix_caching=False),
+                    max_model_len=n + new + 16)
+    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    # warm-up: SDPA's first chunk, the flash kernel's continuing ones, the decode graphs
+    engine.run([(prompt(config.vocab_size, min(16384, n // 2), 1), SamplingParams(temperature=0, max_tokens=4,
+                                                                                 ignore_eos=True))])
+    sync()
+    t0 = time.perf_counter()
+    rid = engine.add_request(prompt(config.vocab_size, n, 2), greedy)
+    seq = engine._sequences[rid][0]
+    while not seq.output_ids:
+        engine.step()
+    sync()
+    r = dict(tokens=n, ttft=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    r["decode_tok_s"] = (len(seq.output_ids) - 1) / (time.perf_counter() - t0)
+    r["prefill_tflops"] = prefill_flops(config, n) / r["ttft"] / 1e12
+    r["kv_pool_gb"] = engine.pool.bytes / 1e9
+    r["peak_gb"] = peak_gb()
     del engine, model
     free()
     return r
@@ -475,11 +638,26 @@ def hf_bench(name: str, args, bw: float) -> dict:
     eager = r["attn"] == "eager"
     # eager attention materialises [heads, n, n] scores: 32K would not fit; a long prefill is skipped
     # too when the 2K one says it would take longer than the budget
-    if long and not eager and r["ttft_2048"] * (long / 2048) * 2 < args.hf_long_budget:
+    if long and eager and DEV == "cuda":
+        # transformers runs gpt-oss's sinks in eager or flex attention (no SDPA): its best runnable
+        # attention for a long prompt is flex; the first call compiles it for the shape, the second is timed
+        try:
+            model.set_attn_implementation("flex_attention")
+            gen(1, long, 1, 5)
+            r[f"ttft_{long}"] = gen(1, long, 1, 6)
+            r["attn_long"] = "flex_attention"
+        except Exception as exc:
+            r[f"ttft_{long}"] = None
+            r["skipped_long"] = f"eager: [heads, 32K, 32K] scores do not fit; flex: {type(exc).__name__}: {exc}"[:300]
+    elif long and not eager and r["ttft_2048"] * (long / 2048) * 2 < args.hf_long_budget:
         r[f"ttft_{long}"] = gen(1, long, 1, 5)
     else:
         r[f"ttft_{long}"] = None
         r["skipped_long"] = "eager attention: [heads, 32K, 32K] scores do not fit" if eager else "over the time budget"
+    if r.get(f"ttft_{long}"):
+        r["prefill_tflops"] = prefill_flops(cfg, long) / r[f"ttft_{long}"] / 1e12
+    if r.get("attn_long"):
+        model.set_attn_implementation(r["attn"])
     r["tput16_tok_s"] = 16 * args.hf_new16 / gen(16, args.prompt, args.hf_new16, 100)
     r["peak_gb"] = peak_gb()
     r["roofline_tok_s"] = bw / r["bytes"]
@@ -519,6 +697,29 @@ def table(results: dict, long: int) -> str:
     return "\n".join(lines)
 
 
+def prefill_table(results: dict, long: int, peak: float, long_row: dict | None) -> str:
+    """The short table: TTFT at ``long`` tokens, rung against transformers, and prefill MFU."""
+    lines = [f"| shape | rung TTFT {long // 1024}K ms | transformers TTFT ms (attention) | rung ÷ transformers | "
+             "rung MFU | transformers MFU |", "|---|---|---|---|---|---|"]
+    for name, libs in results.items():
+        a, b = libs.get("rung", {}), libs.get("transformers", {})
+        ta, tb = a.get(f"ttft_{long}"), b.get(f"ttft_{long}")
+        attn = b.get("attn_long", b.get("attn", "—"))
+        lines.append(f"| {name} | {fmt(None if ta is None else 1e3 * ta, '.0f')} | "
+                     f"{fmt(None if tb is None else 1e3 * tb, '.0f')} ({attn}) | "
+                     f"{fmt(ta / tb if ta and tb else None, '.2f')} | "
+                     f"{fmt(100e12 * a['prefill_tflops'] / peak if 'prefill_tflops' in a else None, '.0f')}% | "
+                     f"{fmt(100e12 * b['prefill_tflops'] / peak if 'prefill_tflops' in b else None, '.0f')}% |")
+    if long_row and "error" not in long_row:
+        lines.append(f"| qwen3-8b YaRN ×4, {long_row['tokens']:,} tokens | {1e3 * long_row['ttft']:.0f} | — | — | "
+                     f"{100e12 * long_row['prefill_tflops'] / peak:.0f}% | — |")
+        lines.append(f"\n128K: decode {long_row['decode_tok_s']:.1f} tok/s at that context; KV pool "
+                     f"{long_row['kv_pool_gb']:.1f} GB, peak {long_row['peak_gb']:.1f} GB")
+    elif long_row:
+        lines.append(f"\n128K: error: {long_row['error'][:200]}")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=MODELS)
@@ -531,6 +732,9 @@ def main():
     ap.add_argument("--hf-long-budget", type=float, default=25.0, help="seconds allowed for transformers' long prefill")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-moe-timing", action="store_true")
+    ap.add_argument("--no-attention-timing", action="store_true")
+    ap.add_argument("--attention-only", action="store_true", help="the prefill attention table, no models")
+    ap.add_argument("--ctx128", type=int, default=131072, help="the YaRN Qwen3-8B prompt (0: skip)")
     ap.add_argument("--layers", type=int, default=None, help="cut every stack to this many layers (labelled)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -553,6 +757,17 @@ def main():
     bw = copy_bandwidth()
     env["copy_bw_TBps"] = bw / 1e12
     log(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    peak = matmul_peak()
+    env["matmul_peak_TFLOPs"] = peak / 1e12
+    log(f"bf16 8192³ matmul: {peak / 1e12:.0f} TFLOP/s")
+    attn_rows = []
+    if not args.no_attention_timing:
+        try:
+            attn_rows = prefill_attention_timing()
+        except Exception:
+            traceback.print_exc()
+    if args.attention_only:
+        return
     try:
         import rung.kernels.triton_moe as triton_moe
     except ImportError:
@@ -571,6 +786,7 @@ def main():
         except Exception:
             traceback.print_exc()
     results: dict = {}
+    long_row = None
     for name in args.models:
         results[name] = {}
         for lib, fn in (("rung", rung_bench), ("transformers", hf_bench)):
@@ -589,6 +805,18 @@ def main():
             Path(args.out, "gpu_results.json").write_text(json.dumps(dict(env=env, checks=checks, moe_layer=moe_rows,
                                                                           results=results),
                                                                      indent=1, default=str))
+    if args.ctx128:
+        log("qwen3-8b YaRN x4 at", args.ctx128, "tokens ...")
+        try:
+            long_row = long_context_bench(args)
+        except Exception as exc:
+            traceback.print_exc()
+            long_row = dict(error=f"{type(exc).__name__}: {exc}")
+            free()
+        log("128K", json.dumps(long_row, default=str))
+    Path(args.out, "gpu_results.json").write_text(json.dumps(dict(env=env, checks=checks, moe_layer=moe_rows,
+                                                                  attention=attn_rows, results=results,
+                                                                  long_context=long_row), indent=1, default=str))
     print()
     print(f"{env['date']} · {env['device']} · torch {env['torch']} · triton {env['triton']} · "
           f"transformers {env['transformers']} · copy {bw / 1e12:.2f} TB/s"
@@ -607,6 +835,17 @@ def main():
     print("batch-1 decode with each step's tokens read before the next is enqueued (overlap off): "
           + ", ".join(f"{n} {fmt(r['rung'].get('decode_tok_s_no_overlap'))}" for n, r in results.items() if "rung" in r))
     print(table(results, args.long))
+    if attn_rows:
+        print("prefill attention, one layer, TFLOP/s of the visible pairs (bf16; chunk at the start / end of a "
+              "32K prompt; the rule's flash config marked *):")
+        for r in attn_rows:
+            chosen = f"flash{tuple(r['rule'])}"
+            cells = ", ".join(f"{k}{'*' if k == chosen else ''} {v:.0f}" for k, v in r.items()
+                              if isinstance(v, float) and not k.endswith("_err"))
+            print(f"  {r['shape']} start={r['start']} tokens={r['tokens']}: {cells}")
+    print()
+    print(f"prefill (bf16 matmul peak {peak / 1e12:.0f} TFLOP/s):")
+    print(prefill_table(results, args.long, peak, long_row))
 
 
 if __name__ == "__main__":

@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "bloom", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text")
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+SUPPORTED_MODEL_TYPES = ("gpt2", "bloom", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text",
+                         "deepseek_v2", "deepseek_v3",
+                         # issue 21 (families): the lineage, wider
+                         "qwen2", "mistral", "mixtral", "phi3", "gemma2", "olmo2", "smollm3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 PRESET_DIR = Path(__file__).parent / "presets"
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "alibi")
 MLPS = ("gated", "plain")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
-ROUTERS = ("softmax_topk", "topk_softmax")
+ROUTERS = ("softmax_topk", "topk_softmax", "softmax_group_topk", "sigmoid_group_topk")
 
 # Bounds on what a config may ask for, far past any real model: widths, counts and token ids up to
 # 2^40 keep every product rung.describe forms exact and inside a float; the layer count sizes
@@ -31,7 +34,8 @@ ROUTERS = ("softmax_topk", "topk_softmax")
 # terabyte at once, and the loaders check the tensors before they allocate.
 MAX_SIZE = 2**40
 MAX_LAYERS = 1_000_000
-MAX_CONFIG_BYTES = 64 << 20  # a config.json past this is no config (a real one is a few KB)
+MAX_CONFIG_BYTES = 64 << 20
+MAX_FACTORS = 1 << 16  # LongRoPE factors: one per rotary frequency  # a config.json past this is no config (a real one is a few KB)
 
 
 class ConfigError(ValueError):
@@ -122,6 +126,10 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     partial_rotary_factor: float = 1.0
+    # longrope (Phi-3): per-frequency divisors, the short set up to original_max_position, the long
+    # set past it (chosen per call by its longest position, as transformers does)
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
     def __post_init__(self):
         _check_choice("rope type", self.type, ROPE_TYPES)
@@ -137,7 +145,16 @@ class RopeConfig:
         _check_float("partial_rotary_factor", self.partial_rotary_factor, positive=True)
         if self.partial_rotary_factor > 1:
             raise ConfigError(f"partial_rotary_factor must be at most 1, got {_show(self.partial_rotary_factor)}")
-        if self.type in ("yarn", "llama3") and self.original_max_position is None:
+        for name in ("short_factor", "long_factor"):
+            if isinstance(getattr(self, name), list):  # a config written back as JSON (rung quantize)
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+            factors = getattr(self, name)
+            if not isinstance(factors, tuple) or not all(
+                    not isinstance(x, bool) and isinstance(x, (int, float)) and _finite(x) and x > 0 for x in factors):
+                raise ConfigError(f"rope {name} must be a list of positive numbers")
+        if self.type == "longrope" and not (self.short_factor and self.long_factor):
+            raise ConfigError("rope type 'longrope' needs rope_scaling.short_factor and rope_scaling.long_factor")
+        if self.type in ("yarn", "llama3", "longrope") and self.original_max_position is None:
             raise ConfigError(f"rope type {self.type!r} needs {_label('original_max_position')}")
         if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError(f"rope high_freq_factor {self.high_freq_factor} must exceed low_freq_factor "
@@ -157,6 +174,16 @@ class MoEConfig:
     norm_topk_prob: bool = False
     router_bias: bool = False
     expert_bias: bool = False
+    # ---- DeepSeek (V2, V3) ----
+    # "softmax_group_topk": DeepSeek-V2's group_limited_greedy: softmax, keep the ``topk_groups``
+    #   groups whose best expert scores highest, top-k within them (V2's greedy is softmax_topk).
+    # "sigmoid_group_topk": DeepSeek-V3's noaux_tc: sigmoid scores; the choice (not the weights)
+    #   adds ``e_score_correction_bias``; groups ranked by the sum of their two best experts.
+    num_groups: int = 1  # n_group: the experts split into this many equal groups
+    topk_groups: int = 1  # topk_group: groups a token may draw its experts from
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by this
+    score_correction_bias: bool = False  # V3's e_score_correction_bias, one per expert
+    shared_experts: int = 0  # n_shared_experts: always-on experts, one MLP of this many widths
 
     def __post_init__(self):
         _check_int("num_experts", self.num_experts)
@@ -165,7 +192,56 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ConfigError(f"{_label('top_k')} {self.top_k} exceeds num_experts {self.num_experts}")
         _check_choice("router", self.router, ROUTERS)
-        _check_flags(self, "norm_topk_prob", "router_bias", "expert_bias")
+        _check_flags(self, "norm_topk_prob", "router_bias", "expert_bias", "score_correction_bias")
+        _check_int("num_groups", self.num_groups)
+        _check_int("topk_groups", self.topk_groups)
+        _check_int("shared_experts", self.shared_experts, low=0)
+        _check_float("routed_scaling_factor", self.routed_scaling_factor, positive=True)
+        if self.num_experts % self.num_groups:
+            raise ConfigError(f"num_experts {self.num_experts} is not a multiple of n_group {self.num_groups}")
+        if self.topk_groups > self.num_groups:
+            raise ConfigError(f"topk_group {self.topk_groups} exceeds n_group {self.num_groups}")
+        if self.router == "sigmoid_group_topk" and self.num_experts // self.num_groups < 2:
+            raise ConfigError("sigmoid_group_topk ranks groups by their two best experts: each group needs two")
+        if self.top_k > self.topk_groups * (self.num_experts // self.num_groups):
+            raise ConfigError(f"top_k {self.top_k} exceeds the experts of topk_group {self.topk_groups} groups")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2/V3; transformers' modeling_deepseek_v3.py).
+
+    Keys and values come from one compressed latent per token (``kv_lora_rank`` wide, RMS-normed)
+    through ``kv_b_proj``, plus one RoPE key part (``qk_rope_head_dim``) shared by all heads: the
+    cache holds just these two per token. A head's query is [nope | rope] (qk_nope_head_dim +
+    qk_rope_head_dim), its value ``v_head_dim`` wide. The query may itself go through a low-rank
+    bottleneck (``q_lora_rank``; None in V2-Lite: one q_proj)."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    # The checkpoint's rope rows are interleaved pairs (x0, x1), (x2, x3)... (V2's complex rotation,
+    # V3's rope_interleave): the loader reorders them to rung's half-split layout once.
+    rope_interleave: bool = True
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _check_int(name, getattr(self, name))
+        _check_int("q_lora_rank", self.q_lora_rank, optional=True)
+        _check_flags(self, "rope_interleave")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim must be even for rotary pairs, got {self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_width(self) -> int:
+        """Values cached per token and layer: the latent and the RoPE key part."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -210,6 +286,14 @@ class ModelConfig:
     attn_sinks: bool = False  # gpt-oss: a learned per-head logit joins each softmax
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer: "full" | "sliding"
+    mla: MLAConfig | None = None  # DeepSeek: latent attention (head_dim is then its RoPE part)
+
+    # ---- issue 21 (families): Gemma 2, OLMo 2, SmolLM3 ----
+    attn_logit_softcap: float | None = None  # Gemma 2: scores → tanh(scores / cap) · cap before the mask
+    pre_norms: bool = True  # OLMo 2: False, no norm before a sublayer (only after it: sandwich_norms)
+    qk_norm_whole: bool = False  # OLMo 2: q_norm / k_norm over the whole projection, not per head
+    rope_layers: tuple[bool, ...] = ()  # per layer: RoPE applied (SmolLM3: False on its NoPE layers)
+    # ---- end issue 21 (families) ----
 
     # feed-forward
     mlp: str = "gated"  # "gated" (down(act(gate) * up)) | "plain" (down(act(up)))
@@ -234,6 +318,9 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
         if not self.moe_layers:
             object.__setattr__(self, "moe_layers", (self.moe is not None,) * self.num_layers)
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
+        object.__setattr__(self, "rope_layers", tuple(self.rope_layers))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
         if isinstance(self.eos_token_id, list):
@@ -258,15 +345,19 @@ class ModelConfig:
         if self.norm_eps < 0:
             raise ConfigError(f"{_label('norm_eps')} must not be negative, got {self.norm_eps}")
         _check_float("norm_weight_offset", self.norm_weight_offset)
-        for name in ("embedding_scale", "final_logit_softcap", "attn_scale"):
+        for name in ("embedding_scale", "final_logit_softcap", "attn_scale", "attn_logit_softcap"):
             _check_float(name, getattr(self, name), positive=True, optional=True)
         _check_float("swiglu_limit", self.swiglu_limit, positive=True)
         _check_float("swiglu_alpha", self.swiglu_alpha)
         _check_flags(self, "norm_weight_in_float32", "embedding_norm", "sandwich_norms", "residual_from_norm",
                      "tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm", "attn_scale_by_inverse_layer",
-                     "attn_sinks", "mlp_bias")
+                     "attn_sinks", "mlp_bias", "pre_norms", "qk_norm_whole")
+        if not self.pre_norms and not self.sandwich_norms:
+            raise ConfigError("pre_norms=False needs sandwich_norms (the norms after each sublayer)")
         self._check_positions()
         self._check_layers()
+        if self.mla is not None and not isinstance(self.mla, MLAConfig):
+            raise ConfigError(f"mla must be an MLAConfig, got {_show(self.mla)}")
         if not isinstance(self.dtype, str):
             raise ConfigError(f"dtype must be a string, got {_show(self.dtype)}")
         _check_int("bos_token_id", self.bos_token_id, low=0, optional=True)
@@ -286,6 +377,9 @@ class ModelConfig:
             if rotary < 2 or rotary % 2:  # rotation pairs dimension i with i + d/2
                 raise ConfigError(f"head_dim {self.head_dim} x partial_rotary_factor {rope.partial_rotary_factor} "
                                   f"gives {rotary} rotary dimensions; rotary positions need an even number")
+            if rope and rope.type == "longrope" and not len(rope.short_factor) == len(rope.long_factor) == rotary // 2:
+                raise ConfigError(f"rope short_factor and long_factor need {rotary // 2} entries each (one per "
+                                  f"rotary frequency), got {len(rope.short_factor)} and {len(rope.long_factor)}")
 
     def _check_layers(self) -> None:
         n = self.num_layers
@@ -297,6 +391,8 @@ class ModelConfig:
         _check_int("sliding_window", self.sliding_window, optional=True)
         if "sliding" in self.layer_types and not self.sliding_window:
             raise ConfigError("sliding layers need a sliding_window")
+        if len(self.rope_layers) != n or not all(isinstance(r, bool) for r in self.rope_layers):
+            raise ConfigError(f"rope_layers (no_rope_layers) must be {n} true/false entries, one per layer")
         if len(self.moe_layers) != n or not all(isinstance(m, bool) for m in self.moe_layers):
             raise ConfigError(f"moe_layers must be {n} true/false entries, one per layer")
         if any(self.moe_layers) and not isinstance(self.moe, MoEConfig):
@@ -351,6 +447,12 @@ class ModelConfig:
     @property
     def kv_width(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_cache_width(self) -> int:
+        """Values one token stores per layer in the KV cache: keys and values, or MLA's latent and
+        RoPE key part."""
+        return self.mla.cache_width if self.mla is not None else 2 * self.kv_width
 
     def layer_window(self, layer: int) -> int | None:
         """Keys a query of this layer may see (itself included), or None for full attention."""
@@ -486,14 +588,15 @@ def _rope(f: _Fields, params: _Fields | None, max_pos: int | None) -> RopeConfig
     p = params or _Fields({}, "rope_scaling")
     theta = p.float("rope_theta", default=f.float("rope_theta", default=10_000.0))
     kind = p.str("rope_type", "type", default="default")
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's first checkpoints named LongRoPE "su"
     if kind not in ROPE_TYPES:
         raise ConfigError(f"rope type {_show(kind)} is not supported (supported: {', '.join(ROPE_TYPES)})")
     original = p.int("original_max_position_embeddings",
                      default=f.int("original_max_position_embeddings", default=None, low=1), low=1)
-    if kind in ("yarn", "llama3") and original is None:
+    if kind in ("yarn", "llama3", "longrope") and original is None:
         original = max_pos
     factor = p.float("factor", default=None)
-    if kind == "yarn" and factor is None and max_pos and original:
+    if kind in ("yarn", "longrope") and factor is None and max_pos and original:
         factor = max_pos / original
     if kind != "default" and factor is None:
         raise ConfigError(f"rope type {kind!r} needs a {p.name('factor')!r}")
@@ -512,7 +615,17 @@ def _rope(f: _Fields, params: _Fields | None, max_pos: int | None) -> RopeConfig
         high_freq_factor=p.float("high_freq_factor", default=4.0),
         partial_rotary_factor=p.float("partial_rotary_factor",
                                       default=f.float("partial_rotary_factor", default=1.0)),
+        short_factor=_factors(p, "short_factor"),
+        long_factor=_factors(p, "long_factor"),
     )
+
+
+def _factors(p: _Fields, name: str) -> tuple[float, ...]:
+    """LongRoPE's per-frequency list (at most MAX_FACTORS long: one per rotary frequency)."""
+    values = p.list(name, default=[])
+    if len(values) > MAX_FACTORS:
+        raise ConfigError(f"field {p.name(name)!r} has {len(values):,} entries (at most {MAX_FACTORS:,})")
+    return tuple(values)
 
 
 def _rope_params(f: _Fields) -> _Fields | None:
@@ -756,6 +869,160 @@ def _gemma3(f: _Fields) -> ModelConfig:
     )
 
 
+# ---- DeepSeek-V2 / V3 (MLA, shared experts, group-limited routing) ------------------------------
+
+
+def _deepseek(f: _Fields, model_type: str) -> ModelConfig:
+    """transformers' configuration_deepseek_v2.py / _v3.py. head_dim is the RoPE part (as there),
+    the softmax scale (nope + rope)^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2."""
+    n = _num_layers(f)
+    heads = f.int("num_attention_heads", low=1)
+    v3 = model_type == "deepseek_v3"
+    mla = MLAConfig(
+        kv_lora_rank=f.int("kv_lora_rank", low=1),
+        qk_nope_head_dim=f.int("qk_nope_head_dim", low=1),
+        qk_rope_head_dim=f.int("qk_rope_head_dim", low=2),
+        v_head_dim=f.int("v_head_dim", low=1),
+        q_lora_rank=f.int("q_lora_rank", default=None, low=1),
+        rope_interleave=f.bool("rope_interleave", default=True) if v3 else True,  # V2: complex rotation
+    )
+    max_pos = f.int("max_position_embeddings", default=4096 if v3 else 2048)
+    rope = _rope(f, _rope_params(f), max_pos)
+    scale = mla.qk_head_dim**-0.5
+    mscale_all_dim = (_rope_params(f) or _Fields({})).float("mscale_all_dim", default=0.0)
+    if rope.type != "default" and mscale_all_dim and rope.factor > 1:  # yarn_apply_mscale
+        scale *= (0.1 * mscale_all_dim * math.log(rope.factor) + 1.0) ** 2
+    experts = f.int("n_routed_experts", low=1)
+    first_dense = f.int("first_k_dense_replace", default=3 if v3 else 0)
+    if v3:
+        router = "sigmoid_group_topk"
+    else:
+        method = f.str("topk_method", default="greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(f"field 'topk_method': {_show(method)} is not supported (greedy, group_limited_greedy)")
+        router = "softmax_topk" if method == "greedy" else "softmax_group_topk"
+    grouped = router != "softmax_topk"
+    moe = MoEConfig(
+        num_experts=experts,
+        top_k=f.int("num_experts_per_tok", low=1),
+        expert_intermediate_size=f.int("moe_intermediate_size", low=1),
+        router=router,
+        # V2's router never renormalises (its config's norm_topk_prob is not read by transformers)
+        norm_topk_prob=f.bool("norm_topk_prob", default=True) if v3 else False,
+        num_groups=f.int("n_group", default=1, low=1) if grouped else 1,
+        topk_groups=f.int("topk_group", default=1, low=1) if grouped else 1,
+        routed_scaling_factor=f.float("routed_scaling_factor", default=2.5 if v3 else 1.0),
+        score_correction_bias=v3,
+        shared_experts=f.int("n_shared_experts", default=1 if v3 else 2),
+    )
+    _check_top_k(moe, "n_routed_experts")
+    return _llama_like(
+        f, model_type,
+        num_kv_heads=heads,
+        head_dim=mla.qk_rope_head_dim,
+        max_position_embeddings=max_pos,
+        rope=rope,
+        attn_scale=scale,
+        # attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj (the up-projections have none)
+        qkv_bias=f.bool("attention_bias", default=False),
+        o_bias=f.bool("attention_bias", default=False),
+        mla=mla,
+        moe=moe,
+        moe_layers=tuple(i >= first_dense for i in range(n)),
+    )
+
+
+# ---- issue 21 (families): Qwen2.5, Mistral, Mixtral, Phi-3, Gemma 2, OLMo 2, SmolLM3 ------------
+
+
+def _window_everywhere(f: _Fields, n: int) -> dict:
+    """Mistral, Mixtral, Phi-3: one ``sliding_window`` (or null) for every layer."""
+    window = f.int("sliding_window", default=None, low=1)
+    return dict(layer_types=(("sliding" if window else "full"),) * n, sliding_window=window)
+
+
+def _qwen2(f: _Fields) -> ModelConfig:
+    # Qwen2 / Qwen2.5: Llama with biases on q, k and v (not on o); windows as Qwen3's
+    n = _num_layers(f)
+    window = _qwen3_window(f)
+    first_sliding = f.int("max_window_layers", default=28)
+    default = ["sliding_attention" if window and i >= first_sliding else "full_attention" for i in range(n)]
+    types = _layer_types(f, n, default)
+    return _llama_like(f, "qwen2", qkv_bias=True, o_bias=False, layer_types=types,
+                       sliding_window=window if "sliding" in types else None)
+
+
+def _mistral(f: _Fields) -> ModelConfig:
+    return _llama_like(f, "mistral", **_window_everywhere(f, _num_layers(f)))
+
+
+def _mixtral(f: _Fields) -> ModelConfig:
+    # Mixtral: every layer sparse; softmax over all experts in float32, top-k, renormalised
+    n = _num_layers(f)
+    moe = MoEConfig(
+        num_experts=f.int("num_local_experts", low=1),
+        top_k=f.int("num_experts_per_tok", low=1),
+        expert_intermediate_size=f.int("intermediate_size", low=1),
+        router="softmax_topk",
+        norm_topk_prob=True,
+    )
+    _check_top_k(moe, "num_local_experts")
+    return _llama_like(f, "mixtral", moe=moe, moe_layers=(True,) * n, **_window_everywhere(f, n))
+
+
+def _phi3(f: _Fields) -> ModelConfig:
+    # Phi-3 / 3.5: Llama maths; q|k|v and gate|up fused in the checkpoint (keymaps); LongRoPE
+    return _llama_like(f, "phi3", norm_eps=f.float("rms_norm_eps", default=1e-5),
+                       **_window_everywhere(f, _num_layers(f)))
+
+
+def _gemma2(f: _Fields) -> ModelConfig:
+    # Gemma 2: Gemma's (1 + w) norms and sandwich norms, no QK-norm; local/global alternate from the
+    # first layer; attention scores and final logits soft-capped (transformers' modeling_gemma2)
+    n = _num_layers(f)
+    hidden = f.int("hidden_size")
+    scalar = f.float("query_pre_attn_scalar", default=256)
+    if scalar <= 0:
+        raise ConfigError(f"field 'query_pre_attn_scalar' must be positive, got {_show(scalar)}")
+    default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    return _llama_like(
+        f, "gemma2",
+        norm_weight_offset=1.0,
+        norm_weight_in_float32=True,
+        sandwich_norms=True,
+        embedding_scale=hidden**0.5,
+        tie_word_embeddings=f.bool("tie_word_embeddings", default=True),
+        final_logit_softcap=f.float("final_logit_softcapping", default=None),
+        attn_logit_softcap=f.float("attn_logit_softcapping", default=None),
+        attn_scale=scalar**-0.5,
+        layer_types=_layer_types(f, n, default),
+        sliding_window=f.int("sliding_window", default=4096, low=1),
+        activation=_activation(f, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
+    )
+
+
+def _olmo2(f: _Fields) -> ModelConfig:
+    # OLMo 2: a norm after each sublayer and none before; RMSNorm over all of q's and k's heads at once
+    return _llama_like(f, "olmo2", norm_eps=f.float("rms_norm_eps", default=1e-5), pre_norms=False,
+                       sandwich_norms=True, qk_norm=True, qk_norm_whole=True)
+
+
+def _smollm3(f: _Fields) -> ModelConfig:
+    # SmolLM3: Llama with RoPE left out of some layers (NoPE). ``no_rope_layers[i]`` is 1 where layer
+    # i *uses* RoPE (the name says the opposite); by default every fourth layer is NoPE.
+    n = _num_layers(f)
+    interval = f.int("no_rope_layer_interval", default=4, low=1)
+    flags = f.list("no_rope_layers", default=[int((i + 1) % interval != 0) for i in range(n)])
+    if len(flags) != n or not all(x in (0, 1) and not isinstance(x, float) for x in flags):
+        raise ConfigError(f"field 'no_rope_layers' must be {n} entries of 0 or 1, got {_show(flags)}")
+    window = f.int("sliding_window", default=None, low=1) if f.bool("use_sliding_window", default=False) else None
+    types = _layer_types(f, n, ["full_attention"] * n) if window else ("full",) * n
+    return _llama_like(f, "smollm3", rope_layers=tuple(bool(x) for x in flags), layer_types=types,
+                       sliding_window=window if "sliding" in types else None)
+
+# ---- end issue 21 (families) --------------------------------------------------------------------
+
+
 _PARSERS = {
     "gpt2": _gpt2,
     "bloom": _bloom,
@@ -764,4 +1031,9 @@ _PARSERS = {
     "qwen3_moe": _qwen3_moe,
     "gpt_oss": _gpt_oss,
     "gemma3_text": _gemma3,
+    "deepseek_v2": lambda f: _deepseek(f, "deepseek_v2"),
+    "deepseek_v3": lambda f: _deepseek(f, "deepseek_v3"),
+    # issue 21 (families)
+    "qwen2": _qwen2, "mistral": _mistral, "mixtral": _mixtral, "phi3": _phi3,
+    "gemma2": _gemma2, "olmo2": _olmo2, "smollm3": _smollm3,
 }

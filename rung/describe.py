@@ -13,7 +13,9 @@ the gpt-oss model card's convention (3.61 B for gpt-oss-20b); Qwen's published "
 figures also count the input table.
 
 KV cache: K and V of ``num_kv_heads * head_dim`` values per layer per token; a sliding layer keeps at
-most ``window`` tokens. Default 2 bytes per value (bf16).
+most ``window`` tokens. Multi-head latent attention (DeepSeek) caches its latent and RoPE key part
+instead, ``kv_lora_rank + qk_rope_head_dim`` values per layer per token, what rung's paged pool
+holds. Default 2 bytes per value (bf16).
 
 Weight formats (``FORMATS``), with their scope. int8 and int4 are what loading ``MODEL@int8`` /
 ``MODEL@int4`` holds (rung/quant/rewrite.py's ``pack_model``), the tensors it leaves unpacked at
@@ -111,8 +113,10 @@ def weights(config: ModelConfig) -> list[Weight]:
     for p, n, mlp in (("dense_layers", c.num_layers - sparse, _mlp), ("sparse_layers", sparse, _moe)):
         if n == 0:
             continue
-        layer = norm(f"{p}.input_norm") + _attention(c, f"{p}.attn")
-        if c.sandwich_norms:  # Gemma: post-attention, pre- and post-feed-forward
+        layer = (norm(f"{p}.input_norm") if c.pre_norms else []) + _attention(c, f"{p}.attn")
+        if c.sandwich_norms and not c.pre_norms:  # OLMo 2: post-attention and post-feed-forward only
+            layer += norm(f"{p}.post_attn_norm") + norm(f"{p}.post_ffn_norm")
+        elif c.sandwich_norms:  # Gemma: post-attention, pre- and post-feed-forward
             layer += norm(f"{p}.post_attn_norm") + norm(f"{p}.pre_ffn_norm") + norm(f"{p}.post_ffn_norm")
         else:
             layer += norm(f"{p}.post_attn_norm")  # the pre-MLP norm (GPT-2 ln_2)
@@ -130,7 +134,27 @@ def _linear(name: str, part: str, out_f: int, in_f: int, bias: bool, count: int 
     return [Weight(name, part, (out_f, in_f), count, active, bias, packs, head, ffn)]
 
 
+def _latent_attention(c: ModelConfig, p: str) -> list[Weight]:
+    """DeepSeek's MLA (model/mla.py): q (directly or through its low-rank bottleneck), kv_a to the
+    latent and RoPE key, kv_b from the latent to every head's nope key and value, o."""
+    m, H, h = c.mla, c.hidden_size, c.num_heads
+    if m.q_lora_rank is None:
+        q = _linear(f"{p}.q", "attention", h * m.qk_head_dim, H, False)
+    else:
+        q = (_linear(f"{p}.q_a", "attention", m.q_lora_rank, H, c.qkv_bias)
+             + [Weight(f"{p}.q_a_norm", "attention", (m.q_lora_rank,))]
+             + _linear(f"{p}.q_b", "attention", h * m.qk_head_dim, m.q_lora_rank, False))
+    return (q + _linear(f"{p}.kv_a", "attention", m.cache_width, H, c.qkv_bias)
+            + [Weight(f"{p}.kv_a_norm", "attention", (m.kv_lora_rank,))]
+            # kv_b stays unpacked under @int8 / @int4: the absorbed decode reads its two halves
+            + _linear(f"{p}.kv_b", "attention", h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank, False,
+                      packs=False)
+            + _linear(f"{p}.o", "attention", H, h * m.v_head_dim, c.o_bias))
+
+
 def _attention(c: ModelConfig, p: str) -> list[Weight]:
+    if c.mla is not None:
+        return _latent_attention(c, p)
     H = c.hidden_size
     out = (
         _linear(f"{p}.q", "attention", c.q_width, H, c.qkv_bias)
@@ -138,7 +162,9 @@ def _attention(c: ModelConfig, p: str) -> list[Weight]:
         + _linear(f"{p}.v", "attention", c.kv_width, H, c.qkv_bias)
         + _linear(f"{p}.o", "attention", H, c.q_width, c.o_bias)
     )
-    if c.qk_norm:  # one RMSNorm over head_dim each for q and k, shared by all heads
+    if c.qk_norm_whole:  # OLMo 2: one RMSNorm over the whole q (and k) projection
+        out += [Weight(f"{p}.q_norm", "attention", (c.q_width,)), Weight(f"{p}.k_norm", "attention", (c.kv_width,))]
+    elif c.qk_norm:  # one RMSNorm over head_dim each for q and k, shared by all heads
         out += [Weight(f"{p}.q_norm", "attention", (c.head_dim,)), Weight(f"{p}.k_norm", "attention", (c.head_dim,))]
     if c.attn_sinks:  # gpt-oss: one learned logit per query head
         out.append(Weight(f"{p}.sinks", "attention", (c.num_heads,)))
@@ -159,12 +185,18 @@ def _moe(c: ModelConfig, p: str) -> list[Weight]:
     """Router plus E gated experts, of which one token reads top_k. @int8 / @int4 keep them as they are."""
     m, H = c.moe, c.hidden_size
     I, E, k, bias = m.expert_intermediate_size, m.num_experts, m.top_k, m.expert_bias
-    return (
+    out = (
         _linear(f"{p}.router", "feed_forward", E, H, m.router_bias, packs=False)
         + _linear(f"{p}.experts.gate", "feed_forward", I, H, bias, E, k, packs=False, ffn=True)
         + _linear(f"{p}.experts.up", "feed_forward", I, H, bias, E, k, packs=False, ffn=True)
         + _linear(f"{p}.experts.down", "feed_forward", H, I, bias, E, k, packs=False, ffn=True)
     )
+    # DeepSeek-V3's e_score_correction_bias (E values) is a buffer in transformers, not counted
+    if m.shared_experts:  # DeepSeek: one always-on gated MLP, shared_experts expert widths wide
+        S = m.shared_experts * I
+        out += [Weight(f"{p}.shared.{n}", "feed_forward", shape, packs=False, ffn=True)
+                for n, shape in (("gate", (S, H)), ("up", (S, H)), ("down", (H, S)))]
+    return out
 
 
 # ---- reductions of the inventory ---------------------------------------------------------------
@@ -216,7 +248,7 @@ def weight_bytes(config: ModelConfig, fmt: str = "bf16") -> int:
 
 def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = BF16) -> int:
     """K and V of every layer at ``context`` tokens; a sliding layer holds at most its window."""
-    per_token = 2 * config.num_kv_heads * config.head_dim * bytes_per_value
+    per_token = config.kv_cache_width * bytes_per_value  # K and V, or MLA's latent and RoPE key
     sliding = config.layer_types.count("sliding")
     full = config.num_layers - sliding
     return per_token * (full * context + sliding * min(context, config.sliding_window or context))
@@ -230,7 +262,7 @@ def _norm_kind(c: ModelConfig) -> str:
     if c.norm_weight_offset:
         kind += " (1+w)"
     if c.sandwich_norms:
-        kind += ", pre+post"
+        kind += ", pre+post" if c.pre_norms else ", post only"
     if c.embedding_norm:
         kind += ", + embedding norm"
     return kind
@@ -255,17 +287,25 @@ def _position_kind(c: ModelConfig) -> str:
         kind += f", {r.type} ×{r.factor:g}"
     if c.local_rope is not None and "sliding" in c.layer_types and c.local_rope != r:
         kind += f"; local θ={_si(c.local_rope.theta)}"
+    if not all(c.rope_layers):  # SmolLM3
+        kind += f"; NoPE on {c.rope_layers.count(False)}/{c.num_layers} layers"
     return kind
 
 
 def _attention_kind(c: ModelConfig) -> str:
+    if c.mla is not None:  # e.g. "MLA 128×(128+64), latent 512+64": heads × (nope + rope), what is cached
+        m = c.mla
+        return f"MLA {c.num_heads}×({m.qk_nope_head_dim}+{m.qk_rope_head_dim}), latent {m.kv_lora_rank}+{m.qk_rope_head_dim}"
     if c.num_kv_heads == c.num_heads:
         kind = "MHA"
     elif c.num_kv_heads == 1:
         kind = "MQA"
     else:
         kind = "GQA"
-    return f"{kind} {c.num_heads}/{c.num_kv_heads}×{c.head_dim}"
+    kind = f"{kind} {c.num_heads}/{c.num_kv_heads}×{c.head_dim}"
+    if c.attn_logit_softcap:  # Gemma 2
+        kind += f", scores capped at {c.attn_logit_softcap:g}"
+    return kind
 
 
 def _sliding_kind(c: ModelConfig) -> str | None:

@@ -26,6 +26,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "rag": ("bm25s", "Stemmer"),
     # --redact, rung.redact (rung.govern): Presidio over spaCy (the pipeline package is checked when it loads)
     "pii": ("presidio_analyzer", "spacy"),
+    # rung serve --otlp-traces-endpoint (rung/serve/tracing.py): the OpenTelemetry SDK and its OTLP/HTTP exporter
+    "otel": ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"),
 }
 
 

@@ -204,3 +204,37 @@ def test_the_deploy_lines_model_spec_is_one_rung_serve_accepts(capsys):
     assert "--max-concurrent must be at least 1" in err and "no such file" not in err
     assert main(["serve", "-m", "smollm2-135m@int3"]) == 2
     assert "unknown format 'int3'" in capsys.readouterr().err
+
+
+def test_the_report_keeps_its_evidence_version_suite_hash_settings_and_weights_sha256(folder, files, capsys):
+    """An incident traces back to the exact model and suite that were approved."""
+    import hashlib
+    from pathlib import Path
+
+    import rung
+
+    assert main(bench(files, "-m", folder, "--in-process", "--concurrency", "2")) == 0
+    capsys.readouterr()
+    report = json.loads((files / "out" / "tiny.json").read_text())
+    [c] = report["candidates"]
+    weights = c["info"]["weights"]
+    by_name = {f["name"]: f for f in weights["files"]}
+    safetensors = Path(folder) / "model.safetensors"
+    assert by_name["model.safetensors"]["sha256"] == hashlib.sha256(safetensors.read_bytes()).hexdigest()
+    assert {"config.json", "tokenizer.json"} <= set(by_name)
+    lines = "".join(f"{f['name']} {f['sha256']}\n" for f in weights["files"])
+    assert weights["sha256"] == hashlib.sha256(lines.encode()).hexdigest()
+    assert report["rung"] == rung.__version__ and report["settings"]["concurrency"] == 2
+    html = (files / "out" / "tiny.html").read_text()
+    evidence = html[html.index("<h2 id=evidence>"):]
+    assert weights["sha256"] in evidence and report["suite"]["hash"] in evidence and rung.__version__ in evidence
+    # hashed once: the digest is cached by path, size and mtime beside the results
+    cached = json.loads((files / "cache" / "sha256.json").read_text())
+    assert hashlib.sha256(safetensors.read_bytes()).hexdigest() in cached.values()
+
+
+def test_an_endpoint_says_its_weights_cannot_be_hashed():
+    from rung.bench.evidence import weights_evidence
+
+    assert weights_evidence({"spec": "openai:http://h/v1#m"}) == {
+        "sha256": None, "note": "remote endpoint: its weights cannot be hashed"}

@@ -93,10 +93,11 @@ def test_missing_config_field_is_named(tmp_path):
 
 
 def test_unsupported_rope_type_is_named():
-    with pytest.raises(ConfigError, match="rope type 'longrope' is not supported"):
+    # (longrope was the example until issue 21 made it a supported type)
+    with pytest.raises(ConfigError, match="rope type 'mrope' is not supported"):
         ModelConfig.from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_attention_heads": 2,
                              "num_hidden_layers": 1, "intermediate_size": 16,
-                             "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+                             "rope_scaling": {"rope_type": "mrope", "factor": 2.0}})
 
 
 def test_missing_shard_listed_in_index(folder, tmp_path):

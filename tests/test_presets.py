@@ -15,6 +15,10 @@ EXPECTED = {
     "qwen3-30b-a3b", "qwen3-235b-a22b",
     "gpt-oss-20b", "gpt-oss-120b",
     "gemma3-270m", "gemma3-1b",
+    "deepseek-v3", "deepseek-v2-lite",
+    # issue 21 (families)
+    "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-72b", "mistral-7b-v0.1", "mixtral-8x7b", "phi-3.5-mini",
+    "gemma2-2b", "gemma2-9b", "olmo2-7b", "smollm3-3b",
 }
 
 
@@ -26,7 +30,8 @@ def test_every_expected_preset_ships():
 def test_preset_is_a_json_config_with_a_source(name):
     raw = json.loads((PRESET_DIR / f"{name}.json").read_text())
     assert raw["_source"].endswith("config.json") and "/" in raw["_source"]
-    assert raw["model_type"] in ("gpt2", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text")
+    assert raw["model_type"] in ("gpt2", "llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma3_text", "deepseek_v2",
+                                 "deepseek_v3", "qwen2", "mistral", "mixtral", "phi3", "gemma2", "olmo2", "smollm3")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -75,6 +80,7 @@ def test_tied_embeddings_match_the_released_models():
     assert tied == {
         "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "smollm2-135m", "smollm2-360m", "smollm2-1.7b",
         "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "gemma3-270m", "gemma3-1b",
+        "qwen2.5-0.5b", "gemma2-2b", "gemma2-9b", "smollm3-3b",  # issue 21
     }
 
 

@@ -95,6 +95,7 @@ class CandidateInfo:
     load_s: float | None = None
     host: str | None = None  # endpoint host, for the governance check
     redaction: str | None = None  # the PII entity types its prompts were redacted of (rung/bench/redaction.py)
+    weights: dict | None = None  # evidence: the weight files' sha256 (rung/bench/evidence.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CandidateInfo":

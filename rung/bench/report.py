@@ -450,8 +450,32 @@ def render_html(report: dict[str, Any]) -> str:
     out.append("</div>")
     if report.get("deploy"):
         out.append(f"<h2>Deploy</h2>{_deploy_html(report['deploy'])}")
+    out.append(_evidence_html(report))
     out.append("</body></html>")
     return "".join(out)
+
+
+def _evidence_html(report: dict[str, Any]) -> str:
+    """What was measured, exactly: rung's version, the suite's hash, the settings, each candidate's
+    weight files by sha256 (rung/bench/evidence.py), so an incident traces back to them."""
+    suite = report["suite"]
+    rows = []
+    for c in report["candidates"]:
+        w = c["info"].get("weights") or {}
+        digest = w.get("sha256")
+        files = w.get("files") or []
+        detail = (f"{len(files)} file{'s' if len(files) != 1 else ''}: "
+                  + ", ".join(f"{f['name']} {f['sha256'][:12]}" for f in files[:6]) + (" ..." if len(files) > 6 else "")
+                  if digest else w.get("note", "not recorded"))
+        rows.append(f"<tr><td class=l><b>{escape(c['metrics']['name'])}</b></td>"
+                    f"<td class=l><code>{escape(digest or '-')}</code></td><td class=l>{escape(detail)}</td></tr>")
+    settings = json.dumps(report["settings"], sort_keys=True, default=str)
+    return ("<h2 id=evidence>Evidence</h2><div class=meta>"
+            f"rung {escape(report['rung'])} · suite {escape(suite['name'])} <code>{escape(suite['hash'])}</code>"
+            f"{' version ' + escape(str(suite['version'])) if suite.get('version') else ''} · created "
+            f"{escape(report['created'])}</div><div class=meta>settings <code>{escape(settings)}</code></div>"
+            "<table class=figures><tr><th class=l>candidate</th><th class=l>weights sha256</th><th class=l>files</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _deploy_html(deploy: dict | None) -> str:

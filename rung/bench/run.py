@@ -153,6 +153,7 @@ def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: Resul
             progress.advance(_work(cases))
     if all(runs):
         merged = _merge(runs, key_settings, suite.hash, cached=True)
+        _keep_evidence(merged, candidate, cache)
         progress.finish(merged)
         return merged
 
@@ -185,8 +186,20 @@ def run_candidate(candidate, suite: Suite, settings: BenchSettings, cache: Resul
         if cache and not any(s.error for case in outcomes for s in case.samples):
             cache.put(keys[r], runs[r])
     merged = _merge(runs, key_settings, suite.hash, cached=False, info=info)
+    _keep_evidence(merged, candidate, cache)
     progress.finish(merged)
     return merged
+
+
+def _keep_evidence(run: CandidateRun, candidate, cache: ResultCache | None) -> None:
+    """The candidate's weight files by sha256, into its info (the report's evidence)."""
+    from rung.bench.evidence import weights_evidence
+
+    try:
+        run.info.weights = weights_evidence(candidate.fingerprint(),
+                                            cache.directory / "sha256.json" if cache is not None and cache.enabled else None)
+    except (OSError, ValueError) as e:
+        run.info.weights = {"sha256": None, "note": f"not hashed: {' '.join(str(e).split())}"}
 
 
 def _repeat_cases(suite: Suite, settings: BenchSettings, repeat: int) -> list[Case]:

@@ -176,7 +176,8 @@ def _print_table(ds) -> None:
     console = display.console()
     console.print(table)
     console.print(
-        "[dim]KV: bf16 K and V, sliding layers capped at their window; † beyond the model's max context. "
+        "[dim]KV: bf16 K and V (MLA: its latent + RoPE key), sliding layers capped at their window; † beyond the "
+        "model's max context. "
         "Weights in GB / MB (10^9 / 10^6 B); int8/int4 as @int8/@int4 load: dense Linear matrices packed, MoE "
         "experts and routers kept bf16; mxfp4 the feed-forward matrices (see rung.describe).\n"
         f"{ds[0].active_convention}[/dim]"

@@ -42,9 +42,20 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--speculative", choices=["ngram"], default=None, help="prompt-lookup speculative decoding")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
+    p.add_argument("--log-prompts", action="store_true",
+                   help="put prompt text in the request log lines (and in traces, as gen_ai.prompt)")
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="export one OpenTelemetry trace per request over OTLP/HTTP (e.g. http://localhost:4318; "
+                        "needs the otel extra)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (request lines are always logged)")
     rag_arguments(p)  # chat completions grounded in an index; replies carry rung.rag sources and citations
+    r = p.add_argument_group("responses (POST /v1/responses with store: true, for previous_response_id)")
+    r.add_argument("--responses-store-size", type=int, default=1000,
+                   help="stored responses kept in memory at most; the oldest go first (default 1000)")
+    r.add_argument("--responses-store-ttl", type=float, default=3600.0,
+                   help="seconds a stored response is kept (default 3600)")
+    r.add_argument("--responses-store-mb", type=int, default=256,
+                   help="MiB of stored conversations at most (default 256)")
     g = p.add_argument_group("governance")
     g.add_argument("--policy", default=None, metavar="FILE",
                    help="tool-use policy (YAML/JSON): API keys by SHA-256, allowed/denied tools and arguments per key")
@@ -67,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     require("serve", what="rung serve")
     if args.redact:
         require("pii", what="rung serve --redact")
+    if args.otlp_traces_endpoint:
+        require("otel", what="rung serve --otlp-traces-endpoint")
     import uvicorn
 
     from rung.serve import logs
@@ -82,9 +95,11 @@ def _run(args: argparse.Namespace) -> int:
     resolve_model(spec.model)  # an unknown name or path fails here, in one line, before the port opens
     rag = open_rag(args)  # so does a missing, damaged or hostile --rag index
     for name in ("tensor_parallel_size", "max_concurrent", "max_num_seqs", "max_batch_tokens", "kv_cache_mb", "block_size",
-                 "max_request_bytes"):
+                 "max_request_bytes", "responses_store_mb"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.responses_store_size < 0 or not args.responses_store_ttl > 0:
+        raise CommandError("--responses-store-size must be at least 0 and --responses-store-ttl above 0")
     policy = None
     if args.policy:
         from rung.govern.policy import load_policy
@@ -127,10 +142,13 @@ def _run(args: argparse.Namespace) -> int:
                          tensor_parallel_size=args.tensor_parallel_size,
                          rag_k=args.rag_k or 4, rag_max_chars=args.rag_max_chars or 3000, policy=policy,
                          verifier=args.verifier, verify_threshold=args.verify_threshold,
-                         verify_action=args.verify_action, redact=args.redact, redact_entities=redact_entities)
+                         verify_action=args.verify_action, redact=args.redact, redact_entities=redact_entities,
+                         otlp_traces_endpoint=args.otlp_traces_endpoint,
+                         responses_store_size=args.responses_store_size, responses_store_ttl=args.responses_store_ttl,
+                         responses_store_bytes=args.responses_store_mb * 2**20)
     logs.setup()
     server = Server(config)
-    web = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port,
+    web = uvicorn.Server(uvicorn.Config(create_app(server, shutdown_with_app=True), host=args.host, port=args.port,
                                         log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5))
 
     def load() -> None:

@@ -32,8 +32,16 @@ def unsupported(model) -> str | None:
     from rung.quant.linear import PackedLinear
 
     c = model.config
-    if c.positions != "rope" or any(r.rope.type == "dynamic" for r in model.rotaries.values()):
-        return f"{c.positions} positions"
+    if c.positions != "rope" or any(r.rope.type in ("dynamic", "longrope") for r in model.rotaries.values()):
+        return f"{c.positions} positions"  # (or a table chosen per call by its longest position)
+    if c.mla is not None:  # the native step's pool layout is per-head keys and values
+        return "multi-head latent attention (its pool holds latents; the native step reads per-head keys and values)"
+    if not all(c.rope_layers):
+        return "layers without RoPE (NoPE)"
+    if c.attn_logit_softcap is not None:
+        return "soft-capped attention scores"
+    if not c.pre_norms or c.qk_norm_whole:
+        return "norms after the sublayers only, or a QK-norm over the whole projection"
     if c.residual_from_norm or c.embedding_norm or c.final_logit_softcap:
         return "a norm or a cap outside the pre-norm block"
     if any(c.moe_layers):

@@ -34,8 +34,12 @@ def unsupported(model) -> str | None:
     c = model.config
     if c.positions != "rope":
         return f"{c.positions} positions"  # learned: a bounds check on the host; ALiBi: not in the kernel
-    if any(r.rope.type == "dynamic" for r in model.rotaries.values()):
-        return "dynamic RoPE recomputes its table from the longest position"
+    if any(r.rope.type in ("dynamic", "longrope") for r in model.rotaries.values()):
+        return f"{c.rope.type} RoPE picks its table from the longest position"
+    if c.mla is not None:
+        return "multi-head latent attention (its decode step runs the PyTorch absorbed form)"
+    if c.attn_logit_softcap is not None:
+        return "soft-capped attention scores (the paged kernel does not cap them)"
     return None
 
 

@@ -79,6 +79,7 @@ class Delta:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
     error: str | None = None  # finish_reason "error": why this sequence failed (the others went on)
+    timings: dict[str, float | None] | None = None  # on a sequence's last delta: Sequence.timings()
 
 
 class RequestError(ValueError):
@@ -478,14 +479,15 @@ class Engine:
             if finish:
                 break
         seq.finish_reason, seq.stop_reason = finish, stop_reason
-        return Delta(seq.request_id, seq.index, text, ids, finish, stop_reason, logprobs)
+        return Delta(seq.request_id, seq.index, text, ids, finish, stop_reason, logprobs,
+                     timings=seq.timings() if finish else None)
 
     def _fail(self, seq: Sequence, error: Exception | str) -> Delta:
         """End one sequence on an error: its blocks go back now, its Delta says why."""
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         seq.finish_reason, seq.stop_reason = "error", None
         self._finish(seq)
-        return Delta(seq.request_id, seq.index, "", [], "error", error=message)
+        return Delta(seq.request_id, seq.index, "", [], "error", error=message, timings=seq.timings())
 
     def _fail_step(self, error: Exception) -> list[Delta]:
         """A step that failed as a whole fails its sequences (every queued one when it failed before

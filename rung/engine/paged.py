@@ -13,6 +13,12 @@ sinks included (kernels/paged_attention.py); elsewhere it gathers every sequence
 and runs the model's attention: decode tokens (one per sequence) as one padded batch, prefill
 chunks one sequence at a time. One slot past the blocks (``scratch_slot``) takes the writes of
 padding rows (CUDA-graph batches are padded to a bucket size).
+
+Latent attention (DeepSeek's MLA, model/mla.py) keeps what DeepSeek caches: the pools of a layer
+hold its compressed latent ``[slots, 1, kv_lora_rank]`` (in place of keys) and its RoPE key part
+``[slots, 1, qk_rope_head_dim]`` (in place of values), so blocks, tables, swaps and offloads work
+unchanged and a token costs ``kv_lora_rank + qk_rope_head_dim`` values per layer. Decode tokens
+attend in the absorbed form over the gathered latents; prefill chunks expand them.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from rung import native
 from rung.config import ModelConfig
 from rung.engine.blocks import BlockAllocator
 from rung.kernels import use_triton
-from rung.kernels.paged_attention import chunk_tiles, decode_tiles, paged_attention, tokens_per_tile, write_kv
+from rung.kernels.paged_attention import (SDPA_MIN_TOKENS, chunk_tiles, decode_tiles, paged_attention, prefill_kernel,
+                                          sdpa_prefill, tokens_per_tile, write_kv, write_kv_ref)
 from rung.model.attention import attend, attention_bias
 
 
@@ -63,14 +70,18 @@ class KVPool:
                              BlockAllocator(num_blocks, block_size)) for w in windows]
         self.group_of = {layer: g for g, group in enumerate(self.groups) for layer in group.layers}
         self.scratch_slot = num_blocks * block_size
-        shape = (num_blocks * block_size + 1, config.num_kv_heads, config.head_dim)
-        self.keys = [_zeros(shape, dtype, device) for _ in range(config.num_layers)]
-        self.values = [_zeros(shape, dtype, device) for _ in range(config.num_layers)]
+        slots = num_blocks * block_size + 1
+        if config.mla is not None:  # MLA: the latent where keys go, the RoPE key part where values go
+            key_shape, value_shape = (slots, 1, config.mla.kv_lora_rank), (slots, 1, config.mla.qk_rope_head_dim)
+        else:
+            key_shape = value_shape = (slots, config.num_kv_heads, config.head_dim)
+        self.keys = [_zeros(key_shape, dtype, device) for _ in range(config.num_layers)]
+        self.values = [_zeros(value_shape, dtype, device) for _ in range(config.num_layers)]
 
     @staticmethod
     def blocks_for(config: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
         """How many blocks per group fit in ``memory_bytes`` of KV cache."""
-        per_block = 2 * config.num_layers * block_size * config.kv_width * torch.tensor([], dtype=dtype).element_size()
+        per_block = config.num_layers * block_size * config.kv_cache_width * torch.tensor([], dtype=dtype).element_size()
         return max(1, memory_bytes // per_block)
 
     @property
@@ -127,12 +138,32 @@ class PagedStep:
     def advance(self, t: int) -> None:
         pass  # the engine moves each sequence on
 
-    def attend(self, layer, q, k, v, window, scale, sinks, slopes) -> torch.Tensor:
-        """q [1, hq, N, d], k/v [1, hkv, N, d] → [1, hq, N, d]."""
+    def kv_destination(self, layer: int):
+        """(k_pool, v_pool, slots [N]) where the one-kernel q/k path (kernels/modules.py's
+        FusedQKAttention) stores this step's keys and values itself, handing ``attend`` None for
+        them: the pool write is the keys' only copy. None (k and v come back) where the step may
+        attend fresh prompts through SDPA, which reads them where the projection left them."""
+        window = self.pool.groups[self.pool.group_of[layer]].window
+        if self._sdpa_possible(window):
+            return None
+        return self.pool.keys[layer], self.pool.values[layer], self._slots[self.pool.group_of[layer]]
+
+    def _sdpa_possible(self, window: int | None) -> bool:
+        """Whether ``prefill_kernel`` may answer "sdpa" for this step (sinks aside, which the
+        layer knows): prompts from position 0 only, each long enough, none outgrowing the window."""
+        counts = [c.count for c in self.chunks]
+        return (self.n_decode == 0 and all(c.start == 0 for c in self.chunks) and max(counts) >= SDPA_MIN_TOKENS
+                and (window is None or window >= max(counts)))
+
+    def attend(self, layer, q, k, v, window, scale, sinks, slopes, softcap=None) -> torch.Tensor:
+        """q [1, hq, N, d], k/v [1, hkv, N, d] (None: already in the pool, see ``kv_destination``)
+        → [1, hq, N, d]. Soft-capped scores (Gemma 2) take the PyTorch path: neither the native nor
+        the Triton kernel caps them."""
         g = self.pool.group_of[layer]
         pool_k, pool_v = self.pool.keys[layer], self.pool.values[layer]
         slots = self._slots[g]
-        if (self.n_decode == len(self.chunks) and slopes is None and q.dtype == torch.float32
+        plain = slopes is None and softcap is None  # what the kernels cover
+        if (self.n_decode == len(self.chunks) and plain and q.dtype == torch.float32
                 and q.device.type == "cpu" and native.available() and q.stride(-1) == k.stride(-1) == 1
                 and k.stride() == v.stride()):
             # a pure decode step on the CPU: one native call writes this step's keys and values and
@@ -142,17 +173,29 @@ class PagedStep:
             out = native.decode_attention(q[0].transpose(0, 1), pool_k, pool_v, idx, self._decode_lengths(g), scale,
                                           sink, k[0].transpose(0, 1), v[0].transpose(0, 1), slots)
             return out.transpose(0, 1)[None]  # [1, hq, B, d]
-        write_kv(pool_k, pool_v, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [N, hkv, d] each
-        if slopes is None and use_triton(q, pool_k):
-            tables, tiles, decode = self._kernel_plan(g, q.shape[1], pool_k.shape[1], q.shape[3])
+        if k is not None:
+            write_kv(pool_k, pool_v, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [N, hkv, d] each
+        if plain and use_triton(q, pool_k):
+            decode = self.n_decode == len(self.chunks)
+            starts, counts = [c.start for c in self.chunks], [c.count for c in self.chunks]
+            kind = "decode" if decode else prefill_kernel(starts, counts, window, sinks is not None, sdpa=k is not None)
+            if kind == "sdpa":  # fresh prompts: SDPA on their own k and v (views), the pool written above
+                outs, offset = [], 0
+                for c in self.chunks:
+                    part = slice(offset, offset + c.count)
+                    outs.append(sdpa_prefill(q[:, :, part], k[:, :, part], v[:, :, part], scale))
+                    offset += c.count
+                return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+            tables, tiles = self._kernel_plan(g, q.shape[1], pool_k.shape[1], q.shape[3], kind, q.dtype)
             out = paged_attention(q[0].transpose(0, 1), pool_k, pool_v, tables, self._positions, tiles,
-                                  self.pool.block_size, window, sinks, scale, decode)  # [N, hq, d]
+                                  self.pool.block_size, window, sinks, scale, decode,
+                                  flash=kind == "flash")  # [N, hq, d]
             return out.transpose(0, 1)[None]
         reads = self._read_plan(g, sinks is not None, slopes, q.dtype)
         outs = []
         if self.n_decode:
             idx, bias = reads[0]  # [B, L], [B, 1|H, 1, L]
-            if slopes is None and q.dtype == torch.float32 and q.device.type == "cpu" and native.available():
+            if plain and q.dtype == torch.float32 and q.device.type == "cpu" and native.available():
                 # rung's CPU kernel reads the pool through idx: no gathered copies, one call
                 qb = q[0, :, : self.n_decode].transpose(0, 1).contiguous()  # [B, hq, d]
                 sink = None if sinks is None else sinks.float().contiguous()
@@ -162,13 +205,36 @@ class PagedStep:
                 kb = pool_k[idx].permute(0, 2, 1, 3)  # [B, hkv, L, d]
                 vb = pool_v[idx].permute(0, 2, 1, 3)
                 qb = q[0, :, : self.n_decode].transpose(0, 1)[:, :, None]  # [B, hq, 1, d]
-                outs.append(attend(qb, kb, vb, bias, scale, sinks)[:, :, 0].transpose(0, 1)[None])  # [1, hq, B, d]
+                outs.append(attend(qb, kb, vb, bias, scale, sinks, softcap)[:, :, 0].transpose(0, 1)[None])  # [1, hq, B, d]
         offset = self.n_decode
         for chunk, (idx, bias) in zip(self.chunks[self.n_decode:], reads[1 if self.n_decode else 0:]):
             qc = q[:, :, offset: offset + chunk.count]
             kc = pool_k[idx].transpose(0, 1)[None]  # [1, hkv, L, d]
             vc = pool_v[idx].transpose(0, 1)[None]
-            outs.append(attend(qc, kc, vc, bias, scale, sinks))
+            outs.append(attend(qc, kc, vc, bias, scale, sinks, softcap))
+            offset += chunk.count
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def attend_latent(self, layer, q_nope, q_rope, latent, k_rope, mla) -> torch.Tensor:
+        """MLA: q_nope/q_rope [1, h, N, dn|dr], latent [1, 1, N, r], k_rope [1, 1, N, dr] → [1, h, N, dv].
+        The step's latents and RoPE keys go to the pools; decode tokens attend in the absorbed form
+        over their gathered latents (one padded batch), prefill chunks expand theirs."""
+        g = self.pool.group_of[layer]
+        pool_c, pool_r = self.pool.keys[layer], self.pool.values[layer]
+        write_kv_ref(pool_c, pool_r, self._slots[g], latent[0].transpose(0, 1), k_rope[0].transpose(0, 1))
+        reads = self._read_plan(g, False, None, q_nope.dtype)
+        outs = []
+        if self.n_decode:
+            idx, bias = reads[0]  # [B, L], [B, 1, 1, L]
+            rows = slice(0, self.n_decode)
+            qn, qr = (x[0, :, rows].transpose(0, 1)[:, :, None] for x in (q_nope, q_rope))  # [B, h, 1, d]
+            c, r = pool_c[idx].transpose(1, 2), pool_r[idx].transpose(1, 2)  # [B, 1, L, r|dr]
+            outs.append(mla.absorbed(qn, qr, c, r, bias)[:, :, 0].transpose(0, 1)[None])  # [1, h, B, dv]
+        offset = self.n_decode
+        for chunk, (idx, bias) in zip(self.chunks[self.n_decode:], reads[1 if self.n_decode else 0:]):
+            rows = slice(offset, offset + chunk.count)
+            c, r = pool_c[idx].transpose(0, 1)[None], pool_r[idx].transpose(0, 1)[None]  # [1, 1, L, r|dr]
+            outs.append(mla.expanded(q_nope[:, :, rows], q_rope[:, :, rows], c, r, bias))
             offset += chunk.count
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
@@ -186,24 +252,26 @@ class PagedStep:
                                              for c in self.chunks[: self.n_decode]], dtype=torch.long)
         return self._reads[key]
 
-    def _kernel_plan(self, g: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    def _kernel_plan(self, g: int, num_heads: int, num_kv_heads: int, head_dim: int, kind: str, dtype):
         """Block tables [chunks, widest] (blocks a sliding group dropped read as 0, never visited)
-        and the kernel's tiles; once per step and group."""
-        if g not in self._kernel_reads:
+        and the tiles of the ``kind`` of kernel ("decode", "flash", "packed"); once per step, group
+        and kind."""
+        key = (g, kind)
+        if key not in self._kernel_reads:
             tables = [[b or 0 for b in c.tables[g]] for c in self.chunks]
             width = max(1, max(len(t) for t in tables))
             tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(self.device)
-            decode = self.n_decode == len(self.chunks)
-            if decode:
+            if kind == "decode":
                 tiles = decode_tiles(len(self.chunks), self.device)
             else:
                 layout, offset = [], 0
                 for row, c in enumerate(self.chunks):
                     layout.append((offset, c.count, row))
                     offset += c.count
-                tiles = chunk_tiles(layout, tokens_per_tile(num_heads, num_kv_heads, head_dim, False), self.device)
-            self._kernel_reads[g] = tables, tiles, decode
-        return self._kernel_reads[g]
+                per_tile = tokens_per_tile(num_heads, num_kv_heads, head_dim, False, flash=kind == "flash", dtype=dtype)
+                tiles = chunk_tiles(layout, per_tile, self.device)
+            self._kernel_reads[key] = tables, tiles
+        return self._kernel_reads[key]
 
     def _read_plan(self, g: int, exact: bool, slopes, dtype):
         """Per part of the batch (the decode batch, then each prefill chunk): the slots to gather

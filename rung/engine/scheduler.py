@@ -15,6 +15,8 @@ blocks past it back (``release_past_end``).
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 
 from rung.engine.blocks import OutOfBlocks, block_hash
@@ -86,6 +88,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.perf_counter()
             self.running.append(seq)
             (decodes if n == 1 else prefills).append((seq, n))
             budget -= n

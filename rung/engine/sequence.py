@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -40,10 +41,18 @@ class Sequence:
     pending_text: str = ""  # released text not yet handed to the caller
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[dict[int, float]] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.perf_counter)  # added to the engine
+    first_scheduled_time: float | None = None  # first taken into a step (the end of its queue wait)
     first_token_time: float | None = None
     draft_ids: list[int] = field(default_factory=list)  # speculative guesses to verify in this step
     draft_probs: torch.Tensor | None = None  # [len(draft_ids), vocab]: their draft distributions; None: one-hot
     constraint: object | None = None  # this sample's grammar state (SamplingParams.constraint)
+
+    def timings(self) -> dict[str, float | None]:
+        """vLLM's RequestMetrics times (time.perf_counter seconds): arrival, first scheduled, first
+        token, finished (now)."""
+        return {"arrival_time": self.arrival_time, "first_scheduled_time": self.first_scheduled_time,
+                "first_token_time": self.first_token_time, "finished_time": time.perf_counter()}
 
     @property
     def all_ids(self) -> list[int]:

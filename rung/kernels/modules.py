@@ -78,8 +78,8 @@ class FusedQKAttention(Attention):
     engine/cuda_graphs.py), the kernel stores them too and ``attend`` gets None for them."""
 
     @staticmethod
-    def fits(module: Attention) -> bool:
-        return module.q_norm is None or isinstance(module.q_norm, RMSNorm)
+    def fits(module: Attention) -> bool:  # per-head QK-norm only (not OLMo 2's whole-projection one)
+        return module.q_norm is None or (isinstance(module.q_norm, RMSNorm) and not module.qk_norm_whole)
 
     def heads(self, qkv: torch.Tensor, rotary, context):
         if (qkv.dtype == torch.float32 or (self.q_norm is None and rotary is None)
@@ -101,6 +101,10 @@ class FusedQKAttention(Attention):
 class FusedMoE(MoE):
     """Routing in one kernel, and only the chosen experts read, grouped on the device with no host
     synchronisation (kernels/fused_moe.py); packed MXFP4 experts are decoded in registers."""
+
+    @staticmethod
+    def fits(module: MoE) -> bool:  # the routing kernel knows neither DeepSeek's groups nor its scale
+        return module.router_kind in ("softmax_topk", "topk_softmax") and module.routed_scaling_factor == 1.0
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return route(logits, self.top_k, self.router_kind, self.norm_topk_prob)

@@ -23,8 +23,9 @@ from rung.kernels import use_triton
 
 
 def paged_attention_ref(q, k_pool, v_pool, tables, rows, positions, block_size: int, window: int | None,
-                        sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+                        sinks: torch.Tensor | None, scale: float, softcap: float | None = None) -> torch.Tensor:
     """q [N, hq, d]; pools [slots, hkv, d]; tables [R, W] block ids; rows, positions [N] → [N, hq, d].
+    ``softcap``: scores become cap · tanh(score / cap) before the mask (Gemma 2's attention softcap).
 
     Gathers each token's keys up to the longest position in the batch and masks; memory grows as
     N × max position, so this is a reference and a CPU path for short batches, not a long-prompt path."""
@@ -43,6 +44,8 @@ def paged_attention_ref(q, k_pool, v_pool, tables, rows, positions, block_size: 
     k, v = (torch.where(visible[..., None, None], pool[slots].float(), 0.0) for pool in (k_pool, v_pool))  # [N, L, hkv, d]
     qg = q.float().view(n, hkv, group, d)
     scores = torch.einsum("nhgd,nlhd->nhgl", qg, k) * scale  # [N, hkv, group, L]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     if sinks is not None:
         sink = sinks.float().view(1, hkv, group, 1).expand(n, hkv, group, 1)
@@ -82,11 +85,18 @@ def tile_rows(group: int, decode: bool, head_dim: int) -> int:
 
 
 def paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size: int, window: int | None,
-                    sinks: torch.Tensor | None, scale: float, decode: bool, rows=None) -> torch.Tensor:
+                    sinks: torch.Tensor | None, scale: float, decode: bool, rows=None,
+                    flash: bool = False) -> torch.Tensor:
     """The fast path: q [N, hq, d] → [N, hq, d]. ``tiles`` from ``decode_tiles`` / ``chunk_tiles``
-    (built with ``tokens_per_tile(...)``); ``rows`` [N] (table row per token) is needed only when the
-    reference runs instead of the kernel."""
+    (built with ``tokens_per_tile(..., flash=flash)``); ``flash``: prefill chunks through the
+    FlashAttention-2 kernel (``prefill_kernel`` says when); ``rows`` [N] (table row per token) is
+    needed only when the reference runs instead of the kernel."""
     if use_triton(q, k_pool):
+        if flash and not decode:
+            from rung.kernels.triton_attention import flash_prefill_attention
+
+            return flash_prefill_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks,
+                                           scale)
         from rung.kernels.triton_attention import triton_paged_attention
 
         return triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks,
@@ -96,9 +106,69 @@ def paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size: int
     return paged_attention_ref(q, k_pool, v_pool, tables, rows, positions, block_size, window, sinks, scale)
 
 
-def tokens_per_tile(num_heads: int, num_kv_heads: int, head_dim: int, decode: bool) -> int:
+def tokens_per_tile(num_heads: int, num_kv_heads: int, head_dim: int, decode: bool, flash: bool = False,
+                    dtype: torch.dtype = torch.bfloat16) -> int:
     group = num_heads // num_kv_heads
-    return 1 if decode else tile_rows(group, False, head_dim) // group
+    if decode:
+        return 1
+    return flash_config(head_dim, dtype)[0] if flash else tile_rows(group, False, head_dim) // group
+
+
+# ---- prefill: which kernel runs a step's chunks ----------------------------------------------------------
+#
+# Three ways to attend a prefill step on the GPU, chosen per step by ``prefill_kernel`` from what the
+# host already knows (the chunks' starts and lengths, the layer's window and sinks):
+#   "sdpa"    torch's SDPA (its flash backend) on the step's own k and v, written to the pool beside
+#             it: exact only for prompts that start at position 0, with no sinks and no window the
+#             chunk outgrows; no copy of the keys, since they are this step's.
+#   "flash"   the FlashAttention-2 Triton kernel over the pool (triton_attention.flash_prefill_kernel):
+#             a chunk continuing from cached blocks, windows, sinks; tiles of BLOCK_M tokens × one head.
+#   "packed"  the paged kernel that packs a tile's rows with the group's query heads: chunks shorter
+#             than a flash tile (speculative chunks, the tail of a prompt), where BLOCK_M rows of one
+#             head would be mostly padding.
+# Measured on an H200 (benchmarks/gpu.py's attention table, 2026-12-04, one layer, bf16, TFLOP/s of
+# the visible pairs, Qwen3-8B's heads): an 8K-token fresh prompt SDPA 610, flash 358, packed 193; the
+# last 8K chunk of a 32K prompt flash 352, packed 203, SDPA on keys gathered from the pool 340 (so
+# continuing chunks stay on the flash kernel, which needs no copy); a 64-token chunk at 32K flash 43,
+# packed 26. gpt-oss's 128-key sliding layers: 8K chunks flash 61-64, packed 51; 64-token chunks
+# packed 7.2, flash 2.8-7.1, so windowed layers keep packed tiles until chunks are long.
+
+FLASH_MIN_TOKENS = 64  # the longest chunk of the step; below it the packed tiles waste less
+FLASH_MIN_TOKENS_WINDOWED = 1024  # the same for a layer whose window is shorter than a flash tile's reach
+SDPA_MIN_TOKENS = 1024  # fresh prompts this long go to SDPA (below it launch costs dominate either way)
+
+
+def prefill_kernel(starts: list[int], counts: list[int], window: int | None, has_sinks: bool, sdpa: bool) -> str:
+    """"sdpa", "flash" or "packed" for a prefill step of chunks at ``starts`` with ``counts`` tokens;
+    ``sdpa``: whether the step's own k and v are at hand (the one-kernel q/k path did not store
+    them in the pool already) in a dtype SDPA's flash backend takes."""
+    longest = max(counts)
+    fresh = all(s == 0 for s in starts)
+    if (sdpa and fresh and not has_sinks and (window is None or window >= longest)
+            and longest >= SDPA_MIN_TOKENS):
+        return "sdpa"
+    short_window = window is not None and window <= 512
+    return "flash" if longest >= (FLASH_MIN_TOKENS_WINDOWED if short_window else FLASH_MIN_TOKENS) else "packed"
+
+
+def flash_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the flash prefill kernel: the best of benchmarks/gpu.py's
+    FLASH_CONFIGS on an H200 (head_dim 128: 128×128 tiles, 8 warps, 2 stages, 352-371 TFLOP/s
+    against 287-310 for 128×64; head_dim 64: 128×64, 4 warps, 3 stages, 305-309 against 187-267),
+    smaller tiles where float32 ones or wider heads would not fit in shared memory (not measured)."""
+    if dtype == torch.float32:
+        return 32, 32, 4, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 128, 8, 2
+    return 64, 32, 4, 2
+
+
+def sdpa_prefill(q, k, v, scale: float) -> torch.Tensor:
+    """Causal attention of fresh prompts with their own keys: q [1, hq, t, d], k/v [1, hkv, t, d]
+    → [1, hq, t, d] through SDPA (flash or cuDNN backend; GQA without repeating k and v)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
 def write_kv_ref(k_pool, v_pool, slots, k, v) -> None:

@@ -270,3 +270,142 @@ def triton_write_kv(k_pool, v_pool, slots, k, v) -> None:
     write_kv_kernel[(n, hkv)](k_pool, v_pool, slots, k, v, k_pool.stride(0), k_pool.stride(1), v_pool.stride(0),
                               v_pool.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                               D=d, D_P=1 << (d - 1).bit_length(), num_warps=1)
+
+
+# ---- prefill: FlashAttention-2 over the paged pool --------------------------------------------------
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _flash_step(acc, m_i, l_i, q, K, V, Tables, row, k0, lo, hi, q_pos, h, sk_s, sk_h, sv_s, sv_h, st_r,
+                qk_scale, window, softcap,
+                BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, PAGE: tl.constexpr, MASK: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+    """One BLOCK_N-key step of the online softmax, in base 2 (exp2 of scores scaled by log2 e).
+    MASK: a step on the window's edge or the causal diagonal, which masks per (query, key);
+    the steps between them see every key and skip the mask's arithmetic."""
+    k_pos = k0 + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, D_P)
+    dmask = dd < D
+    k_in = (k_pos >= lo) & (k_pos < hi)
+    if MASK:
+        block = tl.load(Tables + row * st_r + k_pos // PAGE, mask=k_in, other=0).to(tl.int64)
+    else:
+        block = tl.load(Tables + row * st_r + k_pos // PAGE).to(tl.int64)
+    slot = block * PAGE + k_pos % PAGE
+    kt = tl.load(K + slot[None, :] * sk_s + h * sk_h + dd[:, None], mask=k_in[None, :] & dmask[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")  # [BLOCK_M, BLOCK_N]
+    else:
+        s = tl.dot(q, kt)
+    if SOFTCAP:  # cap · tanh(score / cap), tanh through exp (the interpreter has no tanh)
+        x = s * (qk_scale / softcap)
+        s = (softcap * 1.4426950408889634) * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+    else:
+        s = s * (qk_scale * 1.4426950408889634)
+    if MASK:
+        seen = k_in[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    p = tl.math.exp2(s - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + slot[:, None] * sv_s + h * sv_h + dd[None, :], mask=k_in[:, None] & dmask[None, :], other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def flash_prefill_kernel(
+    Q, K, V, O, Tables, Pos, TileFirst, TileCount, TileRow, Sinks,
+    scale, window, softcap,
+    sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program: BLOCK_M consecutive query tokens of one chunk × one query head (FlashAttention-2's
+    tile). Query heads vary fastest over the grid, so the GROUP heads of a kv head run side by side
+    and read its keys once from memory, then from the L2; tiles run last-first, so a chunk's
+    longest rows (the most keys) start first and the short ones fill in at the end."""
+    hq = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    h = hq // GROUP  # kv head
+    first = tl.load(TileFirst + tile)
+    count = tl.load(TileCount + tile)
+    row = tl.load(TileRow + tile).to(tl.int64)
+    r = tl.arange(0, BLOCK_M)
+    live = r < count
+    tok = (first + r).to(tl.int64)
+    dd = tl.arange(0, D_P)
+    dmask = dd < D
+    q_pos = tl.load(Pos + tok, mask=live, other=0)
+    q = tl.load(Q + tok[:, None] * sq_t + hq * sq_h + dd[None, :], mask=live[:, None] & dmask[None, :], other=0.0)
+    q_lo = tl.load(Pos + first)  # a chunk's positions are consecutive
+    hi = q_lo + count  # keys [lo, hi) cover every query of the tile
+    if HAS_WINDOW:
+        lo = tl.maximum(q_lo - window + 1, 0)  # the oldest key any query sees
+        lo_all = tl.maximum(hi - window, 0)  # the oldest key every query sees
+    else:
+        lo = q_lo * 0
+        lo_all = lo
+    start = (lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.maximum(((lo_all + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, start)
+    full_hi = tl.maximum(((q_lo + 1) // BLOCK_N) * BLOCK_N, full_lo)  # steps every query sees whole
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P], tl.float32)
+    for k0 in range(start, full_lo, BLOCK_N):  # the window's lower edge
+        acc, m_i, l_i = _flash_step(acc, m_i, l_i, q, K, V, Tables, row, k0, lo, hi, q_pos, h, sk_s, sk_h, sv_s,
+                                    sv_h, st_r, scale, window, softcap, BLOCK_N, D, D_P, PAGE, True, HAS_WINDOW,
+                                    SOFTCAP, IEEE)
+    for k0 in range(full_lo, full_hi, BLOCK_N):  # the bulk: no mask
+        acc, m_i, l_i = _flash_step(acc, m_i, l_i, q, K, V, Tables, row, k0, lo, hi, q_pos, h, sk_s, sk_h, sv_s,
+                                    sv_h, st_r, scale, window, softcap, BLOCK_N, D, D_P, PAGE, False, HAS_WINDOW,
+                                    SOFTCAP, IEEE)
+    for k0 in range(full_hi, hi, BLOCK_N):  # the causal diagonal
+        acc, m_i, l_i = _flash_step(acc, m_i, l_i, q, K, V, Tables, row, k0, lo, hi, q_pos, h, sk_s, sk_h, sv_s,
+                                    sv_h, st_r, scale, window, softcap, BLOCK_N, D, D_P, PAGE, True, HAS_WINDOW,
+                                    SOFTCAP, IEEE)
+    if HAS_SINKS:  # the sink joins the denominator (in base 2 like the scores)
+        sink = tl.load(Sinks + hq).to(tl.float32) * 1.4426950408889634
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_f)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_f)
+        acc = acc * alpha[:, None]
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O + tok[:, None] * so_t + hq * so_h + dd[None, :], out.to(O.dtype.element_ty),
+             mask=live[:, None] & dmask[None, :])
+
+
+def flash_prefill_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale,
+                            softcap=None, config=None):
+    """Prefill chunks (tiles of ``flash_config(...)[0]`` tokens, kernels/paged_attention.py's
+    ``chunk_tiles``) over the paged pool; ``config`` (BLOCK_M, BLOCK_N, warps, stages) overrides the
+    rule for measurements, and must keep BLOCK_M equal to the tiles' token count."""
+    from rung.kernels.paged_attention import flash_config
+
+    n, hq, d = q.shape
+    hkv = k_pool.shape[1]
+    first, count, row = tiles
+    block_m, block_n, warps, stages = config or flash_config(d, q.dtype)
+    k_pool = k_pool if k_pool.stride(-1) == 1 else k_pool.contiguous()
+    v_pool = v_pool if v_pool.stride(-1) == 1 else v_pool.contiguous()
+    out = torch.empty_like(q)
+    flash_prefill_kernel[(hq, first.shape[0])](
+        q, k_pool, v_pool, out, tables, positions, first, count, row, sinks if sinks is not None else q,
+        float(scale), int(window or 0), float(softcap or 1.0),
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        out.stride(0), out.stride(1), tables.stride(0),
+        GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n, D=d, D_P=1 << (d - 1).bit_length(), PAGE=block_size,
+        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SOFTCAP=softcap is not None,
+        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
+    )
+    return out

@@ -1,5 +1,6 @@
 """Causal self-attention for every family: MHA, GQA and MQA; optional q/k/v/o biases; per-head
-QK RMSNorm; RoPE or ALiBi; sliding windows; learned attention sinks."""
+QK RMSNorm (per head, or over the whole projection: OLMo 2); RoPE or ALiBi; sliding windows; learned
+attention sinks; soft-capped scores (Gemma 2)."""
 
 from __future__ import annotations
 
@@ -59,14 +60,18 @@ CAUSAL = "causal"  # a mask that is exactly "keys up to the query" over equal-le
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias, scale: float, sinks: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias, scale: float, sinks: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [b, hq, t, d], k/v [b, hkv, s, d] → [b, hq, t, d]. ``bias``: an additive [1|hq, t, s]
     tensor, None (every key visible) or CAUSAL (lets SDPA use its fused causal kernel).
 
     Query head h reads key/value head h // (hq / hkv). A sink is a per-head logit that joins the
     softmax denominator and is then dropped, so a head may attend to nothing (gpt-oss).
+    ``softcap`` (Gemma 2) bends the scaled scores into (-cap, cap) with tanh before the mask.
     """
+    if softcap is not None:
+        return _softcapped(q, k, v, bias, scale, softcap)
     if sinks is None:
         if bias is CAUSAL:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -83,6 +88,23 @@ def attend(
     return (probs.reshape(b, hkv, group * t, -1) @ v).view(b, hq, t, d)
 
 
+def _softcapped(q, k, v, bias, scale: float, cap: float) -> torch.Tensor:
+    """Gemma 2's attention (transformers' modeling_gemma2 eager_attention_forward): scores scaled,
+    then tanh(scores / cap) · cap, then the mask; the softmax in float32. A bias of None or CAUSAL
+    is made explicit here: SDPA has no soft-capping."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scores = (q.reshape(b, hkv, group * t, d) @ k.transpose(-1, -2)).view(b, hq, t, s) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if bias is CAUSAL:
+        scores = scores.masked_fill(torch.ones(t, s, dtype=torch.bool, device=q.device).triu(s - t + 1), float("-inf"))
+    elif bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return (probs.reshape(b, hkv, group * t, s) @ v).view(b, hq, t, d)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -91,8 +113,11 @@ class Attention(nn.Module):
         # q, k and v as one projection, rows [q | k | v] (the loaders fuse the checkpoint's tensors)
         self.qkv_proj = nn.Linear(c.hidden_size, c.q_width + 2 * c.kv_width, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.q_width, c.hidden_size, bias=c.o_bias)
-        self.q_norm = make_norm(c, c.head_dim) if c.qk_norm else None
-        self.k_norm = make_norm(c, c.head_dim) if c.qk_norm else None
+        # per head (Qwen3, Gemma 3) or over all heads at once (OLMo 2: qk_norm_whole)
+        self.qk_norm_whole = c.qk_norm_whole
+        self.q_norm = make_norm(c, c.q_width if c.qk_norm_whole else c.head_dim) if c.qk_norm else None
+        self.k_norm = make_norm(c, c.kv_width if c.qk_norm_whole else c.head_dim) if c.qk_norm else None
+        self.softcap = c.attn_logit_softcap
         self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attn_sinks else None
         scale = c.head_dim**-0.5 if c.attn_scale is None else c.attn_scale
         self.scale = scale / (layer + 1) if c.attn_scale_by_inverse_layer else scale
@@ -108,7 +133,11 @@ class Attention(nn.Module):
         q, k, v = self.heads(self.qkv_proj(x), rotary, context)
         if self.slopes is not None and self.slopes.device != x.device:
             self.slopes = self.slopes.to(x.device)
-        out = context.attend(self.layer, q, k, v, self.window, self.scale, self.sinks, self.slopes)  # [b, hq, t, d]
+        if self.softcap is None:
+            out = context.attend(self.layer, q, k, v, self.window, self.scale, self.sinks, self.slopes)  # [b, hq, t, d]
+        else:  # only the caches that implement soft-capping take the keyword (model/cache.py, engine/paged.py)
+            out = context.attend(self.layer, q, k, v, self.window, self.scale, self.sinks, self.slopes,
+                                 softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def heads(self, qkv: torch.Tensor, rotary, context):
@@ -116,9 +145,13 @@ class Attention(nn.Module):
         rotated. The seam where a kernel module does all of this in one kernel, and may store k
         and v in the context's cache itself (they come back None then): rung/kernels/modules.py."""
         b, t, _ = qkv.shape
+        if self.qk_norm_whole:  # OLMo 2: RMSNorm over each token's whole q and k, then the head split
+            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)  # [b, t, hq·d], [b, t, hkv·d] x 2
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
         q, k, v = qkv.view(b, t, -1, self.head_dim).transpose(1, 2).split(
             (self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
-        if self.q_norm is not None:  # Qwen3 / Gemma 3: RMSNorm over head_dim, before RoPE
+        if self.q_norm is not None and not self.qk_norm_whole:  # Qwen3 / Gemma 3: RMSNorm over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             cos, sin = (r[:, None] for r in rotary)  # broadcast over heads

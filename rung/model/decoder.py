@@ -8,21 +8,24 @@ from torch import nn
 from rung.config import ModelConfig
 from rung.model.attention import Attention
 from rung.model.cache import KVCache
+from rung.model.mla import LatentAttention
 from rung.model.mlp import MLP
 from rung.model.moe import MoE
-from rung.model.norm import make_norm
+from rung.model.norm import NoNorm, make_norm
 from rung.model.rope import Rotary
 
 
 class Block(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)). Gemma's sandwich norms also normalise each
-    branch's output before the add; BLOOM may take the residual from the normed input."""
+    branch's output before the add; BLOOM may take the residual from the normed input; OLMo 2 keeps
+    only the norms after each branch (``pre_norms=False``: the norms before are the identity)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = make_norm(config)
-        self.attn = Attention(config, layer)
-        self.mlp_norm = make_norm(config)
+        pre_norm = make_norm if config.pre_norms else lambda c: NoNorm()
+        self.attn_norm = pre_norm(config)
+        self.attn = LatentAttention(config, layer) if config.mla is not None else Attention(config, layer)
+        self.mlp_norm = pre_norm(config)
         self.mlp = MoE(config) if config.moe_layers[layer] else MLP(config)
         self.post_attn_norm = make_norm(config) if config.sandwich_norms else None
         self.post_mlp_norm = make_norm(config) if config.sandwich_norms else None
@@ -94,7 +97,8 @@ class Decoder(nn.Module):
         h = None  # each block's output comes with the next norm applied (add_norm: one kernel on CUDA)
         for i, layer in enumerate(self.layers):
             after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
-            x, h = layer(x, rotary.get(c.layer_types[i]), context, h, after)
+            rot = rotary.get(c.layer_types[i]) if c.rope_layers[i] else None  # SmolLM3's NoPE layers: none
+            x, h = layer(x, rot, context, h, after)
         context.advance(t)
         return self.final_norm(x) if h is None else h
 

@@ -34,9 +34,10 @@ class MLP(nn.Module):
     """plain: down(act(up(x))); gated: down(act(gate) · up), gate and up as one projection whose
     rows are [gate | up] (the loaders fuse the checkpoint's two tensors)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, bias = config.hidden_size, config.mlp_bias
+        i = config.intermediate_size if intermediate_size is None else intermediate_size  # DeepSeek's shared experts
         gated = config.mlp == "gated"
         self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias) if gated else None
         self.up_proj = None if gated else nn.Linear(h, i, bias=bias)

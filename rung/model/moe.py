@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rung.config import ModelConfig
-from rung.model.mlp import ACTIVATIONS
+from rung.model.mlp import ACTIVATIONS, MLP
 from rung.model.mxfp4 import dequantize_mxfp4
 
 
@@ -69,6 +69,39 @@ def route(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool) -
     return top.to(logits.dtype), idx
 
 
+# ---- DeepSeek's routers (V2 group_limited_greedy, V3 noaux_tc) --------------------------------
+
+GROUPED_ROUTERS = ("softmax_group_topk", "sigmoid_group_topk")
+
+
+def route_grouped(logits: torch.Tensor, top_k: int, router: str, groups: int, topk_groups: int,
+                  norm_topk_prob: bool, correction: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's group-limited top-k (transformers' DeepseekV2TopkRouter / DeepseekV3TopkRouter):
+    logits [n, E] (float32) → weights [n, k] (float32), expert ids [n, k].
+
+    The experts form ``groups`` equal groups; a token keeps the ``topk_groups`` best groups and
+    draws its k experts from them. V2 (softmax) ranks a group by its best expert; V3 (sigmoid)
+    by the sum of its two best, after adding the per-expert ``correction`` (a load-balancing bias
+    that steers the choice but never the weights)."""
+    n, e = logits.shape
+    if router == "sigmoid_group_topk":
+        scores = logits.sigmoid()
+        choice = scores + correction.float() if correction is not None else scores
+        group_scores = choice.view(n, groups, e // groups).topk(2, dim=-1)[0].sum(dim=-1)  # [n, G]
+        fill = float("-inf")
+    else:
+        scores = choice = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        group_scores = choice.view(n, groups, e // groups).amax(dim=-1)
+        fill = 0.0
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(topk_groups, dim=-1)[1], True)
+    choice = choice.masked_fill(~kept.repeat_interleave(e // groups, dim=1), fill)  # [n, E]
+    idx = choice.topk(top_k, dim=-1)[1]
+    weights = scores.gather(1, idx)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights, idx
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -86,6 +119,10 @@ class MoE(nn.Module):
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
         self.act = None if self.clamped else ACTIVATIONS[config.activation]
         self.activation_name = config.activation
+        # DeepSeek: group-limited routing, a scale on the routed weights, always-on shared experts
+        self.groups, self.topk_groups, self.routed_scaling_factor = m.num_groups, m.topk_groups, m.routed_scaling_factor
+        self.score_correction = nn.Parameter(torch.zeros(e)) if m.score_correction_bias else None
+        self.shared = MLP(config, m.shared_experts * i) if m.shared_experts else None
 
     packed = False
 
@@ -124,12 +161,25 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [n, H]
-        weights, experts = self.choose(self.router(flat))  # [n, k] each
-        return self.mix(flat, weights, experts).view(x.shape)
+        weights, experts = self.choose(self.router_logits(flat))  # [n, k] each
+        out = self.mix(flat, weights, experts)
+        if self.shared is not None:  # DeepSeek's shared experts see every token, unweighted
+            out = out + self.shared(flat)
+        return out.view(x.shape)
+
+    def router_logits(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.router_kind in GROUPED_ROUTERS:  # DeepSeek routes in float32, whatever the model dtype
+            return F.linear(flat.float(), self.router.weight.float())
+        return self.router(flat)
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's logits [n, E] → each token's expert weights and ids [n, k]."""
-        return route(logits, self.top_k, self.router_kind, self.norm_topk_prob)
+        if self.router_kind in GROUPED_ROUTERS:
+            weights, idx = route_grouped(logits, self.top_k, self.router_kind, self.groups, self.topk_groups,
+                                         self.norm_topk_prob, self.score_correction)
+        else:
+            weights, idx = route(logits, self.top_k, self.router_kind, self.norm_topk_prob)
+        return (weights * self.routed_scaling_factor if self.routed_scaling_factor != 1.0 else weights), idx
 
     def mix(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ_k weight · expert(x) per token: flat [n, H] → [n, H]."""

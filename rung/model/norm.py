@@ -56,6 +56,10 @@ class LayerNorm(AddNorm, nn.LayerNorm):
         ).to(x.dtype)
 
 
+class NoNorm(AddNorm, nn.Identity):
+    """The identity where a family has no norm (OLMo 2 before its sublayers), keeping add_norm."""
+
+
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.hidden_size
     if config.norm == "layernorm":

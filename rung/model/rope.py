@@ -2,7 +2,7 @@
 
 The frequencies follow transformers' ``modeling_rope_utils`` op for op, in float32, because angle
 errors grow with the position: default, linear, dynamic NTK, YaRN (with and without truncation of
-the correction range) and llama3. Rotation is the half-split (NeoX, ``rotate_half``) layout: dim j
+the correction range), llama3 and LongRoPE (Phi-3). Rotation is the half-split (NeoX, ``rotate_half``) layout: dim j
 pairs with dim j + d/2.
 """
 
@@ -69,6 +69,20 @@ def _llama3(rope: RopeConfig, dim: int) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def _longrope(rope: RopeConfig, dim: int, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE (transformers' _compute_longrope_parameters): each frequency divided by its own
+    factor, the short set while the sequence fits the original context, the long set past it; cos and
+    sin scaled by sqrt(1 + ln(factor) / ln(original context)) unless the config gives the factor."""
+    original = rope.original_max_position
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        attention_factor = 1.0 if rope.factor <= 1 else math.sqrt(1 + math.log(rope.factor) / math.log(original))
+    long = seq_len is not None and seq_len > original
+    ext = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+    inv_freq = 1.0 / (ext * rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return inv_freq, float(attention_factor)
+
+
 def inv_freq_for(rope: RopeConfig, head_dim: int, max_position: int | None, seq_len: int | None = None):
     """Inverse frequencies [rotary_dim / 2] (float32) and the factor that scales cos and sin."""
     dim = rotary_dim(rope, head_dim)
@@ -85,6 +99,8 @@ def inv_freq_for(rope: RopeConfig, head_dim: int, max_position: int | None, seq_
         return _yarn(rope, dim)
     if rope.type == "llama3":
         return _llama3(rope, dim), 1.0
+    if rope.type == "longrope":
+        return _longrope(rope, dim, seq_len)
     raise ValueError(f"rope type {rope.type!r} is not supported")
 
 
@@ -98,6 +114,10 @@ class Rotary(nn.Module):
         # frequencies, and a model built on the meta device still gets real values.
         with torch.device("cpu"):
             self.inv_freq, self.scale = inv_freq_for(rope, head_dim, max_position)
+            # LongRoPE: the long factors' table, taken by a call whose longest position is past the
+            # original context (the whole call, as transformers' longrope_frequency_update does)
+            self.long_inv_freq = (inv_freq_for(rope, head_dim, max_position, rope.original_max_position + 1)[0]
+                                  if rope.type == "longrope" else None)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [seq] → cos, signed sin [seq, rotary_dim] for ``apply_rotary``.
@@ -112,6 +132,8 @@ class Rotary(nn.Module):
             seq_len = int(positions.max()) + 1
             if seq_len > self.max_position:
                 inv_freq = inv_freq_for(self.rope, self.head_dim, self.max_position, seq_len)[0].to(inv_freq.device)
+        if self.long_inv_freq is not None and int(positions.max()) + 1 > self.rope.original_max_position:
+            inv_freq = self.long_inv_freq = self.long_inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [seq, dim/2]
         cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
         return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)

@@ -45,6 +45,17 @@ def default_head_format(fmt: str) -> str:
     return "q8" if fmt == "q4" else fmt
 
 
+def _attention_projections(c, attn) -> list[tuple[str, int]]:
+    """The attention's packable Linear layers with their input widths. DeepSeek's kv_b_proj stays
+    float: the absorbed decode (model/mla.py) reads its key and value halves as matrices."""
+    if c.mla is None:
+        return [("qkv_proj", c.hidden_size), ("o_proj", c.q_width)]
+    m = c.mla
+    out = [("q_proj", c.hidden_size)] if m.q_lora_rank is None else [("q_a_proj", c.hidden_size),
+                                                                      ("q_b_proj", m.q_lora_rank)]
+    return out + [("kv_a_proj", c.hidden_size), ("o_proj", c.num_heads * m.v_head_dim)]
+
+
 def packed_targets(model: Decoder, fmt: str, group: int | None = None,
                    head_fmt: str | None = None) -> dict[str, tuple[str, int | None]]:
     """The parameters ``pack_model`` replaces, with the (format, group) each gets: a loader can
@@ -54,10 +65,9 @@ def packed_targets(model: Decoder, fmt: str, group: int | None = None,
     out = {}
     for i, block in enumerate(model.layers):
         t = f"layers.{i}."
-        if _fits(fmt, c.hidden_size, group):
-            out[t + "attn.qkv_proj.weight"] = (fmt, group)
-        if _fits(fmt, c.q_width, group):
-            out[t + "attn.o_proj.weight"] = (fmt, group)
+        for name, width in _attention_projections(c, block.attn):
+            if _fits(fmt, width, group):
+                out[t + f"attn.{name}.weight"] = (fmt, group)
         if isinstance(block.mlp, MLP):
             if _fits(fmt, c.hidden_size, group):
                 proj = "gate_up_proj" if block.mlp.gate_up_proj is not None else "up_proj"
@@ -88,8 +98,8 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
 
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}."
-        pack(block.attn, "qkv_proj", prefix + "attn.", h)
-        pack(block.attn, "o_proj", prefix + "attn.", c.q_width)
+        for name, width in _attention_projections(c, block.attn):
+            pack(block.attn, name, prefix + "attn.", width)
         mlp = block.mlp
         if not isinstance(mlp, MLP):
             continue  # MoE: experts stay as they are

@@ -1,6 +1,7 @@
 """The HTTP app: OpenAI's routes over a ``Server``.
 
-GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (and GET / DELETE
+/v1/responses/{id} of stored ones), GET /health, GET /metrics.
 Every failure is an OpenAI-style JSON error (errors.py); an unexpected exception is a 500 with the
 exception's one-line summary, and the server goes on. A route checks the caller and the body; a
 generation is a ``Run`` (run.py), which ends in exactly one JSON log line and one set of metric
@@ -10,6 +11,8 @@ updates, whether it finished, failed, timed out or its client left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,12 +22,28 @@ from rung.serve.errors import APIError
 from rung.serve.metrics import CONTENT_TYPE
 from rung.serve.redaction import redaction_for
 from rung.serve.run import Run
+from rung.serve import responses_run
+from rung.serve.responses_schemas import ResponsesRequest
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from rung.serve.server import Server
+from rung.serve.tracing import Trace
 
 
-def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="rung", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(server: Server, shutdown_with_app: bool = False) -> FastAPI:
+    """``shutdown_with_app``: the app's shutdown (uvicorn's, on SIGTERM) also shuts the server down
+    (its engine, tensor-parallel workers, traces), as `rung serve` wants; tests that reuse one
+    server across several clients leave it off."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn re-raises SIGTERM once it has shut down, so `rung serve` never returns to its own
+        # cleanup: the last spans are flushed here, during the graceful shutdown
+        if shutdown_with_app:
+            await asyncio.to_thread(server.shutdown)
+        elif server.tracing is not None:
+            await asyncio.to_thread(server.tracing.flush)
+
+    app = FastAPI(title="rung", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
 
     @app.exception_handler(APIError)
@@ -47,8 +66,9 @@ def create_app(server: Server) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            server.metrics.http(request.url.path, request.method, response.status_code)
+        if request.url.path.startswith("/v1/"):  # labelled by route (/v1/responses/{response_id}), not by id
+            handler = getattr(request.scope.get("route"), "path", request.url.path)
+            server.metrics.http(handler, request.method, response.status_code)
         return response
 
     def authorize(request: Request):
@@ -102,7 +122,8 @@ def create_app(server: Server) -> FastAPI:
         if server.llm is not None:
             pool = server.llm.engine.pool
             total = pool.num_blocks * len(pool.groups)
-        body = server.metrics.render(stats, server.in_flight, not server.ready, total)
+        healthy = server.load_error is None and server.ready and server.engine.error is None
+        body = server.metrics.render(stats, server.in_flight, not server.ready, total, healthy)
         return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -126,33 +147,89 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        principal = authorize(request)
-        raw = await body_of(request)
-        with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
-            req = await server.off_loop(parse_body, raw, ChatCompletionRequest)
-            server.check_model(req.model)
-            server.check_ready()
-            redaction = await redaction_for(server, req)  # before the template: the model sees placeholders
-            req = redaction.request if redaction else req
-            prepared = await server.off_loop(server.prepare_chat, req, principal)
-            run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal,
-                      redaction=redaction)
-            return await run.respond(request)
+        trace = Trace()
+        with traced_refusal(trace, "chat"):  # a request refused before it runs is a trace too (401, 429, 400)
+            principal = authorize(request)
+            raw = await body_of(request)
+            with server.admit():  # refused before any work is spent on it: a 429 costs next to nothing
+                req = await server.off_loop(parse_body, raw, ChatCompletionRequest)
+                server.check_model(req.model)
+                server.check_ready()
+                trace.add("admission", trace.start)
+                redaction = await redacted(req, trace)  # before the template: the model sees placeholders
+                req = redaction.request if redaction else req
+                prepared = await server.off_loop(server.prepare_chat, req, principal)
+                run = Run(server, "chat", req, [prepared], log_prompt=prepared.prompt_text, principal=principal,
+                          redaction=redaction, trace=trace)
+                return await run.respond(request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        trace = Trace()
+        with traced_refusal(trace, "text_completion"):
+            authorize(request)
+            raw = await body_of(request)
+            with server.admit():
+                req = await server.off_loop(parse_body, raw, CompletionRequest)
+                server.check_model(req.model)
+                server.check_ready()
+                trace.add("admission", trace.start)
+                redaction = await redacted(req, trace)
+                req = redaction.request if redaction else req
+                prepared = await server.off_loop(server.prepare_completion, req)
+                run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared],
+                          redaction=redaction, trace=trace)
+                return await run.respond(request)
+
+    async def redacted(req, trace: Trace):
+        started = time.perf_counter()
+        redaction = await redaction_for(server, req)
+        if redaction is not None:
+            trace.add("redaction", started, entities=sum(redaction.counts.values()))
+        return redaction
+
+    @contextlib.contextmanager
+    def traced_refusal(trace: Trace, operation: str):
+        try:
+            yield
+        except APIError as e:
+            if server.tracing is not None and not trace.exported:  # a Run exports its own
+                server.tracing.export(trace, operation, server.config.name,
+                                      {"http.response.status_code": e.status, "error.type": e.code or str(e.status)},
+                                      error=e.message)
+            raise
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        trace = Trace()
+        with traced_refusal(trace, "chat"):
+            principal = authorize(request)
+            raw = await body_of(request)
+            with server.admit():
+                req = await server.off_loop(parse_body, raw, ResponsesRequest)
+                server.check_model(req.model)
+                server.check_ready()
+                trace.add("admission", trace.start)
+                return await responses_run.respond(server, request, req, principal, trace)
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str, request: Request):
         authorize(request)
-        raw = await body_of(request)
-        with server.admit():
-            req = await server.off_loop(parse_body, raw, CompletionRequest)
-            server.check_model(req.model)
-            server.check_ready()
-            redaction = await redaction_for(server, req)
-            req = redaction.request if redaction else req
-            prepared = await server.off_loop(server.prepare_completion, req)
-            run = Run(server, "completion", req, prepared, log_prompt=[p.prompt_text for p in prepared],
-                      redaction=redaction)
-            return await run.respond(request)
+        return stored(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request):
+        authorize(request)
+        stored(response_id)
+        server.responses.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    def stored(response_id: str):
+        entry = server.responses.get(response_id)
+        if entry is None:
+            raise APIError(404, f"Response with id '{response_id[:200]}' not found (unknown, expired, or not stored)",
+                           "response_id", "not_found")
+        return entry
 
     return app
 

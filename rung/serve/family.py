@@ -6,6 +6,10 @@ Three families:
 - ``hermes`` (Qwen3 and any template that writes ``<tool_call>``): the template renders tools and
   tool results itself; ``<think>`` reasoning when the template knows it, switched off with
   ``enable_thinking: false``.
+- ``mistral`` (a template that writes ``[TOOL_CALLS]``: Mistral, Mixtral instruct): the template
+  renders tools and results; replies call tools after ``[TOOL_CALLS]`` (tools.MistralTools), a
+  special token, so its replies are decoded with special tokens; tool call ids are the nine
+  alphanumerics Mistral's templates insist on.
 - ``json`` (templates without tools, e.g. SmolLM2, Gemma 3, and Llama 3.x, whose JSON calls with
   ``"parameters"`` and ``<|python_tag|>`` parse the same way): rung describes the tools in a system
   message and asks for one JSON object ``{"name", "arguments"}``; calls in history are written back as that
@@ -20,10 +24,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from rung.serve.reasoning import HarmonyReply, ThinkSplitter
-from rung.serve.tools import HermesTools, JsonTools, Pipeline
+from rung.serve.tools import HermesTools, JsonTools, MistralTools, Pipeline
 
 TOOL_INSTRUCTIONS = """You can call the following tools. Each is a JSON object with its name, description and the JSON Schema of its arguments:
 {tools}
@@ -33,7 +37,7 @@ To call a tool, reply with only a JSON object {{"name": <tool name>, "arguments"
 
 @dataclass
 class Family:
-    name: str  # "harmony" | "hermes" | "json"
+    name: str  # "harmony" | "hermes" | "mistral" | "json"
     thinks: bool  # the template has a <think> reasoning block (hermes only)
 
     # ---- prompt side ------------------------------------------------------------------------------
@@ -57,6 +61,8 @@ class Family:
     def messages(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
         """OpenAI messages → what this family's template renders."""
         messages = _name_tool_results(messages)
+        if self.name == "mistral":
+            return _mistral_call_ids(messages)
         if self.name != "json":
             return messages
         out: list[dict] = []
@@ -88,26 +94,28 @@ class Family:
 
     # ---- reply side -------------------------------------------------------------------------------
 
-    def parser(self, tools: list[dict] | None, prompt: str | None = None):
+    def parser(self, tools: list[dict] | None, prompt: str | None = None, removed: Iterable[str] = ()):
         """The streaming parser of this family's replies (reasoning, content, tool calls whose
         arguments stream: rung/serve/tools.py documents its events). Only ``tools`` can be called. A
         prompt that ends inside an open ``<think>`` (thinking-only templates) starts the reply in
         reasoning."""
-        names = {_function(t)["name"] for t in tools or []}  # a call to any other tool is content
+        names = {_function(t)["name"] for t in tools or []} | set(removed)  # a call to any other is content
         if self.name == "harmony":
-            return HarmonyReply(tools=bool(tools), names=names)
+            return HarmonyReply(tools=bool(names), names=names)
         stages = []
         if self.thinks:
             opened = prompt is not None and prompt.rstrip().endswith("<think>")
             stages.append(ThinkSplitter(thinking=opened))
-        if tools:
-            stages.append(HermesTools(names) if self.name == "hermes" else JsonTools(names))
+        if names:
+            stages.append(HermesTools(names) if self.name == "hermes" else MistralTools(names) if self.name == "mistral"
+                          else JsonTools(names))
         return Pipeline(*stages)
 
     @property
     def skip_special_tokens(self) -> bool:
-        """Harmony's structure is special tokens: its replies are decoded with them."""
-        return self.name != "harmony"
+        """Harmony's structure is special tokens, and Mistral's [TOOL_CALLS] is one: their replies are
+        decoded with them."""
+        return self.name not in ("harmony", "mistral")
 
     # ---- grammars ---------------------------------------------------------------------------------
 
@@ -138,6 +146,9 @@ class Family:
         schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
         if self.name == "json":
             return _lark(f"start: call\ncall: {_json(schema)}")
+        if self.name == "mistral":  # [TOOL_CALLS] then a list of the one call
+            calls = {"type": "array", "items": schema, "minItems": 1, "maxItems": 1}
+            return _lark(f"start: call\ncall: {_tag('[TOOL_CALLS]', added)} body\nbody: {_json(calls)}")
         think = self.thinks and thinking
         open_, close = _tag("<tool_call>", added), _tag("</tool_call>", added)
         return _lark((f"start: think{'' if opened else '?'} call\n" if think else "start: call\n")
@@ -189,6 +200,8 @@ def family_for(model_type: str | None, template) -> Family:
     thinks = "<think>" in source or "enable_thinking" in source
     if "<tool_call>" in source:
         return Family("hermes", thinks=thinks)
+    if "[TOOL_CALLS]" in source:
+        return Family("mistral", thinks=False)
     return Family("json", thinks=thinks)
 
 
@@ -203,6 +216,26 @@ def _arguments(arguments: Any) -> Any:
         except ValueError:
             return arguments
     return arguments if arguments is not None else {}
+
+
+def _mistral_call_ids(messages: list[dict]) -> list[dict]:
+    """Mistral's templates refuse a tool call id that is not nine alphanumerics: map each id (an
+    assistant's call and the tool result answering it) to one, stably within the conversation."""
+    import hashlib
+
+    def short(call_id: Any) -> Any:
+        if not isinstance(call_id, str) or (len(call_id) == 9 and call_id.isalnum()):
+            return call_id
+        return hashlib.sha256(call_id.encode()).hexdigest()[:9]
+
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": short(c.get("id"))} for c in m["tool_calls"]]}
+        elif m["role"] == "tool" and m.get("tool_call_id"):
+            m = {**m, "tool_call_id": short(m["tool_call_id"])}
+        out.append(m)
+    return out
 
 
 def _name_tool_results(messages: list[dict]) -> list[dict]:

@@ -183,7 +183,10 @@ class RunGovernance:
         p = run.prepared[choice.index // run.req.n]
         passages = p.grounding.texts if getattr(p, "grounding", None) is not None else None  # --rag: what it saw
         question, sources = sources_of(p.messages or [], passages)
+        started = time.perf_counter()
         verdict = await self.verification.check(question, answer, sources, run.server.metrics)
+        if getattr(run, "trace", None) is not None:
+            run.trace.add("verify", started, choice=choice.index, action=verdict.action)
         choice.verdict = verdict.json()
         if verdict.action == "refused":
             choice.refuse(VERIFIER_REFUSAL, replace=True)

@@ -57,6 +57,7 @@ class Metrics:
         self.prefix_hit_rate = Gauge("rung:prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens)", m,
                                      registry=r)
         self.loading = Gauge("rung:model_loading", "1 while the model loads", m, registry=r)
+        self.healthy = Gauge("rung:healthy", "1 while /health answers 200 (loaded, engine running)", m, registry=r)
         self.redacted_entities = Counter("rung:redacted_entities", "PII entities redacted from requests, by type",
                                          ["model_name", "entity_type"], registry=r)
         # governance (rung/serve/governance.py): labelled by the key's name in the policy file, never the key
@@ -109,10 +110,13 @@ class Metrics:
             self.verifier_score.labels(self.model_name).observe(score)
         self.verifier_seconds.labels(self.model_name).observe(seconds)
 
-    def render(self, stats: dict, in_flight: int, loading: bool, total_blocks: int | None) -> bytes:
+    def render(self, stats: dict, in_flight: int, loading: bool, total_blocks: int | None,
+               healthy: bool | None = None) -> bytes:
         """The exposition text, engine gauges read now."""
         n = self.model_name
         self.loading.labels(n).set(1 if loading else 0)
+        if healthy is not None:
+            self.healthy.labels(n).set(1 if healthy else 0)
         self.in_flight.labels(n).set(in_flight)
         if stats:
             self.running.labels(n).set(stats["running"])

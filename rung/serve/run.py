@@ -26,6 +26,7 @@ from rung.serve.redaction import RequestRedaction
 from rung.serve.responses import DONE, Choice, OpenAIReply, TokenText, event_delta, sse, usage, whole_calls
 from rung.serve.schemas import Message
 from rung.serve.server import Prepared, Server, wait_disconnect
+from rung.serve.tracing import Trace
 
 
 class Run:
@@ -33,8 +34,13 @@ class Run:
     line and metrics."""
 
     def __init__(self, server: Server, kind: str, req, prepared: list[Prepared], log_prompt=None,
-                 principal: Principal | None = None, redaction: RequestRedaction | None = None):
+                 principal: Principal | None = None, redaction: RequestRedaction | None = None,
+                 trace: Trace | None = None):
         self.server, self.kind, self.req, self.prepared = server, kind, req, prepared
+        self.trace = trace or Trace()  # its phases, for --otlp-traces-endpoint (tracing.py)
+        for p in prepared:
+            for phase in p.phases:
+                self.trace.add(*phase)
         self.redaction = redaction  # PII: the request was redacted; what leaves is restored (redaction.py)
         self.principal = principal
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
@@ -44,18 +50,21 @@ class Run:
         self.log_prompt = log_prompt
         n = req.n
         family = server.family
-        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text) if kind == "chat" else None)
+        chat = kind != "completion"  # "chat", or "responses" (responses_run.py): a chat reply in another shape
+        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text, p.removed_tools)
+                                if chat else None)
                         for i, p in enumerate(prepared) for j in range(n)]
         self.reply = OpenAIReply(kind, self.id, self.created, server.config.name, req, prepared,
                                  TokenText(server.llm.tokenizer, server.grammars))
         self.status = 200
         self.error: str | None = None
         # the tool policy's gate over the model's calls, the verifier over its answers
-        self.governance = RunGovernance(self, principal, server.verification if kind == "chat" else None)
+        self.governance = RunGovernance(self, principal, server.verification if chat else None)
         self.extra_prompt_tokens = 0  # prompts of the rounds after a denied call
         self._queue: asyncio.Queue | None = None
         self._tasks: list[asyncio.Task] = []
         self._open = 0
+        self._first_chunk: float | None = None  # streamed: when the first token's chunk went out
 
     # ---- driving --------------------------------------------------------------------------------
 
@@ -114,9 +123,11 @@ class Run:
             if left < 1:
                 raise APIError(400, "no tokens left of max_tokens for another round")
             update["max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"] = left
+        started = time.perf_counter()
         p = await self.server.off_loop(self.server.prepare_chat, req.model_copy(update=update), self.principal)
+        self.trace.add("tool_policy", started, choice=choice.index, denied=len(extra))
         self.extra_prompt_tokens += len(p.prompt_ids)
-        choice.parser = self.server.family.parser(p.tools, p.prompt_text)
+        choice.parser = self.server.family.parser(p.tools, p.prompt_text, p.removed_tools)
         self._spawn(p, f"{self.id}-c{choice.index}-r{len(self._tasks)}", lambda _, c=choice.index: c)
 
     async def _deltas(self):
@@ -146,6 +157,8 @@ class Run:
                 else:
                     if self.first_token is None and item.token_ids:
                         self.first_token = time.perf_counter()
+                    if item.timings is not None:  # a sample's last delta: its queue, prefill and decode
+                        self.trace.engine(item.timings)
                     yield item
         finally:
             for t in self._tasks:
@@ -183,6 +196,8 @@ class Run:
                     yield sse(add_rung(first, reply_fields(self.prepared)) if c.index == 0 else first)  # --rag sources
             async for d in deltas:
                 for chunk in await self._chunks(d):
+                    if self._first_chunk is None:
+                        self._first_chunk = time.perf_counter()
                     yield chunk
             opts = self.req.stream_options
             if opts is not None and opts.include_usage:
@@ -268,6 +283,22 @@ class Run:
 
     # ---- accounting -----------------------------------------------------------------------------
 
+    def _export(self, reasons: list, prompt: int, generated: int, end: float) -> None:
+        """This request's trace, with OpenTelemetry's GenAI attributes (tracing.py)."""
+        req = self.req
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        attributes = {"gen_ai.response.id": self.id, "gen_ai.response.model": self.server.config.name,
+                      "gen_ai.request.max_tokens": max_tokens, "gen_ai.request.temperature": req.temperature,
+                      "gen_ai.request.top_p": req.top_p, "gen_ai.request.seed": req.seed,
+                      "gen_ai.usage.input_tokens": prompt, "gen_ai.usage.output_tokens": generated,
+                      "gen_ai.response.finish_reasons": [r or "" for r in reasons],
+                      "http.response.status_code": self.status, "rung.stream": bool(req.stream)}
+        if self.error is not None:
+            attributes["error.type"] = str(self.status)
+        operation = "text_completion" if self.kind == "completion" else "chat"  # a Responses run is a chat
+        self.server.tracing.export(self.trace, operation, self.server.config.name, attributes, end=end,
+                                   prompt=self.log_prompt, error=self.error)
+
     def _fail(self, e: BaseException) -> None:
         if isinstance(e, APIError):
             self.status, self.error = e.status, e.message
@@ -297,6 +328,10 @@ class Run:
         if self.redaction is not None:
             redacted = dict(self.redaction.counts)
             self.server.metrics.redacted(redacted)
+        if self._first_chunk is not None:
+            self.trace.add("stream", self._first_chunk, now)
+        if self.server.tracing is not None:
+            self._export(reasons, prompt, generated, now)
         logs.request_line(id=self.id, endpoint=self.kind, model=self.server.config.name, status=self.status,
                           stream=bool(self.req.stream), n=self.req.n, prompt_tokens=prompt,
                           completion_tokens=generated, latency_s=round(latency, 4),

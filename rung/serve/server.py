@@ -21,6 +21,7 @@ from typing import Any
 from rung.serve.errors import APIError, bad_request
 from rung.serve.family import Family, family_for
 from rung.serve.grounding import ground_chat
+from rung.serve.responses_store import ResponseStore
 from rung.serve.schemas import ChatCompletionRequest, CompletionRequest
 from rung.serve.structured import GrammarError, check_json_schema
 
@@ -58,6 +59,11 @@ class ServeConfig:
     verify_action: str = "refuse"  # "refuse" | "flag"
     redact: bool = False  # redact PII of every request (rung/serve/redaction.py)
     redact_entities: tuple[str, ...] | None = None  # Presidio entity types (default: rung.govern.redact's)
+    otlp_traces_endpoint: str | None = None  # OpenTelemetry traces (rung/serve/tracing.py), vLLM's flag
+    # stored responses of POST /v1/responses (store: true), for previous_response_id (responses_store.py)
+    responses_store_size: int = 1000  # responses kept at most; the oldest go first
+    responses_store_ttl: float = 3600.0  # seconds a stored response is kept
+    responses_store_bytes: int = 256 * 2**20  # text of all stored responses at most
 
     @property
     def name(self) -> str:
@@ -76,6 +82,7 @@ class Prepared:
     removed_tools: list[str] = field(default_factory=list)  # declared tools the key's policy took out
     messages: list[dict] | None = None  # the conversation as sent (what a verifier reads its sources from)
     grounding: Any = None  # rung.rag.Grounding with --rag: the passages the model was given (grounding.texts)
+    phases: list = field(default_factory=list)  # (name, start, end): template and grammar, for the trace
 
 
 class Server:
@@ -99,6 +106,15 @@ class Server:
         self.redactor = None  # a rung.govern.redact.Redactor with --redact, loaded with the model
         self._redactors: dict = {}  # those requests asked for, by entity types
         self._prepare = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="rung-prepare")
+        self.tracing = None  # a rung.serve.tracing.Tracing with --otlp-traces-endpoint
+        if config.otlp_traces_endpoint:
+            from rung.extras import require
+            from rung.serve.tracing import Tracing
+
+            require("otel", what="rung serve --otlp-traces-endpoint")
+            self.tracing = Tracing(config.otlp_traces_endpoint, log_prompts=config.log_prompts)
+        self.responses = ResponseStore(config.responses_store_size, config.responses_store_ttl,
+                                       config.responses_store_bytes)
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -151,10 +167,16 @@ class Server:
         return got
 
     def shutdown(self) -> None:
+        """Idempotent: the app's lifespan and `rung serve` may both call it."""
+        if getattr(self, "_shut", False):
+            return
+        self._shut = True
         if self.engine is not None:
             self.engine.shutdown()
         if self.llm is not None:
             self.llm.shutdown()  # tensor-parallel workers, if any
+        if self.tracing is not None:
+            self.tracing.shutdown()  # the last spans go out
         self._prepare.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -255,6 +277,7 @@ class Server:
         sent = [_message(m) for m in req.messages]
         grounded, grounding = ground_chat(self, req, sent)  # --rag: the passages go into the system message
         messages = family.messages(grounded, tools)
+        started = time.perf_counter()
         try:  # special tokens come from the template only: a user's "<|im_start|>" is text
             text, prompt_ids = encode_chat(self.llm.tokenizer, self.template, messages,
                                            add_generation_prompt=req.add_generation_prompt,
@@ -266,8 +289,10 @@ class Server:
         except Exception as e:  # the template met values it cannot handle (a TypeError in a filter, ...)
             param = "chat_template_kwargs" if req.chat_template_kwargs else "messages"
             raise bad_request(f"the chat template failed on this request: {type(e).__name__}: {e}", param) from None
+        phases = [("template", started, time.perf_counter())]
         grammar = None
         self._check_grammars(tools and (choice == "required" or named), req.response_format)
+        started = time.perf_counter()
         opened = text.rstrip().endswith("<think>")  # a thinking-only template opened the block itself
         if tools and (choice == "required" or named):
             chosen = [t for t in tools if named is None or t["function"]["name"] == named]
@@ -279,11 +304,14 @@ class Server:
                                     "response_format")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if grammar is not None:
+            phases.append(("grammar", started, time.perf_counter()))
         params = self._params(req, prompt_ids, max_tokens, param, grammar,
                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        return Prepared(prompt_ids, params, text, tools, thinking, removed, sent, grounding=grounding)
+        return Prepared(prompt_ids, params, text, tools, thinking, removed, sent, grounding=grounding, phases=phases)
 
     def prepare_completion(self, req: CompletionRequest) -> list[Prepared]:
+        started = time.perf_counter()
         if req.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
         if req.suffix:
@@ -317,6 +345,8 @@ class Server:
                 raise bad_request("the prompt is empty", "prompt")
             out.append(Prepared(ids, self._params(req, ids, req.max_tokens, "max_tokens", grammar,
                                                   logprobs=req.logprobs), text))
+        if out:  # one span for the prompts' tokenization (and the grammar, compiled first)
+            out[0].phases.append(("template", started, time.perf_counter()))
         return out
 
     def _check_grammars(self, forced_call: bool, fmt) -> None:

@@ -21,6 +21,9 @@ Formats (one parser each; the suite in tests/conformance/ checks them all):
 
 - ``HermesTools``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (Qwen3,
   Qwen2.5, Hermes). Text around the blocks is content; whitespace next to a call is dropped.
+- ``MistralTools``: ``[TOOL_CALLS]`` then the calls, to the end of the reply (held, then sent whole as ``tool_call`` events): a JSON list
+  ``[{"name": ..., "arguments": {...}}, ...]`` (Mistral-7B-Instruct-v0.3, Mixtral-8x22B-Instruct) or,
+  from tokenizer v11 on, ``NAME[ARGS]{...}`` per call, each after its own ``[TOOL_CALLS]``.
 - ``JsonTools``: a reply that is a JSON call object ``{"name": ..., "arguments" | "parameters":
   {...}}``, or several (a JSON list, or objects separated by ``;`` or blanks), optionally in a
   ```` ```json ```` fence: rung's convention for templates without a tool format (SmolLM2, Gemma 3)
@@ -425,6 +428,65 @@ class JsonTools:
             return events
         text, self.held, self.mode = self.held + block.raw, "", "text"
         return [Event("content", text)]
+
+
+# ---- issue 21 (families): Mistral's [TOOL_CALLS] -----------------------------------------------
+
+
+class MistralTools:
+    """Text before ``[TOOL_CALLS]`` is content; everything after it is held to the end of the reply
+    (the calls close the reply) and parsed whole. Calls that do not parse stay content, as written."""
+
+    MARK = "[TOOL_CALLS]"
+    _ARGS = "[ARGS]"
+
+    def __init__(self, names: set[str] | None = None):
+        self.names = names
+        self.buffer = ""
+        self.calling = False
+
+    def push(self, text: str) -> list[Event]:
+        self.buffer += text
+        if self.calling:
+            return []
+        at = self.buffer.find(self.MARK)
+        if at >= 0:
+            content, self.buffer, self.calling = self.buffer[:at], self.buffer[at:], True
+            return [Event("content", content)] if content else []
+        keep = held_prefix(self.buffer, self.MARK)
+        content, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+        return [Event("content", content)] if content else []
+
+    def finish(self) -> list[Event]:
+        text, self.buffer = self.buffer, ""
+        if not self.calling:
+            return [Event("content", text)] if text else []
+        calls = self._calls(text)
+        if calls:
+            return [Event("tool_call", call=c) for c in calls]
+        return [Event("content", text)]
+
+    def _calls(self, text: str) -> list[ToolCallOut] | None:
+        """Every call of ``[TOOL_CALLS]…`` (all must parse), or None."""
+        calls: list[ToolCallOut] = []
+        for part in text.split(self.MARK)[1:]:
+            part = part.strip()
+            if not part:
+                continue
+            if part[0] in "[{":  # v0.3: a JSON list of {"name", "arguments"} (or one object)
+                value = _loads(part)
+                items = value if isinstance(value, list) and value else [value]
+                found = [call_from_json(v, self.names) for v in items]
+            else:  # v11: NAME[ARGS]{json}
+                name, sep, args = part.partition(self._ARGS)
+                found = [call_from_json({"name": name.strip(), "arguments": _loads(args.strip())}, self.names)
+                         if sep else None]
+            if any(c is None for c in found):
+                return None
+            calls += found
+        return calls or None
+
+# ---- end issue 21 (families) --------------------------------------------------------------------
 
 
 # ---- composition -----------------------------------------------------------------------------------

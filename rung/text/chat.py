@@ -23,12 +23,16 @@ import jinja2.ext
 import jinja2.utils
 
 from rung.text.sandbox import BoundedSandbox, render_bounded
-from rung.text.templates import CHATML_TEMPLATE, GEMMA3_TEMPLATE, QWEN3_TEMPLATE
+from rung.text.templates import (CHATML_TEMPLATE, GEMMA3_TEMPLATE, MISTRAL_TEMPLATE, OLMO2_TEMPLATE, PHI3_TEMPLATE,
+                                 QWEN3_TEMPLATE)
 
 # model_type (config.json) or general.architecture (GGUF) → a template for files that ship none
 FALLBACK_TEMPLATES = {
     "gemma3": GEMMA3_TEMPLATE, "gemma3_text": GEMMA3_TEMPLATE,
     "qwen3": QWEN3_TEMPLATE, "qwen3_moe": QWEN3_TEMPLATE, "qwen3moe": QWEN3_TEMPLATE,
+    # issue 21 (families); model types and GGUF architecture names
+    "mistral": MISTRAL_TEMPLATE, "mixtral": MISTRAL_TEMPLATE, "phi3": PHI3_TEMPLATE, "olmo2": OLMO2_TEMPLATE,
+    "gemma2": GEMMA3_TEMPLATE,
 }
 HARMONY_MODEL_TYPES = ("gpt_oss", "gpt-oss")
 

@@ -3,6 +3,11 @@
 - ChatML: the fallback for any model without a template (`<|im_start|>role\ncontent<|im_end|>\n`).
 - Gemma 3: google/gemma-3-*-it's template. GGUF conversions such as ggml-org/gemma-3-270m-GGUF ship
   no `tokenizer.chat_template`.
+- Mistral / Mixtral instruct (issue 21): the v0.3 [INST] format with tools ([AVAILABLE_TOOLS], calls
+  after [TOOL_CALLS], results in [TOOL_RESULTS]), as mistralai/Mistral-7B-Instruct-v0.3's template.
+- Phi-3 / 3.5: <|system|>, <|user|>, <|assistant|> turns closed by <|end|> (Phi-3.5-mini-instruct).
+- OLMo 2 instruct: <|system|>, <|user|>, <|assistant|> turns, the assistant's closed by eos.
+- Gemma 2 shares Gemma 3's turn format (<start_of_turn>…<end_of_turn>); Qwen2.5 and SmolLM3 ship theirs.
 - Qwen3: Qwen/Qwen3-*'s template (thinking inside <think>…</think>; `enable_thinking=False` renders an
   empty think block; tool calls as <tool_call> JSON; tool results as <tool_response> in a user turn).
 """
@@ -145,3 +150,57 @@ QWEN3_TEMPLATE = """{%- if tools %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
     {%- endif %}
 {%- endif %}"""
+
+
+# ---- issue 21 (families) ----------------------------------------------------------------------
+
+MISTRAL_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr('role', 'equalto', 'user') | list %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {%- if tools and message == user_messages[-1] %}
+            {{- '[AVAILABLE_TOOLS] [' }}
+            {%- for tool in tools %}{{ tool | tojson }}{% if not loop.last %}{{ ', ' }}{% endif %}{% endfor %}
+            {{- '][/AVAILABLE_TOOLS]' }}
+        {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}
+        {%- else %}
+            {{- '[INST] ' + message['content'] + '[/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' and message['tool_calls'] %}
+        {{- '[TOOL_CALLS] [' }}
+        {%- for call in message['tool_calls'] %}
+            {{- {'name': call['function']['name'], 'arguments': call['function']['arguments'], 'id': call['id']} | tojson }}
+            {%- if not loop.last %}{{ ', ' }}{% endif %}
+        {%- endfor %}
+        {{- ']' + eos_token }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token }}
+    {%- elif message['role'] == 'tool' %}
+        {{- '[TOOL_RESULTS] ' + {'content': message['content'], 'call_id': message['tool_call_id']} | tojson + '[/TOOL_RESULTS]' }}
+    {%- endif %}
+{%- endfor %}"""
+
+PHI3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and message['content'] %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+OLMO2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
+)

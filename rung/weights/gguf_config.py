@@ -22,6 +22,8 @@ from rung.weights.gguf import GGUFError, GGUFFile
 ARCHITECTURES = {
     "llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "gpt2": "gpt2",
     "gemma3": "gemma3_text",
+    # issue 21 (families); llama.cpp writes Mistral and Mixtral as "llama" (Mixtral: with experts)
+    "qwen2": "qwen2", "gemma2": "gemma2", "olmo2": "olmo2", "smollm3": "smollm3", "phi3": "phi3",
 }
 # End-of-turn tokens that llama.cpp also stops at when they are control tokens (llama-vocab.cpp)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|return|>", "<|call|>",
@@ -238,6 +240,8 @@ def _config(gf: GGUFFile) -> ModelConfig:
             mlp="plain", activation="gelu_tanh", mlp_bias=True,
         )
 
+    if arch == "phi3":
+        return ModelConfig(**_phi3_fields(m, common, layers, hidden, heads, kv_heads))
     q = _shape(gf, "blk.0.attn_q.weight")
     head_dim = m.int("attention.key_length", None) or (q[0] // heads if q else hidden // heads)
     if q is None or q[0] != heads * head_dim:
@@ -302,5 +306,76 @@ def _config(gf: GGUFFile) -> ModelConfig:
             qk_norm=True, attn_scale=scalar**-0.5,
             layer_types=types, sliding_window=window or None, activation="gelu_tanh",
         )
+    _issue21_fields(m, fields, layers, hidden, heads, head_dim)
     return ModelConfig(**fields)
 
+
+# ---- issue 21 (families) -------------------------------------------------------------------------
+
+
+def _issue21_fields(m: _Meta, fields: dict, layers: int, hidden: int, heads: int, head_dim: int) -> None:
+    """What llama.cpp's qwen2, gemma2, olmo2 and smollm3 architectures (and a llama with experts,
+    Mixtral) add to the Llama-shaped fields, in place."""
+    arch = m.arch
+    if arch == "llama" and m.has("expert_count"):  # Mixtral: softmax over all experts, top-k renormalised
+        experts = m.int("expert_count")
+        moe = MoEConfig(num_experts=experts, top_k=m.int("expert_used_count"),
+                        expert_intermediate_size=m.int("expert_feed_forward_length", None) or fields["intermediate_size"],
+                        router="softmax_topk", norm_topk_prob=True)
+        if moe.top_k > experts:
+            raise m.error(f"expert_used_count {moe.top_k} exceeds expert_count {experts}")
+        fields.update(model_type="mixtral", moe=moe, moe_layers=(True,) * layers)
+    elif arch == "gemma2":
+        window = m.int("attention.sliding_window", 0, low=0)
+        # llama.cpp scales queries by head_dim^-0.5, except Gemma 2 27B (46 layers): (hidden/heads)^-0.5,
+        # transformers' query_pre_attn_scalar of each released size
+        scalar = hidden // heads if layers == 46 else head_dim
+        fields.update(
+            norm_weight_offset=1.0, norm_weight_in_float32=True, sandwich_norms=True,
+            embedding_scale=hidden**0.5, final_logit_softcap=m.float("final_logit_softcapping", None),
+            attn_logit_softcap=m.float("attn_logit_softcapping", None), attn_scale=scalar**-0.5,
+            layer_types=_window_layers(m, layers, 2) if window else ("full",) * layers, sliding_window=window or None,
+            activation="gelu_tanh",
+        )
+    elif arch == "olmo2":
+        fields.update(pre_norms=False, sandwich_norms=True, qk_norm=True, qk_norm_whole=True)
+    elif arch == "smollm3":  # llama.cpp hard-codes its NoPE step: every fourth layer
+        fields.update(rope_layers=tuple((i + 1) % 4 != 0 for i in range(layers)))
+
+
+
+def _phi3_fields(m: _Meta, common: dict, layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
+    """llama.cpp's phi3 (Phi3MiniModel): q|k|v in attn_qkv, gate|up in ffn_up, LongRoPE's factors as
+    the rope_factors_long / rope_factors_short tensors, its cos/sin scale as rope.scaling.attn_factor."""
+    gf = m.gf
+    head_dim = hidden // heads
+    qkv = _shape(gf, "blk.0.attn_qkv.weight")
+    if qkv is None or qkv[0] != (heads + 2 * kv_heads) * head_dim:
+        raise m.error(f"blk.0.attn_qkv.weight is {list(qkv) if qkv else 'missing'}; {heads} + 2 x {kv_heads} heads "
+                      f"of {head_dim} need {(heads + 2 * kv_heads) * head_dim} rows")
+    rot = m.int("rope.dimension_count", head_dim)
+    if rot > head_dim or rot % 2:
+        raise m.error(f"phi3.rope.dimension_count {rot} must be even and at most the head size {head_dim}")
+    theta, max_pos = m.float("rope.freq_base", 10_000.0), m.int("context_length", 4096)
+    rope = RopeConfig(theta=theta, partial_rotary_factor=rot / head_dim)
+    if "rope_factors_long.weight" in gf.tensors:
+        factors = {}
+        for kind in ("long", "short"):
+            name = f"rope_factors_{kind}.weight"
+            shape = _shape(gf, name)
+            if shape is None or math.prod(shape) != rot // 2:
+                raise m.error(f"{name} has shape {list(shape) if shape else 'missing'}; {rot // 2} factors needed")
+            factors[kind] = tuple(gf.read(name).double().flatten().tolist())
+        original = m.int("rope.scaling.original_context_length", max_pos)
+        rope = RopeConfig(theta=theta, type="longrope", factor=max_pos / original, original_max_position=original,
+                          attention_factor=m.float("rope.scaling.attn_factor", None), short_factor=factors["short"],
+                          long_factor=factors["long"], partial_rotary_factor=rot / head_dim)
+    window = m.int("attention.sliding_window", 0, low=0)
+    up = _shape(gf, "blk.0.ffn_up.weight")
+    return dict(
+        common, head_dim=head_dim, max_position_embeddings=max_pos,
+        intermediate_size=m.int("feed_forward_length", up[0] // 2 if up else None),
+        norm="rmsnorm", norm_eps=m.float("attention.layer_norm_rms_epsilon", 1e-5), positions="rope", rope=rope,
+        layer_types=(("sliding" if window else "full"),) * layers, sliding_window=window or None,
+        mlp="gated", activation="silu",
+    )

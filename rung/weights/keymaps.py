@@ -83,7 +83,7 @@ def converted(rule: Rule, tensors: list, target_shape: torch.Size, where: Callab
 # Where a layer's or an expert's index sits in a Hugging Face tensor name, for every prefix the key
 # maps below accept (GPT-2 and BLOOM: [transformer.]h.N.; the Llama family: model.[language_model.]layers.N.)
 _LAYER = re.compile(r"(?:model\.(?:language_model\.)?layers|(?:transformer\.)?h)\.(\d{1,9})\.")
-_EXPERT = re.compile(r"\.mlp\.experts\.(\d{1,9})\.")  # Qwen3-MoE's hub layout: one tensor per expert
+_EXPERT = re.compile(r"\.(?:mlp|block_sparse_moe)\.experts\.(\d{1,9})\.")  # Qwen3-MoE's, Mixtral's hub layouts
 
 
 def layer_indices(names) -> set[int]:
@@ -214,6 +214,40 @@ def _gpt_oss_expert_rules(c: ModelConfig, s: str, t: str, names: set[str]) -> li
     return rules
 
 
+# ---- issue 21 (families): what Phi-3, OLMo 2 and Mixtral name or lay out differently -------------
+
+
+def _mixtral_expert_rules(c: ModelConfig, s: str, t: str, names: set[str]) -> list[Rule]:
+    """Mixtral's hub layout: block_sparse_moe.gate (the router) and per-expert w1 (gate), w3 (up),
+    w2 (down); transformers' fused in-memory layout (mlp.experts.gate_up_proj) as Qwen3-MoE's."""
+    if s + "block_sparse_moe.gate.weight" not in names:
+        return _qwen3_moe_expert_rules(c, s, t, names)
+    rules = [copy(s + "block_sparse_moe.gate.weight", t + "mlp.router.weight")]
+    for proj, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+        sources = tuple(f"{s}block_sparse_moe.experts.{e}.{w}.weight" for e in range(c.moe.num_experts))
+        rules.append(Rule(t + f"mlp.{proj}", sources, _stack))
+    return rules
+
+
+def _block_norm_rules(c: ModelConfig, s: str, t: str) -> list[Rule] | None:
+    """OLMo 2: no norm before a sublayer; post_attention_layernorm and post_feedforward_layernorm
+    act on the branch outputs. None for the other families (the shared names below)."""
+    if c.pre_norms:
+        return None
+    return [copy(s + "post_attention_layernorm.weight", t + "post_attn_norm.weight"),
+            copy(s + "post_feedforward_layernorm.weight", t + "post_mlp_norm.weight")]
+
+
+def _prefused(s: str, t: str, names: set[str], source: str, target: str, kinds: tuple[str, ...]) -> list[Rule] | None:
+    """Phi-3 stores q|k|v (self_attn.qkv_proj) and gate|up (mlp.gate_up_proj) fused already, in
+    rung's row order: taken as they are. None where the checkpoint has them separate."""
+    if s + source + ".weight" not in names:
+        return None
+    return [copy(s + f"{source}.{w}", t + f"{target}.{w}") for w in kinds]
+
+# ---- end issue 21 (families) --------------------------------------------------------------------
+
+
 def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     p = _prefix(names, "model.language_model.", "model.")
     rules = [copy(p + "embed_tokens.weight", "embed.weight"), copy(p + "norm.weight", "final_norm.weight")]
@@ -221,17 +255,22 @@ def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
     gate_up = (("gate", c.intermediate_size), ("up", c.intermediate_size))
     for i in range(c.num_layers):
         s, t = f"{p}layers.{i}.", f"layers.{i}."
-        rules.append(copy(s + "input_layernorm.weight", t + "attn_norm.weight"))
-        if c.sandwich_norms:  # Gemma 3 names: post_attention_layernorm is the attention-output norm
+        post_only = _block_norm_rules(c, s, t)
+        if post_only is not None:
+            rules += post_only
+        elif c.sandwich_norms:  # Gemma names: post_attention_layernorm is the attention-output norm
+            rules.append(copy(s + "input_layernorm.weight", t + "attn_norm.weight"))
             rules += [
                 copy(s + "post_attention_layernorm.weight", t + "post_attn_norm.weight"),
                 copy(s + "pre_feedforward_layernorm.weight", t + "mlp_norm.weight"),
                 copy(s + "post_feedforward_layernorm.weight", t + "post_mlp_norm.weight"),
             ]
         else:
-            rules.append(copy(s + "post_attention_layernorm.weight", t + "mlp_norm.weight"))
-        for w in ("weight", "bias") if c.qkv_bias else ("weight",):
-            rules.append(fused(t + f"attn.qkv_proj.{w}", tuple(s + f"self_attn.{n}_proj.{w}" for n, _ in qkv), qkv))
+            rules += [copy(s + "input_layernorm.weight", t + "attn_norm.weight"),
+                      copy(s + "post_attention_layernorm.weight", t + "mlp_norm.weight")]
+        bias_kinds = ("weight", "bias") if c.qkv_bias else ("weight",)
+        rules += _prefused(s, t, names, "self_attn.qkv_proj", "attn.qkv_proj", bias_kinds) or [
+            fused(t + f"attn.qkv_proj.{w}", tuple(s + f"self_attn.{n}_proj.{w}" for n, _ in qkv), qkv) for w in bias_kinds]
         for w in ("weight", "bias") if c.o_bias else ("weight",):
             rules.append(copy(s + f"self_attn.o_proj.{w}", t + f"attn.o_proj.{w}"))
         if c.qk_norm:
@@ -241,12 +280,76 @@ def llama_family_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
             rules.append(copy(s + "self_attn.sinks", t + "attn.sinks"))
         if c.moe_layers[i]:
             expert_rules = _gpt_oss_expert_rules if c.moe.router == "topk_softmax" else _qwen3_moe_expert_rules
-            rules += expert_rules(c, s, t, names)
+            rules += (_mixtral_expert_rules if c.model_type == "mixtral" else expert_rules)(c, s, t, names)
         else:
-            for w in ("weight", "bias") if c.mlp_bias else ("weight",):
-                sources = (s + f"mlp.gate_proj.{w}", s + f"mlp.up_proj.{w}")
-                rules += [fused(t + f"mlp.gate_up_proj.{w}", sources, gate_up),
-                          copy(s + f"mlp.down_proj.{w}", t + f"mlp.down_proj.{w}")]
+            mlp_kinds = ("weight", "bias") if c.mlp_bias else ("weight",)
+            rules += _prefused(s, t, names, "mlp.gate_up_proj", "mlp.gate_up_proj", mlp_kinds) or [
+                fused(t + f"mlp.gate_up_proj.{w}", (s + f"mlp.gate_proj.{w}", s + f"mlp.up_proj.{w}"), gate_up)
+                for w in mlp_kinds]
+            rules += [copy(s + f"mlp.down_proj.{w}", t + f"mlp.down_proj.{w}") for w in mlp_kinds]
+    return rules
+
+
+# ---- DeepSeek-V2 / V3: latent attention, shared experts, the router's correction bias -----------
+
+
+def _deinterleave(rope: int) -> torch.Tensor:
+    """Row order that turns DeepSeek's interleaved rotary pairs (x0, x1), (x2, x3)... into rung's
+    half-split layout (x0, x2, ... | x1, x3, ...): the rows transformers' interleaved rotation
+    (apply_rotary_pos_emb_interleave, V2's complex rotation) reads as pairs land j and j + d/2 apart."""
+    return torch.cat((torch.arange(0, rope, 2), torch.arange(1, rope, 2)))
+
+
+def _rope_rows(first: int, period: int, rope: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reorder the rope rows [first, first + rope) of every ``period`` rows (one head's query, or
+    kv_a_proj's one block) with ``_deinterleave``; the other rows stay."""
+    order = _deinterleave(rope)
+
+    def reorder(w: torch.Tensor) -> torch.Tensor:
+        if w.is_meta:
+            return w
+        blocks = w.reshape(-1, period, *w.shape[1:]).clone()
+        blocks[:, first:first + rope] = blocks[:, first:first + rope][:, order]
+        return blocks.reshape(w.shape)
+    return reorder
+
+
+def deepseek_rules(c: ModelConfig, names: set[str]) -> list[Rule]:
+    m = c.mla
+    p = "model."
+    rules = [copy(p + "embed_tokens.weight", "embed.weight"), copy(p + "norm.weight", "final_norm.weight")]
+    q_rope = _rope_rows(m.qk_nope_head_dim, m.qk_head_dim, m.qk_rope_head_dim) if m.rope_interleave else None
+    kv_rope = _rope_rows(m.kv_lora_rank, m.cache_width, m.qk_rope_head_dim) if m.rope_interleave else None
+    biases = ("weight", "bias") if c.qkv_bias else ("weight",)
+    for i in range(c.num_layers):
+        s, t = f"{p}layers.{i}.", f"layers.{i}."
+        a, ta = s + "self_attn.", t + "attn."
+        rules += [copy(s + "input_layernorm.weight", t + "attn_norm.weight"),
+                  copy(s + "post_attention_layernorm.weight", t + "mlp_norm.weight")]
+        if m.q_lora_rank is None:
+            rules.append(Rule(ta + "q_proj.weight", (a + "q_proj.weight",), q_rope))
+        else:
+            rules += [copy(a + f"q_a_proj.{w}", ta + f"q_a_proj.{w}") for w in biases]
+            rules += [copy(a + "q_a_layernorm.weight", ta + "q_a_norm.weight"),
+                      Rule(ta + "q_b_proj.weight", (a + "q_b_proj.weight",), q_rope)]
+        rules += [Rule(ta + f"kv_a_proj.{w}", (a + f"kv_a_proj_with_mqa.{w}",), kv_rope) for w in biases]
+        rules += [copy(a + "kv_a_layernorm.weight", ta + "kv_a_norm.weight"),
+                  copy(a + "kv_b_proj.weight", ta + "kv_b_proj.weight")]
+        rules += [copy(a + f"o_proj.{w}", ta + f"o_proj.{w}") for w in ("weight", "bias")[: 1 + c.o_bias]]
+        if not c.moe_layers[i]:  # first_k_dense_replace: dense layers first
+            gate_up = (("gate", c.intermediate_size), ("up", c.intermediate_size))
+            gate_and_up = (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight")
+            rules += [fused(t + "mlp.gate_up_proj.weight", gate_and_up, gate_up),
+                      copy(s + "mlp.down_proj.weight", t + "mlp.down_proj.weight")]
+            continue
+        rules += _qwen3_moe_expert_rules(c, s, t, names)  # router (mlp.gate) and per-expert tensors
+        if c.moe.score_correction_bias:
+            rules.append(copy(s + "mlp.gate.e_score_correction_bias", t + "mlp.score_correction"))
+        width = c.moe.shared_experts * c.moe.expert_intermediate_size
+        sh = s + "mlp.shared_experts."
+        rules += [fused(t + "mlp.shared.gate_up_proj.weight", (sh + "gate_proj.weight", sh + "up_proj.weight"),
+                        (("gate", width), ("up", width))),
+                  copy(sh + "down_proj.weight", t + "mlp.shared.down_proj.weight")]
     return rules
 
 
@@ -266,6 +369,11 @@ KEYMAPS = {
     "qwen3_moe": (llama_family_rules, llama_family_ignored),
     "gpt_oss": (llama_family_rules, llama_family_ignored),
     "gemma3_text": (llama_family_rules, llama_family_ignored),
+    "deepseek_v2": (deepseek_rules, llama_family_ignored),
+    "deepseek_v3": (deepseek_rules, llama_family_ignored),
+    # issue 21 (families): all Llama-shaped; the differences are read from the config and the names
+    **{t: (llama_family_rules, llama_family_ignored)
+       for t in ("qwen2", "mistral", "mixtral", "phi3", "gemma2", "olmo2", "smollm3")},
 }
 
 
@@ -286,7 +394,7 @@ def keymap(config: ModelConfig, names: set[str]) -> tuple[list[Rule], Callable[[
 
 # The llama.cpp converter permutes Q/K rows for its interleaved rotation only in LlamaModel
 # (undo_permute); Qwen3, Qwen3-MoE, gpt-oss and Gemma 3 use NeoX rotation and are stored as is.
-PERMUTED_QK = ("llama",)
+PERMUTED_QK = ("llama", "smollm3")  # smollm3: SmolLM3Model is a LlamaModel in the converter
 
 
 def _unpermute(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -314,19 +422,26 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
     rules = [copy("token_embd.weight", "embed.weight"), norm("output_norm.weight", "final_norm.weight")]
     for i in range(c.num_layers):
         s, t = f"blk.{i}.", f"layers.{i}."
-        rules.append(norm(s + "attn_norm.weight", t + "attn_norm.weight"))
-        if arch == "gpt-oss":  # HF's post_attention_layernorm (the pre-MLP norm) keeps its name here
-            rules.append(norm(s + "post_attention_norm.weight", t + "mlp_norm.weight"))
-        elif c.sandwich_norms:
+        if not c.pre_norms:  # OLMo 2 (issue 21): only the norms after each sublayer
             rules += [norm(s + "post_attention_norm.weight", t + "post_attn_norm.weight"),
+                      norm(s + "post_ffw_norm.weight", t + "post_mlp_norm.weight")]
+        elif arch == "gpt-oss":  # HF's post_attention_layernorm (the pre-MLP norm) keeps its name here
+            rules += [norm(s + "attn_norm.weight", t + "attn_norm.weight"),
+                      norm(s + "post_attention_norm.weight", t + "mlp_norm.weight")]
+        elif c.sandwich_norms:
+            rules += [norm(s + "attn_norm.weight", t + "attn_norm.weight"),
+                      norm(s + "post_attention_norm.weight", t + "post_attn_norm.weight"),
                       norm(s + "ffn_norm.weight", t + "mlp_norm.weight"),
                       norm(s + "post_ffw_norm.weight", t + "post_mlp_norm.weight")]
         else:
-            rules.append(norm(s + "ffn_norm.weight", t + "mlp_norm.weight"))
+            rules += [norm(s + "attn_norm.weight", t + "attn_norm.weight"), norm(s + "ffn_norm.weight", t + "mlp_norm.weight")]
         undo = (_unpermute(c.num_heads), _unpermute(c.num_kv_heads), None) if permute else ()
         for kind in ("weight", "bias") if c.qkv_bias else ("weight",):
             sources = tuple(f"{s}{src}.{kind}" for src in ("attn_q", "attn_k", "attn_v"))
-            rules.append(fused(f"{t}attn.qkv_proj.{kind}", sources, qkv, undo))
+            if arch == "phi3":  # issue 21: q|k|v fused as in the checkpoint
+                rules.append(copy(f"{s}attn_qkv.{kind}", f"{t}attn.qkv_proj.{kind}"))
+            else:
+                rules.append(fused(f"{t}attn.qkv_proj.{kind}", sources, qkv, undo))
         for kind in ("weight", "bias") if c.o_bias else ("weight",):
             rules.append(copy(f"{s}attn_output.{kind}", f"{t}attn.o_proj.{kind}"))
         if c.qk_norm:
@@ -350,8 +465,9 @@ def _gguf_llama_family_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
                 rules.append(copy(f"{s}ffn_down_exps.{kind}", down))
         else:
             for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
-                rules += [fused(f"{t}mlp.gate_up_proj.{kind}", (f"{s}ffn_gate.{kind}", f"{s}ffn_up.{kind}"), gate_up),
-                          copy(f"{s}ffn_down.{kind}", f"{t}mlp.down_proj.{kind}")]
+                gate_up_rule = (copy(f"{s}ffn_up.{kind}", f"{t}mlp.gate_up_proj.{kind}") if arch == "phi3"  # gate|up
+                                else fused(f"{t}mlp.gate_up_proj.{kind}", (f"{s}ffn_gate.{kind}", f"{s}ffn_up.{kind}"), gate_up))
+                rules += [gate_up_rule, copy(f"{s}ffn_down.{kind}", f"{t}mlp.down_proj.{kind}")]
     return rules
 
 

@@ -352,7 +352,8 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
     with read_gguf(path) as gf:
         config = config_from_gguf(gf)
         rules = gguf_rules(config, gf)
-        consumed = {"rope_freqs.weight"} & set(gf.tensors)  # already folded into config.rope
+        # already folded into config.rope (llama3's divisors; Phi-3's LongRoPE factors)
+        consumed = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"} & set(gf.tensors)
         _check_plan(meta_decoder(config), gf, rules, consumed)
         shard = _plan_for(config, tensor_parallel)
         model = _empty(config, torch_dtype, device, shard)
