@@ -103,8 +103,11 @@ def test_allowed_calls_pass_unchanged_and_keys_have_their_own_rules(app):
     Scripted(server, lambda prompt: call("shell", command="ls"))
     assert ask(client, tool("shell"), headers={"Authorization": "Bearer ops-key"}).json()["choices"][0][
         "finish_reason"] == "tool_calls"
+    # a call to a tool the request did not declare is no call at all (issue 20): it stays content
     r = ask(client, READ, messages=[{"role": "user", "content": "list"}])
-    assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["tool_calls"] is None
+    assert '"shell"' in choice["message"]["content"]
     assert ask(client, READ, headers={"Authorization": "Bearer nobody"}).status_code == 401
     assert ask(client, READ, headers={}).status_code == 401
 

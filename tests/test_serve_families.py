@@ -88,7 +88,7 @@ def test_qwen3_forced_tool_call_through_its_template_and_grammar(qwen3):
     assert engine_idle(server)
 
 
-def test_qwen3_streamed_forced_call_arrives_as_one_tool_call_delta(qwen3):
+def test_qwen3_streamed_forced_call_arguments_arrive_in_pieces(qwen3):
     client, _ = qwen3
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Weather?"}], "tools": [CITY_TOOL],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 60,
@@ -96,8 +96,9 @@ def test_qwen3_streamed_forced_call_arrives_as_one_tool_call_delta(qwen3):
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", []) if e["choices"]]
-    assert len(calls) == 1 and calls[0]["index"] == 0 and calls[0]["function"]["name"] == "get_weather"
-    json.loads(calls[0]["function"]["arguments"])
+    assert calls[0]["index"] == 0 and calls[0]["id"] and calls[0]["function"]["name"] == "get_weather"
+    assert len(calls) > 2 and all(set(tc) == {"index", "function"} and tc["index"] == 0 for tc in calls[1:])
+    json.loads("".join(tc["function"]["arguments"] for tc in calls))
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from rung.serve.family import Family, family_for
 from rung.serve.reasoning import HarmonyReply, ThinkSplitter
-from rung.serve.tools import HermesTools, JsonTools, Pipeline
+from rung.serve.tools import HermesTools, JsonTools, Pipeline, Reply
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -25,7 +25,7 @@ def run(parser, chunks):
     events += parser.finish()
     reasoning = "".join(e.text for e in events if e.kind == "reasoning")
     content = "".join(e.text for e in events if e.kind == "content")
-    calls = [(e.call.name, json.loads(e.call.arguments)) for e in events if e.kind == "tool_call"]
+    calls = [(c.name, json.loads(c.arguments)) for c in Reply().add(events).calls]
     return reasoning, content, calls
 
 
@@ -71,10 +71,8 @@ def test_qwen3_with_thinking_off_is_all_content():
 
 
 @pytest.mark.parametrize("text", [
-    '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>',  # broken JSON
     '<tool_call>\n["not", "a", "call"]\n</tool_call>',
     '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
-    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',  # cut off by max_tokens
     '<tool_call',
     '</think> stray closing tag <think>',
 ])
@@ -82,6 +80,22 @@ def test_malformed_qwen3_tool_calls_stay_content(text):
     reasoning, content, calls = all_splits_agree(qwen3_parser, text)
     assert calls == [] and reasoning == ""
     assert content == text
+
+
+@pytest.mark.parametrize("text, arguments", [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>', '{"city": \n'),  # closed early
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', '{"city": "Par'),  # cut off by max_tokens
+])
+def test_a_call_broken_after_its_header_stays_a_call_with_its_arguments_as_written(text, arguments):
+    # once the header names a declared tool the call is committed (its arguments already streamed)
+    results = {repr(r) for r in (run_raw(qwen3_parser(), chunks) for chunks in splits(text))}
+    assert results == {repr(("", "", [("get_weather", arguments)]))}
+
+
+def run_raw(parser, chunks):
+    events = [e for c in chunks for e in parser.push(c)] + parser.finish()
+    reply = Reply().add(events)
+    return "".join(reply.reasoning), "".join(reply.content), [(c.name, c.arguments) for c in reply.calls]
 
 
 def test_unterminated_tool_call_with_whole_json_is_a_call():
@@ -133,7 +147,6 @@ def test_json_convention_whole_reply_object_is_a_call():
 
 @pytest.mark.parametrize("text", [
     '{"name": "unknown_tool", "arguments": {}}',  # not offered: an answer that happens to be JSON
-    '{"name": "get_weather", "arguments": {"city": ',
     '{"name": "Bob", "age": 3}',
     "The weather is sunny.",
     '[1, 2, 3]',
@@ -146,7 +159,7 @@ def test_plain_text_streams_at_once_while_json_is_held():
     plain = JsonTools({"get_weather"})
     assert plain.push("Hello") and plain.push(" world")
     held = JsonTools({"get_weather"})
-    assert held.push('  {"name"') == [] and held.push(': "x"}') == []
+    assert held.push('  {"name"') == [] and held.push(': "x", "argu') == []
 
 
 def test_hermes_tags_split_across_chunks_are_held_not_leaked():
@@ -154,7 +167,7 @@ def test_hermes_tags_split_across_chunks_are_held_not_leaked():
     out = p.push("Hi <tool_")
     assert "".join(e.text for e in out) == "Hi"  # the blank before a tag waits: it goes if a call follows
     out = p.push('call>{"name": "f", "arguments": {}}</tool_call>')
-    assert [e.call.name for e in out if e.kind == "tool_call"] == ["f"]
+    assert [e.call.name for e in out if e.kind == "call_start"] == ["f"]
 
 
 def test_think_tag_split_across_chunks():
@@ -228,3 +241,49 @@ ROUND_TRIP = [
                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
 ]
+
+
+@pytest.mark.parametrize("make, text", [
+    (qwen3_parser, '<tool_call>\n{"name": "rm_rf", "arguments": {"path": "/"}}\n</tool_call>'),
+    (lambda: HarmonyReply(names={"get_weather"}),
+     '<|channel|>commentary to=functions.rm_rf <|constrain|>json<|message|>{"path": "/"}'),
+    (lambda: JsonTools({"get_weather"}), '<|python_tag|>{"name": "rm_rf", "parameters": {"path": "/"}}'),
+])
+def test_a_call_to_a_tool_the_request_did_not_declare_is_content(make, text):
+    reasoning, content, calls = all_splits_agree(make, text)
+    assert calls == [] and '"/"' in content
+
+
+def test_a_streamed_call_sends_its_arguments_in_pieces_that_add_up():
+    parser = qwen3_parser()
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
+    events = [e for i in range(0, len(text), 4) for e in parser.push(text[i:i + 4])] + parser.finish()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "call_start" and kinds[-1] == "call_end" and kinds.count("call_args") > 3
+    assert events[0].call.name == "get_weather" and events[0].call.id
+    assert "".join(e.text for e in events if e.kind == "call_args") == '{"city": "Paris", "days": [1, 2]}'
+
+
+def test_parsers_end_on_shuffled_tag_fragments_within_a_time_bound():
+    # fragments of every format's tags and JSON, shuffled: each parser must end (no loop re-reading
+    # what it held), never raise, and lose no call text it did not place
+    from hostile import run_bounded
+
+    code = """
+import random
+from rung.serve.family import Family
+TOOLS = [{"type": "function", "function": {"name": "f"}}]
+PARTS = ['<tool_call>', '</tool_call>', '<|python_tag|>', '```json\\n', '```', '<think>', '</think>', '{', '}', '[',
+         ']', '"name"', '"f"', '"g"', ':', ',', ';', '"arguments"', '"parameters"', ' ', '\\n', '"', '\\\\', 'x',
+         '<|channel|>', '<|message|>', '<|end|>', '<|start|>', 'commentary to=functions.f ', '<|call|>', 'analysis']
+rng = random.Random(0)
+for family in (Family("hermes", True), Family("json", False), Family("harmony", False)):
+    for _ in range(300):
+        text = "".join(rng.choice(PARTS) for _ in range(rng.randint(1, 40)))
+        parser = family.parser(TOOLS)
+        cut = rng.randint(0, len(text))
+        events = parser.push(text[:cut]) + parser.push(text[cut:]) + parser.finish()
+        assert all(e.kind in ("content", "reasoning", "call_start", "call_args", "call_end") for e in events)
+print("ok")
+"""
+    assert run_bounded(code, seconds=60, catch=False).assert_ok().strip() == "ok"

@@ -10,8 +10,9 @@ Three families:
   renders tools and results; replies call tools after ``[TOOL_CALLS]`` (tools.MistralTools), a
   special token, so its replies are decoded with special tokens; tool call ids are the nine
   alphanumerics Mistral's templates insist on.
-- ``json`` (templates without tools, e.g. SmolLM2): rung describes the tools in a system message and
-  asks for one JSON object ``{"name", "arguments"}``; calls in history are written back as that
+- ``json`` (templates without tools, e.g. SmolLM2, Gemma 3, and Llama 3.x, whose JSON calls with
+  ``"parameters"`` and ``<|python_tag|>`` parse the same way): rung describes the tools in a system
+  message and asks for one JSON object ``{"name", "arguments"}``; calls in history are written back as that
   JSON and tool results as user turns, so any template (even one that insists on alternating
   user/assistant turns) renders them.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from rung.serve.reasoning import HarmonyReply, ThinkSplitter
 from rung.serve.tools import HermesTools, JsonTools, MistralTools, Pipeline
@@ -93,18 +94,20 @@ class Family:
 
     # ---- reply side -------------------------------------------------------------------------------
 
-    def parser(self, tools: list[dict] | None, prompt: str | None = None):
-        """The streaming parser of this family's replies (reasoning, content, tool calls). A prompt
-        that ends inside an open ``<think>`` (thinking-only templates) starts the reply in reasoning."""
+    def parser(self, tools: list[dict] | None, prompt: str | None = None, removed: Iterable[str] = ()):
+        """The streaming parser of this family's replies (reasoning, content, tool calls whose
+        arguments stream: rung/serve/tools.py documents its events). Only ``tools`` can be called. A
+        prompt that ends inside an open ``<think>`` (thinking-only templates) starts the reply in
+        reasoning."""
+        names = {_function(t)["name"] for t in tools or []} | set(removed)  # a call to any other is content
         if self.name == "harmony":
-            return HarmonyReply(tools=bool(tools))
+            return HarmonyReply(tools=bool(names), names=names)
         stages = []
         if self.thinks:
             opened = prompt is not None and prompt.rstrip().endswith("<think>")
             stages.append(ThinkSplitter(thinking=opened))
-        if tools:
-            names = {_function(t)["name"] for t in tools}
-            stages.append(HermesTools() if self.name == "hermes" else MistralTools(names) if self.name == "mistral"
+        if names:
+            stages.append(HermesTools(names) if self.name == "hermes" else MistralTools(names) if self.name == "mistral"
                           else JsonTools(names))
         return Pipeline(*stages)
 

@@ -32,7 +32,7 @@ from rung.govern.policy import Decision, Principal
 from rung.govern.verify import sources_of  # noqa: F401 (app.py imports it from here)
 from rung.serve import logs
 from rung.serve.errors import APIError
-from rung.serve.reasoning import Event
+from rung.serve.reasoning import CALL_KINDS, Event
 
 POLICY_REFUSAL = "I can't do that: {reason}."
 VERIFIER_REFUSAL = "I can't give that answer: it is not supported by the sources."
@@ -89,7 +89,7 @@ class ToolGate:
     async def feed(self, choice, events: list[Event], finish: str | None) -> tuple[list[Event], bool]:
         """The events to emit for one delta, and whether the choice finished (False while another
         round runs)."""
-        events = [e for e in events if e.kind != "tool_call"]
+        events = [e for e in events if e.kind not in CALL_KINDS]
         if not finish:
             return events, False
         state = self.rounds.setdefault(choice.index, _Round())

@@ -7,7 +7,9 @@ cannot place is content.
 
 - ``ThinkSplitter``: Qwen3 (and DeepSeek-R1 style) ``<think>…</think>`` before the answer.
 - ``HarmonyReply``: gpt-oss harmony: ``analysis`` is reasoning, ``final`` (and preambles) content,
-  messages addressed to ``functions.NAME`` tool calls.
+  messages addressed to ``functions.NAME`` tool calls, whose arguments stream as they are written.
+
+The event kinds, and the parsers of tool calls, are in rung/serve/tools.py.
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ class ToolCallOut:
 
 @dataclass
 class Event:
-    kind: str  # "content" | "reasoning" | "tool_call"
-    text: str = ""
-    call: ToolCallOut | None = None
+    """One piece of a parsed reply (rung/serve/tools.py lists the kinds and their order)."""
+
+    kind: str  # "content" | "reasoning" | "call_start" | "call_args" | "call_end" | "tool_call"
+    text: str = ""  # content, reasoning, or a call_args piece of the call's arguments
+    call: ToolCallOut | None = None  # the call a call_* or tool_call event belongs to
+
+
+CALL_KINDS = ("call_start", "call_args", "call_end", "tool_call")
+
+
+def whole_call(call: ToolCallOut) -> list[Event]:
+    """A call whose arguments are all known, as the events a streaming parser gives for it."""
+    return [Event("call_start", call=call), Event("call_args", call.arguments, call), Event("call_end", call=call)]
 
 
 def held_prefix(text: str, tag: str) -> int:
@@ -93,13 +105,18 @@ class ThinkSplitter:
 
 class HarmonyReply:
     """gpt-oss's harmony reply (text decoded with its special tokens) → reasoning, content and tool
-    calls. A tool call is complete when its message ends, so it comes out as one event."""
+    calls. A message addressed to a declared function is a call: it starts when its header is
+    complete (``call_start``), its content streams as the arguments (``call_args``) and it ends with
+    the message (``call_end``). ``names``: the declared functions (None: any); a message addressed to
+    anything else, or any addressed message when ``tools`` is false, is content."""
 
-    def __init__(self, tools: bool = True):
+    def __init__(self, tools: bool = True, names: set[str] | None = None):
         from rung.text.harmony import HarmonyStreamParser
 
         self.parser = HarmonyStreamParser("assistant")
-        self.tools = tools
+        self.tools, self.names = tools, names
+        self.call: ToolCallOut | None = None  # the call the current message is
+        self.called = False  # the current message is addressed (a call, or one refused as content)
 
     def push(self, text: str) -> list[Event]:
         return self._events(self.parser.push(text))
@@ -110,13 +127,24 @@ class HarmonyReply:
     def _events(self, events) -> list[Event]:
         out = []
         for e in events:
-            addressed = e.recipient and e.recipient != "all"
-            if e.kind == "delta" and not addressed:
-                out.append(Event("reasoning" if e.channel == "analysis" else "content", e.delta))
-            elif e.kind == "end" and addressed:
-                m = e.message
-                if self.tools:
-                    out.append(Event("tool_call", call=ToolCallOut(m.function_name or m.recipient, m.content)))
+            addressed = bool(e.recipient and e.recipient != "all")
+            if e.kind == "start":
+                self.called, self.call = addressed, None
+                name = e.recipient[len("functions."):] if addressed and e.recipient.startswith("functions.") \
+                    else e.recipient
+                if addressed and self.tools and (self.names is None or name in self.names):
+                    self.call = ToolCallOut(name, "")
+                    out.append(Event("call_start", call=self.call))
+            elif e.kind == "delta":
+                if self.call is not None:
+                    self.call.arguments += e.delta
+                    out.append(Event("call_args", e.delta, self.call))
+                elif self.called:
+                    out.append(Event("content", e.delta))
                 else:
-                    out.append(Event("content", m.content))
+                    out.append(Event("reasoning" if e.channel == "analysis" else "content", e.delta))
+            elif e.kind == "end":
+                if self.call is not None:
+                    out.append(Event("call_end", call=self.call))
+                self.called, self.call = False, None
         return out

@@ -50,8 +50,8 @@ class Choice:
                 self.content.append(e.text)
             elif e.kind == "reasoning":
                 self.reasoning.append(e.text)
-            else:
-                self.calls.append(e.call)
+            elif e.kind in ("call_start", "tool_call"):
+                self.calls.append(e.call)  # its arguments are complete by its call_end
         if delta.finish_reason:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
         return events
@@ -221,12 +221,31 @@ class OpenAIReply:
                 "choices": choices, "usage": usage}
 
 
-def event_delta(choice: Choice, e: Event) -> dict:
-    """A chat chunk's delta for one reply event."""
+def _call_index(choice: Choice, call) -> int:
+    return next(i for i, c in enumerate(choice.calls) if c is call)
+
+
+def event_delta(choice: Choice, e: Event) -> dict | None:
+    """A chat chunk's delta for one reply event (None: the event sends nothing). A streamed call's
+    first delta has its index, id, type and name; the next ones pieces of its arguments only."""
     if e.kind == "tool_call":
-        return {"tool_calls": [call_json(e.call, choice.calls.index(e.call))]}
+        return {"tool_calls": [call_json(e.call, _call_index(choice, e.call))]}
+    if e.kind == "call_start":
+        return {"tool_calls": [{"index": _call_index(choice, e.call), "id": e.call.id, "type": "function",
+                                "function": {"name": e.call.name, "arguments": ""}}]}
+    if e.kind == "call_args":
+        return {"tool_calls": [{"index": _call_index(choice, e.call), "function": {"arguments": e.text}}]}
+    if e.kind == "call_end":
+        return None
     if e.kind == "reasoning":
         return {"reasoning_content": e.text}
     if choice.refusal and e.text.strip() == choice.refusal:
         return {"content": e.text, "refusal": choice.refusal}
     return {"content": e.text}
+
+
+def whole_calls(events: list[Event]) -> list[Event]:
+    """The events with each streamed call as one ``tool_call`` event at its end (for a consumer that
+    needs a call's arguments whole, as the restoring of redacted values does)."""
+    return [Event("tool_call", call=e.call) if e.kind == "call_end" else e for e in events
+            if e.kind not in ("call_start", "call_args")]

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from rung.serve.errors import TYPES, APIError
 from rung.serve.reasoning import Event, ToolCallOut
 from rung.serve.redaction import redaction_for
-from rung.serve.responses import call_json
+from rung.serve.responses import call_json, whole_calls
 from rung.serve.responses_api import input_messages, renamed, to_chat
 from rung.serve.responses_schemas import ResponsesRequest
 from rung.serve.run import Run
@@ -65,7 +65,7 @@ class OutputItems:
             # a governance refusal (the verifier's, the policy's) is a refusal part, as chat marks it
             refused = refusal is not None and e.text.strip() == refusal
             self._text("message", "refusal" if refused else "output_text", e.text)
-        elif e.kind == "tool_call":
+        elif e.kind in ("tool_call", "call_end"):  # a whole call, or the end of a streamed one
             self._call(e.call, None)
         elif e.call is not None:  # a piece of a call's arguments, from a parser that streams them
             self._call(e.call, e.text)
@@ -334,6 +334,7 @@ class ResponsesRun(Run):
         r = self.redaction
         if r is None:
             return events
+        events = whole_calls(events)  # a call's arguments are restored whole
         out: list[Event] = []
         for e in events:
             if e.kind in ("content", "reasoning"):

@@ -23,7 +23,7 @@ from rung.serve.errors import APIError
 from rung.serve.governance import RunGovernance
 from rung.serve.grounding import add_rung, choice_fields, reply_fields
 from rung.serve.redaction import RequestRedaction
-from rung.serve.responses import DONE, Choice, OpenAIReply, TokenText, event_delta, sse, usage
+from rung.serve.responses import DONE, Choice, OpenAIReply, TokenText, event_delta, sse, usage, whole_calls
 from rung.serve.schemas import Message
 from rung.serve.server import Prepared, Server, wait_disconnect
 from rung.serve.tracing import Trace
@@ -51,7 +51,8 @@ class Run:
         n = req.n
         family = server.family
         chat = kind != "completion"  # "chat", or "responses" (responses_run.py): a chat reply in another shape
-        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text) if chat else None)
+        self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text, p.removed_tools)
+                                if chat else None)
                         for i, p in enumerate(prepared) for j in range(n)]
         self.reply = OpenAIReply(kind, self.id, self.created, server.config.name, req, prepared,
                                  TokenText(server.llm.tokenizer, server.grammars))
@@ -126,7 +127,7 @@ class Run:
         p = await self.server.off_loop(self.server.prepare_chat, req.model_copy(update=update), self.principal)
         self.trace.add("tool_policy", started, choice=choice.index, denied=len(extra))
         self.extra_prompt_tokens += len(p.prompt_ids)
-        choice.parser = self.server.family.parser(p.tools, p.prompt_text)
+        choice.parser = self.server.family.parser(p.tools, p.prompt_text, p.removed_tools)
         self._spawn(p, f"{self.id}-c{choice.index}-r{len(self._tasks)}", lambda _, c=choice.index: c)
 
     async def _deltas(self):
@@ -243,12 +244,16 @@ class Run:
         lp = self.reply.logprobs(choice, before)
         out = []
         if self.kind == "chat":
+            if self.redaction is not None:  # a call's arguments are restored whole: sent once complete
+                events = whole_calls(events)
             # the delta's logprobs go with its first event, or alone
             pairs = [(e, lp if i == 0 else None) for i, e in enumerate(events)]
             if not events and lp is not None:
                 pairs = [(None, lp)]
             for e, e_lp in await self.governance.release(choice, pairs, finished):
-                out.append(self._chunk(choice, event_delta(choice, e) if e is not None else {}, logprobs=e_lp))
+                delta = event_delta(choice, e) if e is not None else {}
+                if delta is not None or e_lp is not None:
+                    out.append(self._chunk(choice, delta or {}, logprobs=e_lp))
             if finished:
                 out.append(self._chunk(choice, {}, finish=True))
         else:
