@@ -200,3 +200,61 @@ def check_chat_streamed(client, engine, case: Case, forced: bool = False) -> Non
     for i, (name, arguments) in enumerate(case.calls):
         if len(arguments) > 2 * engine.piece and not case.one_piece:
             assert pieces[i] > 1, f"call {i}'s arguments came in {pieces[i]} piece(s)"
+
+
+# ---- the Responses endpoint ----------------------------------------------------------------------
+
+
+def responses_body(case: Case, stream: bool, forced: bool = False) -> dict:
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]  # Responses' flat tool shape
+    return {"model": "scripted", "input": "Weather in Paris?", "tools": tools,
+            "tool_choice": "required" if forced else "auto", "max_output_tokens": 500, "stream": stream}
+
+
+def _items_view(output: list[dict]) -> tuple[str, str, list[tuple[str, str]]]:
+    """(reasoning, content, [(name, arguments)]) of a Responses object's output items."""
+    reasoning = "".join(part["text"] for item in output if item["type"] == "reasoning"
+                        for part in item.get("content", []) + item.get("summary", []))
+    content = "".join(part["text"] for item in output if item["type"] == "message"
+                      for part in item["content"] if part["type"] == "output_text")
+    calls = [(item["name"], item["arguments"]) for item in output if item["type"] == "function_call"]
+    assert all(item["call_id"] for item in output if item["type"] == "function_call")
+    return reasoning, content, calls
+
+
+def _want(case: Case) -> tuple[str, str, list[tuple[str, str]]]:
+    return case.reasoning, (case.content.strip() if case.calls else case.content), list(case.calls)
+
+
+def check_responses_whole(client, engine, case: Case, forced: bool = False) -> None:
+    engine.script = case.output
+    r = client.post("/v1/responses", json=responses_body(case, False, forced))
+    assert r.status_code == 200, r.text
+    reasoning, content, calls = _items_view(r.json()["output"])
+    assert (reasoning, content.strip() if case.calls else content, calls) == _want(case)
+
+
+def check_responses_streamed(client, engine, case: Case, forced: bool = False) -> None:
+    """The streamed events: every call's argument deltas join to its .done arguments and to the
+    final object's; the final object is the whole reply; a long call arrives in several deltas."""
+    engine.script = case.output
+    with client.stream("POST", "/v1/responses", json=responses_body(case, True, forced)) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.completed"
+    deltas: dict[str, list[str]] = {}
+    done: dict[str, str] = {}
+    for e in events:
+        if e["type"] == "response.function_call_arguments.delta":
+            deltas.setdefault(e["item_id"], []).append(e["delta"])
+        elif e["type"] == "response.function_call_arguments.done":
+            done[e["item_id"]] = e["arguments"]
+    assert {k: "".join(v) for k, v in deltas.items()} == {k: v for k, v in done.items() if v}
+    final = events[-1]["response"]["output"]
+    reasoning, content, calls = _items_view(final)
+    assert (reasoning, content.strip() if case.calls else content, calls) == _want(case)
+    assert [done[item["id"]] for item in final if item["type"] == "function_call"] == [a for _, a in case.calls]
+    for (name, arguments), item in zip(case.calls, [i for i in final if i["type"] == "function_call"]):
+        if len(arguments) > 2 * engine.piece and not case.one_piece:
+            assert len(deltas[item["id"]]) > 1, f"{name}'s arguments came in {len(deltas[item['id']])} piece(s)"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from cases import GEMMA3
-from runners import check_chat_streamed, check_chat_whole, check_parser, scripted_server
+from runners import (check_chat_streamed, check_chat_whole, check_parser, check_responses_streamed,
+                     check_responses_whole, scripted_server)
 
 FORMAT = "gemma3"
 ROWS = pytest.mark.parametrize("case", GEMMA3, ids=[c.id for c in GEMMA3])
@@ -39,3 +40,13 @@ def test_gemma3_chat_stream_adds_up_to_the_whole_reply(chat, case):
 def test_gemma3_forced_call_streams_its_arguments(chat, case):
     check_chat_whole(*chat, case, forced=True)
     check_chat_streamed(*chat, case, forced=True)
+
+
+@ROWS
+def test_gemma3_responses_whole_reply(chat, case):
+    check_responses_whole(*chat, case)
+
+
+@ROWS
+def test_gemma3_responses_stream_adds_up_to_the_whole_reply(chat, case):
+    check_responses_streamed(*chat, case)
