@@ -135,7 +135,7 @@ class Tracing:
 
 
 def _traces_url(endpoint: str | None) -> str | None:
-    """vLLM takes the collector's base URL (http://host:4318) or the full /v1/traces path."""
+    """vLLM takes the collector's base URL (host:4318 over HTTP) or the full /v1/traces path."""
     if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
         return endpoint.rstrip("/") + "/v1/traces"
     return endpoint

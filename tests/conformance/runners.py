@@ -258,3 +258,33 @@ def check_responses_streamed(client, engine, case: Case, forced: bool = False) -
     for (name, arguments), item in zip(case.calls, [i for i in final if i["type"] == "function_call"]):
         if len(arguments) > 2 * engine.piece and not case.one_piece:
             assert len(deltas[item["id"]]) > 1, f"{name}'s arguments came in {len(deltas[item['id']])} piece(s)"
+
+
+# ---- one format's suite ---------------------------------------------------------------------------
+
+
+class FormatConformance:
+    """Every row of ``cases.CASES[FORMAT]`` (``case``; forced rows as ``forced_case``, conftest.py)
+    through the parser and the chat and Responses endpoints of one scripted server. A format's test
+    file subclasses it and names its FORMAT."""
+
+    FORMAT: str  # its scripted server is the ``chat`` fixture (conftest.py)
+
+    def test_parse_is_the_same_split_at_every_byte(self, case):
+        check_parser(self.FORMAT, case)
+
+    def test_chat_whole_reply(self, chat, case):
+        check_chat_whole(*chat, case)
+
+    def test_chat_stream_adds_up_to_the_whole_reply(self, chat, case):
+        check_chat_streamed(*chat, case)
+
+    def test_forced_call_streams_its_arguments(self, chat, forced_case):
+        check_chat_whole(*chat, forced_case, forced=True)
+        check_chat_streamed(*chat, forced_case, forced=True)
+
+    def test_responses_whole_reply(self, chat, case):
+        check_responses_whole(*chat, case)
+
+    def test_responses_stream_adds_up_to_the_whole_reply(self, chat, case):
+        check_responses_streamed(*chat, case)

@@ -1,52 +1,9 @@
 """Conformance: gpt-oss harmony: analysis reasoning, calls addressed to functions.NAME. Every row of
 cases.HARMONY through the streaming parser (whole, one character at a time, split at every byte) and
-the chat endpoint (whole and streamed; forced rows also with tool_choice "required")."""
+the chat and Responses endpoints (whole and streamed; forced rows also with tool_choice "required")."""
 
-from __future__ import annotations
-
-import pytest
-
-from cases import HARMONY
-from runners import (check_chat_streamed, check_chat_whole, check_parser, check_responses_streamed,
-                     check_responses_whole, scripted_server)
-
-FORMAT = "harmony"
-ROWS = pytest.mark.parametrize("case", HARMONY, ids=[c.id for c in HARMONY])
+from runners import FormatConformance
 
 
-@pytest.fixture(scope="module")
-def chat():
-    client, engine = scripted_server(FORMAT)
-    with client:
-        yield client, engine
-
-
-@ROWS
-def test_harmony_parse_is_the_same_split_at_every_byte(case):
-    check_parser(FORMAT, case)
-
-
-@ROWS
-def test_harmony_chat_whole_reply(chat, case):
-    check_chat_whole(*chat, case)
-
-
-@ROWS
-def test_harmony_chat_stream_adds_up_to_the_whole_reply(chat, case):
-    check_chat_streamed(*chat, case)
-
-
-@pytest.mark.parametrize("case", [c for c in HARMONY if c.forced], ids=[c.id for c in HARMONY if c.forced])
-def test_harmony_forced_call_streams_its_arguments(chat, case):
-    check_chat_whole(*chat, case, forced=True)
-    check_chat_streamed(*chat, case, forced=True)
-
-
-@ROWS
-def test_harmony_responses_whole_reply(chat, case):
-    check_responses_whole(*chat, case)
-
-
-@ROWS
-def test_harmony_responses_stream_adds_up_to_the_whole_reply(chat, case):
-    check_responses_streamed(*chat, case)
+class TestHarmony(FormatConformance):
+    FORMAT = "harmony"

@@ -1,52 +1,9 @@
 """Conformance: SmolLM2's JSON convention (the reply is one call object or a list of them). Every row
 of cases.SMOLLM2 through the streaming parser (whole, one character at a time, split at every byte)
-and the chat endpoint (whole and streamed; forced rows also with tool_choice "required")."""
+and the chat and Responses endpoints (whole and streamed; forced rows also with tool_choice "required")."""
 
-from __future__ import annotations
-
-import pytest
-
-from cases import SMOLLM2
-from runners import (check_chat_streamed, check_chat_whole, check_parser, check_responses_streamed,
-                     check_responses_whole, scripted_server)
-
-FORMAT = "smollm2"
-ROWS = pytest.mark.parametrize("case", SMOLLM2, ids=[c.id for c in SMOLLM2])
+from runners import FormatConformance
 
 
-@pytest.fixture(scope="module")
-def chat():
-    client, engine = scripted_server(FORMAT)
-    with client:
-        yield client, engine
-
-
-@ROWS
-def test_smollm2_parse_is_the_same_split_at_every_byte(case):
-    check_parser(FORMAT, case)
-
-
-@ROWS
-def test_smollm2_chat_whole_reply(chat, case):
-    check_chat_whole(*chat, case)
-
-
-@ROWS
-def test_smollm2_chat_stream_adds_up_to_the_whole_reply(chat, case):
-    check_chat_streamed(*chat, case)
-
-
-@pytest.mark.parametrize("case", [c for c in SMOLLM2 if c.forced], ids=[c.id for c in SMOLLM2 if c.forced])
-def test_smollm2_forced_call_streams_its_arguments(chat, case):
-    check_chat_whole(*chat, case, forced=True)
-    check_chat_streamed(*chat, case, forced=True)
-
-
-@ROWS
-def test_smollm2_responses_whole_reply(chat, case):
-    check_responses_whole(*chat, case)
-
-
-@ROWS
-def test_smollm2_responses_stream_adds_up_to_the_whole_reply(chat, case):
-    check_responses_streamed(*chat, case)
+class TestSmolLM2(FormatConformance):
+    FORMAT = "smollm2"
