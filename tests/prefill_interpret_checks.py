@@ -13,20 +13,10 @@ assert os.environ.get("TRITON_INTERPRET") == "1"
 
 import torch  # noqa: E402
 
+from interpret import check, rel  # noqa: E402, F401
+
 from rung.kernels import paged_attention as pa  # noqa: E402
 from rung.kernels import triton_attention  # noqa: E402
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def check(name: str, got, want, tol: float) -> None:
-    err = rel(got, want)
-    print(f"{name}: rel err {err:.2e}")
-    if not err <= tol:
-        sys.exit(f"FAIL {name}: {err:.2e} > {tol:.0e}")
 
 
 def flash_checks(g) -> None:

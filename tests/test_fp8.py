@@ -5,9 +5,6 @@ batches (rung/kernels/triton_fp8.py, checked here under Triton's interpreter).""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from rung.quant.linear import PackedLinear
 from rung.quant.rewrite import packed_bytes
 from rung.quant.spec import ModelSpec, parse_spec
 
-from test_triton_kernels import _triton_version
+from interpret import needs_interpreter, run_checks
 
 PPL_TEXT = Path(__file__).parents[1] / "benchmarks" / "ppl_text.txt"
 
@@ -104,14 +101,9 @@ def test_fp8_perplexity_stays_within_three_percent_of_float32(name):
     assert 0 < fp8 / base - 1 < FP8_PPL_BOUND, (name, base, fp8)
 
 
-@pytest.mark.skipif((_triton_version() or (0, 0)) < (3, 8), reason="needs Triton ≥ 3.8 (its interpreter, NumPy 2)")
+@needs_interpreter
 def test_fp8_gemv_agrees_with_the_dequantizing_reference_under_the_interpreter():
-    script = Path(__file__).with_name("triton_fp8_checks.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "RUNG_NO_TRITON": "0"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = run_checks("triton_fp8_checks.py", timeout=300)
     assert lines[0] == "every e4m3 code decodes to its value"
     assert sum(line.startswith("GEMV f8 ") for line in lines) == 4
     assert lines[-1] == "all fp8 kernels agree with the dequantizing reference"

@@ -4,13 +4,11 @@ interpreter against its PyTorch reference."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from interpret import needs_interpreter, run_checks
 
 from rung.kernels.paged_attention import (FLASH_MIN_TOKENS, SDPA_MIN_TOKENS, flash_config, paged_attention_ref,
                                           prefill_kernel, tokens_per_tile)
@@ -57,22 +55,10 @@ def test_softcap_in_the_reference_caps_scores():
     assert torch.allclose(capped[0, 0, 1], 1 / (1 + torch.exp(5 * torch.tanh(torch.tensor(8.0)))), atol=1e-6)
 
 
-def _triton_version():
-    try:
-        import triton
-    except Exception:
-        return None
-    return tuple(int(p) for p in triton.__version__.split(".")[:2])
 
-
-@pytest.mark.skipif((_triton_version() or (0, 0)) < (3, 8), reason="needs Triton ≥ 3.8 (its interpreter, NumPy 2)")
+@needs_interpreter
 def test_flash_prefill_kernel_and_chunked_prefill_agree_with_references_under_the_interpreter():
-    script = Path(__file__).with_name("prefill_interpret_checks.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "RUNG_NO_TRITON": "0"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = run_checks("prefill_interpret_checks.py", timeout=300)
     assert lines[-1] == "prefill kernels agree with their references"
     assert sum(line.startswith("flash prefill") for line in lines) == 12
     assert any(line.startswith("chunked prefill sdpa → flash → packed") for line in lines)

@@ -5,24 +5,14 @@ benchmarks/gpu_quant.py's business."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-from test_triton_kernels import _triton_version
 
 
-@pytest.mark.skipif((_triton_version() or (0, 0)) < (3, 8), reason="needs Triton ≥ 3.8 (its interpreter, NumPy 2)")
+from interpret import needs_interpreter, run_checks
+
+
+@needs_interpreter
 def test_quant_kernels_agree_with_the_dequantizing_reference_under_the_interpreter():
-    script = Path(__file__).with_name("triton_quant_checks.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "RUNG_NO_TRITON": "0"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = run_checks("triton_quant_checks.py", timeout=600)
     assert lines[-1] == "all quant kernels agree with the dequantizing reference"
     assert sum(line.startswith("dequantize kernel ") for line in lines) == 5
     assert sum(line.startswith("quant_linear ") for line in lines) == 12

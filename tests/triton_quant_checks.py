@@ -6,28 +6,16 @@ exits non-zero on the first miss."""
 from __future__ import annotations
 
 import os
-import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
 import torch  # noqa: E402
 
+from interpret import check, rel  # noqa: E402, F401
+
 from rung.kernels import triton_quant as tq  # noqa: E402
 from rung.quant.formats import dequantize, quantize  # noqa: E402
 from rung.quant.linear import PackedLinear  # noqa: E402
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def check(name: str, got, want, tol: float) -> None:
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    err = rel(got, want)
-    print(f"{name}: rel err {err:.2e}")
-    if not err <= tol:
-        sys.exit(f"FAIL {name}: {err:.2e} > {tol:.0e}")
 
 
 def layer(g, fmt, group, n, k, act, bias):
