@@ -85,7 +85,19 @@ class Prepared:
     phases: list = field(default_factory=list)  # (name, start, end): template and grammar, for the trace
 
 
-class Gate:
+class _Admits:
+    """``with x.admit():`` holds a slot of ``x.acquire()`` until the block ends."""
+
+    @contextlib.contextmanager
+    def admit(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class Gate(_Admits):
     """Admission shared by every model of one server: --max-concurrent counts the requests to all
     of them, and one pool of prepare threads serves them all."""
 
@@ -102,14 +114,6 @@ class Gate:
 
     def release(self) -> None:
         self.in_flight -= 1
-
-    @contextlib.contextmanager
-    def admit(self):
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
 
     async def off_loop(self, work, *args):
         """``work(*args)`` on a prepare thread, so the event loop keeps answering (/health, streams)
@@ -138,7 +142,7 @@ async def _shielded(pool, work, args, holder):
         raise
 
 
-class Server:
+class Server(_Admits):
     """One model: its engine, template, grammars and limits. Several share a ``Gate`` when one
     server serves several models (rung/serve/models.py)."""
 
@@ -289,14 +293,6 @@ class Server:
 
     def release(self) -> None:
         self.in_flight -= 1
-
-    @contextlib.contextmanager
-    def admit(self):
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
 
     def claim(self) -> None:
         """Count a request the gate already admitted (models.py) as this model's too."""
