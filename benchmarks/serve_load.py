@@ -235,31 +235,40 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(model: str, api_key: str, max_concurrent: int, threads: int | None, log_path: Path,
-                 extra: list[str] = ()):
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "rung", "serve", "-m", model, "--port", str(port), "--api-key", api_key,
-               "--max-concurrent", str(max_concurrent)]
-    if threads:
-        command += ["--threads", str(threads)]
-    command += list(extra)
+        return s.getsockname()[1]
+
+
+def launch(name: str, command: list[str], port: int, ready_path: str, log_path: Path):
+    """Start ``command`` (a server on ``port``) with its output in ``log_path``; (process, base URL)
+    once GET ``ready_path`` answers 200, within 300 s."""
     log = open(log_path, "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"rung serve exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+            raise RuntimeError(f"{name} exited {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
-            if http_get(base + "/health")[0] == 200:
+            if http_get(base + ready_path)[0] == 200:
                 return proc, base
         except OSError:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("rung serve did not become healthy in 300 s")
+    raise RuntimeError(f"{name} did not answer {ready_path} in 300 s")
+
+
+def start_server(model: str, api_key: str, max_concurrent: int, threads: int | None, log_path: Path,
+                 extra: list[str] = ()):
+    port = free_port()
+    command = [sys.executable, "-m", "rung", "serve", "-m", model, "--port", str(port), "--api-key", api_key,
+               "--max-concurrent", str(max_concurrent)]
+    if threads:
+        command += ["--threads", str(threads)]
+    return launch("rung serve", command + list(extra), port, "/health", log_path)
 
 
 def leaked_pii(log_text: str) -> list[str]:
@@ -378,28 +387,12 @@ def peer_available() -> bool:
 
 def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path):
     """llama-cpp-python's OpenAI server on ``gguf``, on a free loopback port: (process, base URL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "peer",
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context)]
     if threads:
         command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama.cpp's server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if http_get(base + "/v1/models")[0] == 200:
-                return proc, base
-        except OSError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("llama.cpp's server did not answer in 300 s")
+    return launch("llama.cpp's server", command, port, "/v1/models", log_path)
 
 
 def compare(args) -> int:
