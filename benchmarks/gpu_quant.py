@@ -46,7 +46,13 @@ from rung.quant.linear import PackedLinear  # noqa: E402
 from rung.quant.rewrite import pack_model, packed_bytes  # noqa: E402
 
 MODELS = ["qwen3-8b", "qwen3-0.6b"]
-FORMATS = {"bf16": None, "int8": ("q8", None), "int4": ("q4", 32), "fp8": ("f8", None)}
+FORMATS = {"bf16": None, "int8": ("q8", None), "int4": ("q4", 32), "fp8": ("f8", None),
+           "int8-fgemv": ("q8", None), "int4-fgemv": ("q4", 32)}  # -fgemv: decode rows through the float GEMV
+
+
+def dp4a_env(label: str) -> None:
+    """int8 / int4 decode rows: the int8-activation (dp4a) GEMV, or with RUNG_DP4A=0 the float one."""
+    os.environ["RUNG_DP4A"] = "0" if label.endswith("-fgemv") else "1"
 ROTATE_BYTES = 256 << 20  # weight copies per timing: more than four times the L2
 
 
@@ -70,8 +76,9 @@ def event_ms(fn, n: int = 5) -> float:
     return a.elapsed_time(b) / n
 
 
-def _paths(fmt: str):
+def _paths(fmt: str, label: str = ""):
     """(kernel path, reference, tuned-config key prefix, GEMV sweep) for a packed format."""
+    from rung.kernels import triton_dp4a as td
     from rung.kernels import triton_fp8 as tf
     from rung.kernels import triton_quant as tq
 
@@ -82,6 +89,12 @@ def _paths(fmt: str):
                 lambda n_out, k: tf.gemv_configs(n_out, k),
                 lambda x, q, act, c: tf.gemv(x, q.data, q.scale, None, act, config=c))
     args = lambda q, act: (q.fmt, q.data, q.scale, q.offset, q.group, None, act)  # noqa: E731
+    if not label.endswith("-fgemv"):
+        return (lambda x, q, act: tq.quant_linear(x, *args(q, act)),
+                lambda x, q, act: tq.quant_linear_ref(x, *args(q, act)),
+                lambda n, k, act: tq._TUNED.get(("dp4a", fmt, n, k, act is not None)),
+                lambda n_out, k: td.dp4a_configs(fmt),
+                lambda x, q, act, c: td.gemv_dp4a(x, *args(q, act), config=c))
     return (lambda x, q, act: tq.quant_linear(x, *args(q, act)),
             lambda x, q, act: tq.quant_linear_ref(x, *args(q, act)),
             lambda n, k, act: tq._TUNED.get(("gemv", fmt, n, k, 1, act is not None, torch.bfloat16)),
@@ -109,11 +122,13 @@ def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]
                 cublas = graph_us([lambda w_=w_: silu_mul(F.linear(x, w_)) for w_ in copies_bf16], reps=4)
             del copies_bf16
             free()
-            fmts = [("int8", "q8", None)] + ([] if layer == "lm_head" else [("int4", "q4", 32)]) + [("fp8", "f8", None)]
-            for label, fmt, group in fmts:
+            fmts = [("int8", "q8", None), ("int8-fgemv", "q8", None)]
+            fmts += [] if layer == "lm_head" else [("int4", "q4", 32), ("int4-fgemv", "q4", 32)]
+            for label, fmt, group in fmts + [("fp8", "f8", None)]:
+                dp4a_env(label)
                 p = quantize(w, fmt, group)
                 nbytes = p.nbytes
-                call, ref, tuned, configs, gemv_with = _paths(fmt)
+                call, ref, tuned, configs, gemv_with = _paths(fmt, label)
                 r = dict(shape=name, layer=layer, N=n, K=k, fmt=label, MB=nbytes / 1e6, cublas_bf16_us=cublas,
                          cublas_bf16_TBps=wb / cublas / 1e6)
                 try:
@@ -138,7 +153,7 @@ def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]
                 log("layer", json.dumps(r))
                 rows.append(r)
                 # batches: the dequantizing matmul against dequantize + cuBLAS, and bf16 cuBLAS
-                if name == names[0] and layer in ("gate_up", "down"):
+                if name == names[0] and layer in ("gate_up", "down") and not label.endswith("-fgemv"):
                     for m in (16, 64, 2048):
                         xm = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
                         b = dict(shape=name, layer=layer, fmt=label, M=m)
@@ -200,6 +215,7 @@ def logits_pair(model) -> tuple[torch.Tensor, torch.Tensor]:
 def model_bench(name: str, fmt: str, args, bw: float) -> dict:
     free()
     reset_peak()
+    dp4a_env(fmt)
     t = time.perf_counter()
     torch.manual_seed(0)  # the same random weights for every format: logit errors against bf16
     model = gpu.rung_model(name, args.layers)

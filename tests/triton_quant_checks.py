@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
+os.environ["RUNG_DP4A"] = "0"  # the float GEMV here; the int8-activation one: triton_dp4a_checks.py
 
 import torch  # noqa: E402
 

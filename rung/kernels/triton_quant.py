@@ -9,9 +9,11 @@ Layouts (nothing is re-laid out at load; ``state_dict`` and saved checkpoints ar
 - ``act`` (a gated layer): rows hold gate and up interleaved in blocks of 8 (8 gate rows, their 8
   up rows, ...); the layer returns act(gate) · up, [M, N / 2].
 
-Three paths, by the number of activation rows M:
+Paths, by the number of activation rows M:
 
-- ``gemv`` (M ≤ ``GEMV_M``, a decode step): one program per ``BLOCK_N`` outputs streams their
+- 16-bit activations, M ≤ ``GEMV_M`` (a decode step): rung/kernels/triton_dp4a.py, activations
+  rounded to int8 per run of 32 and four products an instruction (RUNG_DP4A=0 turns it off).
+- ``gemv`` (M ≤ ``GEMV_M``, float32 activations): one program per ``BLOCK_N`` outputs streams their
   rows once, ``RUNS`` runs of 32 weights a step. Each run's 32 products are summed unscaled and
   the run's scale (and offset · Σx) applied once to the sum. The codes become floats without a
   conversion instruction: their bits go into a float32 mantissa (1 + q/16 for a nibble, 1 + u/256
@@ -585,6 +587,10 @@ def quant_linear(x, fmt, data, scale, offset, group, bias=None, act=None):
     if x.stride(-1) != 1:
         x = x.contiguous()
     if m <= GEMV_M:
+        from rung.kernels import triton_dp4a  # imports this module: here, not at the top
+
+        if os.environ.get("RUNG_DP4A") != "0" and triton_dp4a.usable(x, fmt, data):
+            return triton_dp4a.gemv_dp4a(x, fmt, data, scale, offset, group, bias, act)
         return gemv(x, fmt, data, scale, offset, group, bias, act)
     if m <= DOT_M[fmt] and x.dtype in (torch.float16, torch.bfloat16):
         return skinny(x, fmt, data, scale, offset, group, bias, act)

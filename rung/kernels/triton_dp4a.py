@@ -1,0 +1,234 @@
+"""Decode GEMVs for int8 / int4 weights over int8 activations: four products an instruction (dp4a).
+
+What bounds the float GEMVs of rung/kernels/triton_quant.py is not memory but integer work: each
+weight code becomes a float through a shift, a mask and an or before its multiply-add, so int4 runs
+at ~1.2 TB/s of packed bytes (a quarter of the H200's bandwidth) and int8 at 1.5-2.4. Here, as in
+llama.cpp's MMVQ kernels, the activations are rounded to int8 once per step instead (one scale per
+run of 32, ``quantize_runs``), and a weight word of four int8 codes, or eight int4 codes after two
+masks, meets four activation bytes in one ``dp4a``: per 32 weights, 8 instructions (q8) or 12 (q4)
+instead of ~100.
+
+Layouts are rung's packed ones, unchanged (triton_quant's docstring): ``q8`` int8 [N, K] and
+``q4`` runs of 32 values in 16 bytes, byte j = value j | value j + 16 << 4, so word w's low nibbles
+are values 4w..4w+3 and its high ones 4w+16..4w+19 (activation words w and w + 4 of the run).
+
+The sum over a run: q8 Σ q·x ≈ dx · s · Σ q·xq; q4 Σ (s·q + o)·x ≈ s · dx · Σ q·xq + o · Σx (Σx of
+the float activations). ``gemv_dp4a_ref`` restates it in PyTorch with the same rounding; the
+kernels run under Triton's interpreter in CI (tests/triton_dp4a_checks.py), with a plain-Triton
+``dp4a`` there (the interpreter runs no PTX)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rung.kernels.triton_quant import ACTS, INTERPRET, _epilogue, _rows, _tuned, gated_ref
+
+GEMV_M = 4
+
+
+# ---- references ---------------------------------------------------------------------------------
+
+def quantize_runs_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] → (int8 [M, K], float32 step [M, K / 32], float32 Σx [M, K / 32]): per run of 32,
+    q = ⌊x · 127 / max|x| + ½⌋ (the kernel's rounding), x ≈ step · q."""
+    m, k = x.shape
+    r = x.float().view(m, k // 32, 32)
+    amax = r.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.floor(r * inv + 0.5).to(torch.int8)
+    return q.view(m, k), (amax / 127.0).view(m, -1), r.sum(-1)
+
+
+def gemv_dp4a_ref(x, fmt: str, data, scale, offset, group: int, bias=None, act: str | None = None):
+    """The kernel's function: x rounded per run to int8 (``quantize_runs_ref``), exact integer dot
+    products per run, then the run's scales; float64 sums."""
+    m, k = x.shape
+    n = data.shape[0]
+    xq, step, xsum = quantize_runs_ref(x)
+    runs = k // 32
+    xq = xq.double().view(m, runs, 32)
+    if fmt == "q8":
+        q = data.double().view(n, runs, 32)
+    else:
+        b = data.view(n, runs, 1, 16)
+        q = torch.cat((b & 0x0F, b >> 4), dim=2).view(n, runs, 32).double()
+    dots = torch.einsum("mrk,nrk->mnr", xq, q)  # exact: integers below 2^53
+    s = scale.double().view(n, -1).repeat_interleave(group // 32, dim=1)  # [N, runs]
+    y = dots * step.double()[:, None, :] * s[None]
+    if fmt == "q4":
+        o = offset.double().view(n, -1).repeat_interleave(group // 32, dim=1)
+        y = y + o[None] * xsum.double()[:, None, :]
+    y = y.sum(-1)
+    if bias is not None:
+        y = y + bias.double()
+    y = y.to(x.dtype)
+    return y if act is None else gated_ref(y, act)
+
+
+# ---- kernels --------------------------------------------------------------------------------------
+
+@triton.jit
+def dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
+    """c + Σ_i a.byte_i · b.byte_i (b's bytes signed; a's signed if SIGNED_A, else unsigned): one
+    PTX instruction on the GPU, byte by byte in plain Triton under the interpreter."""
+    if ASM:
+        if SIGNED_A:
+            out = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = c
+        for i in tl.static_range(4):
+            if SIGNED_A:
+                ai = (a << (24 - 8 * i)) >> 24
+            else:
+                ai = (a >> (8 * i)) & 0xFF
+            out += ai * ((b << (24 - 8 * i)) >> 24)
+    return out
+
+
+@triton.jit
+def quantize_runs_kernel(X, XQ, STEP, XSUM, K, sxm, RUNS: tl.constexpr):
+    """One program per (row, RUNS runs): ``quantize_runs_ref`` on the GPU."""
+    m = tl.program_id(0).to(tl.int64)
+    run = tl.program_id(1) * RUNS + tl.arange(0, RUNS)
+    r_in = run < K // 32
+    k = run[:, None] * 32 + tl.arange(0, 32)[None, :]
+    x = tl.load(X + m * sxm + k, mask=r_in[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), 1)
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    q = tl.floor(x * inv[:, None] + 0.5)
+    tl.store(XQ + m * K + k, q.to(tl.int8), mask=r_in[:, None])
+    tl.store(STEP + m * (K // 32) + run, amax / 127.0, mask=r_in)
+    tl.store(XSUM + m * (K // 32) + run, tl.sum(x, 1), mask=r_in)
+
+
+@triton.jit
+def _run_sums(XW, STEP, XSUM, D, S, O, row, n_in, run, r_in, wpr, K, group,
+              FMT: tl.constexpr, PER_ROW: tl.constexpr, ASM: tl.constexpr):
+    """[BN, RUNS] float32: each row's dot with x over each run (per-row q8 scales left out)."""
+    m2 = n_in[:, None] & r_in[None, :]
+    m3 = m2[:, :, None]
+    step = tl.load(STEP + run, mask=r_in, other=0.0)[None, :]
+    if FMT == 8:
+        kw = run[:, None] * 8 + tl.arange(0, 8)[None, :]  # [RUNS, 8] words of the run
+        w = tl.load(D + row[:, None, None] * wpr + kw[None], mask=m3, other=0)
+        xw = tl.load(XW + kw, mask=r_in[:, None], other=0)
+        dots = tl.sum(dp4a(w, xw[None], tl.zeros_like(w), True, ASM), 2)
+        out = dots.to(tl.float32) * step
+        if not PER_ROW:
+            out *= tl.load(S + row[:, None] * (K // group) + (run * 32 // group)[None, :], mask=m2,
+                           other=0.0).to(tl.float32)
+    else:
+        j = tl.arange(0, 4)
+        kw = run[:, None] * 4 + j[None, :]  # [RUNS, 4] words of packed weights
+        xk = run[:, None] * 8 + j[None, :]  # their low nibbles' activation words; the high: +4
+        w = tl.load(D + row[:, None, None] * wpr + kw[None], mask=m3, other=0)
+        xlo = tl.load(XW + xk, mask=r_in[:, None], other=0)[None]
+        xhi = tl.load(XW + xk + 4, mask=r_in[:, None], other=0)[None]
+        lo = w & 0x0F0F0F0F
+        hi = (w >> 4) & 0x0F0F0F0F
+        dots = tl.sum(dp4a(lo, xlo, dp4a(hi, xhi, tl.zeros_like(w), False, ASM), False, ASM), 2)
+        sidx = row[:, None] * (K // group) + (run * 32 // group)[None, :]
+        s = tl.load(S + sidx, mask=m2, other=0.0).to(tl.float32)
+        o = tl.load(O + sidx, mask=m2, other=0.0).to(tl.float32)
+        xs = tl.load(XSUM + run, mask=r_in, other=0.0)[None, :]
+        out = dots.to(tl.float32) * step * s + o * xs
+    return out
+
+
+@triton.jit
+def gemv_dp4a_kernel(XW, STEP, XSUM, D, S, O, B, Y, NOUT, K, group, wpr, sym,
+                     FMT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     PER_ROW: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr):
+    """One program per (BLOCK_N outputs, x row): the rows' words streamed once, RUNS runs a step.
+    XW: the row's int8 activations as int32 words; D: the weights as int32 words, ``wpr`` a row."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = n < NOUT
+    row = _rows(n, GATED).to(tl.int64)
+    m = tl.program_id(1).to(tl.int64)
+    xw = XW + m * (K // 4)
+    step = STEP + m * (K // 32)
+    xsum = XSUM + m * (K // 32)
+    ri = tl.arange(0, RUNS)
+    acc1 = tl.zeros([BLOCK_N, RUNS], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, RUNS], tl.float32)
+    for r0 in range(0, K // 32, RUNS):
+        run = r0 + ri
+        r_in = run < K // 32
+        acc1 += _run_sums(xw, step, xsum, D, S, O, row, n_in, run, r_in, wpr, K, group, FMT, PER_ROW, ASM)
+        if GATED:
+            acc2 += _run_sums(xw, step, xsum, D, S, O, row + 8, n_in, run, r_in, wpr, K, group, FMT, PER_ROW, ASM)
+    r1 = tl.sum(acc1, 1)
+    r2 = tl.sum(acc2, 1)
+    if PER_ROW and FMT == 8:
+        r1 = r1 * tl.load(S + row, mask=n_in, other=0.0).to(tl.float32)
+        if GATED:
+            r2 = r2 * tl.load(S + row + 8, mask=n_in, other=0.0).to(tl.float32)
+    mm = tl.program_id(1) + tl.arange(0, 1)
+    _epilogue(r1[None, :], r2[None, :], B, Y, mm, mm < mm + 1, row, n, n_in, sym, GATED, ACT, HAS_BIAS)
+
+
+# ---- launchers --------------------------------------------------------------------------------------
+
+def quantize_runs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] (contiguous rows, K a multiple of 32) → ``quantize_runs_ref``'s three tensors."""
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    step = torch.empty(m, k // 32, dtype=torch.float32, device=x.device)
+    xsum = torch.empty_like(step)
+    runs = 16
+    quantize_runs_kernel[(m, triton.cdiv(k // 32, runs))](x, xq, step, xsum, k, x.stride(0), RUNS=runs, num_warps=4)
+    return xq, step, xsum
+
+
+def usable(x: torch.Tensor, fmt: str, data: torch.Tensor) -> bool:
+    """Whether this GEMV takes the call: 16-bit activations (float32 ones keep the exact float
+    GEMV, which the tests of tiny float32 models rely on), at most GEMV_M rows, word-aligned rows."""
+    k = x.shape[1]
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] <= GEMV_M and k % 32 == 0
+            and fmt in ("q8", "q4") and data.is_contiguous() and data.data_ptr() % 16 == 0)
+
+
+def gemv_dp4a(x, fmt, data, scale, offset, group, bias=None, act=None, config=None, out=None):
+    """x [M ≤ GEMV_M, K] through a q8 / q4 weight, activations rounded per run to int8.
+    ``config``: (BLOCK_N, RUNS, num_warps) or None (tuned / default)."""
+    n = data.shape[0]
+    k = x.shape[1]
+    n_out = n // 2 if act else n
+    m = x.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    xq, step, xsum = quantize_runs(x)
+    words = data.view(torch.int32)
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device) if out is None else out
+
+    def launch(cfg):
+        bn, runs, warps = cfg
+        runs = triton.next_power_of_2(min(runs, k // 32))
+        gemv_dp4a_kernel[(triton.cdiv(n_out, bn), m)](
+            xq.view(torch.int32), step, xsum, words, scale, scale if offset is None else offset,
+            scale if bias is None else bias, y, n_out, k, group, words.shape[1], y.stride(0),
+            FMT=8 if fmt == "q8" else 4, GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None,
+            PER_ROW=group == k, ASM=not INTERPRET, BLOCK_N=bn, RUNS=runs, num_warps=warps)
+        return y
+
+    if config is not None:
+        return launch(config)
+    return _tuned(("dp4a", fmt, n, k, act is not None), dp4a_configs(fmt), launch)
+
+
+def dp4a_configs(fmt: str) -> list[tuple]:
+    """(BLOCK_N, RUNS, num_warps) candidates, the default first; one step reads BLOCK_N · RUNS · 32
+    bytes (q8) or half that (q4)."""
+    if INTERPRET:
+        return [(4, 2, 4)]
+    # the sweep of benchmarks/gpu_quant.py on an H200 (Qwen3-8B's layers, cold): two rows of 1 KB
+    # (q8) a step were the best or within 3% on o, gate_up and down; four on the QKV; eight or
+    # more rows a program, or 512-byte steps, were 10-45% slower
+    r = 32 if fmt == "q8" else 64
+    return [(2, r, 4), (4, r // 2, 4), (1, 2 * r, 4), (4, r, 8), (2, 2 * r, 8), (8, r // 2, 4)]
