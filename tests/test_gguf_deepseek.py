@@ -139,3 +139,13 @@ def test_attn_k_b_of_the_wrong_shape_names_the_tensor(tiny_v3, tmp_path):
     write(path, tiny_v3, change={"blk.1.attn_k_b.weight": lambda w: w.transpose(0, 2, 1)})  # not transposed per head
     with pytest.raises(GGUFError, match=r"bad\.gguf: tensor 'blk\.1\.attn_k_b\.weight' has shape \[4, 12, 16\]"):
         rung.load_model(path)
+
+
+def test_deepseek_gguf_at_int8_is_the_hf_folder_at_int8(tiny_v3, tmp_path):
+    """Packing reads the GGUF's rules (kv_b_proj joined, RoPE rows reordered) as the folder's: the
+    same packed layers, the same logits."""
+    write(tmp_path / "model.gguf", tiny_v3)
+    folder = save(tiny_v3, tmp_path / "hf")
+    a, b = rung.load_model(f"{tmp_path / 'model.gguf'}@int8"), rung.load_model(f"{folder}@int8")
+    assert type(a.layers[1].attn.q_a_proj).__name__ == "PackedLinear"
+    assert rung_diff(a, b) < 1e-6
