@@ -1,11 +1,12 @@
 """CUDA check: the decoder and the engine give on the GPU what they give on the CPU.
 
 Tiny random models (Llama, gpt-oss with windows and sinks, Qwen3-MoE; issue 21's Qwen2.5, Mistral,
-Mixtral, Phi-3 with LongRoPE, Gemma 2 with soft-capping, OLMo 2 and SmolLM3), float32: logits against
-transformers on the GPU, engine greedy tokens (a batch of 8, chunked prefill, prefix cache) against
-the CPU engine. Prints a short table; exits non-zero on a mismatch. The Qwen3-MoE (hidden 48,
-experts 20 wide, 6 experts, top-3) is the shape whose float32 MoE tile once needed 240 KB of
-shared memory on an H200 (kernels/moe_tiles.py).
+Mixtral, Phi-3 with LongRoPE, Gemma 2 with soft-capping, OLMo 2 and SmolLM3; DeepSeek-V3 and
+V2-Lite with latent attention, from the Hugging Face folder and from the GGUF llama.cpp's converter
+would write), float32: logits against transformers on the GPU, engine greedy tokens (a batch of 8,
+chunked prefill, prefix cache) against the CPU engine. Prints a short table; exits non-zero on a
+mismatch. The Qwen3-MoE (hidden 48, experts 20 wide, 6 experts, top-3) is the shape whose float32
+MoE tile once needed 240 KB of shared memory on an H200 (kernels/moe_tiles.py).
 
     PYTHONPATH=.:tests python3 benchmarks/cuda_check.py
 """
@@ -21,6 +22,7 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from oracle import ids_for, tiny_chat_model  # noqa: E402
+from deepseek_gguf import write as write_deepseek_gguf  # noqa: E402
 
 from rung.engine.engine import Engine, EngineConfig  # noqa: E402
 from rung.engine.sampling_params import SamplingParams  # noqa: E402
@@ -28,11 +30,17 @@ from rung.text import load_tokenizer  # noqa: E402
 from rung.weights.loader import load_model  # noqa: E402
 
 
-def check(name, config_class, **config):
+def check(name, config_class, gguf=None, **config):
+    """``gguf(path, model)``: load rung's models from that GGUF of the transformers model instead."""
     folder = tiny_chat_model(Path(tempfile.mkdtemp()), config_class, max_position_embeddings=256, **config)
     tok = load_tokenizer(folder)
-    gpu, cpu = load_model(folder, device="cuda"), load_model(folder)
-    ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").cuda().eval()
+    ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    path = folder
+    if gguf is not None:
+        path = folder / "model.gguf"
+        gguf(path, ref)
+    gpu, cpu = load_model(path, device="cuda"), load_model(path)
+    ref = ref.cuda()
     ids = ids_for(gpu.config.vocab_size, 2, 40).cuda()
     with torch.no_grad():
         diff = (gpu(ids) - ref(ids).logits).abs().max().item()
@@ -65,9 +73,19 @@ def main():
                    attn_logit_softcapping=3.0, final_logit_softcapping=10.0, num_hidden_layers=3),
              check("olmo2", tf.Olmo2Config, pad_token_id=0),
              check("smollm3", tf.SmolLM3Config, num_hidden_layers=4, pad_token_id=0)]
-    print(f"{'model':<10}{'max |Δlogit| vs transformers (cuda)':>38}{'engine cuda == cpu':>20}")
+    # DeepSeek (issue 21): the paged pool holds latents, decode attends in the absorbed form
+    mla = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+               n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, first_k_dense_replace=1,
+               num_hidden_layers=3)
+    v3 = dict(mla, q_lora_rank=24, n_group=4, topk_group=2, n_shared_experts=1)
+    lite = dict(mla, q_lora_rank=None, n_shared_experts=2)
+    rows += [check("deepseek-v3", tf.DeepseekV3Config, **v3),
+             check("deepseek-v2-lite", tf.DeepseekV2Config, **lite),
+             check("deepseek-v3 gguf", tf.DeepseekV3Config, gguf=write_deepseek_gguf, **v3),
+             check("deepseek-v2-lite gguf", tf.DeepseekV2Config, gguf=write_deepseek_gguf, **lite)]
+    print(f"{'model':<22}{'max |Δlogit| vs transformers (cuda)':>38}{'engine cuda == cpu':>20}")
     for name, diff, same, n in rows:
-        print(f"{name:<10}{diff:>38.2e}{same:>15}/{n}")
+        print(f"{name:<22}{diff:>38.2e}{same:>15}/{n}")
     sys.exit(0 if all(d < 1e-3 and s == n for _, d, s, n in rows) else 1)
 
 

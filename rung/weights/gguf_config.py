@@ -10,11 +10,12 @@ transformers' ``modeling_gguf_pytorch_utils.py`` reads the same keys (the oracle
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from rung.config import ConfigError, ModelConfig, MoEConfig, RopeConfig
+from rung.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from rung.model.rope import inv_freq_for
 from rung.weights.gguf import GGUFError, GGUFFile
 
@@ -24,6 +25,8 @@ ARCHITECTURES = {
     "gemma3": "gemma3_text",
     # issue 21 (families); llama.cpp writes Mistral and Mixtral as "llama" (Mixtral: with experts)
     "qwen2": "qwen2", "gemma2": "gemma2", "olmo2": "olmo2", "smollm3": "smollm3", "phi3": "phi3",
+    # DeepSeek-V2, V2-Lite and V3: deepseek_v3 when the router is a sigmoid, else deepseek_v2
+    "deepseek2": "deepseek_v2",
 }
 # End-of-turn tokens that llama.cpp also stops at when they are control tokens (llama-vocab.cpp)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|return|>", "<|call|>",
@@ -242,6 +245,8 @@ def _config(gf: GGUFFile) -> ModelConfig:
 
     if arch == "phi3":
         return ModelConfig(**_phi3_fields(m, common, layers, hidden, heads, kv_heads))
+    if arch == "deepseek2":
+        return ModelConfig(**_deepseek2_fields(m, common, layers, hidden, heads))
     q = _shape(gf, "blk.0.attn_q.weight")
     head_dim = m.int("attention.key_length", None) or (q[0] // heads if q else hidden // heads)
     if q is None or q[0] != heads * head_dim:
@@ -379,3 +384,107 @@ def _phi3_fields(m: _Meta, common: dict, layers: int, hidden: int, heads: int, k
         layer_types=(("sliding" if window else "full"),) * layers, sliding_window=window or None,
         mlp="gated", activation="silu",
     )
+
+
+# ---- DeepSeek-V2 / V2-Lite / V3: llama.cpp's deepseek2 -------------------------------------------
+
+# llama.cpp's expert_gating_func (LLAMA_EXPERT_GATING_FUNC_TYPE); files from before the key are V2's softmax
+GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
+
+
+def _deepseek2_fields(m: _Meta, common: dict, layers: int, hidden: int, heads: int) -> dict:
+    """llama.cpp's deepseek2 (DeepseekV2Model in the converter): latent attention, shared experts,
+    dense first layers, a softmax (V2) or sigmoid (V3) router. The model type follows the router."""
+    mla = _deepseek2_mla(m, hidden, heads)
+    moe, dense, sigmoid = _deepseek2_moe(m, layers)
+    rope, scale = _deepseek2_rope(m, mla)
+    return dict(
+        common, model_type="deepseek_v3" if sigmoid else "deepseek_v2",
+        num_kv_heads=heads,  # every head has its own keys once expanded; the cache holds one latent (mla)
+        head_dim=mla.qk_rope_head_dim, intermediate_size=_dense_width(m),
+        max_position_embeddings=m.int("context_length", 4096),
+        norm="rmsnorm", norm_eps=m.float("attention.layer_norm_rms_epsilon", 1e-6),
+        positions="rope", rope=rope, attn_scale=scale, mlp="gated", activation="silu",
+        mla=mla, moe=moe, moe_layers=tuple(i >= dense for i in range(layers)),
+    )
+
+
+def _deepseek2_mla(m: _Meta, hidden: int, heads: int) -> MLAConfig:
+    """Latent attention's sizes, in either layout llama.cpp has written:
+    - since its MLA rework (attn_k_b / attn_v_b): head_count_kv 1, key_length kv_lora_rank + rope and
+      value_length kv_lora_rank (the absorbed form's one shared head), the per-head sizes in
+      key_length_mla / value_length_mla;
+    - before (attn_kv_b): head_count_kv = head_count, and key_length / value_length per head.
+    The RoPE rows stay as DeepSeek wrote them, interleaved pairs (llama.cpp rotates deepseek2 with its
+    adjacent-pair "norm" rope and the converter permutes nothing): the key map reorders them."""
+    rank, rope = m.int("attention.kv_lora_rank"), m.int("rope.dimension_count")
+    kv_a = _shape(m.gf, "blk.0.attn_kv_a_mqa.weight")
+    if kv_a != (rank + rope, hidden):  # checked before the rotary table (rope / 2 frequencies) is built
+        raise m.error(f"blk.0.attn_kv_a_mqa.weight is {list(kv_a) if kv_a else 'missing'}; kv_lora_rank {rank} + "
+                      f"rope.dimension_count {rope} by embedding_length {hidden} needs {[rank + rope, hidden]}")
+    kv_heads = m.int("attention.head_count_kv", heads)
+    if m.has("attention.key_length_mla"):
+        qk, v = m.int("attention.key_length_mla"), m.int("attention.value_length_mla")
+        shared = (m.int("attention.key_length", rank + rope), m.int("attention.value_length", rank))
+        if shared != (rank + rope, rank) or kv_heads != 1:
+            raise m.error(f"deepseek2.attention.key_length / value_length / head_count_kv are {shared[0]} / {shared[1]} / "
+                          f"{kv_heads}; with key_length_mla they must be kv_lora_rank + rope ({rank + rope}) / "
+                          f"kv_lora_rank ({rank}) / 1")
+    else:
+        qk, v = m.int("attention.key_length"), m.int("attention.value_length")
+        if kv_heads != heads:
+            raise m.error(f"deepseek2.attention.head_count_kv is {kv_heads}; without key_length_mla it must be "
+                          f"head_count ({heads})")
+    if qk <= rope:
+        raise m.error(f"deepseek2 key length {qk} must exceed rope.dimension_count {rope} (the heads' non-rotary part)")
+    return MLAConfig(kv_lora_rank=rank, qk_nope_head_dim=qk - rope, qk_rope_head_dim=rope, v_head_dim=v,
+                     q_lora_rank=m.int("attention.q_lora_rank", None))  # V2-Lite: none (one attn_q)
+
+
+def _deepseek2_moe(m: _Meta, layers: int) -> tuple[MoEConfig | None, int, bool]:
+    """(the experts, how many dense layers lead, whether the router is V3's sigmoid)."""
+    dense = m.int("leading_dense_block_count", 0, low=0)
+    if dense > layers:
+        raise m.error(f"deepseek2.leading_dense_block_count {dense} exceeds block_count {layers}")
+    gating = m.int("expert_gating_func", 1)
+    if gating not in GATING_FUNCS:
+        raise m.error(f"deepseek2.expert_gating_func {gating} is not supported (1 softmax, 2 sigmoid)")
+    sigmoid = GATING_FUNCS[gating] == "sigmoid"
+    if dense == layers:
+        return None, dense, sigmoid
+    normalise = m.get("expert_weights_norm", False)
+    if not isinstance(normalise, bool):
+        raise m.error(f"deepseek2.expert_weights_norm must be true or false, got {normalise!r}")
+    groups = m.int("expert_group_count", 1)
+    correction = f"blk.{dense}.exp_probs_b.bias" in m.gf.tensors  # V3's e_score_correction_bias
+    if correction and not sigmoid:
+        raise m.error(f"blk.{dense}.exp_probs_b.bias steers a sigmoid router; this file's expert_gating_func is softmax")
+    # A softmax router over groups is DeepSeek-V2's group_limited_greedy, which ranks a group by its
+    # best expert (transformers, DeepSeek's code); llama.cpp ranks every grouped router by the sum of
+    # the two best, V3's rule. rung follows the model's own definition.
+    router = "sigmoid_group_topk" if sigmoid else "softmax_group_topk" if groups > 1 else "softmax_topk"
+    moe = MoEConfig(
+        num_experts=m.int("expert_count"), top_k=m.int("expert_used_count"),
+        expert_intermediate_size=m.int("expert_feed_forward_length"), router=router, norm_topk_prob=normalise,
+        num_groups=groups, topk_groups=m.int("expert_group_used_count", 1),
+        routed_scaling_factor=m.float("expert_weights_scale", 1.0), score_correction_bias=correction,
+        shared_experts=m.int("expert_shared_count", 0, low=0),
+    )
+    return moe, dense, sigmoid
+
+
+def _deepseek2_rope(m: _Meta, mla: MLAConfig) -> tuple[RopeConfig, float]:
+    """The rotary table and the softmax scale. llama.cpp puts YaRN's magnitude in the scale alone,
+    (1 + yarn_log_multiplier · ln factor)² / sqrt(qk_head_dim), the converter having written
+    0.1 × mscale_all_dim as the multiplier (transformers' yarn_get_mscale(factor, mscale_all_dim)²), and
+    leaves cos and sin unscaled (as transformers does when mscale equals mscale_all_dim, as in every
+    DeepSeek config)."""
+    rope = _rope(m, mla.qk_rope_head_dim)
+    scale = mla.qk_head_dim**-0.5
+    if rope.type == "yarn":
+        if m.float("rope.scaling.yarn_attn_factor", 1.0) != 1.0:
+            raise m.error("deepseek2.rope.scaling.yarn_attn_factor other than 1 is not supported")
+        rope = replace(rope, attention_factor=1.0)
+    if rope.factor > 1:
+        scale *= (1 + m.float("rope.scaling.yarn_log_multiplier", 0.0) * math.log(rope.factor)) ** 2
+    return rope, scale

@@ -487,9 +487,71 @@ def _gguf_gpt2_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
     return rules
 
 
+# ---- GGUF: DeepSeek-V2 / V3 (llama.cpp's deepseek2) ----------------------------------------------
+
+
+def _joined_kv_b(heads: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """kv_b_proj from the two halves llama.cpp's converter splits it into for the absorbed form:
+    attn_k_b [heads, rank, nope] (each head's key rows, transposed) and attn_v_b [heads, v, rank]
+    → [heads · (nope + v), rank], per head its key rows then its value rows (mla._split_kv_b)."""
+    def join(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+        if k_b.dim() != 3 or v_b.dim() != 3 or k_b.shape[0] != heads or v_b.shape[0] != heads or k_b.shape[1] != v_b.shape[2]:
+            raise ValueError(f"attn_k_b {list(k_b.shape)} and attn_v_b {list(v_b.shape)} must be [{heads}, rank, nope] "
+                             f"and [{heads}, v, rank]")
+        rank, rows = k_b.shape[1], heads * (k_b.shape[2] + v_b.shape[1])
+        if k_b.is_meta:  # a plan's shapes only (torch.cat on meta tensors would import torch._dynamo)
+            return torch.empty((rows, rank), dtype=k_b.dtype, device="meta")
+        return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(rows, rank)
+    return join
+
+
+def _gguf_deepseek2_rules(c: ModelConfig, gf: GGUFFile) -> list[Rule]:
+    """The converter renames DeepSeek's tensors, stacks the experts, splits kv_b_proj into attn_k_b
+    and attn_v_b (newer files; older ones keep attn_kv_b) and leaves the interleaved RoPE rows as they
+    are, which rung reorders here as it does for the Hugging Face folder (deepseek_rules)."""
+    m, names = c.mla, set(gf.tensors)
+    q_rope = _rope_rows(m.qk_nope_head_dim, m.qk_head_dim, m.qk_rope_head_dim)
+    kv_rope = _rope_rows(m.kv_lora_rank, m.cache_width, m.qk_rope_head_dim)
+    rules = [copy("token_embd.weight", "embed.weight"), copy("output_norm.weight", "final_norm.weight")]
+    for i in range(c.num_layers):
+        s, t = f"blk.{i}.", f"layers.{i}."
+        a = t + "attn."
+        rules += [copy(s + "attn_norm.weight", t + "attn_norm.weight"), copy(s + "ffn_norm.weight", t + "mlp_norm.weight")]
+        if m.q_lora_rank is None:  # V2-Lite
+            rules.append(Rule(a + "q_proj.weight", (s + "attn_q.weight",), q_rope))
+        else:
+            rules += [copy(s + "attn_q_a.weight", a + "q_a_proj.weight"), copy(s + "attn_q_a_norm.weight", a + "q_a_norm.weight"),
+                      Rule(a + "q_b_proj.weight", (s + "attn_q_b.weight",), q_rope)]
+        rules += [Rule(a + "kv_a_proj.weight", (s + "attn_kv_a_mqa.weight",), kv_rope),
+                  copy(s + "attn_kv_a_norm.weight", a + "kv_a_norm.weight"),
+                  copy(s + "attn_output.weight", a + "o_proj.weight")]
+        if s + "attn_kv_b.weight" in names:
+            rules.append(copy(s + "attn_kv_b.weight", a + "kv_b_proj.weight"))
+        else:
+            rules.append(Rule(a + "kv_b_proj.weight", (s + "attn_k_b.weight", s + "attn_v_b.weight"), _joined_kv_b(c.num_heads)))
+        if not c.moe_layers[i]:  # leading_dense_block_count
+            width = (("gate", c.intermediate_size), ("up", c.intermediate_size))
+            rules += [fused(t + "mlp.gate_up_proj.weight", (s + "ffn_gate.weight", s + "ffn_up.weight"), width),
+                      copy(s + "ffn_down.weight", t + "mlp.down_proj.weight")]
+            continue
+        rules.append(copy(s + "ffn_gate_inp.weight", t + "mlp.router.weight"))
+        rules += [copy(f"{s}ffn_{p}_exps.weight", f"{t}mlp.{p}_proj") for p in ("gate", "up", "down")]
+        if c.moe.score_correction_bias:
+            rules.append(copy(s + "exp_probs_b.bias", t + "mlp.score_correction"))
+        if c.moe.shared_experts:
+            width = c.moe.shared_experts * c.moe.expert_intermediate_size
+            rules += [fused(t + "mlp.shared.gate_up_proj.weight", (s + "ffn_gate_shexp.weight", s + "ffn_up_shexp.weight"),
+                            (("gate", width), ("up", width))),
+                      copy(s + "ffn_down_shexp.weight", t + "mlp.shared.down_proj.weight")]
+    return rules
+
+
+GGUF_RULES = {"gpt2": _gguf_gpt2_rules, "deepseek2": _gguf_deepseek2_rules}  # the rest: Llama-shaped
+
+
 def gguf_rules(config: ModelConfig, gf: GGUFFile) -> list[Rule]:
     """One rule per rung parameter: which GGUF tensor fills it, and how."""
-    rules = (_gguf_gpt2_rules if gf.architecture == "gpt2" else _gguf_llama_family_rules)(config, gf)
+    rules = GGUF_RULES.get(gf.architecture, _gguf_llama_family_rules)(config, gf)
     if not config.tie_word_embeddings:
         rules.append(copy("output.weight", "lm_head.weight"))
     return rules
