@@ -287,6 +287,10 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer: "full" | "sliding"
     mla: MLAConfig | None = None  # DeepSeek: latent attention (head_dim is then its RoPE part)
+    # DeepSeek-V3's num_nextn_predict_layers: checkpoint layers after the decoder's (the multi-token
+    # prediction module, numbered num_layers, num_layers + 1, ...) that the loader skips, as
+    # transformers does; rung decodes one token a step and does not run them
+    mtp_layers: int = 0
 
     # ---- issue 21 (families): Gemma 2, OLMo 2, SmolLM3 ----
     attn_logit_softcap: float | None = None  # Gemma 2: scores → tanh(scores / cap) · cap before the mask
@@ -314,6 +318,7 @@ class ModelConfig:
         # packed checkpoint, replace()): a field out of range is one ConfigError naming it, before
         # any code divides by it, sizes a tensor by it or loops over it.
         _check_int("num_layers", self.num_layers, high=MAX_LAYERS)
+        _check_int("mtp_layers", self.mtp_layers, low=0, high=MAX_LAYERS)
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
         if not self.moe_layers:
@@ -929,6 +934,7 @@ def _deepseek(f: _Fields, model_type: str) -> ModelConfig:
         mla=mla,
         moe=moe,
         moe_layers=tuple(i >= first_dense for i in range(n)),
+        mtp_layers=f.int("num_nextn_predict_layers", default=0, low=0),
     )
 
 

@@ -290,3 +290,48 @@ def test_deepseek_config_errors_are_one_line():
                            (dict(model_type="deepseek_v2", topk_method="noaux_tc"), "topk_method")):
         with pytest.raises(ConfigError, match=needle):
             ModelConfig.from_hf({**raw, **change})
+
+
+def _with_mtp_layer(folder, num_layers: int, layers: int = 1) -> None:
+    """Append DeepSeek-V3's multi-token-prediction module to a saved folder as the hub checkpoints
+    hold it: layer ``num_layers`` (a copy of the last decoder layer plus enorm, hnorm, eh_proj,
+    embed_tokens and shared_head), and config.json's num_nextn_predict_layers."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    last = f"model.layers.{num_layers - 1}."
+    hidden = tensors["model.norm.weight"].shape[0]
+    for i in range(num_layers, num_layers + layers):
+        mtp = {f"model.layers.{i}." + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)}
+        mtp.update({f"model.layers.{i}.enorm.weight": torch.ones(hidden), f"model.layers.{i}.hnorm.weight": torch.ones(hidden),
+                    f"model.layers.{i}.eh_proj.weight": torch.randn(hidden, 2 * hidden),
+                    f"model.layers.{i}.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+                    f"model.layers.{i}.shared_head.norm.weight": torch.ones(hidden),
+                    f"model.layers.{i}.shared_head.head.weight": tensors["lm_head.weight"].clone()})
+        tensors.update(mtp)
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["num_nextn_predict_layers"] = layers
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_checkpoint_with_the_mtp_layer_loads_and_skips_it(tmp_path):
+    import json
+
+    reference = with_correction_bias(hf_model(v3_config()))
+    folder = save(reference, tmp_path / "model")
+    _with_mtp_layer(folder, 3)
+    model = rung.load_model(folder)
+    assert model.config.mtp_layers == 1 and len(model.layers) == 3
+    assert max_logit_diff(reference, model, ((1, 5),)) < TOL
+    # the same tensors without num_nextn_predict_layers: an extra layer, refused as before
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    del config["num_nextn_predict_layers"]
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="num_hidden_layers is 3 but the checkpoint holds"):
+        rung.load_model(folder)

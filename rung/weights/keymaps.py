@@ -377,8 +377,21 @@ KEYMAPS = {
 }
 
 
+def mtp_layer(config: ModelConfig, name: str) -> bool:
+    """Whether ``name`` belongs to one of the checkpoint's multi-token-prediction layers
+    (``config.mtp_layers`` of them, numbered after the decoder's): skipped at load."""
+    if not config.mtp_layers:
+        return False
+    m = _LAYER.match(name)
+    return m is not None and config.num_layers <= int(m.group(1)) < config.num_layers + config.mtp_layers
+
+
 def keymap(config: ModelConfig, names: set[str]) -> tuple[list[Rule], Callable[[str], bool]]:
-    rules_for, ignored = KEYMAPS[config.model_type]
+    rules_for, family_ignored = KEYMAPS[config.model_type]
+
+    def ignored(name: str) -> bool:
+        return family_ignored(name) or mtp_layer(config, name)
+
     rules = rules_for(config, names)
     if not config.tie_word_embeddings:
         return rules + [copy("lm_head.weight", "lm_head.weight")], ignored

@@ -29,7 +29,7 @@ from rung.model import Decoder
 from rung.model.decoder import meta_decoder
 from rung.weights.gguf import GGUFError, GGUFFile, read_gguf
 from rung.weights.gguf_config import config_from_gguf
-from rung.weights.keymaps import Rule, converted, expert_indices, gguf_rules, keymap, layer_indices
+from rung.weights.keymaps import Rule, converted, expert_indices, gguf_rules, keymap, layer_indices, mtp_layer
 from rung.weights.resolve import resolve_model
 from rung.weights.safetensors_io import CheckpointError, SafetensorsFolder, torch_dtype
 
@@ -161,10 +161,13 @@ def check_declared_layers(folder: Path, checkpoint: SafetensorsFolder) -> None:
     if raw.get("model_type") == "gemma3" and isinstance(raw.get("text_config"), dict):
         raw = raw["text_config"]  # the multimodal config: from_hf reads the text model's fields
     found = layer_indices(checkpoint.names())
+    mtp = raw.get("num_nextn_predict_layers")  # DeepSeek-V3's multi-token-prediction layers, after the decoder's
+    mtp = mtp if isinstance(mtp, int) and not isinstance(mtp, bool) and mtp > 0 else 0
     for field in ("num_hidden_layers", "n_layer"):
         declared = raw.get(field)
         if isinstance(declared, int) and not isinstance(declared, bool):
-            _check_count(declared, found, field, "layer", folder / "config.json")
+            _check_count(declared, {i for i in found if not declared <= i < declared + mtp}, field, "layer",
+                         folder / "config.json")
 
 
 def plan(config: ModelConfig, checkpoint: SafetensorsFolder) -> list[Rule]:
@@ -174,7 +177,8 @@ def plan(config: ModelConfig, checkpoint: SafetensorsFolder) -> list[Rule]:
     config sizes is allocated; the counts that size the plan itself (layers, experts) come first."""
     names = set(checkpoint.names())
     config_file = checkpoint.folder / "config.json"
-    _check_count(config.num_layers, layer_indices(names), "num_hidden_layers", "layer", config_file)
+    _check_count(config.num_layers, layer_indices(n for n in names if not mtp_layer(config, n)),
+                 "num_hidden_layers", "layer", config_file)
     experts = expert_indices(names)
     if config.moe is not None and experts:  # one tensor per expert: the key map lists each one
         _check_count(config.moe.num_experts, experts, "num_experts", "expert", config_file)
