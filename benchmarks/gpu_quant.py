@@ -47,12 +47,14 @@ from rung.quant.rewrite import pack_model, packed_bytes  # noqa: E402
 
 MODELS = ["qwen3-8b", "qwen3-0.6b"]
 FORMATS = {"bf16": None, "int8": ("q8", None), "int4": ("q4", 32), "fp8": ("f8", None),
-           "int8-fgemv": ("q8", None), "int4-fgemv": ("q4", 32)}  # -fgemv: decode rows through the float GEMV
+           "int8-fgemv": ("q8", None), "int4-fgemv": ("q4", 32),  # -fgemv: decode rows through the float GEMV
+           "fp8-bits": ("f8", None)}  # codes decoded by moving bits, not the sm89+ conversion instruction
 
 
 def dp4a_env(label: str) -> None:
     """int8 / int4 decode rows: the int8-activation (dp4a) GEMV, or with RUNG_DP4A=0 the float one."""
     os.environ["RUNG_DP4A"] = "0" if label.endswith("-fgemv") else "1"
+    os.environ["RUNG_FP8_CVT"] = "0" if label.endswith("-bits") else "1"
 ROTATE_BYTES = 256 << 20  # weight copies per timing: more than four times the L2
 
 
@@ -85,7 +87,8 @@ def _paths(fmt: str, label: str = ""):
     if fmt == "f8":
         return (lambda x, q, act: tf.fp8_linear(x, q.data, q.scale, None, act),
                 lambda x, q, act: tf.fp8_linear_ref(x, q.data, q.scale, None, act),
-                lambda n, k, act: tq._TUNED.get(("fp8-gemv", n, k, 1, act is not None, torch.bfloat16)),
+                lambda n, k, act: tq._TUNED.get(("fp8-gemv", n, k, 1, act is not None, torch.bfloat16,
+                                                  not label.endswith("-bits"))),
                 lambda n_out, k: tf.gemv_configs(n_out, k),
                 lambda x, q, act, c: tf.gemv(x, q.data, q.scale, None, act, config=c))
     args = lambda q, act: (q.fmt, q.data, q.scale, q.offset, q.group, None, act)  # noqa: E731
@@ -124,7 +127,7 @@ def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]
             free()
             fmts = [("int8", "q8", None), ("int8-fgemv", "q8", None)]
             fmts += [] if layer == "lm_head" else [("int4", "q4", 32), ("int4-fgemv", "q4", 32)]
-            for label, fmt, group in fmts + [("fp8", "f8", None)]:
+            for label, fmt, group in fmts + [("fp8", "f8", None), ("fp8-bits", "f8", None)]:
                 dp4a_env(label)
                 p = quantize(w, fmt, group)
                 nbytes = p.nbytes
@@ -153,7 +156,7 @@ def kernel_bench(names: list[str], sweep: bool) -> tuple[list[dict], list[dict]]
                 log("layer", json.dumps(r))
                 rows.append(r)
                 # batches: the dequantizing matmul against dequantize + cuBLAS, and bf16 cuBLAS
-                if name == names[0] and layer in ("gate_up", "down") and not label.endswith("-fgemv"):
+                if name == names[0] and layer in ("gate_up", "down") and label in ("int8", "int4", "fp8"):
                     for m in (16, 64, 2048):
                         xm = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
                         b = dict(shape=name, layer=layer, fmt=label, M=m)

@@ -10,7 +10,8 @@ Two paths, by the number of activation rows M:
   into a float16's exponent and mantissa are e4m3's value / 256 (the two formats share the
   mantissa's top bits; e4m3's bias is 7, float16's 15, so 2^-8 apart, subnormals included), and
   the 256 goes into the row's scale, applied once after the loop. Works on any GPU (no fp8 unit
-  needed) and under the interpreter.
+  needed) and under the interpreter; on sm89+ the hardware's pairwise conversion does it in fewer
+  instructions (``hardware_cvt``).
 - larger M (prefill, batched steps): ``torch._scaled_mm`` on Hopper / Ada (the tensor cores' fp8
   path): x quantized per row to e4m3 (scale max|x| / 448), the weight's bytes and scales as they
   are, bf16 out. Elsewhere, or for shapes it refuses: dequantize + ``F.linear``.
@@ -20,6 +21,8 @@ against; ``scaled_mm_ref`` restates ``_scaled_mm``'s function (x rounded to e4m3
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -68,18 +71,20 @@ def _e4m3_over_256(b):
 
 
 @triton.jit
-def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr):
+def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr, CVT: tl.constexpr):
     kk = k0 + tl.arange(0, BLOCK_K)
     k_in = kk < K
     x = tl.load(xr + kk, mask=k_in, other=0.0).to(tl.float32)
     b = tl.load(D + row[:, None].to(tl.int64) * K + kk[None, :], mask=n_in[:, None] & k_in[None, :], other=0)
+    if CVT:  # D is float8e4nv: the hardware's pairwise e4m3 → float16 conversion (sm89+), / 256 in x's place
+        return acc + b.to(tl.float32) * x[None, :]
     return acc + _e4m3_over_256(b.to(tl.int32)) * x[None, :]
 
 
 @triton.jit
 def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym,
                     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr):
     """One x row (program_id 1) against BLOCK_N weight rows: products summed per element over the
     K loop, reduced once, scaled by the row's scale · 256."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,13 +94,14 @@ def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym,
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        acc1 = _fp8_row_dots(xr, D, acc1, row, n_in, k0, K, BLOCK_K)
+        acc1 = _fp8_row_dots(xr, D, acc1, row, n_in, k0, K, BLOCK_K, CVT)
         if GATED:
-            acc2 = _fp8_row_dots(xr, D, acc2, row + 8, n_in, k0, K, BLOCK_K)
-    r1 = tl.sum(acc1, 1) * (tl.load(S + row, mask=n_in, other=0.0) * 256.0)
+            acc2 = _fp8_row_dots(xr, D, acc2, row + 8, n_in, k0, K, BLOCK_K, CVT)
+    unit: tl.constexpr = 1.0 if CVT else 256.0
+    r1 = tl.sum(acc1, 1) * (tl.load(S + row, mask=n_in, other=0.0) * unit)
     r2 = tl.sum(acc2, 1)
     if GATED:
-        r2 = r2 * (tl.load(S + row + 8, mask=n_in, other=0.0) * 256.0)
+        r2 = r2 * (tl.load(S + row + 8, mask=n_in, other=0.0) * unit)
     m = tl.program_id(1) + tl.arange(0, 1)
     _epilogue(r1[None, :], r2[None, :], B, Y, m, m < m + 1, row, n, n_in, sym, GATED, ACT, HAS_BIAS)
 
@@ -115,20 +121,30 @@ def gemv(x, data, scale, bias=None, act=None, config=None):
     n_out = n // 2 if act else n
     m = x.shape[0]
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
-    codes = data.view(torch.uint8)
+    cvt = hardware_cvt(x)
+    codes = data if cvt else data.view(torch.uint8)
     scale = scale.reshape(-1)
 
     def launch(cfg):
         bn, bk, warps = cfg
         fp8_gemv_kernel[(triton.cdiv(n_out, bn), m)](
             x, codes, scale, bias if bias is not None else scale, y, n_out, k, x.stride(0), y.stride(0),
-            GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
+            GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, CVT=cvt,
             num_warps=warps)
         return y
 
     if config is not None:
         return launch(config)
-    return _tuned(("fp8-gemv", n, k, m, act is not None, x.dtype), gemv_configs(n_out, k), launch)
+    return _tuned(("fp8-gemv", n, k, m, act is not None, x.dtype, cvt), gemv_configs(n_out, k), launch)
+
+
+def hardware_cvt(x: torch.Tensor) -> bool:
+    """Whether the GEMV converts codes with the GPU's e4m3 → float16 instruction (compute capability
+    ≥ 8.9; RUNG_FP8_CVT=0 turns it off) rather than moving their bits into a float16 (anywhere,
+    the interpreter included: both give the same values)."""
+    if INTERPRET or not x.is_cuda or os.environ.get("RUNG_FP8_CVT") == "0":
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
 # ---- prefill and batches: torch._scaled_mm --------------------------------------------------------
