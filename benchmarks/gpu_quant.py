@@ -42,6 +42,7 @@ from rung.config import ModelConfig, preset_dict  # noqa: E402
 from rung.engine.engine import Engine, EngineConfig  # noqa: E402
 from rung.engine.sampling_params import SamplingParams  # noqa: E402
 from rung.quant.formats import quantize  # noqa: E402
+from rung.quant.experts import PackedMoE  # noqa: E402
 from rung.quant.linear import PackedLinear  # noqa: E402
 from rung.quant.rewrite import pack_model, packed_bytes  # noqa: E402
 
@@ -95,7 +96,7 @@ def _paths(fmt: str, label: str = ""):
     if not label.endswith("-fgemv"):
         return (lambda x, q, act: tq.quant_linear(x, *args(q, act)),
                 lambda x, q, act: tq.quant_linear_ref(x, *args(q, act)),
-                lambda n, k, act: tq._TUNED.get(("dp4a", fmt, n, k, act is not None)),
+                lambda n, k, act: tq._TUNED.get(("dp4a", fmt, n, k, act is not None, False)),
                 lambda n_out, k: td.dp4a_configs(fmt),
                 lambda x, q, act, c: td.gemv_dp4a(x, *args(q, act), config=c))
     return (lambda x, q, act: tq.quant_linear(x, *args(q, act)),
@@ -186,7 +187,7 @@ def decode_bytes(model, config: ModelConfig) -> int:
     but not an untied embedding table (one row of it is read)."""
     seen, total = set(), 0
     tensors = [(n, t) for n, t in model.named_parameters()]
-    tensors += [(f"{mn}.{bn}", b) for mn, m in model.named_modules() if isinstance(m, PackedLinear)
+    tensors += [(f"{mn}.{bn}", b) for mn, m in model.named_modules() if isinstance(m, (PackedLinear, PackedMoE))
                 for bn, b in m.named_buffers(recurse=False)]
     for name, t in tensors:
         if t is None or (name.startswith("embed.") and not config.tie_word_embeddings):

@@ -23,8 +23,9 @@ bf16 (``load_model(spec, dtype="bfloat16")``); tests/test_describe.py measures i
   bf16   every parameter at 2 bytes.
   int8   per output channel: the matrices of the dense Linear layers (attention q/k/v/o, a dense
          MLP, the LM head, or the embedding table it is tied to) at 1 byte plus one fp16 scale per
-         output row, their biases fp32. MoE layers keep router and experts as they are (bf16), as
-         do an untied embedding table, norms and sinks. A matrix whose input width is not a
+         output row, their biases fp32. MoE experts are packed the same way (rung/quant/experts.py)
+         unless they carry biases or gpt-oss's clamped SwiGLU; routers, DeepSeek's shared experts,
+         an untied embedding table, norms and sinks stay bf16. A matrix whose input width is not a
          multiple of 32 is not packed.
   int4   the same matrices at 4 bits with an fp16 scale and offset per group of 32 inputs (5 bits
          per weight), except the LM head (or tied table), which stays int8; the rest as int8.
@@ -57,9 +58,9 @@ FORMATS = ("bf16", "int8", "int4", "mxfp4")
 FORMAT_SCOPE = {
     "bf16": "every parameter at 2 bytes",
     "int8": "as @int8 loads: dense Linear matrices (attention, dense MLP, LM head or tied table) at 1 byte "
-            "+ an fp16 scale per row; MoE experts and router, embeddings, norms bf16",
+            "+ an fp16 scale per row, MoE experts too (not gpt-oss's); routers, embeddings, norms bf16",
     "int4": "as @int4 loads: the same matrices at 4 bits + fp16 scale and offset per 32 inputs (5 bits), "
-            "LM head int8; MoE experts and router, embeddings, norms bf16",
+            "LM head int8; MoE experts too (not gpt-oss's); routers, embeddings, norms bf16",
     "mxfp4": "feed-forward matrices (MoE experts, or the dense MLP) at 4 bits + an 8-bit scale per "
              "32 inputs (4.25 bits/weight), as gpt-oss ships; rest bf16",
 }
@@ -182,14 +183,17 @@ def _mlp(c: ModelConfig, p: str) -> list[Weight]:
 
 
 def _moe(c: ModelConfig, p: str) -> list[Weight]:
-    """Router plus E gated experts, of which one token reads top_k. @int8 / @int4 keep them as they are."""
+    """Router plus E gated experts, of which one token reads top_k. @int8 / @int4 pack the experts
+    where rung/quant/experts.py's ``can_pack`` does (no biases, not gpt-oss's clamped SwiGLU,
+    whole blocks of 8 gate rows, widths that 32 divides)."""
     m, H = c.moe, c.hidden_size
     I, E, k, bias = m.expert_intermediate_size, m.num_experts, m.top_k, m.expert_bias
+    packs = not bias and c.activation != "swiglu_clamped" and I % 8 == 0 and H % GROUP == 0 and I % GROUP == 0
     out = (
         _linear(f"{p}.router", "feed_forward", E, H, m.router_bias, packs=False)
-        + _linear(f"{p}.experts.gate", "feed_forward", I, H, bias, E, k, packs=False, ffn=True)
-        + _linear(f"{p}.experts.up", "feed_forward", I, H, bias, E, k, packs=False, ffn=True)
-        + _linear(f"{p}.experts.down", "feed_forward", H, I, bias, E, k, packs=False, ffn=True)
+        + _linear(f"{p}.experts.gate", "feed_forward", I, H, bias, E, k, packs=packs, ffn=True)
+        + _linear(f"{p}.experts.up", "feed_forward", I, H, bias, E, k, packs=packs, ffn=True)
+        + _linear(f"{p}.experts.down", "feed_forward", H, I, bias, E, k, packs=packs, ffn=True)
     )
     # DeepSeek-V3's e_score_correction_bias (E values) is a buffer in transformers, not counted
     if m.shared_experts:  # DeepSeek: one always-on gated MLP, shared_experts expert widths wide

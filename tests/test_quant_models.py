@@ -134,7 +134,7 @@ def test_hf_folder_packed_equals_its_dequantized_weights(fmt, group, tmp_path):
             assert 0 < (out - ref).abs().max() < 0.08 * ref.abs().max()
 
 
-def test_pack_model_leaves_moe_experts_and_refuses_unknown_formats():
+def test_pack_model_packs_moe_experts_keeps_the_router_and_refuses_unknown_formats():
     from rung.config import ModelConfig, MoEConfig
     from rung.model import Decoder
 
@@ -147,7 +147,11 @@ def test_pack_model_leaves_moe_experts_and_refuses_unknown_formats():
         ref = model(IDS % 64)
         pack_model(model, "q8", 32)
         out = model(IDS % 64)
-    assert not isinstance(model.layers[0].mlp, PackedLinear) and model.layers[0].attn.qkv_proj.fmt == "q8"
+    from rung.quant.experts import PackedMoE
+
+    moe = model.layers[0].mlp
+    assert isinstance(moe, PackedMoE) and moe.fmt == "q8" and model.layers[0].attn.qkv_proj.fmt == "q8"
+    assert type(moe.router) is torch.nn.Linear  # the router stays in the model dtype
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     with pytest.raises(ValueError, match="unknown weight format"):
         pack_model(Decoder(config), "q3")

@@ -60,6 +60,57 @@ def main() -> None:
             check(f"quant_linear {name} {dt}", got, td.gemv_dp4a_ref(xd, *args), 1e-2 if dt == torch.bfloat16 else 2e-3)
             err = rel(got, tq.quant_linear_ref(xd.double(), *args))
             assert err < 3e-2, (name, dt, err)
+    # mixture-of-experts rows: row r is x[r // k] through expert ids[r] (stacks [E, N, ...]), gated
+    # gate|up then down, q8 / q4 through the dp4a GEMV and f8 through the fp8 one
+    from rung.kernels import triton_fp8 as tf
+
+    e, n, kk, tokens, k = 5, 32, 64, 2, 3
+    ids = torch.tensor([4, 0, 4, 2, 1, 3], dtype=torch.int32)
+    x = torch.randn(tokens, kk, generator=g)
+    for fmt, group in (("q8", None), ("q4", 32), ("f8", None)):
+        for act, x_div in (("silu", k), (None, 1)):
+            xs = x if x_div == k else torch.randn(tokens * k, kk, generator=g)
+            parts = [quantize(torch.randn(n, kk, generator=g), fmt, group) for _ in range(e)]
+            data = torch.stack([p.data for p in parts])
+            scale = torch.stack([p.scale for p in parts])
+            offset = None if parts[0].offset is None else torch.stack([p.offset for p in parts])
+            name = f"experts {fmt} act={act} x_div={x_div}"
+            if fmt == "f8":
+                got = tf.gemv(xs, data, scale, None, act, experts=ids, x_div=x_div)
+                want = torch.cat([tf.fp8_linear_ref(xs[r // x_div:r // x_div + 1], data[i], scale[i], None, act)
+                                  for r, i in enumerate(ids.tolist())])
+                check(f"gemv_dp4a {name}", got, want, 1e-5)
+                continue
+            got = td.gemv_dp4a(xs, fmt, data, scale, offset, parts[0].group, None, act, experts=ids, x_div=x_div)
+            check(f"gemv_dp4a {name}", got, td.moe_gemv_ref(xs, fmt, data, scale, offset, parts[0].group, ids, x_div, act), 2e-6)
+            dense = torch.cat([tq.quant_linear_ref(xs[r // x_div:r // x_div + 1].double(), fmt, data[i], scale[i],
+                                                   None if offset is None else offset[i], parts[0].group, None, act)
+                               for r, i in enumerate(ids.tolist())])
+            assert rel(got, dense) < 3e-2, (name, rel(got, dense))
+    # a whole MoE layer with packed experts: the decode rows (≤ 4 tokens) and the prefill path
+    # (dequantized experts, the fused MoE kernels) against MoE.mix over the dequantized experts
+    from rung.config import ModelConfig, MoEConfig
+    from rung.model.moe import MoE
+    from rung.quant.experts import PackedMoE, pack_experts
+
+    config = ModelConfig("qwen3_moe", vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                         head_dim=16, intermediate_size=64,
+                         moe=MoEConfig(num_experts=6, top_k=2, expert_intermediate_size=32, norm_topk_prob=True))
+    for fmt in ("q8", "q4", "f8"):
+        torch.manual_seed(1)
+        moe = MoE(config)
+        with torch.no_grad():
+            for p in (moe.gate_proj, moe.up_proj, moe.down_proj):
+                p.normal_(0, 0.3)
+        pack_experts(moe, fmt, 32 if fmt == "q4" else None)
+        assert isinstance(moe, PackedMoE)
+        for tokens in (3, 7):
+            x = torch.randn(tokens, 64, generator=g).half()
+            weights, experts = MoE.choose(moe, moe.router_logits(x.float()).half())
+            got = moe.mix(x, weights, experts)
+            want = MoE.mix(moe, x.float(), weights.float(), experts).half()
+            tol = 2e-3 if tokens > 4 else (3e-2 if fmt != "f8" else 2e-3)  # decode rows: x rounded to int8
+            check(f"PackedMoE {fmt} tokens={tokens}", got, want, tol)
     # what stays off this path: float32 activations, more than GEMV_M rows, unaligned weights
     p = quantize(torch.randn(16, 64, generator=g), "q8", None)
     assert not td.usable(torch.randn(1, 64), "q8", p.data)

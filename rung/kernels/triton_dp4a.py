@@ -41,6 +41,16 @@ def quantize_runs_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return q.view(m, k), (amax / 127.0).view(m, -1), r.sum(-1)
 
 
+def moe_gemv_ref(x, fmt: str, data, scale, offset, group: int, experts: torch.Tensor, x_div: int,
+                 act: str | None = None) -> torch.Tensor:
+    """``gemv_dp4a(..., experts=, x_div=)``'s function: row r = x[r // x_div] through expert experts[r]."""
+    rows = []
+    for r, e in enumerate(experts.tolist()):
+        rows.append(gemv_dp4a_ref(x[r // x_div:r // x_div + 1], fmt, data[e], scale[e],
+                                  None if offset is None else offset[e], group, None, act))
+    return torch.cat(rows)
+
+
 def gemv_dp4a_ref(x, fmt: str, data, scale, offset, group: int, bias=None, act: str | None = None):
     """The kernel's function: x rounded per run to int8 (``quantize_runs_ref``), exact integer dot
     products per run, then the run's scales; float64 sums."""
@@ -142,15 +152,24 @@ def _run_sums(XW, STEP, XSUM, D, S, O, row, n_in, run, r_in, wpr, K, group,
 
 
 @triton.jit
-def gemv_dp4a_kernel(XW, STEP, XSUM, D, S, O, B, Y, NOUT, K, group, wpr, sym,
+def gemv_dp4a_kernel(XW, STEP, XSUM, D, S, O, B, Y, NOUT, K, group, wpr, sym, EIDS, rows_e, x_div,
                      FMT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     PER_ROW: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr):
-    """One program per (BLOCK_N outputs, x row): the rows' words streamed once, RUNS runs a step.
-    XW: the row's int8 activations as int32 words; D: the weights as int32 words, ``wpr`` a row."""
+                     PER_ROW: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr,
+                     EXPERTS: tl.constexpr):
+    """One program per (BLOCK_N outputs, output row): the weight rows' words streamed once, RUNS
+    runs a step. XW: int8 activations as int32 words; D: the weights as int32 words, ``wpr`` a row.
+    EXPERTS: D, S, O are stacks of ``rows_e``-row matrices, output row r reads expert EIDS[r] and
+    x row r // x_div (a mixture-of-experts step: one row per (token, choice))."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NOUT
     row = _rows(n, GATED).to(tl.int64)
     m = tl.program_id(1).to(tl.int64)
+    if EXPERTS:
+        e = tl.load(EIDS + m).to(tl.int64)
+        D += e * rows_e * wpr
+        S += e * rows_e * (K // group)
+        O += e * rows_e * (K // group)
+        m = m // x_div
     xw = XW + m * (K // 4)
     step = STEP + m * (K // 32)
     xsum = XSUM + m * (K // 32)
@@ -194,32 +213,37 @@ def usable(x: torch.Tensor, fmt: str, data: torch.Tensor) -> bool:
             and fmt in ("q8", "q4") and data.is_contiguous() and data.data_ptr() % 16 == 0)
 
 
-def gemv_dp4a(x, fmt, data, scale, offset, group, bias=None, act=None, config=None, out=None):
+def gemv_dp4a(x, fmt, data, scale, offset, group, bias=None, act=None, config=None, out=None,
+              experts: torch.Tensor | None = None, x_div: int = 1):
     """x [M ≤ GEMV_M, K] through a q8 / q4 weight, activations rounded per run to int8.
-    ``config``: (BLOCK_N, RUNS, num_warps) or None (tuned / default)."""
-    n = data.shape[0]
+    ``config``: (BLOCK_N, RUNS, num_warps) or None (tuned / default). With ``experts`` (int32 [R]):
+    ``data`` etc. are stacks [E, N, ...] and output row r is x[r // x_div] through expert
+    experts[r] (``moe_gemv_ref``)."""
+    n = data.shape[-2]
     k = x.shape[1]
     n_out = n // 2 if act else n
-    m = x.shape[0]
+    rows = x.shape[0] if experts is None else experts.numel()
     if x.stride(-1) != 1:
         x = x.contiguous()
     xq, step, xsum = quantize_runs(x)
     words = data.view(torch.int32)
-    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device) if out is None else out
+    y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device) if out is None else out
 
     def launch(cfg):
         bn, runs, warps = cfg
         runs = triton.next_power_of_2(min(runs, k // 32))
-        gemv_dp4a_kernel[(triton.cdiv(n_out, bn), m)](
+        gemv_dp4a_kernel[(triton.cdiv(n_out, bn), rows)](
             xq.view(torch.int32), step, xsum, words, scale, scale if offset is None else offset,
-            scale if bias is None else bias, y, n_out, k, group, words.shape[1], y.stride(0),
+            scale if bias is None else bias, y, n_out, k, group, words.shape[-1], y.stride(0),
+            step if experts is None else experts, n, x_div,
             FMT=8 if fmt == "q8" else 4, GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None,
-            PER_ROW=group == k, ASM=not INTERPRET, BLOCK_N=bn, RUNS=runs, num_warps=warps)
+            PER_ROW=group == k, ASM=not INTERPRET, BLOCK_N=bn, RUNS=runs, EXPERTS=experts is not None,
+            num_warps=warps)
         return y
 
     if config is not None:
         return launch(config)
-    return _tuned(("dp4a", fmt, n, k, act is not None), dp4a_configs(fmt), launch)
+    return _tuned(("dp4a", fmt, n, k, act is not None, experts is not None), dp4a_configs(fmt), launch)
 
 
 def dp4a_configs(fmt: str) -> list[tuple]:

@@ -82,15 +82,22 @@ def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr, CVT: tl.c
 
 
 @triton.jit
-def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym,
+def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym, EIDS, rows_e, x_div,
                     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr):
-    """One x row (program_id 1) against BLOCK_N weight rows: products summed per element over the
-    K loop, reduced once, scaled by the row's scale · 256."""
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr, EXPERTS: tl.constexpr):
+    """One output row (program_id 1) against BLOCK_N weight rows: products summed per element over
+    the K loop, reduced once, scaled by the row's scale · 256. EXPERTS: D and S are stacks of
+    ``rows_e``-row matrices; output row r reads expert EIDS[r] and x row r // x_div."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NOUT
     row = _rows(n, GATED)
-    xr = X + tl.program_id(1).to(tl.int64) * sxm
+    m = tl.program_id(1).to(tl.int64)
+    if EXPERTS:
+        e = tl.load(EIDS + m).to(tl.int64)
+        D += e * rows_e * K
+        S += e * rows_e
+        m = m // x_div
+    xr = X + m * sxm
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -115,27 +122,31 @@ def gemv_configs(n_out: int, k: int) -> list[tuple[int, int, int]]:
             (8, min(512, bk), 8)]
 
 
-def gemv(x, data, scale, bias=None, act=None, config=None):
-    """x [M ≤ GEMV_M, K] rows through an f8 weight [N, K]; [M, N] (or [M, N / 2] gated)."""
-    n, k = data.shape
+def gemv(x, data, scale, bias=None, act=None, config=None, experts: torch.Tensor | None = None, x_div: int = 1):
+    """x [M ≤ GEMV_M, K] rows through an f8 weight [N, K]; [M, N] (or [M, N / 2] gated). With
+    ``experts`` (int32 [R]): data / scale are stacks [E, N, ...], output row r is x[r // x_div]
+    through expert experts[r]."""
+    n, k = data.shape[-2:]
     n_out = n // 2 if act else n
-    m = x.shape[0]
+    m = x.shape[0] if experts is None else experts.numel()
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     cvt = hardware_cvt(x)
     codes = data if cvt else data.view(torch.uint8)
-    scale = scale.reshape(-1)
+    scale = scale.reshape(-1) if experts is None else scale
 
     def launch(cfg):
         bn, bk, warps = cfg
         fp8_gemv_kernel[(triton.cdiv(n_out, bn), m)](
             x, codes, scale, bias if bias is not None else scale, y, n_out, k, x.stride(0), y.stride(0),
+            scale if experts is None else experts, n, x_div,
             GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, CVT=cvt,
-            num_warps=warps)
+            EXPERTS=experts is not None, num_warps=warps)
         return y
 
     if config is not None:
         return launch(config)
-    return _tuned(("fp8-gemv", n, k, m, act is not None, x.dtype, cvt), gemv_configs(n_out, k), launch)
+    key = ("fp8-gemv", n, k, m if experts is None else -1, act is not None, x.dtype, cvt)
+    return _tuned(key, gemv_configs(n_out, k), launch)
 
 
 def hardware_cvt(x: torch.Tensor) -> bool:

@@ -4,8 +4,9 @@
 ``PackedLinear`` in ``fmt`` ("f32", "q8", "q4"): the fused q|k|v projection as it is, and a gated
 MLP's fused gate|up projection as one gated layer (its rows interleaved, the activation inside:
 one kernel call for both projections and act(gate)·up; the MLP's own ActAndMul becomes Identity).
-A tied embedding shares the LM head's packed table. Mixture-of-experts layers keep their experts
-as they are.
+A tied embedding shares the LM head's packed table. Mixture-of-experts layers get their experts
+packed in ``fmt`` too (rung/quant/experts.py; not for "f32", and gpt-oss's MXFP4 experts stay as
+they are); routers stay in the model dtype.
 
 A packed model gives the same logits as the original up to the format's rounding (exactly the
 dequantized weights' logits).
@@ -18,6 +19,7 @@ from torch import nn
 
 from rung.model.decoder import Decoder
 from rung.model.mlp import MLP
+from rung.quant.experts import can_pack, pack_experts
 from rung.quant.formats import Packed, quantize
 from rung.quant.linear import GATE_BLOCK, PackedEmbedding, PackedLinear, interleave_gate_up
 
@@ -101,8 +103,10 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
         for name, width in _attention_projections(c, block.attn):
             pack(block.attn, name, prefix + "attn.", width)
         mlp = block.mlp
-        if not isinstance(mlp, MLP):
-            continue  # MoE: experts stay as they are
+        if not isinstance(mlp, MLP):  # MoE: the experts packed (rung/quant/experts.py), the router kept
+            if can_pack(mlp, fmt, group):
+                pack_experts(mlp, fmt, group)
+            continue
         pack(mlp, "up_proj", prefix + "mlp.", h)
         pack(mlp, "down_proj", prefix + "mlp.", inter)
         if isinstance(mlp.gate_up_proj, nn.Linear) and _fits(fmt, h, group):

@@ -1,0 +1,184 @@
+"""Mixture-of-experts layers with packed experts (q8, q4, f8): weight-only, the router stays as it is.
+
+``pack_experts(moe, fmt, group)`` quantizes every expert with rung.quant.formats (per expert, the
+same rounding as a dense layer) and turns the layer into a ``PackedMoE``. Each expert's gate and up
+rows are interleaved in blocks of 8, as a gated ``PackedLinear`` holds them, so one kernel computes
+act(gate) · up; the stacks are buffers [E, rows, ...] (``gate_up_*``, ``down_*``).
+
+Three paths, by where and how many tokens:
+
+- CUDA (or Triton's interpreter), at most ``DECODE_TOKENS`` tokens (a decode step): one GEMV launch
+  for gate|up and one for down over the chosen (token, expert) rows, each reading only its expert's
+  rows (rung/kernels/triton_dp4a.py for q8 / q4, rung/kernels/triton_fp8.py for f8), then the
+  routed weights' sum. No host synchronisation: CUDA-graph safe.
+- CUDA, more tokens (prefill): the layer's experts dequantized into a scratch stack in the
+  activation dtype, then the fused bf16 MoE kernels (rung/kernels/fused_moe.py).
+- anywhere else: ``MoE.mix`` over the chosen experts, each dequantized (``PackedExpertWeights``):
+  the reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rung.model.moe import MoE
+from rung.quant.formats import Packed, dequantize, quantize
+from rung.quant.linear import GATE_BLOCK, interleave_gate_up
+
+DECODE_TOKENS = 4  # tokens a step up to which the per-row GEMVs run; above, dequantize + fused MoE
+FORMATS = ("q8", "q4", "f8")
+
+
+def can_pack(moe: nn.Module, fmt: str, group: int | None) -> bool:
+    """Dense experts without biases (gpt-oss keeps its MXFP4 ones), gate/up rows in whole blocks,
+    and widths the format's groups divide."""
+    if not isinstance(moe, MoE) or isinstance(moe, PackedMoE) or moe.packed or fmt not in FORMATS:
+        return False
+    if moe.gate_bias is not None or moe.down_bias is not None or moe.clamped:
+        return False
+    e, i, h = moe.gate_proj.shape
+    g = None if fmt == "f8" else group
+    return i % GATE_BLOCK == 0 and all(_fits(fmt, width, g) for width in (h, i))
+
+
+def _fits(fmt: str, width: int, group: int | None) -> bool:
+    g = group or (32 if fmt == "q4" else width)
+    return width % 32 == 0 and width % g == 0 and g % 32 == 0
+
+
+def _stack(parts: list[Packed]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    data = torch.stack([p.data for p in parts])
+    scale = torch.stack([p.scale for p in parts])
+    offset = None if parts[0].offset is None else torch.stack([p.offset for p in parts])
+    return data, scale, offset
+
+
+def pack_experts(moe: MoE, fmt: str, group: int | None = None) -> "PackedMoE":
+    """In place: the experts of ``moe`` quantized to ``fmt``; the module becomes a PackedMoE."""
+    if not can_pack(moe, fmt, group):
+        raise ValueError(f"cannot pack these experts as {fmt} (group {group})")
+    e, i, h = moe.gate_proj.shape
+    order = interleave_gate_up(torch.arange(i), torch.arange(i, 2 * i))
+    gate_up, down = [], []
+    with torch.no_grad():
+        for x in range(e):
+            w = torch.cat((moe.gate_proj[x], moe.up_proj[x]))  # [2I, H]
+            gate_up.append(quantize(w, fmt, None if fmt == "f8" else group).permute_rows(order))
+            down.append(quantize(moe.down_proj[x], fmt, None if fmt == "f8" else group))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        delattr(moe, name)
+    moe.__class__ = PackedMoE
+    moe.install(fmt, gate_up[0].group, down[0].group, _stack(gate_up), _stack(down), (e, i, h))
+    return moe
+
+
+class PackedExpertWeights:
+    """``ExpertWeights``' reading interface over packed stacks: one expert's matrix, dequantized."""
+
+    def __init__(self, moe: "PackedMoE"):
+        self.moe = moe
+        self.gate_bias = self.up_bias = self.down_bias = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe.shape[0]
+
+    def expert(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        m = self.moe
+        _, i, h = m.shape
+        if name == "down":
+            return dequantize(m.packed_expert("down", e), dtype)
+        w = dequantize(m.packed_expert("gate_up", e), dtype).view(i // GATE_BLOCK, 2, GATE_BLOCK, h)
+        return w[:, 0 if name == "gate" else 1].reshape(i, h)
+
+
+class PackedMoE(MoE):
+    """A MoE layer (rung/model/moe.py) whose experts are packed: see the module docstring."""
+
+    def install(self, fmt: str, group_up: int, group_down: int, gate_up, down, shape) -> None:
+        self.fmt, self.groups_packed, self.shape = fmt, (group_up, group_down), tuple(shape)
+        for prefix, (data, scale, offset) in (("gate_up", gate_up), ("down", down)):
+            self.register_buffer(prefix + "_data", data.contiguous())
+            self.register_buffer(prefix + "_scale", scale.contiguous())
+            self.register_buffer(prefix + "_offset", None if offset is None else offset.contiguous())
+
+    def extra_repr(self) -> str:
+        e, i, h = self.shape
+        return f"{e} experts {h} → {i} → {h}, {self.fmt}, groups {self.groups_packed}"
+
+    def packed_expert(self, prefix: str, e: int) -> Packed:
+        _, i, h = self.shape
+        rows, cols = (2 * i, h) if prefix == "gate_up" else (h, i)
+        offset = getattr(self, prefix + "_offset")
+        return Packed(self.fmt, getattr(self, prefix + "_data")[e], (rows, cols),
+                      self.groups_packed[prefix == "down"], getattr(self, prefix + "_scale")[e],
+                      None if offset is None else offset[e])
+
+    def expert_weights(self) -> PackedExpertWeights:
+        return PackedExpertWeights(self)
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from rung.kernels.fused_moe import route
+        from rung.kernels.modules import FusedMoE
+
+        if FusedMoE.fits(self):  # the routing kernel where it runs; the model's routing otherwise
+            return route(logits, self.top_k, self.router_kind, self.norm_topk_prob)
+        return super().choose(logits)
+
+    def mix(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        from rung.kernels import use_triton
+
+        if not (use_triton(flat, self.down_data) and self.activation_name == "silu"
+                and flat.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+            return super().mix(flat, weights, experts)
+        if flat.shape[0] <= DECODE_TOKENS:
+            return self.mix_rows(flat, weights, experts)
+        return self.mix_dequantized(flat, weights, experts)
+
+    def mix_rows(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """A decode step: act(gate)·up then down for each (token, choice) row through its expert's
+        packed rows, then Σ_k weight · row per token."""
+        n, k = experts.shape
+        ids = experts.reshape(-1).to(torch.int32)
+        hidden = self._rows("gate_up", flat, ids, k, "silu")  # [n·k, I]
+        out = self._rows("down", hidden, ids, 1, None)  # [n·k, H]
+        mixed = torch.bmm(weights.float().view(n, 1, k), out.float().view(n, k, -1))
+        return mixed.view(n, -1).to(flat.dtype)
+
+    def _rows(self, prefix: str, x: torch.Tensor, ids: torch.Tensor, x_div: int, act: str | None) -> torch.Tensor:
+        data, scale = getattr(self, prefix + "_data"), getattr(self, prefix + "_scale")
+        x = x.contiguous()
+        if self.fmt == "f8":
+            from rung.kernels.triton_fp8 import gemv as fp8_gemv
+
+            return fp8_gemv(x, data, scale, None, act, experts=ids, x_div=x_div)
+        from rung.kernels.triton_dp4a import gemv_dp4a
+
+        group = self.groups_packed[prefix == "down"]
+        return gemv_dp4a(x, self.fmt, data, scale, getattr(self, prefix + "_offset"), group, None, act,
+                         experts=ids, x_div=x_div)
+
+    def mix_dequantized(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Prefill: the whole layer's experts dequantized (in the activation dtype), then the fused MoE."""
+        from rung.kernels.fused_moe import Activation, ExpertWeights, fused_moe
+
+        e, i, h = self.shape
+        dtype = flat.dtype
+        gate_up = self._dense("gate_up", dtype).view(e, i // GATE_BLOCK, 2, GATE_BLOCK, h)
+        w = ExpertWeights(gate_up[:, :, 0].reshape(e, i, h), gate_up[:, :, 1].reshape(e, i, h),
+                          self._dense("down", dtype))
+        return fused_moe(flat, weights, experts, w, Activation("silu"))
+
+    def _dense(self, prefix: str, dtype: torch.dtype) -> torch.Tensor:
+        data = getattr(self, prefix + "_data")
+        e, rows = data.shape[:2]
+        if self.fmt == "f8":
+            return torch.stack([dequantize(self.packed_expert(prefix, x), dtype) for x in range(e)])
+        from rung.kernels.triton_quant import dequantize as triton_dequantize
+
+        offset = getattr(self, prefix + "_offset")
+        flat = triton_dequantize(self.fmt, data.reshape(e * rows, -1), getattr(self, prefix + "_scale").reshape(e * rows, -1),
+                                 None if offset is None else offset.reshape(e * rows, -1),
+                                 self.groups_packed[prefix == "down"], dtype)
+        return flat.view(e, rows, -1)
