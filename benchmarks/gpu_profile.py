@@ -24,8 +24,12 @@ from rung.kernels.rewrite import attach_kernels
 from rung.engine.paged import Chunk, KVPool
 
 
-def profile(name: str, steps: int, top: int) -> None:
+def profile(name: str, steps: int, top: int, fmt: str | None = None) -> None:
     model = gpu.rung_model(name)
+    if fmt:  # a packed format (rung.quant), experts included: "q8", "q4" (groups of 32), "f8"
+        from rung.quant.rewrite import pack_model
+
+        pack_model(model, fmt, 32 if fmt == "q4" else None)
     attach_kernels(model)
     c = model.config
     pool = KVPool(c, 16, 16, torch.bfloat16, "cuda")
@@ -194,6 +198,7 @@ def main():
     ap.add_argument("--models", nargs="*", default=gpu.MODELS)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--format", default=None, help="pack the model first: q8, q4 or f8")
     ap.add_argument("--kernels", "--gemv", action="store_true", help="the GEMV sweep and the attention timing only")
     args = ap.parse_args()
     if args.kernels:
@@ -201,7 +206,7 @@ def main():
         attention_timing()
         return
     for name in args.models:
-        profile(name, args.steps, args.top)
+        profile(name, args.steps, args.top, args.format)
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr, CVT: tl.c
     k_in = kk < K
     x = tl.load(xr + kk, mask=k_in, other=0.0).to(tl.float32)
     b = tl.load(D + row[:, None].to(tl.int64) * K + kk[None, :], mask=n_in[:, None] & k_in[None, :], other=0)
-    if CVT:  # D is float8e4nv: the hardware's pairwise e4m3 → float16 conversion (sm89+), / 256 in x's place
-        return acc + b.to(tl.float32) * x[None, :]
+    if CVT:  # the codes as float8e4nv: the hardware's pairwise e4m3 → float16 conversion (sm89+)
+        return acc + b.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
     return acc + _e4m3_over_256(b.to(tl.int32)) * x[None, :]
 
 
@@ -109,8 +109,8 @@ def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym, EIDS, rows_e, x_div,
     r2 = tl.sum(acc2, 1)
     if GATED:
         r2 = r2 * (tl.load(S + row + 8, mask=n_in, other=0.0) * unit)
-    m = tl.program_id(1) + tl.arange(0, 1)
-    _epilogue(r1[None, :], r2[None, :], B, Y, m, m < m + 1, row, n, n_in, sym, GATED, ACT, HAS_BIAS)
+    mm = tl.program_id(1) + tl.arange(0, 1)
+    _epilogue(r1[None, :], r2[None, :], B, Y, mm, mm < mm + 1, row, n, n_in, sym, GATED, ACT, HAS_BIAS)
 
 
 def gemv_configs(n_out: int, k: int) -> list[tuple[int, int, int]]:
@@ -131,7 +131,7 @@ def gemv(x, data, scale, bias=None, act=None, config=None, experts: torch.Tensor
     m = x.shape[0] if experts is None else experts.numel()
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     cvt = hardware_cvt(x)
-    codes = data if cvt else data.view(torch.uint8)
+    codes = data.view(torch.uint8)
     scale = scale.reshape(-1) if experts is None else scale
 
     def launch(cfg):

@@ -47,30 +47,34 @@ def _fits(fmt: str, width: int, group: int | None) -> bool:
     return width % 32 == 0 and width % g == 0 and g % 32 == 0
 
 
-def _stack(parts: list[Packed]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    data = torch.stack([p.data for p in parts])
-    scale = torch.stack([p.scale for p in parts])
-    offset = None if parts[0].offset is None else torch.stack([p.offset for p in parts])
-    return data, scale, offset
-
-
 def pack_experts(moe: MoE, fmt: str, group: int | None = None) -> "PackedMoE":
     """In place: the experts of ``moe`` quantized to ``fmt``; the module becomes a PackedMoE."""
     if not can_pack(moe, fmt, group):
         raise ValueError(f"cannot pack these experts as {fmt} (group {group})")
     e, i, h = moe.gate_proj.shape
-    order = interleave_gate_up(torch.arange(i), torch.arange(i, 2 * i))
-    gate_up, down = [], []
+    g = None if fmt == "f8" else group
+    order = interleave_gate_up(torch.arange(i), torch.arange(i, 2 * i)).to(moe.gate_proj.device)
     with torch.no_grad():
-        for x in range(e):
-            w = torch.cat((moe.gate_proj[x], moe.up_proj[x]))  # [2I, H]
-            gate_up.append(quantize(w, fmt, None if fmt == "f8" else group).permute_rows(order))
-            down.append(quantize(moe.down_proj[x], fmt, None if fmt == "f8" else group))
+        # every expert's rows in one call (scales are per row or per group along a row: the same
+        # values as expert by expert, in a few large kernels instead of thousands of small ones)
+        gate_up = quantize(torch.cat((moe.gate_proj, moe.up_proj), 1).view(e * 2 * i, h), fmt, g)
+        down = quantize(moe.down_proj.reshape(e * h, i), fmt, g)
+    stacks = [_experts(gate_up, e, order), _experts(down, e)]
     for name in ("gate_proj", "up_proj", "down_proj"):
         delattr(moe, name)
     moe.__class__ = PackedMoE
-    moe.install(fmt, gate_up[0].group, down[0].group, _stack(gate_up), _stack(down), (e, i, h))
+    moe.install(fmt, gate_up.group, down.group, *stacks, (e, i, h))
     return moe
+
+
+def _experts(p: Packed, e: int, order: torch.Tensor | None = None) -> tuple:
+    """A Packed of E stacked experts' rows → (data, scale, offset) [E, rows, ...], rows reordered."""
+    def split(t):
+        if t is None:
+            return None
+        t = t.view(e, -1, t.shape[-1])
+        return t if order is None else t[:, order]
+    return split(p.data), split(p.scale), split(p.offset)
 
 
 class PackedExpertWeights:
