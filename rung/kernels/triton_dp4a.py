@@ -254,8 +254,8 @@ def dp4a_configs(fmt: str) -> list[tuple]:
     # the sweep of benchmarks/gpu_quant.py on an H200 (Qwen3-8B's layers, cold): two rows of 1 KB
     # (q8) a step were the best or within 3% on o, gate_up and down; four on the QKV; eight or
     # more rows a program, or 512-byte steps, were 10-45% slower
-    # more rows a program with shorter steps: for short rows (a MoE expert's down projection reads
-    # 768 inputs), where a program of two rows is over before its loads are in flight
+    # (adding 8-32 rows a program with shorter steps, for a MoE expert's short rows, made whole
+    # models 10-30% slower on the H200: the tuner's one-layer timing chose them, the decode step
+    # did not gain; RESULTS 2026-12-04)
     r = 32 if fmt == "q8" else 64
-    return [(2, r, 4), (4, r // 2, 4), (1, 2 * r, 4), (4, r, 8), (2, 2 * r, 8), (8, r // 2, 4),
-            (8, r // 4, 4), (16, r // 4, 4), (16, r // 8, 4), (32, r // 8, 8)]
+    return [(2, r, 4), (4, r // 2, 4), (1, 2 * r, 4), (4, r, 8), (2, 2 * r, 8), (8, r // 2, 4)]
