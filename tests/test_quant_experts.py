@@ -105,3 +105,38 @@ def test_what_is_not_packed():
     assert not can_pack(moe(), "f32", None)
     with pytest.raises(ValueError, match="cannot pack"):
         pack_experts(moe(expert_bias=True), "q8")
+
+
+@pytest.mark.parametrize("spec", ["int4", "fp8"])
+def test_packed_checkpoint_keeps_the_packed_experts(folder, spec, tmp_path):
+    from rung.quant.checkpoint import save_packed
+
+    model = rung.load_model(f"{folder}@{spec}")
+    save_packed(model, tmp_path / "packed")
+    again = rung.load_model(tmp_path / "packed")
+    assert all(isinstance(b.mlp, PackedMoE) for b in again.layers)
+    with torch.inference_mode():
+        assert torch.equal(again(IDS), model(IDS))
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ('[{"path": "layers.0.mlp", "fmt": "q4", "groups": [32, 32], "shape": [6, 32, 99]}]', "no MoE layer of shape"),
+    ('[{"path": "layers.0.attn", "fmt": "q4", "groups": [32, 32], "shape": [6, 32, 64]}]', "no MoE layer of shape"),
+    ('[{"path": "layers.0.mlp", "fmt": "q3", "groups": [32, 32], "shape": [6, 32, 64]}]', "rung_experts[0] is malformed"),
+    ('{"path": 1}', "rung_experts is not a JSON list"),
+])
+def test_malformed_rung_experts_is_refused_in_one_line(folder, tmp_path, entry, needle):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from rung.quant.checkpoint import save_packed
+    from rung.weights.safetensors_io import CheckpointError
+
+    out = save_packed(rung.load_model(f"{folder}@int4"), tmp_path / "packed")
+    file = out / "model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(file), metadata={**meta, "rung_experts": entry})
+    with pytest.raises(CheckpointError, match=needle.replace("[", r"\[")) as e:
+        rung.load_model(out)
+    assert "\n" not in str(e.value)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ from torch import nn
 
 from rung.config import ModelConfig, MoEConfig, RopeConfig
 from rung.model.decoder import Decoder, meta_decoder
+from rung.model.moe import MoE
+from rung.quant.experts import FORMATS as EXPERT_FORMATS, PackedMoE
 from rung.quant.formats import Packed, check_packed, packed_tensors
 from rung.quant.linear import GATE_BLOCK, PackedEmbedding, PackedLinear
 from rung.weights.safetensors_io import CheckpointError, read_header
@@ -96,7 +98,10 @@ def save_packed(model: Decoder, folder: str | Path, tokenizer=None, quantization
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
     tied_head = "lm_head.data" in model.state_dict() and "lm_head.data" not in tensors
-    meta = {"format": "pt", "rung_layers": json.dumps(layers), "rung_tied_head": json.dumps(tied_head)}
+    experts = [dict(path=path, fmt=m.fmt, groups=list(m.groups_packed), shape=list(m.shape))
+               for path, m in model.named_modules() if isinstance(m, PackedMoE)]
+    meta = {"format": "pt", "rung_layers": json.dumps(layers), "rung_tied_head": json.dumps(tied_head),
+            "rung_experts": json.dumps(experts)}
     save_file(tensors, str(folder / "model.safetensors"), metadata=meta)
     config = {"model_type": model.config.model_type, "rung_config": config_to_dict(model.config),
               "quantization_config": {"quant_method": METHOD, **(quantization or {})}}
@@ -130,12 +135,31 @@ class PackedLayer:
     bias: bool
 
 
+@dataclass(frozen=True)
+class PackedExperts:
+    """One entry of the file's ``rung_experts``: a MoE layer's experts, packed (rung/quant/experts.py)."""
+    path: str
+    fmt: str
+    groups: tuple[int, int]  # gate|up's, down's
+    shape: tuple[int, int, int]  # (experts, intermediate, hidden)
+
+    def parts(self) -> dict[str, tuple[torch.dtype, tuple]]:
+        """Tensor name (under ``path``) → (dtype, shape): each stack is E matrices of packed_tensors' parts."""
+        e, i, h = self.shape
+        out = {}
+        for prefix, shape, group in (("gate_up", (2 * i, h), self.groups[0]), ("down", (h, i), self.groups[1])):
+            for part, (dtype, s) in packed_tensors(self.fmt, shape, group).items():
+                out[f"{prefix}_{part}"] = (dtype, (e, *s))
+        return out
+
+
 @dataclass
 class PackedPlan:
     file: Path
     config: ModelConfig
     layers: list[PackedLayer]
     tied_head: bool  # a float32 LM head stored once, as the embedding table
+    experts: list[PackedExperts] = field(default_factory=list)  # MoE layers whose experts are packed
 
 
 def load_packed(folder: str | Path, device: str | torch.device = "cpu") -> Decoder:
@@ -148,6 +172,14 @@ def load_packed(folder: str | Path, device: str | torch.device = "cpu") -> Decod
         data = tensors["embed.weight"] if plan.tied_head and layer.path == "lm_head" else take("data")
         packed = Packed(layer.fmt, data, layer.shape, layer.group, take("scale"), take("offset"))
         _install(model, layer.path, PackedLinear(packed, take("bias"), gated=layer.gated))
+    for x in plan.experts:
+        moe = model.get_submodule(x.path)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            delattr(moe, name)
+        moe.__class__ = PackedMoE
+        stack = lambda prefix: tuple(tensors.pop(f"{x.path}.{prefix}_{part}", None)  # noqa: E731
+                                     for part in ("data", "scale", "offset"))
+        moe.install(x.fmt, *x.groups, stack("gate_up"), stack("down"), x.shape)
     if (model.config.tie_word_embeddings and isinstance(model.lm_head, PackedLinear)
             and "embed.weight" not in tensors):
         model.embed = PackedEmbedding(model.lm_head, torch.float32)  # the packed head's table, shared
@@ -179,8 +211,54 @@ def plan_packed(folder: str | Path) -> PackedPlan:
     meta = _metadata(file)
     layers = _layers(file, meta)
     tied_head = _flag(file, meta, "rung_tied_head")
-    _check_tensors(file, header, _expected_tensors(file, model, layers, tied_head))
-    return PackedPlan(file, config, layers, tied_head)
+    experts = _experts(file, meta)
+    expected = _expected_tensors(file, model, layers, tied_head)
+    _expect_experts(file, model, experts, expected)
+    _check_tensors(file, header, expected)
+    return PackedPlan(file, config, layers, tied_head, experts)
+
+
+def _experts(file: Path, meta: dict) -> list[PackedExperts]:
+    """``rung_experts`` (absent in folders written before experts were packed: none)."""
+    try:
+        entries = json.loads(meta.get("rung_experts", "[]"))
+    except ValueError:
+        entries = None
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{file}: metadata rung_experts is not a JSON list")
+    out = []
+    for i, e in enumerate(entries):
+        ok = (isinstance(e, dict) and isinstance(e.get("path"), str) and e.get("fmt") in EXPERT_FORMATS
+              and isinstance(e.get("groups"), list) and len(e["groups"]) == 2 and all(_is_int(g) and g > 0 for g in e["groups"])
+              and isinstance(e.get("shape"), list) and len(e["shape"]) == 3 and all(_is_int(d) and d > 0 for d in e["shape"]))
+        if not ok:
+            raise CheckpointError(f"{file}: rung_experts[{i}] is malformed (expected path, fmt ({', '.join(EXPERT_FORMATS)}), "
+                                  "groups [gate_up, down], shape [experts, intermediate, hidden])")
+        out.append(PackedExperts(e["path"], e["fmt"], tuple(e["groups"]), tuple(e["shape"])))
+    return out
+
+
+def _expect_experts(file: Path, model: Decoder, experts: list[PackedExperts], expected: dict) -> None:
+    """Each packed MoE layer sits where the config has a MoE of its shape; its float stacks are
+    replaced by the packed ones in ``expected``."""
+    seen = set()
+    for x in experts:
+        what = f"packed experts {x.path}"
+        try:
+            moe = model.get_submodule(x.path)
+        except AttributeError:
+            moe = None
+        if x.path in seen or not isinstance(moe, MoE) or tuple(moe.gate_proj.shape) != x.shape:
+            raise CheckpointError(f"{file}: {what}: no MoE layer of shape {list(x.shape)} there in rung_config"
+                                  + (" (listed twice)" if x.path in seen else ""))
+        seen.add(x.path)
+        try:
+            parts = x.parts()
+        except ValueError as e:
+            raise CheckpointError(f"{file}: {what}: {e}") from None
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            expected.pop(f"{x.path}.{name}", None)
+        expected.update({f"{x.path}.{part}": (dtype, s, f"{x.fmt} {what}") for part, (dtype, s) in parts.items()})
 
 
 def _json_object(path: Path) -> dict:
