@@ -299,3 +299,19 @@ def test_unsupported_gguf_tokenizer_is_a_clear_error():
         Tokenizer.from_gguf_metadata({**sentencepiece_metadata(), "tokenizer.ggml.model": "bert"})
     with pytest.raises(ValueError, match="tokenizer.ggml.tokens"):
         Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "gpt2"})
+
+
+def test_deepseek_v3_gguf_pre_tokenizer_splits_digits_cjk_and_punctuation_as_its_tokenizer_json():
+    # llama.cpp's "deepseek-v3" pre-tokenizer (its converter writes it for DeepSeek-V3 / R1): three
+    # regex splits in a row, as DeepSeek-V3's tokenizer.json has them; transformers has no mapping
+    ours = Tokenizer.from_gguf_metadata(byte_level_metadata("deepseek-v3"))
+    pieces = [p for p, _ in ours.backend.pre_tokenizer.pre_tokenize_str("x=1234567 日本語のテキスト!abc it's")]
+    decode = {v: k for k, v in bytes_to_unicode().items()}
+    text = [bytes(decode[c] for c in p).decode() for p in pieces]
+    # digits in threes; one run of ideographs, hiragana and katakana; punctuation that leads letters
+    # stays with them; no GPT-2 contraction rule ("'s" by the punctuation-letters branch)
+    assert text == ["x", "=", "123", "456", "7", " ", "日本語のテキスト", "!abc", " it", "'s"]
+    # GPT-2's regex (the fallback for a name rung does not know) splits otherwise
+    gpt2 = Tokenizer.from_gguf_metadata(byte_level_metadata("not-a-known-pre"))
+    other = [p for p, _ in gpt2.backend.pre_tokenizer.pre_tokenize_str("x=1234567 日本語のテキスト!abc it's")]
+    assert other != pieces

@@ -53,6 +53,14 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
                  r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek-V3 / R1 (llama.cpp's "deepseek-v3"): three splits in a row, as its tokenizer.json states them
+# (transformers' GGUF mapping has no entry for it): digits in threes, CJK runs, then the rest
+_DEEPSEEK_V3_SPLITS = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",  # CJK ideographs 一-龥, hiragana, katakana
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
 GGUF_PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                      "jina-v5-nano", "dbrx", "smaug-bpe"], _LLAMA3_SPLIT),
@@ -60,6 +68,7 @@ GGUF_PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2_SPLIT),
     "qwen35": _QWEN35_SPLIT,
     **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O_SPLIT),
+    "deepseek-v3": _DEEPSEEK_V3_SPLITS,
 }
 
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
@@ -475,8 +484,9 @@ def _from_gguf_metadata(metadata: dict[str, Any]) -> Tokenizer:
 
     split = GGUF_PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
     if split is not None:
+        splits = (split,) if isinstance(split, str) else split
         backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            *(pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in splits),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
 
