@@ -182,9 +182,10 @@ _SPLIT = 2.0 ** 20 + 1  # Veltkamp's splitter: float32's 24 significant bits les
 def fp8_row_scales(w: torch.Tensor, steps: int = SCALE_STEPS) -> torch.Tensor:
     """Per row of w [N, K] (float32), the float32 scale [N, 1] with the least squared e4m3 error
     among ``steps`` candidates (see SCALE_STEPS), found a few rows at a time (about CHUNK weights
-    times ``steps``): no [N, K] copies. On the CPU in NumPy, on one thread: torch would enter its
-    thread pool at each of these small operations, and on a busy machine its two threads waiting
-    on each other made the search ten times slower."""
+    times ``steps``): no [N, K] copies. A CUDA weight is searched in torch, on its device; on the
+    CPU in NumPy, on one thread (about 20 ns a weight): torch would enter its thread pool at each
+    of these small operations, and on a busy 2-core machine its threads waiting on each other made
+    the search ten times slower (a pool of NumPy threads was no faster there either)."""
     n, k = w.shape
     base = (w.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # max-abs
     ratios = (2.0 ** (torch.arange(steps, dtype=torch.float64) / steps)).float().to(w.device)
