@@ -176,6 +176,8 @@ def quantize_fp8(w: torch.Tensor, group: int) -> Packed:
 # / 2.64% → 2.40%; the logits' KL to float32 (benchmarks/ppl_text.txt, the head kept in float)
 # 12.7e-3 → 9.6e-3 / 11.7e-3 → 11.3e-3 (docs/quantization.md).
 SCALE_STEPS = 16
+CHUNK = 1 << 14  # weights a CPU search step takes (times the candidates: a few MB, in cache)
+CHUNK_GPU = 1 << 22
 _SPLIT = 2.0 ** 20 + 1  # Veltkamp's splitter: float32's 24 significant bits less e4m3's 4
 
 
@@ -195,10 +197,6 @@ def fp8_row_scales(w: torch.Tensor, steps: int = SCALE_STEPS) -> torch.Tensor:
     best = [_best_ratio(x[i:i + rows], s0[i:i + rows], r) for i in range(0, n, rows)]
     best = torch.from_numpy(np.concatenate(best)) if on_cpu else torch.cat(best)
     return base * ratios[best, None]
-
-
-CHUNK = 1 << 14  # weights a CPU search step takes (times the candidates: a few MB, in cache)
-CHUNK_GPU = 1 << 22
 
 
 def _best_ratio(part, s0, ratios):
