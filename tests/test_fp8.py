@@ -1,9 +1,11 @@
-"""``@fp8``: float8 e4m3 weights with one float32 scale per output row. On the CPU the packed
+"""``@fp8``: float8 e4m3 weights with one float32 scale per output row, each row's scale searched
+for the least squared error (rung/quant/formats.py), the LM head left float. On the CPU the packed
 layers dequantize (the reference path); on CUDA a GEMV decodes rows and ``torch._scaled_mm`` takes
 batches (rung/kernels/triton_fp8.py, checked here under Triton's interpreter)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -152,6 +154,7 @@ def test_fp8_checkpoint_saves_and_reloads_identically(tmp_path):
     original = rung.load_model("smollm2-135m@fp8")
     reloaded = rung.load_model(str(tmp_path / "q"))
     assert reloaded.lm_head is None and reloaded.layers[0].mlp.gate_up_proj.fmt == "f8"  # the head: float
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["head_format"] == "fp32"
     assert reloaded.layers[0].mlp.gate_up_proj.gated == "silu"
     ids = torch.tensor([[1, 5, 17, 9, 42, 3, 77, 8]])
     with torch.inference_mode():
