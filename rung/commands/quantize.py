@@ -35,7 +35,8 @@ def _run(args: argparse.Namespace) -> int:
     model = load_model(spec, fast=True)
     path = resolve_model(parse_spec(args.model).model)
     quantization = {"format": args.to, "group_size": args.group or (32 if fmt == "q4" else None),
-                    "head_format": {"q8": "int8", "q4": "int4", "f8": "fp8", "f32": "fp32"}[default_head_format(fmt)],
+                    # an fp8 head stays float (default_head_format): float32, as this command loads the model
+                    "head_format": {"q8": "int8", "q4": "int4", "f32": "fp32"}[default_head_format(fmt) or "f32"],
                     "source": str(args.model)}
     out = save_packed(model, args.out, _tokenizer_for(path), quantization)
     print(f"wrote {out} ({packed_bytes(model) / 1e6:.1f} MB of weights, {args.to}) in {time.perf_counter() - t0:.1f} s")

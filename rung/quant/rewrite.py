@@ -1,12 +1,13 @@
 """Rewrite a loaded Decoder for fast inference, from outside (as gpt-fast's quantize.py does).
 
-``pack_model(model, fmt)``: every dense linear layer, the LM head included, is stored as a
-``PackedLinear`` in ``fmt`` ("f32", "q8", "q4"): the fused q|k|v projection as it is, and a gated
-MLP's fused gate|up projection as one gated layer (its rows interleaved, the activation inside:
-one kernel call for both projections and act(gate)·up; the MLP's own ActAndMul becomes Identity).
-A tied embedding shares the LM head's packed table. Mixture-of-experts layers get their experts
-packed in ``fmt`` too (rung/quant/experts.py; not for "f32", and gpt-oss's MXFP4 experts stay as
-they are); routers stay in the model dtype.
+``pack_model(model, fmt)``: every dense linear layer, the LM head included (but for "f8", whose
+head stays float: default_head_format), is stored as a ``PackedLinear`` in ``fmt`` ("f32", "q8",
+"q4", "f8"): the fused q|k|v projection as it is, and a gated MLP's fused gate|up projection as one
+gated layer (its rows interleaved, the activation inside: one kernel call for both projections and
+act(gate)·up; the MLP's own ActAndMul becomes Identity). A tied embedding shares the LM head's
+packed table. Mixture-of-experts layers get their experts packed in ``fmt`` too
+(rung/quant/experts.py; not for "f32", and gpt-oss's MXFP4 experts stay as they are); routers
+stay in the model dtype.
 
 A packed model gives the same logits as the original up to the format's rounding (exactly the
 dequantized weights' logits).
@@ -41,9 +42,15 @@ def _fits(fmt: str, in_features: int, group: int | None) -> bool:
     return in_features % 32 == 0 and in_features % g == 0 and g % 32 == 0
 
 
-def default_head_format(fmt: str) -> str:
+def default_head_format(fmt: str) -> str | None:
     """q4 → q8: a 4-bit LM head costs far more quality than it saves (llama.cpp's Q4 files keep
-    theirs at 6-8 bits); otherwise the model's format."""
+    theirs at 6-8 bits). f8 → None, the head (and a tied embedding table) left in the model's
+    dtype, as vLLM and the fp8 checkpoints it reads (FBGEMM, compressed-tensors) leave them: an
+    e4m3 head doubled the logits' KL to float32 on SmolLM2-135M and Gemma 3 270M (an int8 head
+    was no better than float on SmolLM2, and worse on Gemma's 262K-token table). Otherwise the
+    model's format."""
+    if fmt == "f8":
+        return None
     return "q8" if fmt == "q4" else fmt
 
 
@@ -63,7 +70,7 @@ def packed_targets(model: Decoder, fmt: str, group: int | None = None,
     """The parameters ``pack_model`` replaces, with the (format, group) each gets: a loader can
     produce these packed straight from the checkpoint and never fill the float parameter."""
     c = model.config
-    head_fmt = head_fmt or default_head_format(fmt)
+    head_fmt = head_fmt or default_head_format(fmt)  # None: the head stays as it is
     out = {}
     for i, block in enumerate(model.layers):
         t = f"layers.{i}."
@@ -77,14 +84,15 @@ def packed_targets(model: Decoder, fmt: str, group: int | None = None,
             if _fits(fmt, c.intermediate_size, group):
                 out[t + "mlp.down_proj.weight"] = (fmt, group)
     head_group = group if head_fmt == fmt else None
-    if head_fmt != "f32" and _fits(head_fmt, c.hidden_size, head_group):
+    if head_fmt not in (None, "f32") and _fits(head_fmt, c.hidden_size, head_group):
         out["lm_head.weight" if model.lm_head is not None else "embed.weight"] = (head_fmt, head_group)
     return out
 
 
 def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_fmt: str | None = None,
                packed: dict[str, Packed] | None = None) -> Decoder:
-    """In place; returns the model. ``head_fmt``: see default_head_format. ``packed`` holds
+    """In place; returns the model. ``head_fmt``: see default_head_format (None there: the LM
+    head and embedding keep the model's float layers). ``packed`` holds
     weights a loader already produced in their target format (GGUF blocks kept as they are, by
     rung parameter name); they are used instead of quantizing the float parameter."""
     device = next(model.parameters()).device
@@ -120,7 +128,8 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
                 mlp.act_and_mul = nn.Identity()  # the layer applies it
             else:
                 mlp.gate_up_proj = PackedLinear(weight, bias)
-    _pack_head(model, head_fmt, group if head_fmt == fmt else None, packed)
+    if head_fmt is not None:
+        _pack_head(model, head_fmt, group if head_fmt == fmt else None, packed)
     return model
 
 

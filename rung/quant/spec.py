@@ -2,10 +2,11 @@
 
 FORMAT is a float dtype (``fp32``, ``bf16``, ``fp16``) or a weight-only format: ``int8``
 (per-channel scales), ``int4`` (groups of 32, asymmetric), either with a group size, e.g.
-``int8g32``, ``int4g128``; or ``fp8`` (float8 e4m3 weights, one float32 scale per output row:
-``torch._scaled_mm`` on Hopper, dequantized on the CPU). A spec without a format loads float32. For a GGUF file, ``int4`` keeps
-Q4_0 / Q4_1 tensors as they are and ``int8`` keeps Q8_0 tensors (rung's formats hold those blocks
-exactly); tensors in other types are dequantized and quantized to the format asked for.
+``int8g32``, ``int4g128``; or ``fp8`` (float8 e4m3 weights, one float32 scale per output row, the
+LM head left float: ``torch._scaled_mm`` on Hopper, dequantized on the CPU). A spec without a
+format loads float32. For a GGUF file, ``int4`` keeps Q4_0 / Q4_1 tensors as they are and ``int8``
+keeps Q8_0 tensors (rung's formats hold those blocks exactly); tensors in other types are
+dequantized and quantized to the format asked for.
 """
 
 from __future__ import annotations
