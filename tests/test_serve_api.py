@@ -82,6 +82,20 @@ def test_models_lists_the_served_model(served):
     assert served.client.models.retrieve(MODEL).id == MODEL
 
 
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(served):
+    # OpenAI's usage.prompt_tokens_details.cached_tokens (vLLM's num_cached_tokens): a long prompt
+    # asked twice is served from the prefix cache the second time, in whole KV blocks
+    content = "Summarise this note in one line. " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(60))
+    first = chat(served, content, **GREEDY, max_tokens=2)
+    again = chat(served, content, **GREEDY, max_tokens=2)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens > 200
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0  # whole 16-token blocks, not the last token
+    assert first.usage.prompt_tokens_details.cached_tokens <= cached
+    r = served.client.responses.create(model=MODEL, input=content, max_output_tokens=2, temperature=0)
+    assert r.usage.input_tokens_details.cached_tokens == cached  # the same prompt: the same blocks
+
+
 def test_chat_reply_and_usage_counts(served):
     from rung.llm import _tokenizer_for
     from rung.text.chat import chat_template_for

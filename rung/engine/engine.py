@@ -80,6 +80,8 @@ class Delta:
     logprobs: list[dict[int, float]] | None = None
     error: str | None = None  # finish_reason "error": why this sequence failed (the others went on)
     timings: dict[str, float | None] | None = None  # on a sequence's last delta: Sequence.timings()
+    # on a sequence's last delta: prompt tokens the prefix cache served (vLLM's num_cached_tokens)
+    num_cached_tokens: int | None = None
 
 
 class RequestError(ValueError):
@@ -480,7 +482,8 @@ class Engine:
                 break
         seq.finish_reason, seq.stop_reason = finish, stop_reason
         return Delta(seq.request_id, seq.index, text, ids, finish, stop_reason, logprobs,
-                     timings=seq.timings() if finish else None)
+                     timings=seq.timings() if finish else None,
+                     num_cached_tokens=seq.cached_tokens if finish else None)
 
     def _fail(self, seq: Sequence, error: Exception | str) -> Delta:
         """End one sequence on an error: its blocks go back now, its Delta says why."""

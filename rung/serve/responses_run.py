@@ -316,7 +316,8 @@ class ResponsesRun(Run):
 
     def _responses_usage(self) -> dict:
         used = self._usage()
-        return {"input_tokens": used["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+        cached = used["prompt_tokens_details"]["cached_tokens"]
+        return {"input_tokens": used["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
                 "output_tokens": used["completion_tokens"],
                 "output_tokens_details": {"reasoning_tokens": min(self.reasoning_tokens, used["completion_tokens"])},
                 "total_tokens": used["total_tokens"]}

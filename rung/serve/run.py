@@ -61,6 +61,7 @@ class Run:
         # the tool policy's gate over the model's calls, the verifier over its answers
         self.governance = RunGovernance(self, principal, server.verification if chat else None)
         self.extra_prompt_tokens = 0  # prompts of the rounds after a denied call
+        self.cached_tokens: dict[str, int] = {}  # engine request id → prompt tokens the prefix cache served
         self._queue: asyncio.Queue | None = None
         self._tasks: list[asyncio.Task] = []
         self._open = 0
@@ -159,6 +160,9 @@ class Run:
                         self.first_token = time.perf_counter()
                     if item.timings is not None:  # a sample's last delta: its queue, prefill and decode
                         self.trace.engine(item.timings)
+                    if item.num_cached_tokens is not None:  # a prompt counts once, whatever its samples
+                        known = self.cached_tokens.get(item.request_id, 0)
+                        self.cached_tokens[item.request_id] = max(known, item.num_cached_tokens)
                     yield item
         finally:
             for t in self._tasks:
@@ -279,7 +283,7 @@ class Run:
 
     def _usage(self) -> dict:
         return usage(sum(len(p.prompt_ids) for p in self.prepared) + self.extra_prompt_tokens,
-                     sum(len(c.token_ids) for c in self.choices))
+                     sum(len(c.token_ids) for c in self.choices), sum(self.cached_tokens.values()))
 
     # ---- accounting -----------------------------------------------------------------------------
 
