@@ -33,6 +33,8 @@ class Choice:
     stop_reason: str | int | None = None
     refusal: str | None = None  # governance ended the reply (rung/serve/governance.py)
     verdict: dict | None = None  # the verifier's, when one runs
+    max_calls: int | None = None  # parallel_tool_calls false: 1 (the calls after it are dropped)
+    dropped: set = field(default_factory=set)  # ids of the call objects dropped by max_calls
 
     def feed(self, delta) -> list[Event]:
         """Take one engine delta; return the events it completes (all of them on the last delta)."""
@@ -45,16 +47,30 @@ class Choice:
             events = self.parser.push(delta.text) if delta.text else []
             if delta.finish_reason:
                 events += self.parser.finish()
+        kept = []
         for e in events:
+            if e.call is not None and self._over_limit(e):
+                continue
             if e.kind == "content":
                 self.content.append(e.text)
             elif e.kind == "reasoning":
                 self.reasoning.append(e.text)
             elif e.kind in ("call_start", "tool_call"):
                 self.calls.append(e.call)  # its arguments are complete by its call_end
+            kept.append(e)
         if delta.finish_reason:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
-        return events
+        return kept
+
+    def _over_limit(self, e) -> bool:
+        """Whether a call's event is past ``max_calls`` (OpenAI's parallel_tool_calls false: the
+        reply carries the first call only, as vLLM does): its call and every later event of it go."""
+        if id(e.call) in self.dropped:
+            return True
+        if self.max_calls is not None and e.kind in ("call_start", "tool_call") and len(self.calls) >= self.max_calls:
+            self.dropped.add(id(e.call))
+            return True
+        return False
 
     def refuse(self, text: str, replace: bool = False) -> str:
         """End the reply with a refusal (after what was said, or instead of it); the text to emit."""

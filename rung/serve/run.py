@@ -51,8 +51,9 @@ class Run:
         n = req.n
         family = server.family
         chat = kind != "completion"  # "chat", or "responses" (responses_run.py): a chat reply in another shape
+        one_call = chat and getattr(req, "parallel_tool_calls", True) is False
         self.choices = [Choice(i * n + j, family.parser(p.tools, p.prompt_text, p.removed_tools)
-                                if chat else None)
+                               if chat else None, max_calls=1 if one_call else None)
                         for i, p in enumerate(prepared) for j in range(n)]
         self.reply = OpenAIReply(kind, self.id, self.created, server.config.name, req, prepared,
                                  TokenText(server.llm.tokenizer, server.grammars))
