@@ -104,12 +104,15 @@ class AsyncEngine:
             _deliver(entry, Delta(request_id, 0, "", [], "abort"))
 
     def _abort(self, request_id: str) -> None:
-        """Take the request out of the inbox or the engine. The engine's lock is taken first, as
-        the loop thread does when it empties the inbox: the request is in one place or the other."""
-        with self._lock:
-            with self._wake:
-                self._inbox = [add for add in self._inbox if add[0] != request_id]
-            self.engine.abort(request_id)
+        """Take the request out of the inbox, or else out of the engine. The loop thread empties the
+        inbox and adds what it held under the engine's lock: a request not in the inbox is in the
+        engine (or finished) once that lock is ours."""
+        with self._wake:
+            kept = [add for add in self._inbox if add[0] != request_id]
+            dropped, self._inbox = len(kept) < len(self._inbox), kept
+        if not dropped:
+            with self._lock:
+                self.engine.abort(request_id)
 
     def stats(self) -> dict:
         with self._lock:
