@@ -27,7 +27,9 @@ all of at most 256 tokens), to rung serve and, with --peer, to llama-cpp-python'
 (``pip install 'llama-cpp-python[server]'``, part of the ``bench`` extra) started on the same GGUF
 file; the engine alone (``LLM.generate``, rung's own batching, no HTTP) runs the same prompts in
 rounds of as many prompts as there are clients. It prints tokens/s and TTFT p50/p95 of each, and
-the ratios rung serve / engine and rung serve / llama.cpp. Each of the three first runs one round
+the ratios rung serve / engine and rung serve / llama.cpp. The engine alone runs with the OpenMP
+spin count rung serve sets for itself (rung/serve/threads.py); llama.cpp's server with the
+environment as given (it uses libgomp too, with its default spin). Each of the three first runs one round
 at the largest level with a few tokens, unmeasured: the first touch of the KV cache and the
 prefill buffers costs seconds on a VM, which would otherwise land in the first level measured.
 llama-cpp-python's server runs with --interrupt_requests False: by default a new request cuts the
@@ -250,11 +252,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(name: str, command: list[str], port: int, ready_path: str, log_path: Path):
+def launch(name: str, command: list[str], port: int, ready_path: str, log_path: Path, env: dict | None = None):
     """Start ``command`` (a server on ``port``) with its output in ``log_path``; (process, base URL)
     once GET ``ready_path`` answers 200, within 300 s."""
     log = open(log_path, "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -402,7 +404,7 @@ def peer_available() -> bool:
     return True
 
 
-def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path):
+def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path, env: dict | None = None):
     """llama-cpp-python's OpenAI server on ``gguf``, on a free loopback port: (process, base URL)."""
     port = free_port()
     # --interrupt_requests False: by default a new request cuts the stream being generated short
@@ -411,12 +413,18 @@ def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path):
                "--interrupt_requests", "False"]
     if threads:
         command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
-    return launch("llama.cpp's server", command, port, "/v1/models", log_path)
+    return launch("llama.cpp's server", command, port, "/v1/models", log_path, env)
 
 
 def compare(args) -> int:
     """rung serve, the engine alone and (--peer) llama.cpp's server at each level of clients,
     --rounds times in turn."""
+    from rung.serve import threads
+
+    # the engine alone runs with the OpenMP spin count rung serve sets for itself (rung/serve/threads.py);
+    # llama.cpp's server, as it ships, with the environment as given
+    args.peer_env = dict(os.environ)
+    threads.apply()
     from rung.commands.serve import _serving_spec
     from rung.weights.resolve import resolve_model
 
@@ -463,7 +471,8 @@ def measure_server(name: str, gguf: Path, levels: list[int], args) -> dict[int, 
                                   tmp / f"rung-serve-compare-{os.getpid()}.log", ["--max-num-seqs", str(max(levels))])
         model = args.model
     else:
-        proc, base = start_peer(gguf, args.threads, 4096, tmp / f"llama-cpp-server-{os.getpid()}.log")
+        proc, base = start_peer(gguf, args.threads, 4096, tmp / f"llama-cpp-server-{os.getpid()}.log",
+                                getattr(args, "peer_env", None))
         model = "peer"
     try:
         asyncio.run(run_clients(base, args.api_key, model, max(levels), 1, 4))  # warm-up, as the engine's
