@@ -419,12 +419,6 @@ def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path, en
 def compare(args) -> int:
     """rung serve, the engine alone and (--peer) llama.cpp's server at each level of clients,
     --rounds times in turn."""
-    from rung.serve import threads
-
-    # the engine alone runs with the OpenMP spin count rung serve sets for itself (rung/serve/threads.py);
-    # llama.cpp's server, as it ships, with the environment as given
-    args.peer_env = dict(os.environ)
-    threads.apply()
     from rung.commands.serve import _serving_spec
     from rung.weights.resolve import resolve_model
 
@@ -447,10 +441,14 @@ def compare(args) -> int:
                                                                                                  args)
             for n, level in by_level.items():
                 results[name][n].append(level)
-                print(f"round {r + 1} {name:<16} {n:>3} clients  {level.tokens_per_s:7.1f} tok/s  TTFT p50 "
-                      f"{pct(level.ttft, 50):.3f} p95 {pct(level.ttft, 95):.3f} s", flush=True)
     print(compare_table(results, levels))
     return 0
+
+
+def progress(name: str, clients: int, level: Level) -> Level:
+    print(f"{time.strftime('%H:%M:%S')} {name:<16} {clients:>3} clients  {level.tokens_per_s:7.1f} tok/s  TTFT p50 "
+          f"{pct(level.ttft, 50):.3f} p95 {pct(level.ttft, 95):.3f} s", flush=True)
+    return level
 
 
 def measure_engine(spec: str, levels: list[int], args) -> dict[int, Level]:
@@ -459,7 +457,7 @@ def measure_engine(spec: str, levels: list[int], args) -> dict[int, Level]:
     llm = LLM(spec, max_seqs=max(levels), max_batch_tokens=max(512, 256 * max(levels)))
     try:
         run_engine(llm, max(levels), 1, 4)  # warm-up: the largest batch touches the cache and buffers once
-        return {n: run_engine(llm, n, args.requests, args.max_tokens) for n in levels}
+        return {n: progress("engine", n, run_engine(llm, n, args.requests, args.max_tokens)) for n in levels}
     finally:
         llm.shutdown()
 
@@ -476,7 +474,8 @@ def measure_server(name: str, gguf: Path, levels: list[int], args) -> dict[int, 
         model = "peer"
     try:
         asyncio.run(run_clients(base, args.api_key, model, max(levels), 1, 4))  # warm-up, as the engine's
-        return {n: asyncio.run(run_clients(base, args.api_key, model, n, args.requests, args.max_tokens))
+        return {n: progress(name, n, asyncio.run(run_clients(base, args.api_key, model, n, args.requests,
+                                                             args.max_tokens)))
                 for n in levels}
     finally:
         proc.terminate()
@@ -541,6 +540,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="--compare: measure the engine, rung serve and llama.cpp's server in turn this many times "
                         "and print medians and ranges (default 1)")
     args = p.parse_args(argv)
+    if args.peer or args.compare:
+        from rung.serve import threads
+
+        # the engine alone runs with the OpenMP spin count rung serve sets for itself (rung/serve/threads.py),
+        # set before anything loads libgomp (llama_cpp, imported by peer_available, does: one runtime per
+        # process); llama.cpp's server, as it ships, gets the environment as given
+        args.peer_env = dict(os.environ)
+        threads.apply()
     if args.peer and not peer_available():
         raise SystemExit(PEER_MISSING)
     if args.peer or args.compare:
