@@ -27,7 +27,18 @@ all of at most 256 tokens), to rung serve and, with --peer, to llama-cpp-python'
 (``pip install 'llama-cpp-python[server]'``, part of the ``bench`` extra) started on the same GGUF
 file; the engine alone (``LLM.generate``, rung's own batching, no HTTP) runs the same prompts in
 rounds of as many prompts as there are clients. It prints tokens/s and TTFT p50/p95 of each, and
-the ratios rung serve / engine and rung serve / llama.cpp.
+the ratios rung serve / engine and rung serve / llama.cpp. The engine alone runs with the OpenMP
+spin count rung serve sets for itself (rung/serve/threads.py); llama.cpp's server with the
+environment as given (it uses libgomp too, with its default spin). Each of the three first runs one round
+at the largest level with a few tokens, unmeasured: the first touch of the KV cache and the
+prefill buffers costs seconds on a VM, which would otherwise land in the first level measured.
+llama-cpp-python's server runs with --interrupt_requests False: by default a new request cuts the
+stream being generated short (it ends with [DONE] and no finish reason), so under concurrent
+clients it would report the tokens of cut streams; a stream without a finish reason is an error.
+
+--rounds N repeats engine, rung serve and llama.cpp's server in turn N times (on a shared machine
+whose speed swings, interleaving puts them under the same conditions) and prints each figure's
+median with its range.
 """
 
 from __future__ import annotations
@@ -241,11 +252,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(name: str, command: list[str], port: int, ready_path: str, log_path: Path):
+def launch(name: str, command: list[str], port: int, ready_path: str, log_path: Path, env: dict | None = None):
     """Start ``command`` (a server on ``port``) with its output in ``log_path``; (process, base URL)
     once GET ``ready_path`` answers 200, within 300 s."""
     log = open(log_path, "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -317,10 +328,14 @@ class Level:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
+# the long prompt of --compare: 244 tokens with SmolLM2's template (the issue's TTFT target is for ≤ 256)
+LONG_COMPARE = ("The history of computing is a story of abstraction layered on abstraction. " * 16).strip()
+
+
 def compare_messages(count: int) -> list[list[dict]]:
     """``count`` chats cycling over the questions and the long passage (each prompt ≤ 256 tokens)."""
     prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    prompts.append([{"role": "user", "content": LONG + "\nSummarise this."}])
+    prompts.append([{"role": "user", "content": LONG_COMPARE + "\nSummarise this."}])
     return [prompts[i % len(prompts)] for i in range(count)]
 
 
@@ -336,7 +351,7 @@ async def run_clients(base_url: str, api_key: str, model: str, clients: int, req
 
     async def one_client(i: int) -> None:
         for messages in prompts[i::clients]:  # round r: prompt r·clients + i, as run_engine's rounds
-            sent, first, pieces, usage = time.perf_counter(), None, 0, None
+            sent, first, pieces, usage, finish = time.perf_counter(), None, 0, None, None
             stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                           temperature=0, stream=True,
                                                           stream_options={"include_usage": True})
@@ -344,7 +359,11 @@ async def run_clients(base_url: str, api_key: str, model: str, clients: int, req
                 if chunk.choices and chunk.choices[0].delta.content:
                     pieces += 1
                     first = first or time.perf_counter()
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
                 usage = chunk.usage or usage
+            if finish is None:  # cut short (llama-cpp-python interrupts a stream when another request comes)
+                raise RuntimeError(f"{base_url}: a stream ended without a finish reason after {pieces} pieces")
             level.tokens += usage.completion_tokens if usage else pieces
             if first is not None:
                 level.ttft.append(first - sent)
@@ -385,20 +404,22 @@ def peer_available() -> bool:
     return True
 
 
-def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path):
+def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path, env: dict | None = None):
     """llama-cpp-python's OpenAI server on ``gguf``, on a free loopback port: (process, base URL)."""
     port = free_port()
+    # --interrupt_requests False: by default a new request cuts the stream being generated short
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "peer",
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context)]
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
+               "--interrupt_requests", "False"]
     if threads:
         command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
-    return launch("llama.cpp's server", command, port, "/v1/models", log_path)
+    return launch("llama.cpp's server", command, port, "/v1/models", log_path, env)
 
 
 def compare(args) -> int:
-    """rung serve, the engine alone and (--peer) llama.cpp's server at each level of clients."""
+    """rung serve, the engine alone and (--peer) llama.cpp's server at each level of clients,
+    --rounds times in turn."""
     from rung.commands.serve import _serving_spec
-    from rung.llm import LLM
     from rung.weights.resolve import resolve_model
 
     levels = [int(n) for n in args.levels.split(",")]
@@ -406,56 +427,90 @@ def compare(args) -> int:
     if args.peer and gguf.suffix != ".gguf":
         raise SystemExit(f"serve_load: --peer needs a GGUF file; {args.model} is {gguf}")
     spec, fmt = _serving_spec(args.model, "cpu", None)  # what rung serve will run: the engine alone runs it too
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     print(f"serving overhead: {args.model} as {spec} ({fmt}), {args.requests} greedy chats per client, "
-          f"max_tokens {args.max_tokens}, levels {levels}", flush=True)
+          f"max_tokens {args.max_tokens}, levels {levels}, {args.rounds} round(s)", flush=True)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    results: dict[str, dict[int, Level]] = {"engine": {}, "rung serve": {}, "llama.cpp server": {}}
-    llm = LLM(spec, max_seqs=max(levels), max_batch_tokens=max(512, 256 * max(levels)))
-    run_engine(llm, 1, 1, 2)  # warm-up
-    for n in levels:
-        results["engine"][n] = run_engine(llm, n, args.requests, args.max_tokens)
-    del llm
-    servers = [("rung serve", lambda: start_server(args.model, args.api_key, max(levels), args.threads,
-                                                    tmp / f"rung-serve-compare-{os.getpid()}.log",
-                                                    ["--max-num-seqs", str(max(levels))]), args.model)]
-    if args.peer:
-        servers.append(("llama.cpp server", lambda: start_peer(gguf, args.threads, 4096,
-                                                               tmp / f"llama-cpp-server-{os.getpid()}.log"), "peer"))
-    for name, start, model in servers:
-        proc, base = start()
-        try:
-            asyncio.run(run_clients(base, args.api_key, model, 1, 1, 2))  # warm-up
-            for n in levels:
-                results[name][n] = asyncio.run(run_clients(base, args.api_key, model, n, args.requests,
-                                                           args.max_tokens))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    names = ["engine", "rung serve"] + (["llama.cpp server"] if args.peer else [])
+    results: dict[str, dict[int, list[Level]]] = {name: {n: [] for n in levels} for name in names}
+    for r in range(args.rounds):
+        for name in names:
+            by_level = measure_engine(spec, levels, args) if name == "engine" else measure_server(name, gguf, levels,
+                                                                                                 args)
+            for n, level in by_level.items():
+                results[name][n].append(level)
     print(compare_table(results, levels))
     return 0
 
 
-def compare_table(results: dict[str, dict[int, Level]], levels: list[int]) -> str:
+def progress(name: str, clients: int, level: Level) -> Level:
+    print(f"{time.strftime('%H:%M:%S')} {name:<16} {clients:>3} clients  {level.tokens_per_s:7.1f} tok/s  TTFT p50 "
+          f"{pct(level.ttft, 50):.3f} p95 {pct(level.ttft, 95):.3f} s", flush=True)
+    return level
+
+
+def measure_engine(spec: str, levels: list[int], args) -> dict[int, Level]:
+    from rung.llm import LLM
+
+    llm = LLM(spec, max_seqs=max(levels), max_batch_tokens=max(512, 256 * max(levels)))
+    try:
+        run_engine(llm, max(levels), 1, 4)  # warm-up: the largest batch touches the cache and buffers once
+        return {n: progress("engine", n, run_engine(llm, n, args.requests, args.max_tokens)) for n in levels}
+    finally:
+        llm.shutdown()
+
+
+def measure_server(name: str, gguf: Path, levels: list[int], args) -> dict[int, Level]:
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    if name == "rung serve":
+        proc, base = start_server(args.model, args.api_key, max(levels), args.threads,
+                                  tmp / f"rung-serve-compare-{os.getpid()}.log", ["--max-num-seqs", str(max(levels))])
+        model = args.model
+    else:
+        proc, base = start_peer(gguf, args.threads, 4096, tmp / f"llama-cpp-server-{os.getpid()}.log",
+                                getattr(args, "peer_env", None))
+        model = "peer"
+    try:
+        asyncio.run(run_clients(base, args.api_key, model, max(levels), 1, 4))  # warm-up, as the engine's
+        return {n: progress(name, n, asyncio.run(run_clients(base, args.api_key, model, n, args.requests,
+                                                             args.max_tokens)))
+                for n in levels}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """The median of ``values``, and their range when there are several: "229.4 (201.3–240.0)"."""
+    values = [v for v in values if v == v]  # NaN (no TTFT) left out
+    if not values:
+        return "nan"
+    mid = f"{statistics.median(values):.{digits}f}"
+    return mid if len(values) == 1 else f"{mid} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def compare_table(results: dict[str, dict[int, list[Level]]], levels: list[int]) -> str:
+    """One row per level and measured party: tokens/s, TTFT p50 / p95, and for rung serve the
+    ratios to the engine alone and to llama.cpp's server, each taken within a round (median, range)."""
     rows = [("clients", "", "tokens/s", "TTFT p50 (s)", "TTFT p95 (s)", "serve / engine", "serve / llama.cpp")]
     for n in levels:
-        serve = results["rung serve"][n].tokens_per_s
+        serve = [r.tokens_per_s for r in results["rung serve"][n]]
         for name, by_level in results.items():
-            if n not in by_level:
+            runs = by_level.get(n)
+            if not runs:
                 continue
-            r = by_level[n]
             ratios = ("", "")
             if name == "rung serve":
-                peer = results["llama.cpp server"].get(n)
-                ratios = (f"{serve / results['engine'][n].tokens_per_s:.2f}",
-                          f"{serve / peer.tokens_per_s:.2f}" if peer else "")
-            rows.append((str(n), name, f"{r.tokens_per_s:.1f}", f"{pct(r.ttft, 50):.3f}", f"{pct(r.ttft, 95):.3f}",
+                peer = results.get("llama.cpp server", {}).get(n)
+                ratios = (spread([s / e.tokens_per_s for s, e in zip(serve, results["engine"][n])], 2),
+                          spread([s / p.tokens_per_s for s, p in zip(serve, peer)], 2) if peer else "")
+            rows.append((str(n), name, spread([r.tokens_per_s for r in runs]),
+                         spread([pct(r.ttft, 50) for r in runs], 3), spread([pct(r.ttft, 95) for r in runs], 3),
                          *ratios))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -481,7 +536,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="1,4,16,64", help="numbers of clients for --compare (default 1,4,16,64)")
     p.add_argument("--requests", type=int, default=4, help="chats per client per level in --compare (default 4)")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each chat in --compare (default 64)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="--compare: measure the engine, rung serve and llama.cpp's server in turn this many times "
+                        "and print medians and ranges (default 1)")
     args = p.parse_args(argv)
+    if args.peer or args.compare:
+        from rung.serve import threads
+
+        # the engine alone runs with the OpenMP spin count rung serve sets for itself (rung/serve/threads.py),
+        # set before anything loads libgomp (llama_cpp, imported by peer_available, does: one runtime per
+        # process); llama.cpp's server, as it ships, gets the environment as given
+        args.peer_env = dict(os.environ)
+        threads.apply()
     if args.peer and not peer_available():
         raise SystemExit(PEER_MISSING)
     if args.peer or args.compare:

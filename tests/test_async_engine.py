@@ -131,3 +131,123 @@ def test_a_dead_engine_loop_is_reported_and_its_streams_end(llama, front):
     with pytest.raises(RuntimeError, match="the loop ended"):
         asyncio.run(run())
     assert "the loop ended" in str(front.error)
+
+
+# ---- the event loop never waits for a step ----------------------------------------------------------
+
+
+def slow_steps(front, seconds: float):
+    """Make every engine step take at least ``seconds`` (holding the engine's lock, as a real one does)."""
+    import time
+
+    step = front.engine.step
+
+    def slow():
+        time.sleep(seconds)
+        return step()
+
+    front.engine.step = slow
+
+
+async def longest_stall(work, tick: float = 0.005) -> tuple[float, object]:
+    """Run ``work`` beside a ticker; (the longest the event loop went without running the ticker, work's result)."""
+    import time
+
+    gaps, done = [], asyncio.Event()
+
+    async def ticker():
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(tick)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    t = asyncio.create_task(ticker())
+    try:
+        result = await work
+    finally:
+        done.set()
+        await t
+    return max(gaps), result
+
+
+def test_requests_joining_and_leaving_never_block_the_event_loop_on_a_step(llama, front):
+    """Each step takes 0.25 s; requests start and end while others stream. The event loop must keep
+    running (the engine's lock is held for a whole step: waiting for it froze every stream)."""
+    ps = prompts(6, llama[0].config.vocab_size)
+    slow_steps(front, 0.25)
+    long = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def run():
+        async def staggered(i, p):
+            await asyncio.sleep(0.05 + 0.1 * i)  # arrive mid-step, at different points
+            return await tokens_of(front, p, short)
+
+        return await asyncio.gather(tokens_of(front, ps[0], long), *(staggered(i, p) for i, p in enumerate(ps[1:])))
+
+    stall, results = asyncio.run(longest_stall(run()))
+    assert [len(r) for r in results] == [12, 2, 2, 2, 2, 2]
+    assert stall < 0.15, f"the event loop stalled {stall:.3f} s"
+    assert front.stats()["free_blocks"] == 64
+
+
+def test_a_request_cancelled_before_the_engine_took_it_never_runs(llama, front):
+    p = prompts(1, llama[0].config.vocab_size)[0]
+    slow_steps(front, 0.3)
+    added = []
+    add = front.engine.add_request
+    front.engine.add_request = lambda prompt, params, request_id: added.append(request_id) or add(prompt, params,
+                                                                                                   request_id)
+
+    async def run():
+        busy = asyncio.create_task(tokens_of(front, p, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                                             "busy"))
+        await asyncio.sleep(0.1)  # the engine is mid-step
+        task = asyncio.create_task(tokens_of(front, p, GREEDY, "gone"))
+        await asyncio.sleep(0.05)  # in the inbox
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await busy
+
+    assert len(asyncio.run(run())) == 2
+    assert added == ["busy"]
+    stats = front.stats()
+    assert stats["free_blocks"] == 64 and stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_a_request_id_in_use_is_refused(llama, front):
+    p = prompts(1, llama[0].config.vocab_size)[0]
+    slow_steps(front, 0.1)
+
+    async def run():
+        first = asyncio.create_task(tokens_of(front, p, GREEDY, "same"))
+        await asyncio.sleep(0.02)
+        with pytest.raises(RequestError, match="already in use"):
+            await tokens_of(front, p, GREEDY, "same")
+        return await first
+
+    assert asyncio.run(run()) == alone(llama, p)
+
+
+def test_a_steps_deltas_reach_the_event_loop_in_one_hand_off(llama, front):
+    """One call_soon_threadsafe (one write to the loop's self-pipe, one wake-up) per step, not one
+    per request."""
+    ps = prompts(6, llama[0].config.vocab_size)
+    steps = []
+    step = front.engine.step
+    front.engine.step = lambda: steps.append(1) or step()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        calls = []
+        threadsafe = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: calls.append(1) or threadsafe(*a, **k)
+        results = await asyncio.gather(*(tokens_of(front, p, GREEDY) for p in ps))
+        return results, len(calls)
+
+    results, handoffs = asyncio.run(run())
+    assert [len(r) for r in results] == [10] * 6
+    assert handoffs <= len(steps) < 6 * 10  # one per step at most, where the deltas were 60

@@ -89,6 +89,9 @@ def _run(args: argparse.Namespace) -> int:
     import os
 
     require("serve", what="rung serve")
+    from rung.serve import threads
+
+    threads.apply()  # first: libgomp reads its spin count when torch loads (rung/serve/threads.py)
     if args.redact:
         require("pii", what="rung serve --redact")
     if args.otlp_traces_endpoint:
