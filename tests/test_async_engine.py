@@ -251,3 +251,30 @@ def test_a_steps_deltas_reach_the_event_loop_in_one_hand_off(llama, front):
     results, handoffs = asyncio.run(run())
     assert [len(r) for r in results] == [10] * 6
     assert handoffs <= len(steps) < 6 * 10  # one per step at most, where the deltas were 60
+
+
+def test_build_makes_the_engine_on_the_loop_thread_and_raises_its_error(llama):
+    import threading
+
+    from rung.engine.async_engine import AsyncEngine
+    from rung.engine.engine import Engine, EngineConfig
+
+    where = []
+
+    def build():
+        where.append(threading.current_thread().name)
+        return Engine(*llama, EngineConfig(block_size=4, num_blocks=64))
+
+    front = AsyncEngine(build=build)
+    try:
+        assert where == ["rung-engine"] and front.engine is not None
+    finally:
+        front.shutdown()
+
+    def broken():
+        raise RuntimeError("no such model")
+
+    with pytest.raises(RuntimeError, match="no such model"):
+        AsyncEngine(build=broken)
+    with pytest.raises(ValueError, match="not both or neither"):
+        AsyncEngine()

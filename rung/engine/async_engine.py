@@ -19,12 +19,20 @@ A sequence that fails in the engine (finish_reason "error") raises GenerationErr
 request's iterator; the other requests go on. ``error`` says whether the engine can serve now:
 its loop died, or its last BROKEN_AFTER steps all failed as a whole. It clears as soon as a step
 runs again, so one bad request never leaves the server reporting itself broken.
+
+``AsyncEngine(build=...)`` makes the engine on the loop thread itself. On a CPU the model's
+OpenMP regions then all run on that one thread: a second thread that ever ran one (a loader, the
+main thread) keeps its own OpenMP pool alive, libgomp then counts more threads than cores and
+stops spinning at its barriers, and every step's hundreds of barriers sleep and wake through the
+kernel (SmolLM2-135M @int4, batch 1, 2 cores: ~85 tok/s stepping on a thread other than the
+loading one, ~165 on the loading thread; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Callable
 import uuid
 from typing import AsyncIterator
 
@@ -35,7 +43,11 @@ BROKEN_AFTER = 3  # failed steps in a row (each failing its own requests) before
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine | None = None, *, build: Callable[[], Engine] | None = None):
+        """``engine``, or ``build``: called on the loop thread to make it (this waits for it, and
+        raises what it raised)."""
+        if (engine is None) == (build is None):
+            raise ValueError("AsyncEngine takes an engine or a build function, not both or neither")
         self.engine = engine
         self._lock = threading.Lock()  # the engine's: held by the loop thread for a whole step
         self._wake = threading.Condition()  # guards the inbox; the loop thread sleeps on it when idle
@@ -43,8 +55,26 @@ class AsyncEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
         self._died: BaseException | None = None  # what ended the loop thread, if anything did
-        self._thread = threading.Thread(target=self._loop, name="rung-engine", daemon=True)
+        built = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            if build is not None:
+                try:
+                    self.engine = build()
+                except BaseException as e:
+                    failed.append(e)
+                    return
+                finally:
+                    built.set()
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name="rung-engine", daemon=True)
         self._thread.start()
+        if build is not None:
+            built.wait()
+            if failed:
+                raise failed[0]
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[Delta]:

@@ -180,6 +180,7 @@ class Server(_Admits):
 
     def load(self) -> None:
         """Load the model and start the engine (blocking; run it on a thread)."""
+        engine = None
         try:
             from rung.engine.async_engine import AsyncEngine
             from rung.llm import LLM
@@ -188,8 +189,15 @@ class Server(_Admits):
             c = self.config
             if c.redact:
                 self.redactor = self.request_redactor(c.redact_entities)
-            llm = LLM(c.model, dtype=c.dtype, device=c.device, seed=c.seed, max_model_len=c.max_model_len,
-                      tensor_parallel_size=c.tensor_parallel_size, **c.engine)
+            made: list[LLM] = []
+
+            def build():  # on the engine's own thread: the only one to run the model (AsyncEngine's docstring)
+                made.append(LLM(c.model, dtype=c.dtype, device=c.device, seed=c.seed, max_model_len=c.max_model_len,
+                                tensor_parallel_size=c.tensor_parallel_size, **c.engine))
+                return made[0].engine
+
+            engine = AsyncEngine(build=build)
+            llm = made[0]
             self.template = chat_template_for("gpt_oss" if llm.config.model_type == "gpt_oss" else llm.tokenizer)
             self.family = family_for(llm.config.model_type, self.template)
             try:
@@ -206,10 +214,12 @@ class Server(_Admits):
 
                 self.verification = Verification(load_verifier(c.verifier, device=c.device), c.verify_threshold,
                                                  c.verify_action)
-            self.engine = AsyncEngine(llm.engine)
+            self.engine = engine
             self.llm = llm
         except BaseException as e:
             self.load_error = e
+            if engine is not None and self.engine is None:  # built, then something after it failed
+                engine.shutdown()
         finally:
             self.loaded.set()
 
