@@ -148,3 +148,23 @@ def test_read_plans_equal_the_paged_steps_with_a_window_and_dropped_blocks():
     st.width[0] = 3  # a table that does not reach position 700: refused, not read past
     with pytest.raises(ValueError, match="does not reach its row's position"):
         native.read_plan(st, 2, 0)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q4"])
+def test_a_decode_batch_above_max_m_runs_natively_in_parts_with_each_rows_own_tokens(fmt, folders):
+    from rung import native
+
+    pair = packed(folders["llama"], fmt)
+    ps = prompts(native.MAX_M + 4, pair[0].config.vocab_size, hi=12)
+    model, tokenizer = pair
+    wide = Engine(model, tokenizer, EngineConfig(block_size=4, num_blocks=256, max_seqs=len(ps), max_batch_tokens=512))
+    out = wide.run([(p, GREEDY) for p in ps])
+    got = [seqs[0].output_ids for seqs in out.values()]
+    assert wide.cpu_decode.steps >= GREEDY.max_tokens - 1  # every decode step native, the 20-row ones included
+    assert all_blocks_free(wide)
+    if fmt != "f32":  # q4: a 20-prompt prefill (over 16 rows) takes the dequantized float path and one
+        return  # prompt alone the int8-activation kernel, so greedy tokens may part for that reason
+    # each row's tokens are its own: the same as that prompt decoded alone (natively, one row a step)
+    alone = Engine(model, tokenizer, EngineConfig(block_size=4, num_blocks=256, max_seqs=1, max_batch_tokens=512))
+    want = [seqs[0].output_ids for seqs in alone.run([(p, GREEDY) for p in ps]).values()]
+    assert got == want

@@ -165,10 +165,19 @@ class CpuDecode:
         return struct, keep
 
     def run(self, ids: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor | None:
-        """ids [B] of a decode-only batch → logits [B, vocab] float32, or None (not this batch)."""
-        b = len(chunks)
-        if b > native.MAX_M or any(ch.count != 1 for ch in chunks):
+        """ids [B] of a decode-only batch → logits [B, vocab] float32, or None (not this batch).
+        More than MAX_M rows go MAX_M at a time: each native call reads the weights once for its
+        rows (a decode row depends on its own sequence alone), still far faster than the eager path
+        for the whole batch (64 rows on 2 cores: ~420 tok/s against ~200)."""
+        if any(ch.count != 1 for ch in chunks):
             return None
+        m = native.MAX_M
+        parts = [self._run(ids[i:i + m], chunks[i:i + m]) for i in range(0, len(chunks), m)]
+        self.steps += 1
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _run(self, ids: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
+        b = len(chunks)
         model, pool = self.model, self.pool
         buf = self.buffers.get(b) or self._buffers(b)
         # The host's part of a step is kept to a few NumPy arrays; the embedding lookup, the read
@@ -194,7 +203,6 @@ class CpuDecode:
             err = self.lib.rung_decode_step(ctypes.byref(self.struct), ctypes.byref(st), torch.get_num_threads())
             if err:
                 native.check(err, f"native decode step (tokens {tokens.tolist()}, positions {starts.tolist()})")
-            self.steps += 1
             if self.struct.final_norm:
                 return buf.logits.clone()
             return model.logits(model.final_norm(buf.x))
