@@ -22,6 +22,7 @@ against; ``scaled_mm_ref`` restates ``_scaled_mm``'s function (x rounded to e4m3
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -155,7 +156,13 @@ def hardware_cvt(x: torch.Tensor) -> bool:
     the interpreter included: both give the same values)."""
     if INTERPRET or not x.is_cuda or os.environ.get("RUNG_FP8_CVT") == "0":
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return _capability(x.device.index or 0) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    """A device's compute capability, asked once (this runs on every eager decode GEMV call)."""
+    return torch.cuda.get_device_capability(index)
 
 
 # ---- prefill and batches: torch._scaled_mm --------------------------------------------------------

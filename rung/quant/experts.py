@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rung.model.moe import MoE
-from rung.quant.formats import Packed, dequantize, quantize
+from rung.quant.formats import Packed, dequantize, fits, quantize
 from rung.quant.linear import GATE_BLOCK, interleave_gate_up
 
 DECODE_TOKENS = 4  # tokens a step up to which the per-row GEMVs run; above, dequantize + fused MoE
@@ -39,12 +39,7 @@ def can_pack(moe: nn.Module, fmt: str, group: int | None) -> bool:
         return False
     e, i, h = moe.gate_proj.shape
     g = None if fmt == "f8" else group
-    return i % GATE_BLOCK == 0 and all(_fits(fmt, width, g) for width in (h, i))
-
-
-def _fits(fmt: str, width: int, group: int | None) -> bool:
-    g = group or (32 if fmt == "q4" else width)
-    return width % 32 == 0 and width % g == 0 and g % 32 == 0
+    return i % GATE_BLOCK == 0 and all(fits(fmt, width, g) for width in (h, i))
 
 
 def pack_experts(moe: MoE, fmt: str, group: int | None = None) -> "PackedMoE":

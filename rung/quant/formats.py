@@ -72,6 +72,16 @@ def cat_rows(parts: list[Packed]) -> Packed:
                   cat("scale"), cat("offset"))
 
 
+def fits(fmt: str, in_features: int, group: int | None) -> bool:
+    """Whether a matrix with ``in_features`` inputs can be stored in ``fmt`` with ``group`` (None:
+    the format's default): whole runs of 32 and a group that divides the row (pack_model's and
+    pack_experts' rule; a matrix that does not fit stays as it is)."""
+    if fmt == "f32":
+        return True
+    g = group or (32 if fmt == "q4" else in_features)
+    return in_features % 32 == 0 and in_features % g == 0 and g % 32 == 0
+
+
 def check_group(fmt: str, in_features: int, group: int | None) -> int:
     group = in_features if group is None else group
     if isinstance(group, bool) or not isinstance(group, int) or group <= 0 or group % 32 or in_features % group:

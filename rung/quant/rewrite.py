@@ -21,7 +21,7 @@ from torch import nn
 from rung.model.decoder import Decoder
 from rung.model.mlp import MLP
 from rung.quant.experts import can_pack, pack_experts
-from rung.quant.formats import Packed, quantize
+from rung.quant.formats import Packed, fits, quantize
 from rung.quant.linear import GATE_BLOCK, PackedEmbedding, PackedLinear, interleave_gate_up
 
 
@@ -33,13 +33,6 @@ def _linear(layer, fmt: str, group: int | None) -> PackedLinear:
     if isinstance(layer, PackedLinear):
         return layer
     return PackedLinear(_packed(layer.weight, fmt, group), layer.bias)
-
-
-def _fits(fmt: str, in_features: int, group: int | None) -> bool:
-    if fmt == "f32":
-        return True
-    g = group or (32 if fmt == "q4" else in_features)
-    return in_features % 32 == 0 and in_features % g == 0 and g % 32 == 0
 
 
 def default_head_format(fmt: str) -> str | None:
@@ -75,16 +68,16 @@ def packed_targets(model: Decoder, fmt: str, group: int | None = None,
     for i, block in enumerate(model.layers):
         t = f"layers.{i}."
         for name, width in _attention_projections(c, block.attn):
-            if _fits(fmt, width, group):
+            if fits(fmt, width, group):
                 out[t + f"attn.{name}.weight"] = (fmt, group)
         if isinstance(block.mlp, MLP):
-            if _fits(fmt, c.hidden_size, group):
+            if fits(fmt, c.hidden_size, group):
                 proj = "gate_up_proj" if block.mlp.gate_up_proj is not None else "up_proj"
                 out[t + f"mlp.{proj}.weight"] = (fmt, group)
-            if _fits(fmt, c.intermediate_size, group):
+            if fits(fmt, c.intermediate_size, group):
                 out[t + "mlp.down_proj.weight"] = (fmt, group)
     head_group = group if head_fmt == fmt else None
-    if head_fmt not in (None, "f32") and _fits(head_fmt, c.hidden_size, head_group):
+    if head_fmt not in (None, "f32") and fits(head_fmt, c.hidden_size, head_group):
         out["lm_head.weight" if model.lm_head is not None else "embed.weight"] = (head_fmt, head_group)
     return out
 
@@ -103,7 +96,7 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
 
     def pack(owner: nn.Module, name: str, prefix: str, in_features: int) -> None:
         layer = getattr(owner, name)
-        if layer is not None and _fits(fmt, in_features, group):
+        if layer is not None and fits(fmt, in_features, group):
             setattr(owner, name, _kept_or_packed(layer, packed.get(f"{prefix}{name}.weight"), fmt, group))
 
     for i, block in enumerate(model.layers):
@@ -117,7 +110,7 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
             continue
         pack(mlp, "up_proj", prefix + "mlp.", h)
         pack(mlp, "down_proj", prefix + "mlp.", inter)
-        if isinstance(mlp.gate_up_proj, nn.Linear) and _fits(fmt, h, group):
+        if isinstance(mlp.gate_up_proj, nn.Linear) and fits(fmt, h, group):
             kept = packed.get(prefix + "mlp.gate_up_proj.weight")
             weight = kept if kept is not None else _packed(mlp.gate_up_proj.weight, fmt, group)
             bias = mlp.gate_up_proj.bias
@@ -147,7 +140,7 @@ def _kept_or_packed(layer, kept: Packed | None, fmt: str, group: int | None) -> 
 
 def _pack_head(model: Decoder, fmt: str, group: int | None, packed: dict[str, Packed]) -> None:
     c = model.config
-    if not _fits(fmt, c.hidden_size, group):
+    if not fits(fmt, c.hidden_size, group):
         return
     if model.lm_head is not None:  # untied
         kept = packed.get("lm_head.weight")
