@@ -78,7 +78,7 @@ def test_gguf_blocks_map_exactly_to_rungs_formats(kind):
 
 @needs_native
 @pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("shape,group", [((96, 576), None), ((200, 256), 64), ((48, 1536), 128),
                                          ((40, 224), 32), ((24, 160), None), ((16, 96), None),
                                          # groups of 32 (q8 and q4 scales read in the loop): 1, 4, 16, 25 runs;
@@ -90,7 +90,7 @@ def test_native_gemv_equals_the_dequantizing_reference(fmt, rows, shape, group):
         group = 32
     layer = PackedLinear(quantize(torch.randn(*shape), fmt, group), bias=torch.randn(shape[0]))
     x = torch.randn(rows, shape[1])
-    out = layer(x)  # native: at most MAX_M rows of float32 on the CPU
+    out = layer(x)  # native: float32 on the CPU (f32 layers: at most MAX_M rows, else PyTorch's matmul)
     # the q8 and q4 kernels round x to int8 in runs of 32 first; the reference sees the same x
     ref = layer.reference(int8_activations(x) if fmt != "f32" else x)
     assert (out - ref).abs().max() <= 2e-6 * ref.abs().max()
@@ -126,11 +126,29 @@ def interleave_back(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks[:, 0].reshape(-1, w.shape[-1]), blocks[:, 1].reshape(-1, w.shape[-1])
 
 
-def test_reference_path_serves_prefill_and_other_dtypes():
+@needs_native
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("gated", [None, "silu"])
+def test_a_prompt_gets_each_rows_decode_arithmetic_whatever_its_batch(fmt, gated):
+    """A prompt's rows (more than a decode batch) go through the native kernel too, each row with
+    exactly the arithmetic it gets alone: a prompt's K/V cannot depend on how it was chunked or
+    batched, or on a prefix-cache hit that leaves a few rows to compute."""
+    layer = PackedLinear(quantize(torch.randn(64, 96), fmt, 32), bias=torch.randn(64), gated=gated)
+    x = torch.randn(45, 96)
+    whole = layer(x)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(45)])
+    assert torch.equal(whole, alone)
+    assert torch.equal(layer(x[5:37]), whole[5:37])
+    ref = layer.reference(int8_activations(x))
+    assert (whole - ref).abs().max() <= 2e-6 * ref.abs().max()
+
+
+def test_reference_path_serves_float_layers_prompts_and_other_dtypes():
     w = torch.randn(32, 64)
+    x = torch.randn(40, 64)  # more rows than a decode batch: an f32 layer's prompt is PyTorch's matmul
+    assert torch.allclose(PackedLinear(quantize(w, "f32"))(x), x @ w.T, atol=1e-4)
     layer = PackedLinear(quantize(w, "q8"))
-    x = torch.randn(40, 64)  # more rows than a decode batch: the reference path
-    assert torch.allclose(layer(x), x @ dequantize(layer.packed).T, atol=1e-4)
+    assert torch.allclose(layer(x.double()), x.double() @ dequantize(layer.packed, torch.float64).T, atol=1e-9)
     assert layer(x.bfloat16()).dtype == torch.bfloat16
 
 

@@ -25,15 +25,13 @@ from rung.model.mlp import MLP, ActAndMul
 from rung.model.moe import MoE
 from rung.model.norm import RMSNorm
 
-NATIVE_ROWS = 16  # rows a native norm or RoPE call takes (native.MAX_M): a decode step, not a prompt
-
-
 class NativeRMSNorm(RMSNorm):
-    """A decode step's few float32 rows in one native call (torch's CPU rms_norm is about ten ops)."""
+    """float32 rows in one native call (torch's CPU rms_norm is about ten ops), a decode step's or a
+    prompt's: every row gets the same arithmetic however many come with it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] % 8 == 0
-                and x.numel() <= NATIVE_ROWS * x.shape[-1] and x.is_contiguous() and not torch.is_grad_enabled()):
+                and x.is_contiguous() and not torch.is_grad_enabled()):
             return native.rmsnorm(x, self.weight, self.eps, self.offset)
         return super().forward(x)
 
@@ -54,7 +52,7 @@ class TritonRMSNorm(RMSNorm):
 
 
 class NativeRopeAttention(Attention):
-    """A decode step's RoPE in place on the fused q|k|v rows, one native call for q and k (models
+    """RoPE in place on the fused q|k|v rows (a decode step's or a prompt's), one native call for q and k (models
     without a q/k norm, whose q and k come straight from the projection)."""
 
     @staticmethod
@@ -63,7 +61,7 @@ class NativeRopeAttention(Attention):
 
     def heads(self, qkv: torch.Tensor, rotary, context):
         b, t, _ = qkv.shape
-        if (rotary is not None and b == 1 and t <= NATIVE_ROWS and qkv.dtype == torch.float32
+        if (rotary is not None and b == 1 and qkv.dtype == torch.float32
                 and qkv.device.type == "cpu" and qkv.is_contiguous() and not qkv.requires_grad
                 and rotary[0].shape[-1] == self.head_dim and rotary[0].dtype == torch.float32
                 and rotary[0][0].is_contiguous() and rotary[1][0].is_contiguous()):

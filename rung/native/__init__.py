@@ -32,7 +32,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-f
 # RUNG_NATIVE_ISA=avx2 (how the tests exercise the AVX2 kernels on an AVX-512 machine).
 VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
-MAX_M = 16  # rows of x per call (kernels.c's MAX_M): a decode batch; prefill takes the reference path
+MAX_M = 16  # rows of x the whole-step kernels take (kernels.c's MAX_M): a decode batch
 GATED = {None: 0, "silu": 1, "gelu_tanh": 2}
 MAX_GROUPS, MAX_ROPES = 4, 4  # kernels.c: KV pool groups and RoPE tables a decode step may have
 
@@ -194,7 +194,7 @@ def bind_gemv(fmt: str, weight: torch.Tensor, out_features: int, in_features: in
               scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, gated: str | None = None):
     """The GEMV with the layer's constants bound once (a struct built here): the returned
-    ``call(x, out=None, add=False)`` takes x [M, K] float32 contiguous (M ≤ MAX_M) and returns
+    ``call(x, out=None, add=False)`` takes x [M, K] float32 contiguous (any M) and returns
     [M, N] (or N / 2 gated); ``out`` is written, or with ``add`` added into (a fused residual add)."""
     lib = library()
     n_out = out_features // 2 if gated else out_features

@@ -420,7 +420,10 @@ static int linear_check(const Linear *L) {
 }
 
 /* y[m, :] (+)= W x[m, :] for this thread's share of the row blocks; call inside a parallel region
- * (or outside one: then serially). q: x rounded (q8, q4). Ends with the for-loop's barrier. */
+ * (or outside one: then serially). q: x rounded (q8, q4). Any M: each block of BLOCK weight rows
+ * meets the rows of x MAX_M at a time while it sits in L1, so a prompt reads each weight byte from
+ * memory once, and every row of x gets the same arithmetic as a decode row (a prompt's K/V do not
+ * depend on how it was batched or on a prefix-cache hit). Ends with the for-loop's barrier. */
 static void gemv_rows(const Linear *L, const float *x, const Rounded *q, int64_t M, float *y, int accumulate) {
     const int64_t format = L->format, N = L->N, K = L->K, group = L->group, gated = L->gated;
     const int64_t groups = format == F32 ? 0 : K / group;
@@ -436,30 +439,36 @@ static void gemv_rows(const Linear *L, const float *x, const Rounded *q, int64_t
             const char *start = (const char *)L->w + n0 * row_bytes;
             for (int64_t b = 0; b < PREFETCH && b < (N - n0) * row_bytes; b += 64) _mm_prefetch(start + b, _MM_HINT_T0);
         }
-        float dots[BLOCK][MAX_M];
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t n = n0 + r;
-            if (format == F32)
-                row_f32(x, M, K, (const float *)L->w + n * K, dots[r]);
-            else if (format == Q8)
-                row_q8(q, M, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
-            else
-                row_q4(q, M, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
-                       L->offset + n * groups, dots[r]);
-            if (bias)
-                for (int64_t m = 0; m < M; m++) dots[r][m] += bias[n];
-        }
-        for (int64_t m = 0; m < M; m++) {
-            if (gated) {
-                for (int64_t r = 0; r < rows / 2; r++) {
-                    float v = activate(dots[r][m], gated) * dots[r + rows / 2][m];
-                    float *o = y + m * out_n + n0 / 2 + r;
-                    *o = accumulate ? *o + v : v;
-                }
-            } else {
-                for (int64_t r = 0; r < rows; r++) {
-                    float *o = y + m * out_n + n0 + r;
-                    *o = accumulate ? *o + dots[r][m] : dots[r][m];
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+            const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
+            const Rounded qm = {q->xq + m0 * q->K, q->xp + m0 * q->KP, q->dx + m0 * q->runs, q->xsum + m0 * q->groups,
+                                q->xd + m0 * q->KP / 8, q->K, q->KP, q->runs, q->groups};
+            float dots[BLOCK][MAX_M];
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t n = n0 + r;
+                if (format == F32)
+                    row_f32(x + m0 * K, mm, K, (const float *)L->w + n * K, dots[r]);
+                else if (format == Q8)
+                    row_q8(&qm, mm, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
+                else
+                    row_q4(&qm, mm, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
+                           L->offset + n * groups, dots[r]);
+                if (bias)
+                    for (int64_t m = 0; m < mm; m++) dots[r][m] += bias[n];
+            }
+            for (int64_t m = 0; m < mm; m++) {
+                float *ym = y + (m0 + m) * out_n;
+                if (gated) {
+                    for (int64_t r = 0; r < rows / 2; r++) {
+                        float v = activate(dots[r][m], gated) * dots[r + rows / 2][m];
+                        float *o = ym + n0 / 2 + r;
+                        *o = accumulate ? *o + v : v;
+                    }
+                } else {
+                    for (int64_t r = 0; r < rows; r++) {
+                        float *o = ym + n0 + r;
+                        *o = accumulate ? *o + dots[r][m] : dots[r][m];
+                    }
                 }
             }
         }
@@ -490,12 +499,13 @@ int rung_max_m(void) { return MAX_M; }
 
 int rung_vnni(void) { return RUNG_VNNI; }
 
-/* y [M, N] (or N / 2 gated) = W x, or += with accumulate; x [M, K] float32, M <= MAX_M. */
+/* y [M, N] (or N / 2 gated) = W x, or += with accumulate; x [M, K] float32, any M (a decode batch
+ * or a prompt chunk; the rounded copy of x it allocates is about half of x's bytes). */
 int rung_gemv(const Linear *L, const float *x, int64_t x_bytes, int64_t M, float *y, int64_t y_bytes, int accumulate,
               int threads) {
     const int bad = linear_check(L);
     if (bad) return bad;
-    if (M < 0 || M > MAX_M || !x || !fits(x_bytes, (__int128)M * L->K, 4)) return E_X;
+    if (M < 0 || !x || !fits(x_bytes, (__int128)M * L->K, 4)) return E_X;
     if (!y || !fits(y_bytes, (__int128)M * (L->gated ? L->N / 2 : L->N), 4)) return E_OUT;
     return gemv(L, x, M, y, accumulate, threads);
 }

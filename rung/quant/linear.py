@@ -1,8 +1,11 @@
 """Linear layers over packed weights: native kernels for decode rows, the reference otherwise.
 
 ``PackedLinear`` holds one ``Packed`` weight as buffers (so ``.to()``, ``state_dict`` and
-safetensors see them). A call with at most ``MAX_M`` rows of float32 on the CPU (a decode step)
-runs rung's native GEMV (rung/native), which reads each weight byte once; on CUDA a q8 / q4 layer
+safetensors see them). A call of float32 rows on the CPU runs rung's native kernel (rung/native),
+which reads each weight byte once: a q8 / q4 layer for any number of rows (a decode batch or a
+prompt, each row with the same arithmetic, so a prompt's K/V do not depend on its batch or on a
+prefix-cache hit, and no prompt dequantizes the whole weight), an f32 layer for decode rows (at
+most ``MAX_M``; a prompt's matmul is faster in PyTorch's BLAS); on CUDA a q8 / q4 layer
 runs rung's Triton kernels over the same buffers (rung/kernels/triton_quant.py: a GEMV for decode
 rows, a dequantizing matmul for small batches, dequantize + cuBLAS for prefill) and an f8 layer
 rung/kernels/triton_fp8.py's (a GEMV for decode rows, ``torch._scaled_mm`` above); anything else
@@ -73,7 +76,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        if self._native and rows.shape[0] <= native.MAX_M and x.dtype == torch.float32 and not x.is_cuda:
+        if (self._native and x.dtype == torch.float32 and not x.is_cuda
+                and (self.fmt != "f32" or rows.shape[0] <= native.MAX_M)):
             out = self.bound()(rows.contiguous())
         elif x.is_cuda and self._triton_ok(x):
             out = self.triton(rows)
