@@ -32,6 +32,42 @@ from rung.serve.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, 
 from rung.serve.tracing import Trace
 
 
+class CountResponses:
+    """Every API response by status, labelled by model and by route (/v1/responses/{response_id},
+    not by id), counted when its status goes out. An unexpected exception passes through here on
+    its way to the outermost handler, which makes it the 500 counted here (RungHigh5xxRate reads
+    these). Plain ASGI: starlette's @app.middleware("http") passes every chunk of a streamed body
+    through a memory stream and a task switch of its own, per token of every stream."""
+
+    def __init__(self, app, models: Models):
+        self.app, self.models = app, models
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counted_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                self.count(scope, message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        except Exception:
+            if not started:
+                self.count(scope, 500)
+            raise
+
+    def count(self, scope, status: int) -> None:
+        name = scope.get("rung.model")  # set by the route once it found the model (one scope)
+        metrics = self.models.metrics.labelled(name) if name else self.models.metrics
+        metrics.http(getattr(scope.get("route"), "path", scope["path"]), scope["method"], status)
+
+
 def create_app(served: Server | Models, shutdown_with_app: bool = False) -> FastAPI:
     """The app over one ``Server`` (a registry of one) or a ``Models`` registry.
     ``shutdown_with_app``: the app's shutdown (uvicorn's, on SIGTERM) also shuts the models down
@@ -72,27 +108,7 @@ def create_app(served: Server | Models, shutdown_with_app: bool = False) -> Fast
     async def _unexpected(request: Request, e: Exception):
         return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").response()
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        """Every API response by status, labelled by model and by route (/v1/responses/{response_id},
-        not by id). An unexpected exception passes through here on its way to the outermost handler,
-        which makes it the 500 counted here (RungHigh5xxRate reads these)."""
-        api = request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
-
-        def count(status: int) -> None:
-            name = request.scope.get("rung.model")  # set by the route once it found the model (one scope)
-            metrics = models.metrics.labelled(name) if name else models.metrics
-            metrics.http(getattr(request.scope.get("route"), "path", request.url.path), request.method, status)
-
-        try:
-            response = await call_next(request)
-        except Exception:
-            if api:
-                count(500)
-            raise
-        if api:
-            count(response.status_code)
-        return response
+    app.add_middleware(CountResponses, models=models)
 
     def authorize(request: Request):
         """401 unless the bearer token is the --api-key or a key of the policy file; the caller's

@@ -146,10 +146,14 @@ class Run:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise APIError(408, f"the request timed out after {timeout:g} s", code="timeout")
-                try:
-                    i, item = await asyncio.wait_for(queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    raise APIError(408, f"the request timed out after {timeout:g} s", code="timeout") from None
+                if queue.empty():  # (asyncio.timeout: no task per wait, as wait_for makes; a token each)
+                    try:
+                        async with asyncio.timeout(remaining):
+                            i, item = await queue.get()
+                    except TimeoutError:
+                        raise APIError(408, f"the request timed out after {timeout:g} s", code="timeout") from None
+                else:
+                    i, item = queue.get_nowait()
                 if item is None:
                     self._open -= 1
                 elif isinstance(item, BaseException):
