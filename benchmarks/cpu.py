@@ -55,6 +55,7 @@ def time_llm(llm, prompt_len: int, new: int) -> tuple[float, float]:
     llm.generate(ids[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     best_prefill, best_decode = 0.0, 0.0
     for _ in range(2):
+        llm.reset_prefix_cache()  # else the second run (and the warm-up's first block) comes from the cache
         out = llm.generate(ids, params)[0]
         best_prefill = max(best_prefill, prompt_len / out.metrics.time_to_first_token)
         best_decode = max(best_decode, out.metrics.decode_tokens_per_s)

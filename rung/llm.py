@@ -54,6 +54,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served (vLLM's name)
 
 
 # one step of a streamed completion: new text (never a broken character, never part of a stop
@@ -223,6 +224,11 @@ class LLM:
             self._engine = engine
         return self._engine
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prompt blocks (vLLM's ``LLM.reset_prefix_cache``): timing a prompt
+        twice, the second run computes it whole again."""
+        self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (a one-process LLM has nothing to stop)."""
         if self.tp_group is not None:
@@ -246,6 +252,8 @@ def _apply(out: RequestOutput, d, start: float) -> None:
         s.logprobs += d.logprobs
     if d.finish_reason:
         s.finish_reason, s.stop_reason, s.error = d.finish_reason, d.stop_reason, d.error
+    if d.num_cached_tokens is not None:  # one prompt, whatever its samples
+        out.num_cached_tokens = max(out.num_cached_tokens, d.num_cached_tokens)
 
 def _tokenizer_for(path: Path):
     """The tokenizer of a Hugging Face folder, or the one a GGUF file carries in its metadata."""

@@ -101,3 +101,19 @@ def test_max_tokens_is_capped_by_the_context(llm):
 
 def test_load_model_and_llm_share_the_model_path(folder):
     assert isinstance(rung.load_model(str(folder)), torch.nn.Module)
+
+
+def test_reset_prefix_cache_makes_a_repeated_prompt_compute_whole(llm):
+    """vLLM's ``num_cached_tokens`` and ``reset_prefix_cache``: a repeated prompt comes from the
+    cache (whole blocks of it), and after a reset it is computed again, with the same tokens."""
+    prompt = list(range(3, 40))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    first = llm.generate([prompt], params)[0]
+    again = llm.generate([prompt], params)[0]
+    block = llm.engine.config.block_size
+    assert first.num_cached_tokens == 0
+    assert again.num_cached_tokens == (len(prompt) - 1) // block * block > 0
+    llm.reset_prefix_cache()
+    after = llm.generate([prompt], params)[0]
+    assert after.num_cached_tokens == 0
+    assert after.outputs[0].token_ids == again.outputs[0].token_ids == first.outputs[0].token_ids

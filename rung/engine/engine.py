@@ -233,6 +233,12 @@ class Engine:
         """Available blocks per KV group (equal to the pool size when nothing is held)."""
         return [g.allocator.available for g in self.pool.groups]
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block no sequence holds (vLLM's ``reset_prefix_cache``): the
+        next prompt is computed whole, as a benchmark of prefill needs."""
+        for g in self.pool.groups:
+            g.allocator.reset_prefix_cache()
+
     # ---- one step -----------------------------------------------------------------------------
 
     @torch.inference_mode()
