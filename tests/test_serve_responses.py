@@ -114,6 +114,39 @@ def test_stream_events_arrive_in_order_and_add_up_to_the_reply(served):
     assert final.usage.output_tokens == whole.usage.output_tokens
 
 
+def test_output_text_logprobs_match_the_chat_completions(served):
+    """include message.output_text.logprobs with top_logprobs: each token of the output text with its
+    logprob and alternatives, the same numbers chat completions gives for the same conversation."""
+    r = respond(served, "Say yes.", max_output_tokens=6, include=["message.output_text.logprobs"], top_logprobs=2)
+    part = r.output[0].content[0]
+    c = chat(served, [{"role": "user", "content": "Say yes."}], max_tokens=6, logprobs=True, top_logprobs=2)
+    expected = c.choices[0].logprobs.content
+    assert part.text == c.choices[0].message.content
+    assert [t.token for t in part.logprobs] == [t.token for t in expected] and len(expected) > 1
+    assert "".join(t.token for t in part.logprobs) == part.text
+    for got, want in zip(part.logprobs, expected):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5) and got.logprob <= 0
+        assert [a.token for a in got.top_logprobs] == [a.token for a in want.top_logprobs]
+        assert len(got.top_logprobs) == 2 and got.top_logprobs[0].logprob == pytest.approx(got.logprob, abs=1e-5)
+    plain = respond(served, "Say yes.", max_output_tokens=6)
+    assert plain.output[0].content[0].logprobs == []  # not asked: none
+
+
+def test_streamed_logprobs_arrive_with_their_deltas_and_add_up(served):
+    with served.client.responses.stream(model=MODEL, input="Count to five.", max_output_tokens=10, top_logprobs=1,
+                                        include=["message.output_text.logprobs"], **GREEDY) as s:
+        events = list(s)
+        final = s.get_final_response()
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    streamed = [t for e in deltas for t in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    whole = final.output[0].content[0].logprobs
+    assert len(streamed) == len(whole) == len(done.logprobs) == final.usage.output_tokens
+    assert [t.token for t in streamed] == [t.token for t in whole] == [t.token for t in done.logprobs]
+    assert all(e.logprobs for e in deltas)  # each delta's tokens with it
+    assert "".join(t.token for t in streamed) == final.output_text
+
+
 # ---- tools -------------------------------------------------------------------------------------------
 
 
@@ -256,7 +289,8 @@ def test_the_store_keeps_only_the_newest_responses(served):
     ({"input": [{"type": "reasoning", "content": {"a": 1}}]}, "input.0.content"),
     ({"input": [{"content": "no role"}]}, "input.0"),
     ({"input": "x", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice.type"),
-    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include.0"),
+    ({"input": "x", "include": ["file_search_call.results"]}, "include.0"),
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
     ({"input": "x", "stream_options": {"include_obfuscation": False}}, "stream_options"),
 ])
 def test_malformed_requests_are_openai_shaped_400s(served, body, param):

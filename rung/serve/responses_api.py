@@ -35,7 +35,10 @@ UNSUPPORTED = {
     "background_options": "background responses are not supported",
 }
 # `include` values rung accepts: it returns reasoning as plain text, so there is no encrypted form to add
-INCLUDABLE = frozenset({"reasoning.encrypted_content"})
+# reasoning.encrypted_content adds nothing (reasoning is returned as text); the logprobs of the
+# output text come with its parts and delta events
+INCLUDABLE = frozenset({"reasoning.encrypted_content", "message.output_text.logprobs"})
+LOGPROBS = "message.output_text.logprobs"
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _EFFORT = {"xhigh": "high", "max": "high"}  # OpenAI's efforts above "high": rung's families stop at high
 _TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
@@ -58,6 +61,8 @@ def to_chat(req: ResponsesRequest, history: list[dict] | None = None) -> tuple[C
             body[field] = getattr(req, field)
     if req.max_output_tokens is not None:
         body["max_completion_tokens"] = req.max_output_tokens
+    if wants_logprobs(req):
+        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     if req.parallel_tool_calls is not None:
         body["parallel_tool_calls"] = req.parallel_tool_calls
     if req.tools:
@@ -76,6 +81,12 @@ def to_chat(req: ResponsesRequest, history: list[dict] | None = None) -> tuple[C
         raise bad_request(f"input: {first.get('msg')}", "input") from None
 
 
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """The output text's logprobs: asked with include ``message.output_text.logprobs``, or by
+    asking for alternatives (``top_logprobs``)."""
+    return LOGPROBS in (req.include or []) or req.top_logprobs is not None
+
+
 def _check_unsupported(req: ResponsesRequest) -> None:
     for field, why in UNSUPPORTED.items():
         value = getattr(req, field)
@@ -84,11 +95,7 @@ def _check_unsupported(req: ResponsesRequest) -> None:
     for i, name in enumerate(req.include or []):
         if name not in INCLUDABLE:
             raise bad_request(f"include {name!r} is not supported (rung accepts only "
-                              f"{', '.join(sorted(INCLUDABLE))}, which adds nothing: reasoning is returned as text)",
-                              f"include.{i}", "unsupported_value")
-    if req.top_logprobs:
-        raise bad_request("top_logprobs is not supported on /v1/responses (use /v1/chat/completions)",
-                          "top_logprobs", "unsupported_parameter")
+                              f"{', '.join(sorted(INCLUDABLE))})", f"include.{i}", "unsupported_value")
     if req.truncation == "auto":
         raise bad_request("truncation 'auto' is not supported: rung never drops input; an input longer than the "
                           "context is refused", "truncation", "unsupported_value")

@@ -36,8 +36,8 @@ from fastapi.responses import JSONResponse
 from rung.serve.errors import TYPES, APIError
 from rung.serve.reasoning import Event, ToolCallOut
 from rung.serve.redaction import redaction_for
-from rung.serve.responses import call_json, whole_calls
-from rung.serve.responses_api import input_messages, renamed, to_chat
+from rung.serve.responses import call_json, chat_logprobs, whole_calls
+from rung.serve.responses_api import input_messages, renamed, to_chat, wants_logprobs
 from rung.serve.responses_schemas import ResponsesRequest
 from rung.serve.run import Run
 
@@ -58,13 +58,14 @@ class OutputItems:
         self.part: dict | None = None  # the open item's content part being written
         self._events: list[dict] = []
 
-    def add(self, e: Event, refusal: str | None = None) -> None:
+    def add(self, e: Event, refusal: str | None = None, logprobs: list[dict] | None = None) -> None:
+        """One event; ``logprobs``: the entries of the tokens that wrote a content event's text."""
         if e.kind == "reasoning":
             self._text("reasoning", "reasoning_text", e.text)
         elif e.kind == "content":
             # a governance refusal (the verifier's, the policy's) is a refusal part, as chat marks it
             refused = refusal is not None and e.text.strip() == refusal
-            self._text("message", "refusal" if refused else "output_text", e.text)
+            self._text("message", "refusal" if refused else "output_text", e.text, None if refused else logprobs)
         elif e.kind in ("tool_call", "call_end"):  # a whole call, or the end of a streamed one
             self._call(e.call, None)
         elif e.call is not None:  # a piece of a call's arguments, from a parser that streams them
@@ -99,7 +100,7 @@ class OutputItems:
         self._emit("response.output_item.done", output_index=len(self.items) - 1, item=copy.deepcopy(item))
         self.open = None
 
-    def _text(self, item_type: str, part_type: str, text: str) -> None:
+    def _text(self, item_type: str, part_type: str, text: str, logprobs: list[dict] | None = None) -> None:
         if not text:
             return
         if self.open is None or self.open["type"] != item_type:
@@ -117,7 +118,10 @@ class OutputItems:
             self._emit("response.content_part.added", **self._where(), part=copy.deepcopy(part))
         key = "refusal" if part_type == "refusal" else "text"
         self.part[key] += text
-        extra = {"logprobs": []} if part_type == "output_text" else {}
+        extra = {}
+        if part_type == "output_text":
+            self.part["logprobs"] += logprobs or []
+            extra = {"logprobs": copy.deepcopy(logprobs or [])}
         self._emit(_TEXT_EVENTS[part_type] + ".delta", **self._where(), delta=text, **extra)
 
     def _close_part(self) -> None:
@@ -128,7 +132,7 @@ class OutputItems:
         if kind == "refusal":
             self._emit("response.refusal.done", **self._where(), refusal=part["refusal"])
         else:
-            extra = {"logprobs": []} if kind == "output_text" else {}
+            extra = {"logprobs": copy.deepcopy(part["logprobs"])} if kind == "output_text" else {}
             self._emit(_TEXT_EVENTS[kind] + ".done", **self._where(), text=part["text"], **extra)
         self._emit("response.content_part.done", **self._where(), part=copy.deepcopy(part))
         self.part = None
@@ -202,29 +206,44 @@ class ResponsesRun(Run):
         self.reasoning_tokens = 0
         self._unplaced = 0  # tokens of deltas that gave no event yet (a tag held back by the parser)
         self._restoring: str | None = None
+        self.logprobs = wants_logprobs(req)
+        self._unplaced_lp: list[dict] = []  # the logprob entries of those tokens
 
     # ---- driving --------------------------------------------------------------------------------
 
     async def _feed(self, d):
+        """(choice, [(event, logprob entries or None)], finished): the tokens since the last event go
+        with the next one, and their logprobs with it when it is content (output text)."""
         choice = self.choices[d.index]
         before = len(choice.token_ids)
         choice, events, finished = await super()._feed(d)
         self._unplaced += len(choice.token_ids) - before
+        if self.logprobs and before < len(choice.token_ids):  # chat's entries: token, logprob, bytes, top_logprobs
+            self._unplaced_lp += chat_logprobs(choice.token_ids[before:], choice.logprobs[before:],
+                                               self.request.top_logprobs or 0, self.reply.text)
         if events:  # the tokens that wrote reasoning, tags included, are reasoning tokens
             if all(e.kind == "reasoning" for e in events):
                 self.reasoning_tokens += self._unplaced
             self._unplaced = 0
-        return choice, events, finished
+        pairs = []
+        for e in events:
+            lp = None
+            if self._unplaced_lp and e.kind == "content":
+                lp, self._unplaced_lp = self._unplaced_lp, []
+            elif e.kind != "content":
+                self._unplaced_lp = []  # a reasoning or call event's tokens: not the output text's
+            pairs.append((e, lp))
+        return choice, pairs, finished
 
     async def _collect(self):
         deltas = self._deltas()
-        events: list[Event] = []
+        events: list[tuple[Event, list | None]] = []
         choice = self.choices[0]
         try:
             async for d in deltas:
                 events += (await self._feed(d))[1]
             if await self.governance.verify(choice):  # the answer was replaced by a refusal
-                events = [e for e in events if e.kind != "content"] + [Event("content", choice.refusal)]
+                events = [p for p in events if p[0].kind != "content"] + [(Event("content", choice.refusal), None)]
         except BaseException as e:
             self._fail(e)
             self._finish()
@@ -232,8 +251,8 @@ class ResponsesRun(Run):
         finally:
             await deltas.aclose()
         self._finish()
-        for e in self._restored(events, finished=True):
-            self.output.add(e, choice.refusal)
+        for e, lp in self._restored(events, finished=True):
+            self.output.add(e, choice.refusal, lp)
         self.output.finish(self._incomplete() is not None)
         body = self._response()
         self._store(body)
@@ -245,10 +264,10 @@ class ResponsesRun(Run):
             yield self._sse({"type": "response.created", "response": self._response("in_progress")})
             yield self._sse({"type": "response.in_progress", "response": self._response("in_progress")})
             async for d in deltas:
-                choice, events, finished = await self._feed(d)
-                pairs = await self.governance.release(choice, [(e, None) for e in events], finished)
-                for e in self._restored([e for e, _ in pairs], finished):
-                    self.output.add(e, choice.refusal)
+                choice, pairs, finished = await self._feed(d)
+                pairs = await self.governance.release(choice, pairs, finished)
+                for e, lp in self._restored(pairs, finished):
+                    self.output.add(e, choice.refusal, lp)
                 for event in self.output.take():
                     if self._first_chunk is None:  # the trace's stream span starts here
                         self._first_chunk = time.perf_counter()
@@ -329,12 +348,17 @@ class ResponsesRun(Run):
 
     # ---- redaction ------------------------------------------------------------------------------
 
-    def _restored(self, events: list[Event], finished: bool) -> list[Event]:
-        """Events with redacted values restored (a placeholder cut between deltas is held, then sent
-        whole); unchanged without redaction. A call's argument pieces wait for the whole call."""
+    def _restored(self, pairs: list[tuple[Event, list | None]], finished: bool) -> list[tuple[Event, list | None]]:
+        """(event, logprobs) pairs with redacted values restored (a placeholder cut between deltas is
+        held, then sent whole; the restored text's tokens are not the model's: no logprobs);
+        unchanged without redaction. A call's argument pieces wait for the whole call."""
         r = self.redaction
         if r is None:
-            return events
+            return pairs
+        return [(e, None) for e in self._restored_events([e for e, _ in pairs], finished)]
+
+    def _restored_events(self, events: list[Event], finished: bool) -> list[Event]:
+        r = self.redaction
         events = whole_calls(events)  # a call's arguments are restored whole
         out: list[Event] = []
         for e in events:
