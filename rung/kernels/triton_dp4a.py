@@ -48,12 +48,15 @@ def quantize_runs_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     m, k = x.shape
     r = x.float().view(m, k // 32, 32)
     amax = r.abs().amax(-1, keepdim=True)
-    # a true division (a Python number over a tensor is its reciprocal times the number: two roundings)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    # the kernel's fused multiply-add, rounded once: the float64 product of two float32 is exact,
-    # and the floor of the float32 rounding of (it + ½) is the fma's (see round_runs)
+    # true divisions, tensor by tensor (a Python number over a tensor is its reciprocal times the
+    # number: two roundings)
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    # the kernel's fused multiply-add, rounded once: the float64 product of two float32 is exact, so
+    # is its sum with ½ where |x · inv| ≥ 2^-6 (below, the floor is 0 either way), and the float32
+    # rounding of that is the fma's
     q = torch.floor((r.double() * inv.double() + 0.5).float()).to(torch.int8)
-    return q.view(m, k), (amax / 127.0).view(m, -1), r.double().sum(-1).float()
+    return q.view(m, k), (amax / c127).view(m, -1), r.double().sum(-1).float()
 
 
 def moe_gemv_ref(x, fmt: str, data, scale, offset, group: int, experts: torch.Tensor, x_div: int,
