@@ -14,6 +14,9 @@ per-channel scales, int4 = q4 in groups of 32 (the LM head q8, rung's default). 
    prefill and a CUDA-graph decode step, relative logit error), then batch-1 decode tok/s with CUDA
    graphs, the roofline (weight bytes a step reads / measured copy bandwidth), TTFT at a 2K prompt,
    peak memory. transformers bf16 at batch 1 beside it for context (no torchao on the machine).
+   ``-fgemv`` / ``-unfused`` / ``-bits`` rows are the same format with one kernel choice undone
+   (the float GEMV; each GEMV rounding its own x, not the norm before it; fp8 decoded by bits), for
+   the A/B in one call: e.g. ``--no-kernels --no-hf --formats bf16 int8 int8-unfused int4 int4-unfused``.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks python3 benchmarks/gpu_quant.py [--models ...] [--out DIR]
 """
@@ -49,12 +52,15 @@ from rung.quant.rewrite import pack_model, packed_bytes  # noqa: E402
 MODELS = ["qwen3-8b", "qwen3-0.6b"]
 FORMATS = {"bf16": None, "int8": ("q8", None), "int4": ("q4", 32), "fp8": ("f8", None),
            "int8-fgemv": ("q8", None), "int4-fgemv": ("q4", 32),  # -fgemv: decode rows through the float GEMV
+           "int8-unfused": ("q8", None), "int4-unfused": ("q4", 32),  # -unfused: every dp4a GEMV rounds its x itself
            "fp8-bits": ("f8", None)}  # codes decoded by moving bits, not the sm89+ conversion instruction
 
 
 def dp4a_env(label: str) -> None:
-    """int8 / int4 decode rows: the int8-activation (dp4a) GEMV, or with RUNG_DP4A=0 the float one."""
+    """int8 / int4 decode rows: the int8-activation (dp4a) GEMV, or with RUNG_DP4A=0 the float one;
+    its x rounded by the norm before it (q|k|v, gate|up), or with RUNG_FUSED_XQ=0 by a launch of its own."""
     os.environ["RUNG_DP4A"] = "0" if label.endswith("-fgemv") else "1"
+    os.environ["RUNG_FUSED_XQ"] = "0" if label.endswith("-unfused") else "1"
     os.environ["RUNG_FP8_CVT"] = "0" if label.endswith("-bits") else "1"
 ROTATE_BYTES = 256 << 20  # weight copies per timing: more than four times the L2
 

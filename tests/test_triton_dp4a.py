@@ -56,3 +56,17 @@ def test_activation_rounding_is_within_half_a_step_and_keeps_each_runs_largest()
     assert float((back - x.view(3, -1, 32)).abs().max() / step.max()) <= 0.5 + 1e-5
     assert bool((q.view(3, -1, 32).abs().amax(-1) == 127).all())
     torch.testing.assert_close(xsum, x.view(3, -1, 32).sum(-1))
+
+
+@needs_interpreter
+def test_norms_hand_their_int8_rounding_to_the_dp4a_gemv_under_the_interpreter():
+    lines = run_checks("triton_fused_xq_checks.py", timeout=600, drop_env=("RUNG_FUSED_XQ", "RUNG_DP4A"))
+    assert lines[-1] == "the norms' rounding is quantize_runs' and the GEMV takes it only for their output"
+    # (a) 2 norms x 2 dtypes x 5 shapes: xq, step, xsum against the reference and quantize_runs, and the output
+    assert sum(line.startswith("rounding ") for line in lines) == 20 * 7
+    assert sum(line.startswith("no rounding for ") for line in lines) == 5
+    assert sum(line.startswith("gemv_dp4a through the norm's rounding ") for line in lines) == 8  # (b)
+    assert sum(line.startswith("hand-off not taken: ") for line in lines) == 7  # (c)
+    # (d) identical logits, and 2 launches fewer per layer and decode step (2 layers, 2 steps)
+    assert sum(line.startswith("model q") and line.endswith("RUNG_FUSED_XQ=1 vs 0: equal") for line in lines) == 2
+    assert sum(line.endswith("quantize_runs launches 18 -> 10") for line in lines) == 2

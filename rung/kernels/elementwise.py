@@ -32,13 +32,16 @@ def rotary_ref(x, cos, signed_sin) -> torch.Tensor:
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
-def rms_norm(x, weight, eps: float, offset: float = 0.0, weight_in_float32: bool = False) -> torch.Tensor:
-    """RMSNorm over the last axis: the kernel on CUDA for 16-bit inputs, the reference elsewhere."""
+def rms_norm(x, weight, eps: float, offset: float = 0.0, weight_in_float32: bool = False,
+             runs: bool = False) -> torch.Tensor:
+    """RMSNorm over the last axis: the kernel on CUDA for 16-bit inputs, the reference elsewhere.
+    ``runs``: a dp4a GEMV may read the output (a packed model's block norm), so the kernel also
+    writes its int8 rounding for it where that GEMV would take the rows (kernels/triton_dp4a.py)."""
     if x.dtype == torch.float32 or not use_triton(x):
         return rms_norm_ref(x, weight, eps, offset, weight_in_float32)
     from rung.kernels.triton_elementwise import triton_rms_norm
 
-    return triton_rms_norm(x, weight, eps, offset, weight_in_float32)
+    return triton_rms_norm(x, weight, eps, offset, weight_in_float32, runs)
 
 
 def add_rms_norm_ref(x, residual, weight, eps: float, offset: float, weight_in_float32: bool):
@@ -47,15 +50,16 @@ def add_rms_norm_ref(x, residual, weight, eps: float, offset: float, weight_in_f
     return s, rms_norm_ref(s, weight, eps, offset, weight_in_float32)
 
 
-def add_rms_norm(x, residual, weight, eps: float, offset: float = 0.0, weight_in_float32: bool = False):
+def add_rms_norm(x, residual, weight, eps: float, offset: float = 0.0, weight_in_float32: bool = False,
+                 runs: bool = False):
     """One kernel for the add and the norm (two launches, and the sum written and read back, in
     PyTorch) on CUDA in 16 bits: the sum rounded to the dtype, as the add rounds, then the norm of
-    that; the reference elsewhere."""
+    that; the reference elsewhere. ``runs``: as ``rms_norm``'s."""
     if x.dtype == torch.float32 or not use_triton(x) or residual.shape != x.shape or residual.dtype != x.dtype:
         return add_rms_norm_ref(x, residual, weight, eps, offset, weight_in_float32)
     from rung.kernels.triton_elementwise import triton_add_rms_norm
 
-    return triton_add_rms_norm(x, residual, weight, eps, offset, weight_in_float32)
+    return triton_add_rms_norm(x, residual, weight, eps, offset, weight_in_float32, runs)
 
 
 def rotary(x, cos, signed_sin) -> torch.Tensor:

@@ -40,15 +40,25 @@ class TritonRMSNorm(RMSNorm):
     """In 16 bits, the norm's cast, square, mean, rsqrt, scale and cast back as one kernel, and a
     block's residual add with it (kernels/elementwise.py): a decode step is mostly tiny kernels."""
 
+    runs = False  # whether the kernel also writes its output's int8 rounding (TritonRMSNormXq)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return super().forward(x)
-        return rms_norm(x, self.weight, self.eps, self.offset, self.weight_in_float32)
+        return rms_norm(x, self.weight, self.eps, self.offset, self.weight_in_float32, self.runs)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype == torch.float32:
             return super().add_norm(x, residual)
-        return add_rms_norm(x, residual, self.weight, self.eps, self.offset, self.weight_in_float32)
+        return add_rms_norm(x, residual, self.weight, self.eps, self.offset, self.weight_in_float32, self.runs)
+
+
+class TritonRMSNormXq(TritonRMSNorm):
+    """A block's norm in a model with packed q8 / q4 layers: for a decode step's rows its kernel
+    also writes the output's int8 rounding, which the q|k|v or gate|up GEMV after it reads instead
+    of launching ``quantize_runs`` (kernels/triton_dp4a.py; RUNG_FUSED_XQ=0 turns it off)."""
+
+    runs = True
 
 
 class NativeRopeAttention(Attention):

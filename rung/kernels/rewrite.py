@@ -7,7 +7,9 @@ modules for the subclasses in kernels/modules.py that suit where its parameters 
     float32 on the CPU, with rung/native built   RMSNorm → NativeRMSNorm, Attention → NativeRopeAttention
     CUDA with Triton (or TRITON_INTERPRET=1)     RMSNorm → TritonRMSNorm, Attention → FusedQKAttention,
                                                  MoE → FusedMoE, a SwiGLU MLP → SwiGLUMLP,
-                                                 the blocks' nn.Linear → GemvLinear
+                                                 the blocks' nn.Linear → GemvLinear; and a block's
+                                                 norm before packed q8 / q4 layers → TritonRMSNormXq
+                                                 (it also rounds its output to int8 for their GEMV)
 
 The subclasses add no state, so a swap is a change of class: parameters, buffers, names and
 state_dict stay as they are. A module is chosen from its plain class each time, so calling this
@@ -24,7 +26,7 @@ from torch import nn
 from rung import native
 from rung.kernels import use_triton
 from rung.kernels.modules import (FusedMoE, FusedQKAttention, GemvLinear, NativeRMSNorm, NativeRopeAttention,
-                                  SwiGLUMLP, TritonRMSNorm)
+                                  SwiGLUMLP, TritonRMSNorm, TritonRMSNormXq)
 from rung.model.attention import Attention
 from rung.model.mlp import MLP
 from rung.model.moe import MoE
@@ -39,6 +41,8 @@ KERNEL_MODULES = {
     nn.Linear: (None, GemvLinear),  # inside the blocks only: the LM head keeps F.linear
 }
 PLAIN = {kernel: plain for plain, kernels in KERNEL_MODULES.items() for kernel in kernels if kernel is not None}
+PLAIN[TritonRMSNormXq] = RMSNorm
+DP4A_FORMATS = ("q8", "q4")  # packed layers whose decode GEMV rounds its input to int8 (kernels/triton_dp4a.py)
 
 
 def attach_kernels(model: nn.Module) -> nn.Module:
@@ -59,4 +63,16 @@ def attach_kernels(model: nn.Module) -> nn.Module:
                 chosen = kernel
                 break
         module.__class__ = chosen
+    for block in getattr(model, "layers", ()):
+        _norms_round_for_dp4a(block)
     return model
+
+
+def _norms_round_for_dp4a(block: nn.Module) -> None:
+    """A block's norm whose branch has packed q8 / q4 layers (rung/quant's modules carry ``fmt``)
+    writes its output's int8 rounding too, for their GEMV; a bf16 model's norms write nothing more."""
+    for norm, branch in (("attn_norm", "attn"), ("mlp_norm", "mlp")):
+        module, after = getattr(block, norm, None), getattr(block, branch, None)
+        if type(module) is TritonRMSNorm and after is not None and any(
+                getattr(m, "fmt", None) in DP4A_FORMATS for m in after.modules()):
+            module.__class__ = TritonRMSNormXq

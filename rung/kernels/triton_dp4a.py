@@ -15,9 +15,18 @@ are values 4w..4w+3 and its high ones 4w+16..4w+19 (activation words w and w + 4
 The sum over a run: q8 Σ q·x ≈ dx · s · Σ q·xq; q4 Σ (s·q + o)·x ≈ s · dx · Σ q·xq + o · Σx (Σx of
 the float activations). ``gemv_dp4a_ref`` restates it in PyTorch with the same rounding; the
 kernels run under Triton's interpreter in CI (tests/triton_dp4a_checks.py), with a plain-Triton
-``dp4a`` there (the interpreter runs no PTX)."""
+``dp4a`` there (the interpreter runs no PTX).
+
+Where the rounding is done: a GEMV whose x is the output of a block's RMSNorm (the q|k|v and the
+gate|up projections' input) takes it from the norm's kernel, which writes the int8 codes, steps and
+Σx beside its 16-bit output (rung/kernels/triton_elementwise.py, ``record`` / ``recorded`` here):
+one launch a projection less, which is what a small model's decode step is bound by. Every other x
+(the o and down projections, experts' rows of a mixture) is rounded by ``quantize_runs`` first, a
+launch of its own. RUNG_FUSED_XQ=0 turns the hand-off off (the norms then write nothing extra)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -32,13 +41,22 @@ GEMV_M = 4
 
 def quantize_runs_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] → (int8 [M, K], float32 step [M, K / 32], float32 Σx [M, K / 32]): per run of 32,
-    q = ⌊x · 127 / max|x| + ½⌋ (the kernel's rounding), x ≈ step · q."""
+    q = ⌊fma(x, 127 / max|x|, ½)⌋ (the kernel's rounding), x ≈ step · q. Σx is summed in float64 and
+    rounded once, as the kernels do (``round_runs``): 32 values of a 16-bit dtype sum exactly there
+    in any order (unless their magnitudes lie 2^40 apart), so the kernels that write these
+    (quantize_runs, the norms') agree bit for bit whatever order their layouts sum in."""
     m, k = x.shape
     r = x.float().view(m, k // 32, 32)
     amax = r.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.floor(r * inv + 0.5).to(torch.int8)
-    return q.view(m, k), (amax / 127.0).view(m, -1), r.sum(-1)
+    # true divisions, tensor by tensor (a Python number over a tensor is its reciprocal times the
+    # number: two roundings)
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    # the kernel's fused multiply-add, rounded once: the float64 product of two float32 is exact, so
+    # is its sum with ½ where |x · inv| ≥ 2^-6 (below, the floor is 0 either way), and the float32
+    # rounding of that is the fma's
+    q = torch.floor((r.double() * inv.double() + 0.5).float()).to(torch.int8)
+    return q.view(m, k), (amax / c127).view(m, -1), r.double().sum(-1).float()
 
 
 def moe_gemv_ref(x, fmt: str, data, scale, offset, group: int, experts: torch.Tensor, x_div: int,
@@ -102,6 +120,20 @@ def dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def round_runs(x):
+    """x float32 [R, 32] → its runs' int8 codes [R, 32], steps [R] and Σx [R] (``quantize_runs_ref``);
+    the one place these are computed, for quantize_runs_kernel and the norms' kernels alike."""
+    amax = tl.max(tl.abs(x), 1)
+    # IEEE divisions and one fused multiply-add, spelled out: the compiler's defaults (approximate
+    # division, contraction where it likes) are not what quantize_runs_ref can restate exactly
+    inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(amax > 0, amax, 1.0)),
+                   0.0)
+    q = tl.floor(tl.fma(x, inv[:, None], 0.5)).to(tl.int8)
+    step = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    return q, step, tl.sum(x.to(tl.float64), 1).to(tl.float32)
+
+
+@triton.jit
 def quantize_runs_kernel(X, XQ, STEP, XSUM, K, sxm, RUNS: tl.constexpr):
     """One program per (row, RUNS runs): ``quantize_runs_ref`` on the GPU."""
     m = tl.program_id(0).to(tl.int64)
@@ -109,12 +141,10 @@ def quantize_runs_kernel(X, XQ, STEP, XSUM, K, sxm, RUNS: tl.constexpr):
     r_in = run < K // 32
     k = run[:, None] * 32 + tl.arange(0, 32)[None, :]
     x = tl.load(X + m * sxm + k, mask=r_in[:, None], other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), 1)
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    q = tl.floor(x * inv[:, None] + 0.5)
-    tl.store(XQ + m * K + k, q.to(tl.int8), mask=r_in[:, None])
-    tl.store(STEP + m * (K // 32) + run, amax / 127.0, mask=r_in)
-    tl.store(XSUM + m * (K // 32) + run, tl.sum(x, 1), mask=r_in)
+    q, step, xsum = round_runs(x)
+    tl.store(XQ + m * K + k, q, mask=r_in[:, None])
+    tl.store(STEP + m * (K // 32) + run, step, mask=r_in)
+    tl.store(XSUM + m * (K // 32) + run, xsum, mask=r_in)
 
 
 @triton.jit
@@ -192,6 +222,56 @@ def gemv_dp4a_kernel(XW, STEP, XSUM, D, S, O, B, Y, NOUT, K, group, wpr, sym, EI
     _epilogue(r1[None, :], r2[None, :], B, Y, mm, mm < mm + 1, row, n, n_in, sym, GATED, ACT, HAS_BIAS)
 
 
+# ---- the hand-off from a norm ---------------------------------------------------------------------
+#
+# One slot: the last norm's output that came with its rounding, and that rounding. A GEMV takes it
+# when its x is that output: the same memory, dtype, rows and row stride, and (where the tensor
+# keeps one) the same version, so an in-place write since is seen. The slot holds the output
+# itself, so its memory cannot be freed and handed to another tensor while it is recorded: a tensor
+# at that address is a view of it. Inference tensors keep no version: an in-place write to a
+# norm's output between the norm and its GEMV would go unseen there (the model makes none). In a
+# CUDA graph, the codes a captured GEMV reads were written by the captured norm that wrote its x,
+# so each replay rewrites both: the pair stays consistent, as it does eagerly.
+
+_RECORD: tuple | None = None  # (output, its version or None, xq, step, xsum)
+
+
+def fuse_wanted(rows: torch.Tensor) -> bool:
+    """Whether a norm's output rows [M, K] should come with their rounding: the rows the dp4a GEMV
+    takes (``usable``), unless RUNG_FUSED_XQ=0 or RUNG_DP4A=0."""
+    return (os.environ.get("RUNG_FUSED_XQ") != "0" and os.environ.get("RUNG_DP4A") != "0"
+            and rows.dtype in (torch.float16, torch.bfloat16) and rows.shape[0] <= GEMV_M
+            and rows.shape[-1] % 32 == 0)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+def record(out: torch.Tensor, xq: torch.Tensor, step: torch.Tensor, xsum: torch.Tensor) -> None:
+    """The norm's output (contiguous) and ``quantize_runs_ref(out.reshape(-1, K))``, just written."""
+    global _RECORD
+    _RECORD = (out, _version(out), xq, step, xsum)
+
+
+def forget() -> None:
+    """Empty the slot (a norm that wrote no rounding this time: nothing held for longer)."""
+    global _RECORD
+    _RECORD = None
+
+
+def recorded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(xq, step, xsum) of x [M, K] if x is the recorded output's rows, unchanged since; else None."""
+    if _RECORD is None:
+        return None
+    out, version, xq, step, xsum = _RECORD
+    k = xq.shape[1]
+    if (x.data_ptr() == out.data_ptr() and x.dtype == out.dtype and x.device == out.device
+            and x.shape == xq.shape and x.stride() == (k, 1) and _version(x) == version):
+        return xq, step, xsum
+    return None
+
+
 # ---- launchers --------------------------------------------------------------------------------------
 
 def quantize_runs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -225,7 +305,7 @@ def gemv_dp4a(x, fmt, data, scale, offset, group, bias=None, act=None, config=No
     rows = x.shape[0] if experts is None else experts.numel()
     if x.stride(-1) != 1:
         x = x.contiguous()
-    xq, step, xsum = quantize_runs(x)
+    xq, step, xsum = recorded(x) or quantize_runs(x)  # the norm's rounding of x, or a launch for it
     words = data.view(torch.int32)
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device) if out is None else out
 

@@ -6,9 +6,27 @@ import torch
 import triton
 import triton.language as tl
 
+from rung.kernels import triton_dp4a
+from rung.kernels.triton_dp4a import round_runs
+
 
 @triton.jit
-def rms_norm_kernel(X, W, Y, n_cols, sx, sy, eps, offset, W_F32: tl.constexpr, BLOCK: tl.constexpr):
+def _write_runs(out, XQ, STEP, XSUM, row, n_cols, BLOCK: tl.constexpr):
+    """The row's int8 rounding per run of 32 (triton_dp4a's ``round_runs``, of the values as stored:
+    ``out`` is already in the model dtype) into XQ [M, n_cols], STEP and XSUM [M, n_cols / 32]."""
+    runs = tl.arange(0, BLOCK // 32)
+    r_in = runs < n_cols // 32
+    k = runs[:, None] * 32 + tl.arange(0, 32)[None, :]
+    q, step, xsum = round_runs(tl.reshape(out.to(tl.float32), (BLOCK // 32, 32)))
+    tl.store(XQ + row * n_cols + k, q, mask=r_in[:, None])
+    tl.store(STEP + row * (n_cols // 32) + runs, step, mask=r_in)
+    tl.store(XSUM + row * (n_cols // 32) + runs, xsum, mask=r_in)
+
+
+@triton.jit
+def rms_norm_kernel(X, W, Y, n_cols, sx, sy, eps, offset, XQ, STEP, XSUM, W_F32: tl.constexpr,
+                    BLOCK: tl.constexpr, RUNS_OUT: tl.constexpr = False):
+    """RUNS_OUT: the output's int8 rounding too (``_write_runs``), for the dp4a GEMV that reads it."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     m = c < n_cols
@@ -21,11 +39,15 @@ def rms_norm_kernel(X, W, Y, n_cols, sx, sy, eps, offset, W_F32: tl.constexpr, B
     else:  # Llama / Qwen: round, then the gain in the model dtype (w already holds offset + w)
         out = (y.to(xin.dtype).to(tl.float32) * w.to(tl.float32)).to(xin.dtype)
     tl.store(Y + row * sy + c, out, mask=m)
+    if RUNS_OUT:
+        _write_runs(out, XQ, STEP, XSUM, row, n_cols, BLOCK)
 
 
 @triton.jit
-def add_rms_norm_kernel(X, R, W, S, Y, n_cols, sx, sr, eps, offset, W_F32: tl.constexpr, BLOCK: tl.constexpr):
-    """s = x + r (rounded to the dtype, as PyTorch's add), then rms_norm_kernel's row of s: both written."""
+def add_rms_norm_kernel(X, R, W, S, Y, n_cols, sx, sr, eps, offset, XQ, STEP, XSUM, W_F32: tl.constexpr,
+                        BLOCK: tl.constexpr, RUNS_OUT: tl.constexpr = False):
+    """s = x + r (rounded to the dtype, as PyTorch's add), then rms_norm_kernel's row of s: both
+    written (and with RUNS_OUT the norm's rounding, as rms_norm_kernel's)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     m = c < n_cols
@@ -40,9 +62,31 @@ def add_rms_norm_kernel(X, R, W, S, Y, n_cols, sx, sr, eps, offset, W_F32: tl.co
     else:
         out = (y.to(xin.dtype).to(tl.float32) * w.to(tl.float32)).to(xin.dtype)
     tl.store(Y + row * n_cols + c, out, mask=m)
+    if RUNS_OUT:
+        _write_runs(out, XQ, STEP, XSUM, row, n_cols, BLOCK)
 
 
-def triton_add_rms_norm(x, residual, weight, eps, offset, weight_in_float32):
+def _runs_out(out: torch.Tensor, runs: bool):
+    """The three tensors a norm writes its output's rounding into when ``runs`` asks for it and the
+    dp4a GEMV would take these rows (triton_dp4a.fuse_wanted), else None (and the slot emptied)."""
+    if not runs:
+        return None
+    rows = out.view(-1, out.shape[-1])
+    if not triton_dp4a.fuse_wanted(rows):
+        triton_dp4a.forget()
+        return None
+    m, k = rows.shape
+    step = torch.empty(m, k // 32, dtype=torch.float32, device=out.device)
+    return torch.empty(m, k, dtype=torch.int8, device=out.device), step, torch.empty_like(step)
+
+
+def _record(out, runs_out) -> None:
+    if runs_out is not None:
+        triton_dp4a.record(out, *runs_out)
+
+
+def triton_add_rms_norm(x, residual, weight, eps, offset, weight_in_float32, runs: bool = False):
+    """``runs``: the norm's int8 rounding too, handed to the dp4a GEMV that reads it (triton_dp4a)."""
     d = x.shape[-1]
     rows, res = x.reshape(-1, d), residual.reshape(-1, d)
     if rows.stride(-1) != 1:
@@ -53,9 +97,12 @@ def triton_add_rms_norm(x, residual, weight, eps, offset, weight_in_float32):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     w = weight if weight_in_float32 or not offset else (offset + weight)
     block = triton.next_power_of_2(d)
+    runs_out = _runs_out(out, runs)
     add_rms_norm_kernel[(rows.shape[0],)](rows, res, w, total, out, d, rows.stride(0), res.stride(0), float(eps),
-                                          float(offset), W_F32=weight_in_float32, BLOCK=block,
+                                          float(offset), *(runs_out or (out, out, out)), W_F32=weight_in_float32,
+                                          BLOCK=block, RUNS_OUT=runs_out is not None,
                                           num_warps=max(1, min(16, block // 256)))
+    _record(out, runs_out)
     return total, out
 
 
@@ -83,7 +130,8 @@ def rotary_kernel(X, C, S, Y, H, T, sxb, sxh, sxt, scb, sct, ssb, sst,
     tl.store(Y + yrow + c, out, mask=m)
 
 
-def triton_rms_norm(x, weight, eps, offset, weight_in_float32):
+def triton_rms_norm(x, weight, eps, offset, weight_in_float32, runs: bool = False):
+    """``runs``: the norm's int8 rounding too, handed to the dp4a GEMV that reads it (triton_dp4a)."""
     d = x.shape[-1]
     rows = x.reshape(-1, d)
     if rows.stride(-1) != 1:
@@ -91,8 +139,11 @@ def triton_rms_norm(x, weight, eps, offset, weight_in_float32):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     w = weight if weight_in_float32 or not offset else (offset + weight)
     block = triton.next_power_of_2(d)
+    runs_out = _runs_out(out, runs)
     rms_norm_kernel[(rows.shape[0],)](rows, w, out, d, rows.stride(0), d, float(eps), float(offset),
-                                      W_F32=weight_in_float32, BLOCK=block, num_warps=max(1, min(16, block // 256)))
+                                      *(runs_out or (out, out, out)), W_F32=weight_in_float32, BLOCK=block,
+                                      RUNS_OUT=runs_out is not None, num_warps=max(1, min(16, block // 256)))
+    _record(out, runs_out)
     return out
 
 
