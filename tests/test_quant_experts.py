@@ -140,3 +140,18 @@ def test_malformed_rung_experts_is_refused_in_one_line(folder, tmp_path, entry, 
     with pytest.raises(CheckpointError, match=needle.replace("[", r"\[")) as e:
         rung.load_model(out)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_prefill_stack_equals_each_expert_dequantized(folder, dtype, monkeypatch):
+    """The prefill path's whole-layer dequantization of f8 experts (several experts a pass) gives
+    each expert exactly formats.dequantize's values."""
+    from rung.quant import experts
+    from rung.quant.formats import dequantize
+
+    monkeypatch.setattr(experts, "F8_EXPERTS", 4)  # 6 experts: a full pass and a partial one
+    moe = rung.load_model(f"{folder}@fp8").layers[0].mlp
+    for prefix in ("gate_up", "down"):
+        stack = moe._dense(prefix, dtype)
+        each = torch.stack([dequantize(moe.packed_expert(prefix, e), dtype) for e in range(moe.shape[0])])
+        assert stack.dtype == dtype and torch.equal(stack, each)
