@@ -4,6 +4,8 @@ the references against the model. Speed is the GPU benchmark's business (benchma
 
 from __future__ import annotations
 
+import pytest
+
 
 
 from interpret import needs_interpreter, run_checks
@@ -13,9 +15,24 @@ from interpret import needs_interpreter, run_checks
 def test_triton_kernels_agree_with_their_references_under_the_interpreter():
     lines = run_checks("triton_interpret_checks.py", timeout=600, drop_env=("RUNG_MOE_GEMV",))
     assert lines[-1] == "all Triton kernels agree with their references"
-    assert sum("GEMV" in line for line in lines) == 4 and sum("paged attention" in line for line in lines) == 10
+    assert sum("GEMV" in line for line in lines) == 4 and sum("paged attention" in line for line in lines) == 12
     assert sum(line.startswith("qk norm+rope torch") for line in lines) == 20 and sum(line.startswith("model ") for line in lines) == 4
     assert sum(line.startswith("routing") for line in lines) == 4 and "write_kv: equal" in lines
     assert sum(line.startswith("linear gemv") for line in lines) == 17
     assert sum(line.startswith("add+rms_norm") for line in lines) == 8
     assert sum(line.startswith("qk norm+rope to the pools") for line in lines) == 10
+
+
+def test_decode_splits_fill_the_gpu_at_batch_one_and_stay_eight_for_batches(monkeypatch):
+    """Programs per (token, kv head): a batch-1 step of Qwen3-8B (8 kv heads) splits its keys 16
+    ways (128 programs for 132 SMs; 8 ways left half of an H200 idle at 128K tokens), batches keep
+    8, never more than MAX_SPLITS; RUNG_ATTN_SPLITS forces a count."""
+    pytest.importorskip("triton")
+    from rung.kernels import triton_attention as ta
+
+    monkeypatch.delenv("RUNG_ATTN_SPLITS", raising=False)
+    assert ta.decode_splits(8) == 16 and ta.decode_splits(4) == ta.MAX_SPLITS == 16
+    assert ta.decode_splits(16) == ta.decode_splits(64) == ta.decode_splits(127) == 8
+    assert ta.decode_splits(1) == 16 and ta.decode_splits(9) == 16 and ta.decode_splits(12) == 16
+    monkeypatch.setenv("RUNG_ATTN_SPLITS", "8")
+    assert ta.decode_splits(8) == 8
