@@ -52,7 +52,7 @@
  * loaded and unpacked once for all of them, and each row still gets exactly the single-row
  * kernel's result (the same accumulators, the same operations in the same order, the same final
  * reduce: a row's output cannot depend on what comes with it). Their bodies are inlined with a
- * constant row count, so the per-row loops unroll and the accumulators stay in registers. */
+ * constant row count and the per-row loops fully unrolled, so the accumulators stay in registers. */
 #define MR 4
 #define MULTI static inline __attribute__((always_inline))
 
@@ -154,6 +154,7 @@ MULTI void dots_q8_body(const int8_t *xq, int64_t K, const float *cs, int64_t cs
     const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i pair2 = _mm512_add_epi32(pair, _mm512_set1_epi32(2));
     __m512 a0[MR], a1[MR];
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm512_setzero_ps();
     for (; r + 4 <= runs; r += 4) {
         PF(w + r * 32);
@@ -162,6 +163,7 @@ MULTI void dots_q8_body(const int8_t *xq, int64_t K, const float *cs, int64_t cs
         const __mmask64 n0 = _mm512_movepi8_mask(b0), n1 = _mm512_movepi8_mask(b1);
         const __m512i u0 = _mm512_abs_epi8(b0), u1 = _mm512_abs_epi8(b1);
         const __m128 sc = cs ? _mm_setzero_ps() : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + r)));
+        #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
             const int8_t *x = xq + i * K + r * 32;
             __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 64);
@@ -175,16 +177,20 @@ MULTI void dots_q8_body(const int8_t *xq, int64_t K, const float *cs, int64_t cs
             a1[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair2, c), _mm512_cvtepi32_ps(s1), a1[i]);
         }
     }
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) total[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
 #else
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) total[i] = 0.0f;
 #endif
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[MR];
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
     for (; r < runs; r++) {
         if ((r & 1) == 0) PF(w + r * 32);
         const __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 32)), u = _mm256_abs_epi8(b);
+        #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
             const __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + i * K + r * 32)), b);
             const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
@@ -192,6 +198,7 @@ MULTI void dots_q8_body(const int8_t *xq, int64_t K, const float *cs, int64_t cs
             acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_cvtepi32_ps(s), acc[i]);
         }
     }
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) out[i] = total[i] + hsum(acc[i]);
 }
 
@@ -282,6 +289,7 @@ MULTI void dots_q4_body(const int8_t *xp, int64_t stride, const float *cs, int64
     const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[MR];
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t r = 0; r < runs; r += 4) {
         PF(w + r * 16);
@@ -289,6 +297,7 @@ MULTI void dots_q4_body(const int8_t *xp, int64_t stride, const float *cs, int64
         const __m512i b = t >= 4 ? _mm512_loadu_si512(w + r * 16)
                                  : _mm512_maskz_loadu_epi8(((__mmask64)1 << (16 * t)) - 1, w + r * 16);
         const __m512i l = _mm512_and_si512(b, low), h = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
             const float *ci = cs + i * cstride + r;
             const int8_t *x = xp + i * stride + r * 32;
@@ -298,6 +307,7 @@ MULTI void dots_q4_body(const int8_t *xp, int64_t stride, const float *cs, int64
             acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(c)), _mm512_cvtepi32_ps(s), acc[i]);
         }
     }
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
@@ -310,6 +320,7 @@ MULTI void dots_q4g32_body(const int8_t *xp, const float *xd, const float *xsum,
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 a0[MR], a1[MR];
     __m256 o[MR];
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm512_setzero_ps(), o[i] = _mm256_setzero_ps();
     int64_t r = 0;
     for (; r + 8 <= runs; r += 8) {
@@ -321,6 +332,7 @@ MULTI void dots_q4g32_body(const int8_t *xp, const float *xd, const float *xsum,
         const __m512 sc = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + r))));
         const __m512 c0 = _mm512_permutexvar_ps(quad, sc), c1 = _mm512_permutexvar_ps(quad2, sc);
         const __m256 of = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + r)));
+        #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
             const int8_t *x = xp + i * KP + r * 32;
             const float *d = xd + i * KP / 8 + r * 4;
@@ -342,6 +354,7 @@ MULTI void dots_q4g32_body(const int8_t *xp, const float *xd, const float *xsum,
         const __m512i l = _mm512_and_si512(b, low), h = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
         const __m512 c = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16(m, scale + r))));
         const __m256 of = _mm256_zextps128_ps256(_mm_cvtph_ps(_mm_maskz_loadu_epi16(m, offset + r)));
+        #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
             const int8_t *x = xp + i * KP + r * 32;
             __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l, _mm512_loadu_si512(x));
@@ -350,6 +363,7 @@ MULTI void dots_q4g32_body(const int8_t *xp, const float *xd, const float *xsum,
             o[i] = _mm256_fmadd_ps(of, _mm256_zextps128_ps256(_mm_maskz_loadu_ps(m, xsum + i * groups + r)), o[i]);
         }
     }
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++)
         out[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[i], a1[i]), _mm512_zextps256_ps512(o[i])));
 }
@@ -391,6 +405,7 @@ MULTI void dots_q4_body(const int8_t *xq, int64_t stride, const float *cs, int64
                         const uint8_t *w, float *out) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 a0[MR], a1[MR];
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm256_setzero_ps();
     int64_t r = 0;
     for (; r + 2 <= runs; r += 2) {
@@ -398,6 +413,7 @@ MULTI void dots_q4_body(const int8_t *xq, int64_t stride, const float *cs, int64
         const __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 16));
         const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
         const __m256i q0 = _mm256_permute2x128_si256(lo, hi, 0x20), q1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+        #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
             const int8_t *x = xq + i * stride + r * 32;
             const __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)x)), ones);
@@ -409,12 +425,14 @@ MULTI void dots_q4_body(const int8_t *xq, int64_t stride, const float *cs, int64
     if (r < runs) {
         const __m128i b = _mm_loadu_si128((const __m128i *)(w + r * 16)), l = _mm_set1_epi8(0x0F);
         const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), l), _mm_and_si128(b, l));
+        #pragma GCC unroll 4
         for (int i = 0; i < R; i++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * stride + r * 32));
             const __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
             a0[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(cs + i * cstride + r), _mm256_cvtepi32_ps(s0), a0[i]);
         }
     }
+    #pragma GCC unroll 4
     for (int i = 0; i < R; i++) out[i] = hsum(_mm256_add_ps(a0[i], a1[i]));
 }
 #endif
