@@ -524,11 +524,47 @@ static void round_rows(const float *x, int64_t M, int64_t K, int64_t group, int 
     }
 }
 
-/* The rows of x MR at a time (dots_*); a last single row, and M = 1 (a batch-1 decode), through
- * the single-row kernel. Every row's result is the single-row kernel's, bit for bit. */
+static void row_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w, const uint16_t *scale, float *out) {
+    if (group == 32) { /* the scales in the loop (dot_q8) */
+        for (int64_t m = 0; m < M; m++) out[m] = dot_q8(q->xq + m * q->K, NULL, q->dx + m * q->runs, scale, q->runs, w);
+        return;
+    }
+    float cs[q->runs + 8];
+    for (int64_t m = 0; m < M; m++) {
+        run_scales(q->dx + m * q->runs, q->runs, group / 32, scale, cs);
+        out[m] = dot_q8(q->xq + m * q->K, cs, NULL, NULL, q->runs, w);
+    }
+}
+
+static void row_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w, const uint16_t *scale,
+                   const uint16_t *offset, float *out) {
+#if RUNG_VNNI
+    if (group == 32) {
+        for (int64_t m = 0; m < M; m++)
+            out[m] = dot_q4g32(q->xp + m * q->KP, q->xd + m * q->KP / 8, q->xsum + m * q->groups, q->runs, w, scale,
+                               offset);
+        return;
+    }
+    const int8_t *x = q->xp;
+    const int64_t stride = q->KP;
+#else
+    const int8_t *x = q->xq;
+    const int64_t stride = q->K;
+#endif
+    float cs[q->runs + 8];
+    for (int64_t m = 0; m < M; m++) {
+        run_scales(q->dx + m * q->runs, q->runs, group / 32, scale, cs);
+        out[m] = dot_q4(x + m * stride, cs, q->runs, w) + offset_term(q->xsum + m * q->groups, q->groups, offset);
+    }
+}
+
+/* M >= 2 rows of x: MR at a time (dots_*), a last single row through the single-row kernel.
+ * Every row's result is the single-row kernel's, bit for bit. Out of line: M = 1 (a batch-1
+ * decode, the latency case) keeps row_q8 / row_q4 as they were, inlined in gemv_rows. */
 static inline int rows_at_once(int64_t left) { return left < MR ? (int)left : MR; }
 
-static void row_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w, const uint16_t *scale, float *out) {
+static __attribute__((noinline)) void rows_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w,
+                                              const uint16_t *scale, float *out) {
     const int64_t K = q->K, runs = q->runs, cstride = runs + 8;
     if (group == 32) { /* the scales in the loop (dot_q8) */
         for (int64_t m = 0, R; m < M; m += R) {
@@ -547,8 +583,8 @@ static void row_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w, 
     }
 }
 
-static void row_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w, const uint16_t *scale,
-                   const uint16_t *offset, float *out) {
+static __attribute__((noinline)) void rows_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w,
+                                              const uint16_t *scale, const uint16_t *offset, float *out) {
     const int64_t runs = q->runs, groups = q->groups, cstride = runs + 8;
 #if RUNG_VNNI
     const int64_t KP = q->KP;
@@ -674,11 +710,16 @@ static void gemv_rows(const Linear *L, const float *x, const Rounded *q, int64_t
                 const int64_t n = n0 + r;
                 if (format == F32)
                     row_f32(x + m0 * K, mm, K, (const float *)L->w + n * K, dots[r]);
+                else if (format == Q8 && mm == 1)
+                    row_q8(&qm, 1, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
                 else if (format == Q8)
-                    row_q8(&qm, mm, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
-                else
-                    row_q4(&qm, mm, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
+                    rows_q8(&qm, mm, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
+                else if (mm == 1)
+                    row_q4(&qm, 1, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
                            L->offset + n * groups, dots[r]);
+                else
+                    rows_q4(&qm, mm, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
+                            L->offset + n * groups, dots[r]);
                 if (bias)
                     for (int64_t m = 0; m < mm; m++) dots[r][m] += bias[n];
             }
