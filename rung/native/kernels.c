@@ -559,12 +559,11 @@ static void row_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w,
 }
 
 /* M >= 2 rows of x: MR at a time (dots_*), a last single row through the single-row kernel.
- * Every row's result is the single-row kernel's, bit for bit. Out of line: M = 1 (a batch-1
- * decode, the latency case) keeps row_q8 / row_q4 as they were, inlined in gemv_rows. */
+ * Every row's result is the single-row kernel's, bit for bit. M = 1 (a batch-1 decode, the
+ * latency case) keeps row_q8 / row_q4 as they were. */
 static inline int rows_at_once(int64_t left) { return left < MR ? (int)left : MR; }
 
-static __attribute__((noinline)) void rows_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w,
-                                              const uint16_t *scale, float *out) {
+static void rows_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w, const uint16_t *scale, float *out) {
     const int64_t K = q->K, runs = q->runs, cstride = runs + 8;
     if (group == 32) { /* the scales in the loop (dot_q8) */
         for (int64_t m = 0, R; m < M; m += R) {
@@ -583,8 +582,8 @@ static __attribute__((noinline)) void rows_q8(const Rounded *q, int64_t M, int64
     }
 }
 
-static __attribute__((noinline)) void rows_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w,
-                                              const uint16_t *scale, const uint16_t *offset, float *out) {
+static void rows_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w,
+                    const uint16_t *scale, const uint16_t *offset, float *out) {
     const int64_t runs = q->runs, groups = q->groups, cstride = runs + 8;
 #if RUNG_VNNI
     const int64_t KP = q->KP;
