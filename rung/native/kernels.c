@@ -54,6 +54,7 @@
  * reduce: a row's output cannot depend on what comes with it). Their bodies are inlined with a
  * constant row count and the per-row loops fully unrolled, so the accumulators stay in registers. */
 #define MR 4
+#define X_IN_L1 16384 /* rows x width of x (int8) that gemv_rows keeps in L1 beside a block of weights */
 #define MULTI static inline __attribute__((always_inline))
 
 static inline float hsum(__m256 v) {
@@ -613,6 +614,13 @@ static void rows_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w
     }
 }
 
+/* The rows of q from row m on. */
+static inline Rounded rounded_from(const Rounded *q, int64_t m) {
+    const Rounded r = {q->xq + m * q->K, q->xp + m * q->KP, q->dx + m * q->runs, q->xsum + m * q->groups,
+                       q->xd + m * q->KP / 8, q->K, q->KP, q->runs, q->groups};
+    return r;
+}
+
 /* ---- the driver: row blocks in parallel, then the epilogue -------------------------------- */
 
 enum { F32 = 0, Q8 = 1, Q4 = 2 };
@@ -702,26 +710,32 @@ static void gemv_rows(const Linear *L, const float *x, const Rounded *q, int64_t
         }
         for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
             const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
-            const Rounded qm = {q->xq + m0 * q->K, q->xp + m0 * q->KP, q->dx + m0 * q->runs, q->xsum + m0 * q->groups,
-                                q->xd + m0 * q->KP / 8, q->K, q->KP, q->runs, q->groups};
             float dots[BLOCK][MAX_M];
-            for (int64_t r = 0; r < rows; r++) {
-                const int64_t n = n0 + r;
-                if (format == F32)
-                    row_f32(x + m0 * K, mm, K, (const float *)L->w + n * K, dots[r]);
-                else if (format == Q8 && mm == 1)
-                    row_q8(&qm, 1, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
-                else if (format == Q8)
-                    rows_q8(&qm, mm, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
-                else if (mm == 1)
-                    row_q4(&qm, 1, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
-                           L->offset + n * groups, dots[r]);
-                else
-                    rows_q4(&qm, mm, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
-                            L->offset + n * groups, dots[r]);
-                if (bias)
-                    for (int64_t m = 0; m < mm; m++) dots[r][m] += bias[n];
+            if (format == F32)
+                for (int64_t r = 0; r < rows; r++) row_f32(x + m0 * K, mm, K, (const float *)L->w + (n0 + r) * K, dots[r]);
+            /* Wide rows (down: K = 1536) of x do not all fit in L1 beside the block: then MR rows of x
+             * meet every row of the block before the next MR, instead of all mm rows streaming from
+             * L2 once per weight row. Narrow ones meet each weight row all at once. */
+            const int64_t step = mm * K > X_IN_L1 ? MR : mm;
+            for (int64_t m1 = 0; format != F32 && m1 < mm; m1 += step) {
+                const int64_t R = mm - m1 < step ? mm - m1 : step;
+                const Rounded qm = rounded_from(q, m0 + m1);
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t n = n0 + r;
+                    if (format == Q8 && R == 1)
+                        row_q8(&qm, 1, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r] + m1);
+                    else if (format == Q8)
+                        rows_q8(&qm, R, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r] + m1);
+                    else if (R == 1)
+                        row_q4(&qm, 1, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
+                               L->offset + n * groups, dots[r] + m1);
+                    else
+                        rows_q4(&qm, R, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
+                                L->offset + n * groups, dots[r] + m1);
+                }
             }
+            for (int64_t r = 0; bias && r < rows; r++)
+                for (int64_t m = 0; m < mm; m++) dots[r][m] += bias[n0 + r];
             for (int64_t m = 0; m < mm; m++) {
                 float *ym = y + (m0 + m) * out_n;
                 if (gated) {
