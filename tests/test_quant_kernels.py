@@ -143,6 +143,23 @@ def test_a_prompt_gets_each_rows_decode_arithmetic_whatever_its_batch(fmt, gated
     assert (whole - ref).abs().max() <= 2e-6 * ref.abs().max()
 
 
+@needs_native
+@pytest.mark.parametrize("fmt,group,width", [("q8", 32, 800), ("q8", 64, 832), ("q4", 32, 800), ("q4", 32, 576),
+                                             ("q4", 64, 832), ("q4", 128, 896), ("q4", 96, 288)])
+@pytest.mark.parametrize("gated", [None, "silu"])
+def test_rows_taken_several_at_a_time_each_get_their_single_row_result(fmt, group, width, gated):
+    """The kernels meet each weight row with up to 4 rows of x at once (the weights unpacked once
+    for all of them); every row count, with its remainder of 1-3 rows, gives each row exactly
+    what it gets alone. The widths leave a tail after every kernel's main loop."""
+    layer = PackedLinear(quantize(torch.randn(32, width), fmt, group), bias=torch.randn(32), gated=gated)
+    x = torch.randn(33, width)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(33)])
+    for rows in (2, 3, 4, 5, 7, 16, 17, 33):
+        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+    ref = layer.reference(int8_activations(x))
+    assert (alone - ref).abs().max() <= 2e-6 * ref.abs().max()
+
+
 def test_reference_path_serves_float_layers_prompts_and_other_dtypes():
     w = torch.randn(32, 64)
     x = torch.randn(40, 64)  # more rows than a decode batch: an f32 layer's prompt is PyTorch's matmul

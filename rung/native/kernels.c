@@ -48,6 +48,14 @@
 #define PREFETCH 4096
 #define PF(p) _mm_prefetch((const char *)(p) + PREFETCH, _MM_HINT_T0)
 #define MAX_M 16
+/* The multi-row kernels (dots_*) take up to MR rows of x per weight row: each chunk of weights is
+ * loaded and unpacked once for all of them, and each row still gets exactly the single-row
+ * kernel's result (the same accumulators, the same operations in the same order, the same final
+ * reduce: a row's output cannot depend on what comes with it). Their bodies are inlined with a
+ * constant row count and the per-row loops fully unrolled, so the accumulators stay in registers. */
+#define MR 4
+#define X_IN_L1 16384 /* rows x width of x (int8) that gemv_rows keeps in L1 beside a block of weights */
+#define MULTI static inline __attribute__((always_inline))
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -137,6 +145,71 @@ static inline float dot_q8(const int8_t *xq, const float *cs, const float *dx, c
     return total + hsum(acc);
 }
 
+/* dot_q8 for R rows of x (xq + i * K; dx + i * runs or cs + i * cstride): the weights' loads,
+ * absolute values and sign masks are shared. */
+MULTI void dots_q8_body(const int8_t *xq, int64_t K, const float *cs, int64_t cstride, const float *dx,
+                        const uint16_t *scale, int64_t runs, int R, const int8_t *w, float *out) {
+    float total[MR];
+    int64_t r = 0;
+#if RUNG_VNNI
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i pair2 = _mm512_add_epi32(pair, _mm512_set1_epi32(2));
+    __m512 a0[MR], a1[MR];
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+    for (; r + 4 <= runs; r += 4) {
+        PF(w + r * 32);
+        PF(w + r * 32 + 64);
+        const __m512i b0 = _mm512_loadu_si512(w + r * 32), b1 = _mm512_loadu_si512(w + r * 32 + 64);
+        const __mmask64 n0 = _mm512_movepi8_mask(b0), n1 = _mm512_movepi8_mask(b1);
+        const __m512i u0 = _mm512_abs_epi8(b0), u1 = _mm512_abs_epi8(b1);
+        const __m128 sc = cs ? _mm_setzero_ps() : _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + r)));
+        #pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const int8_t *x = xq + i * K + r * 32;
+            __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 64);
+            x0 = _mm512_mask_sub_epi8(x0, n0, _mm512_setzero_si512(), x0);
+            x1 = _mm512_mask_sub_epi8(x1, n1, _mm512_setzero_si512(), x1);
+            const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, x0);
+            const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, x1);
+            const __m128 c4 = cs ? _mm_loadu_ps(cs + i * cstride + r) : _mm_mul_ps(sc, _mm_loadu_ps(dx + i * runs + r));
+            const __m512 c = _mm512_castps128_ps512(c4);
+            a0[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair, c), _mm512_cvtepi32_ps(s0), a0[i]);
+            a1[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair2, c), _mm512_cvtepi32_ps(s1), a1[i]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) total[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+#else
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) total[i] = 0.0f;
+#endif
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MR];
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+    for (; r < runs; r++) {
+        if ((r & 1) == 0) PF(w + r * 32);
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 32)), u = _mm256_abs_epi8(b);
+        #pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + i * K + r * 32)), b);
+            const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
+            const float c = cs ? cs[i * cstride + r] : half_to_float(scale[r]) * dx[i * runs + r];
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_cvtepi32_ps(s), acc[i]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) out[i] = total[i] + hsum(acc[i]);
+}
+
+static void dots_q8(const int8_t *xq, int64_t K, const float *cs, int64_t cstride, const float *dx,
+                    const uint16_t *scale, int64_t runs, int R, const int8_t *w, float *out) {
+    if (R == 4) dots_q8_body(xq, K, cs, cstride, dx, scale, runs, 4, w, out);
+    else if (R == 3) dots_q8_body(xq, K, cs, cstride, dx, scale, runs, 3, w, out);
+    else dots_q8_body(xq, K, cs, cstride, dx, scale, runs, 2, w, out);
+}
+
 /* q4 against x rounded to int8 in runs of 32: unsigned nibbles times signed bytes. The offset
  * term is offset * sum(rounded x) per group (xsum), so the result is exactly w . x^ with x^ the
  * rounded x: the offset cancels most of the uncentred q . x term, and must cancel it exactly. */
@@ -211,6 +284,97 @@ static inline float dot_q4g32(const int8_t *xp, const float *xd, const float *xs
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_zextps256_ps512(o)));
 }
+/* dot_q4 for R rows of x (xp + i * stride, cs + i * cstride): each chunk's nibbles split once. */
+MULTI void dots_q4_body(const int8_t *xp, int64_t stride, const float *cs, int64_t cstride, int64_t runs, int R,
+                        const uint8_t *w, float *out) {
+    const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[MR];
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < runs; r += 4) {
+        PF(w + r * 16);
+        const int64_t t = runs - r;
+        const __m512i b = t >= 4 ? _mm512_loadu_si512(w + r * 16)
+                                 : _mm512_maskz_loadu_epi8(((__mmask64)1 << (16 * t)) - 1, w + r * 16);
+        const __m512i l = _mm512_and_si512(b, low), h = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        #pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const float *ci = cs + i * cstride + r;
+            const int8_t *x = xp + i * stride + r * 32;
+            const __m128 c = t >= 4 ? _mm_loadu_ps(ci) : _mm_maskz_loadu_ps((__mmask8)((1 << t) - 1), ci);
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l, _mm512_loadu_si512(x));
+            s = _mm512_dpbusd_epi32(s, h, _mm512_loadu_si512(x + 64));
+            acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(quad, _mm512_castps128_ps512(c)), _mm512_cvtepi32_ps(s), acc[i]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* dot_q4g32 for R rows of x (row i: xp + i * KP, xd + i * KP / 8, xsum + i * groups). */
+MULTI void dots_q4g32_body(const int8_t *xp, const float *xd, const float *xsum, int64_t KP, int64_t groups,
+                           int64_t runs, int R, const uint8_t *w, const uint16_t *scale, const uint16_t *offset,
+                           float *out) {
+    const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i quad2 = _mm512_add_epi32(quad, _mm512_set1_epi32(4));
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 a0[MR], a1[MR];
+    __m256 o[MR];
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm512_setzero_ps(), o[i] = _mm256_setzero_ps();
+    int64_t r = 0;
+    for (; r + 8 <= runs; r += 8) {
+        PF(w + r * 16);
+        PF(w + r * 16 + 64);
+        const __m512i b0 = _mm512_loadu_si512(w + r * 16), b1 = _mm512_loadu_si512(w + r * 16 + 64);
+        const __m512i l0 = _mm512_and_si512(b0, low), h0 = _mm512_and_si512(_mm512_srli_epi16(b0, 4), low);
+        const __m512i l1 = _mm512_and_si512(b1, low), h1 = _mm512_and_si512(_mm512_srli_epi16(b1, 4), low);
+        const __m512 sc = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + r))));
+        const __m512 c0 = _mm512_permutexvar_ps(quad, sc), c1 = _mm512_permutexvar_ps(quad2, sc);
+        const __m256 of = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + r)));
+        #pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const int8_t *x = xp + i * KP + r * 32;
+            const float *d = xd + i * KP / 8 + r * 4;
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, _mm512_loadu_si512(x));
+            s0 = _mm512_dpbusd_epi32(s0, h0, _mm512_loadu_si512(x + 64));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l1, _mm512_loadu_si512(x + 128));
+            s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_loadu_si512(x + 192));
+            a0[i] = _mm512_fmadd_ps(_mm512_mul_ps(c0, _mm512_loadu_ps(d)), _mm512_cvtepi32_ps(s0), a0[i]);
+            a1[i] = _mm512_fmadd_ps(_mm512_mul_ps(c1, _mm512_loadu_ps(d + 16)), _mm512_cvtepi32_ps(s1), a1[i]);
+            o[i] = _mm256_fmadd_ps(of, _mm256_loadu_ps(xsum + i * groups + r), o[i]);
+        }
+    }
+    for (; r < runs; r += 4) { /* the last 1-7 runs, a chunk at a time */
+        PF(w + r * 16);
+        const int64_t t = runs - r;
+        const __mmask8 m = t >= 4 ? 0x0F : (__mmask8)((1 << t) - 1);
+        const __m512i b = t >= 4 ? _mm512_loadu_si512(w + r * 16)
+                                 : _mm512_maskz_loadu_epi8(((__mmask64)1 << (16 * t)) - 1, w + r * 16);
+        const __m512i l = _mm512_and_si512(b, low), h = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        const __m512 c = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16(m, scale + r))));
+        const __m256 of = _mm256_zextps128_ps256(_mm_cvtph_ps(_mm_maskz_loadu_epi16(m, offset + r)));
+        #pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const int8_t *x = xp + i * KP + r * 32;
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l, _mm512_loadu_si512(x));
+            s = _mm512_dpbusd_epi32(s, h, _mm512_loadu_si512(x + 64));
+            a0[i] = _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_loadu_ps(xd + i * KP / 8 + r * 4)), _mm512_cvtepi32_ps(s), a0[i]);
+            o[i] = _mm256_fmadd_ps(of, _mm256_zextps128_ps256(_mm_maskz_loadu_ps(m, xsum + i * groups + r)), o[i]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+        out[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[i], a1[i]), _mm512_zextps256_ps512(o[i])));
+}
+
+static void dots_q4g32(const int8_t *xp, const float *xd, const float *xsum, int64_t KP, int64_t groups, int64_t runs,
+                       int R, const uint8_t *w, const uint16_t *scale, const uint16_t *offset, float *out) {
+    if (R == 4) dots_q4g32_body(xp, xd, xsum, KP, groups, runs, 4, w, scale, offset, out);
+    else if (R == 3) dots_q4g32_body(xp, xd, xsum, KP, groups, runs, 3, w, scale, offset, out);
+    else dots_q4g32_body(xp, xd, xsum, KP, groups, runs, 2, w, scale, offset, out);
+}
 #else
 /* AVX2: two runs (32 bytes of nibbles) an iteration, the nibbles put back in value order. */
 static inline float dot_q4(const int8_t *xq, const float *cs, int64_t runs, const uint8_t *w) {
@@ -236,7 +400,50 @@ static inline float dot_q4(const int8_t *xq, const float *cs, int64_t runs, cons
     }
     return hsum(_mm256_add_ps(a0, a1));
 }
+
+/* dot_q4 for R rows of x (xq + i * stride, cs + i * cstride): each pair of runs unpacked once. */
+MULTI void dots_q4_body(const int8_t *xq, int64_t stride, const float *cs, int64_t cstride, int64_t runs, int R,
+                        const uint8_t *w, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 a0[MR], a1[MR];
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    int64_t r = 0;
+    for (; r + 2 <= runs; r += 2) {
+        PF(w + r * 16);
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * 16));
+        const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+        const __m256i q0 = _mm256_permute2x128_si256(lo, hi, 0x20), q1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+        #pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const int8_t *x = xq + i * stride + r * 32;
+            const __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)x)), ones);
+            const __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(x + 32))), ones);
+            a0[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(cs + i * cstride + r), _mm256_cvtepi32_ps(s0), a0[i]);
+            a1[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(cs + i * cstride + r + 1), _mm256_cvtepi32_ps(s1), a1[i]);
+        }
+    }
+    if (r < runs) {
+        const __m128i b = _mm_loadu_si128((const __m128i *)(w + r * 16)), l = _mm_set1_epi8(0x0F);
+        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), l), _mm_and_si128(b, l));
+        #pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * stride + r * 32));
+            const __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+            a0[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(cs + i * cstride + r), _mm256_cvtepi32_ps(s0), a0[i]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; i++) out[i] = hsum(_mm256_add_ps(a0[i], a1[i]));
+}
 #endif
+
+static void dots_q4(const int8_t *x, int64_t stride, const float *cs, int64_t cstride, int64_t runs, int R,
+                    const uint8_t *w, float *out) {
+    if (R == 4) dots_q4_body(x, stride, cs, cstride, runs, 4, w, out);
+    else if (R == 3) dots_q4_body(x, stride, cs, cstride, runs, 3, w, out);
+    else dots_q4_body(x, stride, cs, cstride, runs, 2, w, out);
+}
 
 /* x rounded to int8 for the q8 and q4 kernels, once per call: xq [M, K] in value order, dx
  * [M, K / 32] (max |x| / 127 per run, half to even), xsum [M, K / group] (q4: sums of the rounded
@@ -352,6 +559,68 @@ static void row_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w,
     }
 }
 
+/* M >= 2 rows of x: MR at a time (dots_*), a last single row through the single-row kernel.
+ * Every row's result is the single-row kernel's, bit for bit. M = 1 (a batch-1 decode, the
+ * latency case) keeps row_q8 / row_q4 as they were. */
+static inline int rows_at_once(int64_t left) { return left < MR ? (int)left : MR; }
+
+static void rows_q8(const Rounded *q, int64_t M, int64_t group, const int8_t *w, const uint16_t *scale, float *out) {
+    const int64_t K = q->K, runs = q->runs, cstride = runs + 8;
+    if (group == 32) { /* the scales in the loop (dot_q8) */
+        for (int64_t m = 0, R; m < M; m += R) {
+            R = rows_at_once(M - m);
+            if (R == 1) out[m] = dot_q8(q->xq + m * K, NULL, q->dx + m * runs, scale, runs, w);
+            else dots_q8(q->xq + m * K, K, NULL, 0, q->dx + m * runs, scale, runs, (int)R, w, out + m);
+        }
+        return;
+    }
+    float cs[MR * cstride];
+    for (int64_t m = 0, R; m < M; m += R) {
+        R = rows_at_once(M - m);
+        for (int64_t i = 0; i < R; i++) run_scales(q->dx + (m + i) * runs, runs, group / 32, scale, cs + i * cstride);
+        if (R == 1) out[m] = dot_q8(q->xq + m * K, cs, NULL, NULL, runs, w);
+        else dots_q8(q->xq + m * K, K, cs, cstride, NULL, NULL, runs, (int)R, w, out + m);
+    }
+}
+
+static void rows_q4(const Rounded *q, int64_t M, int64_t group, const uint8_t *w,
+                    const uint16_t *scale, const uint16_t *offset, float *out) {
+    const int64_t runs = q->runs, groups = q->groups, cstride = runs + 8;
+#if RUNG_VNNI
+    const int64_t KP = q->KP;
+    if (group == 32) {
+        for (int64_t m = 0, R; m < M; m += R) {
+            R = rows_at_once(M - m);
+            const int8_t *xp = q->xp + m * KP;
+            const float *xd = q->xd + m * KP / 8, *xsum = q->xsum + m * groups;
+            if (R == 1) out[m] = dot_q4g32(xp, xd, xsum, runs, w, scale, offset);
+            else dots_q4g32(xp, xd, xsum, KP, groups, runs, (int)R, w, scale, offset, out + m);
+        }
+        return;
+    }
+    const int8_t *x = q->xp;
+    const int64_t stride = KP;
+#else
+    const int8_t *x = q->xq;
+    const int64_t stride = q->K;
+#endif
+    float cs[MR * cstride], dots[MR];
+    for (int64_t m = 0, R; m < M; m += R) {
+        R = rows_at_once(M - m);
+        for (int64_t i = 0; i < R; i++) run_scales(q->dx + (m + i) * runs, runs, group / 32, scale, cs + i * cstride);
+        if (R == 1) dots[0] = dot_q4(x + m * stride, cs, runs, w);
+        else dots_q4(x + m * stride, stride, cs, cstride, runs, (int)R, w, dots);
+        for (int64_t i = 0; i < R; i++) out[m + i] = dots[i] + offset_term(q->xsum + (m + i) * groups, groups, offset);
+    }
+}
+
+/* The rows of q from row m on. */
+static inline Rounded rounded_from(const Rounded *q, int64_t m) {
+    const Rounded r = {q->xq + m * q->K, q->xp + m * q->KP, q->dx + m * q->runs, q->xsum + m * q->groups,
+                       q->xd + m * q->KP / 8, q->K, q->KP, q->runs, q->groups};
+    return r;
+}
+
 /* ---- the driver: row blocks in parallel, then the epilogue -------------------------------- */
 
 enum { F32 = 0, Q8 = 1, Q4 = 2 };
@@ -441,21 +710,32 @@ static void gemv_rows(const Linear *L, const float *x, const Rounded *q, int64_t
         }
         for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
             const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
-            const Rounded qm = {q->xq + m0 * q->K, q->xp + m0 * q->KP, q->dx + m0 * q->runs, q->xsum + m0 * q->groups,
-                                q->xd + m0 * q->KP / 8, q->K, q->KP, q->runs, q->groups};
             float dots[BLOCK][MAX_M];
-            for (int64_t r = 0; r < rows; r++) {
-                const int64_t n = n0 + r;
-                if (format == F32)
-                    row_f32(x + m0 * K, mm, K, (const float *)L->w + n * K, dots[r]);
-                else if (format == Q8)
-                    row_q8(&qm, mm, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r]);
-                else
-                    row_q4(&qm, mm, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
-                           L->offset + n * groups, dots[r]);
-                if (bias)
-                    for (int64_t m = 0; m < mm; m++) dots[r][m] += bias[n];
+            if (format == F32)
+                for (int64_t r = 0; r < rows; r++) row_f32(x + m0 * K, mm, K, (const float *)L->w + (n0 + r) * K, dots[r]);
+            /* Wide rows (down: K = 1536) of x do not all fit in L1 beside the block: then MR rows of x
+             * meet every row of the block before the next MR, instead of all mm rows streaming from
+             * L2 once per weight row. Narrow ones meet each weight row all at once. */
+            const int64_t step = mm * K > X_IN_L1 ? MR : mm;
+            for (int64_t m1 = 0; format != F32 && m1 < mm; m1 += step) {
+                const int64_t R = mm - m1 < step ? mm - m1 : step;
+                const Rounded qm = rounded_from(q, m0 + m1);
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t n = n0 + r;
+                    if (format == Q8 && R == 1)
+                        row_q8(&qm, 1, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r] + m1);
+                    else if (format == Q8)
+                        rows_q8(&qm, R, group, (const int8_t *)L->w + n * K, L->scale + n * groups, dots[r] + m1);
+                    else if (R == 1)
+                        row_q4(&qm, 1, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
+                               L->offset + n * groups, dots[r] + m1);
+                    else
+                        rows_q4(&qm, R, group, (const uint8_t *)L->w + n * K / 2, L->scale + n * groups,
+                                L->offset + n * groups, dots[r] + m1);
+                }
             }
+            for (int64_t r = 0; bias && r < rows; r++)
+                for (int64_t m = 0; m < mm; m++) dots[r][m] += bias[n0 + r];
             for (int64_t m = 0; m < mm; m++) {
                 float *ym = y + (m0 + m) * out_n;
                 if (gated) {
