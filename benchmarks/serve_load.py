@@ -470,7 +470,8 @@ def compare(args) -> int:
         raise SystemExit(f"serve_load: --peer needs a GGUF file; {args.model} is {gguf}")
     spec, fmt = _serving_spec(args.model, "cpu", None)  # what rung serve will run: the engine alone runs it too
     print(f"serving overhead: {args.model} as {spec} ({fmt}), {args.requests} greedy chats per client, "
-          f"max_tokens {args.max_tokens}, levels {levels}, {args.rounds} round(s), {args.client} client", flush=True)
+          f"max_tokens {args.max_tokens}, levels {levels}, {args.rounds} round(s), {args.client} client, "
+          f"rung serve --stream-interval {args.stream_interval}", flush=True)
     if args.threads:
         import torch
 
@@ -508,7 +509,8 @@ def measure_server(name: str, gguf: Path, levels: list[int], args) -> dict[int, 
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     if name == "rung serve":
         proc, base = start_server(args.model, args.api_key, max(levels), args.threads,
-                                  tmp / f"rung-serve-compare-{os.getpid()}.log", ["--max-num-seqs", str(max(levels))])
+                                  tmp / f"rung-serve-compare-{os.getpid()}.log",
+                                  ["--max-num-seqs", str(max(levels)), "--stream-interval", str(args.stream_interval)])
         model = args.model
     else:
         proc, base = start_peer(gguf, args.threads, 4096, tmp / f"llama-cpp-server-{os.getpid()}.log",
@@ -581,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", choices=("openai", "raw"), default="openai",
                    help="--compare: the load generator's client: the official openai client (default) or raw "
                         "httpx + json.loads per SSE line (less CPU beside the server on a small machine)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="--compare: rung serve's --stream-interval (tokens a streamed chunk carries; default 1)")
     p.add_argument("--rounds", type=int, default=1,
                    help="--compare: measure the engine, rung serve and llama.cpp's server in turn this many times "
                         "and print medians and ranges (default 1)")

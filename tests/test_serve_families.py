@@ -177,3 +177,77 @@ def test_503_while_loading_and_after_a_failed_load(tmp_path):
     r = client.post("/v1/chat/completions", json={**body, "model": str(tmp_path)})
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
     assert client.get("/health").json()["status"] == "failed"
+
+
+def test_stream_interval_sends_the_first_token_alone_then_chunks_of_n(tmp_path):
+    """--stream-interval 3: the first content chunk holds one token, later ones up to 3; the text,
+    the finish and the usage are the unstreamed reply's; a Responses stream is merged the same way."""
+    import transformers as tf
+
+    from rung.text.templates import QWEN3_TEMPLATE
+
+    folder = tiny_folder(tmp_path, tf.Qwen3Config, QWEN3_TEMPLATE)
+    client, server = client_for(folder, stream_interval=3)
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 14, "ignore_eos": True,
+                "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}
+        whole = client.post("/v1/chat/completions", json=body).json()
+        with client.stream("POST", "/v1/chat/completions",
+                           json={**body, "stream": True, "stream_options": {"include_usage": True},
+                                 "logprobs": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        pieces = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+        sizes = [len(p["logprobs"]["content"]) for p in pieces]  # tokens a chunk carries
+        assert sizes[0] == 1 and all(1 <= n <= 3 for n in sizes) and sum(sizes) == 14 and len(sizes) <= 1 + 13 // 3 + 1
+        assert "".join(p["delta"].get("content") or "" for p in pieces) == whole["choices"][0]["message"]["content"]
+        used = chunks[-1]["usage"]  # (the second request's prompt is a prefix-cache hit: cached_tokens differ)
+        assert (used["prompt_tokens"], used["completion_tokens"]) == (whole["usage"]["prompt_tokens"], 14)
+        with client.stream("POST", "/v1/responses", json={"model": "tiny", "input": "go", "max_output_tokens": 14,
+                                                          "temperature": 0, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+        assert 1 < len(deltas) <= 1 + 13 // 3 + 1
+        assert "".join(deltas) == events[-1]["response"]["output"][-1]["content"][0]["text"]
+        assert engine_idle(server)
+    finally:
+        server.shutdown()
+
+
+def test_coalesced_merges_each_samples_deltas_and_closes_its_source():
+    import asyncio
+
+    from rung.engine.engine import Delta
+    from rung.serve.run import coalesced
+
+    closed = []
+
+    async def source():
+        try:
+            for i in range(5):
+                for index in (0, 1):
+                    yield Delta("r", index, str(i), [i], logprobs=[{i: -0.5}])
+            yield Delta("r", 0, "", [], "stop")
+            yield Delta("r", 1, "x", [9], "length")
+        finally:
+            closed.append(True)
+
+    async def run():
+        return [d async for d in coalesced(source(), 2)]
+
+    out = asyncio.run(run())
+    zero = [d for d in out if d.index == 0]
+    assert [d.token_ids for d in zero] == [[0], [1, 2], [3, 4], []] and zero[-1].finish_reason == "stop"
+    assert [d.text for d in zero] == ["0", "12", "34", ""] and zero[1].logprobs == [{1: -0.5}, {2: -0.5}]
+    one = [d for d in out if d.index == 1]
+    assert [d.token_ids for d in one] == [[0], [1, 2], [3, 4], [9]] and one[-1].finish_reason == "length"
+    assert closed == [True]
+
+    async def abandon():
+        gen = coalesced(source(), 2)
+        await gen.__anext__()
+        await gen.aclose()  # a client gone: the engine's deltas are closed too
+
+    closed.clear()
+    asyncio.run(abandon())
+    assert closed == [True]

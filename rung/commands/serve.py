@@ -23,6 +23,13 @@ from rung.extras import require
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", action="append", default=None,
                    help=f"built-in name, .gguf file or Hugging Face folder, optionally NAME@FORMAT (default "
@@ -47,6 +54,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="the most tokens a request may ask for")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get 429 (default 64)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--stream-interval", type=_positive, default=1, metavar="N",
+                   help="stream N tokens a chunk (the first token alone): fewer chunks for the server and its "
+                        "clients to handle under load, steps of N tokens for a reader (default 1)")
     p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="bigger bodies get 413 (default 8 MiB)")
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache size in MiB (default 512)")
     p.add_argument("--block-size", type=int, default=16)
@@ -156,6 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     config = ServeConfig(model=specs[0],
                          api_key=args.api_key or os.environ.get("RUNG_API_KEY") or None,
                          max_concurrent=args.max_concurrent, request_timeout=args.request_timeout,
+                         stream_interval=args.stream_interval,
                          max_model_len=args.max_model_len, max_tokens=args.max_tokens,
                          max_request_bytes=args.max_request_bytes, log_prompts=args.log_prompts, dtype=args.dtype or "float32",
                          device=args.device, seed=args.seed, engine=engine, rag=rag,

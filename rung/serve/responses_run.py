@@ -259,7 +259,7 @@ class ResponsesRun(Run):
         return JSONResponse(body, headers=self.governance.headers(self.choices))
 
     async def _stream(self):
-        deltas = self._deltas()
+        deltas = self._deltas(self.server.config.stream_interval)
         try:
             yield self._sse({"type": "response.created", "response": self._response("in_progress")})
             yield self._sse({"type": "response.in_progress", "response": self._response("in_progress")})

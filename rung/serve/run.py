@@ -17,6 +17,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from rung.engine.engine import Delta
 from rung.govern.policy import Principal
 from rung.serve import logs
 from rung.serve.errors import APIError
@@ -132,9 +133,14 @@ class Run:
         choice.parser = self.server.family.parser(p.tools, p.prompt_text, p.removed_tools)
         self._spawn(p, f"{self.id}-c{choice.index}-r{len(self._tasks)}", lambda _, c=choice.index: c)
 
-    async def _deltas(self):
+    def _deltas(self, interval: int = 1):
         """Deltas of every engine request of this run, interleaved, within the request timeout
-        (requests started while it runs, by ``retry``, included)."""
+        (requests started while it runs, by ``retry``, included); with ``interval`` > 1 (a
+        stream's --stream-interval) merged as ``coalesced`` merges them."""
+        deltas = self._engine_deltas()
+        return deltas if interval <= 1 else coalesced(deltas, interval)
+
+    async def _engine_deltas(self):
         timeout = self.server.config.request_timeout
         self._queue = queue = asyncio.Queue()
         n = self.req.n
@@ -197,7 +203,7 @@ class Run:
         return JSONResponse(self._whole(), headers=self.governance.headers(self.choices))
 
     async def _stream(self):
-        deltas = self._deltas()
+        deltas = self._deltas(self.server.config.stream_interval)
         try:
             if self.kind == "chat":
                 for c in self.choices:
@@ -348,3 +354,32 @@ class Run:
                           tool_calls=sum(len(c.calls) for c in self.choices), finish_reasons=reasons,
                           user=self.req.user, error=self.error, prompt=prompt_field, redacted=redacted,
                           **self.governance.log_fields(self.choices))
+
+
+async def coalesced(deltas, interval: int):
+    """``deltas`` with each sample's deltas after its first merged until they hold ``interval``
+    tokens or the sample ends: the first token still leaves at once (time to first token), then
+    one chunk per ``interval`` tokens instead of one per token for the event loop, the socket and
+    the client to handle. Closing this closes ``deltas`` (which aborts the engine requests)."""
+    held: dict[tuple[str, int], Delta] = {}
+    started: set[tuple[str, int]] = set()
+    try:
+        async for d in deltas:
+            key = (d.request_id, d.index)
+            if key in held:
+                d = merged(held.pop(key), d)
+            if key in started and d.finish_reason is None and len(d.token_ids) < interval:
+                held[key] = d
+                continue
+            if d.token_ids:
+                started.add(key)
+            yield d
+    finally:
+        await deltas.aclose()
+
+
+def merged(a: Delta, b: Delta) -> Delta:
+    """Two consecutive deltas of one sample as one."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return Delta(b.request_id, b.index, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.stop_reason,
+                 logprobs, b.error, b.timings, b.num_cached_tokens)

@@ -40,6 +40,7 @@ class ServeConfig:
     api_key: str | None = None
     max_concurrent: int = 64  # requests in flight (each may have n samples); more get 429
     request_timeout: float = 600.0  # seconds, from arrival to the last token
+    stream_interval: int = 1  # tokens a streamed chunk carries at most (SGLang's name); the first goes alone
     max_model_len: int | None = None  # default: the model's context
     max_tokens: int | None = None  # the most a request may ask for (default: what the context leaves)
     max_request_bytes: int = 8 * 2**20  # bigger bodies get 413
