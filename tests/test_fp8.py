@@ -202,4 +202,5 @@ def test_fp8_gemv_agrees_with_the_dequantizing_reference_under_the_interpreter()
     lines = run_checks("triton_fp8_checks.py", timeout=300)
     assert lines[0] == "every e4m3 code decodes to its value"
     assert sum(line.startswith("GEMV f8 ") for line in lines) == 4
+    assert sum(line.startswith("fp8_dequantize ") and line.endswith(" equal") for line in lines) == 3
     assert lines[-1] == "all fp8 kernels agree with the dequantizing reference"

@@ -48,6 +48,17 @@ def main() -> None:
     layer = PackedLinear(quantize(w, "f8"), torch.randn(64, generator=g), gated="silu")
     x = torch.randn(2, 128, generator=g)
     check("PackedLinear.triton f8 gated", layer.triton(x), layer.reference(x), 1e-5)
+    # a stack dequantized in one pass (a MoE layer's experts): bit for bit the reference, every code
+    # and odd widths, in each 16-bit dtype and float32
+    for n, k in ((254, 254), (7, 1500), (3, 32)):
+        data = (torch.randn(n, k, generator=g) * 100).to(torch.float8_e4m3fn) if k != 254 else \
+            torch.diag_embed(finite.float()).to(torch.float8_e4m3fn)  # every finite code on the diagonal
+        scale = torch.rand(n, 1, generator=g) * 1e-2 + 1e-4
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            got, want = tf.fp8_dequantize(data, scale, dtype), tf.fp8_dequantize_ref(data, scale, dtype)
+            if not torch.equal(got, want):
+                sys.exit(f"FAIL fp8_dequantize [{n}, {k}] {dtype}")
+        print(f"fp8_dequantize [{n}, {k}] equal")
     print("all fp8 kernels agree with the dequantizing reference")
 
 

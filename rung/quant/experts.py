@@ -174,8 +174,14 @@ class PackedMoE(MoE):
     def _dense(self, prefix: str, dtype: torch.dtype) -> torch.Tensor:
         data = getattr(self, prefix + "_data")
         e, rows = data.shape[:2]
-        if self.fmt == "f8":  # formats.dequantize's arithmetic, F8_EXPERTS experts a pass (not one launch chain each)
+        if self.fmt == "f8":  # formats.dequantize's arithmetic: one Triton pass, else F8_EXPERTS experts a pass
             scale = getattr(self, prefix + "_scale")
+            from rung.kernels import use_triton
+
+            if use_triton(data):
+                from rung.kernels.triton_fp8 import fp8_dequantize
+
+                return fp8_dequantize(data.reshape(e * rows, -1), scale.reshape(e * rows, -1), dtype).view(e, rows, -1)
             out = torch.empty(data.shape, dtype=dtype, device=data.device)
             for e0 in range(0, e, F8_EXPERTS):
                 out[e0:e0 + F8_EXPERTS] = data[e0:e0 + F8_EXPERTS].float().mul_(scale[e0:e0 + F8_EXPERTS].float())
