@@ -9,7 +9,7 @@ import torch
 from rung import native
 from rung.quant.formats import (Packed, dequantize, from_gguf_blocks, int8_activations, pack_nibbles, quantize,
                                 unpack_nibbles)
-from rung.quant.linear import PackedLinear, interleave_gate_up
+from rung.quant.linear import PackedLinear, interleave_gate_up, native_prompts
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built (no compiler or AVX2)")
 
@@ -90,7 +90,8 @@ def test_native_gemv_equals_the_dequantizing_reference(fmt, rows, shape, group):
         group = 32
     layer = PackedLinear(quantize(torch.randn(*shape), fmt, group), bias=torch.randn(shape[0]))
     x = torch.randn(rows, shape[1])
-    out = layer(x)  # native: float32 on the CPU (f32 layers: at most MAX_M rows, else PyTorch's matmul)
+    with native_prompts():  # native: float32 on the CPU (f32 layers: at most MAX_M rows, else PyTorch's matmul)
+        out = layer(x)
     # the q8 and q4 kernels round x to int8 in runs of 32 first; the reference sees the same x
     ref = layer.reference(int8_activations(x) if fmt != "f32" else x)
     assert (out - ref).abs().max() <= 2e-6 * ref.abs().max()
@@ -135,10 +136,11 @@ def test_a_prompt_gets_each_rows_decode_arithmetic_whatever_its_batch(fmt, gated
     batched, or on a prefix-cache hit that leaves a few rows to compute."""
     layer = PackedLinear(quantize(torch.randn(64, 96), fmt, 32), bias=torch.randn(64), gated=gated)
     x = torch.randn(45, 96)
-    whole = layer(x)
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(45)])
-    assert torch.equal(whole, alone)
-    assert torch.equal(layer(x[5:37]), whole[5:37])
+    with native_prompts():  # the engine's steps
+        whole = layer(x)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(45)])
+        part = layer(x[5:37])
+    assert torch.equal(whole, alone) and torch.equal(part, whole[5:37])
     ref = layer.reference(int8_activations(x))
     assert (whole - ref).abs().max() <= 2e-6 * ref.abs().max()
 
@@ -153,18 +155,21 @@ def test_rows_taken_several_at_a_time_each_get_their_single_row_result(fmt, grou
     what it gets alone. The widths leave a tail after every kernel's main loop."""
     layer = PackedLinear(quantize(torch.randn(32, width), fmt, group), bias=torch.randn(32), gated=gated)
     x = torch.randn(33, width)
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(33)])
-    for rows in (2, 3, 4, 5, 7, 16, 17, 33):
-        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+    with native_prompts():
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(33)])
+        for rows in (2, 3, 4, 5, 7, 16, 17, 33):
+            assert torch.equal(layer(x[:rows]), alone[:rows]), rows
     ref = layer.reference(int8_activations(x))
     assert (alone - ref).abs().max() <= 2e-6 * ref.abs().max()
 
 
-def test_reference_path_serves_float_layers_prompts_and_other_dtypes():
+def test_reference_path_serves_plain_prompts_float_layers_and_other_dtypes():
     w = torch.randn(32, 64)
     x = torch.randn(40, 64)  # more rows than a decode batch: an f32 layer's prompt is PyTorch's matmul
     assert torch.allclose(PackedLinear(quantize(w, "f32"))(x), x @ w.T, atol=1e-4)
     layer = PackedLinear(quantize(w, "q8"))
+    # a plain call (outside the engine's native_prompts): the dequantized weight's own logits
+    assert torch.allclose(layer(x), x @ dequantize(layer.packed).T, atol=1e-4)
     assert torch.allclose(layer(x.double()), x.double() @ dequantize(layer.packed, torch.float64).T, atol=1e-9)
     assert layer(x.bfloat16()).dtype == torch.bfloat16
 

@@ -9,20 +9,11 @@ import torch
 
 import rung
 from rung.quant.formats import dequantize
-from rung.quant.linear import PackedLinear
+from rung.quant.linear import PackedLinear, native_prompts
 from rung.quant.rewrite import pack_model, packed_bytes
 from rung.quant.spec import ModelSpec, parse_spec
 
 IDS = torch.tensor([[1, 5, 17, 9, 42, 3, 77, 8, 250, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]])
-
-
-def reference_only(model):
-    """``model`` with every packed layer on its dequantizing reference (float activations): the
-    native kernels round x to int8 in runs of 32, so only the reference shows the weights equal."""
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            m._native = False
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +41,13 @@ def test_q4_1_gguf_blocks_are_kept_and_give_the_dequantized_models_logits(smollm
     a = smollm2_float.layers[0].attn
     assert torch.equal(dequantize(qkv.packed), a.qkv_proj.weight)
     assert torch.equal(dequantize(model.lm_head.packed), smollm2_float.embed.weight)  # Q8_0 kept as int8
-    with torch.inference_mode():  # 20 rows, native: x rounded to int8 in runs of 32 (llama.cpp's Q8_1)
+    with torch.inference_mode():  # 20 rows: the dequantizing reference path
         ref, out = smollm2_float(IDS), model(IDS)
-        kl = (ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1)
-        assert 0 < kl.mean() < 0.02  # measured 0.0063
-        out = reference_only(model)(IDS)
-    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+        assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+        with native_prompts():  # the engine's: x rounded to int8 in runs of 32 (llama.cpp's Q8_1)
+            fast = model(IDS)
+    kl = (ref.softmax(-1) * (ref.log_softmax(-1) - fast.log_softmax(-1))).sum(-1)
+    assert 0 < kl.mean() < 0.02  # measured 0.0063
 
 
 def test_float32_fused_layout_matches_the_plain_model_prefill_and_decode(smollm2_float):
@@ -137,13 +129,14 @@ def test_hf_folder_packed_equals_its_dequantized_weights(fmt, group, tmp_path):
             if name in targets:
                 p.copy_(dequantize(quantize(p, *targets[name])))
     with torch.inference_mode():
-        # native: the kernels read the same weights with x rounded to int8 in runs of 32 (about
-        # 0.4% an element); each kernel equals its reference on the rounded x exactly
-        # (test_quant_kernels), here the whole model stays close
-        ref, out = plain(IDS % 100), packed(IDS % 100)
-        assert 0 < (out - ref).abs().max() < 0.08 * ref.abs().max()
-        out = reference_only(packed)(IDS % 100)
+        ref, out = plain(IDS % 100), packed(IDS % 100)  # 20 rows: the reference path
         assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+        # the engine's native prompts and any decode rows: the kernels read the same weights with
+        # x rounded to int8 in runs of 32 (about 0.4% an element); each kernel equals its reference
+        # on the rounded x exactly (test_quant_kernels), here the whole model stays close
+        with native_prompts():
+            out = packed(IDS % 100)
+        assert 0 < (out - ref).abs().max() < 0.08 * ref.abs().max()
 
 
 def test_pack_model_packs_moe_experts_keeps_the_router_and_refuses_unknown_formats():
@@ -179,3 +172,21 @@ def test_rung_arch_takes_a_model_spec(capsys):
     assert out[0]["name"] == "smollm2-135m@int4" and out[1]["name"] == "gpt2"
     assert out[0]["weight_bytes"]["int4"] < out[0]["weight_bytes"]["bf16"] / 2
     assert main(["arch", "smollm2-135m@int3"]) == 2  # one-line error, exit 2
+
+
+def test_the_engine_prefills_packed_layers_natively_a_plain_call_on_the_reference(monkeypatch):
+    """Inside the engine's steps a prompt's rows go through the native kernels (native_prompts);
+    a plain model call of more rows than a decode batch keeps the dequantizing reference."""
+    from rung.llm import LLM
+    from rung.engine.sampling_params import SamplingParams
+
+    calls = []
+    real = PackedLinear.reference
+    monkeypatch.setattr(PackedLinear, "reference", lambda self, rows: calls.append(rows.shape[0]) or real(self, rows))
+    llm = LLM("smollm2-135m@int4")
+    prompt = list(range(100, 140))  # 40 tokens: more than a decode batch
+    llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0))
+    assert calls == []
+    with torch.inference_mode():
+        llm.model(torch.tensor([prompt]))
+    assert calls and min(calls) == 40

@@ -25,6 +25,7 @@ import torch
 
 from rung.engine.overlap import PendingTokens
 from rung.engine.paged import Chunk, KVPool, PagedStep
+from rung.quant.linear import native_prompts
 
 if TYPE_CHECKING:
     from rung.engine.engine import EngineConfig
@@ -65,7 +66,8 @@ class ModelRunner:
         if fast is not None and all(ch.count == 1 for ch in chunks):
             logits = fast.run(ids, chunks)  # [N, vocab]; None: not this batch (too large, graphs off)
         if logits is None:
-            hidden = self.model.hidden_states(ids[None], PagedStep(self.pool, chunks, self.device))[0]  # [N, hidden]
+            with native_prompts():  # packed layers' prompt rows through the native kernels (quant/linear.py)
+                hidden = self.model.hidden_states(ids[None], PagedStep(self.pool, chunks, self.device))[0]  # [N, hidden]
             if rows == []:  # prefill chunks only: no logits wanted
                 return torch.empty(0, self.model.config.vocab_size)
             return self.model.logits(hidden if rows is None else hidden[rows])

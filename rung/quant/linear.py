@@ -1,11 +1,14 @@
 """Linear layers over packed weights: native kernels for decode rows, the reference otherwise.
 
 ``PackedLinear`` holds one ``Packed`` weight as buffers (so ``.to()``, ``state_dict`` and
-safetensors see them). A call of float32 rows on the CPU runs rung's native kernel (rung/native),
-which reads each weight byte once: a q8 / q4 layer for any number of rows (a decode batch or a
-prompt, each row with the same arithmetic, so a prompt's K/V do not depend on its batch or on a
-prefix-cache hit, and no prompt dequantizes the whole weight), an f32 layer for decode rows (at
-most ``MAX_M``; a prompt's matmul is faster in PyTorch's BLAS); on CUDA a q8 / q4 layer
+safetensors see them). A call of at most ``MAX_M`` rows of float32 on the CPU (a decode step)
+runs rung's native kernel (rung/native), which reads each weight byte once. So does a q8 / q4
+layer's prompt inside ``native_prompts()``, which the engine's steps use (rung/engine/runner.py):
+every row then gets a decode row's arithmetic (x rounded to int8 in runs of 32, as llama.cpp),
+whatever its batch, and no prompt dequantizes the whole weight. A plain call with more rows keeps
+the dequantizing reference, whose logits are exactly the dequantized model's (what a packed model
+is checked against); an f32 layer's prompt is PyTorch's matmul either way (faster than a GEMV
+over many rows). On CUDA a q8 / q4 layer
 runs rung's Triton kernels over the same buffers (rung/kernels/triton_quant.py: a GEMV for decode
 rows, a dequantizing matmul for small batches, dequantize + cuBLAS for prefill) and an f8 layer
 rung/kernels/triton_fp8.py's (a GEMV for decode rows, ``torch._scaled_mm`` above); anything else
@@ -18,6 +21,9 @@ projections and the activation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +33,17 @@ from rung.model.mlp import ACTIVATIONS
 from rung.quant.formats import Packed, check_packed, dequantize
 
 GATE_BLOCK = 8  # rows of gate (then of up) per block of a gated weight; kernels.c's BLOCK / 2
+_NATIVE_PROMPTS = contextvars.ContextVar("rung_native_prompts", default=False)
+
+
+@contextlib.contextmanager
+def native_prompts():
+    """Within it, a q8 / q4 layer's prompt rows on the CPU go through the native kernel too."""
+    token = _NATIVE_PROMPTS.set(True)
+    try:
+        yield
+    finally:
+        _NATIVE_PROMPTS.reset(token)
 NATIVE_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -77,7 +94,7 @@ class PackedLinear(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if (self._native and x.dtype == torch.float32 and not x.is_cuda
-                and (self.fmt != "f32" or rows.shape[0] <= native.MAX_M)):
+                and (rows.shape[0] <= native.MAX_M or (self.fmt != "f32" and _NATIVE_PROMPTS.get()))):
             out = self.bound()(rows.contiguous())
         elif self._triton_ok(x):  # CUDA, or anywhere under TRITON_INTERPRET=1 (the tests)
             out = self.triton(rows)
