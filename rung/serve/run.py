@@ -11,6 +11,7 @@ retrieval's ``rung`` fields (grounding.py); responses.py's ``OpenAIReply`` shape
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 
@@ -379,7 +380,7 @@ async def coalesced(deltas, interval: int):
 
 
 def merged(a: Delta, b: Delta) -> Delta:
-    """Two consecutive deltas of one sample as one."""
+    """Two consecutive deltas of one sample as one: the later one's fields (finish, timings, ...)
+    with the text, tokens and logprobs of both."""
     logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
-    return Delta(b.request_id, b.index, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.stop_reason,
-                 logprobs, b.error, b.timings, b.num_cached_tokens)
+    return dataclasses.replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids, logprobs=logprobs)
