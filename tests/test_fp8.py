@@ -92,6 +92,64 @@ def test_fp8_search_on_torch_tensors_agrees_with_numpy():
     assert on_torch.unique().numel() > 4  # the rows choose different alignments
 
 
+def _weighted_errors(w, scale, gain):
+    """Each row's output error Σ_k g_k² e_k², through real e4m3 bytes at the given scales."""
+    back = dequantize(Packed("f8", (w / scale).clamp(-448, 448).to(FP8), tuple(w.shape), w.shape[1], scale))
+    return ((back - w).square() * gain.square()).sum(-1)
+
+
+def test_fp8_scale_search_weighs_channels_by_the_input_norms_gain():
+    from rung.quant.formats import SCALE_STEPS
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(128, 256, generator=g)
+    gain = torch.rand(256, generator=g) ** 3 * 8  # a few channels carry most of the input, as in real norms
+    weighted, plain = quantize(w, "f8", gain=gain).scale, quantize(w, "f8").scale
+    base = w.abs().amax(-1, keepdim=True) / 448
+    candidates = [base * 2.0 ** (i / SCALE_STEPS) for i in range(SCALE_STEPS)]
+    best = torch.stack([_weighted_errors(w, s, gain) for s in candidates]).amin(0)
+    # each row keeps the candidate of least output error (to float32 rounding of the sums)...
+    assert torch.allclose(_weighted_errors(w, weighted, gain), best, rtol=1e-5, atol=0)
+    # ...which the unweighted search does not: the gain changes the choice of many rows
+    assert (weighted != plain).float().mean() > 0.3
+    assert _weighted_errors(w, weighted, gain).sum() < 0.95 * _weighted_errors(w, plain, gain).sum()
+    assert torch.equal(quantize(w, "f8", gain=torch.ones(256)).scale, plain)  # a flat gain is no gain
+    assert torch.equal(quantize(w, "q8", gain=gain).data, quantize(w, "q8").data)  # f8 only
+    with pytest.raises(ValueError, match=r"f8: a gain of shape \(255,\) for a weight of 256 input channels"):
+        quantize(w, "f8", gain=gain[:255])
+    with pytest.raises(ValueError, match="gain holds NaN"):
+        quantize(w, "f8", gain=torch.full((256,), float("nan")))
+
+
+def test_fp8_model_weighs_the_projections_after_a_norm_by_its_gain():
+    from rung.config import ModelConfig
+    from rung.model import Decoder
+    from rung.quant.formats import fp8_row_scales
+    from rung.quant.rewrite import pack_model
+
+    config = ModelConfig("llama", vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=16, intermediate_size=64)
+    torch.manual_seed(7)
+    model = Decoder(config).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn_norm.weight.uniform_(0.1, 3)
+            block.mlp_norm.weight.uniform_(0.1, 3)
+    floats = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pack_model(model, "f8")
+    for i, block in enumerate(model.layers):
+        t = f"layers.{i}."
+        for layer, name, gain in ((block.attn.qkv_proj, "attn.qkv_proj", block.attn_norm.weight),
+                                  (block.mlp.gate_up_proj, "mlp.gate_up_proj", block.mlp_norm.weight),
+                                  (block.attn.o_proj, "attn.o_proj", None), (block.mlp.down_proj, "mlp.down_proj", None)):
+            w = floats[t + name + ".weight"]
+            expected = fp8_row_scales(w, gain=gain)
+            scale = layer.packed.scale
+            if name == "mlp.gate_up_proj":  # the gated layer interleaves gate and up rows: compare as sets
+                scale, expected = scale.sort(0).values, expected.sort(0).values
+            assert torch.equal(scale, expected), name
+
+
 def test_fp8_codes_are_never_nan_or_inf():
     from rung.quant.formats import quantize_fp8
 
@@ -180,13 +238,13 @@ def _perplexities_and_kl(base, other, ids: list[int], chunk: int = 256) -> tuple
 
 
 # Measured over the first 1,024 tokens (2026-12-04), perplexity against float32 and the mean KL of
-# the next-token distributions: SmolLM2-135M +1.43%, 9.6e-3; Gemma 3 270M -0.42%, 11.3e-3 (before
-# the scale search and with an fp8 LM head: +2.7%, 25.6e-3 and +2.1%, 19.5e-3). Issue 19 asks for
-# 1%: Gemma is within it; SmolLM2 is not, and its bound keeps what it reaches. The KL, 2.5% RMS
-# weight error through e4m3's 3 mantissa bits, is the steadier measure: across variants of equal
-# weight error the 1,024-token perplexity moved by about ±0.8% (docs/quantization.md).
-FP8_PPL_BOUND = {"smollm2-135m": 0.02, "gemma3-270m": 0.01}
-FP8_KL_BOUND = 0.015
+# the next-token distributions: SmolLM2-135M +0.75%, 9.3e-3; Gemma 3 270M +0.67%, 10.3e-3 (the
+# scales searched with the norms' gains; without the gains +1.43%, 9.6e-3 and -0.42%, 11.3e-3;
+# max-abs scales and an fp8 LM head: +2.7%, 25.6e-3 and +2.1%, 19.5e-3). Issue 19 asks for 1%.
+# The KL, 2.5% RMS weight error through e4m3's 3 mantissa bits, is the steadier measure: across
+# variants of equal weight error the 1,024-token perplexity moved by about ±0.8% (docs/quantization.md).
+FP8_PPL_BOUND = {"smollm2-135m": 0.01, "gemma3-270m": 0.01}
+FP8_KL_BOUND = 0.0105
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])

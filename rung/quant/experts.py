@@ -43,8 +43,9 @@ def can_pack(moe: nn.Module, fmt: str, group: int | None) -> bool:
     return i % GATE_BLOCK == 0 and all(fits(fmt, width, g) for width in (h, i))
 
 
-def pack_experts(moe: MoE, fmt: str, group: int | None = None) -> "PackedMoE":
-    """In place: the experts of ``moe`` quantized to ``fmt``; the module becomes a PackedMoE."""
+def pack_experts(moe: MoE, fmt: str, group: int | None = None, gain: torch.Tensor | None = None) -> "PackedMoE":
+    """In place: the experts of ``moe`` quantized to ``fmt``; the module becomes a PackedMoE.
+    ``gain``: the gain of the norm before the layer (weighs fp8's scale search, as for a dense MLP)."""
     if not can_pack(moe, fmt, group):
         raise ValueError(f"cannot pack these experts as {fmt} (group {group})")
     e, i, h = moe.gate_proj.shape
@@ -53,7 +54,7 @@ def pack_experts(moe: MoE, fmt: str, group: int | None = None) -> "PackedMoE":
     with torch.no_grad():
         # every expert's rows in one call (scales are per row or per group along a row: the same
         # values as expert by expert, in a few large kernels instead of thousands of small ones)
-        gate_up = quantize(torch.cat((moe.gate_proj, moe.up_proj), 1).view(e * 2 * i, h), fmt, g)
+        gate_up = quantize(torch.cat((moe.gate_proj, moe.up_proj), 1).view(e * 2 * i, h), fmt, g, gain)
         down = quantize(moe.down_proj.reshape(e * h, i), fmt, g)
     stacks = [_experts(gate_up, e, order), _experts(down, e)]
     for name in ("gate_proj", "up_proj", "down_proj"):

@@ -139,9 +139,12 @@ def check_packed(p: "Packed") -> None:
                              f"{str(dtype).removeprefix('torch.')} {list(want)}")
 
 
-def quantize(weight: torch.Tensor, fmt: str, group: int | None = None) -> Packed:
+def quantize(weight: torch.Tensor, fmt: str, group: int | None = None,
+             gain: torch.Tensor | None = None) -> Packed:
     """weight [N, K] (any float dtype) → Packed. q8 defaults to per-channel, q4 to groups of 32;
-    f8 is always per-channel."""
+    f8 is always per-channel. ``gain`` [K]: the RMSNorm gain the layer's input comes through,
+    if any; f8's scale search weighs each input channel's error by its square (fp8_row_scales),
+    the other formats ignore it."""
     w = weight.detach().float().contiguous()
     n, k = w.shape
     if fmt == "f32":
@@ -150,7 +153,7 @@ def quantize(weight: torch.Tensor, fmt: str, group: int | None = None) -> Packed
         group = 32
     group = check_group(fmt, k, group)
     if fmt == "f8":
-        return quantize_fp8(w, group)
+        return quantize_fp8(w, group, gain)
     g = w.view(n, k // group, group)
     if fmt == "q8":
         scale = (g.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
@@ -163,7 +166,7 @@ def quantize(weight: torch.Tensor, fmt: str, group: int | None = None) -> Packed
     raise ValueError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def quantize_fp8(w: torch.Tensor, group: int) -> Packed:
+def quantize_fp8(w: torch.Tensor, group: int, gain: torch.Tensor | None = None) -> Packed:
     """w [N, K] float32 → f8: per output row, the scale of fp8_row_scales and q = e4m3(w / scale),
     rounded to nearest with saturation at ±448 (a cast alone turns what lies beyond into NaN)."""
     n, k = w.shape
@@ -171,7 +174,7 @@ def quantize_fp8(w: torch.Tensor, group: int) -> Packed:
         raise ValueError(f"f8: one scale per output row (group {k}), got group {group}")
     if not torch.isfinite(w).all():
         raise ValueError(f"f8 [{n}, {k}]: the weight holds NaN or infinite values")
-    scale = fp8_row_scales(w)
+    scale = fp8_row_scales(w, gain=gain)
     q = (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return Packed("f8", q.contiguous(), (n, k), k, scale.contiguous())
 
@@ -185,35 +188,59 @@ def quantize_fp8(w: torch.Tensor, group: int) -> Packed:
 # dequantized GGUFs of SmolLM2-135M / Gemma 3 270M, RMS error over the packed layers 2.63% → 2.45%
 # / 2.64% → 2.40%; the logits' KL to float32 (benchmarks/ppl_text.txt, the head kept in float)
 # 12.7e-3 → 9.6e-3 / 11.7e-3 → 11.3e-3 (docs/quantization.md).
+#
+# The error that matters is the layer's output's, y = W·(g ⊙ x̂), where a block's RMSNorm hands
+# the q|k|v and gate|up projections x̂ of unit RMS times its gain g. With no data to say more, take
+# x̂'s channels as alike and uncorrelated: the output's expected squared error is then
+# Σ_k g_k² e_k², so that is what the search weighs each weight's error by (``gain``; none for o and
+# down, whose inputs no norm scales). Channels with large gains are the ones activations carry.
 SCALE_STEPS = 16
 CHUNK = 1 << 14  # weights a CPU search step takes (times the candidates: a few MB, in cache)
 CHUNK_GPU = 1 << 22
 _SPLIT = 2.0 ** 20 + 1  # Veltkamp's splitter: float32's 24 significant bits less e4m3's 4
 
 
-def fp8_row_scales(w: torch.Tensor, steps: int = SCALE_STEPS) -> torch.Tensor:
+def fp8_row_scales(w: torch.Tensor, steps: int = SCALE_STEPS, gain: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of w [N, K] (float32), the float32 scale [N, 1] with the least squared e4m3 error
-    among ``steps`` candidates (see SCALE_STEPS), found a few rows at a time (about CHUNK weights
-    times ``steps``): no [N, K] copies. A CUDA weight is searched in torch, on its device; on the
-    CPU in NumPy, on one thread (about 20 ns a weight): torch would enter its thread pool at each
-    of these small operations, and on a busy 2-core machine its threads waiting on each other made
-    the search ten times slower (a pool of NumPy threads was no faster there either)."""
+    among ``steps`` candidates (see SCALE_STEPS), each input channel's error weighted by
+    ``gain[k]²`` when a gain [K] is given, found a few rows at a time (about CHUNK weights times
+    ``steps``): no [N, K] copies. A CUDA weight is searched in torch, on its device; on the CPU in
+    NumPy, on one thread (about 20 ns a weight): torch would enter its thread pool at each of these
+    small operations, and on a busy 2-core machine its threads waiting on each other made the
+    search ten times slower (a pool of NumPy threads was no faster there either)."""
     n, k = w.shape
     base = (w.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # max-abs
     ratios = (2.0 ** (torch.arange(steps, dtype=torch.float64) / steps)).float().to(w.device)
+    weights = _channel_weights(gain, k, w.device)
     on_cpu = w.device.type == "cpu"
-    x, s0, r = (t.detach().numpy() for t in (w, base, ratios)) if on_cpu else (w, base, ratios)
+    x, s0, r, h = ((t if t is None else t.detach().numpy()) for t in (w, base, ratios, weights)) if on_cpu \
+        else (w, base, ratios, weights)
     rows = max(1, (CHUNK if on_cpu else CHUNK_GPU) // k)
-    best = [_best_ratio(x[i:i + rows], s0[i:i + rows], r) for i in range(0, n, rows)]
+    best = [_best_ratio(x[i:i + rows], s0[i:i + rows], r, h) for i in range(0, n, rows)]
     best = torch.from_numpy(np.concatenate(best)) if on_cpu else torch.cat(best)
     return base * ratios[best, None]
 
 
-def _best_ratio(part, s0, ratios):
-    """The index of the best ratio for each row of part [rows, K] (NumPy or torch, float32)."""
+def _channel_weights(gain: torch.Tensor | None, k: int, device) -> torch.Tensor | None:
+    """gain [K] → float32 g² scaled to mean 1 (None: every channel alike)."""
+    if gain is None:
+        return None
+    if gain.shape != (k,):
+        raise ValueError(f"f8: a gain of shape {tuple(gain.shape)} for a weight of {k} input channels")
+    h = gain.detach().float().to(device).square()
+    if not torch.isfinite(h).all():
+        raise ValueError("f8: the input's gain holds NaN or infinite values")
+    mean = h.mean()
+    return h / mean if mean > 0 else None
+
+
+def _best_ratio(part, s0, ratios, weights=None):
+    """The index of the best ratio for each row of part [rows, K] (NumPy or torch, float32),
+    each channel's squared error times weights [K] if given."""
     y = part / (s0 * ratios[:, None, None])  # [steps, rows, K], |y| <= 448 / ratio: nothing clips
     e = _round_e4m3(y) - y
-    err = (e * e).sum(-1) * (ratios * ratios)[:, None]  # in units of the max-abs scale
+    e2 = e * e if weights is None else e * e * weights
+    err = e2.sum(-1) * (ratios * ratios)[:, None]  # in units of the max-abs scale
     return err.argmin(0)  # the first of equal errors: max-abs
 
 

@@ -25,14 +25,41 @@ from rung.quant.formats import Packed, fits, quantize
 from rung.quant.linear import GATE_BLOCK, PackedEmbedding, PackedLinear, interleave_gate_up
 
 
-def _packed(weight: torch.Tensor, fmt: str, group: int | None) -> Packed:
-    return quantize(weight, fmt, group)
+def _packed(weight: torch.Tensor, fmt: str, group: int | None, gain: torch.Tensor | None = None) -> Packed:
+    return quantize(weight, fmt, group, gain)
 
 
-def _linear(layer, fmt: str, group: int | None) -> PackedLinear:
+def _linear(layer, fmt: str, group: int | None, gain: torch.Tensor | None = None) -> PackedLinear:
     if isinstance(layer, PackedLinear):
         return layer
-    return PackedLinear(_packed(layer.weight, fmt, group), layer.bias)
+    return PackedLinear(_packed(layer.weight, fmt, group, gain), layer.bias)
+
+
+def norm_gain(norm: nn.Module) -> torch.Tensor | None:
+    """The per-channel gain a norm multiplies its output by (RMSNorm: offset + w, Gemma's 1 + w;
+    LayerNorm: w), or None where there is none (NoNorm)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    return weight.detach().float() + getattr(norm, "offset", 0.0)
+
+
+def input_gains(model: Decoder) -> dict[str, torch.Tensor]:
+    """The layers whose input is a block norm's output, by parameter name, with that norm's gain:
+    the attention's input projections (attn_norm) and the MLP's gate|up or up (mlp_norm). The fp8
+    scale search weighs channels by it (rung/quant/formats.py, SCALE_STEPS)."""
+    out = {}
+    for i, block in enumerate(model.layers):
+        t = f"layers.{i}."
+        attn, mlp = norm_gain(block.attn_norm), norm_gain(block.mlp_norm)
+        if attn is not None:
+            for name, _ in _attention_projections(model.config, block.attn):
+                if name in ("qkv_proj", "q_proj", "q_a_proj", "kv_a_proj"):
+                    out[t + f"attn.{name}.weight"] = attn
+        if mlp is not None:
+            for name in ("gate_up_proj", "up_proj"):
+                out[t + f"mlp.{name}.weight"] = mlp
+    return out
 
 
 def default_head_format(fmt: str) -> str | None:
@@ -93,11 +120,13 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
     head_fmt = head_fmt or default_head_format(fmt)
     c = model.config
     h, inter = c.hidden_size, c.intermediate_size
+    gains = input_gains(model)
 
     def pack(owner: nn.Module, name: str, prefix: str, in_features: int) -> None:
         layer = getattr(owner, name)
         if layer is not None and fits(fmt, in_features, group):
-            setattr(owner, name, _kept_or_packed(layer, packed.get(f"{prefix}{name}.weight"), fmt, group))
+            key = f"{prefix}{name}.weight"
+            setattr(owner, name, _kept_or_packed(layer, packed.get(key), fmt, group, gains.get(key)))
 
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}."
@@ -106,13 +135,14 @@ def pack_model(model: Decoder, fmt: str = "f32", group: int | None = None, head_
         mlp = block.mlp
         if not isinstance(mlp, MLP):  # MoE: the experts packed (rung/quant/experts.py), the router kept
             if can_pack(mlp, fmt, group):
-                pack_experts(mlp, fmt, group)
+                pack_experts(mlp, fmt, group, norm_gain(block.mlp_norm))
             continue
         pack(mlp, "up_proj", prefix + "mlp.", h)
         pack(mlp, "down_proj", prefix + "mlp.", inter)
         if isinstance(mlp.gate_up_proj, nn.Linear) and fits(fmt, h, group):
             kept = packed.get(prefix + "mlp.gate_up_proj.weight")
-            weight = kept if kept is not None else _packed(mlp.gate_up_proj.weight, fmt, group)
+            weight = kept if kept is not None else _packed(mlp.gate_up_proj.weight, fmt, group,
+                                                           gains.get(prefix + "mlp.gate_up_proj.weight"))
             bias = mlp.gate_up_proj.bias
             if inter % GATE_BLOCK == 0:  # act(gate)·up inside the layer's kernel
                 order = interleave_gate_up(torch.arange(inter), torch.arange(inter, 2 * inter))
@@ -132,10 +162,11 @@ def _on(p: Packed, device: torch.device) -> Packed:
     return Packed(p.fmt, move(p.data), p.shape, p.group, move(p.scale), move(p.offset))
 
 
-def _kept_or_packed(layer, kept: Packed | None, fmt: str, group: int | None) -> PackedLinear:
+def _kept_or_packed(layer, kept: Packed | None, fmt: str, group: int | None,
+                    gain: torch.Tensor | None = None) -> PackedLinear:
     if kept is not None:
         return PackedLinear(kept, layer.bias)
-    return _linear(layer, fmt, group)
+    return _linear(layer, fmt, group, gain)
 
 
 def _pack_head(model: Decoder, fmt: str, group: int | None, packed: dict[str, Packed]) -> None:

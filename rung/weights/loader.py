@@ -363,18 +363,23 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "float32",
         model = _empty(config, torch_dtype, device, shard)
         params = dict(model.named_parameters())
         shapes = _full_shapes(model, shard)
-        packed = {}
+        packed, gains = {}, None
+        if packed_formats:  # the packed weights last: their quantizer reads the norms' gains (input_gains)
+            rules = sorted(rules, key=lambda r: r.target in packed_formats)
         last_name, last = None, None  # gpt2's attn_qkv and fused experts feed several parameters in a row
         for done, rule in enumerate(rules, 1):
             if packed_formats and rule.target in packed_formats:
                 from rung.quant.formats import quantize
+                from rung.quant.rewrite import input_gains
 
                 fmt, group = packed_formats[rule.target]
                 kept = _kept(gf, rule, fmt, group, shapes[rule.target])
                 if kept is None:
+                    gains = input_gains(model) if gains is None else gains
                     tensors = [gf.read(s) for s in rule.sources]
                     value = rule.convert(*tensors) if rule.convert else tensors[0]
-                    kept = quantize(value if shard is None else shard.slice(rule.target, value), fmt, group)
+                    kept = quantize(value if shard is None else shard.slice(rule.target, value), fmt, group,
+                                    gains.get(rule.target))
                 elif shard is not None:
                     kept = shard.slice_packed(rule.target, kept)
                 packed[rule.target] = kept
