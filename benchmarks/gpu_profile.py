@@ -8,6 +8,7 @@ does): what ``triton_gemv.gemv_config``'s rule was drawn from; and decode attent
 the keys against one program a (token, kv head).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_profile.py [--models ...] [--steps 5] [--kernels]
+    ... --prefill 32768 --models gpt-oss-20b   (where a long prompt's prefill goes instead)
 """
 
 from __future__ import annotations
@@ -54,12 +55,7 @@ def profile(name: str, steps: int, top: int, fmt: str | None = None) -> None:
             for _ in range(steps):
                 eager.run(ids, [chunk])
             torch.cuda.synchronize()
-    kernels = collections.defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels[ev.name[:90]]
-            k[0] += 1
-            k[1] += ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+    kernels = _grouped(prof)
     total = sum(v[1] for v in kernels.values()) / steps
     count = sum(v[0] for v in kernels.values()) / steps
     print(f"\n## {name}: graph replay {replay_us:.0f} µs/step; eager kernels {total:.0f} µs/step busy in "
@@ -193,6 +189,50 @@ def attention_timing() -> None:
     gpu.free()
 
 
+def _grouped(prof) -> dict:
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[ev.name[:90]]
+            k[0] += 1
+            k[1] += ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+    return kernels
+
+
+def profile_prefill(name: str, tokens: int, top: int) -> None:
+    """Where a ``tokens``-long prompt's prefill goes (the engine's chunked prefill, 8K tokens a
+    step, as benchmarks/gpu.py times TTFT): kernels grouped by name, µs for the whole prompt."""
+    import time
+
+    from rung.engine.engine import Engine, EngineConfig
+    from rung.engine.sampling_params import SamplingParams
+
+    model = gpu.rung_model(name)
+    engine = Engine(model, gpu.NullTokenizer(), EngineConfig(block_size=16, num_blocks=tokens // 16 + 128,
+                                                             max_batch_tokens=8192, max_seqs=4, prefix_caching=False),
+                    max_model_len=tokens + 1024)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    c = model.config
+    with torch.inference_mode():
+        engine.run([(gpu.prompt(c.vocab_size, min(tokens, 16384), 1), one)])  # warm-up: kernel variants
+        gpu.sync()
+        t0 = time.perf_counter()
+        engine.run([(gpu.prompt(c.vocab_size, tokens, 2), one)])
+        gpu.sync()
+        ttft = time.perf_counter() - t0
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.run([(gpu.prompt(c.vocab_size, tokens, 3), one)])
+            torch.cuda.synchronize()
+    kernels = _grouped(prof)
+    total = sum(v[1] for v in kernels.values())
+    print(f"\n## {name}: prefill of {tokens} tokens, TTFT {ttft * 1e3:.0f} ms; kernels {total / 1e3:.0f} ms busy "
+          f"in {sum(v[0] for v in kernels.values())} launches ({c.num_layers} layers)")
+    for kname, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {us / 1e3:8.1f} ms  {100 * us / total:4.1f}%  {n:5d}×  {kname}")
+    del engine, model
+    gpu.free()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=gpu.MODELS)
@@ -200,7 +240,12 @@ def main():
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--format", default=None, help="pack the model first: q8, q4 or f8")
     ap.add_argument("--kernels", "--gemv", action="store_true", help="the GEMV sweep and the attention timing only")
+    ap.add_argument("--prefill", type=int, default=0, help="profile the prefill of a prompt this long instead")
     args = ap.parse_args()
+    if args.prefill:
+        for name in args.models:
+            profile_prefill(name, args.prefill, args.top)
+        return
     if args.kernels:
         gemv_sweep()
         attention_timing()
