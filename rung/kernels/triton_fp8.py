@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from rung.kernels.triton_pdl import pdl_wait, pdl_wanted
 from rung.kernels.triton_quant import ACTS, INTERPRET, _epilogue, _rows, _tuned, gated_ref
 
 FP8 = torch.float8_e4m3fn
@@ -85,10 +86,13 @@ def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr, CVT: tl.c
 @triton.jit
 def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym, EIDS, rows_e, x_div,
                     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr, EXPERTS: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr, EXPERTS: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """One output row (program_id 1) against BLOCK_N weight rows: products summed per element over
     the K loop, reduced once, scaled by the row's scale · 256. EXPERTS: D and S are stacks of
-    ``rows_e``-row matrices; output row r reads expert EIDS[r] and x row r // x_div."""
+    ``rows_e``-row matrices; output row r reads expert EIDS[r] and x row r // x_div. PDL: launched
+    with programmatic dependent launch (kernels/triton_pdl.py), it waits first thing."""
+    pdl_wait(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NOUT
     row = _rows(n, GATED)
@@ -134,6 +138,7 @@ def gemv(x, data, scale, bias=None, act=None, config=None, experts: torch.Tensor
     cvt = hardware_cvt(x)
     codes = data.view(torch.uint8)
     scale = scale.reshape(-1) if experts is None else scale
+    pdl = pdl_wanted(x.device)
 
     def launch(cfg):
         bn, bk, warps = cfg
@@ -141,7 +146,7 @@ def gemv(x, data, scale, bias=None, act=None, config=None, experts: torch.Tensor
             x, codes, scale, bias if bias is not None else scale, y, n_out, k, x.stride(0), y.stride(0),
             scale if experts is None else experts, n, x_div,
             GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, CVT=cvt,
-            EXPERTS=experts is not None, num_warps=warps)
+            EXPERTS=experts is not None, PDL=pdl, launch_pdl=pdl, num_warps=warps)
         return y
 
     if config is not None:
