@@ -73,11 +73,17 @@ def _e4m3_over_256(b):
 
 
 @triton.jit
-def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr, CVT: tl.constexpr):
+def _fp8_codes(D, row, n_in, k0, K, BLOCK_K: tl.constexpr):
+    """The codes of rows ``row`` [BN] over one K step: [BN, BLOCK_K] uint8."""
     kk = k0 + tl.arange(0, BLOCK_K)
-    k_in = kk < K
-    x = tl.load(xr + kk, mask=k_in, other=0.0).to(tl.float32)
-    b = tl.load(D + row[:, None].to(tl.int64) * K + kk[None, :], mask=n_in[:, None] & k_in[None, :], other=0)
+    return tl.load(D + row[:, None].to(tl.int64) * K + kk[None, :], mask=n_in[:, None] & (kk < K)[None, :], other=0)
+
+
+@triton.jit
+def _fp8_row_dots(xr, b, acc, k0, K, BLOCK_K: tl.constexpr, CVT: tl.constexpr):
+    """acc + the codes ``b`` (``_fp8_codes``) times x over one K step, elementwise."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(xr + kk, mask=kk < K, other=0.0).to(tl.float32)
     if CVT:  # the codes as float8e4nv: the hardware's pairwise e4m3 → float16 conversion (sm89+)
         return acc + b.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
     return acc + _e4m3_over_256(b.to(tl.int32)) * x[None, :]
@@ -91,8 +97,12 @@ def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym, EIDS, rows_e, x_div,
     """One output row (program_id 1) against BLOCK_N weight rows: products summed per element over
     the K loop, reduced once, scaled by the row's scale · 256. EXPERTS: D and S are stacks of
     ``rows_e``-row matrices; output row r reads expert EIDS[r] and x row r // x_div. PDL: launched
-    with programmatic dependent launch (kernels/triton_pdl.py), it waits first thing."""
-    pdl_wait(PDL)
+    with programmatic dependent launch (kernels/triton_pdl.py): the first K step's codes are
+    loaded before the wait (no kernel writes weights; an expert's are chosen by data, so EXPERTS
+    waits first), x and everything after it."""
+    EARLY_W: tl.constexpr = PDL and not EXPERTS
+    if not EARLY_W:
+        pdl_wait(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NOUT
     row = _rows(n, GATED)
@@ -105,10 +115,19 @@ def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym, EIDS, rows_e, x_div,
     xr = X + m * sxm
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        acc1 = _fp8_row_dots(xr, D, acc1, row, n_in, k0, K, BLOCK_K, CVT)
+    if EARLY_W:  # the loop's first step, its codes loaded before the wait
+        b1 = _fp8_codes(D, row, n_in, 0, K, BLOCK_K)
+        b2 = b1
         if GATED:
-            acc2 = _fp8_row_dots(xr, D, acc2, row + 8, n_in, k0, K, BLOCK_K, CVT)
+            b2 = _fp8_codes(D, row + 8, n_in, 0, K, BLOCK_K)
+        pdl_wait(PDL)
+        acc1 = _fp8_row_dots(xr, b1, acc1, 0, K, BLOCK_K, CVT)
+        if GATED:
+            acc2 = _fp8_row_dots(xr, b2, acc2, 0, K, BLOCK_K, CVT)
+    for k0 in range(BLOCK_K if EARLY_W else 0, K, BLOCK_K):
+        acc1 = _fp8_row_dots(xr, _fp8_codes(D, row, n_in, k0, K, BLOCK_K), acc1, k0, K, BLOCK_K, CVT)
+        if GATED:
+            acc2 = _fp8_row_dots(xr, _fp8_codes(D, row + 8, n_in, k0, K, BLOCK_K), acc2, k0, K, BLOCK_K, CVT)
     unit: tl.constexpr = 1.0 if CVT else 256.0
     r1 = tl.sum(acc1, 1) * (tl.load(S + row, mask=n_in, other=0.0) * unit)
     r2 = tl.sum(acc2, 1)
