@@ -11,7 +11,8 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-tp = pytest.importorskip("rung.kernels.triton_pdl")
+
+from rung.kernels import triton_pdl as tp  # noqa: E402  (imports Triton)
 
 
 @pytest.fixture
@@ -85,10 +86,10 @@ DP4A_POINTERS = {"XW": "*i32", "D": "*i32", "EIDS": "*i32", "STEP": "*fp32", "XS
 
 
 def test_a_pdl_gemv_loads_its_first_weights_before_the_wait_and_nothing_else():
-    """The dp4a and bf16 GEMVs launched with PDL: griddepcontrol.wait and .launch_dependents in
+    """The dp4a, fp8 and bf16 GEMVs launched with PDL: griddepcontrol.wait and .launch_dependents in
     the PTX, only the weight words loaded before the wait (x, scales, expert ids after); a
     mixture's GEMV, whose expert ids are data, loads nothing before it; without PDL, no gdc."""
-    from rung.kernels import triton_dp4a, triton_gemv
+    from rung.kernels import triton_dp4a, triton_fp8, triton_gemv
 
     ints = ("NOUT", "K", "N", "M")
     off = _ptx(triton_dp4a.gemv_dp4a_kernel, DP4A_POINTERS, dict(DP4A, EXPERTS=False, PDL=False), ints)
@@ -99,6 +100,10 @@ def test_a_pdl_gemv_loads_its_first_weights_before_the_wait_and_nothing_else():
     assert _loads_before_wait(on) == 8
     experts = _ptx(triton_dp4a.gemv_dp4a_kernel, DP4A_POINTERS, dict(DP4A, EXPERTS=True, PDL=True), ints)
     assert _loads_before_wait(experts) == 0
+    fp8 = dict(GATED=True, ACT=1, HAS_BIAS=False, BLOCK_N=4, BLOCK_K=512, CVT=True)
+    fp8_pointers = {"D": "*u8", "S": "*fp32", "B": "*fp32", "EIDS": "*i32"}
+    assert _loads_before_wait(_ptx(triton_fp8.fp8_gemv_kernel, fp8_pointers, dict(fp8, EXPERTS=False, PDL=True), ints)) > 0
+    assert _loads_before_wait(_ptx(triton_fp8.fp8_gemv_kernel, fp8_pointers, dict(fp8, EXPERTS=True, PDL=True), ints)) == 0
     bf16 = _ptx(triton_gemv.gemv_kernel, {}, dict(M_P=1, GATED=False, HAS_BIAS=False, BLOCK_N=2, BLOCK_K=1024,
                                                   STAGES=1, PDL=True), ints)
     assert 0 < _loads_before_wait(bf16) and "griddepcontrol.launch_dependents" in bf16
