@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from rung.kernels.paged_attention import tile_rows
+from rung.kernels.triton_pdl import pdl_wait, pdl_wanted
 
 
 @triton.jit
@@ -18,8 +19,9 @@ def paged_attention_kernel(
     sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, IEEE: tl.constexpr,
-    EARLY_V: tl.constexpr = False,
+    EARLY_V: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # programmatic dependent launch (kernels/triton_pdl.py): q is the kernel before's
     tile = tl.program_id(0)
     h = tl.program_id(1)  # kv head
     first = tl.load(TileFirst + tile)
@@ -95,14 +97,16 @@ def paged_decode_split_kernel(
     sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     D_P: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, IEEE: tl.constexpr,
-    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """A decode token's keys cut into SPLITS ranges of whole BLOCK_N steps, one program each
     (flash-decoding): a batch-1 step is a handful of (token, kv head) tiles, and one program
     walking 100+ keys in a row waits on a memory round trip per step. Each program writes its
     running max, sum and unnormalised output for the GROUP query heads; the last of a tile's
     programs to finish (an atomic count, reset by that program for the next launch) merges them
-    and folds in the sink."""
+    and folds in the sink. PDL: launched with programmatic dependent launch (kernels/triton_pdl.py),
+    it waits first thing: q, the pool and the counters are earlier kernels'."""
+    pdl_wait(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -227,6 +231,7 @@ def split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_si
     part_acc = torch.empty(pairs * splits * group_p, d_p, dtype=torch.float32, device=q.device)
     part_m = torch.empty(pairs * splits * group_p, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
+    pdl = pdl_wanted(q.device)
     paged_decode_split_kernel[(first.shape[0], hkv, splits)](
         q, k_pool, v_pool, out, tables, positions, first, row, sinks if sinks is not None else q,
         part_acc, part_m, part_l, _counters(q.device), float(scale), int(window or 0),
@@ -234,7 +239,7 @@ def split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_si
         out.stride(0), out.stride(1), tables.stride(0),
         GROUP=group, GROUP_P=group_p, BLOCK_M=max(16, group_p), BLOCK_N=32, D=d, D_P=d_p, PAGE=block_size,
         HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, IEEE=q.dtype == torch.float32, SPLITS=splits,
-        SPLITS_P=triton.next_power_of_2(splits),
+        SPLITS_P=triton.next_power_of_2(splits), PDL=pdl, launch_pdl=pdl,
         num_warps=4)
     return out
 
@@ -256,6 +261,7 @@ def triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_si
         return split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale)
     out = torch.empty_like(q)
     grid = (first.shape[0], hkv)
+    pdl = pdl_wanted(q.device)
     paged_attention_kernel[grid](
         q, k_pool, v_pool, out, tables, positions, first, count, row, sinks if sinks is not None else q,
         float(scale), int(window or 0),
@@ -263,14 +269,15 @@ def triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_si
         out.stride(0), out.stride(1), tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32, D=d, D_P=1 << (d - 1).bit_length(),
         PAGE=block_size, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
-        IEEE=q.dtype == torch.float32, EARLY_V=decode, num_warps=4 if block_m <= 64 else 8,
+        IEEE=q.dtype == torch.float32, EARLY_V=decode, PDL=pdl, launch_pdl=pdl, num_warps=4 if block_m <= 64 else 8,
     )
     return out
 
 
 @triton.jit
 def write_kv_kernel(KP, VP, Slots, K, V, skp_s, skp_h, svp_s, svp_h, sk_n, sk_h, sv_n, sv_h,
-                    D: tl.constexpr, D_P: tl.constexpr):
+                    D: tl.constexpr, D_P: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, D_P)
@@ -284,9 +291,10 @@ def triton_write_kv(k_pool, v_pool, slots, k, v) -> None:
     n, hkv, d = k.shape
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
+    pdl = pdl_wanted(k.device)
     write_kv_kernel[(n, hkv)](k_pool, v_pool, slots, k, v, k_pool.stride(0), k_pool.stride(1), v_pool.stride(0),
                               v_pool.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                              D=d, D_P=1 << (d - 1).bit_length(), num_warps=1)
+                              D=d, D_P=1 << (d - 1).bit_length(), PDL=pdl, launch_pdl=pdl, num_warps=1)
 
 
 # ---- prefill: FlashAttention-2 over the paged pool --------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rung.kernels.triton_pdl import pdl_wait, pdl_wanted
 from rung.kernels.triton_quant import ACTS, INTERPRET, _epilogue, _rows, _tuned, gated_ref
 
 GEMV_M = 4
@@ -134,8 +135,10 @@ def round_runs(x):
 
 
 @triton.jit
-def quantize_runs_kernel(X, XQ, STEP, XSUM, K, sxm, RUNS: tl.constexpr):
-    """One program per (row, RUNS runs): ``quantize_runs_ref`` on the GPU."""
+def quantize_runs_kernel(X, XQ, STEP, XSUM, K, sxm, RUNS: tl.constexpr, PDL: tl.constexpr = False):
+    """One program per (row, RUNS runs): ``quantize_runs_ref`` on the GPU. PDL: launched with
+    programmatic dependent launch (kernels/triton_pdl.py), it waits first thing."""
+    pdl_wait(PDL)
     m = tl.program_id(0).to(tl.int64)
     run = tl.program_id(1) * RUNS + tl.arange(0, RUNS)
     r_in = run < K // 32
@@ -148,15 +151,24 @@ def quantize_runs_kernel(X, XQ, STEP, XSUM, K, sxm, RUNS: tl.constexpr):
 
 
 @triton.jit
-def _run_sums(XW, STEP, XSUM, D, S, O, row, n_in, run, r_in, wpr, K, group,
+def _words(D, row, n_in, run, r_in, wpr, FMT: tl.constexpr):
+    """The weight words of rows ``row`` [BN] over runs ``run`` [RUNS]: [BN, RUNS, 8] (q8) or
+    [BN, RUNS, 4] (q4, two nibbles of a run's values a byte)."""
+    WORDS: tl.constexpr = 8 if FMT == 8 else 4  # a run's words
+    m3 = (n_in[:, None] & r_in[None, :])[:, :, None]
+    kw = run[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
+    return tl.load(D + row[:, None, None] * wpr + kw[None], mask=m3, other=0)
+
+
+@triton.jit
+def _run_sums(XW, STEP, XSUM, w, S, O, row, n_in, run, r_in, K, group,
               FMT: tl.constexpr, PER_ROW: tl.constexpr, ASM: tl.constexpr):
-    """[BN, RUNS] float32: each row's dot with x over each run (per-row q8 scales left out)."""
+    """[BN, RUNS] float32: each row's dot with x over each run (per-row q8 scales left out), from
+    the rows' words ``w`` (``_words``)."""
     m2 = n_in[:, None] & r_in[None, :]
-    m3 = m2[:, :, None]
     step = tl.load(STEP + run, mask=r_in, other=0.0)[None, :]
     if FMT == 8:
         kw = run[:, None] * 8 + tl.arange(0, 8)[None, :]  # [RUNS, 8] words of the run
-        w = tl.load(D + row[:, None, None] * wpr + kw[None], mask=m3, other=0)
         xw = tl.load(XW + kw, mask=r_in[:, None], other=0)
         dots = tl.sum(dp4a(w, xw[None], tl.zeros_like(w), True, ASM), 2)
         out = dots.to(tl.float32) * step
@@ -165,9 +177,7 @@ def _run_sums(XW, STEP, XSUM, D, S, O, row, n_in, run, r_in, wpr, K, group,
                            other=0.0).to(tl.float32)
     else:
         j = tl.arange(0, 4)
-        kw = run[:, None] * 4 + j[None, :]  # [RUNS, 4] words of packed weights
-        xk = run[:, None] * 8 + j[None, :]  # their low nibbles' activation words; the high: +4
-        w = tl.load(D + row[:, None, None] * wpr + kw[None], mask=m3, other=0)
+        xk = run[:, None] * 8 + j[None, :]  # the words' low nibbles' activation words; the high: +4
         xlo = tl.load(XW + xk, mask=r_in[:, None], other=0)[None]
         xhi = tl.load(XW + xk + 4, mask=r_in[:, None], other=0)[None]
         lo = w & 0x0F0F0F0F
@@ -185,11 +195,17 @@ def _run_sums(XW, STEP, XSUM, D, S, O, row, n_in, run, r_in, wpr, K, group,
 def gemv_dp4a_kernel(XW, STEP, XSUM, D, S, O, B, Y, NOUT, K, group, wpr, sym, EIDS, rows_e, x_div,
                      FMT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                      PER_ROW: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr,
-                     EXPERTS: tl.constexpr):
+                     EXPERTS: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (BLOCK_N outputs, output row): the weight rows' words streamed once, RUNS
     runs a step. XW: int8 activations as int32 words; D: the weights as int32 words, ``wpr`` a row.
     EXPERTS: D, S, O are stacks of ``rows_e``-row matrices, output row r reads expert EIDS[r] and
-    x row r // x_div (a mixture-of-experts step: one row per (token, choice))."""
+    x row r // x_div (a mixture-of-experts step: one row per (token, choice)).
+    PDL: launched with programmatic dependent launch (kernels/triton_pdl.py): the first step's
+    weight words are loaded before the wait (no kernel writes them; an expert's are chosen by data,
+    so EXPERTS waits first), x and everything after it."""
+    EARLY_W: tl.constexpr = PDL and not EXPERTS
+    if not EARLY_W:
+        pdl_wait(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NOUT
     row = _rows(n, GATED).to(tl.int64)
@@ -206,12 +222,24 @@ def gemv_dp4a_kernel(XW, STEP, XSUM, D, S, O, B, Y, NOUT, K, group, wpr, sym, EI
     ri = tl.arange(0, RUNS)
     acc1 = tl.zeros([BLOCK_N, RUNS], tl.float32)
     acc2 = tl.zeros([BLOCK_N, RUNS], tl.float32)
-    for r0 in range(0, K // 32, RUNS):
+    if EARLY_W:  # the loop's first step, its weights loaded before the wait
+        r_in = ri < K // 32
+        w1 = _words(D, row, n_in, ri, r_in, wpr, FMT)
+        w2 = w1
+        if GATED:
+            w2 = _words(D, row + 8, n_in, ri, r_in, wpr, FMT)
+        pdl_wait(PDL)
+        acc1 += _run_sums(xw, step, xsum, w1, S, O, row, n_in, ri, r_in, K, group, FMT, PER_ROW, ASM)
+        if GATED:
+            acc2 += _run_sums(xw, step, xsum, w2, S, O, row + 8, n_in, ri, r_in, K, group, FMT, PER_ROW, ASM)
+    for r0 in range(RUNS if EARLY_W else 0, K // 32, RUNS):
         run = r0 + ri
         r_in = run < K // 32
-        acc1 += _run_sums(xw, step, xsum, D, S, O, row, n_in, run, r_in, wpr, K, group, FMT, PER_ROW, ASM)
+        w1 = _words(D, row, n_in, run, r_in, wpr, FMT)
+        acc1 += _run_sums(xw, step, xsum, w1, S, O, row, n_in, run, r_in, K, group, FMT, PER_ROW, ASM)
         if GATED:
-            acc2 += _run_sums(xw, step, xsum, D, S, O, row + 8, n_in, run, r_in, wpr, K, group, FMT, PER_ROW, ASM)
+            w2 = _words(D, row + 8, n_in, run, r_in, wpr, FMT)
+            acc2 += _run_sums(xw, step, xsum, w2, S, O, row + 8, n_in, run, r_in, K, group, FMT, PER_ROW, ASM)
     r1 = tl.sum(acc1, 1)
     r2 = tl.sum(acc2, 1)
     if PER_ROW and FMT == 8:
@@ -281,7 +309,9 @@ def quantize_runs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     step = torch.empty(m, k // 32, dtype=torch.float32, device=x.device)
     xsum = torch.empty_like(step)
     runs = 16
-    quantize_runs_kernel[(m, triton.cdiv(k // 32, runs))](x, xq, step, xsum, k, x.stride(0), RUNS=runs, num_warps=4)
+    pdl = pdl_wanted(x.device)
+    quantize_runs_kernel[(m, triton.cdiv(k // 32, runs))](x, xq, step, xsum, k, x.stride(0), RUNS=runs, PDL=pdl,
+                                                          launch_pdl=pdl, num_warps=4)
     return xq, step, xsum
 
 
@@ -308,6 +338,7 @@ def gemv_dp4a(x, fmt, data, scale, offset, group, bias=None, act=None, config=No
     xq, step, xsum = recorded(x) or quantize_runs(x)  # the norm's rounding of x, or a launch for it
     words = data.view(torch.int32)
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device) if out is None else out
+    pdl = pdl_wanted(x.device)
 
     def launch(cfg):
         bn, runs, warps = cfg
@@ -318,7 +349,7 @@ def gemv_dp4a(x, fmt, data, scale, offset, group, bias=None, act=None, config=No
             step if experts is None else experts, n, x_div,
             FMT=8 if fmt == "q8" else 4, GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None,
             PER_ROW=group == k, ASM=not INTERPRET, BLOCK_N=bn, RUNS=runs, EXPERTS=experts is not None,
-            num_warps=warps)
+            PDL=pdl, launch_pdl=pdl, num_warps=warps)
         return y
 
     if config is not None:

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from rung.kernels import triton_dp4a
 from rung.kernels.triton_dp4a import round_runs
+from rung.kernels.triton_pdl import pdl_wait, pdl_wanted
 
 
 @triton.jit
@@ -25,8 +26,11 @@ def _write_runs(out, XQ, STEP, XSUM, row, n_cols, BLOCK: tl.constexpr):
 
 @triton.jit
 def rms_norm_kernel(X, W, Y, n_cols, sx, sy, eps, offset, XQ, STEP, XSUM, W_F32: tl.constexpr,
-                    BLOCK: tl.constexpr, RUNS_OUT: tl.constexpr = False):
-    """RUNS_OUT: the output's int8 rounding too (``_write_runs``), for the dp4a GEMV that reads it."""
+                    BLOCK: tl.constexpr, RUNS_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
+    """RUNS_OUT: the output's int8 rounding too (``_write_runs``), for the dp4a GEMV that reads it.
+    PDL: launched with programmatic dependent launch (kernels/triton_pdl.py); it waits first thing
+    (the gain, W = offset + w may be computed by the kernel just before)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     m = c < n_cols
@@ -45,9 +49,10 @@ def rms_norm_kernel(X, W, Y, n_cols, sx, sy, eps, offset, XQ, STEP, XSUM, W_F32:
 
 @triton.jit
 def add_rms_norm_kernel(X, R, W, S, Y, n_cols, sx, sr, eps, offset, XQ, STEP, XSUM, W_F32: tl.constexpr,
-                        BLOCK: tl.constexpr, RUNS_OUT: tl.constexpr = False):
+                        BLOCK: tl.constexpr, RUNS_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
     """s = x + r (rounded to the dtype, as PyTorch's add), then rms_norm_kernel's row of s: both
     written (and with RUNS_OUT the norm's rounding, as rms_norm_kernel's)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     m = c < n_cols
@@ -98,9 +103,10 @@ def triton_add_rms_norm(x, residual, weight, eps, offset, weight_in_float32, run
     w = weight if weight_in_float32 or not offset else (offset + weight)
     block = triton.next_power_of_2(d)
     runs_out = _runs_out(out, runs)
+    pdl = pdl_wanted(x.device)
     add_rms_norm_kernel[(rows.shape[0],)](rows, res, w, total, out, d, rows.stride(0), res.stride(0), float(eps),
                                           float(offset), *(runs_out or (out, out, out)), W_F32=weight_in_float32,
-                                          BLOCK=block, RUNS_OUT=runs_out is not None,
+                                          BLOCK=block, RUNS_OUT=runs_out is not None, PDL=pdl, launch_pdl=pdl,
                                           num_warps=max(1, min(16, block // 256)))
     _record(out, runs_out)
     return total, out
@@ -140,9 +146,11 @@ def triton_rms_norm(x, weight, eps, offset, weight_in_float32, runs: bool = Fals
     w = weight if weight_in_float32 or not offset else (offset + weight)
     block = triton.next_power_of_2(d)
     runs_out = _runs_out(out, runs)
+    pdl = pdl_wanted(x.device)
     rms_norm_kernel[(rows.shape[0],)](rows, w, out, d, rows.stride(0), d, float(eps), float(offset),
                                       *(runs_out or (out, out, out)), W_F32=weight_in_float32, BLOCK=block,
-                                      RUNS_OUT=runs_out is not None, num_warps=max(1, min(16, block // 256)))
+                                      RUNS_OUT=runs_out is not None, PDL=pdl, launch_pdl=pdl,
+                                      num_warps=max(1, min(16, block // 256)))
     _record(out, runs_out)
     return out
 
@@ -167,12 +175,15 @@ def triton_rotary(x, cos, signed_sin):
 def qk_norm_rope_kernel(QKV, QW, KW, C, S, Q_OUT, K_OUT, T, HQ, HKV, sqkv, sc_b, sc_t, ss_b, ss_t, eps,
                         KP, VP, Slots, skp_s, skp_h, svp_s, svp_h,
                         D: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
-                        W_F32: tl.constexpr, ROPE: tl.constexpr, TO_POOL: tl.constexpr = False):
+                        W_F32: tl.constexpr, ROPE: tl.constexpr, TO_POOL: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
     """One head of one token: the per-head RMSNorm, then RoPE, read from the fused q|k|v row and
     written to a contiguous q or k. The rotation's partner half is read a second time from memory
     (registers cannot be permuted), normalised with the same statistic. TO_POOL: a key head's
     program writes its key, and the token's value head of the same index, straight into the paged
-    pools at the token's slot (kernels/paged_attention.py's write_kv, one launch less)."""
+    pools at the token's slot (kernels/paged_attention.py's write_kv, one launch less). PDL: as
+    rms_norm_kernel's."""
+    pdl_wait(PDL)
     tok = tl.program_id(0)
     h = tl.program_id(1)  # 0..HQ-1: a query head; HQ..HQ+HKV-1: a key head
     b = tok // T
@@ -245,17 +256,19 @@ def triton_qk_norm_rope(qkv, hq, hkv, d, q_weight, k_weight, eps, weight_in_floa
         rot, cos, signed_sin, strides = 0, qkv, qkv, (0, 0, 0, 0)
     norm = q_weight is not None
     qkv_kernel_w = (q_weight, k_weight) if norm else (qkv, qkv)
+    pdl = pdl_wanted(qkv.device)
     qk_norm_rope_kernel[(b * t, hq + hkv)](rows, *qkv_kernel_w, cos, signed_sin, q, q if k is None else k, t, hq, hkv,
                                            rows.stride(0), *strides, float(eps), kp, vp, slots, *pool_strides,
                                            D=d, ROT=rot, BLOCK=triton.next_power_of_2(d), NORM=norm,
                                            W_F32=weight_in_float32, ROPE=rope, TO_POOL=kv_dest is not None,
-                                           num_warps=1)
+                                           PDL=pdl, launch_pdl=pdl, num_warps=1)
     return q, k
 
 
 @triton.jit
-def silu_mul_kernel(Y, O, n_cols, sy, BLOCK: tl.constexpr):
+def silu_mul_kernel(Y, O, n_cols, sy, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """[gate | up] rows → silu(gate) · up, rounding where PyTorch's two ops do (silu, then the product)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < n_cols
@@ -273,6 +286,7 @@ def triton_silu_mul(y):
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(*y.shape[:-1], width, dtype=y.dtype, device=y.device)
+    pdl = pdl_wanted(y.device)
     silu_mul_kernel[(rows.shape[0], triton.cdiv(width, 1024))](rows, out, width, rows.stride(0), BLOCK=1024,
-                                                               num_warps=4)
+                                                               PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from rung.kernels.triton_pdl import pdl_wait, pdl_wanted
 from rung.kernels.triton_quant import ACTS, INTERPRET, _epilogue, _rows, _tuned, gated_ref
 
 FP8 = torch.float8_e4m3fn
@@ -72,11 +73,17 @@ def _e4m3_over_256(b):
 
 
 @triton.jit
-def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr, CVT: tl.constexpr):
+def _fp8_codes(D, row, n_in, k0, K, BLOCK_K: tl.constexpr):
+    """The codes of rows ``row`` [BN] over one K step: [BN, BLOCK_K] uint8."""
     kk = k0 + tl.arange(0, BLOCK_K)
-    k_in = kk < K
-    x = tl.load(xr + kk, mask=k_in, other=0.0).to(tl.float32)
-    b = tl.load(D + row[:, None].to(tl.int64) * K + kk[None, :], mask=n_in[:, None] & k_in[None, :], other=0)
+    return tl.load(D + row[:, None].to(tl.int64) * K + kk[None, :], mask=n_in[:, None] & (kk < K)[None, :], other=0)
+
+
+@triton.jit
+def _fp8_row_dots(xr, b, acc, k0, K, BLOCK_K: tl.constexpr, CVT: tl.constexpr):
+    """acc + the codes ``b`` (``_fp8_codes``) times x over one K step, elementwise."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(xr + kk, mask=kk < K, other=0.0).to(tl.float32)
     if CVT:  # the codes as float8e4nv: the hardware's pairwise e4m3 → float16 conversion (sm89+)
         return acc + b.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
     return acc + _e4m3_over_256(b.to(tl.int32)) * x[None, :]
@@ -85,10 +92,17 @@ def _fp8_row_dots(xr, D, acc, row, n_in, k0, K, BLOCK_K: tl.constexpr, CVT: tl.c
 @triton.jit
 def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym, EIDS, rows_e, x_div,
                     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr, EXPERTS: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr, EXPERTS: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """One output row (program_id 1) against BLOCK_N weight rows: products summed per element over
     the K loop, reduced once, scaled by the row's scale · 256. EXPERTS: D and S are stacks of
-    ``rows_e``-row matrices; output row r reads expert EIDS[r] and x row r // x_div."""
+    ``rows_e``-row matrices; output row r reads expert EIDS[r] and x row r // x_div. PDL: launched
+    with programmatic dependent launch (kernels/triton_pdl.py): the first K step's codes are
+    loaded before the wait (no kernel writes weights; an expert's are chosen by data, so EXPERTS
+    waits first), x and everything after it."""
+    EARLY_W: tl.constexpr = PDL and not EXPERTS
+    if not EARLY_W:
+        pdl_wait(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NOUT
     row = _rows(n, GATED)
@@ -101,10 +115,19 @@ def fp8_gemv_kernel(X, D, S, B, Y, NOUT, K, sxm, sym, EIDS, rows_e, x_div,
     xr = X + m * sxm
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        acc1 = _fp8_row_dots(xr, D, acc1, row, n_in, k0, K, BLOCK_K, CVT)
+    if EARLY_W:  # the loop's first step, its codes loaded before the wait
+        b1 = _fp8_codes(D, row, n_in, 0, K, BLOCK_K)
+        b2 = b1
         if GATED:
-            acc2 = _fp8_row_dots(xr, D, acc2, row + 8, n_in, k0, K, BLOCK_K, CVT)
+            b2 = _fp8_codes(D, row + 8, n_in, 0, K, BLOCK_K)
+        pdl_wait(PDL)
+        acc1 = _fp8_row_dots(xr, b1, acc1, 0, K, BLOCK_K, CVT)
+        if GATED:
+            acc2 = _fp8_row_dots(xr, b2, acc2, 0, K, BLOCK_K, CVT)
+    for k0 in range(BLOCK_K if EARLY_W else 0, K, BLOCK_K):
+        acc1 = _fp8_row_dots(xr, _fp8_codes(D, row, n_in, k0, K, BLOCK_K), acc1, k0, K, BLOCK_K, CVT)
+        if GATED:
+            acc2 = _fp8_row_dots(xr, _fp8_codes(D, row + 8, n_in, k0, K, BLOCK_K), acc2, k0, K, BLOCK_K, CVT)
     unit: tl.constexpr = 1.0 if CVT else 256.0
     r1 = tl.sum(acc1, 1) * (tl.load(S + row, mask=n_in, other=0.0) * unit)
     r2 = tl.sum(acc2, 1)
@@ -134,6 +157,7 @@ def gemv(x, data, scale, bias=None, act=None, config=None, experts: torch.Tensor
     cvt = hardware_cvt(x)
     codes = data.view(torch.uint8)
     scale = scale.reshape(-1) if experts is None else scale
+    pdl = pdl_wanted(x.device)
 
     def launch(cfg):
         bn, bk, warps = cfg
@@ -141,7 +165,7 @@ def gemv(x, data, scale, bias=None, act=None, config=None, experts: torch.Tensor
             x, codes, scale, bias if bias is not None else scale, y, n_out, k, x.stride(0), y.stride(0),
             scale if experts is None else experts, n, x_div,
             GATED=act is not None, ACT=ACTS[act], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, CVT=cvt,
-            EXPERTS=experts is not None, num_warps=warps)
+            EXPERTS=experts is not None, PDL=pdl, launch_pdl=pdl, num_warps=warps)
         return y
 
     if config is not None:

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rung.kernels.triton_pdl import pdl_wait, pdl_wanted
+
 
 @triton.jit
 def _row_dot(X, r, sx, M, k0, kk, k_in, w, w2, acc, acc2, GATED: tl.constexpr):
@@ -17,6 +19,18 @@ def _row_dot(X, r, sx, M, k0, kk, k_in, w, w2, acc, acc2, GATED: tl.constexpr):
     if GATED:
         acc2 += tl.sum(w2 * x[None, :], 1)
     return acc, acc2
+
+
+@triton.jit
+def _rows_dot(X, sx, M, k0, kk, k_in, w, w2, a0, a1, a2, a3, g0, g1, g2, g3, M_P: tl.constexpr, GATED: tl.constexpr):
+    """``_row_dot`` for each of the M_P rows: one K step of every sum."""
+    a0, g0 = _row_dot(X, 0, sx, M, k0, kk, k_in, w, w2, a0, g0, GATED)
+    if M_P > 1:
+        a1, g1 = _row_dot(X, 1, sx, M, k0, kk, k_in, w, w2, a1, g1, GATED)
+    if M_P > 2:
+        a2, g2 = _row_dot(X, 2, sx, M, k0, kk, k_in, w, w2, a2, g2, GATED)
+        a3, g3 = _row_dot(X, 3, sx, M, k0, kk, k_in, w, w2, a3, g3, GATED)
+    return a0, a1, a2, a3, g0, g1, g2, g3
 
 
 @triton.jit
@@ -36,12 +50,14 @@ def _row_out(Y, B, r, sy, M, N, n, n_in, acc, acc2, GATED: tl.constexpr, HAS_BIA
 @triton.jit
 def gemv_kernel(X, W, B, Y, N, K, sx, sw, sy, M,
                 M_P: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False):
     """y[m, n] = Σ_k x[m, k]·w[n, k] (+ b[n]) for M ≤ M_P ≤ 4 rows: one program per BLOCK_N
     outputs, BLOCK_K of each weight row a step (16-byte loads along the row), float32 sums, the
     weight tile read once for all rows. GATED: ``W`` holds 2·N rows, gate then up; the program
     reads rows n and N + n and writes silu(gate)·up, each product rounded to the output dtype
-    first, as F.linear and kernels/elementwise.py's SwiGLU chain round."""
+    first, as F.linear and kernels/elementwise.py's SwiGLU chain round. PDL: launched with
+    programmatic dependent launch (kernels/triton_pdl.py): the first K step's weight tile is loaded
+    before the wait (no kernel writes weights), x and the rest after it."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < N
@@ -55,19 +71,25 @@ def gemv_kernel(X, W, B, Y, N, K, sx, sw, sy, M,
     g1 = tl.zeros([BLOCK_N], tl.float32)
     g2 = tl.zeros([BLOCK_N], tl.float32)
     g3 = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    if PDL:  # the loop's first step, its weight tile loaded before the wait
+        k_in = kk < K
+        wm = n_in[:, None] & k_in[None, :]
+        w = tl.load(w_ptr, mask=wm, other=0.0).to(tl.float32)
+        w2 = w
+        if GATED:
+            w2 = tl.load(w_ptr + N * sw, mask=wm, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        a0, a1, a2, a3, g0, g1, g2, g3 = _rows_dot(X, sx, M, 0, kk, k_in, w, w2, a0, a1, a2, a3, g0, g1, g2, g3,
+                                                   M_P, GATED)
+    for k0 in tl.range(BLOCK_K if PDL else 0, K, BLOCK_K, num_stages=STAGES):
         k_in = (k0 + kk) < K
         wm = n_in[:, None] & k_in[None, :]
         w = tl.load(w_ptr + k0, mask=wm, other=0.0).to(tl.float32)
         w2 = w
         if GATED:
             w2 = tl.load(w_ptr + N * sw + k0, mask=wm, other=0.0).to(tl.float32)
-        a0, g0 = _row_dot(X, 0, sx, M, k0, kk, k_in, w, w2, a0, g0, GATED)
-        if M_P > 1:
-            a1, g1 = _row_dot(X, 1, sx, M, k0, kk, k_in, w, w2, a1, g1, GATED)
-        if M_P > 2:
-            a2, g2 = _row_dot(X, 2, sx, M, k0, kk, k_in, w, w2, a2, g2, GATED)
-            a3, g3 = _row_dot(X, 3, sx, M, k0, kk, k_in, w, w2, a3, g3, GATED)
+        a0, a1, a2, a3, g0, g1, g2, g3 = _rows_dot(X, sx, M, k0, kk, k_in, w, w2, a0, a1, a2, a3, g0, g1, g2, g3,
+                                                   M_P, GATED)
     _row_out(Y, B, 0, sy, M, N, n, n_in, a0, g0, GATED, HAS_BIAS)
     if M_P > 1:
         _row_out(Y, B, 1, sy, M, N, n, n_in, a1, g1, GATED, HAS_BIAS)
@@ -111,8 +133,9 @@ def triton_gemv(x, weight, bias, gated: bool, config=None) -> torch.Tensor:
     if os.environ.get("TRITON_INTERPRET") == "1" and config is None:  # values, not speed: a small tile
         config = (4, 32, 1, 1)
     block_n, block_k, warps, stages = config or gemv_config(weight.shape[0], k, m, gated)
+    pdl = pdl_wanted(x.device)
     gemv_kernel[(triton.cdiv(n, block_n),)](
         rows, weight, bias if bias is not None else weight, out, n, k, rows.stride(0), weight.stride(0), n, m,
         M_P=triton.next_power_of_2(m), GATED=gated, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, PDL=pdl, launch_pdl=pdl, num_warps=warps)
     return out
