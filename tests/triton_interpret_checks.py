@@ -154,6 +154,19 @@ def moe_checks(g) -> None:
                     os.environ["RUNG_MOE_GEMV"] = "0"
                 check(name + " GEMM", triton_moe.triton_fused_moe(x, weights, experts, w, act), want, 1e-4)
                 os.environ.pop("RUNG_MOE_GEMV", None)
+                if packed and n == 40:  # a prefill's size: the experts dequantized first, then dense tiles
+                    least, triton_moe.DEQUANT_MIN_SLOTS = triton_moe.DEQUANT_MIN_SLOTS, 2 * n
+                    check(name + " GEMM dequantized", triton_moe.triton_fused_moe(x, weights, experts, w, act), want, 1e-4)
+                    triton_moe.DEQUANT_MIN_SLOTS = least
+        if packed:  # the dequantization pass is exact: bit for bit the reference's values
+            from rung.model.mxfp4 import dequantize_mxfp4
+
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                for blocks, scales in ((w.gate, w.gate_scales), (w.down, w.down_scales)):
+                    got = triton_moe.mxfp4_dequantize(blocks, scales, dt)
+                    want = dequantize_mxfp4(blocks.view(*scales.shape, 16), scales, dt)
+                    assert torch.equal(got, want), (dt, (got.float() - want.float()).abs().max())
+            print("mxfp4_dequantize: equal (float32, bfloat16, float16)")
     # the tiny Qwen3-MoE that overflowed an H200's shared memory in float32 (hidden 48, experts 20 wide,
     # 6 experts, top-3): tiles clamped to the problem, decode and prefill
     e, h, i = 6, 48, 20
