@@ -58,7 +58,8 @@ FORMATS = {"bf16": None, "int8": ("q8", None), "int4": ("q4", 32), "fp8": ("f8",
 
 def dp4a_env(label: str) -> None:
     """int8 / int4 decode rows: the int8-activation (dp4a) GEMV, or with RUNG_DP4A=0 the float one;
-    its x rounded by the norm before it (q|k|v, gate|up), or with RUNG_FUSED_XQ=0 by a launch of its own."""
+    its x rounded by the norm before it (q|k|v, gate|up) or the decode attention (o), or with
+    RUNG_FUSED_XQ=0 by a launch of its own."""
     os.environ["RUNG_DP4A"] = "0" if label.endswith("-fgemv") else "1"
     os.environ["RUNG_FUSED_XQ"] = "0" if label.endswith("-unfused") else "1"
     os.environ["RUNG_FP8_CVT"] = "0" if label.endswith("-bits") else "1"

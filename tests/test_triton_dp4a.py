@@ -70,3 +70,20 @@ def test_norms_hand_their_int8_rounding_to_the_dp4a_gemv_under_the_interpreter()
     # (d) identical logits, and 2 launches fewer per layer and decode step (2 layers, 2 steps)
     assert sum(line.startswith("model q") and line.endswith("RUNG_FUSED_XQ=1 vs 0: equal") for line in lines) == 2
     assert sum(line.endswith("quantize_runs launches 18 -> 10") for line in lines) == 2
+
+
+@needs_interpreter
+def test_decode_attention_hands_its_int8_rounding_to_o_proj_under_the_interpreter():
+    lines = run_checks("triton_attention_xq_checks.py", timeout=600,
+                       drop_env=("RUNG_FUSED_XQ", "RUNG_DP4A", "RUNG_ATTN_SPLIT", "RUNG_ATTN_SPLITS"))
+    assert lines[-1] == "the attention's rounding is quantize_runs' and o_proj's GEMV takes it"
+    # (a) split and one-program decode: 4 shapes x 2 (window, sinks); a short prefill chunk: 2 x 2;
+    # xq, step, xsum against the reference and quantize_runs, and the 16-bit output
+    assert sum(line.startswith("rounding ") for line in lines) == 20 * 7
+    assert sum(line.startswith("no rounding for ") for line in lines) == 12
+    assert sum(line.startswith("o_proj gemv_dp4a through the attention's rounding ") for line in lines) == 4  # (b)
+    # (c) identical logits, and 3 launches fewer per layer and decode step (2 layers, 1 step; 1 and
+    # 2 sequences), one more than the norms alone save
+    assert sum(line.startswith("model q") and line.endswith("RUNG_FUSED_XQ=1 vs 0: equal") for line in lines) == 2
+    assert any(line.endswith("1 sequence(s) split: quantize_runs launches 10 -> 4") for line in lines)
+    assert any(line.endswith("2 sequence(s) one program: quantize_runs launches 11 -> 5") for line in lines)

@@ -115,3 +115,33 @@ def test_a_pdl_norm_waits_before_any_load():
     ptx = _ptx(triton_elementwise.add_rms_norm_kernel, {"XQ": "*i8", "STEP": "*fp32", "XSUM": "*fp32"},
                dict(W_F32=False, BLOCK=1024, RUNS_OUT=True, PDL=True))
     assert "griddepcontrol.launch_dependents" in ptx and _loads_before_wait(ptx) == 0
+
+
+ATTENTION_POINTERS = {"Tables": "*i32", "Pos": "*i32", "TileFirst": "*i32", "TileCount": "*i32", "TileRow": "*i32",
+                      "Sinks": "*fp32", "PartAcc": "*fp32", "PartM": "*fp32", "PartL": "*fp32", "Counter": "*i32",
+                      "XQ": "*i8", "STEP": "*fp32", "XSUM": "*fp32", "scale": "fp32"}
+
+
+def _stores_before_wait(ptx: str) -> int:
+    lines = ptx.splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    return sum("st.global" in line or "atom.global" in line for line in lines[:wait])
+
+
+@pytest.mark.parametrize("kernel", ["paged_attention_kernel", "paged_decode_split_kernel"])
+def test_a_pdl_decode_attention_writing_its_int8_rounding_waits_before_any_load_or_store(kernel):
+    """The decode attention kernels with RUNS_OUT (o_proj's int8 rounding, kernels/triton_attention.py)
+    compile for sm_90 and keep PDL's rules: nothing loaded or stored before the wait, int8 codes
+    stored after it."""
+    from rung.kernels import triton_attention
+
+    common = dict(GROUP=4, BLOCK_M=16, D=128, D_P=128, PAGE=16, HAS_WINDOW=True, HAS_SINKS=True, IEEE=False,
+                  PDL=True, RUNS_OUT=True)
+    if kernel == "paged_attention_kernel":
+        constexprs = dict(common, BLOCK_N=64, EARLY_V=True)
+    else:
+        constexprs = dict(common, GROUP_P=4, BLOCK_N=32, SPLITS=16, SPLITS_P=16)
+    ptx = _ptx(getattr(triton_attention, kernel), ATTENTION_POINTERS, constexprs)
+    assert "griddepcontrol.launch_dependents" in ptx
+    assert _loads_before_wait(ptx) == 0 and _stores_before_wait(ptx) == 0
+    assert "st.global.b8" in ptx  # the int8 codes

@@ -181,13 +181,13 @@ def handoff_checks(g) -> None:
     td.forget()
 
 
-def tiny_model(fmt: str, group, dt):
+def tiny_model(fmt: str, group, dt, head_dim: int = 16):
     from rung.config import ModelConfig
     from rung.model import Decoder
     from rung.quant.rewrite import pack_model
 
     raw = dict(model_type="qwen3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256,
                rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = Decoder(ModelConfig.from_hf(raw)).eval()

@@ -20,6 +20,7 @@ from rung import native
 from rung.kernels.elementwise import add_rms_norm, qk_norm_rope, rms_norm
 from rung.kernels.fused_moe import KERNEL_ACTIVATIONS, Activation, fused_moe, route
 from rung.kernels.linear import gated_linear, linear
+from rung.kernels.paged_attention import output_rounded_for_dp4a
 from rung.model.attention import Attention
 from rung.model.mlp import MLP, ActAndMul
 from rung.model.moe import MoE
@@ -104,6 +105,17 @@ class FusedQKAttention(Attention):
             return q.transpose(1, 2), None, None
         v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+class FusedQKAttentionXq(FusedQKAttention):
+    """An attention whose o_proj is a packed q8 / q4 layer (head_dim whole runs of 32): for a decode
+    step's rows the paged attention kernel also writes its output's int8 rounding, which o_proj's
+    GEMV reads instead of launching ``quantize_runs`` (kernels/triton_attention.py,
+    kernels/triton_dp4a.py; RUNG_FUSED_XQ=0 turns it off)."""
+
+    def forward(self, x, rotary, context) -> torch.Tensor:
+        with output_rounded_for_dp4a():  # read by the paged attention kernel alone
+            return super().forward(x, rotary, context)
 
 
 class FusedMoE(MoE):

@@ -17,9 +17,27 @@ token each and need no host work (CUDA-graph safe); prefill tiles come from the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from rung.kernels import use_triton
+
+_ROUND_OUTPUT = contextvars.ContextVar("rung_attention_rounds_output", default=False)
+
+
+@contextlib.contextmanager
+def output_rounded_for_dp4a():
+    """Within it, the Triton decode attention also writes its output's int8 rounding per run of 32
+    (kernels/triton_dp4a.py's hand-off), which a packed q8 / q4 o_proj's GEMV reads instead of
+    launching ``quantize_runs``: set around an attention whose o_proj is one (kernels/modules.py's
+    FusedQKAttentionXq), so that nothing more is written elsewhere."""
+    token = _ROUND_OUTPUT.set(True)
+    try:
+        yield
+    finally:
+        _ROUND_OUTPUT.reset(token)
 
 
 def paged_attention_ref(q, k_pool, v_pool, tables, rows, positions, block_size: int, window: int | None,
@@ -100,7 +118,7 @@ def paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size: int
         from rung.kernels.triton_attention import triton_paged_attention
 
         return triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks,
-                                       scale, decode)
+                                       scale, decode, runs=_ROUND_OUTPUT.get())
     if rows is None:  # decode tiles: token i on row i
         rows = torch.arange(q.shape[0], device=q.device)
     return paged_attention_ref(q, k_pool, v_pool, tables, rows, positions, block_size, window, sinks, scale)

@@ -9,7 +9,9 @@ modules for the subclasses in kernels/modules.py that suit where its parameters 
                                                  MoE → FusedMoE, a SwiGLU MLP → SwiGLUMLP,
                                                  the blocks' nn.Linear → GemvLinear; and a block's
                                                  norm before packed q8 / q4 layers → TritonRMSNormXq
-                                                 (it also rounds its output to int8 for their GEMV)
+                                                 (it also rounds its output to int8 for their GEMV),
+                                                 an attention with a packed q8 / q4 o_proj →
+                                                 FusedQKAttentionXq (its decode kernel does the same)
 
 The subclasses add no state, so a swap is a change of class: parameters, buffers, names and
 state_dict stay as they are. A module is chosen from its plain class each time, so calling this
@@ -25,8 +27,8 @@ from torch import nn
 
 from rung import native
 from rung.kernels import use_triton
-from rung.kernels.modules import (FusedMoE, FusedQKAttention, GemvLinear, NativeRMSNorm, NativeRopeAttention,
-                                  SwiGLUMLP, TritonRMSNorm, TritonRMSNormXq)
+from rung.kernels.modules import (FusedMoE, FusedQKAttention, FusedQKAttentionXq, GemvLinear, NativeRMSNorm,
+                                  NativeRopeAttention, SwiGLUMLP, TritonRMSNorm, TritonRMSNormXq)
 from rung.model.attention import Attention
 from rung.model.mlp import MLP
 from rung.model.moe import MoE
@@ -42,6 +44,7 @@ KERNEL_MODULES = {
 }
 PLAIN = {kernel: plain for plain, kernels in KERNEL_MODULES.items() for kernel in kernels if kernel is not None}
 PLAIN[TritonRMSNormXq] = RMSNorm
+PLAIN[FusedQKAttentionXq] = Attention
 DP4A_FORMATS = ("q8", "q4")  # packed layers whose decode GEMV rounds its input to int8 (kernels/triton_dp4a.py)
 
 
@@ -65,6 +68,7 @@ def attach_kernels(model: nn.Module) -> nn.Module:
         module.__class__ = chosen
     for block in getattr(model, "layers", ()):
         _norms_round_for_dp4a(block)
+        _attention_rounds_for_dp4a(block)
     return model
 
 
@@ -76,3 +80,12 @@ def _norms_round_for_dp4a(block: nn.Module) -> None:
         if type(module) is TritonRMSNorm and after is not None and any(
                 getattr(m, "fmt", None) in DP4A_FORMATS for m in after.modules()):
             module.__class__ = TritonRMSNormXq
+
+
+def _attention_rounds_for_dp4a(block: nn.Module) -> None:
+    """A block's attention whose o_proj is a packed q8 / q4 layer writes its output's int8 rounding
+    too, for that GEMV, where a head's outputs are whole runs of 32 (head_dim a multiple of 32)."""
+    attn = getattr(block, "attn", None)
+    if (type(attn) is FusedQKAttention and getattr(attn.o_proj, "fmt", None) in DP4A_FORMATS
+            and attn.head_dim % 32 == 0):
+        attn.__class__ = FusedQKAttentionXq

@@ -1,4 +1,10 @@
-"""Triton kernel of kernels/paged_attention.py (imported only where Triton is)."""
+"""Triton kernel of kernels/paged_attention.py (imported only where Triton is).
+
+The decode kernels (the split one's merge, the one-program tiles) may also write their output's
+int8 rounding per run of 32 for the dp4a GEMV of a packed o_proj (kernels/triton_dp4a.py's
+hand-off; ``runs``): the program that stores a (token, head)'s head_dim values owns whole runs of
+the [tokens, heads · head_dim] rows o_proj reads, so it rounds them as ``quantize_runs`` would and
+o_proj launches no ``quantize_runs`` of its own. The 16-bit output is the same either way."""
 
 from __future__ import annotations
 
@@ -8,19 +14,39 @@ import torch
 import triton
 import triton.language as tl
 
+from rung.kernels import triton_dp4a
 from rung.kernels.paged_attention import tile_rows
+from rung.kernels.triton_dp4a import round_runs
 from rung.kernels.triton_pdl import pdl_wait, pdl_wanted
 
 
 @triton.jit
+def _store_runs(out, XQ, STEP, XSUM, at, live, D: tl.constexpr, D_P: tl.constexpr, ROWS: tl.constexpr):
+    """out [ROWS, D_P] (the values as stored, in the model dtype): each row's int8 rounding per run
+    of 32 (triton_dp4a's ``round_runs``) into the rows o_proj reads, XQ [N, hq · D], STEP and XSUM
+    [N, hq · D / 32]; ``at`` [ROWS]: where a row starts there (token · hq · D + head · D, a whole
+    number of runs since D is)."""
+    RUNS: tl.constexpr = D_P // 32  # a padded row's runs; those past D are masked
+    q, step, xsum = round_runs(tl.reshape(out.to(tl.float32), (ROWS * RUNS, 32)))
+    dd = tl.arange(0, D_P)
+    tl.store(XQ + at[:, None] + dd[None, :], tl.reshape(q, (ROWS, D_P)), mask=live[:, None] & (dd < D)[None, :])
+    j = tl.arange(0, RUNS)
+    run = at[:, None] // 32 + j[None, :]
+    r_in = live[:, None] & (j < D // 32)[None, :]
+    tl.store(STEP + run, tl.reshape(step, (ROWS, RUNS)), mask=r_in)
+    tl.store(XSUM + run, tl.reshape(xsum, (ROWS, RUNS)), mask=r_in)
+
+
+@triton.jit
 def paged_attention_kernel(
-    Q, K, V, O, Tables, Pos, TileFirst, TileCount, TileRow, Sinks,
+    Q, K, V, O, Tables, Pos, TileFirst, TileCount, TileRow, Sinks, XQ, STEP, XSUM,
     scale, window,
-    sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r,
+    sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r, sxq_t,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, IEEE: tl.constexpr,
-    EARLY_V: tl.constexpr = False, PDL: tl.constexpr = False,
+    EARLY_V: tl.constexpr = False, PDL: tl.constexpr = False, RUNS_OUT: tl.constexpr = False,
 ):
+    """RUNS_OUT: the output's int8 rounding too (``_store_runs``; XQ's rows ``sxq_t`` apart)."""
     pdl_wait(PDL)  # programmatic dependent launch (kernels/triton_pdl.py): q is the kernel before's
     tile = tl.program_id(0)
     h = tl.program_id(1)  # kv head
@@ -85,27 +111,29 @@ def paged_attention_kernel(
         alpha = tl.exp(m_i - m_f)
         l_i = l_i * alpha + tl.exp(sink - m_f)
         acc = acc * alpha[:, None]
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + tok[:, None] * so_t + head[:, None] * so_h + dd[None, :], out.to(O.dtype.element_ty),
-             mask=live[:, None] & dmask[None, :])
+    out = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(O.dtype.element_ty)
+    tl.store(O + tok[:, None] * so_t + head[:, None] * so_h + dd[None, :], out, mask=live[:, None] & dmask[None, :])
+    if RUNS_OUT:
+        _store_runs(out, XQ, STEP, XSUM, tok * sxq_t + head * D, live, D, D_P, BLOCK_M)
 
 
 @triton.jit
 def paged_decode_split_kernel(
-    Q, K, V, O, Tables, Pos, TileFirst, TileRow, Sinks, PartAcc, PartM, PartL, Counter,
+    Q, K, V, O, Tables, Pos, TileFirst, TileRow, Sinks, PartAcc, PartM, PartL, Counter, XQ, STEP, XSUM,
     scale, window,
-    sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r,
+    sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, st_r, sxq_t,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     D_P: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, IEEE: tl.constexpr,
-    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, PDL: tl.constexpr = False,
+    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, PDL: tl.constexpr = False, RUNS_OUT: tl.constexpr = False,
 ):
     """A decode token's keys cut into SPLITS ranges of whole BLOCK_N steps, one program each
     (flash-decoding): a batch-1 step is a handful of (token, kv head) tiles, and one program
     walking 100+ keys in a row waits on a memory round trip per step. Each program writes its
     running max, sum and unnormalised output for the GROUP query heads; the last of a tile's
     programs to finish (an atomic count, reset by that program for the next launch) merges them
-    and folds in the sink. PDL: launched with programmatic dependent launch (kernels/triton_pdl.py),
-    it waits first thing: q, the pool and the counters are earlier kernels'."""
+    and folds in the sink (and with RUNS_OUT writes the output's int8 rounding, ``_store_runs``).
+    PDL: launched with programmatic dependent launch (kernels/triton_pdl.py), it waits first thing:
+    q, the pool and the counters are earlier kernels'."""
     pdl_wait(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -183,9 +211,10 @@ def paged_decode_split_kernel(
             a = tl.exp(big - m_f)
             total = total * a + tl.exp(sink - m_f)
             out = out * a[:, None]
-        out = out / tl.where(total == 0.0, 1.0, total)[:, None]
-        tl.store(O + tok * so_t + heads[:, None] * so_h + dd[None, :], out.to(O.dtype.element_ty),
-                 mask=(g < GROUP)[:, None] & dmask[None, :])
+        out = (out / tl.where(total == 0.0, 1.0, total)[:, None]).to(O.dtype.element_ty)
+        tl.store(O + tok * so_t + heads[:, None] * so_h + dd[None, :], out, mask=(g < GROUP)[:, None] & dmask[None, :])
+        if RUNS_OUT:
+            _store_runs(out, XQ, STEP, XSUM, tok * sxq_t + heads * D, g < GROUP, D, D_P, GROUP_P)
         tl.atomic_xchg(Counter + pair, 0)  # ready for the next launch (a graph replays the same buffer)
 
 
@@ -216,15 +245,36 @@ def _counters(device) -> torch.Tensor:
     return _COUNTERS[key]
 
 
+def _output(q: torch.Tensor, runs: bool):
+    """The attention's output [N, hq, d] and, where ``runs`` asks for it and o_proj's dp4a GEMV
+    would take the rows [N, hq · d] (triton_dp4a.fuse_wanted; head_dim whole runs of 32), the three
+    tensors of their rounding, else None. With them, the output is contiguous: o_proj's x is then
+    a view of it (model/attention.py's transpose and reshape copy nothing), which the hand-off
+    needs."""
+    n, hq, d = q.shape
+    if not runs:
+        return torch.empty_like(q), None
+    out = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
+    if d % 32:
+        triton_dp4a.forget()
+        return out, None
+    return out, triton_dp4a.rounding_buffers(out.view(n, hq * d))
+
+
+def _record(out: torch.Tensor, rounding) -> None:
+    if rounding is not None:
+        triton_dp4a.record(out, *rounding)
+
+
 def split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale,
-                           splits: int | None = None):
+                           splits: int | None = None, runs: bool = False):
     """Decode tiles (one token each) over ``splits`` programs per (token, kv head) (None:
-    ``decode_splits``)."""
+    ``decode_splits``). ``runs``: the output's int8 rounding too, for o_proj's dp4a GEMV (``_output``)."""
     n, hq, d = q.shape
     hkv = k_pool.shape[1]
     group = hq // hkv
     first, _, row = tiles
-    out = torch.empty_like(q)
+    out, rounding = _output(q, runs)
     group_p, d_p = 1 << (group - 1).bit_length(), 1 << (d - 1).bit_length()
     pairs = first.shape[0] * hkv
     splits = splits or decode_splits(pairs)
@@ -234,18 +284,20 @@ def split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_si
     pdl = pdl_wanted(q.device)
     paged_decode_split_kernel[(first.shape[0], hkv, splits)](
         q, k_pool, v_pool, out, tables, positions, first, row, sinks if sinks is not None else q,
-        part_acc, part_m, part_l, _counters(q.device), float(scale), int(window or 0),
+        part_acc, part_m, part_l, _counters(q.device), *(rounding or (out, out, out)), float(scale), int(window or 0),
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        out.stride(0), out.stride(1), tables.stride(0),
+        out.stride(0), out.stride(1), tables.stride(0), hq * d,
         GROUP=group, GROUP_P=group_p, BLOCK_M=max(16, group_p), BLOCK_N=32, D=d, D_P=d_p, PAGE=block_size,
         HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, IEEE=q.dtype == torch.float32, SPLITS=splits,
-        SPLITS_P=triton.next_power_of_2(splits), PDL=pdl, launch_pdl=pdl,
+        SPLITS_P=triton.next_power_of_2(splits), PDL=pdl, launch_pdl=pdl, RUNS_OUT=rounding is not None,
         num_warps=4)
+    _record(out, rounding)
     return out
 
 
 def triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale, decode,
-                           split: bool = True):
+                           split: bool = True, runs: bool = False):
+    """``runs``: the output's int8 rounding too, for o_proj's dp4a GEMV (``_output``)."""
     n, hq, d = q.shape
     hkv = k_pool.shape[1]
     group = hq // hkv
@@ -258,19 +310,22 @@ def triton_paged_attention(q, k_pool, v_pool, tables, positions, tiles, block_si
     # than it saves there (gpt-oss's 128-key layers: 6.5 µs split against 4.8–5.9 on an H200)
     short = window is not None and window <= SPLIT_MIN_WINDOW
     if decode and split and not short and first.shape[0] * hkv < SPLIT_PAIRS and group <= 16 and d <= 256:
-        return split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale)
-    out = torch.empty_like(q)
+        return split_decode_attention(q, k_pool, v_pool, tables, positions, tiles, block_size, window, sinks, scale,
+                                      runs=runs)
+    out, rounding = _output(q, runs)
     grid = (first.shape[0], hkv)
     pdl = pdl_wanted(q.device)
     paged_attention_kernel[grid](
         q, k_pool, v_pool, out, tables, positions, first, count, row, sinks if sinks is not None else q,
-        float(scale), int(window or 0),
+        *(rounding or (out, out, out)), float(scale), int(window or 0),
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        out.stride(0), out.stride(1), tables.stride(0),
+        out.stride(0), out.stride(1), tables.stride(0), hq * d,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32, D=d, D_P=1 << (d - 1).bit_length(),
         PAGE=block_size, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
-        IEEE=q.dtype == torch.float32, EARLY_V=decode, PDL=pdl, launch_pdl=pdl, num_warps=4 if block_m <= 64 else 8,
+        IEEE=q.dtype == torch.float32, EARLY_V=decode, PDL=pdl, launch_pdl=pdl, RUNS_OUT=rounding is not None,
+        num_warps=4 if block_m <= 64 else 8,
     )
+    _record(out, rounding)
     return out
 
 

@@ -20,9 +20,12 @@ kernels run under Triton's interpreter in CI (tests/triton_dp4a_checks.py), with
 Where the rounding is done: a GEMV whose x is the output of a block's RMSNorm (the q|k|v and the
 gate|up projections' input) takes it from the norm's kernel, which writes the int8 codes, steps and
 Σx beside its 16-bit output (rung/kernels/triton_elementwise.py, ``record`` / ``recorded`` here):
-one launch a projection less, which is what a small model's decode step is bound by. Every other x
-(the o and down projections, experts' rows of a mixture) is rounded by ``quantize_runs`` first, a
-launch of its own. RUNG_FUSED_XQ=0 turns the hand-off off (the norms then write nothing extra)."""
+one launch a projection less, which is what a small model's decode step is bound by. So does the o
+projection from the paged decode attention (rung/kernels/triton_attention.py: the program that
+writes a (token, head)'s head_dim outputs owns whole runs of the [tokens, heads · head_dim] rows
+o_proj reads). Every other x (the down projection, experts' rows of a mixture) is rounded by
+``quantize_runs`` first, a launch of its own. RUNG_FUSED_XQ=0 turns the hand-off off (the norms and
+the attention then write nothing extra)."""
 
 from __future__ import annotations
 
@@ -272,12 +275,24 @@ def fuse_wanted(rows: torch.Tensor) -> bool:
             and rows.shape[-1] % 32 == 0)
 
 
+def rounding_buffers(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The empty (xq, step, xsum) a kernel writes the rounding of its output rows [M, K] into, for
+    ``record`` once written; None where ``fuse_wanted`` says no (and the slot emptied)."""
+    if not fuse_wanted(rows):
+        forget()
+        return None
+    m, k = rows.shape
+    step = torch.empty(m, k // 32, dtype=torch.float32, device=rows.device)
+    return torch.empty(m, k, dtype=torch.int8, device=rows.device), step, torch.empty_like(step)
+
+
 def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
 def record(out: torch.Tensor, xq: torch.Tensor, step: torch.Tensor, xsum: torch.Tensor) -> None:
-    """The norm's output (contiguous) and ``quantize_runs_ref(out.reshape(-1, K))``, just written."""
+    """A kernel's output (contiguous: a norm's, the attention's) and ``quantize_runs_ref(out.reshape(-1, K))``,
+    just written."""
     global _RECORD
     _RECORD = (out, _version(out), xq, step, xsum)
 

@@ -74,15 +74,7 @@ def add_rms_norm_kernel(X, R, W, S, Y, n_cols, sx, sr, eps, offset, XQ, STEP, XS
 def _runs_out(out: torch.Tensor, runs: bool):
     """The three tensors a norm writes its output's rounding into when ``runs`` asks for it and the
     dp4a GEMV would take these rows (triton_dp4a.fuse_wanted), else None (and the slot emptied)."""
-    if not runs:
-        return None
-    rows = out.view(-1, out.shape[-1])
-    if not triton_dp4a.fuse_wanted(rows):
-        triton_dp4a.forget()
-        return None
-    m, k = rows.shape
-    step = torch.empty(m, k // 32, dtype=torch.float32, device=out.device)
-    return torch.empty(m, k, dtype=torch.int8, device=out.device), step, torch.empty_like(step)
+    return triton_dp4a.rounding_buffers(out.view(-1, out.shape[-1])) if runs else None
 
 
 def _record(out, runs_out) -> None:
