@@ -13,7 +13,7 @@ from interpret import needs_interpreter, run_checks
 
 @needs_interpreter
 def test_triton_kernels_agree_with_their_references_under_the_interpreter():
-    lines = run_checks("triton_interpret_checks.py", timeout=600, drop_env=("RUNG_MOE_GEMV",))
+    lines = run_checks("triton_interpret_checks.py", timeout=600, drop_env=("RUNG_MOE_GEMV", "RUNG_MXFP4_DEQUANT"))
     assert lines[-1] == "all Triton kernels agree with their references"
     assert sum("GEMV" in line for line in lines) == 4 and sum("paged attention" in line for line in lines) == 12
     assert sum(line.startswith("qk norm+rope torch") for line in lines) == 20 and sum(line.startswith("model ") for line in lines) == 4
@@ -37,3 +37,23 @@ def test_decode_splits_fill_the_gpu_at_batch_one_and_stay_eight_for_batches(monk
     assert ta.decode_splits(1) == 16 and ta.decode_splits(9) == 16 and ta.decode_splits(12) == 16
     monkeypatch.setenv("RUNG_ATTN_SPLITS", "8")
     assert ta.decode_splits(8) == 8
+
+
+def test_mxfp4_prefill_dequantizes_only_when_asked_and_only_at_prefill_sizes(monkeypatch):
+    """Off by default (its first kernel measured slower than the packed GEMM on an H200); with
+    RUNG_MXFP4_DEQUANT=1, packed experts at DEQUANT_MIN_SLOTS slots or more, never dense ones."""
+    pytest.importorskip("triton")
+    import torch
+
+    from rung.kernels import triton_moe as tm
+    from rung.kernels.fused_moe import ExpertWeights
+
+    packed = ExpertWeights(*(torch.zeros(2, 4, 16, dtype=torch.uint8) for _ in range(3)),
+                           *(torch.zeros(2, 4, 1, dtype=torch.uint8) for _ in range(3)))
+    dense = ExpertWeights(*(torch.zeros(2, 4, 32) for _ in range(3)))
+    monkeypatch.delenv("RUNG_MXFP4_DEQUANT", raising=False)
+    assert not tm._dequantized_prefill(1 << 20, packed)
+    monkeypatch.setenv("RUNG_MXFP4_DEQUANT", "1")
+    assert tm._dequantized_prefill(tm.DEQUANT_MIN_SLOTS, packed)
+    assert not tm._dequantized_prefill(tm.DEQUANT_MIN_SLOTS - 1, packed)
+    assert not tm._dequantized_prefill(1 << 20, dense)

@@ -376,16 +376,18 @@ def _tile(x: torch.Tensor, w: ExpertWeights, slots: int, packed: bool) -> MoETil
 @triton.jit
 def mxfp4_dequantize_kernel(B, S, Y, groups, BLOCK_G: tl.constexpr):
     """BLOCK_G groups of 32 MXFP4 values a program: 16 bytes and a scale each → 32 values of Y's
-    dtype, element 2j from byte j's low nibble and 2j + 1 from its high one (exact in bf16, fp16
-    for the exponents a checkpoint holds, and float32: each value has at most two significant bits)."""
-    g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    g_in = g < groups
-    j = tl.arange(0, 16)
-    b = tl.load(B + g[:, None] * 16 + j[None, :], mask=g_in[:, None], other=0)
-    sc = tl.load(S + g, mask=g_in, other=0)[:, None]
-    out = Y + g[:, None] * 32 + 2 * j[None, :]
-    tl.store(out, fp4_to_float(b & 15, sc).to(Y.dtype.element_ty), mask=g_in[:, None])
-    tl.store(out + 1, fp4_to_float(b >> 4, sc).to(Y.dtype.element_ty), mask=g_in[:, None])
+    dtype, element t from byte t // 2's low (t even) or high nibble (exact in bf16, fp16 for the
+    exponents a checkpoint holds, and float32: each value has at most two significant bits). The
+    output tile is written whole, row after row (each byte is read twice, from L1)."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK_G
+    r = tl.arange(0, BLOCK_G)
+    g_in = base + r < groups
+    t = tl.arange(0, 32)
+    b = tl.load(B + base * 16 + r[:, None] * 16 + (t // 2)[None, :], mask=g_in[:, None], other=0)
+    sc = tl.load(S + base + r, mask=g_in, other=0)[:, None]
+    code = (b >> (4 * (t % 2))[None, :].to(tl.uint8)) & 15
+    tl.store(Y + base * 32 + r[:, None] * 32 + t[None, :], fp4_to_float(code, sc).to(Y.dtype.element_ty),
+             mask=g_in[:, None])
 
 
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -395,23 +397,26 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     e, rows, groups = scales.shape
     y = torch.empty(e, rows, groups * 32, dtype=dtype, device=blocks.device)
     n = e * rows * groups
-    block = 64
-    mxfp4_dequantize_kernel[(triton_cdiv(n, block),)](blocks.contiguous(), scales.contiguous(), y, n, BLOCK_G=block)
+    block = 32
+    mxfp4_dequantize_kernel[(triton_cdiv(n, block),)](blocks.contiguous(), scales.contiguous(), y, n, BLOCK_G=block,
+                                                        num_warps=4)
     return y
 
 
-# A prefill step of this many (token, expert) slots or more dequantizes a packed layer's experts
+# A prefill step of this many (token, expert) slots or more may dequantize a packed layer's experts
 # to the activations' dtype first (one pass a matrix, gate and up before down so that only one
-# projection's copy is alive at a time) and runs moe_gemm's dense tiles: decoding E2M1 inside the
-# GEMM's K loop kept gpt-oss-20b's prefill at ~7 TFLOP/s (an H200, 32K tokens: 882 of 1,421 ms in
-# moe_gemm), where the dequantization reads 0.4 GB and writes 1.6 GB a layer (well under a
-# millisecond) and the dense tiles run at the tensor cores' pace. Decode sizes keep the GEMV and
-# the packed GEMM, which read 4 bits a weight. RUNG_MXFP4_DEQUANT=0 keeps the packed GEMM.
+# projection's copy is alive at a time) and run moe_gemm's dense tiles. On an H200 (gpt-oss-20b,
+# a 32K-token prompt, 2026-12-04) the dense tiles ran the experts at ~390 TFLOP/s (404 ms) where
+# decoding E2M1 in the GEMM's K loop ran at ~180 (882 ms), but the first dequantization kernel
+# took 3 ms a matrix (180 GB/s; 852 ms in all): a prompt's TTFT went 1,421 → 1,815 ms. Off by
+# default until a dequantization at the memory's pace is measured; RUNG_MXFP4_DEQUANT=1 turns it on.
 DEQUANT_MIN_SLOTS = 2048
+DEQUANT_DEFAULT = False
 
 
 def _dequantized_prefill(s: int, w: ExpertWeights) -> bool:
-    return w.packed and s >= DEQUANT_MIN_SLOTS and os.environ.get("RUNG_MXFP4_DEQUANT") != "0"
+    on = os.environ.get("RUNG_MXFP4_DEQUANT", "1" if DEQUANT_DEFAULT else "0") == "1"
+    return w.packed and s >= DEQUANT_MIN_SLOTS and on
 
 
 def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:
