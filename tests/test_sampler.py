@@ -155,3 +155,27 @@ def test_text_is_held_back_only_while_a_stop_could_still_start():
 def test_earliest_stop_wins_and_include_stop_keeps_it():
     s = StopStrings(["B", "AB"], include_stop=True)
     assert s.push("xxAB yy") == "xxAB" and s.hit == "AB"
+
+
+def test_a_draw_follows_the_weights_and_never_picks_a_zero():
+    """Inverse transform sampling against the cumulative sum: frequencies pass a chi-square test
+    against the weights, zero weights are never drawn, weights need not sum to 1."""
+    from rung.engine.sampler import draw
+
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 2.5, 0.0])  # unnormalised, zeros inside and at the ends
+    g = torch.Generator().manual_seed(5)
+    counts = torch.bincount(torch.tensor([draw(weights, g) for _ in range(20_000)]), minlength=8)
+    assert counts[weights == 0].sum() == 0
+    kept = weights > 0
+    expected = weights[kept] / weights.sum() * counts.sum()
+    statistic = float(((counts[kept] - expected) ** 2 / expected).sum())
+    assert statistic < 16.27  # chi-square with 3 degrees of freedom: p > 0.001
+    with pytest.raises(NoTokenError):
+        draw(torch.zeros(4), g)
+
+
+def test_a_draw_at_the_top_of_the_unit_interval_lands_on_the_last_positive_weight(monkeypatch):
+    from rung.engine.sampler import draw
+
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0, dtype=torch.float64))  # past any real draw
+    assert draw(torch.tensor([0.2, 0.7, 0.1, 0.0, 0.0])) == 2

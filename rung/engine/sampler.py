@@ -111,6 +111,23 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int | None) -> Sampled
     return Sampled(token, float(logprobs[token]), best)
 
 
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index of ``weights`` [n] (≥ 0, not all 0; need not sum to 1), drawn with probability
+    proportional to its weight: one uniform number in float64 against the cumulative sum (inverse
+    transform sampling). ``torch.multinomial`` draws one exponential per entry for a single
+    sample: ~1.1 ms at a 49K vocabulary on a CPU core, where this takes ~75 µs; in a sampled
+    16-sequence decode step of SmolLM2-135M that was 18 ms of the step's ~45."""
+    cdf = weights.double().cumsum(0)
+    total = cdf[-1]
+    if not bool(total > 0):
+        raise NoTokenError("no token can be sampled: every probability is 0")
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    index = int(torch.searchsorted(cdf, u * total, right=True))  # the first cumulative weight above u · total
+    if index >= cdf.shape[0]:  # u · total rounded up to the total: the last index of positive weight
+        index = int(torch.nonzero(weights)[-1])
+    return index
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -126,7 +143,7 @@ def sample(
     if params.greedy:
         token = int(torch.argmax(probs))
     else:
-        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        token = draw(probs, generator)
     if params.logprobs is None:
         return Sampled(token)
     return token_logprobs(logits, token, params.logprobs)

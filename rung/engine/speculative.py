@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rung.engine.sampler import next_token_probs
+from rung.engine.sampler import draw, next_token_probs
 from rung.engine.sequence import Sequence
 
 
@@ -64,8 +64,8 @@ def accept(target_probs: torch.Tensor, draft_tokens: list[int], draft_probs: tor
             residual = (p[j] - q[j]).clamp_(min=0.0)
         if not residual.sum() > 0:  # p <= q everywhere only if p == q, where rejecting had probability 0
             residual = p[j]
-        return list(draft_tokens[:j]) + [int(torch.multinomial(residual, 1, generator=generator))]
-    return list(draft_tokens) + [int(torch.multinomial(p[k], 1, generator=generator))]
+        return list(draft_tokens[:j]) + [draw(residual, generator)]
+    return list(draft_tokens) + [draw(p[k], generator)]
 
 
 class NgramProposer:
@@ -141,7 +141,7 @@ class DraftModelProposer:
             state.tokens += feed
             # any q keeps speculative sampling exact; the request's own processing makes q close to p
             q = next_token_probs(logits, params, seq.prompt_ids, output + tokens)
-            x = int(q.argmax()) if params.greedy else int(torch.multinomial(q.cpu(), 1, generator=seq.generator))
+            x = int(q.argmax()) if params.greedy else draw(q, seq.generator)
             tokens.append(x)
             probs.append(q)
             feed = [x]
