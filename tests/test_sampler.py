@@ -179,3 +179,22 @@ def test_a_draw_at_the_top_of_the_unit_interval_lands_on_the_last_positive_weigh
 
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0, dtype=torch.float64))  # past any real draw
     assert draw(torch.tensor([0.2, 0.7, 0.1, 0.0, 0.0])) == 2
+
+
+def test_top_p_searched_among_the_largest_first_keeps_what_a_whole_sort_keeps():
+    """nucleus() looks among the largest NUCLEUS_FIRST probabilities first (a whole-vocabulary sort
+    costs milliseconds a row): the kept tokens and their probabilities equal the whole sort's, for
+    peaked and flat distributions alike (flat ones widen the search up to the whole sort)."""
+    from rung.engine.sampler import nucleus
+
+    def by_whole_sort(probs, top_p):
+        sorted_probs, order = torch.sort(probs, descending=True)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        return probs.scatter(0, order[drop], 0.0)
+
+    g = torch.Generator().manual_seed(9)
+    for scale in (0.05, 1.0, 3.0, 10.0):  # from nearly flat (a whole sort) to peaked (256 candidates)
+        for _ in range(5):
+            probs = torch.softmax(torch.randn(5000, generator=g) * scale, 0)
+            for top_p in (0.1, 0.5, 0.9, 0.95, 0.999):
+                assert torch.equal(nucleus(probs, top_p), by_whole_sort(probs, top_p)), (scale, top_p)
