@@ -483,6 +483,18 @@ def prompt(vocab: int, n: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def decode_tok_s(engine: Engine, ids: list[int], params: SamplingParams):
+    """Batch-1 decode speed of one request: (tok/s over the steps after its first token, its Sequence)."""
+    rid = engine.add_request(ids, params)
+    seq = engine._sequences[rid][0]
+    while not seq.output_ids:
+        engine.step()
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return (len(seq.output_ids) - 1) / (time.perf_counter() - t0), seq
+
+
 def rung_bench(name: str, args, bw: float) -> dict:
     reset_peak()
     t = time.perf_counter()
@@ -501,26 +513,13 @@ def rung_bench(name: str, args, bw: float) -> dict:
     seed = iter(range(10_000))
     engine.run([(prompt(c.vocab_size, args.prompt, next(seed)), greedy(8))])  # warm-up: kernels, 1-row graph
     # batch-1 decode: steps after the first token
-    rid = engine.add_request(prompt(c.vocab_size, args.prompt, next(seed)), greedy(args.new1))
-    seq = engine._sequences[rid][0]
-    while not seq.output_ids:
-        engine.step()
-    t0 = time.perf_counter()
-    while engine.has_unfinished():
-        engine.step()
-    r["decode_tok_s"] = (len(seq.output_ids) - 1) / (time.perf_counter() - t0)
+    r["decode_tok_s"], _ = decode_tok_s(engine, prompt(c.vocab_size, args.prompt, next(seed)), greedy(args.new1))
     r["graph_steps"] = engine.graphs.steps if engine.graphs else 0
     r["steps_ahead"] = engine.stats["steps_ahead"]
     # the same with each step's tokens read before the next is enqueued (engine/overlap.py off)
     engine.config.overlap = False
-    rid = engine.add_request(prompt(c.vocab_size, args.prompt, next(seed)), greedy(args.new1))
-    seq = engine._sequences[rid][0]
-    while not seq.output_ids:
-        engine.step()
-    t0 = time.perf_counter()
-    while engine.has_unfinished():
-        engine.step()
-    r["decode_tok_s_no_overlap"] = (len(seq.output_ids) - 1) / (time.perf_counter() - t0)
+    r["decode_tok_s_no_overlap"], _ = decode_tok_s(engine, prompt(c.vocab_size, args.prompt, next(seed)),
+                                                   greedy(args.new1))
     engine.config.overlap = True
     # time to first token
     for n in (128, 2048, long):

@@ -180,14 +180,8 @@ def engine_ab(model, rounds: int, new: int) -> dict:
         for on in ((False, True) if i % 2 == 0 else (True, False)):
             set_pdl(on)
             e = engines[on]
-            rid = e.add_request(prompt(c.vocab_size, 128, 1), greedy)
-            seq = e._sequences[rid][0]
-            while not seq.output_ids:
-                e.step()
-            t0 = time.perf_counter()
-            while e.has_unfinished():
-                e.step()
-            speed[on].append((len(seq.output_ids) - 1) / (time.perf_counter() - t0))
+            tok_s, seq = gpu.decode_tok_s(e, prompt(c.vocab_size, 128, 1), greedy)
+            speed[on].append(tok_s)
             tokens.setdefault(on, list(seq.output_ids))
             assert tokens[on] == list(seq.output_ids), "greedy tokens changed between rounds"
     graphs_on = all(e.graphs is not None and e.graphs.steps > 0 for e in engines.values())

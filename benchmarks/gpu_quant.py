@@ -254,14 +254,7 @@ def model_bench(name: str, fmt: str, args, bw: float) -> dict:
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
     seed = iter(range(10_000))
     engine.run([(prompt(c.vocab_size, 128, next(seed)), greedy(8))])  # warm-up: tuning, compiles, the 1-row graph
-    rid = engine.add_request(prompt(c.vocab_size, 128, next(seed)), greedy(args.new1))
-    seq = engine._sequences[rid][0]
-    while not seq.output_ids:
-        engine.step()
-    t0 = time.perf_counter()
-    while engine.has_unfinished():
-        engine.step()
-    r["decode_tok_s"] = (len(seq.output_ids) - 1) / (time.perf_counter() - t0)
+    r["decode_tok_s"], _ = gpu.decode_tok_s(engine, prompt(c.vocab_size, 128, next(seed)), greedy(args.new1))
     r["graph_steps"] = engine.graphs.steps if engine.graphs else 0
     engine.run([(prompt(c.vocab_size, 2048, next(seed)), greedy(1))])  # warm-up at this length
     sync()
