@@ -508,19 +508,35 @@ def slow_template(server, seconds: float) -> threading.Event:
     return busy
 
 
+def at_most_one_hiccup(measure) -> None:
+    """Run ``measure`` (which asserts a latency bound) and, if it fails, once more: a loop blocked by
+    the work fails every time, while one stall of the whole test process (a collection of the
+    oldest generation, a busy neighbour on CI's two cores) does not come back on the second run."""
+    try:
+        measure()
+    except AssertionError as first:
+        try:
+            measure()
+        except AssertionError as second:
+            raise AssertionError(f"twice: {first} / then {second}") from None
+
+
 def test_health_answers_while_a_slow_template_render_runs(qwen3_folder):
     """A render that takes 2 s (standing in for a 7 MB prompt) no longer stops the event loop: /health
     answers within 0.5 s all the while; before, it waited for the render."""
-    client, server = start(qwen3_folder)
-    try:
-        busy = slow_template(server, 2.0)
-        thread, done, out = in_background(lambda: post(client, "/v1/chat/completions", CHAT))
-        times = health_latencies(client, busy, done)
-        thread.join(30)
-        assert out and out[0][0] == 200, out
-        assert len(times) >= 10 and max(times) < 0.5, times  # 2 s of render, polled every 20 ms
-    finally:
-        stop(client, server)
+    def measure():
+        client, server = start(qwen3_folder)
+        try:
+            busy = slow_template(server, 2.0)
+            thread, done, out = in_background(lambda: post(client, "/v1/chat/completions", CHAT))
+            times = health_latencies(client, busy, done)
+            thread.join(30)
+            assert out and out[0][0] == 200, out
+            assert len(times) >= 10 and max(times) < 0.5, times  # 2 s of render, polled every 20 ms
+        finally:
+            stop(client, server)
+
+    at_most_one_hiccup(measure)
 
 
 def test_the_slot_is_held_while_a_request_is_prepared(qwen3_folder):
@@ -556,24 +572,28 @@ def test_health_answers_while_real_cpu_work_of_a_big_request_runs(qwen3_folder, 
     """Real work, not a stand-in: a schema checked by jsonschema and compiled by llguidance, or a
     prompt rendered and tokenized (then refused as longer than the context). Both take seconds of
     CPU; /health answers within 0.5 s all the while."""
-    client, server = start(qwen3_folder)
-    try:
-        if "schema" in what:
-            schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}}
-            body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
-        else:
-            body = {**CHAT, "messages": [{"role": "user", "content": "zebra quantum " * 75_000}]}
-        busy = watch_prepare(server)
-        start_ = time.perf_counter()
-        thread, done, out = in_background(lambda: post(client, "/v1/chat/completions", body))
-        times = health_latencies(client, busy, done)
-        thread.join(60)
-        took = time.perf_counter() - start_
-        assert out and out[0][0] in (200, 400), out
-        assert max(times) < 0.5, (took, max(times))
-        assert len(times) >= 4, (took, times)  # the work was long enough to be measured
-    finally:
-        stop(client, server)
+    if "schema" in what:
+        schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}}
+        body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    else:
+        body = {**CHAT, "messages": [{"role": "user", "content": "zebra quantum " * 75_000}]}
+
+    def measure():
+        client, server = start(qwen3_folder)
+        try:
+            busy = watch_prepare(server)
+            start_ = time.perf_counter()
+            thread, done, out = in_background(lambda: post(client, "/v1/chat/completions", body))
+            times = health_latencies(client, busy, done)
+            thread.join(60)
+            took = time.perf_counter() - start_
+            assert out and out[0][0] in (200, 400), out
+            assert len(times) >= 4, (took, times)  # the work was long enough to be measured
+            assert max(times) < 0.5, (took, max(times))
+        finally:
+            stop(client, server)
+
+    at_most_one_hiccup(measure)
 
 
 def test_a_20000_property_schema_is_refused_at_once(served):
