@@ -207,9 +207,6 @@ def _run(args: argparse.Namespace) -> int:
             print(f"rung serve: {described}{lazy} ready on http://{args.host}:{args.port}/v1", file=sys.stderr,
                   flush=True)
 
-    import os
-    if os.environ.get("RUNG_SWITCH"):
-        sys.setswitchinterval(float(os.environ["RUNG_SWITCH"]))
     threading.Thread(target=load, name="rung-load", daemon=True).start()
     try:
         web.run()
