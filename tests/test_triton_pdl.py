@@ -211,8 +211,8 @@ def test_moe_launchers_pass_pdl_wanted_as_both_the_constexpr_and_launch_pdl(monk
     weights, experts = torch.full((n, k), 0.5, dtype=torch.bfloat16), torch.tensor([[0, 3]], dtype=torch.int32)
     dense = ExpertWeights(*(torch.zeros(e, *shape, dtype=torch.bfloat16) for shape in ((i, h), (i, h), (h, i))))
     tm.triton_fused_moe(x, weights, experts, dense, Activation("silu"))
-    packed = ExpertWeights(*(torch.zeros(e, *shape, dtype=torch.uint8) for shape in ((i, h // 2), (i, h // 2), (h, i // 2))),
-                           *(torch.zeros(e, *shape, dtype=torch.uint8) for shape in ((i, h // 32), (i, h // 32), (h, i // 32))))
+    packed_shapes = ((i, h // 2), (i, h // 2), (h, i // 2)) + ((i, h // 32), (i, h // 32), (h, i // 32))  # bytes, scales
+    packed = ExpertWeights(*(torch.zeros(e, *shape, dtype=torch.uint8) for shape in packed_shapes))
     for interpret in ("1", "0"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
         tm.triton_moe_gemv(x, weights, experts, packed, Activation("swiglu_clamped"))
