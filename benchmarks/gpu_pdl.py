@@ -13,6 +13,10 @@ against on in one run (RUNG_PDL=0 / 1), on Hopper.
    the same tokens, and decode tok/s (median of the rounds).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks python3 benchmarks/gpu_pdl.py [--models ...] [--formats ...]
+
+``--moe`` runs the mixture-of-experts models instead (routing, the fused MoE kernels and the combine
+take PDL too): Qwen3-30B-A3B bf16 and int4 (the int4 / bf16 ratio off and on) and gpt-oss-20b,
+whose "bf16" keeps its experts MXFP4 as benchmarks/gpu.py builds it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from rung.kernels.triton_pdl import pdl_wanted  # noqa: E402
 from rung.quant.rewrite import pack_model  # noqa: E402
 
 FORMATS = {"bf16": None, "int8": ("q8", None), "int4": ("q4", 32), "fp8": ("f8", None)}
+MOE_RUNS = [("qwen3-30b-a3b", "bf16"), ("qwen3-30b-a3b", "int4"), ("gpt-oss-20b", "bf16")]  # --moe
 
 
 # ---- 1. do the edges survive graph capture? ------------------------------------------------------
@@ -199,7 +204,10 @@ def main():
     ap.add_argument("--replays", type=int, default=100)
     ap.add_argument("--engine-rounds", type=int, default=4)
     ap.add_argument("--new", type=int, default=96)
+    ap.add_argument("--moe", action="store_true", help="(model, format) runs: " + ", ".join(map(" ".join, MOE_RUNS))
+                    + " instead of --models x --formats")
     args = ap.parse_args()
+    runs = MOE_RUNS if args.moe else [(name, fmt) for name in args.models for fmt in args.formats]
     log(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
         "capability", torch.cuda.get_device_capability())
     set_pdl(True)
@@ -208,18 +216,17 @@ def main():
     for k, (start, waited) in e.items():
         log(f"edge check {k}: probe started {start:+.1f} µs after the spinner's end, its wait returned {waited:+.1f}")
     rows = []
-    for name in args.models:
-        for fmt in args.formats:
-            t = time.perf_counter()
-            model = build(name, fmt)
-            r = dict(model=name, fmt=fmt)
-            r.update(step_ab(model, args.rounds, args.replays))
-            log(name, fmt, "step", {k: v for k, v in r.items() if k not in ("model", "fmt")})
-            r.update(engine_ab(model, args.engine_rounds, args.new))
-            log(name, fmt, "engine", r["tokens_equal"], r["tok_s_off"], r["tok_s_on"], f"{time.perf_counter() - t:.0f} s")
-            rows.append(r)
-            del model
-            free()
+    for name, fmt in runs:
+        t = time.perf_counter()
+        model = build(name, fmt)
+        r = dict(model=name, fmt=fmt)
+        r.update(step_ab(model, args.rounds, args.replays))
+        log(name, fmt, "step", {k: v for k, v in r.items() if k not in ("model", "fmt")})
+        r.update(engine_ab(model, args.engine_rounds, args.new))
+        log(name, fmt, "engine", r["tokens_equal"], r["tok_s_off"], r["tok_s_on"], f"{time.perf_counter() - t:.0f} s")
+        rows.append(r)
+        del model
+        free()
     print()
     for k, (start, waited) in e.items():
         print(f"edge {k}: probe start {start:+.1f} µs, wait returned {waited:+.1f} µs (vs the spinner's end)")

@@ -145,3 +145,80 @@ def test_a_pdl_decode_attention_writing_its_int8_rounding_waits_before_any_load_
     assert "griddepcontrol.launch_dependents" in ptx
     assert _loads_before_wait(ptx) == 0 and _stores_before_wait(ptx) == 0
     assert "st.global.b8" in ptx  # the int8 codes
+
+
+MOE_SCALARS = {"limit": "fp32", "alpha": "fp32"}
+MOE_KERNELS = {  # the kernels of a batch-1 MoE decode step: (pointers, constexprs, int arguments)
+    "route_kernel": ({"I": "*i32"}, dict(K=8, K_P=8, BLOCK_E=128, TOPK_SOFTMAX=False, NORM=True), ("E",)),
+    "combine_kernel": ({}, dict(K=8, BLOCK=1024), ("H",)),
+    "moe_gemv_mxfp4": (dict(MOE_SCALARS, W1="*u8", W2="*u8", S1="*u8", S2="*u8", Experts="*i32"),
+                       dict(X_DIV=4, TWO=True, ACT=2, HAS_BIAS=True, MUL_ROUTE=False, BLOCK_N=8, GROUPS=32, ASM=True,
+                            STAGES=1), ("N", "K")),
+    "moe_gemm": (dict(MOE_SCALARS, SortedIds="*i32", BlockExpert="*i32", Total="*i32"),
+                 dict(X_DIV=8, TWO=True, ACT=1, HAS_BIAS=False, MUL_ROUTE=False, PACKED=False, DOT_SCALED=False,
+                      LHS_FMT="bf16", BLOCK_M=16, BLOCK_N=32, BLOCK_K=256), ("N", "K")),
+    "moe_gemm packed": (dict(MOE_SCALARS, W1="*u8", W2="*u8", S1="*u8", S2="*u8", SortedIds="*i32",
+                             BlockExpert="*i32", Total="*i32"),
+                        dict(X_DIV=1, TWO=False, ACT=0, HAS_BIAS=True, MUL_ROUTE=True, PACKED=True, DOT_SCALED=False,
+                             LHS_FMT="bf16", BLOCK_M=16, BLOCK_N=32, BLOCK_K=256), ("N", "K")),
+}
+
+
+@pytest.mark.parametrize("kernel", list(MOE_KERNELS))
+def test_a_pdl_moe_kernel_waits_before_any_load_or_store(kernel):
+    """Routing, the experts' GEMV and GEMM, and the combine, compiled for sm_90 with PDL: the gdc
+    wait and launch_dependents, and nothing loaded or stored before the wait (expert ids, the slot
+    layout and routing weights are data, and an expert's weight address depends on its id);
+    without PDL, no griddepcontrol at all."""
+    from rung.kernels import triton_moe
+
+    fn = getattr(triton_moe, kernel.split()[0])
+    pointers, constexprs, ints = MOE_KERNELS[kernel]
+    off = _ptx(fn, pointers, dict(constexprs, PDL=False), ints)
+    assert "griddepcontrol" not in off
+    on = _ptx(fn, pointers, dict(constexprs, PDL=True), ints)
+    assert "griddepcontrol.wait" in on and "griddepcontrol.launch_dependents" in on
+    assert _loads_before_wait(on) == 0 and _stores_before_wait(on) == 0
+    assert "ld.global" in on and "st.global" in on  # the loads and stores are there, after it
+
+
+class _Launches:
+    """Stands in for a Triton kernel: records each launch's keyword arguments."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, kwargs))
+
+
+@pytest.mark.parametrize("wanted", [False, True])
+def test_moe_launchers_pass_pdl_wanted_as_both_the_constexpr_and_launch_pdl(monkeypatch, wanted):
+    """triton_route, triton_fused_moe (bf16 experts: moe_gemm twice, then combine) and
+    triton_moe_gemv (MXFP4 experts, tuned or under the interpreter) launch every kernel with
+    PDL = launch_pdl = pdl_wanted(device), as the dense decode kernels' launchers do."""
+    from rung.kernels import triton_moe as tm
+    from rung.kernels.fused_moe import Activation, ExpertWeights
+
+    log: list = []
+    for name in ("route_kernel", "combine_kernel", "moe_gemm", "moe_gemv_mxfp4", "_moe_gemv_tuned"):
+        monkeypatch.setattr(tm, name, _Launches(name, log))
+    asked = []
+    monkeypatch.setattr(tm, "pdl_wanted", lambda device: asked.append(torch.device(device)) or wanted)
+    e, h, i, n, k = 4, 64, 32, 1, 2
+    x = torch.zeros(n, h, dtype=torch.bfloat16)
+    tm.triton_route(torch.zeros(n, e, dtype=torch.bfloat16), k, False, True)
+    weights, experts = torch.full((n, k), 0.5, dtype=torch.bfloat16), torch.tensor([[0, 3]], dtype=torch.int32)
+    dense = ExpertWeights(*(torch.zeros(e, *shape, dtype=torch.bfloat16) for shape in ((i, h), (i, h), (h, i))))
+    tm.triton_fused_moe(x, weights, experts, dense, Activation("silu"))
+    packed_shapes = ((i, h // 2), (i, h // 2), (h, i // 2)) + ((i, h // 32), (i, h // 32), (h, i // 32))  # bytes, scales
+    packed = ExpertWeights(*(torch.zeros(e, *shape, dtype=torch.uint8) for shape in packed_shapes))
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        tm.triton_moe_gemv(x, weights, experts, packed, Activation("swiglu_clamped"))
+    names = [name for name, _ in log]
+    assert names == ["route_kernel", "moe_gemm", "moe_gemm", "combine_kernel",
+                     "moe_gemv_mxfp4", "moe_gemv_mxfp4", "combine_kernel",
+                     "_moe_gemv_tuned", "_moe_gemv_tuned", "combine_kernel"]
+    assert all(kwargs["PDL"] is wanted and kwargs["launch_pdl"] is wanted for _, kwargs in log), log
+    assert asked and all(d.type == "cpu" for d in asked)

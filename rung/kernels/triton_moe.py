@@ -11,6 +11,7 @@ import triton.language as tl
 
 from rung.kernels.fused_moe import Activation, ExpertWeights, moe_align, moe_slot_layout
 from rung.kernels.moe_tiles import HOPPER_SMEM_BYTES, MoETile, choose_tile, device_smem_limit
+from rung.kernels.triton_pdl import pdl_wait, pdl_wanted
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,12 @@ def moe_gemm(
     N, K, num_slots, sx_m, sw_e, sw_n, ss_e, ss_n, sb_e, sy_m, limit, alpha,
     X_DIV: tl.constexpr, TWO: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     MUL_ROUTE: tl.constexpr, PACKED: tl.constexpr, DOT_SCALED: tl.constexpr, LHS_FMT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    """One program per (block of BLOCK_M slots, BLOCK_N outputs) of one expert (kernels/fused_moe.py).
+    PDL: launched with programmatic dependent launch (kernels/triton_pdl.py), it waits first thing:
+    the layout, the expert ids and hence every weight address are data of the kernels before."""
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(Total):
@@ -197,13 +202,16 @@ def moe_gemv_mxfp4(
     N, K, sx_m, sw_e, sw_n, ss_e, ss_n, sb_e, sy_m, limit, alpha,
     X_DIV: tl.constexpr, TWO: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     MUL_ROUTE: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr = False,
-    STAGES: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     """Decode over packed MXFP4 experts: one program per (slot, BLOCK_N output rows), GROUPS
     blocks of 32 weights (16 bytes, one scale) per step. Each block's 32 products are summed
     unscaled and the block's power of two is applied once to the sum, so a weight costs a few
     integer ops, a multiply and a multiply-add, and the scales are read once per block rather
-    than per byte (what kept ``moe_gemm``'s decode at a fraction of the bandwidth)."""
+    than per byte (what kept ``moe_gemm``'s decode at a fraction of the bandwidth). PDL: launched
+    with programmatic dependent launch (kernels/triton_pdl.py), it waits first thing: which
+    expert's bytes a program reads is data of the routing kernel, so no weight is known before."""
+    pdl_wait(PDL)
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(Experts + slot).to(tl.int64)
@@ -246,10 +254,12 @@ def moe_gemv_mxfp4(
 
 @triton.jit
 def route_kernel(L, W, I, E, sl, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                 TOPK_SOFTMAX: tl.constexpr, NORM: tl.constexpr):
+                 TOPK_SOFTMAX: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False):
     """One token: top-k by repeated arg-max over its E logits in registers (ties to the lower
     id), then gpt-oss's softmax over the k chosen logits, or Qwen's softmax over all E (float32)
-    with the optional renormalisation of the k."""
+    with the optional renormalisation of the k. PDL: launched with programmatic dependent launch
+    (kernels/triton_pdl.py), it waits first thing (the logits are the router GEMV's)."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(L + t * sl + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -280,15 +290,18 @@ def triton_route(logits, top_k: int, topk_softmax: bool, norm: bool):
         logits = logits.contiguous()
     weights = torch.empty(n, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(n, top_k, dtype=torch.int32, device=logits.device)
+    pdl = pdl_wanted(logits.device)
     route_kernel[(n,)](logits, weights, ids, e, logits.stride(0), K=top_k, K_P=triton.next_power_of_2(top_k),
-                       BLOCK_E=triton.next_power_of_2(e), TOPK_SOFTMAX=topk_softmax, NORM=norm,
-                       num_warps=1 if e <= 256 else 4)
+                       BLOCK_E=triton.next_power_of_2(e), TOPK_SOFTMAX=topk_softmax, NORM=norm, PDL=pdl,
+                       launch_pdl=pdl, num_warps=1 if e <= 256 else 4)
     return weights, ids
 
 
 @triton.jit
-def combine_kernel(Y, O, H, K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = Σ_j y[t·K + j] in float32, one rounding (torch's sum(1, float32) then a cast: two kernels)."""
+def combine_kernel(Y, O, H, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """out[t] = Σ_j y[t·K + j] in float32, one rounding (torch's sum(1, float32) then a cast: two kernels).
+    PDL: launched with programmatic dependent launch (kernels/triton_pdl.py), it waits first thing."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < H
@@ -302,7 +315,8 @@ def combine(y: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """y [n·k, H] (contiguous) → [n, H]."""
     h = y.shape[1]
     out = torch.empty(n, h, dtype=y.dtype, device=y.device)
-    combine_kernel[(n, triton_cdiv(h, 1024))](y, out, h, K=k, BLOCK=1024, num_warps=4)
+    pdl = pdl_wanted(y.device)
+    combine_kernel[(n, triton_cdiv(h, 1024))](y, out, h, K=k, BLOCK=1024, PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out
 
 
@@ -321,6 +335,9 @@ _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "STAGES": st}, num_wa
                                      (4, 128, 8, 1), (8, 64, 8, 1), (16, 32, 8, 1), (32, 16, 8, 1), (4, 64, 4, 1),
                                      (8, 16, 4, 3), (16, 16, 4, 3), (8, 32, 4, 3), (16, 32, 4, 3), (4, 64, 4, 3),
                                      (32, 8, 4, 3))]
+# PDL stays out of the key: a shape runs the tile tuned at its first call whether PDL is on or off,
+# so RUNG_PDL=0 and 1 give bit-identical outputs (a tile's GROUPS set the order of the sums), as
+# every other PDL kernel's do.
 _moe_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "TWO", "ASM"])(moe_gemv_mxfp4)
 
 
@@ -343,6 +360,7 @@ def triton_moe_gemv(x, weights, experts, w: ExpertWeights, act: Activation) -> t
     hidden = torch.empty(s, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(s, hidden_size, dtype=x.dtype, device=x.device)
     ids = experts.reshape(-1).to(torch.int32)
+    pdl = pdl_wanted(x.device)
     route_w = weights.reshape(-1).contiguous()
     has_bias = w.gate_bias is not None
     act_id = 2 if act.kind == "swiglu_clamped" else 1
@@ -354,7 +372,8 @@ def triton_moe_gemv(x, weights, experts, w: ExpertWeights, act: Activation) -> t
                      s2 if s2 is not None else w1, b1 if b1 is not None else xin, b2 if b2 is not None else xin,
                      out, ids, route_w, n_out, k_in, xin.stride(0), sw[0], sw[1], ss[0], ss[1],
                      b1.stride(0) if b1 is not None else 0, out.stride(0), float(act.limit), float(act.alpha),
-                     X_DIV=x_div, TWO=two, ACT=act_code, HAS_BIAS=b1 is not None, MUL_ROUTE=mul_route)
+                     X_DIV=x_div, TWO=two, ACT=act_code, HAS_BIAS=b1 is not None, MUL_ROUTE=mul_route, PDL=pdl,
+                     launch_pdl=pdl)
 
     launch(x, k, _rows(w.gate), _rows(w.up), w.gate_scales, w.up_scales, w.gate_bias if has_bias else None,
            w.up_bias if has_bias else None, hidden, inter, hidden_size, True, act_id, False)
@@ -438,6 +457,7 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
     blocks = sorted_ids.shape[0] // block_m
     has_bias = w.gate_bias is not None
     act_id = 2 if act.kind == "swiglu_clamped" else 1
+    pdl = pdl_wanted(x.device)
 
     def launch(xin, x_div, w1, w2, s1, s2, b1, b2, out, n_out, k_in, two, act_code, mul_route, dot_scaled):
         packed = s1 is not None
@@ -451,7 +471,8 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
             out.stride(0), float(act.limit), float(act.alpha),
             X_DIV=x_div, TWO=two, ACT=act_code, HAS_BIAS=b1 is not None, MUL_ROUTE=mul_route, PACKED=packed,
             DOT_SCALED=dot_scaled, LHS_FMT="bf16" if xin.dtype == torch.bfloat16 else "fp16",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tile.warps, num_stages=tile.stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, launch_pdl=pdl, num_warps=tile.warps,
+            num_stages=tile.stages,
         )
 
     def run(dot_scaled):
