@@ -18,6 +18,7 @@ def test_triton_kernels_agree_with_their_references_under_the_interpreter():
     assert sum("GEMV" in line for line in lines) == 4 and sum("paged attention" in line for line in lines) == 12
     assert sum(line.startswith("qk norm+rope torch") for line in lines) == 20 and sum(line.startswith("model ") for line in lines) == 4
     assert sum(line.startswith("routing") for line in lines) == 4 and "write_kv: equal" in lines
+    assert sum(line.startswith("combine") for line in lines) == 4
     assert sum("GEMM dequantized" in line for line in lines) == 2 and "mxfp4_dequantize: equal (float32, bfloat16, float16)" in lines
     assert sum(line.startswith("linear gemv") for line in lines) == 17
     assert sum(line.startswith("add+rms_norm") for line in lines) == 8

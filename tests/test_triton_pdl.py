@@ -151,6 +151,7 @@ MOE_SCALARS = {"limit": "fp32", "alpha": "fp32"}
 MOE_KERNELS = {  # the kernels of a batch-1 MoE decode step: (pointers, constexprs, int arguments)
     "route_kernel": ({"I": "*i32"}, dict(K=8, K_P=8, BLOCK_E=128, TOPK_SOFTMAX=False, NORM=True), ("E",)),
     "combine_kernel": ({}, dict(K=8, BLOCK=1024), ("H",)),
+    "combine_kernel weighted": ({"Wr": "*fp32"}, dict(K=8, BLOCK=1024, WEIGHTED=True), ("H",)),
     "moe_gemv_mxfp4": (dict(MOE_SCALARS, W1="*u8", W2="*u8", S1="*u8", S2="*u8", Experts="*i32"),
                        dict(X_DIV=4, TWO=True, ACT=2, HAS_BIAS=True, MUL_ROUTE=False, BLOCK_N=8, GROUPS=32, ASM=True,
                             STAGES=1), ("N", "K")),

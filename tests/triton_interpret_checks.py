@@ -194,6 +194,13 @@ def routing_checks(g) -> None:
             sys.exit(f"FAIL routing E={e} k={k} {router}: experts {ids.tolist()} != {ids_ref.tolist()}")
         ties = int((ids.long() != ids_ref).sum())
         check(f"routing E={e} k={k} {router} norm={norm} ({ties} tied picks)", w, w_ref, 1e-3)
+    # the combine: each token's k rows summed, or weighted by its routing weights (packed experts' decode)
+    for dtype in (torch.float32, torch.bfloat16):
+        y, w = torch.randn(3 * 4, 1100, generator=g).to(dtype), torch.rand(3, 4, generator=g).to(dtype)
+        rows = y.double().view(3, 4, 1100)
+        check(f"combine {dtype}", triton_moe.combine(y, 3, 4), rows.sum(1), 1e-6 if dtype == torch.float32 else 6e-3)
+        check(f"combine weighted {dtype}", triton_moe.combine(y, 3, 4, w),
+              (w.double()[..., None] * rows).sum(1), 1e-6 if dtype == torch.float32 else 6e-3)
 
 
 def write_kv_checks(g) -> None:

@@ -298,8 +298,10 @@ def triton_route(logits, top_k: int, topk_softmax: bool, norm: bool):
 
 
 @triton.jit
-def combine_kernel(Y, O, H, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    """out[t] = Σ_j y[t·K + j] in float32, one rounding (torch's sum(1, float32) then a cast: two kernels).
+def combine_kernel(Y, O, Wr, H, K: tl.constexpr, BLOCK: tl.constexpr, WEIGHTED: tl.constexpr = False,
+                   PDL: tl.constexpr = False):
+    """out[t] = Σ_j y[t·K + j] (WEIGHTED: · w[t, j]) in float32, one rounding (torch's sum(1, float32)
+    then a cast: two kernels; a weighted bmm: a cast of the weights and cuBLAS, neither with PDL).
     PDL: launched with programmatic dependent launch (kernels/triton_pdl.py), it waits first thing."""
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -307,16 +309,21 @@ def combine_kernel(Y, O, H, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.conste
     m = c < H
     acc = tl.zeros([BLOCK], tl.float32)
     for j in tl.static_range(K):
-        acc += tl.load(Y + (t * K + j) * H + c, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(Y + (t * K + j) * H + c, mask=m, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            y = y * tl.load(Wr + t * K + j).to(tl.float32)
+        acc += y
     tl.store(O + t * H + c, acc.to(O.dtype.element_ty), mask=m)
 
 
-def combine(y: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """y [n·k, H] (contiguous) → [n, H]."""
+def combine(y: torch.Tensor, n: int, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """y [n·k, H] (contiguous) → [n, H]: each token's k rows summed, times ``weights`` [n, k] if given."""
     h = y.shape[1]
     out = torch.empty(n, h, dtype=y.dtype, device=y.device)
+    w = y if weights is None else weights.contiguous()  # unread unless WEIGHTED
     pdl = pdl_wanted(y.device)
-    combine_kernel[(n, triton_cdiv(h, 1024))](y, out, h, K=k, BLOCK=1024, PDL=pdl, launch_pdl=pdl, num_warps=4)
+    combine_kernel[(n, triton_cdiv(h, 1024))](y, out, w, h, K=k, BLOCK=1024, WEIGHTED=weights is not None, PDL=pdl,
+                                              launch_pdl=pdl, num_warps=4)
     return out
 
 

@@ -144,9 +144,11 @@ class PackedMoE(MoE):
         ids = experts.reshape(-1).to(torch.int32)
         hidden = self._rows("gate_up", flat, ids, k, "silu")  # [n·k, I]
         out = self._rows("down", hidden, ids, 1, None)  # [n·k, H]
-        # in the activation dtype (cuBLAS sums the k products in float32): no float32 copies
-        mixed = torch.bmm(weights.to(out.dtype).view(n, 1, k), out.view(n, k, -1))
-        return mixed.view(n, -1)
+        # Σ_k weight · row in float32, one kernel with PDL (a cast and a cuBLAS bmm were two launches
+        # that broke a decode step's chain of programmatic dependent launches, kernels/triton_pdl.py)
+        from rung.kernels.triton_moe import combine
+
+        return combine(out.contiguous(), n, k, weights)
 
     def _rows(self, prefix: str, x: torch.Tensor, ids: torch.Tensor, x_div: int, act: str | None) -> torch.Tensor:
         data, scale = getattr(self, prefix + "_data"), getattr(self, prefix + "_scale")
