@@ -243,3 +243,36 @@ def test_a_float_gguf_stays_float32(tmp_path):
 def test_the_startup_line_names_each_model_and_its_format(both):
     ready = [line for line in both.log_path.read_text().splitlines() if "ready on" in line]
     assert ready and "a [float32]" in ready[0] and "b [float32]" in ready[0]
+
+
+def test_an_evicted_models_weights_are_freed_under_a_frozen_start_up_heap(folders):
+    """`rung serve` freezes the heap it started with out of the garbage collector (gc.freeze, as
+    vLLM does); a model loaded then and evicted later under --memory-budget must still give its
+    weights back (reference counting frees them; the collector could not look at frozen cycles)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from rung.serve.models import Models, estimate_bytes, model_configs
+    from rung.serve.server import ServeConfig
+
+    configs = model_configs(ServeConfig(model="", engine=dict(kv_cache_bytes=2**20)), [str(f) for f in folders],
+                            ["a", "b"])
+    models = Models(configs, memory_budget=int(1.5 * max(estimate_bytes(c) for c in configs)))
+    try:
+        assert models.load_at_start() is None
+        assert models.slots["a"].server is not None and models.slots["b"].server is None  # b waits for a request
+        weights = weakref.ref(next(models.slots["a"].server.llm.model.parameters()))
+        gc.collect()
+        gc.freeze()
+        try:
+            async def use_b():
+                async with models.get("b") as server:
+                    return server.config.name
+
+            assert asyncio.run(use_b()) == "b"
+            assert models.slots["a"].server is None and weights() is None
+        finally:
+            gc.unfreeze()
+    finally:
+        models.shutdown()
