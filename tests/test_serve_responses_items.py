@@ -350,9 +350,16 @@ def test_redacted_request_the_model_sees_placeholders_and_the_output_has_the_val
 
 @pytest.mark.parametrize("flag, value, needle", [("--responses-store-ttl", "0", "--responses-store-ttl above 0"),
                                                  ("--responses-store-size", "-1", "--responses-store-size must be"),
-                                                 ("--responses-store-mb", "0", "--responses-store-mb must be at least 1")])
-def test_bad_store_flags_are_refused_before_the_port_opens(capsys, flag, value, needle):
+                                                 ("--responses-store-mb", "0", "--responses-store-mb must be at least 1"),
+                                                 ("--request-timeout", "nan", "positive number of seconds, not nan"),
+                                                 ("--request-timeout", "0", "positive number of seconds, not 0"),
+                                                 ("--request-timeout", "inf", "positive number of seconds, not inf")])
+def test_bad_store_and_timeout_flags_are_refused_before_the_port_opens(capsys, flag, value, needle):
     from rung.cli import main
 
-    assert main(["serve", "-m", "smollm2-135m", flag, value]) == 2
+    try:
+        status = main(["serve", "-m", "smollm2-135m", flag, value])
+    except SystemExit as e:  # refused by the argument's own type (argparse's usage error)
+        status = e.code
+    assert status == 2
     assert needle in capsys.readouterr().err

@@ -31,6 +31,13 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    seconds = float(text)
+    if not 0 < seconds < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return seconds
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", action="append", default=None,
                    help=f"built-in name, .gguf file or Hugging Face folder, optionally NAME@FORMAT (default "
@@ -54,7 +61,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=None, help="the most tokens a request may ask for")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get 429 (default 64)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--stream-interval", type=_positive, default=1, metavar="N",
                    help="stream N tokens a chunk (the first token alone): fewer chunks for the server and its "
                         "clients to handle under load, steps of N tokens for a reader (default 1)")
