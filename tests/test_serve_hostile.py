@@ -615,3 +615,17 @@ def test_a_20000_property_schema_is_refused_at_once(served):
     error = refused(client, "/v1/chat/completions", {**CHAT, "tools": many})  # each small, 20,000 properties in all
     assert time.perf_counter() - start_ < 2
     assert error["param"] == "tools" and "in all" in error["message"]
+
+
+def test_tokenize_and_detokenize_take_the_one_served_model_when_none_is_named(served):
+    """As vLLM's: ``model`` is optional on /tokenize and /detokenize where one model is served."""
+    client, _ = served
+    status, named = post(client, "/tokenize", {"model": MODEL, "prompt": "hello there"})
+    assert status == 200
+    status, unnamed = post(client, "/tokenize", {"prompt": "hello there"})
+    assert status == 200 and unnamed == named
+    status, chat = post(client, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and chat["count"] > 2
+    status, text = post(client, "/detokenize", {"tokens": named["tokens"]})
+    assert status == 200 and text["prompt"].endswith("hello there")
+

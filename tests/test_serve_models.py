@@ -138,6 +138,8 @@ def test_tokenize_errors_are_openai_shaped_and_need_the_key(both):
     error("/tokenize", {"model": "a", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400)
     error("/tokenize", {"model": "a", "prompt": 5}, 400, "prompt")
     error("/tokenize", {"model": "zzz", "prompt": "x"}, 404, "model")
+    assert "'a', 'b'" in error("/tokenize", {"prompt": "x"}, 400, "model")["message"]  # two models: name one
+    error("/detokenize", {"tokens": [1]}, 400, "model")
     error("/detokenize", {"model": "a", "tokens": [1, 10**9]}, 400, "tokens.1")
     error("/detokenize", {"model": "a", "tokens": "12"}, 400, "tokens")
     error("/detokenize", {"model": "a", "tokens": [1], "extra": 1}, 400, "extra")

@@ -281,13 +281,22 @@ def create_app(served: Server | Models, shutdown_with_app: bool = False) -> Fast
                                error=e.message)
             raise
 
+    def named(model: str | None) -> str:
+        """/tokenize's and /detokenize's model: optional where one model is served, as in vLLM."""
+        if model is not None:
+            return model
+        if len(models.slots) == 1:
+            return next(iter(models.slots))
+        served = ", ".join(f"'{n}'" for n in models.slots)
+        raise APIError(400, f"model is required: this server serves {served}", "model")
+
     @app.post("/tokenize")
     async def tokenize_route(request: Request):
         principal = authorize(request)
         raw = await body_of(request)
         with models.admit():
             req = await models.off_loop(parse_body, raw, TokenizeRequest)
-            async with model_for(request, req.model) as server:
+            async with model_for(request, named(req.model)) as server:
                 return await server.off_loop(tokenize, server, req, principal)
 
     @app.post("/detokenize")
@@ -296,7 +305,7 @@ def create_app(served: Server | Models, shutdown_with_app: bool = False) -> Fast
         raw = await body_of(request)
         with models.admit():
             req = await models.off_loop(parse_body, raw, DetokenizeRequest)
-            async with model_for(request, req.model) as server:
+            async with model_for(request, named(req.model)) as server:
                 return await server.off_loop(detokenize, server, req)
 
     return app

@@ -1,6 +1,6 @@
 """POST /tokenize and POST /detokenize, in vLLM's shape.
 
-/tokenize takes ``model`` and either ``prompt`` (a string, tokenized as /v1/completions does,
+/tokenize takes ``model`` (optional, as in vLLM, where one model is served) and either ``prompt`` (a string, tokenized as /v1/completions does,
 special tokens written in it parsed, BOS added unless ``add_special_tokens`` is false) or
 ``messages`` (rendered by the model's chat template exactly as /v1/chat/completions renders them,
 with ``tools``, ``chat_template_kwargs`` and ``add_generation_prompt``; the template writes BOS
@@ -26,7 +26,7 @@ MAX_TOKENS = 1_000_000  # ids in one /detokenize request (the body's size bounds
 
 
 class TokenizeRequest(Strict):
-    model: str
+    model: str | None = None  # optional, as in vLLM: the served model when there is one
     prompt: str | None = None
     messages: list[Message] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
@@ -43,7 +43,7 @@ class TokenizeRequest(Strict):
 
 
 class DetokenizeRequest(Strict):
-    model: str
+    model: str | None = None
     tokens: list[int] = Field(max_length=MAX_TOKENS)
 
 
@@ -52,7 +52,7 @@ def tokenize(server, req: TokenizeRequest, principal=None) -> dict:
     tokenizer = server.llm.tokenizer
     if req.messages is not None:
         chat = ChatCompletionRequest.model_validate(
-            {"model": req.model, "messages": req.messages, "tools": req.tools,
+            {"model": server.config.name, "messages": req.messages, "tools": req.tools,
              "chat_template_kwargs": req.chat_template_kwargs, "add_generation_prompt": req.add_generation_prompt,
              "max_tokens": 1})
         ids = list(server.prepare_chat(chat, principal).prompt_ids)  # the very ids a chat request would run
