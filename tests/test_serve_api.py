@@ -486,3 +486,7 @@ def test_short_load_every_request_completes_whole_and_the_server_returns_to_idle
     assert report.completed >= 4 and report.refused == 0  # 8 clients stay under --max-concurrent 24
     assert all(t <= lat for t, lat in zip(report.ttft, report.latency))
     wait_until(lambda: idle(served), timeout=30, what="the server to return to idle")
+    # --compare's clients: the raw HTTP/1.1 one (keep-alive, chunked SSE) counts what the official one counts
+    levels = {client: asyncio.run(load.run_clients(served.base, KEY, MODEL, 3, 2, 6, client)) for client in ("raw", "openai")}
+    for level in levels.values():  # 3 clients x 2 chats of at most 6 tokens, each with a first token
+        assert 6 <= level.tokens <= 36 and len(level.ttft) == 6 and level.seconds > 0
