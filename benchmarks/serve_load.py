@@ -395,27 +395,31 @@ class RawSession:
     async def post_lines(self, path: str, body: dict):
         """POST ``body``; yields the response's SSE ``data:`` payloads (bytes) as they arrive."""
         reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        payload = json.dumps(body).encode()
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {self.api_key}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        status = int(head[0].split()[1])
-        headers = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
-        if status != 200 or headers.get("transfer-encoding") != "chunked":
-            raw = await reader.readexactly(int(headers.get("content-length", 0)))
+        try:
+            payload = json.dumps(body).encode()
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {self.api_key}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                         + payload)
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = int(head[0].split()[1])
+            headers = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
+            if status != 200 or headers.get("transfer-encoding") != "chunked":
+                raw = await reader.readexactly(int(headers.get("content-length", 0)))
+                raise RuntimeError(f"HTTP {status}: {raw[:300]!r}")
+            pending = b""
+            while True:
+                size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+                data = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                pending += data[:-2].replace(b"\r\n", b"\n")  # sse-starlette (llama.cpp's server) ends lines in CRLF
+                *events, pending = pending.split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"data: "):
+                        yield event[6:]
+        except BaseException:  # an error, or the caller stopped reading: this connection is not reusable
             writer.close()
-            raise RuntimeError(f"HTTP {status}: {raw[:300]!r}")
-        pending = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
-            data = await reader.readexactly(size + 2)
-            if size == 0:
-                break
-            pending += data[:-2].replace(b"\r\n", b"\n")  # sse-starlette (llama.cpp's server) ends lines in CRLF
-            *events, pending = pending.split(b"\n\n")
-            for event in events:
-                if event.startswith(b"data: "):
-                    yield event[6:]
+            raise
         self.idle.append((reader, writer))
 
     async def aclose(self) -> None:
