@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from gpu import decode_tok_s, prompt  # benchmarks/gpu.py: the batch-1 decode timing and random prompts
 from rung.config import ModelConfig, preset_dict
 from rung.distributed.collectives import install_collectives
 from rung.distributed.shard import ShardPlan, sharded_meta_decoder
@@ -123,10 +124,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def prompt(vocab: int, n: int, seed: int) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 def measure(name: str, tp: int, args, bw: float) -> dict:
     device = args.device
     os.environ["RUNG_BENCH_LAYERS"] = str(args.layers or 0)
@@ -150,14 +147,7 @@ def measure(name: str, tp: int, args, bw: float) -> dict:
         greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
         seeds = iter(range(10_000))
         engine.run([(prompt(c.vocab_size, args.prompt, next(seeds)), greedy(8))])  # warm-up
-        rid = engine.add_request(prompt(c.vocab_size, args.prompt, next(seeds)), greedy(args.new1))
-        seq = engine._sequences[rid][0]
-        while not seq.output_ids:
-            engine.step()
-        t0 = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-        r["decode_tok_s"] = (len(seq.output_ids) - 1) / (time.perf_counter() - t0)
+        r["decode_tok_s"], _ = decode_tok_s(engine, prompt(c.vocab_size, args.prompt, next(seeds)), greedy(args.new1))
         r["roofline_pct"] = 100 * r["decode_tok_s"] * r["bytes_per_rank"] / bw
         for n in (2048, args.long):
             if n:
