@@ -66,11 +66,14 @@ class ModelRunner:
         if fast is not None and all(ch.count == 1 for ch in chunks):
             logits = fast.run(ids, chunks)  # [N, vocab]; None: not this batch (too large, graphs off)
         if logits is None:
-            with native_prompts():  # packed layers' prompt rows through the native kernels (quant/linear.py)
+            # packed layers' prompt rows through the native kernels (quant/linear.py); the LM head's
+            # too: a step of more than MAX_M rows with logits (decode rows beside a prompt's last)
+            # would otherwise dequantize the whole head for one matmul
+            with native_prompts():
                 hidden = self.model.hidden_states(ids[None], PagedStep(self.pool, chunks, self.device))[0]  # [N, hidden]
-            if rows == []:  # prefill chunks only: no logits wanted
-                return torch.empty(0, self.model.config.vocab_size)
-            return self.model.logits(hidden if rows is None else hidden[rows])
+                if rows == []:  # prefill chunks only: no logits wanted
+                    return torch.empty(0, self.model.config.vocab_size)
+                return self.model.logits(hidden if rows is None else hidden[rows])
         return logits if rows is None or len(rows) == len(logits) else logits[rows]  # decode-only: row i is chunk i's
 
     # ---- one step ahead (engine/overlap.py) ---------------------------------------------------
