@@ -223,7 +223,15 @@ def logits_pair(model) -> tuple[torch.Tensor, torch.Tensor]:
     return prefill, decode
 
 
+def fmt_key(fmt: str) -> str:
+    """The format's name inside the GEMV tuner's keys (q8, q4; fp8's keys say fp8-gemv)."""
+    packed = FORMATS[fmt][0] if FORMATS[fmt] else None
+    return "fp8-gemv" if packed == "f8" else packed
+
+
 def model_bench(name: str, fmt: str, args, bw: float) -> dict:
+    from rung.kernels import triton_quant as tq
+
     free()
     reset_peak()
     dp4a_env(fmt)
@@ -256,6 +264,7 @@ def model_bench(name: str, fmt: str, args, bw: float) -> dict:
     engine.run([(prompt(c.vocab_size, 128, next(seed)), greedy(8))])  # warm-up: tuning, compiles, the 1-row graph
     r["decode_tok_s"], _ = gpu.decode_tok_s(engine, prompt(c.vocab_size, 128, next(seed)), greedy(args.new1))
     r["graph_steps"] = engine.graphs.steps if engine.graphs else 0
+    r["tuned"] = {" ".join(map(str, k)): str(v) for k, v in tq._TUNED.items() if fmt_key(fmt) in k}  # the picks
     engine.run([(prompt(c.vocab_size, 2048, next(seed)), greedy(1))])  # warm-up at this length
     sync()
     t0 = time.perf_counter()
@@ -330,6 +339,7 @@ def main():
     env["copy_bw_TBps"] = bw / 1e12
     log(f"device-to-device copy: {bw / 1e12:.2f} TB/s")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # $OUT/q on the device: a folder of its own
     layers, batches, results = [], [], {}
 
     def save():

@@ -40,21 +40,26 @@ def test_decode_splits_fill_the_gpu_at_batch_one_and_stay_eight_for_batches(monk
     assert ta.decode_splits(8) == 8
 
 
-def test_mxfp4_prefill_dequantizes_only_when_asked_and_only_at_prefill_sizes(monkeypatch):
-    """Off by default (its first kernel measured slower than the packed GEMM on an H200); with
-    RUNG_MXFP4_DEQUANT=1, packed experts at DEQUANT_MIN_SLOTS slots or more, never dense ones."""
+def test_mxfp4_prefill_dequantizes_at_prefill_sizes_per_expert_unless_turned_off(monkeypatch):
+    """Packed experts at DEQUANT_SLOTS_PER_EXPERT slots an expert or more (the pass costs in
+    proportion to the experts), never dense ones; RUNG_MXFP4_DEQUANT=0 turns it off."""
     pytest.importorskip("triton")
     import torch
 
     from rung.kernels import triton_moe as tm
     from rung.kernels.fused_moe import ExpertWeights
 
-    packed = ExpertWeights(*(torch.zeros(2, 4, 16, dtype=torch.uint8) for _ in range(3)),
-                           *(torch.zeros(2, 4, 1, dtype=torch.uint8) for _ in range(3)))
+    def packed(experts):
+        return ExpertWeights(*(torch.zeros(experts, 4, 16, dtype=torch.uint8) for _ in range(3)),
+                             *(torch.zeros(experts, 4, 1, dtype=torch.uint8) for _ in range(3)))
+
     dense = ExpertWeights(*(torch.zeros(2, 4, 32) for _ in range(3)))
+    least = tm.DEQUANT_SLOTS_PER_EXPERT
     monkeypatch.delenv("RUNG_MXFP4_DEQUANT", raising=False)
-    assert not tm._dequantized_prefill(1 << 20, packed)
-    monkeypatch.setenv("RUNG_MXFP4_DEQUANT", "1")
-    assert tm._dequantized_prefill(tm.DEQUANT_MIN_SLOTS, packed)
-    assert not tm._dequantized_prefill(tm.DEQUANT_MIN_SLOTS - 1, packed)
+    for experts in (2, 32, 128):
+        assert packed(experts).num_experts == experts
+        assert tm._dequantized_prefill(least * experts, packed(experts))
+        assert not tm._dequantized_prefill(least * experts - 1, packed(experts))
     assert not tm._dequantized_prefill(1 << 20, dense)
+    monkeypatch.setenv("RUNG_MXFP4_DEQUANT", "0")
+    assert not tm._dequantized_prefill(1 << 20, packed(2))

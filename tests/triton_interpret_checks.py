@@ -155,11 +155,10 @@ def moe_checks(g) -> None:
                 check(name + " GEMM", triton_moe.triton_fused_moe(x, weights, experts, w, act), want, 1e-4)
                 os.environ.pop("RUNG_MOE_GEMV", None)
                 if packed and n == 40:  # a prefill's size: the experts dequantized first, then dense tiles
-                    least, triton_moe.DEQUANT_MIN_SLOTS = triton_moe.DEQUANT_MIN_SLOTS, 2 * n
-                    os.environ["RUNG_MXFP4_DEQUANT"] = "1"
+                    least = triton_moe.DEQUANT_SLOTS_PER_EXPERT
+                    triton_moe.DEQUANT_SLOTS_PER_EXPERT = 2 * n // w.num_experts
                     check(name + " GEMM dequantized", triton_moe.triton_fused_moe(x, weights, experts, w, act), want, 1e-4)
-                    triton_moe.DEQUANT_MIN_SLOTS = least
-                    os.environ.pop("RUNG_MXFP4_DEQUANT")
+                    triton_moe.DEQUANT_SLOTS_PER_EXPERT = least
         if packed:  # the dequantization pass is exact: bit for bit the reference's values
             from rung.model.mxfp4 import dequantize_mxfp4
 

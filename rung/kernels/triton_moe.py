@@ -429,20 +429,21 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return y
 
 
-# A prefill step of this many (token, expert) slots or more may dequantize a packed layer's experts
-# to the activations' dtype first (one pass a matrix, gate and up before down so that only one
-# projection's copy is alive at a time) and run moe_gemm's dense tiles. On an H200 (gpt-oss-20b,
-# a 32K-token prompt, 2026-12-04) the dense tiles ran the experts at ~390 TFLOP/s (404 ms) where
-# decoding E2M1 in the GEMM's K loop ran at ~180 (882 ms), but the first dequantization kernel
-# took 3 ms a matrix (180 GB/s; 852 ms in all): a prompt's TTFT went 1,421 → 1,815 ms. Off by
-# default until a dequantization at the memory's pace is measured; RUNG_MXFP4_DEQUANT=1 turns it on.
-DEQUANT_MIN_SLOTS = 2048
-DEQUANT_DEFAULT = False
+# A prefill step of DEQUANT_SLOTS_PER_EXPERT (token, expert) slots per expert or more dequantizes a
+# packed layer's experts to the activations' dtype first (one pass a matrix, gate and up before down
+# so that only one projection's copy is alive at a time) and runs moe_gemm's dense tiles. On an H200
+# (gpt-oss-20b, a 32K-token prompt in 8K chunks, 2026-12-05) the dense tiles ran the experts at ~390
+# TFLOP/s where decoding E2M1 in the GEMM's K loop ran at ~180, and the dequantization pass took
+# 0.38 ms a matrix of 32 experts: TTFT 1,444 → 1,079 ms. The pass costs in proportion to the experts,
+# the saving to the slots: with gpt-oss's 2880-wide matrices the two meet near 240 slots an expert
+# (1 / 180 − 1 / 390 TFLOP/s on 16.6 MFLOP a slot against 12 µs an expert), hence 256.
+# RUNG_MXFP4_DEQUANT=0 turns it off.
+DEQUANT_SLOTS_PER_EXPERT = 256
 
 
 def _dequantized_prefill(s: int, w: ExpertWeights) -> bool:
-    on = os.environ.get("RUNG_MXFP4_DEQUANT", "1" if DEQUANT_DEFAULT else "0") == "1"
-    return w.packed and s >= DEQUANT_MIN_SLOTS and on
+    on = os.environ.get("RUNG_MXFP4_DEQUANT", "1") != "0"
+    return w.packed and on and s >= DEQUANT_SLOTS_PER_EXPERT * w.num_experts
 
 
 def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:
@@ -489,7 +490,7 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
                y, hidden_size, inter, False, 0, True, dot_scaled)
         return combine(y, n, k)
 
-    if dense:  # (see DEQUANT_MIN_SLOTS)
+    if dense:  # (see DEQUANT_SLOTS_PER_EXPERT)
         gate, up = mxfp4_dequantize(w.gate, w.gate_scales, x.dtype), mxfp4_dequantize(w.up, w.up_scales, x.dtype)
         launch(x, k, gate, up, None, None, w.gate_bias if has_bias else None, w.up_bias if has_bias else None,
                hidden, inter, hidden_size, True, act_id, False, False)

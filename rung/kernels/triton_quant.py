@@ -602,11 +602,36 @@ def quant_linear(x, fmt, data, scale, offset, group, bias=None, act=None):
 _TUNED: dict = {}
 
 
+TUNE_ROUNDS = 3  # rounds of the configs in turn; each config's time is its best round's median
+
+
+def fastest(configs: list, compile_, time_ms, rounds: int = TUNE_ROUNDS):
+    """The config of least time: each is compiled (``compile_``; one that raises, a config the
+    compiler refuses, is skipped), then all are timed by ``time_ms`` in ``rounds`` rounds in turn,
+    each keeping its best round; the first config when none compiles."""
+    usable = []
+    for cfg in configs:
+        try:
+            compile_(cfg)
+        except Exception:
+            continue
+        usable.append(cfg)
+    if not usable:
+        return configs[0]
+    best = [float("inf")] * len(usable)
+    for _ in range(rounds):
+        for i, cfg in enumerate(usable):
+            best[i] = min(best[i], time_ms(cfg))
+    return usable[best.index(min(best))]
+
+
 def _tuned(key, configs, launch):
     """The fastest of ``configs`` for this key, timed once on first use with the L2 cache flushed
     before each launch (a decode step reads each weight once, cold: timed warm, a layer that fits
     the 60 MB L2 picked configs twice as slow as the best cold one); the first config where there
-    is nothing to time (the interpreter, a CUDA-graph capture, RUNG_QUANT_TUNE=0)."""
+    is nothing to time (the interpreter, a CUDA-graph capture, RUNG_QUANT_TUNE=0). The configs are
+    timed in TUNE_ROUNDS rounds, in turn, not one after another: a clock or neighbour that changes
+    during the tuning then touches every config, not only the ones timed while it lasted."""
     cfg = _TUNED.get(key)
     if cfg is not None:
         return launch(cfg)
@@ -614,24 +639,20 @@ def _tuned(key, configs, launch):
             or torch.cuda.is_current_stream_capturing()):
         return launch(configs[0])
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB
-    best, best_t = configs[0], float("inf")
-    for cfg in configs:
-        try:
+
+    def cold_ms(cfg) -> float:  # the median of 5 launches, each after the flush
+        times = []
+        for _ in range(5):
+            flush.zero_()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
             launch(cfg)
-            times = []
-            for _ in range(5):
-                flush.zero_()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                launch(cfg)
-                b.record()
-                times.append((a, b))
-            torch.cuda.synchronize()
-            t = sorted(a.elapsed_time(b) for a, b in times)[2]
-        except Exception:  # a config the compiler refuses (resources): skip it
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
+            b.record()
+            times.append((a, b))
+        torch.cuda.synchronize()
+        return sorted(a.elapsed_time(b) for a, b in times)[2]
+
+    best = fastest(configs, launch, cold_ms)
     del flush
     _TUNED[key] = best
     return launch(best)
