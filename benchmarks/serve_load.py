@@ -54,6 +54,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -275,6 +276,18 @@ def launch(name: str, command: list[str], port: int, ready_path: str, log_path: 
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"{name} did not answer {ready_path} in 300 s")
+
+
+def died(proc: subprocess.Popen) -> str:
+    """Why a server process is gone ("" while it runs), with the one cause seen here spelled out."""
+    try:
+        code = proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        return ""
+    if code == -signal.SIGILL:  # llama.cpp built with -march=native on a VM that lists AMX but traps it
+        return ("it died of SIGILL (an instruction this CPU refuses: for llama-cpp-python on a VM that lists "
+                "AMX, reinstall with CMAKE_ARGS='-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF'); ")
+    return f"it exited {code}; "
 
 
 def start_server(model: str, api_key: str, max_concurrent: int, threads: int | None, log_path: Path,
@@ -554,19 +567,22 @@ def measure_engine(spec: str, levels: list[int], args) -> dict[int, Level]:
 def measure_server(name: str, gguf: Path, levels: list[int], args) -> dict[int, Level]:
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     if name == "rung serve":
-        proc, base = start_server(args.model, args.api_key, max(levels), args.threads,
-                                  tmp / f"rung-serve-compare-{os.getpid()}.log",
+        log_path = tmp / f"rung-serve-compare-{os.getpid()}.log"
+        proc, base = start_server(args.model, args.api_key, max(levels), args.threads, log_path,
                                   ["--max-num-seqs", str(max(levels)), "--stream-interval", str(args.stream_interval)])
         model = args.model
     else:
-        proc, base = start_peer(gguf, args.threads, 4096, tmp / f"llama-cpp-server-{os.getpid()}.log",
-                                getattr(args, "peer_env", None))
+        log_path = tmp / f"llama-cpp-server-{os.getpid()}.log"
+        proc, base = start_peer(gguf, args.threads, 4096, log_path, getattr(args, "peer_env", None))
         model = "peer"
     try:
         asyncio.run(run_clients(base, args.api_key, model, max(levels), 1, 4, args.client))  # warm-up
         return {n: progress(name, n, asyncio.run(run_clients(base, args.api_key, model, n, args.requests,
                                                              args.max_tokens, args.client)))
                 for n in levels}
+    except (OSError, asyncio.IncompleteReadError) as e:  # the server went away mid-response
+        raise SystemExit(f"serve_load: {name} broke off a response ({type(e).__name__}); "
+                         f"{died(proc)}its log: {log_path}") from None
     finally:
         proc.terminate()
         try:
