@@ -286,7 +286,7 @@ def died(proc: subprocess.Popen) -> str:
         return ""
     if code == -signal.SIGILL:  # llama.cpp built with -march=native on a VM that lists AMX but traps it
         return ("it died of SIGILL (an instruction this CPU refuses: for llama-cpp-python on a VM that lists "
-                "AMX, reinstall with CMAKE_ARGS='-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF'); ")
+                "AMX, rebuild it with -DGGML_NATIVE=OFF and the instruction sets named: docs/install.md); ")
     return f"it exited {code}; "
 
 
