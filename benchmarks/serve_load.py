@@ -41,15 +41,18 @@ json.loads per SSE line, ~0.06 ms of CPU a streamed chunk. The load generator sh
 cores with the server under test, and the official openai client (--client openai) spends ~0.25 ms
 a chunk building pydantic objects: at 16 clients on 2 cores that alone took ~10% from the server.
 
---rounds N repeats engine, rung serve and llama.cpp's server in turn N times (on a shared machine
-whose speed swings, interleaving puts them under the same conditions) and prints each figure's
-median with its range.
+The engine alone and rung serve stay up for the whole run and take turns at each level (which one
+goes first alternates by round): on a shared machine whose speed swings over minutes, a ratio is
+only sound between runs close in time. --rounds N repeats that N times, with llama.cpp's server
+after each round, and prints each figure's median with its range; serve / engine is the median of
+the ratios of each level's pair.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -518,8 +521,8 @@ def start_peer(gguf: Path, threads: int | None, context: int, log_path: Path, en
 
 
 def compare(args) -> int:
-    """rung serve, the engine alone and (--peer) llama.cpp's server at each level of clients,
-    --rounds times in turn."""
+    """rung serve and the engine alone in turns at each level of clients, then (--peer) llama.cpp's
+    server; --rounds times."""
     from rung.commands.serve import _serving_spec
     from rung.weights.resolve import resolve_model
 
@@ -537,12 +540,19 @@ def compare(args) -> int:
         torch.set_num_threads(args.threads)
     names = ["engine", "rung serve"] + (["llama.cpp server"] if args.peer else [])
     results: dict[str, dict[int, list[Level]]] = {name: {n: [] for n in levels} for name in names}
-    for r in range(args.rounds):
-        for name in names:
-            by_level = measure_engine(spec, levels, args) if name == "engine" else measure_server(name, gguf, levels,
-                                                                                                 args)
-            for n, level in by_level.items():
-                results[name][n].append(level)
+    # the engine alone and rung serve stay up for the whole run and take turns at each level (the
+    # first of the pair alternating by round): this VM's speed swings over minutes, and a ratio is
+    # only sound between two runs close in time. llama.cpp's server (minutes a level) comes after.
+    with engine_alone(spec, levels, args) as engine, serving("rung serve", gguf, levels, args) as serve:
+        pair = [("engine", engine), ("rung serve", serve)]
+        for r in range(args.rounds):
+            for n in levels:
+                for name, run in pair if r % 2 == 0 else pair[::-1]:
+                    results[name][n].append(progress(name, n, run(n)))
+            if args.peer:
+                with serving("llama.cpp server", gguf, levels, args) as peer:
+                    for n in levels:
+                        results["llama.cpp server"][n].append(progress("llama.cpp server", n, peer(n)))
     print(compare_table(results, levels))
     return 0
 
@@ -553,18 +563,22 @@ def progress(name: str, clients: int, level: Level) -> Level:
     return level
 
 
-def measure_engine(spec: str, levels: list[int], args) -> dict[int, Level]:
+@contextlib.contextmanager
+def engine_alone(spec: str, levels: list[int], args):
+    """``run(clients) -> Level``: the prompts through ``LLM.generate`` in this process."""
     from rung.llm import LLM
 
     llm = LLM(spec, max_seqs=max(levels), max_batch_tokens=max(512, 256 * max(levels)))
     try:
         run_engine(llm, max(levels), 1, 4)  # warm-up: the largest batch touches the cache and buffers once
-        return {n: progress("engine", n, run_engine(llm, n, args.requests, args.max_tokens)) for n in levels}
+        yield lambda n: run_engine(llm, n, args.requests, args.max_tokens)
     finally:
         llm.shutdown()
 
 
-def measure_server(name: str, gguf: Path, levels: list[int], args) -> dict[int, Level]:
+@contextlib.contextmanager
+def serving(name: str, gguf: Path, levels: list[int], args):
+    """``run(clients) -> Level`` against rung serve or llama.cpp's server, started for the block."""
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     if name == "rung serve":
         log_path = tmp / f"rung-serve-compare-{os.getpid()}.log"
@@ -577,9 +591,8 @@ def measure_server(name: str, gguf: Path, levels: list[int], args) -> dict[int, 
         model = "peer"
     try:
         asyncio.run(run_clients(base, args.api_key, model, max(levels), 1, 4, args.client))  # warm-up
-        return {n: progress(name, n, asyncio.run(run_clients(base, args.api_key, model, n, args.requests,
-                                                             args.max_tokens, args.client)))
-                for n in levels}
+        yield lambda n: asyncio.run(run_clients(base, args.api_key, model, n, args.requests, args.max_tokens,
+                                                args.client))
     except (OSError, asyncio.IncompleteReadError) as e:  # the server went away mid-response
         raise SystemExit(f"serve_load: {name} broke off a response ({type(e).__name__}); "
                          f"{died(proc)}its log: {log_path}") from None
@@ -649,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-interval", type=int, default=1,
                    help="--compare: rung serve's --stream-interval (tokens a streamed chunk carries; default 1)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="--compare: measure the engine, rung serve and llama.cpp's server in turn this many times "
-                        "and print medians and ranges (default 1)")
+                   help="--compare: this many rounds of the engine and rung serve in turns at each level "
+                        "(then llama.cpp's server), printing medians and ranges (default 1)")
     args = p.parse_args(argv)
     if args.peer or args.compare:
         from rung.serve import threads
