@@ -63,3 +63,34 @@ def test_mxfp4_prefill_dequantizes_at_prefill_sizes_per_expert_unless_turned_off
     assert not tm._dequantized_prefill(1 << 20, dense)
     monkeypatch.setenv("RUNG_MXFP4_DEQUANT", "0")
     assert not tm._dequantized_prefill(1 << 20, packed(2))
+
+
+def test_mxfp4_prefill_keeps_the_packed_tiles_without_room_for_the_dequantized_copies(monkeypatch):
+    """gate and up dequantized at once: 2 x E x I x H elements of the activations' dtype, plus a
+    margin, must fit in the free memory and what torch's allocator holds unused."""
+    pytest.importorskip("triton")
+    import torch
+
+    from rung.kernels import triton_moe as tm
+
+    cuda = torch.device("cuda", 0)
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 1 << 40))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 << 20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 << 20)  # 2 MiB cached, unused
+    need = 10 << 20
+    free["bytes"] = need - (2 << 20)
+    assert tm._room_for(need, cuda)
+    free["bytes"] -= 1
+    assert not tm._room_for(need, cuda)
+    assert tm._room_for(1 << 50, torch.device("cpu"))  # the interpreter: no such question
+
+    class Packed:  # 4 experts of 8 x 16 packed bytes: 2 x 4 x 8 x 32 elements dequantized
+        packed, num_experts = True, 4
+        gate = torch.zeros(4, 8, 16, dtype=torch.uint8)
+
+    asked = []
+    monkeypatch.setattr(tm, "_room_for", lambda nbytes, device: asked.append(nbytes) or False)
+    monkeypatch.delenv("RUNG_MXFP4_DEQUANT", raising=False)
+    assert not tm._dequantized_prefill(1 << 20, Packed(), torch.bfloat16)
+    assert asked == [2 * 4 * 8 * 32 * 2 + tm.DEQUANT_MARGIN]

@@ -437,13 +437,27 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 # 0.38 ms a matrix of 32 experts: TTFT 1,444 → 1,079 ms. The pass costs in proportion to the experts,
 # the saving to the slots: with gpt-oss's 2880-wide matrices the two meet near 240 slots an expert
 # (1 / 180 − 1 / 390 TFLOP/s on 16.6 MFLOP a slot against 12 µs an expert), hence 256.
-# RUNG_MXFP4_DEQUANT=0 turns it off.
+# The dequantized gate and up are alive together (4 bytes a packed byte in bf16: 2.1 GB each for
+# gpt-oss-120b's 128 experts): without room for them the step keeps the packed tiles instead of
+# running out of memory. RUNG_MXFP4_DEQUANT=0 turns it off.
 DEQUANT_SLOTS_PER_EXPERT = 256
+DEQUANT_MARGIN = 256 << 20  # bytes left over beside the two copies
 
 
-def _dequantized_prefill(s: int, w: ExpertWeights) -> bool:
+def _dequantized_prefill(s: int, w: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> bool:
     on = os.environ.get("RUNG_MXFP4_DEQUANT", "1") != "0"
-    return w.packed and on and s >= DEQUANT_SLOTS_PER_EXPERT * w.num_experts
+    if not (w.packed and on and s >= DEQUANT_SLOTS_PER_EXPERT * w.num_experts):
+        return False
+    copies = 2 * (w.gate.numel() * 2) * torch.empty((), dtype=dtype).element_size()  # gate and up, [E, I, H]
+    return _room_for(copies + DEQUANT_MARGIN, w.gate.device)
+
+
+def _room_for(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` fit on ``device`` now: free memory plus what torch's allocator holds unused."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) >= nbytes
 
 
 def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> torch.Tensor:
@@ -451,7 +465,7 @@ def triton_fused_moe(x, weights, experts, w: ExpertWeights, act: Activation) -> 
     s = n * k
     if w.packed and s <= GEMV_MAX and os.environ.get("RUNG_MOE_GEMV") != "0":
         return triton_moe_gemv(x, weights, experts, w, act)
-    dense = _dequantized_prefill(s, w)
+    dense = _dequantized_prefill(s, w, x.dtype)
     tile = _tile(x, w, s, packed=w.packed and not dense)
     block_m, block_n, block_k = tile.block_m, tile.block_n, tile.block_k
     layout = moe_slot_layout if s <= SLOT_LAYOUT_MAX else moe_align
