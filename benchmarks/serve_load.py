@@ -589,13 +589,16 @@ def serving(name: str, gguf: Path, levels: list[int], args):
         log_path = tmp / f"llama-cpp-server-{os.getpid()}.log"
         proc, base = start_peer(gguf, args.threads, 4096, log_path, getattr(args, "peer_env", None))
         model = "peer"
+    def run(clients: int, requests: int, max_tokens: int) -> Level:
+        try:
+            return asyncio.run(run_clients(base, args.api_key, model, clients, requests, max_tokens, args.client))
+        except (OSError, asyncio.IncompleteReadError) as e:  # this server went away mid-response
+            raise SystemExit(f"serve_load: {name} broke off a response ({type(e).__name__}); "
+                             f"{died(proc)}its log: {log_path}") from None
+
     try:
-        asyncio.run(run_clients(base, args.api_key, model, max(levels), 1, 4, args.client))  # warm-up
-        yield lambda n: asyncio.run(run_clients(base, args.api_key, model, n, args.requests, args.max_tokens,
-                                                args.client))
-    except (OSError, asyncio.IncompleteReadError) as e:  # the server went away mid-response
-        raise SystemExit(f"serve_load: {name} broke off a response ({type(e).__name__}); "
-                         f"{died(proc)}its log: {log_path}") from None
+        run(max(levels), 1, 4)  # warm-up
+        yield lambda n: run(n, args.requests, args.max_tokens)
     finally:
         proc.terminate()
         try:

@@ -448,7 +448,7 @@ def _dequantized_prefill(s: int, w: ExpertWeights, dtype: torch.dtype = torch.bf
     on = os.environ.get("RUNG_MXFP4_DEQUANT", "1") != "0"
     if not (w.packed and on and s >= DEQUANT_SLOTS_PER_EXPERT * w.num_experts):
         return False
-    copies = 2 * (w.gate.numel() * 2) * torch.empty((), dtype=dtype).element_size()  # gate and up, [E, I, H]
+    copies = 2 * (w.gate.numel() * 2) * dtype.itemsize  # gate and up, [E, I, H]: two values a packed byte
     return _room_for(copies + DEQUANT_MARGIN, w.gate.device)
 
 

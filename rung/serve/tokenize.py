@@ -1,14 +1,15 @@
 """POST /tokenize and POST /detokenize, in vLLM's shape.
 
-/tokenize takes ``model`` (optional, as in vLLM, where one model is served) and either ``prompt`` (a string, tokenized as /v1/completions does,
-special tokens written in it parsed, BOS added unless ``add_special_tokens`` is false) or
+/tokenize takes ``model`` (optional, as in vLLM, where one model is served) and either ``prompt``
+(a string, tokenized as /v1/completions does, special tokens written in it parsed, BOS added unless
+``add_special_tokens`` is false) or
 ``messages`` (rendered by the model's chat template exactly as /v1/chat/completions renders them,
 with ``tools``, ``chat_template_kwargs`` and ``add_generation_prompt``; the template writes BOS
 itself, so ``add_special_tokens`` defaults to false there). It returns ``{"count", "max_model_len",
 "tokens"}`` (and ``token_strs`` when ``return_token_strs`` is true): ``count`` is what the chat or
 completions route would report as ``usage.prompt_tokens``.
 
-/detokenize takes ``model`` and ``tokens`` (ids within the vocabulary) and returns ``{"prompt"}``.
+/detokenize takes ``model`` (as /tokenize does) and ``tokens`` (ids within the vocabulary) and returns ``{"prompt"}``.
 Both are bounded by --max-request-bytes and MAX_TOKENS, and refuse bad input with OpenAI's error
 shape, naming the field.
 """
